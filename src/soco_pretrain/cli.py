@@ -1,0 +1,444 @@
+"""The ``soco`` command line.
+
+Plain argparse: one ``add_<command>`` function builds each subcommand's parser and one
+``cmd_<command>`` function runs it. Heavy modules (numpy, numba, torch, matplotlib) are
+imported inside the command functions so ``soco --help`` stays fast.
+
+Adding a command: write ``add_x(subparsers)`` + ``cmd_x(args) -> int`` and list ``add_x``
+in ``COMMANDS`` (or, for ``soco show x``, in ``SHOW_COMMANDS``).
+
+Errors the user can fix (missing folder, bad shard, unknown preset, missing store) are
+printed as one line ``soco: error: ...`` with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+PROG = "soco"
+
+
+class UsageError(Exception):
+    """A problem with the user's input; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line ``soco: error: ...`` (exit 2)."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        hint = f" (see '{self.prog} --help')"
+        self.exit(2, f"{PROG}: error: {message}{hint}\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps description line breaks; lines subcommand help up past the longest name."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        # argparse forgets the extra indent of subcommand names when measuring them,
+        # which pushes a long name's help onto the next line.
+        listed = [sub.dest for sub in self._iter_indented_subactions(action)]
+        if action.nargs == argparse.PARSER and listed:
+            longest = max(map(len, listed)) + self._current_indent + 4
+            self._action_max_length = max(self._action_max_length, longest)
+
+
+def _add(subparsers, name, *, help, description, examples, prog=None):
+    """Add a subcommand parser whose --help ends with an "examples:" block."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+    kwargs = {"help": help} if help else {}
+    return subparsers.add_parser(
+        name,
+        description=description,
+        epilog=epilog,
+        formatter_class=_Formatter,
+        prog=prog,
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse ``"i/N"`` into ``(i, N)`` with ``0 <= i < N``."""
+    parts = text.split("/")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        i, n = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad shard {text!r}: expected i/N, e.g. 0/4 for the first of 4 shards"
+        ) from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(
+            f"bad shard {text!r}: need 0 <= i < N (shards are numbered 0 to N-1)"
+        )
+    return i, n
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _default_workers() -> int:
+    # The cores this process may use (a container or taskset can allow fewer than cpu_count).
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _require_source(path: str, what: str = "images") -> Path:
+    """A folder or list file that must exist (checked before any heavy import)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{path}: no such {what} folder or list file")
+    return p
+
+
+def _require_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"{path}: no such {what} (expected a directory)")
+    return p
+
+
+# ---------------------------------------------------------------- soco proposals
+
+
+def add_proposals(subparsers):
+    p = _add(
+        subparsers,
+        "proposals",
+        help="compute selective-search object proposals for a folder of images",
+        description=(
+            "Compute selective-search proposals for every image in IMAGES (a folder, searched\n"
+            "recursively, or a text file with one image path per line) and write them to the\n"
+            "proposal store STORE. An interrupted run resumes when rerun with the same command.\n"
+            "Exit status: 0 all images done, 1 some images failed (listed), 2 bad input.\n\n"
+            "See also: soco proposals merge SHARD... -o STORE  (join shard stores)"
+        ),
+        examples=[
+            "soco proposals photos/ -o proposals/",
+            "soco proposals imagenet/train -o props/ --workers 16 --preset released",
+            "soco proposals photos/ -o shard0/ --shard 0/4   # then shard 1/4, 2/4, 3/4 and merge",
+        ],
+    )
+    p.add_argument("images", metavar="IMAGES", help="image folder or text file listing images")
+    p.add_argument("-o", "--out", metavar="STORE", required=True, help="output store directory")
+    p.add_argument(
+        "--preset",
+        default="paper",
+        metavar="NAME",
+        help="search/filter preset: paper (default) or released",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"parallel processes (default: number of CPU cores, {_default_workers()} here)",
+    )
+    p.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        metavar="i/N",
+        help="only every N-th image starting at i (0-based), for splitting across machines",
+    )
+    p.add_argument(
+        "--max-side",
+        type=_non_negative_int,
+        default=None,
+        metavar="PX",
+        help="search larger images on a copy resized to this long side (0 = never; preset default 1000)",
+    )
+    p.add_argument("--scale", type=_positive_float, default=None, metavar="S", help="override the preset's scale")
+    p.add_argument("--sigma", type=_positive_float, default=None, metavar="S", help="override the preset's sigma")
+    p.add_argument("--min-size", type=_positive_int, default=None, metavar="N", help="override the preset's min_size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_proposals)
+
+
+def _check_preset(name: str) -> None:
+    from .proposals import PRESETS
+
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r} (choose from {', '.join(sorted(PRESETS))})")
+
+
+def cmd_proposals(args) -> int:
+    source = _require_source(args.images)
+    _check_preset(args.preset)
+    from .proposals import generate
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("scale", args.scale),
+            ("sigma", args.sigma),
+            ("min_size", args.min_size),
+            ("max_side", args.max_side),
+        )
+        if value is not None
+    }
+    summary = generate(
+        source,
+        Path(args.out),
+        preset=args.preset,
+        config_overrides=overrides or None,
+        workers=args.workers or _default_workers(),
+        shard=args.shard,
+        progress=not args.no_progress,
+    )
+    print(summary.format())
+    return 0 if summary.ok else 1
+
+
+def add_proposals_merge(subparsers):
+    # Reached as "soco proposals merge ..." (main() rewrites the first two words).
+    p = _add(
+        subparsers,
+        "proposals-merge",
+        help=None,
+        prog=f"{PROG} proposals merge",
+        description=(
+            "Join proposal stores made with --shard into one store, ordered by image path.\n"
+            "The shards must use the same parameters and must not share images."
+        ),
+        examples=[
+            "soco proposals merge shard0/ shard1/ shard2/ shard3/ -o proposals/",
+        ],
+    )
+    p.add_argument("shards", metavar="SHARD", nargs="+", help="shard store directories")
+    p.add_argument("-o", "--out", metavar="STORE", required=True, help="merged store directory")
+    p.set_defaults(func=cmd_proposals_merge)
+
+
+def cmd_proposals_merge(args) -> int:
+    shards = [_require_dir(s, "shard store") for s in args.shards]
+    from .proposals import load, merge
+
+    result = merge(shards, Path(args.out))
+    if hasattr(result, "format"):
+        print(result.format())
+    else:
+        store = load(args.out)
+        print(f"merged {len(shards)} shards into {args.out}: {len(store)} images")
+    return 0
+
+
+# ---------------------------------------------------------------- soco show ...
+
+
+def add_show(subparsers):
+    p = _add(
+        subparsers,
+        "show",
+        help="draw pictures of intermediate results (proposals)",
+        description="Draw pictures to check intermediate results by eye.",
+        examples=["soco show proposals proposals/ --images photos/ -o pictures/"],
+    )
+    p.set_defaults(func=lambda args: _missing_subcommand(p))
+    sub = p.add_subparsers(title="what to show", metavar="WHAT", parser_class=_Parser)
+    for add in SHOW_COMMANDS:
+        add(sub)
+
+
+def _missing_subcommand(parser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def add_show_proposals(subparsers):
+    p = _add(
+        subparsers,
+        "proposals",
+        help="draw a random sample of proposals on their images, plus statistics",
+        description=(
+            "Draw a random subset of each sampled image's proposals in distinct colours\n"
+            "(like the paper's Figure 2), a contact sheet of them, and histograms of the\n"
+            "number of proposals per image and of proposal size over the whole store\n"
+            "(stats.png, stats.json; like the paper's Figure 3)."
+        ),
+        examples=[
+            "soco show proposals proposals/ --images photos/ -o pictures/",
+            "soco show proposals proposals/ --images photos/ -o pictures/ --num 16 --per-image 5",
+        ],
+    )
+    p.add_argument("store", metavar="STORE", help="proposal store directory")
+    p.add_argument("--images", metavar="IMAGES", required=True, help="the image folder or list the store was made from")
+    p.add_argument("-o", "--out", metavar="DIR", required=True, help="output directory for the pictures")
+    p.add_argument("--num", type=_positive_int, default=8, metavar="N", help="images to draw (default 8)")
+    p.add_argument("--per-image", type=_positive_int, default=10, metavar="K", help="boxes per image (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the sample (default 0)")
+    p.set_defaults(func=cmd_show_proposals)
+
+
+def cmd_show_proposals(args) -> int:
+    _require_dir(args.store, "proposal store")
+    _require_source(args.images)
+    from .proposals import load
+    from .viz import show_proposals
+
+    store = load(args.store)
+    written = show_proposals(
+        store, args.images, Path(args.out), num=args.num, per_image=args.per_image, seed=args.seed
+    )
+    print(f"wrote {len(written)} files to {args.out}")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- soco demo
+
+
+def add_demo(subparsers):
+    p = _add(
+        subparsers,
+        "demo",
+        help="run the pipeline on 7 bundled photos (offline) and draw the results",
+        description=(
+            "Run the whole pipeline on 7 photos bundled with scikit-image (nothing is\n"
+            "downloaded): write them to DIR/images, compute proposals into DIR/proposals and\n"
+            "draw them into DIR/pictures."
+        ),
+        examples=["soco demo", "soco demo -o /tmp/soco-demo --workers 2"],
+    )
+    p.add_argument("-o", "--out", metavar="DIR", default="soco-demo", help="output directory (default ./soco-demo)")
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"parallel processes (default: number of CPU cores, {_default_workers()} here)",
+    )
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), workers=args.workers or _default_workers())
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+COMMANDS = [add_proposals, add_proposals_merge, add_show, add_demo]
+SHOW_COMMANDS = [add_show_proposals]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="SoCo object-level self-supervised pretraining for detection, on your own images.",
+        epilog=(
+            "examples:\n"
+            "  soco demo                                   # try everything on bundled photos\n"
+            "  soco proposals photos/ -o proposals/\n"
+            "  soco show proposals proposals/ --images photos/ -o pictures/\n\n"
+            "Run 'soco COMMAND --help' for a command's options."
+        ),
+        formatter_class=_Formatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def _rewrite(argv: list[str]) -> list[str]:
+    """``proposals merge ...`` -> ``proposals-merge ...`` (merge beside ``proposals IMAGES``).
+
+    A folder literally named "merge" can still be given as ``./merge``.
+    """
+    if len(argv) >= 2 and argv[0] == "proposals" and argv[1] == "merge":
+        return ["proposals-merge", *argv[2:]]
+    return argv
+
+
+# The project's own error types, as (module, class). Their messages are one line naming the
+# file and the problem, so they are shown as "soco: error: ..." instead of a traceback.
+USER_ERRORS = [
+    ("soco_pretrain.images", "ImageError"),
+    ("soco_pretrain.proposals.store", "StoreError"),
+    ("soco_pretrain.proposals.generate", "GenerateError"),
+]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Only modules already imported can have raised: no heavy imports on the error path.
+    errors: list[type[BaseException]] = [UsageError, FileNotFoundError, NotADirectoryError]
+    for module_name, class_name in USER_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            errors.append(getattr(module, class_name))
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``soco`` console script; returns the exit status."""
+    argv = _rewrite(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - only user errors become one line; bugs keep their traceback
+        if isinstance(exc, _user_errors()):
+            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

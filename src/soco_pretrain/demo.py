@@ -1,0 +1,92 @@
+"""``soco demo``: the whole pipeline on photos bundled with scikit-image, offline.
+
+A plain sequence of steps; later stages (pretraining, export) add theirs at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+# Photos shipped inside scikit-image's wheel (skimage/data/*): nothing is downloaded.
+# name -> file in skimage's data directory.
+PHOTOS = {
+    "astronaut": "astronaut.png",
+    "coffee": "coffee.png",
+    "chelsea": "chelsea.png",
+    "rocket": "rocket.jpg",
+    "motorcycle_left": "motorcycle_left.png",
+    "motorcycle_right": "motorcycle_right.png",
+    "camera": "camera.png",
+}
+STEPS = 3
+
+
+def _step(number: int, text: str) -> None:
+    print(f"[{number}/{STEPS}] {text}", flush=True)
+
+
+def bundled_photo_paths() -> dict[str, Path]:
+    """The bundled photo files, checked to exist (a trimmed skimage install may lack them)."""
+    import skimage.data
+
+    data_dir = Path(skimage.data.__file__).parent
+    paths = {name: data_dir / file for name, file in PHOTOS.items()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"scikit-image's bundled photos are missing ({', '.join(missing)}); reinstall scikit-image"
+        )
+    return paths
+
+
+def write_photos(images_dir: Path, max_side: int | None = None) -> list[Path]:
+    """Write the 7 bundled photos as PNG into ``images_dir`` (optionally shrunk to ``max_side``)."""
+    from PIL import Image
+
+    images_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, source in bundled_photo_paths().items():
+        target = images_dir / f"{name}.png"
+        if source.suffix == ".png" and not max_side:
+            shutil.copyfile(source, target)
+        else:
+            with Image.open(source) as im:
+                im.load()
+                if max_side:
+                    im.thumbnail((max_side, max_side), Image.BILINEAR)
+                im.save(target)
+        written.append(target)
+    return written
+
+
+def run_demo(out_dir, workers: int = 1, max_side: int | None = None) -> dict[str, Path]:
+    """Run the demo into ``out_dir``: DIR/images, DIR/proposals, DIR/pictures.
+
+    ``max_side`` shrinks the photos first (tests use it to stay fast). Returns the paths.
+    """
+    from .proposals import generate
+    from .proposals.store import load
+    from .viz import show_proposals
+
+    out_dir = Path(out_dir)
+    images = out_dir / "images"
+    proposals = out_dir / "proposals"
+    pictures = out_dir / "pictures"
+
+    _step(1, f"writing {len(PHOTOS)} photos bundled with scikit-image to {images}")
+    write_photos(images, max_side)
+
+    _step(2, f"computing selective-search proposals (paper preset, {workers} workers) into {proposals}")
+    summary = generate(images, proposals, preset="paper", workers=workers, progress=True)
+    print(summary.format(), flush=True)
+
+    _step(3, f"drawing proposals and statistics into {pictures}")
+    written = show_proposals(load(proposals), images, pictures, num=len(PHOTOS), per_image=10, seed=0)
+
+    print()
+    print("demo done:")
+    print(f"  photos:    {images}")
+    print(f"  proposals: {proposals}")
+    print(f"  pictures:  {pictures}  ({len(written)} files: one per photo, contact_sheet.png, stats.png, stats.json)")
+    return {"images": images, "proposals": proposals, "pictures": pictures}

@@ -1,0 +1,15 @@
+"""Stage 1: selective-search proposals, filtered and stored for training.
+
+``generate`` runs the search over a folder of images into a store, ``merge`` joins shard
+stores, ``load`` opens a store (memory-mapped, picklable) for the data loader.
+"""
+
+from .filters import PRESETS, RULE_NAMES, SearchConfig, filter_boxes
+from .generate import GenerateError, GenerateSummary, generate, merge
+from .selective_search import selective_search
+from .store import ProposalStore, StoreError, load
+
+__all__ = [
+    "PRESETS", "RULE_NAMES", "SearchConfig", "filter_boxes", "GenerateError", "GenerateSummary",
+    "generate", "merge", "selective_search", "ProposalStore", "StoreError", "load",
+]

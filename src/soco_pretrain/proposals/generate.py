@@ -1,0 +1,444 @@
+"""Stage 1 driver: selective search over a folder of images into a proposals store.
+
+Parallel (``workers`` processes), sharded (``shard=(i, n)`` then :func:`merge`) and resumable:
+each finished image is appended by the main process to ``OUT.partial/results.log`` as one
+length-prefixed, checksummed record and flushed, so a killed run (even ``kill -9``) loses only
+the images in flight, and a rerun with the same parameters skips everything already logged.
+The store itself is written once at the end (see store.py), then ``OUT.partial`` is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import struct
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+
+from ..images import ImageError, list_images, load_rgb_bounded
+from .filters import PRESETS, RULE_FAILED, RULE_NAMES, SearchConfig, filter_boxes
+from .selective_search import selective_search
+from .store import (ARRAY_FILES, StoreError, atomic_write_json, load, read_manifest, store_counts,
+                    write_store)
+
+LOG_NAME = "results.log"
+PARAMS_NAME = "params.json"
+STORE_FILES = (*ARRAY_FILES, "paths.json", "manifest.json")
+_HEADER = struct.Struct("<II")  # payload length, crc32 of payload
+
+
+class GenerateError(Exception):
+    """A run that cannot start (bad arguments, conflicting existing output); one-line message."""
+
+
+@dataclass
+class GenerateSummary:
+    """What a run (or merge) did. ``ok`` is False when any image failed."""
+
+    total: int  # images in this run (this shard)
+    processed: int  # searched in this call
+    resumed: int  # taken from an interrupted run's log or an existing store
+    failed: list  # [(path, reason)]
+    rule_counts: dict  # rule name -> images
+    boxes: int
+    seconds: float
+    store: Path
+    up_to_date: bool = False  # the store already held exactly this run: nothing was done
+    ignored: int = 0  # non-image files skipped in the folder
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def format(self) -> str:
+        """Multi-line human summary listing every failure by path and reason."""
+        n_ok = self.total - len(self.failed)
+        lines = [f"proposals: {self.total} images ({n_ok} ok, {len(self.failed)} failed) -> {self.store}"]
+        if self.up_to_date:
+            lines.append("  store already up to date with these parameters and images: nothing to do")
+        else:
+            rate = self.processed / self.seconds if self.seconds > 0 else 0.0
+            lines.append(f"  searched {self.processed} now, {self.resumed} resumed; "
+                         f"{self.seconds:.1f} s ({rate:.2f} images/s)")
+        per = self.boxes / n_ok if n_ok else 0.0
+        rules = ", ".join(f"{k} {v}" for k, v in self.rule_counts.items() if v)
+        lines.append(f"  boxes: {self.boxes} ({per:.1f} per readable image); rules: {rules or 'none'}")
+        if self.ignored:
+            lines.append(f"  skipped {self.ignored} non-image file(s) in the folder")
+        if self.failed:
+            lines.append(f"  {len(self.failed)} image(s) failed:")
+            lines.extend(f"    {path}: {reason}" for path, reason in self.failed)
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- one image
+
+
+def scale_boxes(boxes: np.ndarray, searched: tuple[int, int], original: tuple[int, int]) -> np.ndarray:
+    """Map inclusive-pixel boxes from a resized copy back to original pixels.
+
+    Pixel column c of the copy covers original columns [c*fx, (c+1)*fx): x1 maps its left
+    edge, x2 its right edge minus one, so the whole copy maps to the whole original.
+    """
+    (ws, hs), (w, h) = searched, original
+    if (ws, hs) == (w, h) or len(boxes) == 0:
+        return boxes.astype(np.int32)
+    fx, fy = w / ws, h / hs
+    b = boxes.astype(np.float64)
+    out = np.empty(b.shape, dtype=np.int64)
+    out[:, 0] = np.floor(b[:, 0] * fx + 0.5)
+    out[:, 1] = np.floor(b[:, 1] * fy + 0.5)
+    out[:, 2] = np.floor((b[:, 2] + 1) * fx + 0.5) - 1
+    out[:, 3] = np.floor((b[:, 3] + 1) * fy + 0.5) - 1
+    np.clip(out[:, 0::2], 0, w - 1, out=out[:, 0::2])
+    np.clip(out[:, 1::2], 0, h - 1, out=out[:, 1::2])
+    return out.astype(np.int32)
+
+
+def process_image(task) -> dict:
+    """Search + filter one image; never raises. ``task`` = (rel_path, abs_path, config)."""
+    rel, abspath, config = task
+    record = {"path": rel, "status": RULE_FAILED, "size": [0, 0], "raw": 0, "boxes": [], "reason": None}
+    try:
+        image, (w, h), _ = load_rgb_bounded(abspath, config.max_side)
+    except ImageError as exc:
+        record["reason"] = exc.reason
+        return record
+    except Exception as exc:  # load_rgb_bounded should only raise ImageError; be safe anyway
+        record["reason"] = f"cannot read: {exc.__class__.__name__}: {exc}"
+        return record
+    record["size"] = [w, h]
+    try:
+        hs, ws = image.shape[:2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # skimage chatter would break the progress bar
+            raw = selective_search(image, config.scale, config.sigma, config.min_size)
+        kept, rule = filter_boxes(raw, ws, hs, config)  # filter in the pixels searched
+        record.update(status=int(rule), raw=int(len(raw)),
+                      boxes=scale_boxes(kept, (ws, hs), (w, h)).tolist())
+    except Exception as exc:  # a search bug must not end a million-image run
+        record["reason"] = f"selective search failed: {exc.__class__.__name__}: {exc}"
+    return record
+
+
+# ---------------------------------------------------------------- resume log
+
+
+def encode_record(record: dict) -> bytes:
+    payload = json.dumps(record, separators=(",", ":")).encode("utf-8")
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def read_log(path: Path) -> tuple[list[dict], int]:
+    """Records of a results log and the byte offset where the valid part ends.
+
+    A torn last record (process killed mid-write) or any damaged tail is ignored.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    records, pos = [], 0
+    while pos + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, pos)
+        start, end = pos + _HEADER.size, pos + _HEADER.size + length
+        if end > len(data) or zlib.crc32(data[start:end]) != crc:
+            break
+        try:
+            records.append(json.loads(data[start:end]))
+        except ValueError:
+            break
+        pos = end
+    return records, pos
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("soco-pretrain", "numpy", "scikit-image", "numba", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _list_sha256(paths) -> str:
+    return sha256("\n".join(paths).encode("utf-8")).hexdigest()
+
+
+def _run_params(preset: str, config: SearchConfig, shard) -> dict:
+    """What must match for a log (or store) to be reused."""
+    return {"preset": preset, "config": config.to_dict(),
+            "shard": None if shard is None else {"index": shard[0], "count": shard[1]}}
+
+
+def _param_diff(old: dict, new: dict) -> str:
+    """'' if the run parameters agree, else a short 'name old -> new' list."""
+    diffs = [f"{k} {old.get(k)} -> {new.get(k)}" for k in ("preset", "shard") if old.get(k) != new.get(k)]
+    try:
+        a, b = SearchConfig.from_dict(old["config"]).to_dict(), SearchConfig.from_dict(new["config"]).to_dict()
+    except (KeyError, TypeError, ValueError):
+        return "; ".join(diffs + ["unreadable config"])
+    diffs += [f"{k} {a[k]} -> {b[k]}" for k in a if a[k] != b[k]]
+    return "; ".join(diffs)
+
+
+def _is_store_leftover(out: Path) -> bool:
+    """An empty folder, or one holding only store files (a store write cut short)."""
+    allowed = set(STORE_FILES)
+    return out.is_dir() and all(e.name in allowed or e.name.startswith(".") for e in out.iterdir())
+
+
+def _records_from_store(directory: Path) -> dict:
+    st = load(directory)
+    a = st.arrays()
+    failures = {f["path"]: f["reason"] for f in st.manifest.get("failures", [])}
+    out = {}
+    for i, p in enumerate(st.paths):
+        lo, hi = a["offsets"][i], a["offsets"][i + 1]
+        out[p] = {"path": p, "status": int(a["status"][i]), "size": a["sizes"][i].tolist(),
+                  "raw": int(a["raw_counts"][i]), "boxes": a["boxes"][lo:hi].tolist(),
+                  "reason": failures.get(p)}
+    return out
+
+
+def _arrays_from_records(records: list[dict]):
+    counts = np.array([len(r["boxes"]) for r in records], dtype=np.int64)
+    offsets = np.zeros(len(records) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    boxes = [np.asarray(r["boxes"], dtype=np.int64).reshape(-1, 4) for r in records]
+    boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.int64)
+    sizes = np.array([r["size"] for r in records], dtype=np.int32).reshape(-1, 2)
+    status = np.array([r["status"] for r in records], dtype=np.uint8)
+    raw = np.array([r["raw"] for r in records], dtype=np.int32)
+    return boxes, offsets, sizes, status, raw
+
+
+def _summary_from_manifest(manifest: dict, store: Path, seconds: float, **kw) -> GenerateSummary:
+    counts = manifest["counts"]
+    return GenerateSummary(
+        total=counts["images"], failed=[(f["path"], f["reason"]) for f in manifest.get("failures", [])],
+        rule_counts=dict(counts["rules"]), boxes=counts["boxes"], seconds=seconds, store=Path(store), **kw)
+
+
+class _Lock:
+    """Exclusive lock on OUT.partial so two runs never append to one log."""
+
+    def __init__(self, path: Path):
+        self.path, self.f = path, None
+
+    def __enter__(self):
+        self.f = open(self.path, "a+")
+        try:
+            import fcntl
+
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            pass
+        except OSError:
+            self.f.close()
+            raise GenerateError(f"{self.path.parent}: another run is writing this output now") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+# ---------------------------------------------------------------- generate
+
+
+def generate(source, out, preset: str = "paper", config_overrides: dict | None = None, workers: int = 1,
+             shard=None, progress: bool = True) -> GenerateSummary:
+    """Selective search over every image of ``source`` into the proposals store ``out``.
+
+    ``source``: a folder (recursive) or a list file (see images.list_images). ``preset``:
+    "paper" or "released" (filters.PRESETS), ``config_overrides`` replaces SearchConfig fields.
+    ``shard=(i, n)`` takes every n-th image from i (0-based) of the sorted list; merge the
+    shard stores with :func:`merge`. Unreadable images are recorded as failures, never raised.
+    """
+    t0 = time.perf_counter()
+    if preset not in PRESETS:
+        raise GenerateError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    try:
+        config = PRESETS[preset].with_overrides(config_overrides)
+    except (TypeError, ValueError) as exc:
+        raise GenerateError(str(exc)) from None
+    if shard is not None:
+        i, n = (int(v) for v in shard)
+        if n < 1 or not 0 <= i < n:
+            raise GenerateError(f"invalid shard {shard!r}: need 0 <= i < n")
+        shard = (i, n)
+    if int(workers) < 1:
+        raise GenerateError(f"workers must be >= 1, got {workers}")
+    out = Path(out)
+    images = list_images(source)  # raises ImageError for a missing source
+    selected = images.paths if shard is None else images.paths[shard[0]::shard[1]]
+    params = _run_params(preset, config, shard)
+
+    # Records already known: an existing store made with the same parameters, then the log.
+    known = {}
+    if (out / "manifest.json").exists():
+        manifest = read_manifest(out)
+        diff = _param_diff(manifest, params)
+        if diff:
+            raise GenerateError(f"{out}: already holds a proposals store made with other parameters "
+                                f"({diff}); choose another output or delete it")
+        if json.loads((out / "paths.json").read_text()) == selected:
+            return _summary_from_manifest(manifest, out, time.perf_counter() - t0, processed=0,
+                                          resumed=len(selected), up_to_date=True,
+                                          ignored=len(images.ignored))
+        known = _records_from_store(out)  # same parameters, other images: reuse what we can
+    elif out.exists() and not _is_store_leftover(out):
+        raise GenerateError(f"{out}: exists and is not a proposals store; choose another output")
+
+    partial = Path(str(out) + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    with _Lock(partial / "lock"):
+        ppath = partial / PARAMS_NAME
+        if ppath.exists():
+            try:
+                diff = _param_diff(json.loads(ppath.read_text()), params)
+            except ValueError:
+                diff = "unreadable params.json"
+            if diff:
+                raise GenerateError(f"{partial}: holds an interrupted run with other parameters "
+                                    f"({diff}); delete it to start over, or rerun with its parameters")
+        else:
+            atomic_write_json(ppath, params)
+        log_path = partial / LOG_NAME
+        logged, valid_end = read_log(log_path)
+        known.update((r["path"], r) for r in logged)
+        wanted = set(selected)
+        resumed = sum(1 for p in known if p in wanted)
+        todo = [p for p in selected if p not in known]
+
+        with open(log_path, "ab") as log:
+            log.truncate(valid_end)  # drop a torn tail before appending after it
+            tasks = [(p, str(images.root / p), config) for p in todo]
+            _run_tasks(tasks, workers, progress, log, known, total=len(selected), done=resumed)
+
+        records = [known[p] for p in selected]
+        failures = [{"path": r["path"], "reason": r["reason"] or "failed"}
+                    for r in records if r["status"] == RULE_FAILED]
+        manifest = dict(params)
+        manifest.update(
+            source={"root": str(images.root), "listed": len(images.paths),
+                    "list_sha256": _list_sha256(images.paths), "ignored": len(images.ignored)},
+            versions=package_versions(), failures=failures, merged_from=None,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_store(out, selected, *_arrays_from_records(records), manifest=manifest)
+    shutil.rmtree(partial, ignore_errors=True)
+    manifest = read_manifest(out)
+    return _summary_from_manifest(manifest, out, time.perf_counter() - t0, processed=len(todo),
+                                  resumed=resumed, ignored=len(images.ignored))
+
+
+def _run_tasks(tasks, workers, progress, log, known, total, done):
+    """Process tasks (in this process or a pool), appending each result to the log."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=done, unit="img", disable=not progress, dynamic_ncols=True,
+               desc="selective search", smoothing=0.1)
+
+    def record(r):
+        log.write(encode_record(r))
+        log.flush()  # in the kernel now: survives kill -9 of this process
+        known[r["path"]] = r
+        bar.update(1)
+
+    try:
+        if workers == 1 or len(tasks) <= 1:
+            for t in tasks:
+                record(process_image(t))
+        else:
+            # spawn: safe with threads (torch, numba) in the parent and identical on every OS.
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(workers, len(tasks))) as pool:
+                for r in pool.imap_unordered(process_image, tasks, chunksize=1):
+                    record(r)
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------- merge
+
+
+def merge(shard_dirs, out) -> GenerateSummary:
+    """Concatenate shard stores into one store at ``out``, ordered by path.
+
+    Checks that every shard was made with the same preset and parameters, that no path appears
+    twice, and, for stores made with ``shard=(i, n)``, that all n shards of one image list are
+    present. The result equals a single run over all images, array for array.
+    """
+    t0 = time.perf_counter()
+    shard_dirs = [Path(d) for d in shard_dirs]
+    if not shard_dirs:
+        raise StoreError("merge: no shard stores given")
+    out = Path(out)
+    if any(out.resolve() == d.resolve() for d in shard_dirs):
+        raise StoreError(f"{out}: the merge output must not be one of the shards")
+    stores = [load(d) for d in shard_dirs]
+    first = stores[0].manifest
+    for st in stores[1:]:
+        m = st.manifest
+        if not (m.get("preset") == first.get("preset")
+                and SearchConfig.from_dict(m["config"]) == SearchConfig.from_dict(first["config"])):
+            raise StoreError(f"{st.directory}: made with other parameters than {stores[0].directory} "
+                             f"(preset {m.get('preset')!r} {m['config']} vs "
+                             f"{first.get('preset')!r} {first['config']})")
+    shards = [st.manifest.get("shard") for st in stores]
+    if all(shards):
+        counts = {s["count"] for s in shards}
+        lists = {st.manifest.get("source", {}).get("list_sha256") for st in stores}
+        if len(counts) > 1:
+            raise StoreError(f"merge: shards of different splits (of {sorted(counts)}) cannot be merged")
+        if len(lists) > 1:
+            raise StoreError("merge: shards were made from different image lists")
+        n = counts.pop()
+        missing = sorted(set(range(n)) - {s["index"] for s in shards})
+        if missing:
+            raise StoreError(f"merge: shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing")
+
+    owner = {}
+    for st in stores:
+        for p in st.paths:
+            if p in owner:
+                raise StoreError(f"merge: {p!r} appears in both {owner[p]} and {st.directory}")
+            owner[p] = st.directory
+
+    parts = [st.arrays() for st in stores]
+    paths = [p for st in stores for p in st.paths]
+    order = np.array(sorted(range(len(paths)), key=paths.__getitem__), dtype=np.int64)
+    cat = {k: np.concatenate([a[k] for a in parts]) for k in ("sizes", "status", "raw_counts")}
+    counts = np.concatenate([np.diff(a["offsets"]) for a in parts])
+    starts = np.concatenate([a["offsets"][:-1] + base for a, base in
+                             zip(parts, np.cumsum([0] + [len(a["boxes"]) for a in parts[:-1]]))])
+    all_boxes = np.concatenate([a["boxes"].astype(np.int32) for a in parts])
+    offsets = np.zeros(len(paths) + 1, dtype=np.int64)
+    np.cumsum(counts[order], out=offsets[1:])
+    # Row r of the merged image j comes from starts[order[j]] + (r - offsets[j]).
+    rows = np.repeat(starts[order] - offsets[:-1], counts[order]) + np.arange(offsets[-1])
+    failures = sorted((f for st in stores for f in st.manifest.get("failures", [])),
+                      key=lambda f: f["path"])
+    manifest = {"preset": first.get("preset"), "config": first["config"], "shard": None,
+                "source": {k: v for k, v in first.get("source", {}).items() if k != "ignored"},
+                "versions": package_versions(), "failures": failures,
+                "merged_from": [{"store": str(st.directory), "shard": st.manifest.get("shard"),
+                                 "images": len(st)} for st in stores],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_store(out, [paths[k] for k in order], all_boxes[rows], offsets, cat["sizes"][order],
+                cat["status"][order], cat["raw_counts"][order], manifest=manifest)
+    manifest = read_manifest(out)
+    return _summary_from_manifest(manifest, out, time.perf_counter() - t0, processed=0, resumed=0)

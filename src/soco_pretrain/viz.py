@@ -1,0 +1,261 @@
+"""Pictures for checking results by eye.
+
+``draw_proposals`` draws a random subset of an image's proposals in distinct colours (like
+the paper's Figure 2); ``show_proposals`` does that for a sample of a store's images, makes
+a contact sheet, and plots the store-wide statistics of the paper's Figure 3 (proposals per
+image, proposal size).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .proposals.filters import RULE_FAILED, RULE_NAMES
+
+# Long side of the drawn pictures: big photos are shown on a resized copy.
+DISPLAY_MAX_SIDE = 800
+# Contact sheet cell size (pixels).
+CELL = 320
+# Rows of the boxes array read at once for the statistics (bounded memory on big stores).
+CHUNK_ROWS = 4_000_000
+
+
+def distinct_colours(n: int) -> list[tuple[int, int, int]]:
+    """``n`` saturated colours with hues spread evenly (golden-ratio steps keep neighbours apart)."""
+    colours = []
+    for k in range(n):
+        hue = (k * 0.618033988749895) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.95, 1.0)
+        colours.append((round(r * 255), round(g * 255), round(b * 255)))
+    return colours
+
+
+def draw_proposals(
+    image: np.ndarray, boxes: np.ndarray, max_boxes: int = 10, seed: int = 0, line_width: int | None = None
+) -> Image.Image:
+    """Draw up to ``max_boxes`` randomly chosen boxes on ``image``, each in its own colour.
+
+    ``image`` is (H, W, 3) uint8 (or (H, W) gray); ``boxes`` is (n, 4) x1, y1, x2, y2 with x2/y2
+    the last pixel column/row (inclusive), in the image's pixels. Returns a new RGB PIL image.
+    """
+    picture = Image.fromarray(np.asarray(image)).convert("RGB")
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    if len(boxes) > max_boxes:
+        rng = np.random.default_rng(seed)
+        boxes = boxes[np.sort(rng.choice(len(boxes), size=max_boxes, replace=False))]
+    if line_width is None:
+        line_width = max(2, round(min(picture.size) / 150))
+    draw = ImageDraw.Draw(picture)
+    for box, colour in zip(boxes.tolist(), distinct_colours(len(boxes))):
+        x1, y1, x2, y2 = box
+        # PIL includes x2/y2 and draws the width inwards, so the outline sits on the box edge.
+        draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=colour, width=line_width)
+    return picture
+
+
+def _store_dir(store) -> Path:
+    """The directory of a ProposalStore (or a path given directly)."""
+    if isinstance(store, (str, Path)):
+        return Path(store)
+    return Path(store.directory)
+
+
+def _images_root(images_source) -> Path:
+    # Store paths are relative to the folder, or to a list file's directory (see images.list_images).
+    source = Path(images_source)
+    return source if source.is_dir() else source.parent
+
+
+def _safe_name(path: str) -> str:
+    stem = Path(path).with_suffix("").as_posix()
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_")[:80] or "image"
+
+
+def proposal_stats(store) -> dict:
+    """Store-wide numbers: proposals per image and proposal size sqrt(w*h) in original pixels.
+
+    Vectorised over the store's memory-mapped arrays, the boxes in chunks so a store of
+    ImageNet size needs little memory. Failed images are left out of the per-image counts.
+    Sizes are binned at 1 px (``size_hist[k]`` = boxes with k <= size < k+1).
+    """
+    root = _store_dir(store)
+    offsets = np.load(root / "offsets.npy", mmap_mode="r")
+    status = np.asarray(np.load(root / "status.npy", mmap_mode="r"))
+    boxes = np.load(root / "boxes.npy", mmap_mode="r")
+    counts = np.diff(np.asarray(offsets))
+    ok = status != RULE_FAILED
+    per_image = counts[ok]
+
+    size_hist = np.zeros(1, dtype=np.int64)
+    size_sum = 0.0
+    for start in range(0, len(boxes), CHUNK_ROWS):
+        chunk = np.asarray(boxes[start : start + CHUNK_ROWS], dtype=np.float64)
+        size = np.sqrt((chunk[:, 2] - chunk[:, 0]) * (chunk[:, 3] - chunk[:, 1]))
+        size_sum += float(size.sum())
+        binned = np.bincount(size.astype(np.int64))
+        if len(binned) > len(size_hist):
+            size_hist = np.pad(size_hist, (0, len(binned) - len(size_hist)))
+        size_hist[: len(binned)] += binned
+
+    rules = {}
+    values, freq = np.unique(status, return_counts=True)
+    for value, n in zip(values.tolist(), freq.tolist()):
+        rules[RULE_NAMES.get(value, str(value))] = n
+    n_boxes = int(counts.sum())
+    return {
+        "images": int(len(counts)),
+        "failed": int((~ok).sum()),
+        "images_without_boxes": int((per_image == 0).sum()),
+        "rules": rules,
+        "boxes": n_boxes,
+        "proposals_per_image": _summary(per_image.astype(np.float64)),
+        "proposal_size_px": {
+            "mean": size_sum / n_boxes if n_boxes else None,
+            **_hist_quantiles(size_hist),
+        },
+        "_per_image": per_image,
+        "_size_hist": size_hist,
+    }
+
+
+def _summary(values: np.ndarray) -> dict:
+    if len(values) == 0:
+        return {"mean": None, "min": None, "p10": None, "median": None, "p90": None, "max": None}
+    p10, median, p90 = np.percentile(values, [10, 50, 90]).tolist()
+    return {
+        "mean": float(values.mean()),
+        "min": float(values.min()),
+        "p10": p10,
+        "median": median,
+        "p90": p90,
+        "max": float(values.max()),
+    }
+
+
+def _hist_quantiles(hist: np.ndarray) -> dict:
+    """Quantiles (to 1 px) from a histogram of 1-px bins."""
+    total = int(hist.sum())
+    if total == 0:
+        return {"min": None, "p10": None, "median": None, "p90": None, "max": None}
+    cum = np.cumsum(hist)
+    nonzero = np.flatnonzero(hist)
+
+    def q(fraction):
+        return int(np.searchsorted(cum, fraction * total, side="left"))
+
+    return {"min": int(nonzero[0]), "p10": q(0.1), "median": q(0.5), "p90": q(0.9), "max": int(nonzero[-1])}
+
+
+def _plot_stats(stats: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    per_image = stats["_per_image"]
+    size_hist = stats["_size_hist"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if len(per_image):
+        left.hist(per_image, bins=min(50, max(1, int(per_image.max()) + 1)), color="tab:blue")
+    left.set_xlabel("number of proposals per image")
+    left.set_ylabel("images")
+    left.set_title(f"{stats['images'] - stats['failed']} images, {stats['boxes']} proposals")
+
+    if size_hist.sum():
+        # Re-bin the 1-px histogram into at most 50 bars.
+        width = max(1, math.ceil(len(size_hist) / 50))
+        padded = np.pad(size_hist, (0, (-len(size_hist)) % width))
+        bars = padded.reshape(-1, width).sum(axis=1)
+        edges = np.arange(len(bars)) * width
+        right.bar(edges, bars, width=width, align="edge", color="tab:orange")
+    right.set_xlabel("proposal size sqrt(w*h) (pixels)")
+    right.set_ylabel("proposals")
+    right.set_title("proposal size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _contact_sheet(pictures: list[tuple[str, Image.Image]], path: Path) -> None:
+    cols = max(1, math.ceil(math.sqrt(len(pictures))))
+    rows = max(1, math.ceil(len(pictures) / cols))
+    caption = 16
+    sheet = Image.new("RGB", (cols * CELL, rows * (CELL + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (name, picture) in enumerate(pictures):
+        # Fill the cell: shrink big pictures smoothly, blow small ones up without blurring the lines.
+        scale = min((CELL - 4) / picture.width, (CELL - 4) / picture.height)
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        thumb = picture.resize(size, Image.BILINEAR if scale < 1 else Image.NEAREST)
+        x, y = (k % cols) * CELL, (k // cols) * (CELL + caption)
+        sheet.paste(thumb, (x + (CELL - thumb.width) // 2, y + (CELL - thumb.height) // 2))
+        draw.text((x + 4, y + CELL), name[-48:], fill="black")
+    sheet.save(path)
+
+
+def show_proposals(store, images_source, out_dir, num: int = 8, per_image: int = 10, seed: int = 0) -> list[Path]:
+    """Draw proposals for ``num`` random images of ``store``, a contact sheet and statistics.
+
+    ``store`` is a ProposalStore (or its directory); ``images_source`` the folder or list file
+    the store was made from. Writes into ``out_dir``: one ``proposals_KK_NAME.png`` per drawn
+    image, ``contact_sheet.png``, ``stats.png`` (histograms of proposals per image and of
+    proposal size over the whole store) and ``stats.json``. Images whose file is missing,
+    unreadable or changed size since the store was made are reported and skipped.
+    Returns the written paths.
+    """
+    from .images import ImageError, load_rgb_bounded
+    from .proposals.store import load
+
+    if isinstance(store, (str, Path)):
+        store = load(store)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = _images_root(images_source)
+    rng = np.random.default_rng(seed)
+
+    status = np.load(_store_dir(store) / "status.npy", mmap_mode="r")
+    candidates = np.flatnonzero(np.asarray(status) != RULE_FAILED).tolist()
+    chosen = sorted(rng.choice(len(candidates), size=min(num, len(candidates)), replace=False).tolist())
+    written: list[Path] = []
+    drawn: list[tuple[str, Image.Image]] = []
+    for k, c in enumerate(chosen):
+        i = candidates[c]
+        rel = store.paths[i]
+        path = Path(rel) if Path(rel).is_absolute() else root / rel
+        try:
+            image, size, factor = load_rgb_bounded(path, DISPLAY_MAX_SIDE)
+        except ImageError as exc:
+            print(f"skipped {exc}")
+            continue
+        if tuple(size) != tuple(store.image_size(i)):
+            print(f"skipped {path}: image is {size[0]}x{size[1]} but the store has "
+                  f"{store.image_size(i)[0]}x{store.image_size(i)[1]} (changed since the proposals were made?)")
+            continue
+        boxes = np.round(np.asarray(store.boxes(i), dtype=np.float64) / factor).astype(np.int64)
+        picture = draw_proposals(image, boxes, per_image, seed=seed + i)
+        target = out_dir / f"proposals_{k:02d}_{_safe_name(rel)}.png"
+        picture.save(target)
+        written.append(target)
+        drawn.append((rel, picture))
+
+    if drawn:
+        sheet = out_dir / "contact_sheet.png"
+        _contact_sheet(drawn, sheet)
+        written.append(sheet)
+
+    stats = proposal_stats(store)
+    plot = out_dir / "stats.png"
+    _plot_stats(stats, plot)
+    written.append(plot)
+    numbers = out_dir / "stats.json"
+    public = {k: v for k, v in stats.items() if not k.startswith("_")}
+    numbers.write_text(json.dumps(public, indent=2) + "\n")
+    written.append(numbers)
+    return written

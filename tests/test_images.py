@@ -1,0 +1,118 @@
+"""images.py: listing folders and list files; decoding every odd input to RGB or ImageError."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import BAD_KINDS, small_photo
+from soco_pretrain.images import (ImageError, bounded_size, list_images, load_rgb,
+                                  load_rgb_bounded)
+
+
+def test_list_folder_recursive_sorted_skips_hidden_and_non_images(photo_dir):
+    images = list_images(photo_dir)
+    assert images.paths == ["camera.png", "cls_a/astronaut.png", "cls_a/coffee.JPEG",
+                            "cls_b/chelsea.png", "cls_b/rocket.jpg"]
+    assert images.ignored == ["README.txt"]
+    assert images.root == photo_dir.resolve()
+    assert images.abspath(2) == photo_dir.resolve() / "cls_a" / "coffee.JPEG"
+
+
+def test_list_file_relative_absolute_comments_duplicates(tmp_path, photo_dir):
+    (tmp_path / "sub").mkdir()
+    lst = tmp_path / "list.txt"
+    outside = photo_dir / "camera.png"
+    lst.write_text(f"# comment\n\nsub/b.jpg\n  sub/a.png  \nsub/b.jpg\n{outside}\n{tmp_path / 'sub' / 'c.png'}\n")
+    images = list_images(lst)
+    assert images.root == tmp_path.resolve()
+    assert images.paths == sorted(["sub/a.png", "sub/b.jpg", "sub/c.png", outside.as_posix()])
+    assert images.abspath(images.paths.index(outside.as_posix())) == outside
+
+
+def test_missing_source_raises_image_error(tmp_path, photo_dir):
+    with pytest.raises(ImageError, match="no such folder"):
+        list_images(tmp_path / "nope")
+    with pytest.raises(ImageError, match="is an image"):
+        list_images(photo_dir / "camera.png")
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_KINDS))
+def test_every_odd_input_decodes_to_rgb_or_raises_image_error(bad_inputs, kind):
+    root, _ = bad_inputs
+    name, expected = BAD_KINDS[kind]
+    path = root / name
+    if expected is None:
+        arr = load_rgb(path)
+        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
+        with Image.open(path) as im:
+            assert arr.shape[:2] == (im.height, im.width)
+    else:
+        with pytest.raises(ImageError) as info:
+            load_rgb(path)
+        err = info.value
+        assert expected in err.reason
+        assert err.path == str(path)
+        assert str(err) == f"{path}: {err.reason}" and "\n" not in str(err)
+        # The bounded loader reports the same way.
+        with pytest.raises(ImageError, match=expected):
+            load_rgb_bounded(path, 32)
+
+
+def test_conversions_keep_the_pixels(bad_inputs):
+    root, _ = bad_inputs
+    rgb = load_rgb(root / "png_named.JPEG")
+    assert np.array_equal(load_rgb(root / "rgba.png"), rgb)  # alpha dropped, colour kept
+    gray = load_rgb(root / "gray.png")
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+    assert load_rgb(root / "one_pixel.png").tolist() == [[[200, 10, 10]]]
+    cmyk = load_rgb(root / "cmyk.jpg").astype(int)
+    assert np.abs(cmyk - rgb).mean() < 20  # lossy JPEG + CMYK round trip, same picture
+
+
+def test_image_error_pickles():
+    err = pickle.loads(pickle.dumps(ImageError("a/b.jpg", "empty\nfile")))
+    assert (err.path, err.reason, str(err)) == ("a/b.jpg", "empty file", "a/b.jpg: empty file")
+
+
+@pytest.mark.parametrize("size,max_side,expected", [
+    ((4000, 3000), 1000, (1000, 750)), ((3000, 4000), 1000, (750, 1000)), ((1000, 999), 1000, (1000, 999)),
+    ((1001, 10), 1000, (1000, 10)), ((5000, 1), 1000, (1000, 1)), ((4000, 3000), None, (4000, 3000)),
+    ((4000, 3000), 0, (4000, 3000)),
+])
+def test_bounded_size(size, max_side, expected):
+    assert bounded_size(*size, max_side) == expected
+
+
+@pytest.fixture(scope="module")
+def huge_jpeg(tmp_path_factory) -> Path:
+    """A 4000x3000 photo (upscaled chelsea) saved as JPEG."""
+    path = tmp_path_factory.mktemp("huge") / "huge.jpg"
+    small_photo("chelsea", 400).resize((4000, 3000), Image.BILINEAR).save(path, quality=90)
+    return path
+
+
+def test_bounded_load_shrinks_large_images_only(huge_jpeg, photo_dir):
+    arr, orig, factor = load_rgb_bounded(huge_jpeg, 1000)
+    assert arr.shape == (750, 1000, 3) and orig == (4000, 3000) and factor == 4.0
+    again, _, _ = load_rgb_bounded(huge_jpeg, 1000)
+    assert np.array_equal(arr, again)  # deterministic
+    small = photo_dir / "cls_a" / "astronaut.png"
+    arr, orig, factor = load_rgb_bounded(small, 1000)
+    assert factor == 1.0 and np.array_equal(arr, load_rgb(small)) and orig == (120, 120)
+
+
+def test_bounded_load_of_huge_jpeg_uses_little_memory(huge_jpeg):
+    # Peak RSS of a fresh process: a full-size decode alone would add 36 MB, the reference
+    # search on it gigabytes; decoding at reduced size must stay far below 1 GB.
+    code = ("import resource, sys; from soco_pretrain.images import load_rgb_bounded;"
+            "a, o, f = load_rgb_bounded(sys.argv[1], 1000); assert a.shape == (750, 1000, 3);"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, str(huge_jpeg)], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) < 300 * 1024  # KiB

@@ -1,0 +1,136 @@
+"""store.py: round trip, memory maps, dtype choice, pickling into worker processes, bad stores."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+
+import numpy as np
+import pytest
+
+from soco_pretrain.proposals.filters import RULE_FAILED, RULE_PAPER, RULE_WHOLE_IMAGE
+from soco_pretrain.proposals.store import StoreError, load, write_store
+
+
+def make_store(directory, max_coord=500, manifest=None):
+    rng = np.random.default_rng(1)
+    paths = ["a/1.jpg", "a/2.jpg", "b/3.png", "bad.jpg"]
+    per_image = [rng.integers(0, max_coord, (k, 4)) for k in (3, 0, 5, 0)]
+    boxes = np.concatenate(per_image)
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in per_image])])
+    sizes = np.array([[640, 480], [20, 10], [max_coord, 300], [0, 0]])
+    status = np.array([RULE_PAPER, RULE_WHOLE_IMAGE, RULE_PAPER, RULE_FAILED])
+    raw = np.array([40, 1, 77, 0])
+    man = {"preset": "paper", "failures": [{"path": "bad.jpg", "reason": "empty file"}]}
+    man.update(manifest or {})
+    write_store(directory, paths, boxes, offsets, sizes, status, raw, man)
+    return paths, per_image, sizes, status, raw
+
+
+def test_round_trip(tmp_path):
+    paths, per_image, sizes, status, raw = make_store(tmp_path / "s")
+    st = load(tmp_path / "s", verify=True)
+    assert len(st) == 4 and st.paths == paths
+    for i, p in enumerate(paths):
+        assert st.index(p) == i
+        assert st.boxes(i).tolist() == per_image[i].tolist()
+        assert st.boxes(i).shape == (len(per_image[i]), 4)
+        assert st.image_size(i) == tuple(sizes[i])
+        assert st.status(i) == status[i] and st.raw_count(i) == raw[i]
+    assert [st.rule(i) for i in range(4)] == ["paper", "whole_image", "paper", "failed"]
+    m = st.manifest
+    assert m["counts"] == {"images": 4, "ok": 3, "failed": 1, "boxes": 8,
+                           "rules": {"paper": 2, "ratio_only": 0, "min_side": 0, "whole_image": 1,
+                                     "empty": 0, "failed": 1}}
+    assert m["failures"] == [{"path": "bad.jpg", "reason": "empty file"}] and m["preset"] == "paper"
+    assert set(m["files"]) == {"boxes.npy", "offsets.npy", "sizes.npy", "status.npy", "raw_counts.npy", "paths.json"}
+    assert st.boxes(-1).shape == (0, 4)
+    with pytest.raises(IndexError):
+        st.boxes(4)
+    with pytest.raises(KeyError, match="not in proposals store"):
+        st.index("a/9.jpg")
+
+
+def test_arrays_are_memory_mapped(tmp_path):
+    make_store(tmp_path / "s")
+    st = load(tmp_path / "s")
+    maps = st._maps()
+    assert all(isinstance(a, np.memmap) for a in maps.values())
+    assert st.boxes(0).flags.writeable  # a private copy, not a view into the map
+    assert maps["boxes.npy"].dtype == np.int16 and st.boxes(0).dtype == np.int32  # widened: w*h safe
+    assert not list(tmp_path.glob("s/.*"))  # no temp files left behind
+
+
+@pytest.mark.parametrize("max_coord,dtype", [(32767, np.int16), (32768, np.int32)])
+def test_int16_unless_a_coordinate_does_not_fit(tmp_path, max_coord, dtype):
+    d = tmp_path / "s"
+    boxes = np.array([[0, 0, max_coord, 5]])
+    write_store(d, ["x.jpg"], boxes, [0, 1], [[max_coord + 1, 6]], [0], [1], {})
+    st = load(d)
+    assert st._maps()["boxes.npy"].dtype == dtype and st.manifest["box_dtype"] == np.dtype(dtype).name
+    assert st.boxes(0).tolist() == boxes.tolist()
+
+
+def test_empty_store(tmp_path):
+    write_store(tmp_path / "s", [], np.zeros((0, 4)), [0], np.zeros((0, 2)), [], [], {})
+    st = load(tmp_path / "s")
+    assert len(st) == 0 and st.manifest["counts"]["images"] == 0
+
+
+def _read_in_worker(args):
+    st, i = args
+    return st.paths[i], st.boxes(i).tolist(), st.image_size(i)
+
+
+def test_pickled_store_works_in_worker_processes(tmp_path):
+    paths, per_image, sizes, _, _ = make_store(tmp_path / "s")
+    st = load(tmp_path / "s")
+    st.boxes(0)  # maps open in the parent ...
+    state = pickle.dumps(st)
+    assert len(state) < 2000  # ... but the pickle carries the directory, not the arrays
+    ctx = multiprocessing.get_context("spawn")  # as DataLoader workers on macOS / Windows
+    with ctx.Pool(2) as pool:
+        got = pool.map(_read_in_worker, [(st, i) for i in range(4)])
+    assert got == [(paths[i], per_image[i].tolist(), tuple(sizes[i])) for i in range(4)]
+
+
+def test_missing_and_corrupt_stores_give_one_line_errors(tmp_path):
+    with pytest.raises(StoreError, match="no such proposals store"):
+        load(tmp_path / "nope")
+    d = tmp_path / "s"
+    make_store(d)
+    manifest = json.loads((d / "manifest.json").read_text())
+
+    (d / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="no manifest.json"):
+        load(d)
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="unreadable manifest.json"):
+        load(d)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+    data = (d / "boxes.npy").read_bytes()
+    (d / "boxes.npy").write_bytes(data[:-8])
+    with pytest.raises(StoreError, match="boxes.npy has .* bytes") as info:
+        load(d)
+    assert str(d) in str(info.value) and "\n" not in str(info.value)
+
+    flipped = bytearray(data)
+    flipped[-1] ^= 1
+    (d / "boxes.npy").write_bytes(bytes(flipped))
+    load(d)  # same size: only the checksum can tell
+    with pytest.raises(StoreError, match="sha256"):
+        load(d, verify=True)
+
+    (d / "sizes.npy").unlink()
+    with pytest.raises(StoreError, match="sizes.npy is missing"):
+        load(d)
+
+
+def test_rewrite_replaces_store(tmp_path):
+    d = tmp_path / "s"
+    make_store(d)
+    write_store(d, ["only.jpg"], [[1, 2, 3, 4]], [0, 1], [[10, 10]], [0], [1], {})
+    st = load(d, verify=True)
+    assert st.paths == ["only.jpg"] and st.boxes(0).tolist() == [[1, 2, 3, 4]]
