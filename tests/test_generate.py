@@ -161,15 +161,39 @@ def test_huge_image_is_searched_small_and_boxes_scaled_back(tmp_path):
     assert boxes[:, [0, 2]].min() >= 0 and boxes[:, [0, 2]].max() <= 3999
     assert boxes[:, [1, 3]].min() >= 0 and boxes[:, [1, 3]].max() <= 2999
     assert boxes[:, 2].max() > 160  # scaled, not left in searched pixels
-    # Exactly: search the resized copy, filter there, scale back.
+    # Exactly: search the resized copy, scale back, filter in original pixels.
     record = process_image(("huge.jpg", str(root / "huge.jpg"),
                             PRESETS["paper"].with_overrides(cfg)))
     assert record["boxes"] == boxes.tolist()
-    # Relative sizes survive the scaling: every box still passes the paper rule in original pixels.
+    # The filter ran in original pixels: every kept box passes the paper rule there exactly.
     boxes = boxes.astype(np.int64)
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     rel = np.sqrt(w * h) / np.sqrt(4000 * 3000)
-    assert rel.min() > 0.28 and rel.max() < 0.82
+    assert rel.min() >= 0.3 and rel.max() <= 0.8
+    assert (3 * w >= h).all() and (w <= 3 * h).all()
+
+
+def test_filter_runs_in_original_pixels(tmp_path, monkeypatch):
+    # The released code searched full-size images, so its 32 px minimum side (and the fallback
+    # that uses it alone) means original pixels even when we search a resized copy.
+    import importlib
+
+    gen = importlib.import_module("soco_pretrain.proposals.generate")
+    seen = []
+    real = gen.filter_boxes
+
+    def spy(boxes, width, height, config):
+        seen.append((width, height, int(boxes[:, 2].max())))
+        return real(boxes, width, height, config)
+
+    monkeypatch.setattr(gen, "filter_boxes", spy)
+    root = tmp_path / "big"
+    root.mkdir()
+    small_photo("coffee", 100).resize((800, 600), Image.BILINEAR).save(root / "big.png")
+    record = gen.process_image(("big.png", str(root / "big.png"),
+                                PRESETS["released"].with_overrides({"max_side": 100})))
+    assert record["size"] == [800, 600]
+    assert seen[0][:2] == (800, 600) and seen[0][2] > 100  # original size, boxes already scaled
 
 
 def test_workers_2_equals_workers_1(photo_dir, one_run, tmp_path):

@@ -120,9 +120,10 @@ def process_image(task) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # skimage chatter would break the progress bar
             raw = selective_search(image, config.scale, config.sigma, config.min_size)
-        kept, rule = filter_boxes(raw, ws, hs, config)  # filter in the pixels searched
-        record.update(status=int(rule), raw=int(len(raw)),
-                      boxes=scale_boxes(kept, (ws, hs), (w, h)).tolist())
+        # Filter in original pixels: the released code searched full-size images, so its
+        # 32 px minimum side means original pixels (the paper's ratio rules are scale-free).
+        kept, rule = filter_boxes(scale_boxes(raw, (ws, hs), (w, h)), w, h, config)
+        record.update(status=int(rule), raw=int(len(raw)), boxes=kept.tolist())
     except Exception as exc:  # a search bug must not end a million-image run
         record["reason"] = f"selective search failed: {exc.__class__.__name__}: {exc}"
     return record

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import numba
 from scipy import ndimage as ndi
+from skimage.util import img_as_float
 
 # --- histogram bin lookup tables ------------------------------------------------------------
 # Both histogrammed quantities (V = max(R, G, B) and the LBP code) are integers 0..255, so the
@@ -59,7 +60,9 @@ _LBP_CP = np.round(1.0 * np.cos(2 * np.pi * np.arange(_P, dtype=np.double) / _P)
 
 def _smoothed(image_uint8: np.ndarray, sigma: float) -> np.ndarray:
     """skimage's felzenszwalb preprocessing: img_as_float, then Gaussian (reflect, truncate 4)."""
-    image = image_uint8.astype(np.float64) / 255.0
+    # skimage scales by multiplying with 1/255, which differs from x/255 in the last bit for
+    # 24 of the 256 values; call it rather than re-derive it.
+    image = img_as_float(image_uint8)
     return ndi.gaussian_filter(image, sigma=[sigma, sigma, 0], mode="reflect", truncate=4.0)
 
 
