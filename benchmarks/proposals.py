@@ -194,6 +194,49 @@ def table(rows: list[dict], with_reference: bool) -> str:
     return "\n".join(lines)
 
 
+def stage_times(image: np.ndarray, repeats: int = 5) -> dict:
+    """Best-of-``repeats`` milliseconds of each stage of our search on one image."""
+    import importlib
+
+    ss = importlib.import_module("soco_pretrain.proposals.selective_search")
+    h, w = image.shape[:2]
+    stages = {}
+
+    def best(name, fn, *a):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = fn(*a)
+            times.append(time.perf_counter() - start)
+        stages[name] = 1e3 * min(times)
+        return out
+
+    costs = best("smoothing + edge costs", ss._edge_costs, image, PAPER.sigma)
+    order = best("np.argsort of costs", np.argsort, costs)
+    roots = best("Felzenszwalb union-find", ss._felzenszwalb_segments, order, costs, h, w,
+                 float(PAPER.scale), int(PAPER.min_size))
+    regions = best("regions + LBP + histograms", ss._regions, image, roots, ss._V_LUT, ss._LBP_LUT,
+                   float(ss._LBP_CP[1]), ss.COLOUR_BINS, ss.TEXTURE_BINS)
+    best("grouping", ss._group, *regions, h * w)
+    return stages
+
+
+def print_stages(paths: list[Path], max_side: int) -> None:
+    print("\nWhere our time goes (ms, best of 5; share of the sum):\n")
+    names = None
+    for path in paths:
+        image, _, _ = load_rgb_bounded(path, max_side)
+        search(image)  # compile / warm
+        stages = stage_times(image)
+        if names is None:
+            names = list(stages)
+            print("| image | " + " | ".join(names) + " | sum |")
+            print("|---" * (len(names) + 2) + "|")
+        total = sum(stages.values())
+        cells = [f"{stages[n]:.1f} ({100 * stages[n] / total:.0f}%)" for n in names]
+        print(f"| {path.name} | " + " | ".join(cells) + f" | {total:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", help="image folder or list file (default: scikit-image's bundled photos)")
@@ -202,6 +245,7 @@ def main() -> None:
                         help=f"search larger images resized to this long side (default {PAPER.max_side}, as the pipeline)")
     parser.add_argument("--no-reference", action="store_true", help="time only our search")
     parser.add_argument("--huge", action="store_true", help="add a 4000x3000 photo through load + search + filter")
+    parser.add_argument("--stages", action="store_true", help="also print the time of each stage of our search")
     parser.add_argument("--huge-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.huge_child:
@@ -228,6 +272,8 @@ def main() -> None:
               f"filter {huge['seconds']:.2f} s, {huge['boxes']} boxes, {huge['kept']} kept; peak RSS "
               f"{huge['peak_rss_mib']:.0f} MiB (after warm-up, before the image: {huge['rss_before_mib']:.0f} MiB"
               + ("" if huge["peak_reset"] else "; peak not resettable here, includes numba compile") + ")")
+    if args.stages:
+        print_stages(paths, args.max_side)
     print(f"\nMachine: {machine()}")
 
 

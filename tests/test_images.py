@@ -74,6 +74,16 @@ def test_conversions_keep_the_pixels(bad_inputs):
     assert load_rgb(root / "one_pixel.png").tolist() == [[[200, 10, 10]]]
     cmyk = load_rgb(root / "cmyk.jpg").astype(int)
     assert np.abs(cmyk - rgb).mean() < 20  # lossy JPEG + CMYK round trip, same picture
+    # 16-bit grey (the fixture stores 8-bit grey * 256) is rescaled, not clipped to white.
+    gray16 = load_rgb(root / "gray16.png").astype(int)
+    assert np.abs(gray16 - gray).max() <= 1
+
+
+def test_float_grey_in_unit_range_is_scaled(tmp_path):
+    values = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(values, "F").save(tmp_path / "float.tif")
+    rgb = load_rgb(tmp_path / "float.tif")
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255 and rgb[32, 0, 0] in (127, 128)
 
 
 def test_image_error_pickles():

@@ -140,6 +140,24 @@ def _open(path: Path) -> Image.Image:
         raise ImageError(path, f"cannot open: {exc.__class__.__name__}: {exc}") from None
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Grey, palette, RGBA, CMYK, ... -> RGB with PIL; 16-bit and float greys rescaled to 8 bits.
+
+    PIL's own ``convert("RGB")`` clips 16-bit values at 255, which turns a typical 16-bit photo
+    (medical, scientific, some PNGs) almost entirely white; we scale by 1/257 instead (65535 ->
+    255), and float images in [0, 1] by 255.
+    """
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        elif im.mode.startswith("I;16") or (arr.size and np.nanmax(arr) > 255):
+            arr = arr / 257.0
+        grey = np.clip(np.nan_to_num(np.rint(arr)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def _decode(path: Path, im: Image.Image, size: tuple[int, int] | None) -> np.ndarray:
     """Decode ``im`` to RGB uint8, optionally resized to ``size`` = (width, height)."""
     try:
@@ -152,7 +170,7 @@ def _decode(path: Path, im: Image.Image, size: tuple[int, int] | None) -> np.nda
             im.load()
             if im.width == 0 or im.height == 0:
                 raise ImageError(path, "zero-size image")
-            rgb = im.convert("RGB")  # grey, palette, RGBA, CMYK, 16-bit ... -> RGB, as torchvision
+            rgb = _to_rgb(im)
             if size is not None and rgb.size != size:
                 rgb = rgb.resize(size, Image.BILINEAR, reducing_gap=3.0)
             arr = np.asarray(rgb, dtype=np.uint8)
