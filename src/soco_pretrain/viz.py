@@ -158,6 +158,7 @@ def _plot_stats(stats: dict, path: Path) -> None:
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     per_image = stats["_per_image"]
     size_hist = stats["_size_hist"]
@@ -166,6 +167,7 @@ def _plot_stats(stats: dict, path: Path) -> None:
         left.hist(per_image, bins=min(50, max(1, int(per_image.max()) + 1)), color="tab:blue")
     left.set_xlabel("number of proposals per image")
     left.set_ylabel("images")
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of images: no 0.25 ticks
     left.set_title(f"{stats['images'] - stats['failed']} images, {stats['boxes']} proposals")
 
     if size_hist.sum():

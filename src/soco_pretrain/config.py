@@ -1,0 +1,162 @@
+"""Configuration dataclasses with the paper's defaults, YAML round trip and dotted overrides.
+
+Every default names its source: the paper (section), the released code (hologerry/SoCo, see
+DESIGN.md section 5), or "our choice" with the reason. Later stages add their own sections
+(model, train, ...) next to ``data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
+
+
+@dataclass
+class ViewsConfig:
+    """How the views and their boxes are built (paper section 3.2, Figure 1)."""
+
+    v1_size: int = 224  # paper 3.2: V1 is the image resized to 224x224
+    v2_size: int = 224  # paper 3.2: V2 is resized to the size of V1
+    v3_size: int = 112  # paper 3.2 / Table 5: V3 = V2 downsampled to 112x112
+    v4_size: int = 192  # paper 4.1 (SoCo*): an extra view of 192x192
+    soco_star: bool = False  # paper 4.1: SoCo* adds V4 (four views)
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # paper 3.2: crop area fraction of V1 in [0.5, 1]
+    # Our choice (the paper is silent): torchvision RandomResizedCrop's aspect range, which is also
+    # the released code's. V2 is then resized to a square, so the object's aspect changes a little.
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # "v1" (paper 3.2: V2 is a crop of V1) or "original" (released code: crop of the original image
+    # mapped to the same relative rectangle; sharper, one resampling instead of two).
+    v2_source: str = "v1"
+    # "downsample" (paper: V3 = V2 resized to 112) or "independent_crop" (released FPN code: an
+    # independent crop, scale crop_scale, resized to 112, with its own proposals).
+    v3: str = "downsample"
+    hflip_p: float = 0.5  # BYOL augmentation: horizontal flip, per view, boxes flipped with it
+    # Our choice (paper: "proposals outside of V2 are dropped", no threshold given): a proposal is
+    # visible in a cropped view when at least this fraction of its area lies inside the crop; its
+    # box is then clipped to the crop. 0 reproduces the released code (any overlap).
+    min_visible: float = 0.5
+    num_proposals: int = 4  # paper 3.2 / Table 5c: K = 4 proposals per image per step
+    # "mask": fewer than K proposals -> padded slots with valid=False (never in the loss);
+    # "repeat": the released code's duplicate padding (all slots valid).
+    pad: str = "mask"
+    # Box jitter (paper 3.2): x += r*w, y += r*h, w += r*w, h += r*h (centre form), r ~ U[-0.1, 0.1],
+    # with probability 0.5 per proposal. "paper" = that, applied independently to each proposal in
+    # each view; "released" = corner form, four independent r, view-1 copies only; "none".
+    jitter: str = "paper"
+    jitter_ratio: float = 0.1  # paper 3.2
+    jitter_p: float = 0.5  # paper 3.2
+    # Scale-aware assignment (paper 3.3): area <= 48^2 -> P2, <= 96^2 -> P3, <= 192^2 -> P4, else P5,
+    # area in the view's own pixels; a box exactly on a boundary goes to the lower level.
+    level_bounds: tuple[int, int, int] = (48, 96, 192)
+    # Images without proposals: "error" (count and list them) or "whole_image" (released fallback).
+    no_proposals: str = "error"
+
+
+@dataclass
+class AugmentConfig:
+    """BYOL's photometric augmentation without its random crop (paper 3.2; BYOL Table 6)."""
+
+    enabled: bool = True  # off for tests and pictures
+    colour_jitter_p: float = 0.8  # BYOL: colour jitter with probability 0.8
+    brightness: float = 0.4  # BYOL
+    contrast: float = 0.4  # BYOL
+    saturation: float = 0.2  # BYOL
+    hue: float = 0.1  # BYOL
+    grayscale_p: float = 0.2  # BYOL
+    blur_p: tuple[float, float] = (1.0, 0.1)  # BYOL: view 1 always, view 2 with p 0.1
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # BYOL
+    solarize_p: tuple[float, float] = (0.0, 0.2)  # BYOL: view 1 never, view 2 with p 0.2
+    # Which BYOL parameter set each SoCo view uses. V1 plays BYOL's first view; V2, V3 and V4 the
+    # second (our reading of "each view is randomly and independently augmented": independent
+    # draws, BYOL's asymmetric parameters between the V1 side and the V2/V3 side).
+    view_params: tuple[int, ...] = (0, 1, 1, 1)
+    device: str = "cpu"  # "cpu": per image in the workers; "gpu": batched on the training device
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet normalisation
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0  # base seed: same seed, same batches (per-sample RNG from seed, epoch, index)
+    max_decode_retries: int = 10  # a sample whose image fails is replaced by the next index
+
+
+# ---------------------------------------------------------------- generic helpers
+
+
+def to_dict(cfg) -> dict:
+    """Nested plain dict (tuples as lists) for YAML/JSON."""
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def from_dict(cls, data: dict):
+    """Build ``cls`` from a nested dict; unknown keys raise a one-line ValueError."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = hints[name]
+        if is_dataclass(sub):
+            kwargs[name] = from_dict(sub, value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"expected true/false, got {text!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list like [1, 2], got {text!r}")
+        value = tuple(value)
+    elif current is not None and not isinstance(value, type(current)):
+        raise ValueError(f"expected {type(current).__name__}, got {text!r}")
+    return value
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply ``key.sub=value`` strings (YAML values) to a copy of ``cfg``; clear one-line errors."""
+    cfg = dataclasses.replace(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value, e.g. views.num_proposals=8")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        target = cfg
+        for i, part in enumerate(parts):
+            if not is_dataclass(target) or part not in {f.name for f in fields(target)}:
+                raise ValueError(f"override {item!r}: unknown key {'.'.join(parts[: i + 1])!r}")
+            if i == len(parts) - 1:
+                try:
+                    value = _parse_value(text, getattr(target, part))
+                except ValueError as exc:
+                    raise ValueError(f"override {item!r}: {exc}") from None
+                setattr(target, part, value)
+            else:
+                child = dataclasses.replace(getattr(target, part))
+                setattr(target, part, child)
+                target = child
+    return cfg
