@@ -437,10 +437,34 @@ def _heap_pop(heap, n, sim):
 
 
 @numba.njit(cache=True, nogil=True)
-def _grow(arr, n):
-    out = np.empty(max(2 * arr.shape[0], n), dtype=arr.dtype)
+def _grow(arr):
+    """A copy of ``arr`` with twice the rows (numba arrays cannot be resized in place)."""
+    out = np.empty((2 * arr.shape[0],) + arr.shape[1:], dtype=arr.dtype)
     out[: arr.shape[0]] = arr
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_pair(links, psim, heap, n_pairs, n_heap, head, a, b, sim):
+    """Insert pair (a, b) with its similarity: the reference's ``S[(a, b)] = sim``.
+
+    ``links[p]`` = (a, b, next older pair of a, next older pair of b): per-region linked lists
+    from ``head``, so a merge finds the live pairs of its two regions without scanning all.
+    The pair number doubles as the insertion counter that breaks similarity ties.
+    """
+    if n_pairs == links.shape[0]:
+        links = _grow(links)
+        psim = _grow(psim)
+        heap = _grow(heap)
+    links[n_pairs, 0] = a
+    links[n_pairs, 1] = b
+    links[n_pairs, 2] = head[a]
+    links[n_pairs, 3] = head[b]
+    head[a] = n_pairs
+    head[b] = n_pairs
+    psim[n_pairs] = sim
+    n_heap = _heap_push(heap, n_heap, psim, n_pairs)
+    return links, psim, heap, n_pairs + 1, n_heap
 
 
 @numba.njit(cache=True, nogil=True)
@@ -458,46 +482,31 @@ def _group(boxes0, sizes0, hist_c0, hist_t0, imsize):
     hist_t[:n0] = hist_t0
     alive = np.zeros(cap, dtype=np.bool_)
     alive[:n0] = True
-    head = np.full(cap, -1, dtype=np.int64)  # newest pair of each region (linked lists)
+    head = np.full(cap, -1, dtype=np.int64)  # newest pair of each region
 
-    # pair storage: endpoints, similarity, and per-endpoint "next older pair" links
     pcap = 4 * n0 + 16
-    pa = np.empty(pcap, dtype=np.int64)
-    pb = np.empty(pcap, dtype=np.int64)
+    links = np.empty((pcap, 4), dtype=np.int64)
     psim = np.empty(pcap, dtype=np.float64)
-    nxt_a = np.empty(pcap, dtype=np.int64)
-    nxt_b = np.empty(pcap, dtype=np.int64)
     heap = np.empty(pcap, dtype=np.int64)
     n_pairs = 0
     n_heap = 0
 
+    # initial neighbours in the reference's loop order
     for a in range(n0 - 1):
         for b in range(a + 1, n0):
             if _intersect(boxes, a, b):
-                if n_pairs == pa.shape[0]:
-                    pa = _grow(pa, n_pairs + 1)
-                    pb = _grow(pb, n_pairs + 1)
-                    psim = _grow(psim, n_pairs + 1)
-                    nxt_a = _grow(nxt_a, n_pairs + 1)
-                    nxt_b = _grow(nxt_b, n_pairs + 1)
-                    heap = _grow(heap, n_pairs + 1)
-                pa[n_pairs] = a
-                pb[n_pairs] = b
-                psim[n_pairs] = _similarity(boxes, sizes, hist_c, hist_t, a, b, imsize)
-                nxt_a[n_pairs] = head[a]
-                head[a] = n_pairs
-                nxt_b[n_pairs] = head[b]
-                head[b] = n_pairs
-                n_heap = _heap_push(heap, n_heap, psim, n_pairs)
-                n_pairs += 1
+                sim = _similarity(boxes, sizes, hist_c, hist_t, a, b, imsize)
+                links, psim, heap, n_pairs, n_heap = _add_pair(
+                    links, psim, heap, n_pairs, n_heap, head, a, b, sim
+                )
 
     n_regions = n0
     touched = np.empty(16, dtype=np.int64)
     seen = np.full(cap, -1, dtype=np.int64)
     while n_heap > 0:
         p, n_heap = _heap_pop(heap, n_heap, psim)
-        i = pa[p]
-        j = pb[p]
+        i = links[p, 0]
+        j = links[p, 1]
         if not (alive[i] and alive[j]):
             continue  # lazily deleted: the reference removed it when i or j was merged
         t = n_regions
@@ -522,37 +531,25 @@ def _group(boxes0, sizes0, hist_c0, hist_t0, imsize):
         for r in (i, j):
             q = head[r]
             while q >= 0:
-                other = pb[q] if pa[q] == r else pa[q]
-                nq = nxt_a[q] if pa[q] == r else nxt_b[q]
+                mine = 0 if links[q, 0] == r else 1
+                other = links[q, 1 - mine]
                 if alive[other]:
                     if n_touched == touched.shape[0]:
-                        touched = _grow(touched, n_touched + 1)
+                        touched = _grow(touched)
                     touched[n_touched] = q
                     n_touched += 1
-                q = nq
+                q = links[q, 2 + mine]
         touched[:n_touched].sort()
         for k in range(n_touched):
             q = touched[k]
-            other = pb[q] if pa[q] == i or pa[q] == j else pa[q]
+            other = links[q, 1] if links[q, 0] == i or links[q, 0] == j else links[q, 0]
             if seen[other] == t:
                 continue
             seen[other] = t
-            if n_pairs == pa.shape[0]:
-                pa = _grow(pa, n_pairs + 1)
-                pb = _grow(pb, n_pairs + 1)
-                psim = _grow(psim, n_pairs + 1)
-                nxt_a = _grow(nxt_a, n_pairs + 1)
-                nxt_b = _grow(nxt_b, n_pairs + 1)
-                heap = _grow(heap, n_pairs + 1)
-            pa[n_pairs] = t
-            pb[n_pairs] = other
-            psim[n_pairs] = _similarity(boxes, sizes, hist_c, hist_t, t, other, imsize)
-            nxt_a[n_pairs] = head[t]
-            head[t] = n_pairs
-            nxt_b[n_pairs] = head[other]
-            head[other] = n_pairs
-            n_heap = _heap_push(heap, n_heap, psim, n_pairs)
-            n_pairs += 1
+            sim = _similarity(boxes, sizes, hist_c, hist_t, t, other, imsize)
+            links, psim, heap, n_pairs, n_heap = _add_pair(
+                links, psim, heap, n_pairs, n_heap, head, t, other, sim
+            )
     return boxes[:n_regions]
 
 
