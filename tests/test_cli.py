@@ -208,3 +208,69 @@ def test_show_proposals_of_a_non_store_folder_exits_2(images, tmp_path, capsys):
                           capsys)
     assert status == 2
     assert err.startswith("soco: error:") and "manifest" in err
+
+
+# ---------------------------------------------------------------- show views
+
+
+@pytest.fixture(scope="module")
+def views_data(tmp_path_factory):
+    """(images folder, store): four photos and a store written directly (known boxes)."""
+    from data_fixtures import make_photos, make_store
+
+    root = tmp_path_factory.mktemp("views")
+    images = root / "images"
+    paths = make_photos(images, ("astronaut", "coffee", "chelsea", "rocket"), side=150)
+    return images, make_store(root / "store", images, paths)
+
+
+def test_show_views_help_has_an_example(capsys):
+    status, out, _ = call(["show", "views", "--help"], capsys)
+    assert status == 0 and "soco show views" in out.split("examples:")[1]
+
+
+@pytest.mark.parametrize("extra, panels", [([], 4), (["--set", "views.soco_star=true", "--augment"], 5)])
+def test_show_views_writes_one_picture_per_image(views_data, tmp_path, capsys, extra, panels):
+    images, store = views_data
+    out_dir = tmp_path / "pictures"
+    status, out, err = call(["show", "views", "--images", str(images), "--proposals", str(store),
+                             "-o", str(out_dir), "--num", "2", "--seed", "1", *extra], capsys)
+    assert status == 0, err
+    written = sorted(out_dir.glob("views_*.png"))
+    assert len(written) == 2 and all(p.name in out for p in written)
+    with Image.open(written[0]) as im:
+        picture = np.asarray(im.convert("RGB"))
+    # Panels (image, V1, V2, V3[, V4]) on white, each separated by a white gap column.
+    content = (picture < 250).any(axis=(0, 2))
+    starts = np.flatnonzero(content[1:] & ~content[:-1])
+    assert len(starts) == panels
+    assert picture.shape[0] >= 2 * 224  # views drawn enlarged 2x
+
+
+def test_show_views_from_a_coco_json(views_data, tmp_path, capsys):
+    images, store = views_data
+    ann = tmp_path / "instances.json"
+    ann.write_text('{"images": [{"id": 1, "file_name": "coffee.png"}]}')
+    status, out, err = call(["show", "views", "--images", str(ann), "--image-root", str(images),
+                             "--proposals", str(store), "-o", str(tmp_path / "p")], capsys)
+    assert status == 0, err
+    assert [p.name for p in (tmp_path / "p").glob("*.png")] == ["views_00_coffee.png"]
+
+
+def test_show_views_errors_are_one_line(views_data, tmp_path, capsys):
+    images, store = views_data
+    out = str(tmp_path / "p")
+    (images.parent / "more").mkdir(exist_ok=True)
+    extra = images.parent / "more"
+    Image.new("RGB", (40, 30)).save(extra / "new.png")
+    cases = [
+        (["--images", str(extra), "--proposals", str(store)], "1 of 1 images have no proposals"),
+        (["--images", str(images), "--proposals", str(store), "--set", "views.nope=1"], "views.nope"),
+        (["--images", str(images), "--proposals", str(tmp_path / "nostore")], "nostore"),
+        (["--images", str(images), "--proposals", str(store), "--set", "views.pad=zeros"], "views.pad"),
+    ]
+    for args, expected in cases:
+        status, _, err = call(["show", "views", *args, "-o", out], capsys)
+        assert status == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("soco: error:") and expected in lines[0], err

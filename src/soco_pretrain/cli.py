@@ -268,9 +268,12 @@ def add_show(subparsers):
     p = _add(
         subparsers,
         "show",
-        help="draw pictures of intermediate results (proposals)",
+        help="draw pictures of intermediate results (proposals, views)",
         description="Draw pictures to check intermediate results by eye.",
-        examples=["soco show proposals proposals/ --images photos/ -o pictures/"],
+        examples=[
+            "soco show proposals proposals/ --images photos/ -o pictures/",
+            "soco show views --images photos/ --proposals proposals/ -o pictures/",
+        ],
     )
     p.set_defaults(func=lambda args: _missing_subcommand(p))
     sub = p.add_subparsers(title="what to show", metavar="WHAT", parser_class=_Parser)
@@ -324,6 +327,62 @@ def cmd_show_proposals(args) -> int:
     return 0
 
 
+def add_show_views(subparsers):
+    p = _add(
+        subparsers,
+        "views",
+        help="draw the training views of a few images with their boxes and FPN levels",
+        description=(
+            "For a few random images, draw the image and each training view side by side\n"
+            "(V1, V2, V3 and, with views.soco_star=true, V4; the data part of the paper's\n"
+            "Figure 1): the sampled proposals' boxes in one colour per proposal in every view,\n"
+            "labelled with their FPN level (P2..P5); padded slots are not drawn. The image\n"
+            "panel shows the proposals and the crops (white). Photometric augmentation is off\n"
+            "unless --augment is given. --set changes the data config (dotted keys)."
+        ),
+        examples=[
+            "soco show views --images photos/ --proposals proposals/ -o pictures/",
+            "soco show views --images photos/ --proposals proposals/ -o pictures/ --set views.soco_star=true",
+            "soco show views --images coco/annotations/instances_train2017.json --image-root coco/train2017 "
+            "--proposals props/ -o pictures/ --augment",
+        ],
+    )
+    p.add_argument("--images", metavar="IMAGES", required=True,
+                   help="image folder, list file or COCO-style JSON the proposals were made for")
+    p.add_argument("--proposals", metavar="STORE", required=True, help="proposal store directory")
+    p.add_argument("-o", "--out", metavar="DIR", required=True, help="output directory for the pictures")
+    p.add_argument("--image-root", metavar="DIR", default=None,
+                   help="folder a COCO JSON's file names are relative to (default: the JSON's folder)")
+    p.add_argument("--num", type=_positive_int, default=4, metavar="N", help="images to draw (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the images and their views (default 0)")
+    p.add_argument("--augment", action="store_true", help="apply the photometric augmentation too")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="data config override, e.g. views.soco_star=true (repeatable)")
+    p.set_defaults(func=cmd_show_views)
+
+
+def cmd_show_views(args) -> int:
+    _require_source(args.images)
+    _require_dir(args.proposals, "proposal store")
+    if args.image_root is not None:
+        _require_dir(args.image_root, "image root")
+    from .config import DataConfig, apply_overrides
+
+    try:
+        config = apply_overrides(DataConfig(seed=args.seed), args.overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    from .data.dataset import SoCoDataset
+    from .viz import show_views
+
+    dataset = SoCoDataset(args.images, args.proposals, config, image_root=args.image_root)
+    written = show_views(dataset, Path(args.out), num=args.num, seed=args.seed, augment=args.augment)
+    print(f"wrote {len(written)} files to {args.out}")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- soco demo
 
 
@@ -360,7 +419,7 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------- main
 
 COMMANDS = [add_proposals, add_proposals_merge, add_show, add_demo]
-SHOW_COMMANDS = [add_show_proposals]
+SHOW_COMMANDS = [add_show_proposals, add_show_views]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,6 +460,7 @@ USER_ERRORS = [
     ("soco_pretrain.images", "ImageError"),
     ("soco_pretrain.proposals.store", "StoreError"),
     ("soco_pretrain.proposals.generate", "GenerateError"),
+    ("soco_pretrain.data.dataset", "DatasetError"),
 ]
 
 

@@ -261,3 +261,175 @@ def show_proposals(store, images_source, out_dir, num: int = 8, per_image: int =
     numbers.write_text(json.dumps(public, indent=2) + "\n")
     written.append(numbers)
     return written
+
+
+# ---------------------------------------------------------------- views (paper Figure 1)
+
+# Views are drawn enlarged by this factor (nearest neighbour: the pixels stay honest and the
+# 112-px view keeps its true size relative to the others).
+VIEW_SCALE = 2
+GAP = 12  # pixels between panels
+TITLE = 18  # title strip above each panel
+LEVEL_NAMES = ("P2", "P3", "P4", "P5")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _label(draw, xy, text, colour, font, placed: list | None = None) -> None:
+    """Text on a filled tag of the box's colour (black or white text, whichever reads).
+
+    ``placed``: tags already drawn on this picture; the tag moves down until it hides none
+    (boxes of one image often share a corner).
+    """
+    x, y = xy
+    left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+    if placed is not None:
+        for _ in range(len(placed) + 1):
+            if not any(left < x2 and x1 < right and top < y2 and y1 < bottom for x1, y1, x2, y2 in placed):
+                break
+            step = bottom - top + 3
+            y, top, bottom = y + step, top + step, bottom + step
+        placed.append((left, top, right, bottom))
+    draw.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=colour)
+    dark = sum(c * w for c, w in zip(colour, (0.299, 0.587, 0.114))) < 140
+    draw.text((x, y), text, fill="white" if dark else "black", font=font)
+
+
+def proposal_colours(proposal_ids) -> dict[int, tuple[int, int, int]]:
+    """One colour per distinct proposal id (order of first appearance), padding (-1) excluded."""
+    ids = [int(i) for i in np.asarray(proposal_ids).tolist() if int(i) >= 0]
+    unique = list(dict.fromkeys(ids))
+    return dict(zip(unique, distinct_colours(len(unique))))
+
+
+def _draw_view(image, boxes, levels, valid, proposal_ids, scale, font) -> Image.Image:
+    picture = Image.fromarray(np.asarray(image)).convert("RGB")
+    if scale != 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(picture)
+    colours = proposal_colours(proposal_ids)
+    placed: list = []
+    for k, (box, ok, pid) in enumerate(zip(np.asarray(boxes).tolist(), np.asarray(valid).tolist(),
+                                           np.asarray(proposal_ids).tolist())):
+        if not ok:  # padded slots hold no proposal
+            continue
+        colour = colours[int(pid)]
+        # Continuous box [x1, x2): its last pixel column is x2 - 1 (PIL's rectangle is inclusive).
+        x1, y1, x2, y2 = (c * scale for c in box)
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=2)
+        _label(draw, (x1 + 3, y1 + 2), LEVEL_NAMES[int(levels[k])], colour, font, placed)
+    return picture
+
+
+def draw_views(images, boxes, levels, valid, proposal_ids, names=None, original=None,
+               original_boxes=None, crops=None, scale: int = VIEW_SCALE) -> Image.Image:
+    """Each view side by side with its boxes, like the data part of the paper's Figure 1.
+
+    ``images``: list of uint8 HxWx3 views; ``boxes[v]``: (K, 4) continuous boxes in view v's
+    pixels; ``levels[v]``: (K,) FPN levels 0..3, drawn as P2..P5; ``valid``: (K,) bool, padded
+    slots are not drawn; ``proposal_ids``: (K,) ids, one colour per proposal in every view.
+    ``original`` (optional): the source image, drawn first with ``original_boxes`` (the K
+    proposals in its pixels, continuous) and ``crops`` (list of (name, rect) in its pixels, white).
+    """
+    font = _font(12 if scale == 1 else 14)
+    names = names or [f"V{v + 1}" for v in range(len(images))]
+    panels = []
+    if original is not None:
+        height = np.asarray(images[0]).shape[0] * scale
+        pic = Image.fromarray(np.asarray(original)).convert("RGB")
+        factor = height / pic.height
+        pic = pic.resize((max(1, round(pic.width * factor)), height), Image.BILINEAR)
+        draw = ImageDraw.Draw(pic)
+        colours = proposal_colours(proposal_ids)
+        if original_boxes is not None:
+            for box, ok, pid in zip(np.asarray(original_boxes).tolist(), np.asarray(valid).tolist(),
+                                    np.asarray(proposal_ids).tolist()):
+                if ok:
+                    x1, y1, x2, y2 = (c * factor for c in box)
+                    draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colours[int(pid)], width=2)
+        for name, rect in crops or []:
+            x1, y1, x2, y2 = (c * factor for c in rect)
+            draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline="white", width=1)
+            _label(draw, (x1 + 3, max(0, y2 - 18)), name, (255, 255, 255), font)
+        panels.append((f"image {np.asarray(original).shape[1]}x{np.asarray(original).shape[0]}", pic))
+    for v, image in enumerate(images):
+        pic = _draw_view(image, boxes[v], levels[v], valid, proposal_ids, scale, font)
+        size = np.asarray(image).shape
+        panels.append((f"{names[v]} {size[1]}x{size[0]}", pic))
+    width = sum(p.width for _, p in panels) + GAP * (len(panels) + 1)
+    height = max(p.height for _, p in panels) + TITLE + 2 * GAP
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    x = GAP
+    for title, pic in panels:
+        draw.text((x, GAP // 2), title, fill="black", font=font)
+        sheet.paste(pic, (x, GAP + TITLE))
+        x += pic.width + GAP
+    return sheet
+
+
+def show_views(dataset, out_dir, num: int = 4, seed: int = 0, augment: bool = False, epoch: int = 0) -> list[Path]:
+    """Draw the views of ``num`` random images of ``dataset`` (a data.SoCoDataset) into
+    ``out_dir`` as ``views_KK_NAME.png``; returns the written paths.
+
+    ``augment``: also apply the CPU photometric augmentation (shown un-normalised). Images that
+    fail to decode are replaced by the next one (as in training) and reported on stdout.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dataset.config
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(dataset), size=min(num, len(dataset)), replace=False).tolist())
+    names = ["V1", "V2", "V3", "V4"][: dataset.num_views]
+    written = []
+    for k, i in enumerate(chosen):
+        raw = dataset.raw(i, epoch)
+        for path, reason in raw.skipped:
+            print(f"skipped {path}: {reason}")
+        vs = raw.views
+        images = vs.images
+        if augment:
+            images = [_augmented(img, cfg.augment, cfg.augment.view_params[v], raw.generator)
+                      for v, img in enumerate(images)]
+        # The K proposals and the crops in the original image's pixels (crops are in V1's).
+        h, w = raw.image.shape[:2]
+        sx, sy = w / cfg.views.v1_size, h / cfg.views.v1_size
+        ids = np.asarray(vs.proposal_ids)
+        original_boxes = np.where(ids[:, None] >= 0, raw.boxes[np.maximum(ids, 0)], 0.0)
+        crops = [(names[v], (r[0] * sx, r[1] * sy, r[2] * sx, r[3] * sy))
+                 for v, r in enumerate(vs.crops) if v > 0]
+        # V3 downsampled from V2 has V2's rectangle: draw it once.
+        seen, unique = set(), []
+        for name, rect in crops:
+            key = tuple(round(c, 3) for c in rect)
+            if key not in seen:
+                seen.add(key)
+                unique.append((name, rect))
+        flips = [f"{n}{' flipped' if f else ''}" for n, f in zip(names, vs.flipped)]
+        picture = draw_views(images, vs.boxes, vs.levels, vs.valid, ids, names=flips, original=raw.image,
+                             original_boxes=original_boxes, crops=unique)
+        target = out_dir / f"views_{k:02d}_{_safe_name(raw.path)}.png"
+        picture.save(target)
+        written.append(target)
+    return written
+
+
+def _augmented(image: np.ndarray, cfg, param_set: int, generator) -> np.ndarray:
+    """CPU photometric augmentation of one uint8 HxWx3 view, back to uint8 for display."""
+    import torch
+
+    from .data.augment import augment_cpu
+
+    t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    out = augment_cpu(t, param_set, cfg, generator)
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    pixels = ((out * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(1, 2, 0).numpy()

@@ -1,0 +1,334 @@
+"""The training dataset: image source + proposal store -> views, boxes and levels per image.
+
+``SoCoDataset(images, proposals, config)[i]`` is one sample (a dict):
+
+======== ==================================================================================
+views    list of tensors, one per view (V1, V2, V3[, V4]): float32 3xHxW, photometrically
+         augmented and ImageNet-normalised; uint8 3xHxW when ``config.augment.device`` is
+         "gpu" (the batch is then augmented on the device, see loader.augment_batch)
+boxes    list of float32 (K, 4) tensors, x1, y1, x2, y2 in that view's pixels, continuous
+         edge coordinates (a box covers [x1, x2) x [y1, y2); the view spans [0, W] x [0, H])
+levels   list of int64 (K,) tensors: FPN level 0..3 (P2..P5) of each box in that view
+valid    bool (K,) tensor: False for padded slots (never in the loss)
+proposal_ids  int64 (K,) tensor: row of each slot in the image's proposal list, -1 = padding
+index    int: dataset index of the image actually used (differs from the requested index
+         when that image failed to decode and was replaced)
+path     str: that image's path relative to the image root (as in the proposal store)
+skipped  list of (absolute path, reason) of images that failed to decode and were replaced
+======== ==================================================================================
+
+Images come from a folder (recursive), a list file or a COCO-style JSON (its ``images``
+entries only) and are joined with the proposal store by relative path. Randomness is per
+sample: ``np.random.default_rng([seed, epoch, index])`` drives the geometry and a
+``torch.Generator`` seeded from it the photometric augmentation, so the same seed gives the
+same samples whatever the number of loader workers or the order they run in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..images import ImageError, ImageList, list_images, load_rgb
+from ..proposals.filters import RULE_FAILED
+from ..proposals.store import ProposalStore
+from ..proposals.store import load as load_store
+
+log = logging.getLogger("soco_pretrain.data")
+
+# How many paths the one-line "no proposals" error names before "... and N more".
+MAX_NAMED = 5
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be built or served (missing proposals, bad source); one line.
+
+    ``paths``: the images concerned, all of them (the message names the first few).
+    """
+
+    def __init__(self, message: str, paths=()):
+        super().__init__(message)
+        self.paths = list(paths)
+
+
+# ---------------------------------------------------------------- image sources
+
+
+def read_coco_images(json_path, image_root=None) -> ImageList:
+    """The images of a COCO-style JSON (its ``images`` entries' ``file_name``; annotations are
+    ignored), relative to ``image_root`` (default: the JSON's folder)."""
+    json_path = Path(json_path)
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ImageError(json_path, f"cannot read COCO JSON: {exc.__class__.__name__}: {exc}") from None
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ImageError(json_path, "not a COCO-style JSON (no 'images' list)")
+    root = Path(image_root).resolve() if image_root is not None else json_path.parent.resolve()
+    paths = set()
+    for k, entry in enumerate(entries):
+        name = entry.get("file_name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise ImageError(json_path, f"images[{k}] has no 'file_name'")
+        # normpath: "./a.jpg" and "a.jpg" are the same image, as in list files.
+        paths.add(Path(os.path.normpath(name.strip())).as_posix())
+    return ImageList(root=root, paths=sorted(paths), ignored=[])
+
+
+def image_source(images, image_root=None) -> ImageList:
+    """An ImageList from a folder, a list file, a COCO-style ``.json`` or an ImageList.
+
+    ``image_root`` is the folder a COCO JSON's file names are relative to; other sources carry
+    their own root (a folder, or a list file's folder), so giving it there is an error.
+    """
+    if isinstance(images, ImageList):
+        source = images
+    else:
+        path = Path(images)
+        if path.is_file() and path.suffix.lower() == ".json":
+            return read_coco_images(path, image_root)
+        source = list_images(path)  # ImageError for a missing source
+    if image_root is not None:
+        raise DatasetError(f"{images}: image_root applies to COCO JSON sources only "
+                           "(a folder or list file is its own root)")
+    return source
+
+
+# ---------------------------------------------------------------- joining with the store
+
+
+@dataclass
+class Join:
+    """Source images matched to store rows. ``rows[i]`` is the store row of image ``i``
+    (-1 if not in the store); ``missing`` lists the images without usable proposals."""
+
+    rows: np.ndarray
+    missing: np.ndarray  # bool per image
+    reasons: dict = field(default_factory=dict)  # reason -> count
+
+    @property
+    def without_proposals(self) -> np.ndarray:
+        return np.flatnonzero(self.missing)
+
+
+def join_store(images: ImageList, store: ProposalStore) -> Join:
+    """Match every source image with its store row by relative path.
+
+    An image has no usable proposals when it is not in the store, failed during generation,
+    or has 0 boxes. Vectorised over the store's arrays: cheap for a million images.
+    """
+    n = len(images)
+    if images.paths == store.paths:  # the usual case: store made from this very source
+        rows = np.arange(n, dtype=np.int64)
+    else:
+        where = {p: k for k, p in enumerate(store.paths)}
+        rows = np.fromiter((where.get(p, -1) for p in images.paths), dtype=np.int64, count=n)
+    # The store's memory-mapped arrays, read once (status and offsets only: small).
+    maps = store._maps()
+    status = np.asarray(maps["status.npy"])
+    counts = np.diff(np.asarray(maps["offsets.npy"]))
+    present = rows >= 0
+    safe = np.where(present, rows, 0)
+    failed = present & (status[safe] == RULE_FAILED)
+    empty = present & ~failed & (counts[safe] == 0)
+    missing = ~present | failed | empty
+    reasons = {"not in the store": int((~present).sum()), "failed": int(failed.sum()),
+               "0 boxes": int(empty.sum())}
+    return Join(rows=rows, missing=missing, reasons={k: v for k, v in reasons.items() if v})
+
+
+def _no_proposals_message(images: ImageList, store: ProposalStore, join: Join) -> str:
+    idx = join.without_proposals
+    named = ", ".join(images.paths[i] for i in idx[:MAX_NAMED])
+    more = f" and {len(idx) - MAX_NAMED} more" if len(idx) > MAX_NAMED else ""
+    why = ", ".join(f"{k}: {v}" for k, v in join.reasons.items())
+    return (f"{store.directory}: {len(idx)} of {len(images)} images have no proposals ({why}): "
+            f"{named}{more}; make proposals for them "
+            "(soco proposals) or set views.no_proposals=whole_image to use the whole image")
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+@dataclass
+class RawSample:
+    """A sample before conversion to tensors: the ViewSet (uint8 views, float64 boxes) and
+    where it came from. ``generator`` is the sample's photometric torch.Generator."""
+
+    views: object  # views.ViewSet
+    index: int
+    path: str
+    skipped: list
+    generator: torch.Generator
+    image: np.ndarray  # the decoded original image (for pictures)
+    boxes: np.ndarray  # the image's proposals, continuous original pixels
+
+
+def _check_config(config: DataConfig) -> None:
+    from .views import check_config
+
+    views, aug = config.views, config.augment
+    try:
+        check_config(views)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    if views.no_proposals not in ("error", "whole_image"):
+        raise DatasetError(f"views.no_proposals={views.no_proposals!r}: expected error or whole_image")
+    if aug.device not in ("cpu", "gpu"):
+        raise DatasetError(f"augment.device={aug.device!r}: expected cpu or gpu")
+    n_views = 4 if views.soco_star else 3
+    if len(aug.view_params) < n_views:
+        raise DatasetError(f"augment.view_params={aug.view_params!r} names {len(aug.view_params)} "
+                           f"views; {n_views} are built")
+    if config.max_decode_retries < 0:
+        raise DatasetError(f"max_decode_retries={config.max_decode_retries}: must be 0 or more")
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run with one torch thread, as loader workers do: float reductions (contrast's mean, blur)
+    then add in the same order, so a sample is bit-identical with 0 or N workers. A no-op in
+    workers; in the main process (workers=0) switching costs about 20 us."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class SoCoDataset(torch.utils.data.Dataset):
+    """Views, boxes and FPN levels of every image of a source that has proposals.
+
+    ``images``: a folder (recursive), a list file, a COCO-style ``.json`` (with ``image_root``,
+    default its folder) or an ImageList. ``proposals``: a store directory or a ProposalStore.
+    ``config``: DataConfig (default: the paper's settings). See the module docstring for the
+    sample fields. Raises DatasetError (a ValueError) listing the images without proposals
+    unless ``config.views.no_proposals == "whole_image"``.
+    """
+
+    def __init__(self, images, proposals, config: DataConfig | None = None, image_root=None):
+        self.config = config if config is not None else DataConfig()
+        _check_config(self.config)
+        self.images = image_source(images, image_root)
+        if len(self.images) == 0:
+            raise DatasetError(f"{self.images.root}: no images found")
+        self.store = proposals if isinstance(proposals, ProposalStore) else load_store(proposals)
+        join = join_store(self.images, self.store)
+        self.rows = join.rows
+        self.whole_image = join.missing  # used only with no_proposals="whole_image"
+        self.without_proposals = [self.images.paths[i] for i in join.without_proposals]
+        if self.without_proposals and self.config.views.no_proposals == "error":
+            raise DatasetError(_no_proposals_message(self.images, self.store, join), self.without_proposals)
+        if self.without_proposals:
+            log.info("%d images without proposals use the whole image as their proposal",
+                     len(self.without_proposals))
+        self.epoch = 0
+        self.num_views = 4 if self.config.views.soco_star else 3
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used by ``ds[i]`` (the loader passes it with every index as well)."""
+        self.epoch = int(epoch)
+
+    # -- loading
+
+    def _load(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``j`` decoded and its proposals in continuous original pixels; ImageError if
+        the file cannot be decoded or no longer matches the store."""
+        from .boxes import from_store
+
+        path = self.images.abspath(j)
+        image = load_rgb(path)
+        h, w = image.shape[:2]
+        if self.whole_image[j]:
+            return image, np.array([[0.0, 0.0, w, h]])
+        row = int(self.rows[j])
+        sw, sh = self.store.image_size(row)
+        if (sw, sh) != (w, h):
+            # Boxes of another picture would be silently wrong: treat as a bad file.
+            raise ImageError(path, f"decodes to {w}x{h} but the proposal store has {sw}x{sh} "
+                                   "(file changed after the proposals were made?)")
+        return image, from_store(self.store.boxes(row))
+
+    def raw(self, index: int, epoch: int | None = None) -> RawSample:
+        """Sample ``index`` before conversion to tensors (views as uint8 HxWx3 arrays)."""
+        from .views import build_views
+
+        n = len(self)
+        index = int(index)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} images")
+        index %= n
+        epoch = self.epoch if epoch is None else int(epoch)
+        rng = np.random.default_rng([self.config.seed, epoch, index])
+        # Drawn first, so the photometric stream does not depend on how many numbers the
+        # geometry consumed.
+        generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        skipped = []
+        j = index
+        for _ in range(self.config.max_decode_retries + 1):
+            try:
+                image, boxes = self._load(j)
+                break
+            except ImageError as exc:
+                # Never crash a worker for one bad file: record it, say so, use the next image.
+                skipped.append((exc.path, exc.reason))
+                log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
+                j = (j + 1) % n
+        else:
+            raise DatasetError(f"{self.images.root}: {len(skipped)} images in a row from index {index} "
+                               f"failed to decode (last: {skipped[-1][0]}: {skipped[-1][1]}); "
+                               "is the image folder the one the proposals were made from?")
+        try:
+            viewset = build_views(image, boxes, self.config.views, rng)
+        except ValueError as exc:  # e.g. every stored box outside the image: name the file
+            raise DatasetError(f"{self.images.abspath(j)}: {exc}") from None
+        return RawSample(views=viewset, index=j, path=self.images.paths[j], skipped=skipped,
+                         generator=generator, image=image, boxes=boxes)
+
+    def __getitem__(self, key) -> dict:
+        """``ds[i]`` (current epoch) or ``ds[(epoch, i)]`` (what the loader's sampler yields)."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        with _one_thread():
+            return self._sample(self.raw(index, epoch))
+
+    def _sample(self, raw: RawSample) -> dict:
+        vs = raw.views
+        aug = self.config.augment
+        views = []
+        for v, img in enumerate(vs.images):
+            t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # uint8 3xHxW
+            if aug.device == "cpu":
+                from .augment import augment_cpu
+
+                t = augment_cpu(t, aug.view_params[v], aug, raw.generator)
+            views.append(t)
+        return {
+            "views": views,
+            "boxes": [torch.from_numpy(np.asarray(b, dtype=np.float32)) for b in vs.boxes],
+            "levels": [torch.from_numpy(np.asarray(lv, dtype=np.int64)) for lv in vs.levels],
+            "valid": torch.from_numpy(np.asarray(vs.valid, dtype=bool)),
+            "proposal_ids": torch.from_numpy(np.asarray(vs.proposal_ids, dtype=np.int64)),
+            "index": raw.index,
+            "path": raw.path,
+            "skipped": raw.skipped,
+        }
+
+    def __repr__(self) -> str:
+        return (f"SoCoDataset({len(self)} images from {self.images.root}, proposals {self.store.directory}, "
+                f"{self.num_views} views, {len(self.without_proposals)} without proposals)")

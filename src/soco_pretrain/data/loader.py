@@ -1,0 +1,216 @@
+"""Batches for training: collate, the DataLoader factory, epochs, and the skipped-file log.
+
+Determinism: the sampler's order comes from (seed, epoch) (torch's DistributedSampler, also
+used with one process), and each sample's randomness from (seed, epoch, index) inside the
+dataset; the sampler hands every index to the workers together with its epoch. The same seed
+therefore gives the same batches with 0, 2 or 16 workers (bit for bit: the dataset computes
+with one torch thread, as workers do), and persistent workers never see a stale epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+
+def soco_collate(samples: list[dict]) -> dict:
+    """Stack samples (SoCoDataset items) into a batch of the same fields.
+
+    views: list of (B, 3, H, W); boxes: list of (B, K, 4) float32; levels: list of (B, K) int64;
+    valid and proposal_ids: (B, K); index: (B,) int64; paths: list of B str; skipped: all the
+    samples' (path, reason) pairs, concatenated.
+    """
+    if not samples:
+        raise ValueError("soco_collate: empty batch")
+    num_views = len(samples[0]["views"])
+    return {
+        "views": [torch.stack([s["views"][v] for s in samples]) for v in range(num_views)],
+        "boxes": [torch.stack([s["boxes"][v] for s in samples]) for v in range(num_views)],
+        "levels": [torch.stack([s["levels"][v] for s in samples]) for v in range(num_views)],
+        "valid": torch.stack([s["valid"] for s in samples]),
+        "proposal_ids": torch.stack([s["proposal_ids"] for s in samples]),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+        "paths": [s["path"] for s in samples],
+        "skipped": [item for s in samples for item in s["skipped"]],
+    }
+
+
+class EpochSampler(Sampler):
+    """Wraps a sampler with ``set_epoch`` and yields ``(epoch, index)`` pairs, so each index
+    reaches the (possibly persistent) worker processes together with its epoch."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker with base_seed + worker_id (base_seed from the loader's seeded
+    # generator); numpy's and Python's global RNGs follow it. Our samples use their own
+    # per-sample RNG, so this only tames third-party code that uses the global ones.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def default_workers() -> int:
+    """Loader workers when not given: the usable cores, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(8, cores)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def make_loader(dataset, batch_size: int, workers: int | None = None, seed: int | None = None,
+                shuffle: bool = True, drop_last: bool = True, distributed: bool | None = None,
+                pin_memory: bool | None = None, persistent_workers: bool | None = None,
+                prefetch_factor: int | None = None) -> DataLoader:
+    """A DataLoader over ``dataset`` (a SoCoDataset) with soco_collate.
+
+    ``workers`` default: default_workers(). ``seed`` (default dataset.config.seed) fixes the
+    order and the worker seeds; each sample's own randomness always comes from
+    dataset.config.seed (with the epoch and index). ``distributed`` None: a DistributedSampler over the process
+    group when torch.distributed is initialised (each rank gets its share), else one process.
+    ``pin_memory`` None: when CUDA is available. ``persistent_workers`` None: when workers > 0.
+    ``prefetch_factor``: batches prefetched per worker (torch default 2). Call
+    :func:`set_epoch` before each epoch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    workers = default_workers() if workers is None else int(workers)
+    if seed is None:
+        seed = dataset.config.seed if hasattr(dataset, "config") else 0
+    seed = int(seed)
+    if distributed is None:
+        distributed = _distributed()
+    if distributed:
+        if not _distributed():
+            raise RuntimeError("make_loader(distributed=True) needs torch.distributed to be initialised")
+        # Pads (by repeating) so every rank gets the same number of samples.
+        base = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    else:
+        # Same seeded, epoch-aware shuffle as the distributed case, with one replica.
+        base = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    if persistent_workers is None:
+        persistent_workers = workers > 0
+    extra = {}
+    if workers > 0:
+        extra["persistent_workers"] = persistent_workers
+        if prefetch_factor is not None:
+            extra["prefetch_factor"] = prefetch_factor
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(base),
+        num_workers=workers,
+        collate_fn=soco_collate,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+        **extra,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of the loader's sampler (order) and dataset (per-sample randomness)."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
+def augment_batch(batch: dict, augmenter, view_params, generator: torch.Generator | None = None,
+                  device=None, non_blocking: bool = True) -> dict:
+    """The GPU path: move a batch's uint8 views to ``device`` and run ``augmenter``
+    (augment.BatchAugment) on each with its BYOL parameter set ``view_params[v]``.
+
+    Returns a new dict (boxes, levels and valid moved too); float views pass through unchanged.
+    """
+    out = dict(batch)
+    views = []
+    for v, imgs in enumerate(batch["views"]):
+        if device is not None:
+            imgs = imgs.to(device, non_blocking=non_blocking)
+        if imgs.dtype == torch.uint8:
+            imgs = augmenter(imgs, view_params[v], generator)
+        views.append(imgs)
+    out["views"] = views
+    if device is not None:
+        for key in ("boxes", "levels"):
+            out[key] = [t.to(device, non_blocking=non_blocking) for t in batch[key]]
+        for key in ("valid", "proposal_ids"):
+            out[key] = batch[key].to(device, non_blocking=non_blocking)
+    return out
+
+
+class SkipLog:
+    """Images skipped at training time (failed to decode), accumulated from batches.
+
+    ``update(batch)`` returns the newly seen files (the dataset has already logged a warning
+    for each skip, in the worker that met it);
+    ``count`` is every skip (a bad file is skipped again each epoch), ``files`` the distinct
+    paths with their reasons; ``summary()`` is a printable paragraph.
+    """
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.reasons: dict[str, str] = {}
+
+    def update(self, batch_or_items) -> list[tuple[str, str]]:
+        items = batch_or_items["skipped"] if isinstance(batch_or_items, dict) else batch_or_items
+        new = []
+        for path, reason in items:
+            path = str(path)
+            if path not in self.reasons:
+                self.reasons[path] = reason
+                new.append((path, reason))
+            self.counts[path] += 1
+        return new
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def files(self) -> list[tuple[str, str]]:
+        return sorted(self.reasons.items())
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+    def summary(self, max_listed: int = 20) -> str:
+        if not self.reasons:
+            return "skipped images: none"
+        lines = [f"skipped images: {self.count} times, {len(self.reasons)} files "
+                 "(failed to decode; each replaced by the next image):"]
+        for path, reason in self.files[:max_listed]:
+            times = self.counts[path]
+            lines.append(f"  {path}: {reason}" + (f" (x{times})" if times > 1 else ""))
+        if len(self.reasons) > max_listed:
+            lines.append(f"  ... and {len(self.reasons) - max_listed} more")
+        return "\n".join(lines)
