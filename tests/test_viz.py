@@ -134,3 +134,4 @@ def test_demo_runs_on_small_photos(tmp_path, capsys):
     assert len(list(paths["pictures"].glob("proposals_*.png"))) == 7
     assert (paths["pictures"] / "contact_sheet.png").is_file()
     assert str(paths["pictures"]) in out
+    assert len(list(paths["views"].glob("views_*.png"))) == 3  # step 4: the training views

@@ -19,7 +19,7 @@ PHOTOS = {
     "motorcycle_right": "motorcycle_right.png",
     "camera": "camera.png",
 }
-STEPS = 3
+STEPS = 4
 
 
 def _step(number: int, text: str) -> None:
@@ -61,7 +61,7 @@ def write_photos(images_dir: Path, max_side: int | None = None) -> list[Path]:
 
 
 def run_demo(out_dir, workers: int = 1, max_side: int | None = None) -> dict[str, Path]:
-    """Run the demo into ``out_dir``: DIR/images, DIR/proposals, DIR/pictures.
+    """Run the demo into ``out_dir``: DIR/images, DIR/proposals, DIR/pictures, DIR/views.
 
     ``max_side`` shrinks the photos first (tests use it to stay fast). Returns the paths.
     """
@@ -84,9 +84,20 @@ def run_demo(out_dir, workers: int = 1, max_side: int | None = None) -> dict[str
     _step(3, f"drawing proposals and statistics into {pictures}")
     written = show_proposals(load(proposals), images, pictures, num=len(PHOTOS), per_image=10, seed=0)
 
+    views = out_dir / "views"
+    _step(4, f"drawing the training views V1-V3 with their boxes and FPN levels into {views}")
+    from .config import DataConfig
+    from .data import SoCoDataset
+    from .viz import show_views
+
+    config = DataConfig()
+    config.views.no_proposals = "whole_image"  # tiny demo photos may keep no proposal
+    views_written = show_views(SoCoDataset(images, proposals, config), views, num=3, seed=0)
+
     print()
     print("demo done:")
     print(f"  photos:    {images}")
     print(f"  proposals: {proposals}")
     print(f"  pictures:  {pictures}  ({len(written)} files: one per photo, contact_sheet.png, stats.png, stats.json)")
-    return {"images": images, "proposals": proposals, "pictures": pictures}
+    print(f"  views:     {views}  ({len(views_written)} files: V1, V2, V3 of 3 photos with boxes and levels)")
+    return {"images": images, "proposals": proposals, "pictures": pictures, "views": views}
