@@ -30,7 +30,6 @@ for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLA
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -41,6 +40,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
+from bench_common import cpu_model, peak_rss_mib, reset_peak_rss  # noqa: E402  (benchmarks/bench_common.py)
 from soco_pretrain.config import AugmentConfig, DataConfig, ViewsConfig  # noqa: E402
 from soco_pretrain.data.augment import BatchAugment, blur_kernel_size  # noqa: E402
 from soco_pretrain.data.dataset import SoCoDataset  # noqa: E402
@@ -53,24 +53,6 @@ torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process since the last reset (VmHWM)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: peak := current
-    except OSError:
-        pass
 
 
 def measure(passes: dict, n_images: int, seconds: float) -> dict:
@@ -247,14 +229,7 @@ def machine() -> str:
     import PIL
     import torchvision
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores (benchmark uses 1 thread), {gpu}; python {platform.python_version()}, "
             f"torch {torch.__version__}, torchvision {torchvision.__version__}, pillow {PIL.__version__}, "

@@ -23,7 +23,6 @@ for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLA
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -38,6 +37,7 @@ import numpy as np  # noqa: E402
 # The reference calls skimage's LBP on floats; its warning would repeat for every photo.
 warnings.filterwarnings("ignore", message="Applying `local_binary_pattern`")
 
+from bench_common import cpu_model, peak_rss_mib, reset_peak_rss  # noqa: E402  (benchmarks/bench_common.py)
 from soco_pretrain.demo import bundled_photo_paths  # noqa: E402
 from soco_pretrain.images import list_images, load_rgb_bounded  # noqa: E402
 from soco_pretrain.proposals.filters import PRESETS, filter_boxes  # noqa: E402
@@ -45,26 +45,6 @@ from soco_pretrain.proposals.selective_search import selective_search  # noqa: E
 
 PAPER = PRESETS["paper"]
 HUGE_SIZE = (4000, 3000)
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (VmHWM, which reset_peak_rss can lower)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def reset_peak_rss() -> bool:
-    """Reset the peak to the current RSS (Linux >= 4.0), so numba's compile peak is not counted."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def search(image: np.ndarray) -> np.ndarray:
@@ -76,14 +56,7 @@ def machine() -> str:
     import PIL
     import skimage
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or cpu
+    cpu = cpu_model()
     return (
         f"{cpu}, {os.cpu_count()} cores (benchmark uses 1 thread); python {platform.python_version()}, "
         f"numpy {np.__version__}, scikit-image {skimage.__version__}, numba {numba.__version__}, "

@@ -321,10 +321,14 @@ def cmd_show_proposals(args) -> int:
     written = show_proposals(
         store, args.images, Path(args.out), num=args.num, per_image=args.per_image, seed=args.seed
     )
-    print(f"wrote {len(written)} files to {args.out}")
+    _print_written(args.out, written)
+    return 0
+
+
+def _print_written(out, written) -> None:
+    print(f"wrote {len(written)} files to {out}")
     for path in written:
         print(f"  {path}")
-    return 0
 
 
 def add_show_views(subparsers):
@@ -377,9 +381,7 @@ def cmd_show_views(args) -> int:
 
     dataset = SoCoDataset(args.images, args.proposals, config, image_root=args.image_root)
     written = show_views(dataset, Path(args.out), num=args.num, seed=args.seed, augment=args.augment)
-    print(f"wrote {len(written)} files to {args.out}")
-    for path in written:
-        print(f"  {path}")
+    _print_written(args.out, written)
     return 0
 
 

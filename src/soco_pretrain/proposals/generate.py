@@ -16,17 +16,16 @@ import struct
 import time
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 
 from ..images import ImageError, list_images, load_rgb_bounded
-from .filters import PRESETS, RULE_FAILED, RULE_NAMES, SearchConfig, filter_boxes
+from .filters import PRESETS, RULE_FAILED, SearchConfig, filter_boxes
 from .selective_search import selective_search
-from .store import (ARRAY_FILES, StoreError, atomic_write_json, load, read_manifest, store_counts,
-                    write_store)
+from .store import (ARRAY_FILES, StoreError, atomic_write_json, load, read_manifest, write_store)
 
 LOG_NAME = "results.log"
 PARAMS_NAME = "params.json"
