@@ -84,6 +84,63 @@ class DataConfig:
     max_decode_retries: int = 10  # a sample whose image fails is replaced by the next index
 
 
+@dataclass
+class ModelConfig:
+    """The pretraining network (paper section 3.3, 4.1; DESIGN.md section 3)."""
+
+    # "fpn": ResNet-50 + FPN (P2-P5) + RoIAlign 7x7 on each box's assigned level + 4conv1fc head;
+    # "c4": RoIAlign 14x14 on C4 (stride 16), res5 as the head, global average pooling.
+    arch: str = "fpn"
+    roi_size: int = 7  # FPN: 7x7 as the Mask R-CNN box head (paper 4.1); C4 uses 14 (paper, Detectron2 C4)
+    # Our choice: 2 sampling points per bin as torchvision's MultiScaleRoIAlign in Mask R-CNN v2
+    # (the paper does not say); aligned=True (half-pixel correct, Detectron2's ROIAlignV2).
+    roi_sampling_ratio: int = 2
+    head_dim: int = 1024  # paper 4.1: 4 conv + 1 fc (1024), Mask R-CNN's box head
+    proj_hidden: int = 4096  # paper 4.1: Linear(4096)-BN-ReLU-Linear(256), as BYOL
+    proj_out: int = 256  # paper 4.1
+    # Released code: the last BN of each residual block starts at zero (Goyal et al.); paper silent.
+    zero_init_residual: bool = True
+    bn_momentum: float = 0.1  # PyTorch default, as the released code; paper silent
+    # "paper": mean over valid proposals of -2cos(v,v') - 2cos(v,v''), symmetrised (eq. 5-6);
+    # "released": -2 x mean cosine per image over matched pairs, mean over images, terms summed.
+    loss: str = "paper"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (paper section 4.1) and the training engine."""
+
+    epochs: int = 100  # paper 4.1: 100-epoch schedule for ablations (400 for the best results)
+    batch_size: int = 2048  # paper 4.1: total batch 2048 = per_gpu_batch x world size x accumulation
+    per_device_batch: int = 64  # our choice: fits a 24 GB card in bf16 for the FPN model
+    base_lr: float = 1.0  # paper 4.1: lr = 1.0 x batch / 256 (linear scaling)
+    warmup_epochs: int = 10  # paper 4.1
+    weight_decay: float = 1e-5  # paper 4.1
+    momentum: float = 0.9  # LARS momentum, as BYOL / released code (paper silent)
+    lars_eta: float = 0.001  # LARS trust coefficient, released code (paper silent)
+    # Released code: warm-up starts at lr/100 and the cosine ends at 1e-6; paper: from 0 to 0.
+    warmup_start_factor: float = 0.0
+    final_lr: float = 0.0
+    ema_tau: float = 0.99  # paper 4.1: tau from 0.99 increased to 1 (cosine, as BYOL)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    channels_last: bool = True  # on GPU
+    compile: bool = False
+    workers: int = 8  # data-loader processes per device
+    log_every: int = 10  # optimiser steps between metrics lines
+    checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # numbered checkpoints kept besides last.pt
+    seed: int = 0
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `soco pretrain` needs; saved as RUN/config.yaml and in every checkpoint."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 # ---------------------------------------------------------------- generic helpers
 
 
