@@ -127,7 +127,7 @@ def test_demo_runs_on_small_photos(tmp_path, capsys):
     from soco_pretrain.demo import PHOTOS, run_demo
     from soco_pretrain.proposals import load
 
-    paths = run_demo(tmp_path / "demo", workers=1, max_side=80)
+    paths = run_demo(tmp_path / "demo", workers=1, max_side=80, pretrain_steps=2)
     out = capsys.readouterr().out
     assert len(list(paths["images"].glob("*.png"))) == len(PHOTOS) == 7
     assert len(load(paths["proposals"])) == 7
@@ -135,3 +135,5 @@ def test_demo_runs_on_small_photos(tmp_path, capsys):
     assert (paths["pictures"] / "contact_sheet.png").is_file()
     assert str(paths["pictures"]) in out
     assert len(list(paths["views"].glob("views_*.png"))) == 3  # step 4: the training views
+    assert (paths["run"] / "checkpoints" / "last.pt").is_file()  # step 5: tiny pretraining
+    assert (paths["run"] / "metrics.jsonl").is_file()

@@ -268,11 +268,12 @@ def add_show(subparsers):
     p = _add(
         subparsers,
         "show",
-        help="draw pictures of intermediate results (proposals, views)",
+        help="draw pictures of intermediate results (proposals, views, training curves)",
         description="Draw pictures to check intermediate results by eye.",
         examples=[
             "soco show proposals proposals/ --images photos/ -o pictures/",
             "soco show views --images photos/ --proposals proposals/ -o pictures/",
+            "soco show curves runs/tiny",
         ],
     )
     p.set_defaults(func=lambda args: _missing_subcommand(p))
@@ -385,6 +386,128 @@ def cmd_show_views(args) -> int:
     return 0
 
 
+def add_show_curves(subparsers):
+    p = _add(
+        subparsers,
+        "curves",
+        help="plot a training run's loss, lr, tau and images/s against the step",
+        description=(
+            "Plot RUN/metrics.jsonl (written by soco pretrain) into curves.png: the loss\n"
+            "(raw and smoothed), learning rate, EMA momentum tau, and images/s with the\n"
+            "fraction of time spent waiting for data. Works while the run is still going."
+        ),
+        examples=[
+            "soco show curves runs/tiny",
+            "soco show curves runs/fpn-100ep -o pictures/",
+        ],
+    )
+    p.add_argument("run", metavar="RUN", help="run folder given to soco pretrain --out")
+    p.add_argument("-o", "--out", metavar="DIR", default=None, help="output directory (default: RUN)")
+    p.set_defaults(func=cmd_show_curves)
+
+
+def cmd_show_curves(args) -> int:
+    run = _require_dir(args.run, "run folder")
+    if not (run / "metrics.jsonl").is_file():
+        raise UsageError(f"{args.run}: no metrics.jsonl (not a soco pretrain run folder, or no step logged yet)")
+    from .train.metrics import read_metrics
+    from .viz import plot_curves
+
+    records = read_metrics(run)
+    if not records:
+        raise UsageError(f"{run / 'metrics.jsonl'}: no step logged yet")
+    written = plot_curves(run, Path(args.out) if args.out else None, records=records)
+    _print_written(args.out or args.run, written)
+    return 0
+
+
+# ---------------------------------------------------------------- soco pretrain
+
+# Kept in step with soco_pretrain.presets.PRESETS (a test checks); listed here so that
+# `soco --help` imports nothing.
+PRETRAIN_PRESETS = ("fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-400ep", "tiny")
+
+
+def add_pretrain(subparsers):
+    p = _add(
+        subparsers,
+        "pretrain",
+        help="SoCo pretraining from a preset (one CPU/GPU, or torchrun/srun for many)",
+        description=(
+            "Pretrain SoCo (paper section 4.1) on IMAGES with their proposal store into RUN:\n"
+            "RUN/config.yaml (the resolved config), RUN/metrics.jsonl, RUN/checkpoints/last.pt\n"
+            "(+ numbered ones). Presets: fpn-100ep, fpn-400ep, fpn-star-400ep (SoCo*, 4 views),\n"
+            "c4-100ep, c4-400ep (total batch 2048 = train.per_device_batch x processes x\n"
+            "accumulation steps), and tiny (minutes on 2 CPU cores). --set changes any config\n"
+            "key (data.*, model.*, train.*). Rerunning the same command resumes from the last\n"
+            "checkpoint. For several GPUs or nodes launch it with torchrun or srun\n"
+            "(DDP + SyncBN; only rank 0 logs and saves)."
+        ),
+        examples=[
+            "soco pretrain --preset tiny --images photos/ --proposals proposals/ --out runs/tiny",
+            "soco pretrain --preset fpn-100ep --images imagenet/train --proposals props/ --out runs/fpn100 "
+            "--set train.per_device_batch=128",
+            "torchrun --nproc-per-node 8 -m soco_pretrain pretrain --preset fpn-400ep --images imagenet/train "
+            "--proposals props/ --out runs/fpn400",
+            "soco pretrain --preset tiny --images photos/ --proposals proposals/ --out runs/t --max-steps 20 "
+            "--set train.precision=bf16",
+        ],
+    )
+    p.add_argument("--preset", required=True, choices=PRETRAIN_PRESETS, metavar="NAME",
+                   help=f"training preset: {', '.join(PRETRAIN_PRESETS)}")
+    p.add_argument("--images", metavar="IMAGES", required=True,
+                   help="image folder, list file or COCO-style JSON the proposals were made for")
+    p.add_argument("--proposals", metavar="STORE", required=True, help="proposal store directory")
+    p.add_argument("--out", metavar="RUN", required=True, help="run directory (config, metrics, checkpoints)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.epochs=200 or data.views.num_proposals=8 (repeatable)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
+                   help="stop after N optimiser steps in total (the schedule keeps its full length)")
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto: continue from RUN's last checkpoint if any (default); none: start at step 0; "
+                        "or a checkpoint file")
+    p.add_argument("--image-root", metavar="DIR", default=None,
+                   help="folder a COCO JSON's file names are relative to (default: the JSON's folder)")
+    p.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
+                   help="data-loader processes per device (default: the preset's train.workers)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (sets train.compile)")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def cmd_pretrain(args) -> int:
+    _require_source(args.images)
+    _require_dir(args.proposals, "proposal store")
+    if args.image_root is not None:
+        _require_dir(args.image_root, "image root")
+    if args.resume not in ("auto", "none") and not Path(args.resume).is_file():
+        raise UsageError(f"--resume {args.resume}: expected auto, none or a checkpoint file")
+    from .config import apply_overrides
+    from .presets import PresetError, load_preset
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"train.workers={args.workers}")
+    if args.compile:
+        overrides.append("train.compile=true")
+    try:
+        config = apply_overrides(load_preset(args.preset), overrides)
+    except (PresetError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    from .train.checkpoint import CheckpointError
+    from .train.distributed import DistributedError
+    from .train.loop import NonFiniteLossError, PretrainError, pretrain
+
+    try:
+        pretrain(config, args.images, args.proposals, Path(args.out), max_steps=args.max_steps,
+                 resume=args.resume, image_root=args.image_root)
+    except (PretrainError, CheckpointError, DistributedError) as exc:
+        raise UsageError(_one_line(exc)) from None
+    except NonFiniteLossError as exc:  # not the user's input: exit 1, but still one line
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------- soco demo
 
 
@@ -396,7 +519,8 @@ def add_demo(subparsers):
         description=(
             "Run the whole pipeline on 7 photos bundled with scikit-image (nothing is\n"
             "downloaded): write them to DIR/images, compute proposals into DIR/proposals and\n"
-            "draw them into DIR/pictures."
+            "draw them into DIR/pictures, draw the training views into DIR/views, then run a\n"
+            "short tiny-preset pretraining into DIR/run and plot its curves."
         ),
         examples=["soco demo", "soco demo -o /tmp/soco-demo --workers 2"],
     )
@@ -408,20 +532,24 @@ def add_demo(subparsers):
         metavar="N",
         help=f"parallel processes (default: number of CPU cores, {_default_workers()} here)",
     )
+    from .demo import DEMO_PRETRAIN_STEPS  # a light module (no torch)
+
+    p.add_argument("--pretrain-steps", type=_non_negative_int, default=DEMO_PRETRAIN_STEPS, metavar="N",
+                   help=f"tiny pretraining steps (default {DEMO_PRETRAIN_STEPS}; 0 skips pretraining)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), workers=args.workers or _default_workers())
+    run_demo(Path(args.out), workers=args.workers or _default_workers(), pretrain_steps=args.pretrain_steps)
     return 0
 
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_proposals, add_proposals_merge, add_show, add_demo]
-SHOW_COMMANDS = [add_show_proposals, add_show_views]
+COMMANDS = [add_proposals, add_proposals_merge, add_pretrain, add_show, add_demo]
+SHOW_COMMANDS = [add_show_proposals, add_show_views, add_show_curves]
 
 
 def build_parser() -> argparse.ArgumentParser:

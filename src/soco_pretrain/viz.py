@@ -433,3 +433,82 @@ def _augmented(image: np.ndarray, cfg, param_set: int, generator) -> np.ndarray:
     std = torch.tensor(cfg.std).view(3, 1, 1)
     pixels = ((out * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
     return pixels.permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------- training curves
+
+# Panels of ``plot_curves``: (metrics key, title, y label).
+CURVES = [
+    ("loss", "loss", "loss"),
+    ("lr", "learning rate", "lr"),
+    ("tau", "EMA momentum tau", "tau"),
+    ("images_per_s", "throughput", "images/s"),
+]
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    # Trailing moving average (same length; the first points average what exists so far).
+    cumsum = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, idx - window)
+    return (cumsum[idx] - cumsum[lo]) / (idx - lo)
+
+
+def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> list[Path]:
+    """Plot loss, lr, tau and images/s (with the data-wait fraction) against the optimiser step.
+
+    Reads ``RUN/metrics.jsonl`` (unless ``records`` are given) and writes ``curves.png`` into
+    ``out_dir`` (default: the run folder). Returns the written paths. Raises ValueError when
+    there is nothing to plot.
+    """
+    from .train.metrics import read_metrics
+
+    if records is None:
+        records = read_metrics(run_dir)
+    if not records:
+        raise ValueError(f"{run_dir}: no metrics logged yet")
+    out_dir = Path(run_dir if out_dir is None else out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        return np.array(pairs, dtype=float).reshape(-1, 2)
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for ax, (key, title, label) in zip(axes.flat, CURVES):
+        data = series(key)
+        ax.set_title(title)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if not len(data):
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+            continue
+        ax.plot(data[:, 0], data[:, 1], color="tab:blue", lw=1, alpha=0.5 if key == "loss" else 1.0,
+                marker="." if len(data) < 30 else None)
+        if key == "loss" and len(data) >= 20:
+            window = max(5, len(data) // 20)
+            ax.plot(data[:, 0], _smooth(data[:, 1], window), color="tab:red", lw=1.5,
+                    label=f"mean of {window} logged steps")
+            ax.legend(loc="upper right", fontsize=8)
+        if key == "images_per_s":
+            wait = series("data_wait")
+            if len(wait):
+                twin = ax.twinx()
+                twin.plot(wait[:, 0], 100 * wait[:, 1], color="tab:orange", lw=1, ls="--")
+                twin.set_ylabel("waiting for data (%)", color="tab:orange")
+                twin.set_ylim(0, 100)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimiser step")
+    last = records[-1]
+    fig.suptitle(f"{Path(run_dir).name}: {len(records)} logged steps, last step {last['step']}"
+                 + (f", epoch {last['epoch']}" if "epoch" in last else ""))
+    fig.tight_layout()
+    path = out_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]

@@ -9,6 +9,7 @@ with one torch thread, as workers do), and persistent workers never see a stale 
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from collections import Counter
@@ -47,18 +48,22 @@ class EpochSampler(Sampler):
     def __init__(self, sampler):
         self.sampler = sampler
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """``skip``: indices of this epoch to leave out at its start (a resumed run skips the
+        samples it has already trained on, without loading them)."""
         self.epoch = int(epoch)
+        self.skip = int(skip)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(self.epoch)
 
     def __iter__(self):
         epoch = self.epoch
-        return ((epoch, int(i)) for i in self.sampler)
+        return ((epoch, int(i)) for i in itertools.islice(self.sampler, self.skip, None))
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return max(0, len(self.sampler) - self.skip)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -136,9 +141,18 @@ def make_loader(dataset, batch_size: int, workers: int | None = None, seed: int 
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Set the epoch of the loader's sampler (order) and dataset (per-sample randomness)."""
-    if hasattr(loader.sampler, "set_epoch"):
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Set the epoch of the loader's sampler (order) and dataset (per-sample randomness).
+
+    ``skip_batches``: batches of this epoch to leave out at its start (resuming mid-epoch; the
+    remaining batches are exactly those an uninterrupted run would see next). Needs the
+    loader's EpochSampler.
+    """
+    if skip_batches:
+        if not isinstance(loader.sampler, EpochSampler):
+            raise ValueError("set_epoch(skip_batches=...) needs a loader from make_loader")
+        loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
+    elif hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)

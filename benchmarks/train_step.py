@@ -1,0 +1,202 @@
+"""Benchmark: one SoCo training step (FPN, C4, SoCo*) on a synthetic batch.
+
+For each model, a step is what ``soco pretrain`` does per optimiser step with no accumulation:
+forward of the online and target networks on every view, the loss, backward, the LARS update
+and the EMA update of the target. The batch is synthetic (random normalised views, random
+boxes of 16 px to the whole view, levels from the paper's scale-aware assignment, K = 4, all
+valid), so the data pipeline is not measured (benchmarks/data.py does that).
+
+Reported per model: images/s (batch / mean step time after warm-up steps), FLOPs per image of
+one forward + backward (torch.utils.flop_counter.FlopCounterMode, which counts matmuls and
+convolutions: 2 FLOPs per multiply-add; the optimiser and EMA updates are not counted), and
+peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident memory,
+VmHWM, reset before each row where Linux allows).
+
+    python benchmarks/train_step.py                       # CPU: batch 2, 224 px views
+    python benchmarks/train_step.py --size 96 --batch 8   # the tiny preset's views
+    python benchmarks/train_step.py --device cuda         # GPU: batch 64, bf16, channels_last
+
+Views: V1 and V2 at --size, V3 at size/2, V4 at size x 192/224 (the paper's proportions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench_common import cpu_model, peak_rss_mib, reset_peak_rss  # benchmarks/bench_common.py
+from soco_pretrain.config import apply_overrides
+from soco_pretrain.data.boxes import assign_levels
+from soco_pretrain.model import SoCoModel
+from soco_pretrain.presets import load_preset
+from soco_pretrain.train.lars import LARS, lars_param_groups
+from soco_pretrain.train.loop import resolve_precision
+from soco_pretrain.train.schedule import scaled_lr
+
+# row name -> (preset, number of views the model uses)
+MODELS = {"FPN": ("fpn-100ep", 3), "C4": ("c4-100ep", 2), "SoCo* (FPN)": ("fpn-star-400ep", 4)}
+
+
+def view_sizes(size: int) -> list[int]:
+    return [size, size, max(32, size // 2), max(32, round(size * 192 / 224))]
+
+
+def synthetic_batch(batch: int, size: int, k: int, n_views: int, bounds, seed: int = 0) -> dict:
+    """Random views and boxes shaped like the stage-2 batch contract."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    views, boxes, levels = [], [], []
+    for s in view_sizes(size)[:n_views]:
+        views.append(torch.randn(batch, 3, s, s, generator=gen))
+        wh = rng.uniform(16, s, (batch, k, 2))
+        xy = rng.uniform(0, 1, (batch, k, 2)) * (s - wh)
+        b = np.concatenate([xy, xy + wh], axis=2)
+        boxes.append(torch.from_numpy(b.astype(np.float32)))
+        levels.append(torch.from_numpy(assign_levels(b.reshape(-1, 4), bounds).reshape(batch, k)))
+    return {"views": views, "boxes": boxes, "levels": levels, "valid": torch.ones(batch, k, dtype=torch.bool)}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(name: str, args, device) -> dict:
+    preset, n_views = MODELS[name]
+    sizes = view_sizes(args.size)
+    cfg = apply_overrides(load_preset(preset), [
+        f"data.views.v1_size={sizes[0]}", f"data.views.v2_size={sizes[1]}",
+        f"data.views.v3_size={sizes[2]}", f"data.views.v4_size={sizes[3]}",
+        f"train.precision={args.precision}"])
+    precision = resolve_precision(cfg.train.precision, device)
+    channels_last = device.type == "cuda" and not args.no_channels_last
+    torch.manual_seed(0)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_reset = reset_peak_rss()
+    model = SoCoModel(cfg).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = LARS(lars_param_groups(model, cfg.train.weight_decay), lr=scaled_lr(1.0, args.batch),
+                     weight_decay=cfg.train.weight_decay, eta=cfg.train.lars_eta)
+    forward = torch.compile(model) if args.compile else model
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    batch = synthetic_batch(args.batch, args.size, args.k, n_views, cfg.data.views.level_bounds)
+    batch["views"] = [v.to(device) for v in batch["views"]]
+    if channels_last:
+        batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else None)
+
+    def forward_backward():
+        if autocast is None:
+            loss, _ = forward(batch)
+        else:
+            with autocast:
+                loss, _ = forward(batch)
+        scaler.scale(loss).backward()
+        return loss
+
+    def step():
+        forward_backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_target(0.99)
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        memory = f"{peak:.2f} GiB (allocated)"
+    else:
+        memory = f"{peak_rss_mib() / 1024:.2f} GiB (VmHWM{'' if rss_reset else ', since start'})"
+
+    # FLOPs of one forward + backward (eager: the counter sees the aten ops).
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if autocast is None:
+            loss, _ = model(batch)
+        else:
+            with autocast:
+                loss, _ = model(batch)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops() / args.batch
+    step_s = float(np.median(times))
+    del model, optimizer, batch
+    return {"name": name, "views": "+".join(str(s) for s in sizes[:n_views]), "precision": precision,
+            "images_per_s": args.batch / step_s, "ms": 1000 * step_s, "gflop": flops / 1e9, "memory": memory}
+
+
+def table(rows: list[dict], args) -> str:
+    lines = ["| step | views (px) | batch | precision | images/s | ms/step | GFLOP/image (fwd+bwd) | peak memory |",
+             "|---|---|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['views']} | {args.batch} | {r['precision']} | {r['images_per_s']:.2f} | "
+                     f"{r['ms']:.0f} | {r['gflop']:.1f} | {r['memory']} |")
+    return "\n".join(lines)
+
+
+def machine(device) -> str:
+    import torchvision
+
+    cpu = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU used"
+    return (f"{cpu}; {gpu}; python {platform.python_version()}, torch {torch.__version__}, "
+            f"torchvision {torchvision.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default: 2 on CPU, 64 on GPU)")
+    parser.add_argument("--size", type=int, default=224, help="V1/V2 size in px (default 224, the paper's)")
+    parser.add_argument("--k", type=int, default=4, help="proposals per image (default 4, the paper's)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 5 GPU)")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    parser.add_argument("--no-channels-last", action="store_true", help="GPU: keep NCHW")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (timed steps only)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    args.batch = args.batch or (64 if gpu else 2)
+    args.steps = args.steps or (20 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name not in MODELS:
+            sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+        rows.append(bench_model(name, args, device))
+    print(f"\nSoCo training step on {device.type.upper()} (synthetic batch, K={args.k}; forward online + target, "
+          f"loss, backward, LARS, EMA; median of {args.steps} steps after {args.warmup} warm-up):\n")
+    print(table(rows, args))
+    print(f"\nMachine: {machine(device)}")
+
+
+if __name__ == "__main__":
+    main()

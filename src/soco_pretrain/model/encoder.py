@@ -1,0 +1,210 @@
+"""Object-level encoder: image -> per-proposal feature (paper section 3.3 eq. 1, section 4.1).
+
+Built from the very modules torchvision uses for ``maskrcnn_resnet50_fpn_v2`` so pretrained
+weights load into torchvision's Mask R-CNN v2 with no key mapping (DESIGN.md section 3):
+
+- ``arch="fpn"``: ``self.backbone`` is torchvision's ``BackboneWithFPN`` (ResNet-50 body, every
+  stage trainable, plain BatchNorm2d; FPN with BatchNorm). Its P6 ("pool") output is computed by
+  the module but never used (paper: "we do not use P6"); keeping the module keeps the keys.
+  ``self.box_head`` is ``FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], BatchNorm2d)``, the v2
+  box head (4 conv + 1 fc). Each box is pooled with RoIAlign 7x7 from its one assigned level
+  (P2..P5, strides 4, 8, 16, 32), then goes through the head: (N, 1024).
+- ``arch="c4"``: ``self.backbone`` is a torchvision ResNet-50 (``fc`` dropped); RoIAlign 14x14 on
+  C4 (output of ``layer3``, stride 16), ``layer4`` (res5) as the head, global average pooling:
+  (N, 2048). Keys are torchvision ``resnet50`` keys (minus ``fc``), ready for a linear probe.
+
+Only valid slots are pooled and sent through the head, so padded boxes never enter a BatchNorm.
+
+Choices where the paper is silent (released code hologerry/SoCo followed, DESIGN.md section 5):
+- ResNet init: conv weights ~ N(0, sqrt(2 / (k*k*out))) (Kaiming normal, fan-out), BN weight 1,
+  bias 0, and the last BN of each bottleneck zero-initialised (``model.zero_init_residual``).
+  torchvision's ResNet does exactly this.
+- FPN convs: Kaiming normal (fan-out, ReLU), as mmcv's ConvModule in the released code
+  (torchvision's own FPN uses Kaiming uniform a=1). No conv bias (a BN follows).
+- Box-head convs and fc, projector and predictor: PyTorch's default Linear/Conv init, as the
+  released code (torchvision's box head would re-init its convs with Kaiming normal).
+- Every BatchNorm: momentum ``model.bn_momentum`` (0.1, PyTorch default = released), eps 1e-5.
+- RoIAlign: ``aligned=True`` (half-pixel correct; the released code's default), sampling ratio
+  ``model.roi_sampling_ratio`` (2, torchvision Mask R-CNN's), spatial scale 1/stride.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models import resnet50
+from torchvision.models.detection.backbone_utils import (
+    BackboneWithFPN,
+    _resnet_fpn_extractor,
+)
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.ops import roi_align
+
+from ..config import ModelConfig
+
+FPN_STRIDES = (4, 8, 16, 32)  # P2..P5 (paper 3.3)
+FPN_CHANNELS = 256
+C4_STRIDE = 16
+# Paper 4.1 gives no size for C4; 14x14 is Detectron2's R50-C4 pooler (res5 then halves it to 7x7)
+# and the released SoCo_C4 code's. ``model.roi_size`` is the FPN size only.
+C4_ROI_SIZE = 14
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def build_resnet50(cfg: ModelConfig) -> nn.Module:
+    """torchvision ResNet-50, random init, trainable BatchNorm2d (never FrozenBatchNorm)."""
+    return resnet50(weights=None, norm_layer=nn.BatchNorm2d, zero_init_residual=cfg.zero_init_residual)
+
+
+def build_fpn_backbone(cfg: ModelConfig) -> BackboneWithFPN:
+    """The ``backbone`` of torchvision's maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).
+
+    Same call as torchvision (5 trainable stages, FPN with BatchNorm2d, LastLevelMaxPool), so the
+    state-dict keys equal that model's ``backbone.*`` keys. FPN convs are then re-initialised as the
+    released code (mmcv ConvModule: Kaiming normal, fan-out).
+    """
+    backbone = _resnet_fpn_extractor(build_resnet50(cfg), 5, norm_layer=nn.BatchNorm2d)
+    for m in backbone.fpn.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return backbone
+
+
+def build_box_head(cfg: ModelConfig) -> FastRCNNConvFCHead:
+    """Mask R-CNN v2 box head: 4 x (conv3x3-BN-ReLU) + fc(1024)-ReLU, torchvision's module.
+
+    torchvision re-initialises the convs with Kaiming normal; the released code's head uses
+    PyTorch's default init, which we restore (``reset_parameters``).
+    """
+    head = FastRCNNConvFCHead(
+        (FPN_CHANNELS, cfg.roi_size, cfg.roi_size), [FPN_CHANNELS] * 4, [cfg.head_dim], norm_layer=nn.BatchNorm2d
+    )
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            m.reset_parameters()
+    return head
+
+
+def set_bn_momentum(module: nn.Module, momentum: float) -> None:
+    """Set the running-statistics momentum of every BatchNorm in ``module``."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+
+
+# ---------------------------------------------------------------- routing + pooling
+
+
+def pool_boxes(
+    maps: list[torch.Tensor],
+    strides: tuple[int, ...],
+    boxes: torch.Tensor,
+    levels: torch.Tensor | None,
+    valid: torch.Tensor,
+    output_size: int,
+    sampling_ratio: int,
+) -> torch.Tensor:
+    """RoIAlign each valid box from its one assigned map; (N, C, S, S) in row-major (b, k) order.
+
+    maps: feature maps, one per level (``maps[l]`` has stride ``strides[l]``); boxes (B, K, 4) in
+    image pixels (x1, y1, x2, y2); levels (B, K) int in [0, len(maps)) (ignored with one map);
+    valid (B, K) bool. Slots are sorted by level (stable, so row-major inside a level), each level's
+    boxes go through one ``roi_align`` call, and the results are put back in row-major order of the
+    valid slots. Invalid slots are never pooled. One host sync: the per-level counts (``tolist``),
+    needed to split the boxes; there is no per-box Python work.
+    """
+    B, K = valid.shape
+    num_levels = len(maps)
+    if num_levels == 1 or levels is None:
+        key = torch.where(valid, 0, 1)
+    else:
+        key = torch.where(valid, levels.to(torch.long), num_levels)
+    key = key.flatten()
+    order = torch.argsort(key, stable=True)  # level 0 first, invalid slots last
+    counts = torch.bincount(key, minlength=num_levels + 1).tolist()  # the host sync
+    n = sum(counts[:num_levels])
+    sel = order[:n]
+    # rois (n, 5): batch index, x1, y1, x2, y2; kept in float32 (bf16 would round box edges).
+    rois = torch.cat([(sel // K).to(boxes.dtype)[:, None], boxes.reshape(B * K, 4)[sel]], dim=1)
+    pooled = []
+    for level, chunk in enumerate(rois.split(counts[:num_levels])):
+        # Also with no box on this level: an empty roi_align keeps every level's map in the
+        # autograd graph (zero gradient), so under DDP every rank runs the same backward --
+        # SyncBN's backward all-reduces in every BN it passes, and a level with boxes on one
+        # rank only would otherwise hang the job -- and no parameter is ever "unused".
+        pooled.append(
+            roi_align(
+                maps[level],
+                chunk,
+                output_size=output_size,
+                spatial_scale=1.0 / strides[level],
+                sampling_ratio=sampling_ratio,
+                aligned=True,
+            )
+        )
+    pooled = torch.cat(pooled)  # (0, C, S, S) when no slot is valid
+    # Back to row-major order: rank of each selected slot among the valid ones, then invert.
+    rank = (valid.flatten().cumsum(0) - 1)[sel]
+    inverse = torch.empty_like(rank)
+    inverse[rank] = torch.arange(n, device=rank.device)
+    return pooled.index_select(0, inverse)
+
+
+# ---------------------------------------------------------------- the encoder
+
+
+class SoCoEncoder(nn.Module):
+    """f^H(RoIAlign(f^I(V), b)) for every valid box of a view (paper eq. 1).
+
+    ``forward(images (B,3,H,W), boxes (B,K,4), levels (B,K), valid (B,K)) -> (N, out_dim)`` with
+    N = valid.sum(), rows in row-major (b, k) order of the valid slots. ``out_dim`` is 1024 (FPN)
+    or 2048 (C4).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.arch not in ("fpn", "c4"):
+            raise ValueError(f"model.arch must be 'fpn' or 'c4', got {cfg.arch!r}")
+        self.arch = cfg.arch
+        self.sampling_ratio = cfg.roi_sampling_ratio
+        if cfg.arch == "fpn":
+            self.backbone = build_fpn_backbone(cfg)
+            self.box_head = build_box_head(cfg)
+            self.roi_size = cfg.roi_size
+            self.strides = FPN_STRIDES
+            self.out_dim = cfg.head_dim
+        else:
+            self.backbone = build_resnet50(cfg)
+            self.backbone.fc = nn.Identity()  # no parameters: keys = resnet50's without fc
+            self.roi_size = C4_ROI_SIZE
+            self.strides = (C4_STRIDE,)
+            self.out_dim = 2048
+        set_bn_momentum(self, cfg.bn_momentum)
+
+    def features(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Image-level maps the boxes are pooled from: P2..P5 ("p2".."p5") for FPN, "c4" for C4."""
+        if self.arch == "fpn":
+            fpn = self.backbone(images)  # '0'..'3' = P2..P5, 'pool' = P6 (unused)
+            return OrderedDict((f"p{i + 2}", fpn[str(i)]) for i in range(4))
+        r = self.backbone
+        x = r.maxpool(r.relu(r.bn1(r.conv1(images))))
+        return OrderedDict(c4=r.layer3(r.layer2(r.layer1(x))))
+
+    def pool(self, maps, boxes, levels, valid) -> torch.Tensor:
+        """RoIAlign of the valid boxes, each from its assigned level: (N, C, S, S)."""
+        return pool_boxes(list(maps.values()), self.strides, boxes, levels, valid, self.roi_size, self.sampling_ratio)
+
+    def head(self, rois: torch.Tensor) -> torch.Tensor:
+        """R-CNN head: 4conv1fc (FPN) or res5 + global average pooling (C4)."""
+        if self.arch == "fpn":
+            return self.box_head(rois)
+        return torch.flatten(self.backbone.avgpool(self.backbone.layer4(rois)), 1)
+
+    def forward(self, images, boxes, levels, valid) -> torch.Tensor:
+        return self.head(self.pool(self.features(images), boxes, levels, valid))

@@ -1,0 +1,27 @@
+"""Projector and predictor: BYOL's two-layer MLP (paper section 4.1).
+
+"Both the projection network and prediction network are 2-layer MLPs which consist of a linear
+layer with output size 4096 followed by batch normalization, rectified linear units, and a final
+linear layer with output dimension 256." Projector input: 1024 (FPN box head) or 2048 (C4 res5);
+predictor input: 256. Module names follow the released code (linear1, bn1, relu1, linear2);
+initialisation is PyTorch's default, as there (the paper is silent).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Linear(in, hidden) - BatchNorm1d - ReLU - Linear(hidden, out)."""
+
+    def __init__(self, in_dim: int, hidden: int = 4096, out: int = 256, bn_momentum: float = 0.1):
+        super().__init__()
+        self.linear1 = nn.Linear(in_dim, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden, momentum=bn_momentum)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.linear2 = nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.relu1(self.bn1(self.linear1(x))))

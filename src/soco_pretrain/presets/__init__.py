@@ -1,0 +1,36 @@
+"""Named training presets: YAML files beside this module, each read over PretrainConfig's defaults.
+
+A preset file only names what differs from (or is worth restating over) the defaults in
+config.py, each with its source. ``load_preset("fpn-100ep")`` -> PretrainConfig.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+# The paper's schedules (section 4.1) and a CPU-sized one for trying the pipeline.
+PRESETS = ("fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-400ep", "tiny")
+
+
+class PresetError(ValueError):
+    """An unknown preset name or a preset file that does not fit PretrainConfig; one line."""
+
+
+def preset_text(name: str) -> str:
+    """The YAML text of preset ``name``."""
+    if name not in PRESETS:
+        raise PresetError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return (resources.files(__package__) / f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def load_preset(name: str):
+    """PretrainConfig for preset ``name``: the YAML values over PretrainConfig's defaults."""
+    import yaml
+
+    from ..config import PretrainConfig, from_dict
+
+    data = yaml.safe_load(preset_text(name)) or {}
+    try:
+        return from_dict(PretrainConfig, data)
+    except (TypeError, ValueError) as exc:
+        raise PresetError(f"preset {name!r}: {exc}") from None

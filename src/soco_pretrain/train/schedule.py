@@ -1,0 +1,68 @@
+"""Learning-rate and EMA-momentum schedules, evaluated per optimiser step.
+
+``step`` counts optimiser steps already taken (0 for the first update); the training loop sets
+the learning rate from :func:`lr_at` before each update and the EMA momentum from
+:func:`tau_at` for the target update after it. Both are pure functions of the step, so a
+resumed run continues exactly where it stopped (the released code restarted the EMA schedule).
+"""
+
+from __future__ import annotations
+
+import math
+
+# Linear scaling rule's reference batch (paper 4.1: lr = base_lr x batch / 256, as BYOL).
+REFERENCE_BATCH = 256
+
+
+def scaled_lr(base_lr: float, batch: int) -> float:
+    """``base_lr * batch / 256`` (paper 4.1: base lr 1.0, total batch 2048 -> lr 8.0)."""
+    return base_lr * batch / REFERENCE_BATCH
+
+
+def lr_at(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    peak_lr: float,
+    start_factor: float = 0.0,
+    final_lr: float = 0.0,
+) -> float:
+    """Learning rate for optimiser step ``step`` (0-based).
+
+    Linear warm-up from ``start_factor * peak_lr`` (step 0) to ``peak_lr`` (step
+    ``warmup_steps``), then half a cosine from ``peak_lr`` down to ``final_lr`` at
+    ``total_steps``; steps past the end stay at ``final_lr``.
+
+    Paper 4.1: warm-up over 10 epochs then cosine decay (start 0, end 0: ``start_factor=0``,
+    ``final_lr=0``). Released code: warm-up starts at lr/100 and the cosine ends at 1e-6
+    (``start_factor=0.01``, ``final_lr=1e-6``; TrainConfig.warmup_start_factor / final_lr).
+    """
+    if total_steps <= 0 or warmup_steps < 0:
+        raise ValueError(f"lr_at: need total_steps > 0 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
+    step = max(0, step)
+    if step < warmup_steps:
+        start = start_factor * peak_lr
+        return start + (peak_lr - start) * step / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    if decay_steps <= 0:  # warm-up covers the whole run (tiny runs): hold the peak
+        return peak_lr
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def tau_at(step: int, total_steps: int, tau0: float = 0.99) -> float:
+    """EMA momentum ``1 - (1 - tau0) * (cos(pi * step / total_steps) + 1) / 2``.
+
+    BYOL's schedule (SoCo paper 4.1: tau from 0.99 increased to 1): ``tau0`` at step 0,
+    ``(1 + tau0) / 2`` half-way, 1 at ``total_steps`` (and after).
+    """
+    if total_steps <= 0:
+        raise ValueError(f"tau_at: need total_steps > 0, got {total_steps}")
+    progress = min(1.0, max(0, step) / total_steps)
+    return 1.0 - (1.0 - tau0) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set every param group's learning rate (the schedule drives the optimiser by hand)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

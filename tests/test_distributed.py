@@ -1,0 +1,156 @@
+"""Distributed helpers: launcher variables, world size 1 without a process group, a real
+2-process gloo all_reduce on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from soco_pretrain.train import distributed as D
+from soco_pretrain.train.distributed import (
+    DistributedError,
+    all_reduce_mean,
+    cleanup,
+    first_host,
+    init_distributed,
+    is_main,
+    parse_launch_env,
+)
+
+LAUNCH_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+               "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_JOB_ID"]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_world_size_one_has_no_process_group(clean_env):
+    info = init_distributed(device="cpu")
+    assert (info.rank, info.world_size, info.local_rank, info.is_main) == (0, 1, 0, True)
+    assert info.device == torch.device("cpu") and info.backend is None and info.launcher == "none"
+    assert not dist.is_initialized()
+    x = torch.tensor([1.0, 3.0])
+    assert all_reduce_mean(x) is x and is_main()
+    cleanup()  # safe without a group
+
+
+def test_torchrun_world_size_one_has_no_process_group(clean_env):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        clean_env.setenv(name, value)
+    info = init_distributed(device="cpu")
+    assert info.world_size == 1 and info.launcher == "torchrun" and not dist.is_initialized()
+
+
+def test_parse_torchrun_env():
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29400",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}  # torchrun inside a SLURM allocation: torchrun wins
+    launch = parse_launch_env(env)
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("torchrun", 5, 8, 1)
+    assert (launch.master_addr, launch.master_port) == ("node0", 29400)
+
+
+def test_parse_slurm_env_with_master_from_env():
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "MASTER_ADDR": "10.0.0.1",
+           "MASTER_PORT": "12345", "SLURM_JOB_NODELIST": "gpu[1-2]"}
+    launch = parse_launch_env(env)
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("slurm", 3, 4, 1)
+    assert (launch.master_addr, launch.master_port) == ("10.0.0.1", 12345)
+
+
+def test_parse_slurm_env_master_from_nodelist(monkeypatch):
+    monkeypatch.setattr(D.shutil, "which", lambda name: None)  # no scontrol on this machine
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "0",
+           "SLURM_JOB_NODELIST": "gpu[007-009,012],cpu1", "SLURM_JOB_ID": "123456"}
+    launch = parse_launch_env(env)
+    assert launch.world_size == 8  # this srun step's tasks, not the whole allocation's
+    assert launch.master_addr == "gpu007"
+    assert launch.master_port == 15000 + 123456 % 20000
+
+
+def test_slurm_uses_scontrol_when_available(monkeypatch):
+    class Result:
+        returncode, stdout = 0, "nodeA\nnodeB\n"
+
+    calls = []
+    monkeypatch.setattr(D.shutil, "which", lambda name: "/usr/bin/scontrol")
+    monkeypatch.setattr(D.subprocess, "run", lambda args, **kw: calls.append(args) or Result())
+    launch = parse_launch_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node[A-B]"})
+    assert launch.master_addr == "nodeA" and calls == [["/usr/bin/scontrol", "show", "hostnames", "node[A-B]"]]
+
+
+def test_slurm_without_any_address_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(D.shutil, "which", lambda name: None)
+    with pytest.raises(DistributedError, match="MASTER_ADDR"):
+        parse_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    with pytest.raises(DistributedError, match="MASTER_ADDR"):
+        parse_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a[1-2]b[3-4]"})
+
+
+def test_single_slurm_task_needs_no_address():
+    launch = parse_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert (launch.launcher, launch.world_size, launch.master_addr) == ("slurm", 1, None)
+
+
+def test_no_launcher():
+    assert parse_launch_env({}) == D.LaunchEnv("none", 0, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [("node1", "node1"), ("node1,node2", "node1"), ("gpu[003-005]", "gpu003"), ("gpu[9,3-4],x[1-2]", "gpu9"),
+     ("rack[2-3]-n", "rack2-n"), ("", None), ("a[1-2]b[3]", None)],
+)
+def test_first_host(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_bad_values_are_clear_errors():
+    with pytest.raises(DistributedError, match="RANK"):
+        parse_launch_env({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(DistributedError, match="rank 2 of world size 2"):
+        init_distributed(device="cpu", env={"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def _worker(rank: int, world: int, port: int, launcher: str, results) -> None:
+    # Each process sets its launcher's variables as torchrun / srun would.
+    if launcher == "torchrun":
+        env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    else:
+        env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world), "SLURM_LOCALID": str(rank),
+               "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ.update(env)
+    info = init_distributed(device="cpu")
+    try:
+        mean = all_reduce_mean(torch.tensor([float(rank), 10.0 * rank + 1.0]))
+        count = all_reduce_mean(torch.tensor(rank + 1))  # integers come back as float64
+        results.put((rank, info.backend, info.is_main, is_main(), mean.tolist(), count.item()))
+    finally:
+        cleanup()
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_two_process_gloo_all_reduce_mean(launcher):
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(2, free_port(), launcher, results), nprocs=2, join=True, start_method="spawn")
+    got = sorted(results.get() for _ in range(2))
+    assert got == [
+        (0, "gloo", True, True, [0.5, 6.0], 1.5),
+        (1, "gloo", False, False, [0.5, 6.0], 1.5),
+    ]
