@@ -42,7 +42,7 @@ from soco_pretrain.train.loop import resolve_precision
 from soco_pretrain.train.schedule import scaled_lr
 
 # row name -> (preset, number of views the model uses)
-MODELS = {"FPN": ("fpn-100ep", 3), "C4": ("c4-100ep", 2), "SoCo* (FPN)": ("fpn-star-400ep", 4)}
+MODELS = {"FPN": ("fpn-100ep", 3), "C4": ("c4-100ep", 2), "SoCo*": ("fpn-star-400ep", 4)}
 
 
 def view_sizes(size: int) -> list[int]:
@@ -142,7 +142,6 @@ def bench_model(name: str, args, device) -> dict:
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops() / args.batch
     step_s = float(np.median(times))
-    del model, optimizer, batch
     return {"name": name, "views": "+".join(str(s) for s in sizes[:n_views]), "precision": precision,
             "images_per_s": args.batch / step_s, "ms": 1000 * step_s, "gflop": flops / 1e9, "memory": memory}
 
