@@ -7,11 +7,9 @@ optimiser step takes about a second on a shared CPU core. Data loading in the ma
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
