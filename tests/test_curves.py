@@ -6,21 +6,14 @@ import json
 import math
 
 import pytest
+from test_cli import call  # main(argv) in-process -> (status, out, err)
 from PIL import Image
 
-from soco_pretrain.cli import main
 from soco_pretrain.train import metrics as M
 from soco_pretrain.train.metrics import MetricsLogger, Progress, read_metrics
 from soco_pretrain.viz import plot_curves
 
 
-def call(argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def write_run(run, steps=range(0, 50, 5), **extras):
