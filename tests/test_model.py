@@ -137,9 +137,10 @@ def test_pool_boxes_routes_each_box_to_its_level_only():
     valid = torch.tensor([[True, True, True, True], [True, False, True, True]])
     pooled = pool_boxes(maps, FPN_STRIDES, boxes, levels, valid, output_size=7, sampling_ratio=2)
     slots = valid.nonzero().tolist()
-    assert pooled.shape == (len(slots), 4, 7, 7)
-    assert torch.isfinite(pooled).all()
-    for row, (b, k) in enumerate(slots):  # row-major (b, k) order of the valid slots
+    assert pooled.shape == (2 * 4, 4, 7, 7)  # every slot, padded ones too (static shapes)
+    assert torch.isfinite(pooled).all()  # the NaN box of the padded slot was sanitised
+    for b, k in slots:  # row-major (b, k) order of all slots
+        row = b * 4 + k
         roi = torch.cat([torch.tensor([float(b)]), boxes[b, k]])[None]
         for level, stride in enumerate(FPN_STRIDES):
             direct = roi_align(maps[level], roi, 7, spatial_scale=1 / stride, sampling_ratio=2, aligned=True)
@@ -161,7 +162,7 @@ def test_encoder_pools_from_its_fpn_levels_and_shapes(fpn_model):
     roi = torch.cat([torch.tensor([1.0]), batch["boxes"][0][b, k]])[None]
     direct = roi_align(maps["p2"], roi, 7, spatial_scale=0.25, sampling_ratio=2, aligned=True)
     torch.testing.assert_close(pooled[-1], direct[0])
-    assert pooled.shape == (5, 256, 7, 7)
+    assert pooled.shape == (B * K, 256, 7, 7)
 
 
 def test_heads_shapes_and_parameter_counts(fpn_model, tv_maskrcnn_state):
@@ -199,12 +200,12 @@ def test_c4_encoder_shapes_and_keys():
         maps = enc.features(batch["views"][0])
         assert list(maps) == ["c4"] and maps["c4"].shape == (B, 1024, 4, 4)  # stride 16
         pooled = enc.pool(maps, batch["boxes"][0], batch["levels"][0], batch["valid"])
-        assert pooled.shape == (5, 1024, C4_ROI_SIZE, C4_ROI_SIZE)
+        assert pooled.shape == (B * K, 1024, C4_ROI_SIZE, C4_ROI_SIZE)
         roi = torch.cat([torch.tensor([0.0]), batch["boxes"][0][0, 2]])[None]
         direct = roi_align(maps["c4"], roi, 14, spatial_scale=1 / 16, sampling_ratio=2, aligned=True)
         torch.testing.assert_close(pooled[2], direct[0])
         out = enc.head(pooled)
-    assert out.shape == (5, 2048) and enc.out_dim == 2048
+    assert out.shape == (B * K, 2048) and enc.out_dim == 2048
 
 
 def test_c4_model_forward_backward_uses_two_views():
@@ -267,34 +268,59 @@ def test_target_is_a_frozen_copy_and_update_target_is_ema(fpn_model):
         m.load_state_dict(snapshot)
 
 
+def _padded_slot_variant(batch: dict, box: float, level: int) -> dict:
+    out = {**batch, "boxes": [b.clone() for b in batch["boxes"]], "levels": [lv.clone() for lv in batch["levels"]]}
+    for b, lv in zip(out["boxes"], out["levels"]):
+        b[1, 1] = torch.tensor([box, box, 3 * box, 2 * box])
+        lv[1, 1] = level
+    return out
+
+
 def test_forward_backward_gradients_only_online_and_padded_slots_never_in_batchnorm(fpn_model):
     m = fpn_model
     m.train()
-    m.zero_grad(set_to_none=True)
+    snapshot = {k: v.clone() for k, v in m.state_dict().items()}
     seen = []
     hooks = [
         mod.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
-        for mod in (m.encoder.box_head, m.target_encoder.box_head, m.projector, m.predictor)
+        # the heads' first conv (run_masked walks the head's children), projector, predictor
+        for mod in (m.encoder.box_head[0][0], m.target_encoder.box_head[0][0], m.projector, m.predictor)
     ]
+    results = []
     try:
-        batch = _batch()  # padded slot holds a NaN box and level 7
-        loss, stats = m(batch)
-        loss.backward()
+        # The padded slot holds a NaN box and level 7, then two different finite boxes: if its
+        # rows reached a BatchNorm statistic or the loss, the three runs would differ.
+        batch = _batch()
+        for variant in (batch, _padded_slot_variant(batch, 2.0, 0), _padded_slot_variant(batch, 9.0, 3)):
+            m.load_state_dict(snapshot)
+            m.zero_grad(set_to_none=True)
+            loss, stats = m(variant)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+            results.append((loss.detach(), stats, grads, {k: v.clone() for k, v in m.state_dict().items()}))
     finally:
         for h in hooks:
             h.remove()
     n_valid = int(batch["valid"].sum())
-    assert seen and all(n == n_valid for n in seen)  # heads (with BN) see only valid boxes
-    assert len(seen) == 3 * 4  # 3 views x (online head, projector, predictor, target head)
+    assert seen and all(n == B * K for n in seen)  # heads run on every slot: static shapes
+    assert len(seen) == 3 * 3 * 4  # 3 runs x 3 views x (online head, projector, predictor, target head)
+    loss, stats, grads, state = results[0]
+    for other_loss, _, other_grads, other_state in results[1:]:
+        torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(other_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        for name in state:  # running statistics (BatchNorm buffers) included
+            torch.testing.assert_close(other_state[name], state[name], rtol=1e-5, atol=1e-6, msg=name)
     assert torch.isfinite(loss) and -8.0 <= loss.item() <= 8.0
     assert set(stats) == {"loss", "loss_12", "loss_13", "proposals"}
     assert stats["proposals"].item() == n_valid and not stats["loss"].requires_grad
     torch.testing.assert_close(stats["loss"], stats["loss_12"] + stats["loss_13"])
-    for name, p in list(m.encoder.named_parameters()) + list(m.predictor.named_parameters()):
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all(), name
-    assert m.encoder.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0  # P2 path used
-    assert all(p.grad is None for p in m.target_parameters())
+    online = list(m.encoder.named_parameters(prefix="encoder")) + list(m.predictor.named_parameters(prefix="predictor"))
+    for name, _ in online:
+        assert name in grads and torch.isfinite(grads[name]).all(), name
+    assert grads["encoder.backbone.fpn.layer_blocks.0.0.weight"].abs().sum() > 0  # P2 path used
+    assert not any(n.startswith(("target_encoder.", "target_projector.")) for n in grads)
+    m.load_state_dict(snapshot)
 
 
 def test_soco_star_forward_four_views():

@@ -13,7 +13,9 @@ weights load into torchvision's Mask R-CNN v2 with no key mapping (DESIGN.md sec
   C4 (output of ``layer3``, stride 16), ``layer4`` (res5) as the head, global average pooling:
   (N, 2048). Keys are torchvision ``resnet50`` keys (minus ``fc``), ready for a linear probe.
 
-Only valid slots are pooled and sent through the head, so padded boxes never enter a BatchNorm.
+Every slot (B x K per view, padded ones too) is pooled and sent through the head, so shapes are
+static and the step never waits on the host; the head's BatchNorms take their statistics from the
+valid slots only (``masked.py``), so padded boxes never enter a BatchNorm.
 
 Choices where the paper is silent (released code hologerry/SoCo followed, DESIGN.md section 5):
 - ResNet init: conv weights ~ N(0, sqrt(2 / (k*k*out))) (Kaiming normal, fan-out), BN weight 1,
@@ -43,6 +45,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import roi_align
 
 from ..config import ModelConfig
+from .masked import run_masked
 
 FPN_STRIDES = (4, 8, 16, 32)  # P2..P5 (paper 3.3)
 FPN_CHANNELS = 256
@@ -110,61 +113,48 @@ def pool_boxes(
     output_size: int,
     sampling_ratio: int,
 ) -> torch.Tensor:
-    """RoIAlign each valid box from its one assigned map; (N, C, S, S) in row-major (b, k) order.
+    """RoIAlign every slot from its one assigned map: (B*K, C, S, S) in row-major (b, k) order.
 
     maps: feature maps, one per level (``maps[l]`` has stride ``strides[l]``); boxes (B, K, 4) in
     image pixels (x1, y1, x2, y2); levels (B, K) int in [0, len(maps)) (ignored with one map);
-    valid (B, K) bool. Slots are sorted by level (stable, so row-major inside a level), each level's
-    boxes go through one ``roi_align`` call, and the results are put back in row-major order of the
-    valid slots. Invalid slots are never pooled. One host sync: the per-level counts (``tolist``),
-    needed to split the boxes; there is no per-box Python work.
+    valid (B, K) bool. Every slot is pooled on every level (one ``roi_align`` per level over all
+    B*K boxes) and each slot then takes the level it is assigned to, with a gather: shapes are
+    static and nothing waits on the host (no count of boxes per level). Pooling is the cheap part
+    (the 4 levels together cost well under 1% of a step's FLOPs); what routing saves is the head,
+    which sees each box once. Padded slots are pooled from a sanitised box (their rows are
+    finite and unspecified; the head masks them out of BatchNorm and the loss ignores them).
+    Under DDP every level's map is in the graph on every rank, so SyncBN's collectives line up
+    and no parameter is ever "unused".
     """
     B, K = valid.shape
-    num_levels = len(maps)
-    if num_levels == 1 or levels is None:
-        key = torch.where(valid, 0, 1)
-    else:
-        key = torch.where(valid, levels.to(torch.long), num_levels)
-    key = key.flatten()
-    order = torch.argsort(key, stable=True)  # level 0 first, invalid slots last
-    counts = torch.bincount(key, minlength=num_levels + 1).tolist()  # the host sync
-    n = sum(counts[:num_levels])
-    sel = order[:n]
-    # rois (n, 5): batch index, x1, y1, x2, y2; kept in float32 (bf16 would round box edges).
-    rois = torch.cat([(sel // K).to(boxes.dtype)[:, None], boxes.reshape(B * K, 4)[sel]], dim=1)
-    pooled = []
-    for level, chunk in enumerate(rois.split(counts[:num_levels])):
-        # Also with no box on this level: an empty roi_align keeps every level's map in the
-        # autograd graph (zero gradient), so under DDP every rank runs the same backward --
-        # SyncBN's backward all-reduces in every BN it passes, and a level with boxes on one
-        # rank only would otherwise hang the job -- and no parameter is ever "unused".
-        pooled.append(
-            roi_align(
-                maps[level],
-                chunk,
-                output_size=output_size,
-                spatial_scale=1.0 / strides[level],
-                sampling_ratio=sampling_ratio,
-                aligned=True,
-            )
-        )
-    pooled = torch.cat(pooled)  # (0, C, S, S) when no slot is valid
-    # Back to row-major order: rank of each selected slot among the valid ones, then invert.
-    rank = (valid.flatten().cumsum(0) - 1)[sel]
-    inverse = torch.empty_like(rank)
-    inverse[rank] = torch.arange(n, device=rank.device)
-    return pooled.index_select(0, inverse)
+    # Padded slots may hold garbage (NaN, out-of-range levels): a NaN corner would reach
+    # roi_align's integer indexing, so they get an empty box at the origin and level 0.
+    flat = torch.where(valid.reshape(B * K, 1), boxes.reshape(B * K, 4), 0.0)
+    # rois (B*K, 5): batch index, x1, y1, x2, y2; kept in float32 (bf16 would round box edges).
+    image = torch.arange(B, device=boxes.device, dtype=flat.dtype).repeat_interleave(K)
+    rois = torch.cat([image[:, None], flat], dim=1)
+    pooled = [
+        roi_align(m, rois, output_size=output_size, spatial_scale=1.0 / s, sampling_ratio=sampling_ratio, aligned=True)
+        for m, s in zip(maps, strides)
+    ]
+    if len(maps) == 1 or levels is None:
+        return pooled[0]
+    level = torch.where(valid, levels.to(torch.long), 0).reshape(B * K, 1, 1, 1)
+    out = pooled[0]
+    for index in range(1, len(maps)):  # elementwise selects: the backward is elementwise too
+        out = torch.where(level == index, pooled[index], out)
+    return out
 
 
 # ---------------------------------------------------------------- the encoder
 
 
 class SoCoEncoder(nn.Module):
-    """f^H(RoIAlign(f^I(V), b)) for every valid box of a view (paper eq. 1).
+    """f^H(RoIAlign(f^I(V), b)) for every box slot of a view (paper eq. 1).
 
-    ``forward(images (B,3,H,W), boxes (B,K,4), levels (B,K), valid (B,K)) -> (N, out_dim)`` with
-    N = valid.sum(), rows in row-major (b, k) order of the valid slots. ``out_dim`` is 1024 (FPN)
-    or 2048 (C4).
+    ``forward(images (B,3,H,W), boxes (B,K,4), levels (B,K), valid (B,K)) -> (B*K, out_dim)``,
+    rows in row-major (b, k) order; rows of padded slots are finite and meaningless (BatchNorm
+    statistics come from the valid slots only). ``out_dim`` is 1024 (FPN) or 2048 (C4).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -197,14 +187,16 @@ class SoCoEncoder(nn.Module):
         return OrderedDict(c4=r.layer3(r.layer2(r.layer1(x))))
 
     def pool(self, maps, boxes, levels, valid) -> torch.Tensor:
-        """RoIAlign of the valid boxes, each from its assigned level: (N, C, S, S)."""
+        """RoIAlign of every slot, each from its assigned level: (B*K, C, S, S)."""
         return pool_boxes(list(maps.values()), self.strides, boxes, levels, valid, self.roi_size, self.sampling_ratio)
 
-    def head(self, rois: torch.Tensor) -> torch.Tensor:
-        """R-CNN head: 4conv1fc (FPN) or res5 + global average pooling (C4)."""
+    def head(self, rois: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """R-CNN head: 4conv1fc (FPN) or res5 + global average pooling (C4).
+
+        ``mask`` (rows,) bool: BatchNorm statistics from those rows only (None: all rows)."""
         if self.arch == "fpn":
-            return self.box_head(rois)
-        return torch.flatten(self.backbone.avgpool(self.backbone.layer4(rois)), 1)
+            return run_masked(self.box_head, rois, mask)
+        return torch.flatten(self.backbone.avgpool(run_masked(self.backbone.layer4, rois, mask)), 1)
 
     def forward(self, images, boxes, levels, valid) -> torch.Tensor:
-        return self.head(self.pool(self.features(images), boxes, levels, valid))
+        return self.head(self.pool(self.features(images), boxes, levels, valid), valid.reshape(-1))

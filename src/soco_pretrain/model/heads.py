@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .masked import masked_batch_norm
+
 
 class MLP(nn.Module):
     """Linear(in, hidden) - BatchNorm1d - ReLU - Linear(hidden, out)."""
@@ -23,5 +25,9 @@ class MLP(nn.Module):
         self.relu1 = nn.ReLU(inplace=True)
         self.linear2 = nn.Linear(hidden, out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.relu1(self.bn1(self.linear1(x))))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (R, in); ``mask`` (R,) bool: BatchNorm statistics from those rows only (padded proposal
+        slots ride along with static shapes, see masked.py); None: every row."""
+        h = self.linear1(x)
+        h = self.bn1(h) if mask is None else masked_batch_norm(self.bn1, h, mask)
+        return self.linear2(self.relu1(h))

@@ -199,12 +199,16 @@ class SoCoModel(nn.Module):
         views, boxes, levels, valid = self._inputs(batch)
         # One encoder pass per view: views differ in size (224, 112, 192), and BatchNorm statistics
         # stay per view as in the released code.
+        # Every slot flows through with static shapes (B*K rows per view); BatchNorm statistics
+        # and the loss use the valid slots only (rows = mask).
+        rows = valid.reshape(-1)
         preds = [
-            self.predictor(self.projector(self.encoder(x, b, lv, valid))) for x, b, lv in zip(views, boxes, levels)
+            self.predictor(self.projector(self.encoder(x, b, lv, valid), rows), rows)
+            for x, b, lv in zip(views, boxes, levels)
         ]
         with torch.no_grad():
             projs = [
-                self.target_projector(self.target_encoder(x, b, lv, valid)) for x, b, lv in zip(views, boxes, levels)
+                self.target_projector(self.target_encoder(x, b, lv, valid), rows) for x, b, lv in zip(views, boxes, levels)
             ]
         terms = soco_loss_terms(preds, projs, self.pairs, valid, self.loss_mode)
         loss = sum(terms.values())
