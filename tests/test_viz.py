@@ -127,7 +127,7 @@ def test_demo_runs_on_small_photos(tmp_path, capsys):
     from soco_pretrain.demo import PHOTOS, run_demo
     from soco_pretrain.proposals import load
 
-    paths = run_demo(tmp_path / "demo", workers=1, max_side=80, pretrain_steps=2)
+    paths = run_demo(tmp_path / "demo", workers=1, max_side=80, pretrain_steps=2, finetune_iters=1)
     out = capsys.readouterr().out
     assert len(list(paths["images"].glob("*.png"))) == len(PHOTOS) == 7
     assert len(load(paths["proposals"])) == 7
@@ -137,3 +137,7 @@ def test_demo_runs_on_small_photos(tmp_path, capsys):
     assert len(list(paths["views"].glob("views_*.png"))) == 3  # step 4: the training views
     assert (paths["run"] / "checkpoints" / "last.pt").is_file()  # step 5: tiny pretraining
     assert (paths["run"] / "metrics.jsonl").is_file()
+    assert paths["export"].is_file() and "loaded" in out  # step 7: export + key report
+    metrics = json.loads((paths["finetune"] / "metrics.json").read_text())  # step 8: fine-tune + COCO AP
+    assert {"bbox", "segm"} <= set(metrics) and -1 <= metrics["bbox"]["AP"] <= 100
+    assert "bbox AP" in out

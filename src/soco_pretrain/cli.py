@@ -451,13 +451,17 @@ def add_pretrain(subparsers):
             "--proposals props/ --out runs/fpn400",
             "soco pretrain --preset tiny --images photos/ --proposals proposals/ --out runs/t --max-steps 20 "
             "--set train.precision=bf16",
+            "soco pretrain --preset fpn-100ep --images imagenet/train --out runs/random "
+            "--set data.views.proposal_source=random --set data.views.num_proposals=1   # Table 5c, no store",
         ],
     )
     p.add_argument("--preset", required=True, choices=PRETRAIN_PRESETS, metavar="NAME",
                    help=f"training preset: {', '.join(PRETRAIN_PRESETS)}")
     p.add_argument("--images", metavar="IMAGES", required=True,
                    help="image folder, list file or COCO-style JSON the proposals were made for")
-    p.add_argument("--proposals", metavar="STORE", required=True, help="proposal store directory")
+    p.add_argument("--proposals", metavar="STORE", default=None,
+                   help="proposal store directory (needed unless data.views.proposal_source is "
+                        "whole_image, random or coco)")
     p.add_argument("--out", metavar="RUN", required=True, help="run directory (config, metrics, checkpoints)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.epochs=200 or data.views.num_proposals=8 (repeatable)")
@@ -476,7 +480,8 @@ def add_pretrain(subparsers):
 
 def cmd_pretrain(args) -> int:
     _require_source(args.images)
-    _require_dir(args.proposals, "proposal store")
+    if args.proposals is not None:
+        _require_dir(args.proposals, "proposal store")
     if args.image_root is not None:
         _require_dir(args.image_root, "image root")
     if args.resume not in ("auto", "none") and not Path(args.resume).is_file():
@@ -493,6 +498,13 @@ def cmd_pretrain(args) -> int:
         config = apply_overrides(load_preset(args.preset), overrides)
     except (PresetError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    source = config.data.views.proposal_source
+    if source == "selective_search" and args.proposals is None:
+        raise UsageError("--proposals STORE is required with data.views.proposal_source=selective_search "
+                         "(the default; make one with soco proposals), or set data.views.proposal_source="
+                         "whole_image, random or coco")
+    if source == "coco" and config.data.views.proposal_json and not Path(config.data.views.proposal_json).is_file():
+        raise UsageError(f"data.views.proposal_json={config.data.views.proposal_json}: no such file")
     from .train.checkpoint import CheckpointError
     from .train.distributed import DistributedError
     from .train.loop import NonFiniteLossError, PretrainError, pretrain
@@ -503,6 +515,275 @@ def cmd_pretrain(args) -> int:
     except (PretrainError, CheckpointError, DistributedError) as exc:
         raise UsageError(_one_line(exc)) from None
     except NonFiniteLossError as exc:  # not the user's input: exit 1, but still one line
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- soco export
+
+EXPORT_TARGETS = ("torchvision", "detectron2", "mmdet")  # = transfer.export.TARGETS (no torch import here)
+
+
+def add_export(subparsers):
+    p = _add(
+        subparsers,
+        "export",
+        help="export pretrained weights for torchvision, Detectron2 or MMDetection, with a key report",
+        description=(
+            "Write the pretrained encoder of RUN (a soco pretrain run folder: its\n"
+            "checkpoints/last.pt; or a checkpoint file) as weights for a Mask R-CNN:\n"
+            "  torchvision  state dict for maskrcnn_resnet50_fpn_v2 (C4 runs: resnet50 keys)\n"
+            "  detectron2   pickle with Detectron2 v0.6 names + a ready config FILE.yaml\n"
+            "  mmdet        {state_dict, meta} with MMDetection v3.3.0 names + a config FILE.py\n"
+            "The projector and predictor are never exported (paper 4.2). --weights online (default,\n"
+            "as BYOL and the released SoCo converters) or target (the EMA network). Prints which keys\n"
+            "were loaded, which the detector must initialise (missing) and which were left (unused)."
+        ),
+        examples=[
+            "soco export runs/fpn100 --to torchvision -o soco_r50fpn.pth",
+            "soco export runs/fpn100 --to detectron2 -o soco_r50fpn.pkl   # + soco_r50fpn.yaml",
+            "soco export runs/fpn100/checkpoints/step_00005000.pt --to mmdet -o soco_mmdet.pth",
+            "soco export runs/c4-100ep --to torchvision --weights target -o soco_r50_c4.pth",
+        ],
+    )
+    p.add_argument("run", metavar="RUN", help="run folder (uses RUN/checkpoints/last.pt) or a checkpoint file")
+    p.add_argument("--to", required=True, choices=EXPORT_TARGETS, metavar="TARGET",
+                   help=f"detector library: {', '.join(EXPORT_TARGETS)}")
+    p.add_argument("--weights", choices=("online", "target"), default="online", metavar="WHICH",
+                   help="online (default) or target (EMA) network")
+    p.add_argument("-o", "--out", metavar="FILE", required=True, help="output weights file")
+    p.add_argument("--config-out", metavar="FILE", default=None,
+                   help="where to write the fine-tune config (detectron2: default FILE.yaml; mmdet: FILE.py)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    if not Path(args.run).exists():
+        raise UsageError(f"{args.run}: no such run folder or checkpoint file")
+    if args.config_out is not None and args.to == "torchvision":
+        raise UsageError("--config-out is for --to detectron2 or mmdet (torchvision needs no config)")
+    from .transfer.export import export
+
+    report = export(args.run, args.to, weights=args.weights, out=Path(args.out),
+                    config_out=Path(args.config_out) if args.config_out else None)
+    print(report.format())
+    return 0
+
+
+# ---------------------------------------------------------------- soco linear
+
+
+def add_linear(subparsers):
+    p = _add(
+        subparsers,
+        "linear",
+        help="linear probe: a linear classifier on the frozen pretrained ResNet-50 (top-1/top-5)",
+        description=(
+            "Train a linear classifier on the frozen ResNet-50 of WEIGHTS (paper appendix B:\n"
+            "backbone and BN statistics fixed; SGD lr 30 x batch/256, momentum 0.9, weight decay 0,\n"
+            "batch 256, 100 epochs, cosine after a 5-epoch warm-up as the released code; train:\n"
+            "random resized crop 224 + flip; test: shorter side 256, centre crop 224). TRAIN and\n"
+            "VAL are class folders (ROOT/CLASS/IMAGE, as torchvision ImageFolder) with the same\n"
+            "class names. Writes OUT/metrics.json (top1, top5), OUT/metrics.jsonl (per epoch) and\n"
+            "OUT/checkpoints/last.pt; rerunning the same command resumes. Unreadable images are\n"
+            "skipped and listed in metrics.json. --image-size etc. shrink it for a CPU."
+        ),
+        examples=[
+            "soco linear --weights runs/c4-100ep --train imagenet/train --val imagenet/val --out runs/c4-linear",
+            "soco linear --weights runs/fpn100 --soco-weights target --train imagenet/train --val imagenet/val "
+            "--out runs/fpn100-linear-ema",
+            "soco linear --weights none --train shapes/train --val shapes/val --out runs/random-linear "
+            "--epochs 5 --batch 32 --image-size 96   # random-init baseline, CPU-sized",
+        ],
+    )
+    p.add_argument("--weights", required=True, metavar="RUN|CKPT|none",
+                   help="soco pretrain run folder, checkpoint file, ResNet-50 / torchvision-export state "
+                        "dict, or none (random init)")
+    p.add_argument("--train", required=True, metavar="DIR", help="training class folder (DIR/CLASS/IMAGE)")
+    p.add_argument("--val", required=True, metavar="DIR", help="validation class folder, same class names")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics, checkpoint)")
+    p.add_argument("--soco-weights", default="online", choices=("online", "target"),
+                   help="which SoCo network: online (default; released main_linear.py, BYOL) or target (EMA)")
+    p.add_argument("--epochs", type=_positive_int, default=100, metavar="N", help="epochs (default 100, paper B)")
+    p.add_argument("--batch", type=_positive_int, default=256, metavar="N", help="batch size (default 256, paper B)")
+    p.add_argument("--lr", type=_positive_float, default=30.0, metavar="LR",
+                   help="learning rate at batch 256, scaled by batch/256 (default 30, paper B)")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "steps"),
+                   help="cosine (default, released code) or steps (MoCo: x0.1 at 60%% and 80%%)")
+    p.add_argument("--warmup-epochs", type=_non_negative_int, default=5, metavar="N",
+                   help="linear warm-up from lr/100 (default 5, released code; 0 = none)")
+    p.add_argument("--image-size", type=_positive_int, default=224, metavar="PX",
+                   help="crop size (default 224); the test resize is PX x 256/224")
+    p.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
+                   help="data-loader processes (default: usable cores, at most 8)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--max-iters", type=_non_negative_int, default=None, metavar="N",
+                   help="stop after N optimiser steps in total (the schedule keeps its length), then evaluate")
+    p.add_argument("--eval-every", type=_non_negative_int, default=0, metavar="N",
+                   help="also evaluate every N epochs into metrics.jsonl (default 0: only at the end)")
+    p.add_argument("--resume", default="auto", choices=("auto", "none"),
+                   help="auto: continue from OUT/checkpoints/last.pt if any (default); none: start over")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_linear)
+
+
+def cmd_linear(args) -> int:
+    _require_dir(args.train, "training class folder")
+    _require_dir(args.val, "validation class folder")
+    if args.weights.lower() != "none" and not Path(args.weights).exists():
+        raise UsageError(f"--weights {args.weights}: no such run folder or checkpoint (or give --weights none)")
+    from .transfer.linear import LinearConfig, linear_probe
+
+    config = LinearConfig(epochs=args.epochs, batch_size=args.batch, base_lr=args.lr, schedule=args.schedule,
+                          warmup_epochs=args.warmup_epochs, image_size=args.image_size, workers=args.workers,
+                          eval_every=args.eval_every, seed=args.seed)
+    linear_probe(args.weights, args.train, args.val, Path(args.out), config, soco_weights=args.soco_weights,
+                 resume=args.resume, max_iters=args.max_iters, device=args.device, progress=not args.no_progress)
+    return 0
+
+
+# ---------------------------------------------------------------- soco finetune
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """Short sides: ``"800"``, ``"640,672,704"`` or ``"640-800"`` (every 32 px, Detectron2's list)."""
+    try:
+        if "-" in text:
+            lo, hi = (int(v) for v in text.split("-"))
+            if lo > hi:
+                raise ValueError
+            sizes = tuple(range(lo, hi + 1, 32)) + (() if (hi - lo) % 32 == 0 else (hi,))
+        else:
+            sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad sizes {text!r}: expected PX, PX,PX,... or LO-HI (e.g. 640-800)") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"bad sizes {text!r}: sizes must be positive")
+    return sizes
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def add_finetune(subparsers):
+    p = _add(
+        subparsers,
+        "finetune",
+        help="fine-tune Mask R-CNN (torchvision R50-FPN v2) from SoCo weights and report COCO AP",
+        description=(
+            "Fine-tune torchvision's Mask R-CNN v2 (R50-FPN, 4conv1fc BN box head; Faster R-CNN when\n"
+            "the training JSON has no masks, or with --boxes-only) on a COCO-format set, then evaluate\n"
+            "bbox (and segm) AP with pycocotools into OUT/metrics.json. Recipe of paper 4.2: SGD\n"
+            "momentum 0.9, lr 0.02 at batch 16 scaled linearly, linear warm-up 1000 iterations, x0.1\n"
+            "after 2/3 and 8/9 of training, weight decay 2.5e-5; 1x = 90k iterations at batch 16\n"
+            "(2x = 180k; both scaled by 16/batch). --fraction takes a seeded random subset of the\n"
+            "training images (paper 4.5 Mini COCO). BN layers are trained (SyncBN under torchrun).\n"
+            "Rerunning the same command resumes from OUT/checkpoints/last.pt. For a CPU, shrink\n"
+            "--min-size/--max-size, --batch, --roi-batch, --test-proposals and --detections."
+        ),
+        examples=[
+            "soco export runs/fpn100 --to torchvision -o soco.pth && soco finetune --weights soco.pth "
+            "--train-json coco/annotations/instances_train2017.json --train-images coco/train2017 "
+            "--val-json coco/annotations/instances_val2017.json --val-images coco/val2017 --out ft/soco-1x",
+            "torchrun --nproc-per-node 8 -m soco_pretrain finetune --weights runs/fpn100 --fraction 0.05 "
+            "--train-json ... --train-images ... --val-json ... --val-images ... --out ft/mini5",
+            "soco finetune --weights none --train-json t.json --train-images imgs --val-json v.json "
+            "--val-images imgs --out ft/scratch --max-iters 200 --batch 2 --min-size 320 --max-size 512 "
+            "--roi-batch 128   # CPU-sized",
+        ],
+    )
+    p.add_argument("--weights", required=True, metavar="FILE|RUN|none",
+                   help="torchvision state dict (soco export --to torchvision), soco pretrain run folder or "
+                        "checkpoint, or none (random init baseline)")
+    p.add_argument("--soco-weights", choices=("online", "target"), default="online",
+                   help="for a run/checkpoint: online (default, as soco export) or target (EMA) encoder")
+    p.add_argument("--train-json", required=True, metavar="JSON", help="COCO instances JSON for training")
+    p.add_argument("--train-images", required=True, metavar="DIR", help="folder of the training JSON's file_names")
+    p.add_argument("--val-json", required=True, metavar="JSON", help="COCO instances JSON for evaluation")
+    p.add_argument("--val-images", required=True, metavar="DIR", help="folder of the val JSON's file_names")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics, checkpoints)")
+    p.add_argument("--schedule", choices=("1x", "2x"), default="1x",
+                   help="1x (default: 90k iterations at batch 16) or 2x (180k)")
+    p.add_argument("--max-iters", type=_positive_int, default=None, metavar="N",
+                   help="train N iterations instead of --schedule (lr drops at 2/3 and 8/9 of N)")
+    p.add_argument("--fraction", type=_fraction, default=1.0, metavar="F",
+                   help="seeded random fraction of the training images, e.g. 0.05 or 0.10 (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset, data order, flips and new heads (default 0)")
+    p.add_argument("--batch", type=_positive_int, default=16, metavar="N",
+                   help="total batch over all processes (default 16, paper)")
+    p.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
+                   help="peak learning rate (default 0.02 x batch / 16)")
+    p.add_argument("--min-size", type=parse_sizes, default=parse_sizes("640-800"), metavar="SIZES",
+                   help="training short side(s), one drawn per image: PX, PX,PX,... or LO-HI in steps of "
+                        "32 (default 640-800, Detectron2)")
+    p.add_argument("--max-size", type=_positive_int, default=1333, metavar="PX", help="long-side cap (default 1333)")
+    p.add_argument("--test-size", type=_positive_int, default=None, metavar="PX",
+                   help="evaluation short side (default: the largest --min-size, 800)")
+    p.add_argument("--roi-batch", type=_positive_int, default=512, metavar="N",
+                   help="RoIs sampled per training image for the box head (default 512, Detectron2)")
+    p.add_argument("--test-proposals", type=_positive_int, default=1000, metavar="N",
+                   help="RPN proposals per image at test time (default 1000, Detectron2)")
+    p.add_argument("--detections", type=_positive_int, default=100, metavar="N",
+                   help="detections kept per image (default 100, COCO)")
+    p.add_argument("--boxes-only", action="store_true", help="Faster R-CNN and bbox AP even if the data has masks")
+    p.add_argument("--precise-bn", type=_non_negative_int, default=200, metavar="N",
+                   help="re-estimate BN statistics over N training batches before evaluating (default 200, "
+                        "released config; at most the iterations; 0 = off)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32 (default, as Detectron2) or bf16/fp16 autocast (fp16: CUDA only)")
+    p.add_argument("--workers", type=_non_negative_int, default=min(4, _default_workers()), metavar="N",
+                   help=f"data-loader processes per device (default {min(4, _default_workers())})")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--log-every", type=_positive_int, default=20, metavar="N", help="metrics.jsonl period (default 20)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=5000, metavar="N",
+                   help="checkpoint period in iterations (default 5000; always one at the end)")
+    p.add_argument("--eval-every", type=_non_negative_int, default=0, metavar="N",
+                   help="also evaluate every N iterations (default 0: only at the end)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="only evaluate: OUT's last checkpoint if any (with --resume auto), else --weights")
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto: continue from OUT/checkpoints/last.pt if any (default); none: start over; "
+                        "or a checkpoint file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> int:
+    for flag, path in (("--train-json", args.train_json), ("--val-json", args.val_json)):
+        if not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    _require_dir(args.train_images, "training image folder")
+    _require_dir(args.val_images, "validation image folder")
+    if args.weights.lower() != "none" and not Path(args.weights).exists():
+        raise UsageError(f"--weights {args.weights}: no such file or run folder (or give --weights none)")
+    if args.resume not in ("auto", "none") and not Path(args.resume).is_file():
+        raise UsageError(f"--resume {args.resume}: expected auto, none or a checkpoint file")
+    from .train.checkpoint import CheckpointError
+    from .train.distributed import DistributedError
+    from .train.loop import NonFiniteLossError
+    from .transfer.finetune import FinetuneOptions, finetune
+
+    options = FinetuneOptions(
+        schedule=args.schedule, max_iters=args.max_iters, fraction=args.fraction, seed=args.seed, batch=args.batch,
+        lr=args.lr, train_sizes=args.min_size, test_size=args.test_size, max_size=args.max_size,
+        roi_batch=args.roi_batch, test_proposals=args.test_proposals, detections=args.detections,
+        boxes_only=args.boxes_only, soco_weights=args.soco_weights, precise_bn=args.precise_bn,
+        precision=args.precision, workers=args.workers, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_only=args.eval_only,
+        resume=args.resume, device=args.device, progress=not args.no_progress)
+    weights = None if args.weights.lower() == "none" else args.weights
+    try:
+        finetune(weights, args.train_json, args.train_images, args.val_json, args.val_images, Path(args.out), options)
+    except (CheckpointError, DistributedError) as exc:
+        raise UsageError(_one_line(exc)) from None
+    except NonFiniteLossError as exc:  # not the user's input: exit 1, still one line
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0
@@ -519,8 +800,10 @@ def add_demo(subparsers):
         description=(
             "Run the whole pipeline on 7 photos bundled with scikit-image (nothing is\n"
             "downloaded): write them to DIR/images, compute proposals into DIR/proposals and\n"
-            "draw them into DIR/pictures, draw the training views into DIR/views, then run a\n"
-            "short tiny-preset pretraining into DIR/run and plot its curves."
+            "draw them into DIR/pictures, draw the training views into DIR/views, run a short\n"
+            "tiny-preset pretraining into DIR/run and plot its curves, export the encoder for\n"
+            "torchvision (DIR/export), then fine-tune Mask R-CNN v2 from it on shapes painted onto\n"
+            "the photos (DIR/labelled) and print COCO AP (DIR/finetune/metrics.json)."
         ),
         examples=["soco demo", "soco demo -o /tmp/soco-demo --workers 2"],
     )
@@ -532,23 +815,28 @@ def add_demo(subparsers):
         metavar="N",
         help=f"parallel processes (default: number of CPU cores, {_default_workers()} here)",
     )
-    from .demo import DEMO_PRETRAIN_STEPS  # a light module (no torch)
+    from .demo import DEMO_FINETUNE_ITERS, DEMO_PRETRAIN_STEPS  # a light module (no torch)
 
     p.add_argument("--pretrain-steps", type=_non_negative_int, default=DEMO_PRETRAIN_STEPS, metavar="N",
-                   help=f"tiny pretraining steps (default {DEMO_PRETRAIN_STEPS}; 0 skips pretraining)")
+                   help=f"tiny pretraining steps (default {DEMO_PRETRAIN_STEPS}; 0 skips pretraining, "
+                        "export and fine-tune)")
+    p.add_argument("--finetune-iters", type=_non_negative_int, default=DEMO_FINETUNE_ITERS, metavar="N",
+                   help=f"Mask R-CNN fine-tune iterations (default {DEMO_FINETUNE_ITERS}; 0 skips the fine-tune)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), workers=args.workers or _default_workers(), pretrain_steps=args.pretrain_steps)
+    run_demo(Path(args.out), workers=args.workers or _default_workers(), pretrain_steps=args.pretrain_steps,
+             finetune_iters=args.finetune_iters)
     return 0
 
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_proposals, add_proposals_merge, add_pretrain, add_show, add_demo]
+COMMANDS = [add_proposals, add_proposals_merge, add_pretrain, add_show, add_export, add_linear, add_finetune,
+            add_demo]
 SHOW_COMMANDS = [add_show_proposals, add_show_views, add_show_curves]
 
 
@@ -591,6 +879,11 @@ USER_ERRORS = [
     ("soco_pretrain.proposals.store", "StoreError"),
     ("soco_pretrain.proposals.generate", "GenerateError"),
     ("soco_pretrain.data.dataset", "DatasetError"),
+    ("soco_pretrain.transfer.linear", "LinearError"),
+    ("soco_pretrain.transfer.export", "ExportError"),
+    ("soco_pretrain.transfer.coco", "CocoError"),
+    ("soco_pretrain.transfer.detector", "WeightsError"),
+    ("soco_pretrain.transfer.finetune", "FinetuneError"),
 ]
 
 

@@ -51,6 +51,20 @@ class ViewsConfig:
     level_bounds: tuple[int, int, int] = (48, 96, 192)
     # Images without proposals: "error" (count and list them) or "whole_image" (released fallback).
     no_proposals: str = "error"
+    # Where the boxes come from (ablations: paper Table 4 row 1, Table 5c):
+    # "selective_search": the proposal store given to the dataset (soco proposals; paper 3.2, default);
+    # "whole_image": the image itself is the one box (Table 4's image-level baseline; the other K-1
+    #   slots are padding, see `pad`); no store needed;
+    # "random": num_proposals random boxes per image, new ones every sample (Table 5c "Random"),
+    #   drawn with the sample's rng in the original image: log-uniform w/h in [1/3, 3] and
+    #   sqrt(wh)/sqrt(WH) uniform in [0.3, 0.8] (the paper's filter rules; our choice of laws),
+    #   uniform position; no store needed;
+    # "coco": the boxes of a COCO JSON's annotations (proposal_json, e.g. ground truth), joined to
+    #   the images by file_name; crowd and empty boxes skipped (our choice); no store needed.
+    proposal_source: str = "selective_search"
+    proposal_json: str | None = None  # the COCO JSON of proposal_source=coco
+    # Our choice: off (the user's boxes as given); true applies the paper's filter (3.2) to them.
+    proposal_json_filter: bool = False
 
 
 @dataclass

@@ -18,7 +18,10 @@ skipped  list of (absolute path, reason) of images that failed to decode and wer
 ======== ==================================================================================
 
 Images come from a folder (recursive), a list file or a COCO-style JSON (its ``images``
-entries only) and are joined with the proposal store by relative path. Randomness is per
+entries only) and are joined with the proposal store by relative path. Boxes come from that
+store (``views.proposal_source="selective_search"``, the default) or, for the paper's ablations,
+from the whole image, random boxes drawn per sample, or a COCO JSON's annotations
+(``proposal_sources.py``); those need no store. Randomness is per
 sample: ``np.random.default_rng([seed, epoch, index])`` drives the geometry and a
 ``torch.Generator`` seeded from it the photometric augmentation, so the same seed gives the
 same samples whatever the number of loader workers or the order they run in.
@@ -41,6 +44,7 @@ from ..images import ImageError, ImageList, list_images, load_rgb
 from ..proposals.filters import RULE_FAILED
 from ..proposals.store import ProposalStore
 from ..proposals.store import load as load_store
+from .proposal_sources import PROPOSAL_SOURCES, BoxFileError, random_boxes, read_coco_boxes
 
 log = logging.getLogger("soco_pretrain.data")
 
@@ -156,6 +160,16 @@ def _no_proposals_message(images: ImageList, store: ProposalStore, join: Join) -
             "(soco proposals) or set views.no_proposals=whole_image to use the whole image")
 
 
+def _no_boxes_message(images: ImageList, json_path, boxes) -> str:
+    idx = np.flatnonzero(boxes.missing)
+    named = ", ".join(images.paths[i] for i in idx[:MAX_NAMED])
+    more = f" and {len(idx) - MAX_NAMED} more" if len(idx) > MAX_NAMED else ""
+    why = ", ".join(f"{k}: {v}" for k, v in boxes.reasons.items())
+    return (f"{json_path}: {len(idx)} of {len(images)} images have no boxes ({why}): {named}{more}; "
+            "file names must match the image paths, or set views.no_proposals=whole_image "
+            "to use the whole image")
+
+
 # ---------------------------------------------------------------- the dataset
 
 
@@ -183,6 +197,12 @@ def _check_config(config: DataConfig) -> None:
         raise DatasetError(str(exc)) from None
     if views.no_proposals not in ("error", "whole_image"):
         raise DatasetError(f"views.no_proposals={views.no_proposals!r}: expected error or whole_image")
+    if views.proposal_source not in PROPOSAL_SOURCES:
+        raise DatasetError(f"views.proposal_source={views.proposal_source!r}: expected one of "
+                           f"{', '.join(PROPOSAL_SOURCES)}")
+    if views.proposal_source == "coco" and not views.proposal_json:
+        raise DatasetError("views.proposal_source=coco needs views.proposal_json=PATH (a COCO JSON "
+                           "whose annotations' boxes are the proposals)")
     if aug.device not in ("cpu", "gpu"):
         raise DatasetError(f"augment.device={aug.device!r}: expected cpu or gpu")
     n_views = 4 if views.soco_star else 3
@@ -213,30 +233,59 @@ class SoCoDataset(torch.utils.data.Dataset):
     """Views, boxes and FPN levels of every image of a source that has proposals.
 
     ``images``: a folder (recursive), a list file, a COCO-style ``.json`` (with ``image_root``,
-    default its folder) or an ImageList. ``proposals``: a store directory or a ProposalStore.
+    default its folder) or an ImageList. ``proposals``: a store directory or a ProposalStore;
+    None (or ignored) when ``config.views.proposal_source`` is not "selective_search".
     ``config``: DataConfig (default: the paper's settings). See the module docstring for the
     sample fields. Raises DatasetError (a ValueError) listing the images without proposals
     unless ``config.views.no_proposals == "whole_image"``.
     """
 
-    def __init__(self, images, proposals, config: DataConfig | None = None, image_root=None):
+    def __init__(self, images, proposals=None, config: DataConfig | None = None, image_root=None):
         self.config = config if config is not None else DataConfig()
         _check_config(self.config)
         self.images = image_source(images, image_root)
         if len(self.images) == 0:
             raise DatasetError(f"{self.images.root}: no images found")
-        self.store = proposals if isinstance(proposals, ProposalStore) else load_store(proposals)
-        join = join_store(self.images, self.store)
-        self.rows = join.rows
-        self.whole_image = join.missing  # used only with no_proposals="whole_image"
-        self.without_proposals = [self.images.paths[i] for i in join.without_proposals]
+        self.source = self.config.views.proposal_source
+        self.store, self.rows, self.boxes_json = None, None, None
+        n = len(self.images)
+        if self.source == "selective_search":
+            if proposals is None:
+                raise DatasetError("views.proposal_source=selective_search needs a proposal store "
+                                   "(make one with soco proposals IMAGES -o STORE and pass it, e.g. "
+                                   "--proposals STORE), or choose views.proposal_source=whole_image, "
+                                   "random or coco")
+            self.store = proposals if isinstance(proposals, ProposalStore) else load_store(proposals)
+            join = join_store(self.images, self.store)
+            self.rows = join.rows
+            missing = join.missing
+            message = _no_proposals_message(self.images, self.store, join) if join.missing.any() else ""
+        else:
+            if proposals is not None:
+                log.info("views.proposal_source=%s: the proposal store %s is not used", self.source, proposals)
+            missing, message = np.zeros(n, dtype=bool), ""
+            if self.source == "coco":
+                self.boxes_json = self._read_boxes_json()
+                missing = self.boxes_json.missing
+                message = _no_boxes_message(self.images, self.config.views.proposal_json, self.boxes_json)
+        # Images served with the whole image as their one box: every image in "whole_image"
+        # mode, else those without proposals (only with no_proposals="whole_image").
+        self.whole_image = missing | (self.source == "whole_image")
+        self.without_proposals = [self.images.paths[i] for i in np.flatnonzero(missing)]
         if self.without_proposals and self.config.views.no_proposals == "error":
-            raise DatasetError(_no_proposals_message(self.images, self.store, join), self.without_proposals)
+            raise DatasetError(message, self.without_proposals)
         if self.without_proposals:
             log.info("%d images without proposals use the whole image as their proposal",
                      len(self.without_proposals))
         self.epoch = 0
         self.num_views = 4 if self.config.views.soco_star else 3
+
+    def _read_boxes_json(self):
+        views = self.config.views
+        try:
+            return read_coco_boxes(views.proposal_json, self.images.paths, views.proposal_json_filter)
+        except BoxFileError as exc:
+            raise DatasetError(str(exc)) from None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -247,9 +296,10 @@ class SoCoDataset(torch.utils.data.Dataset):
 
     # -- loading
 
-    def _load(self, j: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image ``j`` decoded and its proposals in continuous original pixels; ImageError if
-        the file cannot be decoded or no longer matches the store."""
+    def _load(self, j: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image ``j`` decoded and its proposals in continuous original pixels (None for random
+        boxes: the caller draws them with the sample's rng); ImageError if the file cannot be
+        decoded or no longer matches the store or the box JSON."""
         from .boxes import from_store
 
         path = self.images.abspath(j)
@@ -257,6 +307,14 @@ class SoCoDataset(torch.utils.data.Dataset):
         h, w = image.shape[:2]
         if self.whole_image[j]:
             return image, np.array([[0.0, 0.0, w, h]])
+        if self.source == "random":
+            return image, None
+        if self.source == "coco":
+            jw, jh = (int(v) for v in self.boxes_json.sizes[j])
+            if jw and jh and (jw, jh) != (w, h):
+                raise ImageError(path, f"decodes to {w}x{h} but {self.config.views.proposal_json} "
+                                       f"says {jw}x{jh} (boxes of another picture?)")
+            return image, self.boxes_json.of(j)
         row = int(self.rows[j])
         sw, sh = self.store.image_size(row)
         if (sw, sh) != (w, h):
@@ -294,6 +352,8 @@ class SoCoDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self.images.root}: {len(skipped)} images in a row from index {index} "
                                f"failed to decode (last: {skipped[-1][0]}: {skipped[-1][1]}); "
                                "is the image folder the one the proposals were made from?")
+        if boxes is None:  # views.proposal_source=random: new boxes every sample (and epoch)
+            boxes = random_boxes(rng, image.shape[1], image.shape[0], self.config.views.num_proposals)
         try:
             viewset = build_views(image, boxes, self.config.views, rng)
         except ValueError as exc:  # e.g. every stored box outside the image: name the file
@@ -330,5 +390,8 @@ class SoCoDataset(torch.utils.data.Dataset):
         }
 
     def __repr__(self) -> str:
-        return (f"SoCoDataset({len(self)} images from {self.images.root}, proposals {self.store.directory}, "
+        where = self.store.directory if self.store is not None else self.source
+        if self.source == "coco":
+            where = f"coco {self.config.views.proposal_json}"
+        return (f"SoCoDataset({len(self)} images from {self.images.root}, proposals {where}, "
                 f"{self.num_views} views, {len(self.without_proposals)} without proposals)")

@@ -72,7 +72,7 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, mask
             bn.num_batches_tracked.add_(1)
             # momentum None = cumulative average (nn.BatchNorm's meaning), as a device tensor: no sync
             factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.float()
-            factor = torch.where(count > 0, torch.as_tensor(factor, device=x.device, dtype=torch.float32), 0.0)
+            factor = torch.where(count > 0, factor, 0.0)  # python scalars stay scalars: no copy to the device
             unbiased = var * count / (count - 1).clamp(min=1)  # as torch: running var is unbiased
             bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor.to(bn.running_mean.dtype))
             bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor.to(bn.running_var.dtype))

@@ -180,6 +180,9 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
              device: str | None = None) -> Summary:
     """Pretrain SoCo on ``images`` with their ``proposals`` store into ``run_dir``.
 
+    ``proposals`` may be None when ``cfg.data.views.proposal_source`` is whole_image, random or
+    coco (the ablation sources need no store; the dataset says so in one line otherwise).
+
     ``max_steps``: stop after this many optimiser steps in total (counting resumed ones; the
     schedules keep their full length, so a later run can continue). ``resume``: "auto" (the
     run's latest checkpoint if any), "none" (start at step 0) or a checkpoint path.
