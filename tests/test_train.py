@@ -93,7 +93,6 @@ def test_plan_derives_accumulation_and_schedule_lengths():
 # ---------------------------------------------------------------- training
 
 
-@pytest.mark.slow  # minutes on 2 CPU cores: run with -m slow
 def test_tiny_loss_goes_down(data, tmp_path):
     # Overfit 2 photos: one step per epoch, 1 warm-up step (lr 0), then lr 0.5 decaying.
     cfg = small_config("train.epochs=10", "train.base_lr=64.0")
@@ -121,7 +120,6 @@ def _state_equal(a: dict, b: dict, path=""):
             assert x == y, f"{path}.{key}"
 
 
-@pytest.mark.slow  # minutes on 2 CPU cores: run with -m slow
 def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     # 4 images, 1 per micro-batch, 2 micro-batches per optimiser step (accumulation): 2 steps per
     # epoch, so the split after step 1 is mid-epoch (the loader must skip 2 samples) and step 3
@@ -146,7 +144,6 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     assert _losses(split) == pytest.approx(_losses(straight), rel=0, abs=0)
 
 
-@pytest.mark.slow  # minutes on 2 CPU cores: run with -m slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     import soco_pretrain.model.soco as soco
 
@@ -174,7 +171,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_00000002.pt"]
 
 
-@pytest.mark.slow  # minutes on 2 CPU cores: run with -m slow
 def test_two_process_ddp_matches_one_process(data, tmp_path):
     # Same total batch of 2: one process x 2 images vs two gloo processes (torchrun, through the
     # CLI) x 1 image; SyncBN makes the BatchNorm statistics those of the whole batch. Repeat-padding

@@ -126,7 +126,9 @@ class TrainConfig:
 
     epochs: int = 100  # paper 4.1: 100-epoch schedule for ablations (400 for the best results)
     batch_size: int = 2048  # paper 4.1: total batch 2048 = per_gpu_batch x world size x accumulation
-    per_device_batch: int = 64  # our choice: fits a 24 GB card in bf16 for the FPN model
+    # 0 = auto: the largest power of two that fits the device (train/memory.py: measured memory
+    # per image; 64 on a CPU) and divides the batch per process; accumulation makes up the rest.
+    per_device_batch: int = 0
     base_lr: float = 1.0  # paper 4.1: lr = 1.0 x batch / 256 (linear scaling)
     warmup_epochs: int = 10  # paper 4.1
     weight_decay: float = 1e-5  # paper 4.1
@@ -138,7 +140,9 @@ class TrainConfig:
     ema_tau: float = 0.99  # paper 4.1: tau from 0.99 increased to 1 (cosine, as BYOL)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True  # on GPU
-    compile: bool = False
+    # auto: torch.compile on CUDA (benchmarks/gpu.py: 1.5x images/s for FPN on an H200), not on
+    # CPUs; true | false force it.
+    compile: str = "auto"
     workers: int = 8  # data-loader processes per device
     log_every: int = 10  # optimiser steps between metrics lines
     checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
@@ -195,6 +199,8 @@ def _parse_value(text: str, current: Any) -> Any:
     import yaml
 
     value = yaml.safe_load(text)
+    if isinstance(current, str) and isinstance(value, bool):  # e.g. train.compile=true (auto|true|false)
+        value = "true" if value else "false"
     if isinstance(current, bool) and not isinstance(value, bool):
         raise ValueError(f"expected true/false, got {text!r}")
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

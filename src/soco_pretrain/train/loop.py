@@ -89,6 +89,59 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_per_device_batch(cfg: PretrainConfig, world_size: int, device) -> tuple[PretrainConfig, str]:
+    """``train.per_device_batch: 0`` (auto) -> the largest batch that fits the device (memory.py);
+    returns the config with the number filled in and a note for the start-up line."""
+    import dataclasses
+
+    from .memory import auto_per_device_batch
+
+    t = cfg.train
+    if t.per_device_batch != 0:
+        return cfg, ""
+    device = torch.device(device)
+    card_gib = None
+    if device.type == "cuda":
+        card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    precision = resolve_precision(t.precision, device)
+    batch = auto_per_device_batch(cfg.model.arch, cfg.data.views.soco_star, card_gib, t.batch_size, world_size,
+                                  cfg.data.views.v1_size, precision)
+    where = f"a {card_gib:.0f} GiB card" if card_gib is not None else "the CPU"
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, per_device_batch=batch))
+    return cfg, f" (per-device batch {batch}: auto for {where})"
+
+
+def resolve_compile(value, device: torch.device) -> bool:
+    """``train.compile``: auto (on for CUDA, where benchmarks/gpu.py measured 1.5x images/s for
+    the FPN step; off on CPUs, where compiling costs minutes for little) | true | false."""
+    text = str(value).lower()
+    if text not in ("auto", "true", "false"):
+        raise PretrainError(f"train.compile={value!r}: expected auto, true or false")
+    return text == "true" or (text == "auto" and torch.device(device).type == "cuda")
+
+
+def compiled(model):
+    """torch.compile(model), falling back to eager (with a one-line note) if compiling fails,
+    e.g. where no compiler toolchain is installed: a slower run beats no run."""
+    fast = torch.compile(model)
+    state = {"fn": fast}
+
+    def forward(*args, **kwargs):
+        try:
+            return state["fn"](*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - only compiler failures fall back; the rest re-raise
+            from torch._dynamo.exc import BackendCompilerFailed
+
+            if state["fn"] is model or not isinstance(exc, BackendCompilerFailed):
+                raise
+            print(f"note: torch.compile failed ({type(exc).__name__}); training without it "
+                  "(--set train.compile=false silences this)", flush=True)
+            state["fn"] = model
+            return model(*args, **kwargs)
+
+    return forward
+
+
 def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int, device) -> Plan:
     """Accumulation, steps per epoch, schedule lengths and the peak lr for this job."""
     from .schedule import scaled_lr
@@ -200,10 +253,12 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
     run_dir = Path(run_dir)
     if max_steps is not None and max_steps < 0:
         raise PretrainError(f"max_steps must be >= 0, got {max_steps}")
-    t = cfg.train
     dist_info = init_distributed(device)
     dev, world, is_main = dist_info.device, dist_info.world_size, dist_info.is_main
     try:
+        cfg, batch_note = resolve_per_device_batch(cfg, world, dev)
+        t = cfg.train
+        use_compile = resolve_compile(t.compile, dev)
         # ---- data (stage 2): per-sample randomness from (data.seed, epoch, index)
         dataset = SoCoDataset(images, proposals, cfg.data, image_root=image_root)
         # Full batches only (the paper's fixed batch), unless the dataset is smaller than one
@@ -229,7 +284,7 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
             # boxes in the graph), so DDP need not search for unused ones.
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        forward = torch.compile(model) if t.compile else model
+        forward = compiled(model) if use_compile else model
         scaler = torch.amp.GradScaler(dev.type, enabled=plan.precision == "fp16")
         augmenter = None
         if cfg.data.augment.device == "gpu":
@@ -261,7 +316,8 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
             print(f"pretraining {cfg.model.arch}{'*' if cfg.data.views.soco_star else ''} on {len(dataset)} "
                   f"images: batch {t.batch_size} = {t.per_device_batch} x {world} process(es) x "
                   f"{plan.accum} accumulation, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps "
-                  f"({t.epochs} epochs), lr {plan.peak_lr:g}, {plan.precision} on {dev}", flush=True)
+                  f"({t.epochs} epochs), lr {plan.peak_lr:g}, {plan.precision} on {dev}"
+                  f"{', torch.compile' if use_compile else ''}{batch_note}", flush=True)
             if not drop_last:
                 print(f"note: {len(dataset)} images are fewer than one batch per process: one batch of "
                       f"{math.ceil(len(dataset) / world)} per process and epoch", flush=True)
