@@ -60,3 +60,15 @@ def test_compile_is_auto_on_cuda_only_and_overrides_parse():
     assert resolve_compile(True, torch.device("cpu"))  # an older run's config.yaml holds a bool
     with pytest.raises(PretrainError, match="train.compile"):
         resolve_compile("sometimes", torch.device("cpu"))
+
+
+def test_augment_device_auto_means_gpu_on_cuda_and_workers_elsewhere():
+    from soco_pretrain.train.loop import resolve_augment_device
+
+    cfg = load_preset("fpn-100ep")
+    assert cfg.data.augment.device == "auto"
+    assert resolve_augment_device(cfg, torch.device("cuda")).data.augment.device == "gpu"
+    assert resolve_augment_device(cfg, torch.device("cpu")).data.augment.device == "cpu"
+    fixed = apply_overrides(cfg, ["data.augment.device=cpu"])
+    assert resolve_augment_device(fixed, torch.device("cuda")) is fixed
+    assert cfg.data.augment.device == "auto"  # the input config is not modified

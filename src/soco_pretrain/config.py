@@ -85,7 +85,11 @@ class AugmentConfig:
     # second (our reading of "each view is randomly and independently augmented": independent
     # draws, BYOL's asymmetric parameters between the V1 side and the V2/V3 side).
     view_params: tuple[int, ...] = (0, 1, 1, 1)
-    device: str = "cpu"  # "cpu": per image in the workers; "gpu": batched on the training device
+    # "cpu": per image in the workers; "gpu": batched on the training device (workers only decode,
+    # crop and resize: about half their work, benchmarks/data.py); "auto": gpu when training on
+    # CUDA (a compiled H200 step needs ~1100 images/s, more than 16 cores deliver with the
+    # photometric part in the workers; README "Training step on a GPU"), cpu otherwise.
+    device: str = "auto"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet normalisation
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

@@ -203,8 +203,8 @@ def _check_config(config: DataConfig) -> None:
     if views.proposal_source == "coco" and not views.proposal_json:
         raise DatasetError("views.proposal_source=coco needs views.proposal_json=PATH (a COCO JSON "
                            "whose annotations' boxes are the proposals)")
-    if aug.device not in ("cpu", "gpu"):
-        raise DatasetError(f"augment.device={aug.device!r}: expected cpu or gpu")
+    if aug.device not in ("cpu", "gpu", "auto"):  # auto: the training loop resolves it; else cpu
+        raise DatasetError(f"augment.device={aug.device!r}: expected auto, cpu or gpu")
     n_views = 4 if views.soco_star else 3
     if len(aug.view_params) < n_views:
         raise DatasetError(f"augment.view_params={aug.view_params!r} names {len(aug.view_params)} "
@@ -373,7 +373,7 @@ class SoCoDataset(torch.utils.data.Dataset):
         views = []
         for v, img in enumerate(vs.images):
             t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # uint8 3xHxW
-            if aug.device == "cpu":
+            if aug.device != "gpu":
                 from .augment import augment_cpu
 
                 t = augment_cpu(t, aug.view_params[v], aug, raw.generator)

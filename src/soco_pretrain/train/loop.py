@@ -111,6 +111,18 @@ def resolve_per_device_batch(cfg: PretrainConfig, world_size: int, device) -> tu
     return cfg, f" (per-device batch {batch}: auto for {where})"
 
 
+def resolve_augment_device(cfg: PretrainConfig, device) -> PretrainConfig:
+    """``data.augment.device: auto`` -> "gpu" (batched photometric augmentation on the training
+    device) when training on CUDA, "cpu" (in the loader workers) otherwise."""
+    import dataclasses
+
+    aug = cfg.data.augment
+    if aug.device != "auto":
+        return cfg
+    resolved = "gpu" if torch.device(device).type == "cuda" else "cpu"
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=dataclasses.replace(aug, device=resolved)))
+
+
 def resolve_compile(value, device: torch.device) -> bool:
     """``train.compile``: auto (on for CUDA, where benchmarks/gpu.py measured 1.5x images/s for
     the FPN step; off on CPUs, where compiling costs minutes for little) | true | false."""
@@ -257,6 +269,7 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
     dev, world, is_main = dist_info.device, dist_info.world_size, dist_info.is_main
     try:
         cfg, batch_note = resolve_per_device_batch(cfg, world, dev)
+        cfg = resolve_augment_device(cfg, dev)
         t = cfg.train
         use_compile = resolve_compile(t.compile, dev)
         # ---- data (stage 2): per-sample randomness from (data.seed, epoch, index)
