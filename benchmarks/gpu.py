@@ -291,6 +291,7 @@ def end_to_end(args, device, augment: str, images: Path, proposals: Path, work: 
         f"train.batch_size={b}", f"train.per_device_batch={b}", f"train.workers={args.workers}",
         f"train.log_every={args.e2e_log_every}", "train.checkpoint_every=1000000",
         f"data.augment.device={augment}", "train.channels_last=true",
+        f"train.compile={'true' if args.e2e_compile else 'false'}",
         f"data.views.v1_size={sizes[0]}", f"data.views.v2_size={sizes[1]}", f"data.views.v3_size={sizes[2]}",
         "data.views.no_proposals=whole_image"])
     run = work / f"run-{augment}"
@@ -355,6 +356,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="loader processes")
     p.add_argument("--e2e-steps", type=int, default=40)
     p.add_argument("--e2e-log-every", type=int, default=10)
+    p.add_argument("--e2e-compile", action="store_true",
+                   help="compile the model in the end-to-end runs too (the loop's GPU default; ~4 min more each)")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json and the profile")
     p.add_argument("--quick", action="store_true", help="tiny sizes: check every code path (CPU smoke)")
     args = p.parse_args(argv)
