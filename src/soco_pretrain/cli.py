@@ -848,7 +848,11 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  soco demo                                   # try everything on bundled photos\n"
             "  soco proposals photos/ -o proposals/\n"
-            "  soco show proposals proposals/ --images photos/ -o pictures/\n\n"
+            "  soco show proposals proposals/ --images photos/ -o pictures/\n"
+            "  soco pretrain --preset fpn-100ep --images photos/ --proposals proposals/ --out run/\n"
+            "  soco export run/ --to torchvision -o soco_r50fpn.pth\n"
+            "  soco finetune --weights soco_r50fpn.pth --train-json train.json --train-images imgs/ \\\n"
+            "      --val-json val.json --val-images imgs/ --out ft/\n\n"
             "Run 'soco COMMAND --help' for a command's options."
         ),
         formatter_class=_Formatter,
