@@ -75,7 +75,7 @@ def test_presets_load_with_the_paper_settings():
 
 
 def test_plan_derives_accumulation_and_schedule_lengths():
-    cfg = load_preset("fpn-100ep")  # 2048 total, 64 per device
+    cfg = load_preset("fpn-100ep")  # 2048 total, per device auto: 64 on a CPU
     plan = make_plan(cfg, world_size=8, micro_batches_per_epoch=100, device="cpu")
     assert plan.accum == 4 and plan.steps_per_epoch == 25
     assert plan.total_steps == 100 * 25 and plan.warmup_steps == 10 * 25

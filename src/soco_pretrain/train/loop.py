@@ -158,6 +158,8 @@ def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int
     """Accumulation, steps per epoch, schedule lengths and the peak lr for this job."""
     from .schedule import scaled_lr
 
+    if cfg.train.per_device_batch == 0:  # auto (the loop resolves it first; callers may not)
+        cfg, _ = resolve_per_device_batch(cfg, world_size, device)
     t = cfg.train
     per_step = t.per_device_batch * world_size
     if t.per_device_batch < 1 or t.batch_size < 1 or t.batch_size % per_step:
