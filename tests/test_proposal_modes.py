@@ -265,3 +265,12 @@ def test_cli_pretrain_needs_proposals_only_for_selective_search(photos, tmp_path
     assert "no such file" in capsys.readouterr().err
     assert main([*base, "--set", "data.views.proposal_source=random", "--max-steps", "1"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
+
+
+def test_cli_show_views_needs_proposals_only_for_selective_search(photos, tmp_path, capsys):
+    base = ["show", "views", "--images", str(photos["images"]), "-o", str(tmp_path / "pics"), "--num", "2"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("soco: error: --proposals STORE is required") and err.count("\n") == 1
+    assert main([*base, "--set", "views.proposal_source=random"]) == 0
+    assert len(list((tmp_path / "pics").glob("views_*.png"))) == 2

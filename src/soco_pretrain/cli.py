@@ -348,13 +348,15 @@ def add_show_views(subparsers):
         examples=[
             "soco show views --images photos/ --proposals proposals/ -o pictures/",
             "soco show views --images photos/ --proposals proposals/ -o pictures/ --set views.soco_star=true",
+            "soco show views --images photos/ -o pictures/ --set views.proposal_source=random",
             "soco show views --images coco/annotations/instances_train2017.json --image-root coco/train2017 "
             "--proposals props/ -o pictures/ --augment",
         ],
     )
     p.add_argument("--images", metavar="IMAGES", required=True,
                    help="image folder, list file or COCO-style JSON the proposals were made for")
-    p.add_argument("--proposals", metavar="STORE", required=True, help="proposal store directory")
+    p.add_argument("--proposals", metavar="STORE", default=None,
+                   help="proposal store directory (needed with the default views.proposal_source=selective_search)")
     p.add_argument("-o", "--out", metavar="DIR", required=True, help="output directory for the pictures")
     p.add_argument("--image-root", metavar="DIR", default=None,
                    help="folder a COCO JSON's file names are relative to (default: the JSON's folder)")
@@ -368,7 +370,8 @@ def add_show_views(subparsers):
 
 def cmd_show_views(args) -> int:
     _require_source(args.images)
-    _require_dir(args.proposals, "proposal store")
+    if args.proposals is not None:
+        _require_dir(args.proposals, "proposal store")
     if args.image_root is not None:
         _require_dir(args.image_root, "image root")
     from .config import DataConfig, apply_overrides
@@ -377,6 +380,9 @@ def cmd_show_views(args) -> int:
         config = apply_overrides(DataConfig(seed=args.seed), args.overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if config.views.proposal_source == "selective_search" and args.proposals is None:
+        raise UsageError("--proposals STORE is required with views.proposal_source=selective_search (the "
+                         "default), or --set views.proposal_source=whole_image|random|coco")
     from .data.dataset import SoCoDataset
     from .viz import show_views
 
