@@ -95,14 +95,7 @@ def make_params(b: int, *, jitter=True, order=None, brightness=1.0, contrast=1.0
                          solarize=vec(solarize, torch.bool))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small per-image tensors, as in a data-loader worker (which PyTorch runs on one thread): extra
-    threads only add overhead, and on a busy machine their spin-waits slow these tests ~5x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -44,12 +44,7 @@ from soco_pretrain.train.loop import save_config
 from soco_pretrain.transfer.export import DEFAULT_WEIGHTS, KeyReport, export
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- fixtures: runs and exports

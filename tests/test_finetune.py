@@ -42,12 +42,7 @@ TINY = {"batch": 2, "train_sizes": (128,), "max_size": 160, "roi_batch": 32, "te
         "detections": 10, "workers": 0, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

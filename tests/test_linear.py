@@ -23,13 +23,7 @@ COLOURS = {"blue": (30, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
 TINY = dict(epochs=2, batch_size=8, image_size=64, workers=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # One torch thread: the 2 shared cores run other work too (oversubscription is 3-4x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_class_folders(root, per_class: int, seed: int):

@@ -15,12 +15,7 @@ from soco_pretrain.model.heads import MLP
 from soco_pretrain.model.masked import masked_batch_norm, run_masked
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MASK = torch.tensor([True, False, True, True, False, True, True])

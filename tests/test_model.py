@@ -29,14 +29,7 @@ from soco_pretrain.model import (
 B, K = 2, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP's 2 threads spin against other processes and
-    a ResNet-50 step gets ~15x slower; restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(arch="fpn", soco_star=False, **model) -> PretrainConfig:

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from data_fixtures import make_photos, make_store
 from PIL import Image
 
@@ -35,13 +34,7 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # One torch thread: the 2 shared cores run other work too (oversubscription is 3-4x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
