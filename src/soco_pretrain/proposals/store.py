@@ -43,8 +43,10 @@ class StoreError(Exception):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory + os.replace."""
+    """Write ``data`` to ``path`` via a temp file in the same directory + os.replace (the
+    directory is created if needed)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

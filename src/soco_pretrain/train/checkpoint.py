@@ -151,6 +151,18 @@ class CheckpointManager:
         numbered = self.numbered()
         return numbered[-1] if numbered else None
 
+    def resume_from(self, resume) -> Path | None:
+        """The checkpoint a ``--resume`` value names: None/"none" -> None (start fresh), "auto" ->
+        :meth:`latest` (None when there is none), else that file (CheckpointError if missing)."""
+        if resume in (None, "none"):
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {resume}: no such checkpoint file")
+        return path
+
     def save(self, state: dict, step: int | None = None) -> Path:
         """Write ``state`` for ``step`` (default ``state["step"]``); returns ``last.pt``'s path."""
         if self.keep == 0:

@@ -208,18 +208,8 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _find_checkpoint(resume: str | Path | None, run_dir: Path, manager) -> Path | None:
-    if resume in (None, "none"):
-        return None
-    if resume == "auto":
-        return manager.latest()
-    path = Path(resume)
-    if not path.is_file():
-        raise PretrainError(f"--resume {resume}: no such checkpoint file")
-    return path
-
-
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (bf16 | fp16 | fp32 = none); also fine-tuning's."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -309,7 +299,7 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
 
         # ---- resume
         manager = CheckpointManager(run_dir, keep=t.keep_checkpoints)
-        checkpoint_path = _find_checkpoint(resume, run_dir, manager)
+        checkpoint_path = manager.resume_from(resume)
         step, epoch, done_in_epoch = 0, 0, 0
         if checkpoint_path is not None:
             state = load_checkpoint(checkpoint_path, map_location=dev)
@@ -376,7 +366,7 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
                         last_micro = micro == plan.accum - 1
                         sync = model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
                         with sync:
-                            with _autocast(dev, plan.precision):
+                            with autocast(dev, plan.precision):
                                 loss, _ = forward(batch)
                             scaler.scale(loss / plan.accum).backward()
                         window_loss += loss.detach().float() / plan.accum

@@ -30,11 +30,8 @@ grad scaler, RNG; the data stream is a function of the seed and the iteration), 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +41,8 @@ from torch import nn
 
 from .coco import CocoDetection, TrainStream, collate, load_coco, select_fraction, trainable_images
 from .coco_eval import coco_evaluate, format_metrics, to_coco_results
+from ..proposals.store import atomic_write_json
+from ..train.loop import autocast
 from .detector import DEFAULT_SOCO_WEIGHTS, build_detector, eval_sizes, load_weights
 
 SCHEDULES = {"1x": 90_000, "2x": 180_000}  # iterations at batch 16 (Detectron2)
@@ -148,26 +147,6 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float
 # ---------------------------------------------------------------- small helpers
 
 
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write (temp file in the same folder + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def _to_device(items: list[dict], device: torch.device, with_targets: bool):
     images, targets = [], []
     for item in items:
@@ -244,7 +223,7 @@ def evaluate(model: nn.Module, coco_val, label_to_cat: dict[int, int], masks: bo
                 good = [item for item in items if item["image"] is not None]
                 images, _ = _to_device(good, device, with_targets=False)
                 if images:
-                    with _autocast(device, precision):
+                    with autocast(device, precision):
                         outputs = model(images)
                     for item, output in zip(good, outputs):
                         results += to_coco_results(output, item["image_id"], label_to_cat, masks)
@@ -290,7 +269,7 @@ def precise_bn(model: nn.Module, batches, num_iters: int, device: torch.device, 
         for _ in range(num_iters):
             images, targets = _to_device([i for i in next(batches) if i["image"] is not None], device, True)
             if images:
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     model(images, targets)
     finally:
         for m, momentum in zip(bns, momenta):
@@ -298,17 +277,6 @@ def precise_bn(model: nn.Module, batches, num_iters: int, device: torch.device, 
 
 
 # ---------------------------------------------------------------- the fine-tune
-
-
-def _find_checkpoint(resume, manager) -> Path | None:
-    if resume in (None, "none"):
-        return None
-    if resume == "auto":
-        return manager.latest()
-    path = Path(resume)
-    if not path.is_file():
-        raise FinetuneError(f"--resume {resume}: no such checkpoint file")
-    return path
 
 
 def finetune(weights, train_json, train_images, val_json, val_images, out, options: FinetuneOptions | None = None,
@@ -356,7 +324,7 @@ def finetune(weights, train_json, train_images, val_json, val_images, out, optio
                                 "(non-crowd, non-empty box" + (", with a mask)" if masks else ")"))
         train_set = select_fraction(usable, opts.fraction, opts.seed) if usable else []
         if is_main and opts.fraction < 1.0:
-            write_json(out / "train_subset.json", {"fraction": opts.fraction, "seed": opts.seed,
+            atomic_write_json(out / "train_subset.json", {"fraction": opts.fraction, "seed": opts.seed,
                                                    "image_ids": [im["id"] for im in train_set]})
 
         # ---- model
@@ -379,7 +347,7 @@ def finetune(weights, train_json, train_images, val_json, val_images, out, optio
 
         # ---- resume
         manager = CheckpointManager(out, keep=1)
-        checkpoint = _find_checkpoint(opts.resume, manager)
+        checkpoint = manager.resume_from(opts.resume)
         iteration = 0
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, map_location=dev)
@@ -430,7 +398,7 @@ def finetune(weights, train_json, train_images, val_json, val_images, out, optio
             metrics = run_eval(iteration)
             if is_main:
                 metrics.update(iterations=iteration, weights=str(weights or "none"), seconds=0.0)
-                write_json(out / METRICS_FILE, metrics)
+                atomic_write_json(out / METRICS_FILE, metrics)
                 print(format_metrics(metrics), flush=True)
             return metrics
 
@@ -472,7 +440,7 @@ def finetune(weights, train_json, train_images, val_json, val_images, out, optio
                 lr = lr_at(iteration, plan)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with _autocast(dev, opts.precision):
+                with autocast(dev, opts.precision):
                     losses = model(images, targets)
                 loss = sum(losses.values())
                 value = all_reduce_mean(loss.detach().float()).item()
@@ -525,7 +493,7 @@ def finetune(weights, train_json, train_images, val_json, val_images, out, optio
                        soco_weights=opts.soco_weights, train_images=len(train_set), fraction=opts.fraction, seed=opts.seed, batch=opts.batch,
                        seconds=round(seconds, 2), skipped_train_images=sorted(train_skips.reasons),
                        weights_loaded={m: list(c) for m, c in report.modules.items()})
-        write_json(out / METRICS_FILE, metrics)
+        atomic_write_json(out / METRICS_FILE, metrics)
         if train_skips.reasons:
             print(train_skips.summary("training"), flush=True)
         print(f"finished {iteration} iterations in {seconds:.0f} s; checkpoint {saved}; metrics in "

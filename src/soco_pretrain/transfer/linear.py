@@ -39,12 +39,9 @@ Unreadable images are skipped, counted and listed in ``metrics.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -54,6 +51,7 @@ import torch
 from torch import nn
 
 from ..images import ImageError, list_images, load_rgb
+from ..proposals.store import atomic_write_json
 
 SCHEDULES = ("cosine", "steps")
 SOCO_WEIGHTS = ("online", "target")
@@ -360,19 +358,6 @@ def evaluate(backbone, classifier, dataset, cfg: LinearConfig, device, workers: 
 # ---------------------------------------------------------------- the probe
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_config(cfg: LinearConfig) -> None:
     if cfg.schedule not in SCHEDULES:
         raise LinearError(f"unknown schedule {cfg.schedule!r} (choose {' or '.join(SCHEDULES)})")
@@ -532,7 +517,7 @@ def linear_probe(weights, train_dir, val_dir, out_dir, config: LinearConfig | No
         "seconds": round(time.perf_counter() - start, 2),
         "config": asdict(cfg),
     }
-    _atomic_json(out / METRICS_JSON, summary)
+    atomic_write_json(out / METRICS_JSON, summary)
     print(f"linear probe: top-1 {summary['top1']:.2f} %, top-{result['top5_k']} {summary['top5']:.2f} % "
           f"on {result['evaluated_images']} val images ({len(classes)} classes); "
           f"{len(listed)} unreadable files skipped; {out / METRICS_JSON}", flush=True)
