@@ -35,8 +35,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_cli import call  # main(argv) in-process -> (status, out, err)
 
-from soco_pretrain.cli import main
 from soco_pretrain.config import PretrainConfig, to_dict
 from soco_pretrain.model import SoCoModel
 from soco_pretrain.train.checkpoint import save_checkpoint
@@ -394,15 +394,6 @@ def test_mmdet_config_is_valid_python_with_the_fine_tune_settings(exports):
 
 
 # ---------------------------------------------------------------- CLI
-
-
-def call(argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def test_help_has_examples(capsys):
