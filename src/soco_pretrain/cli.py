@@ -103,6 +103,16 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -678,6 +688,74 @@ def _fraction(text: str) -> float:
     return value
 
 
+# Fine-tune options shared by soco finetune and soco compare. RECIPE: options that change the
+# results (part of a comparison's specification); the others only change how it runs.
+FINETUNE_RECIPE_DEFAULTS = {
+    "soco_weights": "online", "schedule": "1x", "max_iters": None, "batch": 16, "lr": None,
+    "min_size": (640, 672, 704, 736, 768, 800), "max_size": 1333, "test_size": None, "roi_batch": 512,
+    "test_proposals": 1000, "detections": 100, "boxes_only": False, "precise_bn": 200, "precision": "fp32",
+}
+
+
+def _add_coco_data(p, required: bool = True) -> None:
+    """--train-json, --train-images, --val-json, --val-images (COCO-format data)."""
+    p.add_argument("--train-json", required=required, metavar="JSON", help="COCO instances JSON for training")
+    p.add_argument("--train-images", required=required, metavar="DIR", help="folder of the training JSON's file_names")
+    p.add_argument("--val-json", required=required, metavar="JSON", help="COCO instances JSON for evaluation")
+    p.add_argument("--val-images", required=required, metavar="DIR", help="folder of the val JSON's file_names")
+
+
+def _check_coco_data(args) -> None:
+    for flag, path in (("--train-json", args.train_json), ("--val-json", args.val_json)):
+        if not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    _require_dir(args.train_images, "training image folder")
+    _require_dir(args.val_images, "validation image folder")
+
+
+def _add_finetune_recipe(p, unset: bool = False) -> None:
+    """The fine-tune recipe and run options. ``unset``: recipe options default to None (soco
+    compare tells given from not given; FINETUNE_RECIPE_DEFAULTS fills them in)."""
+    d = {k: None for k in FINETUNE_RECIPE_DEFAULTS} if unset else FINETUNE_RECIPE_DEFAULTS
+    p.add_argument("--soco-weights", choices=("online", "target"), default=d["soco_weights"],
+                   help="for a run/checkpoint: online (default, as soco export) or target (EMA) encoder")
+    p.add_argument("--schedule", choices=("1x", "2x"), default=d["schedule"],
+                   help="1x (default: 90k iterations at batch 16) or 2x (180k)")
+    p.add_argument("--max-iters", type=_positive_int, default=None, metavar="N",
+                   help="train N iterations instead of --schedule (lr drops at 2/3 and 8/9 of N)")
+    p.add_argument("--batch", type=_positive_int, default=d["batch"], metavar="N",
+                   help="total batch over all processes (default 16, paper)")
+    p.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
+                   help="peak learning rate (default 0.02 x batch / 16)")
+    p.add_argument("--min-size", type=parse_sizes, default=d["min_size"], metavar="SIZES",
+                   help="training short side(s), one drawn per image: PX, PX,PX,... or LO-HI in steps of "
+                        "32 (default 640-800, Detectron2)")
+    p.add_argument("--max-size", type=_positive_int, default=d["max_size"], metavar="PX",
+                   help="long-side cap (default 1333)")
+    p.add_argument("--test-size", type=_positive_int, default=None, metavar="PX",
+                   help="evaluation short side (default: the largest --min-size, 800)")
+    p.add_argument("--roi-batch", type=_positive_int, default=d["roi_batch"], metavar="N",
+                   help="RoIs sampled per training image for the box head (default 512, Detectron2)")
+    p.add_argument("--test-proposals", type=_positive_int, default=d["test_proposals"], metavar="N",
+                   help="RPN proposals per image at test time (default 1000, Detectron2)")
+    p.add_argument("--detections", type=_positive_int, default=d["detections"], metavar="N",
+                   help="detections kept per image (default 100, COCO)")
+    p.add_argument("--boxes-only", action="store_true", default=d["boxes_only"],
+                   help="Faster R-CNN and bbox AP even if the data has masks")
+    p.add_argument("--precise-bn", type=_non_negative_int, default=d["precise_bn"], metavar="N",
+                   help="re-estimate BN statistics over N training batches before evaluating (default 200, "
+                        "released config; at most the iterations; 0 = off)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d["precision"],
+                   help="fp32 (default, as Detectron2) or bf16/fp16 autocast (fp16: CUDA only)")
+    p.add_argument("--workers", type=_non_negative_int, default=min(4, _default_workers()), metavar="N",
+                   help=f"data-loader processes per device (default {min(4, _default_workers())})")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--log-every", type=_positive_int, default=20, metavar="N", help="metrics.jsonl period (default 20)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=5000, metavar="N",
+                   help="checkpoint period in iterations (default 5000; always one at the end)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def add_finetune(subparsers):
     p = _add(
         subparsers,
@@ -708,48 +786,12 @@ def add_finetune(subparsers):
     p.add_argument("--weights", required=True, metavar="FILE|RUN|none",
                    help="torchvision state dict (soco export --to torchvision), soco pretrain run folder or "
                         "checkpoint, or none (random init baseline)")
-    p.add_argument("--soco-weights", choices=("online", "target"), default="online",
-                   help="for a run/checkpoint: online (default, as soco export) or target (EMA) encoder")
-    p.add_argument("--train-json", required=True, metavar="JSON", help="COCO instances JSON for training")
-    p.add_argument("--train-images", required=True, metavar="DIR", help="folder of the training JSON's file_names")
-    p.add_argument("--val-json", required=True, metavar="JSON", help="COCO instances JSON for evaluation")
-    p.add_argument("--val-images", required=True, metavar="DIR", help="folder of the val JSON's file_names")
+    _add_coco_data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics, checkpoints)")
-    p.add_argument("--schedule", choices=("1x", "2x"), default="1x",
-                   help="1x (default: 90k iterations at batch 16) or 2x (180k)")
-    p.add_argument("--max-iters", type=_positive_int, default=None, metavar="N",
-                   help="train N iterations instead of --schedule (lr drops at 2/3 and 8/9 of N)")
     p.add_argument("--fraction", type=_fraction, default=1.0, metavar="F",
                    help="seeded random fraction of the training images, e.g. 0.05 or 0.10 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset, data order, flips and new heads (default 0)")
-    p.add_argument("--batch", type=_positive_int, default=16, metavar="N",
-                   help="total batch over all processes (default 16, paper)")
-    p.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
-                   help="peak learning rate (default 0.02 x batch / 16)")
-    p.add_argument("--min-size", type=parse_sizes, default=parse_sizes("640-800"), metavar="SIZES",
-                   help="training short side(s), one drawn per image: PX, PX,PX,... or LO-HI in steps of "
-                        "32 (default 640-800, Detectron2)")
-    p.add_argument("--max-size", type=_positive_int, default=1333, metavar="PX", help="long-side cap (default 1333)")
-    p.add_argument("--test-size", type=_positive_int, default=None, metavar="PX",
-                   help="evaluation short side (default: the largest --min-size, 800)")
-    p.add_argument("--roi-batch", type=_positive_int, default=512, metavar="N",
-                   help="RoIs sampled per training image for the box head (default 512, Detectron2)")
-    p.add_argument("--test-proposals", type=_positive_int, default=1000, metavar="N",
-                   help="RPN proposals per image at test time (default 1000, Detectron2)")
-    p.add_argument("--detections", type=_positive_int, default=100, metavar="N",
-                   help="detections kept per image (default 100, COCO)")
-    p.add_argument("--boxes-only", action="store_true", help="Faster R-CNN and bbox AP even if the data has masks")
-    p.add_argument("--precise-bn", type=_non_negative_int, default=200, metavar="N",
-                   help="re-estimate BN statistics over N training batches before evaluating (default 200, "
-                        "released config; at most the iterations; 0 = off)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="fp32 (default, as Detectron2) or bf16/fp16 autocast (fp16: CUDA only)")
-    p.add_argument("--workers", type=_non_negative_int, default=min(4, _default_workers()), metavar="N",
-                   help=f"data-loader processes per device (default {min(4, _default_workers())})")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--log-every", type=_positive_int, default=20, metavar="N", help="metrics.jsonl period (default 20)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=5000, metavar="N",
-                   help="checkpoint period in iterations (default 5000; always one at the end)")
+    _add_finetune_recipe(p)
     p.add_argument("--eval-every", type=_non_negative_int, default=0, metavar="N",
                    help="also evaluate every N iterations (default 0: only at the end)")
     p.add_argument("--eval-only", action="store_true",
@@ -757,16 +799,11 @@ def add_finetune(subparsers):
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
                    help="auto: continue from OUT/checkpoints/last.pt if any (default); none: start over; "
                         "or a checkpoint file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_finetune)
 
 
 def cmd_finetune(args) -> int:
-    for flag, path in (("--train-json", args.train_json), ("--val-json", args.val_json)):
-        if not Path(path).is_file():
-            raise UsageError(f"{flag} {path}: no such file")
-    _require_dir(args.train_images, "training image folder")
-    _require_dir(args.val_images, "validation image folder")
+    _check_coco_data(args)
     if args.weights.lower() != "none" and not Path(args.weights).exists():
         raise UsageError(f"--weights {args.weights}: no such file or run folder (or give --weights none)")
     if args.resume not in ("auto", "none") and not Path(args.resume).is_file():
@@ -793,6 +830,276 @@ def cmd_finetune(args) -> int:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------- soco compare
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """``"0.05,0.1,1"`` -> (0.05, 0.1, 1.0): label fractions in (0, 1], none twice."""
+    parts = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in parts):
+        raise argparse.ArgumentTypeError(f"bad fractions {text!r}: expected F,F,... e.g. 0.05,0.1,1")
+    try:
+        values = tuple(_fraction(t) for t in parts)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"bad fractions {text!r}: {exc}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"bad fractions {text!r}: a fraction is listed twice")
+    return values
+
+
+# kNN options of soco compare --metric knn (= evaluate.knn.KnnOptions' defaults)
+KNN_DEFAULTS = {"k": 20, "temperature": 0.07, "size": None, "min_box": 32.0, "bn": "precise"}
+# options that only one metric uses (flag -> metric)
+_METRIC_ONLY = {
+    **{f"--{k.replace('_', '-')}": "finetune" for k in FINETUNE_RECIPE_DEFAULTS if k not in ("soco_weights", "batch")},
+    **{f"--{k.replace('_', '-')}": "knn" for k in KNN_DEFAULTS},
+}
+
+
+def add_knn(subparsers):
+    p = _add(
+        subparsers,
+        "knn",
+        help="object-level kNN accuracy of pretrained weights on a labelled COCO-format set (CPU-cheap)",
+        description=(
+            "Embed the labelled boxes of two COCO-format sets with the network being pretrained\n"
+            "(whole image resized to the pretraining V1 size, RoIAlign on the box's FPN level, the\n"
+            "box head; C4: the res5 head) and classify every val object by its k nearest train\n"
+            "objects (cosine, k 20, weights exp(cos/0.07)). Writes OUT/knn.json: top-1, top-5, mean\n"
+            "per-class top-1, the majority-class rate, the effective rank of the features (about 1 =\n"
+            "collapsed) and a per-category table. Crowd boxes and boxes under --min-box px are left\n"
+            "out and counted. BatchNorm statistics are re-estimated on the train images (--bn\n"
+            "precise) so that every init is normalised the same way. Refuses when val images were\n"
+            "in the pretraining run's data manifest (by content) unless --allow-leak."
+        ),
+        examples=[
+            "soco knn --weights runs/tiny --train-json train.json --train-images imgs --val-json val.json "
+            "--val-images imgs --out knn/tiny",
+            "soco knn --weights none --seed 1 --size 96 --train-json train.json --train-images imgs "
+            "--val-json val.json --val-images imgs --out knn/random   # random-init baseline",
+            "python -c \"import torch, torchvision; torch.save(torchvision.models.resnet50(weights='DEFAULT')"
+            ".state_dict(), 'r50.pth')\" && soco knn --weights r50.pth ...   # supervised ResNet-50 (C4 head)",
+        ],
+    )
+    p.add_argument("--weights", required=True, metavar="RUN|FILE|none",
+                   help="soco pretrain run folder or checkpoint, a torchvision state dict (soco export, "
+                        "Mask R-CNN v2 or ResNet-50 keys), or none (random init, seeded by --seed)")
+    _add_coco_data(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (knn.json)")
+    p.add_argument("--soco-weights", choices=("online", "target"), default="online",
+                   help="for a run/checkpoint: the online (default) or target (EMA) encoder")
+    p.add_argument("--k", type=_positive_int, default=20, metavar="K", help="neighbours (default 20)")
+    p.add_argument("--temperature", type=_positive_float, default=0.07, metavar="T",
+                   help="vote weight exp(cos/T) (default 0.07)")
+    p.add_argument("--size", type=_int_at_least(32), default=None, metavar="PX",
+                   help="square input size (default: the run's data.views.v1_size, else 224)")
+    p.add_argument("--min-box", type=_non_negative_float, default=32.0, metavar="PX",
+                   help="leave out boxes narrower or lower than this in the original image (default 32)")
+    p.add_argument("--bn", choices=("precise", "running"), default="precise",
+                   help="precise (default): BatchNorm statistics re-estimated on the train images; running: "
+                        "the weights' own")
+    p.add_argument("--fraction", type=_fraction, default=1.0, metavar="F",
+                   help="seeded random fraction of the train images used as neighbours (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random init and of --fraction (default 0)")
+    p.add_argument("--batch", type=_positive_int, default=16, metavar="N", help="images per forward pass (default 16)")
+    p.add_argument("--workers", type=_non_negative_int, default=min(4, _default_workers()), metavar="N",
+                   help=f"image-decoding processes (default {min(4, _default_workers())})")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--allow-leak", action="store_true",
+                   help="evaluate even if val images were in the pretraining set")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_knn)
+
+
+def cmd_knn(args) -> int:
+    _check_coco_data(args)
+    if args.weights.lower() != "none" and not Path(args.weights).exists():
+        raise UsageError(f"--weights {args.weights}: no such file or run folder (or give --weights none)")
+    from .evaluate.knn import KnnOptions, knn_eval
+
+    options = KnnOptions(k=args.k, temperature=args.temperature, size=args.size, min_box=args.min_box,
+                         batch=args.batch, bn=args.bn, seed=args.seed, train_fraction=args.fraction,
+                         soco_weights=args.soco_weights, allow_leak=args.allow_leak, workers=args.workers,
+                         device=args.device, progress=not args.no_progress)
+    knn_eval(args.weights, args.train_json, args.train_images, args.val_json, args.val_images, Path(args.out), options)
+    return 0
+
+
+def add_compare(subparsers):
+    p = _add(
+        subparsers,
+        "compare",
+        help="compare several initialisations under one budget over label fractions and seeds, with a report",
+        description=(
+            "Run every (init, label fraction, seed) arm of a comparison with one metric and the\n"
+            "same options (finetune: soco finetune's COCO AP; knn: object-level kNN on frozen\n"
+            "features), then write OUT/report.md, report.json and report.png: mean ± sd over seeds\n"
+            "and the paired difference of each init against the FIRST init with a 95% Student-t\n"
+            "interval. For one (fraction, seed) every init gets the same labelled subset.\n"
+            "INIT: none (random init, seeded by the arm's seed), PATH (run folder, checkpoint or\n"
+            "exported file; named by its basename) or NAME=PATH[,PATH,...] (a group, e.g. one recipe\n"
+            "pretrained with several seeds: seed s uses member s % len). Arms live in\n"
+            "OUT/arms/INIT/fF/sS; rerunning skips finished arms and resumes the others. OUT/compare.json\n"
+            "records the comparison: a rerun with other options is refused; without --init it is\n"
+            "reused. Before running, validation images found in an init's pretraining manifest are\n"
+            "refused (--allow-leak to run anyway)."
+        ),
+        examples=[
+            "soco compare --metric knn --init none --init soco=runs/ss0,runs/ss1,runs/ss2 --train-json train.json "
+            "--train-images imgs --val-json val.json --val-images imgs --seeds 3 --out cmp/",
+            "soco compare --init none --init runs/fpn100 --fractions 0.05,0.1,1 --seeds 3 --train-json t.json "
+            "--train-images imgs --val-json v.json --val-images imgs --max-iters 2000 --batch 8 --out cmp/ "
+            "--devices cuda:0,cuda:1",
+            "soco compare --out cmp/ --arm 2/8   # cluster job 2 of 8 (arms 2, 10, 18, ...) of the comparison in cmp/",
+            "soco compare --out cmp/ --report-only   # the report from the arms finished so far",
+        ],
+    )
+    p.add_argument("--init", action="append", default=[], metavar="INIT",
+                   help="none, PATH or NAME=PATH[,PATH,...] (repeat; the first is the baseline)")
+    _add_coco_data(p, required=False)
+    p.add_argument("--out", required=True, metavar="DIR", help="comparison folder (arms, compare.json, report)")
+    p.add_argument("--metric", choices=("finetune", "knn"), default=None,
+                   help="finetune (default: Mask R-CNN COCO AP) or knn (object-level kNN accuracy)")
+    p.add_argument("--fractions", type=parse_fractions, default=None, metavar="F,F,...",
+                   help="label fractions of the training images, e.g. 0.05,0.1,1 (default 1)")
+    p.add_argument("--seeds", type=_positive_int, default=None, metavar="S", help="seeds 0..S-1 per arm (default 3)")
+    p.add_argument("--arm", type=parse_shard, default=None, metavar="i/N",
+                   help="run only arms i, i+N, i+2N, ... (cluster array jobs); the report once all are done")
+    p.add_argument("--devices", default=None, metavar="DEV,DEV,...",
+                   help="one process per device (e.g. cuda:0,cuda:1; logs in OUT/logs), then the report")
+    p.add_argument("--report-only", action="store_true", help="only (re)build the report from the finished arms")
+    p.add_argument("--allow-leak", action="store_true",
+                   help="run even if validation images are in an init's pretraining set")
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # --devices children
+    g = p.add_argument_group("fine-tune options (as soco finetune; --soco-weights, --batch, --device and "
+                             "--no-progress also apply to --metric knn)")
+    _add_finetune_recipe(g, unset=True)
+    k = p.add_argument_group("kNN options (--metric knn)")
+    k.add_argument("--k", type=_positive_int, default=None, metavar="K", help="neighbours (default 20)")
+    k.add_argument("--temperature", type=_positive_float, default=None, metavar="T",
+                   help="softmax temperature of the neighbour votes (default 0.07)")
+    k.add_argument("--size", type=_positive_int, default=None, metavar="PX",
+                   help="images resized to PX x PX (default: the run's V1 view size, else 224)")
+    k.add_argument("--min-box", type=_non_negative_float, default=None, metavar="PX",
+                   help="ignore objects smaller than PX on their short side (default 32)")
+    k.add_argument("--bn", choices=("precise", "running"), default=None,
+                   help="BN statistics: precise (default, re-estimated on the data) or running (the weights')")
+    p.set_defaults(func=cmd_compare)
+
+
+def _given_spec_flags(args) -> list[str]:
+    """The comparison options given on the command line (they default to None in soco compare)."""
+    names = ["train_json", "train_images", "val_json", "val_images", "metric", "fractions", "seeds",
+             *FINETUNE_RECIPE_DEFAULTS, *KNN_DEFAULTS]
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
+
+
+def _compare_spec(args, runtime: dict):
+    """The CompareSpec of the command line (--init given) or of OUT/compare.json (no --init)."""
+    from .evaluate.compare import CompareSpec, parse_init, read_spec
+
+    given = _given_spec_flags(args)
+    if not args.init:
+        if given:
+            raise UsageError(f"{', '.join(given)} given without --init: give every --init too, or none of the "
+                             f"comparison options to reuse {Path(args.out) / 'compare.json'}")
+        return read_spec(args.out, runtime)
+    missing = [f for f, v in (("--train-json", args.train_json), ("--train-images", args.train_images),
+                              ("--val-json", args.val_json), ("--val-images", args.val_images)) if v is None]
+    if missing:
+        raise UsageError(f"the following arguments are required with --init: {', '.join(missing)}")
+    _check_coco_data(args)
+    metric = args.metric or "finetune"
+    wrong = [flag for flag in given if _METRIC_ONLY.get(flag, metric) != metric]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)}: not an option of --metric {metric}")
+    inits = [parse_init(text, must_exist=not args.report_only) for text in args.init]
+
+    def value(name, defaults):
+        v = getattr(args, name)
+        return defaults[name] if v is None else v
+
+    if metric == "finetune":
+        f = FINETUNE_RECIPE_DEFAULTS
+        options = {name: value(name, f) for name in f if name != "min_size"}
+        options["train_sizes"] = list(value("min_size", f))
+    else:
+        options = {name: value(name, KNN_DEFAULTS) for name in KNN_DEFAULTS}
+        if options["size"] is None:  # one input size for every arm: the first run's V1 size, else 224
+            from .evaluate.knn import common_size
+
+            options["size"] = common_size([p for init in inits for p in init.paths if p])
+        options.update(batch=value("batch", FINETUNE_RECIPE_DEFAULTS),
+                       soco_weights=value("soco_weights", FINETUNE_RECIPE_DEFAULTS))
+    absolute = os.path.abspath
+    return CompareSpec(tuple(inits), args.fractions or (1.0,), args.seeds or 3, metric, absolute(args.train_json),
+                       absolute(args.train_images), absolute(args.val_json), absolute(args.val_images), options,
+                       runtime)
+
+
+def _write_compare_report(spec, out) -> int:
+    """Write the report from the finished arms; returns how many are missing."""
+    from .evaluate.compare import collect
+    from .evaluate.report import write_report
+
+    done, missing = collect(spec, out)
+    if not done:
+        raise UsageError(f"{out}: no finished arm yet ({len(missing)} to run)")
+    paths = write_report(spec, out, done, missing)
+    print(f"report of {len(done)}/{len(done) + len(missing)} arms: {', '.join(str(p) for p in paths)}")
+    if missing:
+        names = ", ".join(arm.label for arm in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        print(f"missing {len(missing)} arm(s): {names}")
+    return len(missing)
+
+
+def cmd_compare(args) -> int:
+    if args.devices and args.arm:
+        raise UsageError("--devices and --arm exclude each other (--devices gives each device its own --arm)")
+    if args.report_only and (args.devices or args.arm):
+        raise UsageError("--report-only runs nothing: leave out --devices and --arm")
+    out = Path(args.out)
+    runtime = {"workers": args.workers, "device": args.device, "log_every": args.log_every,
+               "checkpoint_every": args.checkpoint_every, "progress": not args.no_progress}
+    from .evaluate.compare import check_leaks, collect, parse_devices, prepare_out, run_compare, run_devices
+
+    spec = _compare_spec(args, runtime)
+    if args.report_only:
+        if not (out / "compare.json").is_file():
+            raise UsageError(f"{out}: no compare.json (nothing run there yet)")
+        prepare_out(spec, out)  # the same comparison as the one recorded
+        _write_compare_report(spec, out)
+        return 0
+    devices = parse_devices(args.devices) if args.devices else None
+    prepare_out(spec, out)
+    if not args.allow_leak:
+        check_leaks(spec, progress=runtime["progress"])
+    arms = spec.arms()
+    print(f"comparing {len(spec.inits)} init(s) ({', '.join(i.name for i in spec.inits)}; baseline "
+          f"{spec.baseline.name}) x {len(spec.fractions)} fraction(s) x {spec.seeds} seed(s) = {len(arms)} arms, "
+          f"metric {spec.metric}, in {out}", flush=True)
+    if devices:
+        runtime_args = ["--workers", str(args.workers), "--log-every", str(args.log_every),
+                        "--checkpoint-every", str(args.checkpoint_every)]
+        if args.no_progress:
+            runtime_args.append("--no-progress")
+        statuses = run_devices(out, devices, runtime_args)
+        missing = _write_compare_report(spec, out) if collect(spec, out)[0] else len(arms)
+        return 1 if any(statuses) or missing else 0
+    summary = run_compare(spec, out, shard=args.arm, log=lambda line: print(line, flush=True))
+    done, missing = collect(spec, out)
+    if args.no_report:
+        pass
+    elif missing and args.arm is not None:
+        print(f"{len(done)} of {len(arms)} arms finished; the report is written when all are "
+              f"(or now: soco compare --out {args.out} --report-only)")
+    elif done:
+        _write_compare_report(spec, out)
+    for arm, message in summary.failed:
+        print(f"{PROG}: error: arm {arm.index + 1} ({arm.label}) failed: {message}", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 # ---------------------------------------------------------------- soco demo
@@ -842,7 +1149,7 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------- main
 
 COMMANDS = [add_proposals, add_proposals_merge, add_pretrain, add_show, add_export, add_linear, add_finetune,
-            add_demo]
+            add_knn, add_compare, add_demo]
 SHOW_COMMANDS = [add_show_proposals, add_show_views, add_show_curves]
 
 
@@ -894,6 +1201,9 @@ USER_ERRORS = [
     ("soco_pretrain.transfer.coco", "CocoError"),
     ("soco_pretrain.transfer.detector", "WeightsError"),
     ("soco_pretrain.transfer.finetune", "FinetuneError"),
+    ("soco_pretrain.evaluate.knn", "KnnError"),
+    ("soco_pretrain.data.manifest", "LeakError"),
+    ("soco_pretrain.evaluate.compare", "CompareError"),
 ]
 
 

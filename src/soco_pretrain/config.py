@@ -155,12 +155,34 @@ class TrainConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Object-level kNN on a small labelled set during pretraining (evaluate/knn.py; our choices).
+
+    Off unless ``json`` is set. The set's images are split by image (seeded) into kNN train and
+    val; every ``every`` optimiser steps (and at step 0) rank 0 embeds both with copies of the
+    online and target encoders and logs ``knn_top1`` and the effective ranks to metrics.jsonl.
+    """
+
+    json: str | None = None  # COCO-format JSON with labelled boxes; None = no monitor
+    images: str | None = None  # folder of its file_names (default: the JSON's folder)
+    every: int = 100  # optimiser steps between evaluations
+    val_fraction: float = 0.5  # share of the images used as kNN queries, the rest as neighbours
+    seed: int = 0  # of the split
+    size: int = 0  # input size; 0 = data.views.v1_size (the size the network trains at)
+    k: int = 20  # usual SSL kNN protocol (Wu et al. 2018)
+    temperature: float = 0.07
+    min_box: float = 32.0  # px in the original image, both sides
+    batch: int = 16
+
+
+@dataclass
 class PretrainConfig:
     """Everything `soco pretrain` needs; saved as RUN/config.yaml and in every checkpoint."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 # ---------------------------------------------------------------- generic helpers

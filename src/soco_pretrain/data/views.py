@@ -231,17 +231,17 @@ def _render(image: np.ndarray, views: list[_View], cfg: ViewsConfig) -> list[np.
     """Each view's pixels: one resampling from its source (an integer crop is a slice), then an
     exact flip. Arrays stay HxWx3; torch only sees dense HWC memory (its fast uint8 path)."""
     s1 = cfg.v1_size
-    v1 = _resize(image, s1)
+    v1 = resize_square(image, s1)
     src = v1 if cfg.v2_source == "v1" else image
     unflipped: list[np.ndarray] = []
     for view in views:
         if view.follows is not None:  # paper: V3 is V2 downsampled
-            img = _resize(unflipped[view.follows], view.size)
+            img = resize_square(unflipped[view.follows], view.size)
         elif view.src_rect is None:
             img = v1
         else:
             x0, y0, x1, y1 = (int(v) for v in view.src_rect)  # sample_crop's corners are integers
-            img = _resize(src[y0:y1, x0:x1], view.size)
+            img = resize_square(src[y0:y1, x0:x1], view.size)
         unflipped.append(img)
     out = []
     for img, view in zip(unflipped, views):
@@ -260,7 +260,7 @@ def _as_tensor(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     """Bilinear antialiased resize of a uint8 HxWx3 array to size x size (see RESIZE_NOTE)."""
     if img.shape[:2] == (size, size):
         return img.copy()  # every view owns its pixels (never the caller's image or another view's)

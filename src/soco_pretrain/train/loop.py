@@ -247,6 +247,7 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
     or srun for several processes. Raises PretrainError (bad config), NonFiniteLossError.
     """
     from ..data import SkipLog, SoCoDataset, make_loader, set_epoch
+    from ..data.manifest import record_run_manifest
     from ..model import SoCoModel, convert_sync_bn
     from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
     from .distributed import all_reduce_mean, barrier, cleanup, init_distributed
@@ -318,6 +319,10 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
 
         if is_main:
             save_config(cfg, run_dir)
+            # Which files this run sees, by content (reused as is on resume): the leak guard's input.
+            images_seen = dataset.images
+            record_run_manifest(run_dir, [images_seen.abspath(i) for i in range(len(images_seen))],
+                                images_seen.root, progress)
             print(f"pretraining {cfg.model.arch}{'*' if cfg.data.views.soco_star else ''} on {len(dataset)} "
                   f"images: batch {t.batch_size} = {t.per_device_batch} x {world} process(es) x "
                   f"{plan.accum} accumulation, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps "
@@ -332,9 +337,22 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
                     "epoch": epoch, "batch_in_epoch": done_in_epoch, "rng": rng_state(),
                     "scaler": scaler.state_dict(), "config": to_dict(cfg), "world_size": world}
 
+        # ---- object kNN monitor (rank 0, between steps; off unless monitor.json is set)
+        monitor = None
+        if is_main and cfg.monitor.json:
+            from ..evaluate.knn import ObjectMonitor, describe
+
+            monitor = ObjectMonitor(cfg, dev)
+            print(f"monitor: object kNN every {monitor.every} steps on {cfg.monitor.json} "
+                  f"({monitor.train.num_objects} neighbour / {monitor.val.num_objects} query objects)", flush=True)
+
         # ---- train
         metrics = MetricsLogger(run_dir, enabled=is_main)
         bar = Progress(plan.total_steps, initial=step, enabled=is_main and progress)
+        if monitor is not None and step == 0 and stop_step > 0:
+            result = monitor(core)  # the starting point (random init) of the curve
+            metrics.log(0, **result)
+            bar.write(f"step 0: {describe(result)}")
         # The guard reads the loss: every step on the CPU (free), every log_every steps on a GPU.
         check_every = 1 if dev.type == "cpu" else max(1, t.log_every)
         window_loss = torch.zeros((), device=dev)  # summed on the device, read at log steps
@@ -393,13 +411,22 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
                                 f"non-finite loss ({value}) by step {step} (epoch {epoch}); stopped without "
                                 f"saving. Last good checkpoint: {saved or 'none'}. Try a lower train.base_lr "
                                 "or train.precision=fp32.")
+                    # One metrics record per step (read_metrics treats a repeated step as a resume).
+                    monitored = {}
+                    if monitor is not None and (monitor.due(step) or step == stop_step):
+                        monitor_start = time.perf_counter()
+                        monitored = monitor(core)
+                        bar.write(f"step {step}: {describe(monitored)}")
+                        window_start += time.perf_counter() - monitor_start  # not training time
+                        if not log_now:
+                            metrics.log(step, epoch=epoch, **monitored)
                     if log_now:
                         elapsed = time.perf_counter() - window_start
                         last_loss = value
                         images_per_s = window_images / max(elapsed, 1e-9)
                         data_wait = min(1.0, window_wait / max(elapsed, 1e-9))
                         metrics.log(step, epoch=epoch, loss=value, lr=lr, tau=tau,
-                                    images_per_s=round(images_per_s, 3), data_wait=round(data_wait, 4))
+                                    images_per_s=round(images_per_s, 3), data_wait=round(data_wait, 4), **monitored)
                         bar.update(step, loss=value, lr=lr, tau=tau, images_per_s=images_per_s,
                                    data_wait=data_wait)
                         window_loss.zero_()

@@ -36,6 +36,11 @@ Layouts (the key lists are written out independently in tests/test_export.py):
   ``roi_head.shared_head.layer4.*`` (mmdet's ResLayer shared head). A config (``FILE.py``)
   is written beside it.
 
+When the run has a data manifest (``RUN/data_manifest.json``), it is copied beside the export
+as ``FILE.manifest.json`` (the leak guard of fine-tuning finds it there) and its ``set_hash`` and
+count go into the detectron2 payload / mmdet ``meta`` as ``data_manifest_hash`` and
+``data_manifest_count``; the torchvision file stays a plain state dict.
+
 Every file is written atomically (temporary file + ``os.replace``).
 """
 
@@ -52,6 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..data.manifest import manifest_for_weights, sidecar_path
+from ..proposals.store import atomic_write_json
 
 TARGETS = ("torchvision", "detectron2", "mmdet")
 WEIGHTS = ("online", "target")
@@ -107,6 +115,9 @@ class KeyReport:
     checkpoint_unused: list[ModuleCount] = field(default_factory=list)  # per checkpoint module
     mapping: dict[str, str] = field(default_factory=dict)  # exported name -> checkpoint key
     notes: list[str] = field(default_factory=list)
+    manifest_hash: str | None = None  # set_hash of the run's data manifest, if it has one
+    manifest_count: int | None = None
+    manifest_out: Path | None = None  # the sidecar OUT.manifest.json
 
     @property
     def loaded(self) -> int:
@@ -130,6 +141,9 @@ class KeyReport:
         ]
         if self.config_out is not None:
             lines.append(f"wrote {self.config_out}: config for a Mask R-CNN fine-tune from these weights")
+        if self.manifest_hash is not None:
+            lines.append(f"wrote {self.manifest_out}: data manifest of the run, {self.manifest_count} images, "
+                         f"set hash {self.manifest_hash[:12]}")
         rows = [(f"detector: {r.module}", r.loaded, r.missing, None, r.note) for r in self.detector]
         rows += [(f"checkpoint: {r.module}", None, None, r.unused, r.note) for r in self.checkpoint_unused]
         total = ("total", self.loaded, self.missing, self.unused, "")
@@ -643,6 +657,10 @@ def export(
         raise ExportError(f"{out}: the config file cannot be the weights file")
     source_weights = read_encoder(source, weights)
     arch = source_weights.arch
+    found = manifest_for_weights(source_weights.checkpoint)  # the run's data manifest, if any
+    manifest = found[1] if found is not None else None
+    stamp = {} if manifest is None else {"data_manifest_hash": manifest.get("set_hash"),
+                                         "data_manifest_count": manifest.get("count")}
     state, mapping, groups, dropped = convert(source_weights.state, arch, to)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
@@ -663,6 +681,7 @@ def export(
             "model": {k: v.numpy() for k, v in state.items()},
             "__author__": "soco-pretrain",
             "matching_heuristics": True,
+            **stamp,
         }
         _atomic_write(out, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
         layout = (f"Detectron2 pickle, names of Detectron2 {DETECTRON2_VERSION} Mask R-CNN R50-{arch.upper()} "
@@ -680,12 +699,21 @@ def export(
             "arch": arch,
             "step": source_weights.step,
             "naming": f"MMDetection {MMDET_VERSION}",
+            **stamp,
         }
         _atomic_write(out, lambda f: torch.save({"state_dict": state, "meta": meta}, f))
         layout = (f"MMDetection checkpoint {{'state_dict', 'meta'}}, names of MMDetection {MMDET_VERSION} "
                   f"Mask R-CNN R50-{arch.upper()}")
         config_path = Path(config_out) if config_out is not None else _default_config_path(out, ".py")
         _write_text(config_path, _mmdet_config(arch, out.resolve(), source_weights))
+
+    # The manifest beside every target (a torchvision state dict has no room for it): the leak
+    # guard of finetune/knn finds it there; a stale one from an earlier export is removed.
+    manifest_out = sidecar_path(out)
+    if manifest is not None:
+        atomic_write_json(manifest_out, manifest)
+    else:
+        manifest_out.unlink(missing_ok=True)
 
     loaded = Counter(groups.values())
     detector = [ModuleCount(module, loaded=n) for module, n in loaded.items()]
@@ -714,4 +742,7 @@ def export(
         checkpoint_unused=unused_rows,
         mapping=mapping,
         notes=notes,
+        manifest_hash=None if manifest is None else manifest.get("set_hash"),
+        manifest_count=None if manifest is None else manifest.get("count"),
+        manifest_out=manifest_out if manifest is not None else None,
     )

@@ -1,0 +1,1 @@
+"""Evaluating pretrained weights: object-level kNN (``knn``) and matched-budget comparisons (``compare``)."""

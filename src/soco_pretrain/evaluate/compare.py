@@ -1,0 +1,503 @@
+"""``soco compare``: several initialisations under one budget, seeds paired, with an honest report.
+
+A comparison (:class:`CompareSpec`) is a list of inits, label fractions and a number of seeds, one
+metric (``finetune``: Mask R-CNN COCO AP; ``knn``: object-level kNN) and that metric's options.
+Its arms are every (init, fraction, seed), seeds 0..S-1, in the order fraction, seed, init (a
+(fraction, seed) pair is complete early, so a partial report already pairs). For one (fraction,
+seed) every init trains on the same labelled subset: the metric draws it from ``seed`` alone
+(``FinetuneOptions(fraction, seed)``, ``KnnOptions(train_fraction, seed)``), so the differences
+against the first init (the baseline) are paired.
+
+An init is ``none`` (random init, "random init"; seeded by the arm's seed), ``PATH`` (a run
+folder, checkpoint or exported file, named by its basename) or ``NAME=PATH[,PATH,...]``: a group,
+e.g. one recipe pretrained with several seeds; seed ``s`` uses member ``s % len(group)``.
+
+Layout of OUT::
+
+    compare.json                       the specification (refused if a rerun differs)
+    arms/<init>/f<fraction>/s<seed>/   one arm: the metric's own folder (metrics.json or knn.json)
+    logs/                              --devices: one log per child process
+    report.md, report.json, report.png (see :mod:`.report`)
+
+An arm whose result file exists is skipped; an unfinished fine-tune resumes from its own
+checkpoints, an unfinished kNN reruns. ``shard=(i, n)`` runs arms i, i+n, ... only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..proposals.store import atomic_write_json
+
+SPEC_FILE = "compare.json"
+SPEC_VERSION = 1
+RANDOM_INIT = "random init"
+METRICS = ("finetune", "knn")
+RESULT_FILES = {"finetune": "metrics.json", "knn": "knn.json"}
+
+
+class CompareError(ValueError):
+    """A comparison that cannot run as asked (bad init, other spec in OUT, ...); one line."""
+
+
+# ---------------------------------------------------------------- inits
+
+
+@dataclass(frozen=True)
+class Init:
+    """One initialisation: ``paths`` has one entry per group member (None = random init)."""
+
+    name: str
+    paths: tuple[str | None, ...]
+
+    def weights_for(self, seed: int) -> str | None:
+        """The member seed ``seed`` uses: ``paths[seed % len(paths)]``."""
+        return self.paths[seed % len(self.paths)]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "paths": list(self.paths)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Init:
+        return cls(str(obj["name"]), tuple(obj["paths"]))
+
+
+def _is_none(text: str) -> bool:
+    return text.strip().lower() == "none"
+
+
+def parse_init(text: str, must_exist: bool = True) -> Init:
+    """``none`` | ``PATH`` | ``NAME=PATH[,PATH,...]`` -> :class:`Init` (paths made absolute).
+
+    A PATH that exists is taken whole even if it contains ``=``. Raises CompareError.
+    """
+    text = text.strip()
+    if not text:
+        raise CompareError("--init: empty value (expected none, PATH or NAME=PATH[,PATH,...])")
+    if _is_none(text):
+        return Init(RANDOM_INIT, (None,))
+    if "=" in text and not Path(text).exists():
+        name, _, rest = text.partition("=")
+        name = name.strip()
+        members = [m.strip() for m in rest.split(",")]
+        if not name or not rest.strip() or any(not m for m in members):
+            raise CompareError(f"--init {text}: expected NAME=PATH[,PATH,...] with a name and no empty path")
+    else:
+        name, members = Path(text.rstrip("/\\")).name or text, [text]
+    paths: list[str | None] = []
+    for member in members:
+        if _is_none(member):
+            paths.append(None)
+            continue
+        if must_exist and not Path(member).exists():
+            raise CompareError(f"--init {text}: {member}: no such run folder, checkpoint or weights file "
+                               "(or give none)")
+        paths.append(os.path.abspath(member))
+    return Init(name, tuple(paths))
+
+
+def safe_name(name: str) -> str:
+    """A folder name for an init: anything but letters, digits, ``.``, ``-``, ``_`` becomes ``_``."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return safe or "init"
+
+
+def fraction_label(fraction: float) -> str:
+    return f"f{fraction:g}"
+
+
+# ---------------------------------------------------------------- the specification and its arms
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One (init, fraction, seed) run; ``index`` is its place in :meth:`CompareSpec.arms`."""
+
+    index: int
+    init: Init
+    fraction: float
+    seed: int
+
+    @property
+    def weights(self) -> str | None:
+        return self.init.weights_for(self.seed)
+
+    @property
+    def label(self) -> str:
+        return f"{self.init.name} {fraction_label(self.fraction)} s{self.seed}"
+
+    def folder(self, out) -> Path:
+        return Path(out) / "arms" / safe_name(self.init.name) / fraction_label(self.fraction) / f"s{self.seed}"
+
+
+@dataclass
+class CompareSpec:
+    """What is compared (written to OUT/compare.json) plus ``runtime`` settings that do not change
+    the results (device, workers, progress, ...; never written, never compared)."""
+
+    inits: tuple[Init, ...]
+    fractions: tuple[float, ...]
+    seeds: int
+    metric: str
+    train_json: str
+    train_images: str
+    val_json: str
+    val_images: str
+    options: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.inits = tuple(self.inits)
+        self.fractions = tuple(float(f) for f in self.fractions)
+        if self.metric not in METRICS:
+            raise CompareError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if not self.inits:
+            raise CompareError("give at least one --init (the first is the baseline)")
+        if self.seeds < 1:
+            raise CompareError(f"--seeds must be at least 1, got {self.seeds}")
+        if not self.fractions:
+            raise CompareError("--fractions: no fraction given")
+        for f in self.fractions:
+            if not 0.0 < f <= 1.0:
+                raise CompareError(f"--fractions: each must be in (0, 1], got {f:g}")
+        if len(set(self.fractions)) != len(self.fractions):
+            listed = ",".join(f"{f:g}" for f in self.fractions)
+            raise CompareError(f"--fractions: a fraction is listed twice ({listed})")
+        names: dict[str, str] = {}
+        for init in self.inits:
+            key = safe_name(init.name)
+            if key in names:
+                same = "the same name" if names[key] == init.name else f"the same folder name as {names[key]!r}"
+                raise CompareError(f"--init: two inits have {same} ({init.name!r}); name them, e.g. "
+                                   f"--init NAME=PATH")
+            names[key] = init.name
+
+    @property
+    def baseline(self) -> Init:
+        return self.inits[0]
+
+    def arms(self) -> list[Arm]:
+        """Every (init, fraction, seed), ordered fraction, seed, init; indices 0..len-1."""
+        out, index = [], 0
+        for fraction in self.fractions:
+            for seed in range(self.seeds):
+                for init in self.inits:
+                    out.append(Arm(index, init, fraction, seed))
+                    index += 1
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "version": SPEC_VERSION,
+            "metric": self.metric,
+            "inits": [init.to_json() for init in self.inits],
+            "baseline": self.baseline.name,
+            "fractions": list(self.fractions),
+            "seeds": self.seeds,
+            "data": {"train_json": self.train_json, "train_images": self.train_images,
+                     "val_json": self.val_json, "val_images": self.val_images},
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict, runtime: dict | None = None) -> CompareSpec:
+        data = obj["data"]
+        return cls(tuple(Init.from_json(i) for i in obj["inits"]), tuple(obj["fractions"]), int(obj["seeds"]),
+                   obj["metric"], data["train_json"], data["train_images"], data["val_json"], data["val_images"],
+                   dict(obj.get("options", {})), dict(runtime or {}))
+
+
+def _normalised(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = list(dict.fromkeys([*old, *new]))
+    diffs = []
+    for key in keys:
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key} {json.dumps(a)} -> {json.dumps(b)}")
+    return diffs
+
+
+def read_spec(out, runtime: dict | None = None) -> CompareSpec:
+    """The comparison recorded in OUT/compare.json; CompareError if there is none."""
+    path = Path(out) / SPEC_FILE
+    if not path.is_file():
+        raise CompareError(f"{path}: no such file (not a soco compare folder; give --init and the data options)")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        return CompareSpec.from_json(obj, runtime)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CompareError(f"{path}: not a soco compare specification ({type(exc).__name__}: {exc})") from None
+
+
+def prepare_out(spec: CompareSpec, out) -> Path:
+    """Write OUT/compare.json, or check that the one there is this ``spec``; CompareError if not."""
+    path = Path(out) / SPEC_FILE
+    new = _normalised(spec.to_json())
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise CompareError(f"{path}: unreadable (not JSON); remove it or use another --out") from None
+        if old != new:
+            diffs = _differences(old, new)
+            shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+            raise CompareError(f"{out} holds another comparison ({shown}); use another --out, or rerun "
+                               "with the recorded options (or without --init to reuse them)")
+        return path
+    atomic_write_json(path, new)
+    return path
+
+
+# ---------------------------------------------------------------- results
+
+
+def result_path(arm: Arm, spec: CompareSpec, out) -> Path:
+    return arm.folder(out) / RESULT_FILES[spec.metric]
+
+
+def load_result(arm: Arm, spec: CompareSpec, out) -> dict | None:
+    """The finished arm's result (metrics.json with its final AP, or knn.json), else None."""
+    path = result_path(arm, spec, out)
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(result, dict):
+        return None
+    if spec.metric == "finetune":
+        if "bbox" not in result:
+            return None
+        if "max_iters" in result and result.get("iterations", 0) < result["max_iters"]:
+            return None
+    elif "top1" not in result:
+        return None
+    return result
+
+
+def shard_arms(arms: list[Arm], shard: tuple[int, int] | None) -> list[Arm]:
+    """Arms i, i+n, i+2n, ... of ``arms`` for ``shard=(i, n)`` (all for None)."""
+    if shard is None:
+        return list(arms)
+    i, n = shard
+    if n < 1 or not 0 <= i < n:
+        raise CompareError(f"bad --arm {i}/{n}: need 0 <= i < N")
+    return [arm for arm in arms if arm.index % n == i]
+
+
+def collect(spec: CompareSpec, out) -> tuple[list[tuple[Arm, dict]], list[Arm]]:
+    """(finished arms with their results, unfinished arms), in arm order."""
+    done, missing = [], []
+    for arm in spec.arms():
+        result = load_result(arm, spec, out)
+        if result is None:
+            missing.append(arm)
+        else:
+            done.append((arm, result))
+    return done, missing
+
+
+# ---------------------------------------------------------------- the leak guard
+
+
+def _val_image_paths(spec: CompareSpec) -> list[Path]:
+    try:
+        data = json.loads(Path(spec.val_json).read_text(encoding="utf-8"))
+        images = data["images"]
+        return [Path(spec.val_images) / im["file_name"] for im in images]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CompareError(f"{spec.val_json}: cannot list the validation images ({type(exc).__name__}: {exc})") \
+            from None
+
+
+def check_leaks(spec: CompareSpec, log: Callable[[str], None] = print, progress: bool = False) -> None:
+    """Refuse (LeakError, one line) when a validation image is in an init's pretraining set.
+
+    Every member of every init that has a data manifest is checked in one pass over the
+    validation images; an init without a manifest gets a one-line note.
+    """
+    from ..data import manifest as manifest_module
+
+    manifests: dict[str, dict] = {}
+    for init in spec.inits:
+        for path in init.paths:
+            if path is None:
+                continue
+            found = manifest_module.manifest_for_weights(path)
+            if found is None:
+                log(f"note: {init.name} ({path}) has no data manifest: the leak check could not be done for it")
+                continue
+            label, manifest = found
+            manifests.setdefault(label, manifest)
+    if manifests:
+        manifest_module.check_no_leak(_val_image_paths(spec), manifests, what="validation", progress=progress)
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_arm(arm: Arm, spec: CompareSpec, out_dir) -> dict:
+    """Run one arm of ``spec`` into ``out_dir`` with its metric; returns the metric's result dict.
+
+    finetune: :func:`soco_pretrain.transfer.finetune.finetune` with ``fraction``/``seed`` of the
+    arm and ``resume="auto"``; knn: :func:`soco_pretrain.evaluate.knn.knn_eval` with
+    ``train_fraction``/``seed`` (its leak check off: :func:`check_leaks` ran once for all arms).
+    """
+    runtime = spec.runtime
+    if spec.metric == "finetune":
+        from ..transfer.finetune import FinetuneOptions, finetune
+
+        options = dict(spec.options)
+        if "train_sizes" in options:
+            options["train_sizes"] = tuple(options["train_sizes"])
+        extra = {k: runtime[k] for k in ("workers", "device", "log_every", "checkpoint_every", "progress")
+                 if k in runtime}
+        opts = FinetuneOptions(**options, **extra, fraction=arm.fraction, seed=arm.seed, resume="auto")
+        return finetune(arm.weights, spec.train_json, spec.train_images, spec.val_json, spec.val_images,
+                        Path(out_dir), opts)
+    from .knn import KnnOptions, knn_eval
+
+    extra = {k: runtime[k] for k in ("workers", "device", "progress") if k in runtime}
+    opts = KnnOptions(**spec.options, **extra, seed=arm.seed, train_fraction=arm.fraction, allow_leak=True)
+    return knn_eval(arm.weights, spec.train_json, spec.train_images, spec.val_json, spec.val_images,
+                    Path(out_dir), opts)
+
+
+def _arm_failures() -> tuple[type[BaseException], ...]:
+    # A diverged arm (non-finite loss) is not the user's input: note it, go on with the others.
+    module = sys.modules.get("soco_pretrain.train.loop")
+    error = getattr(module, "NonFiniteLossError", None) if module is not None else None
+    return (error,) if error is not None else ()
+
+
+@dataclass
+class RunSummary:
+    ran: list[Arm] = field(default_factory=list)
+    skipped: list[Arm] = field(default_factory=list)
+    failed: list[tuple[Arm, str]] = field(default_factory=list)
+
+
+def run_compare(spec: CompareSpec, out, shard: tuple[int, int] | None = None,
+                runner: Callable[[Arm, CompareSpec, Path], dict] | None = None,
+                log: Callable[[str], None] = print) -> RunSummary:
+    """Run the arms of ``spec`` (those of ``shard``) that are not finished; one line per arm.
+
+    ``runner`` defaults to :func:`run_arm` (looked up at call time, so tests can replace it).
+    OUT/compare.json must already be written (:func:`prepare_out`).
+    """
+    out = Path(out)
+    arms = spec.arms()
+    total = len(arms)
+    summary = RunSummary()
+    for arm in shard_arms(arms, shard):
+        head = f"arm {arm.index + 1}/{total}: {arm.label}"
+        if load_result(arm, spec, out) is not None:
+            log(f"{head}: done, skipped ({result_path(arm, spec, out)})")
+            summary.skipped.append(arm)
+            continue
+        folder = arm.folder(out)
+        log(f"{head} -> {folder} (weights: {arm.weights or 'none, random init seeded by ' + str(arm.seed)})")
+        folder.mkdir(parents=True, exist_ok=True)
+        run = runner if runner is not None else run_arm
+        try:
+            run(arm, spec, folder)
+        except _arm_failures() as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            log(f"{head}: failed: {message}")
+            summary.failed.append((arm, message))
+            continue
+        summary.ran.append(arm)
+    return summary
+
+
+# ---------------------------------------------------------------- several devices
+
+
+def device_env(device: str, environ: dict | None = None) -> tuple[str, dict]:
+    """(``--device`` value, environment) of the child process for ``cuda:N`` or ``cpu``.
+
+    ``cuda:N`` becomes ``--device cuda`` with CUDA_VISIBLE_DEVICES set to the N-th visible GPU
+    (the N-th entry of the caller's own CUDA_VISIBLE_DEVICES when that is set).
+    """
+    env = dict(os.environ if environ is None else environ)
+    text = device.strip().lower()
+    if text == "cpu":
+        return "cpu", env
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if not match:
+        raise CompareError(f"--devices: bad device {device!r} (expected cuda:N or cpu)")
+    index = int(match.group(1) or 0)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip():
+        entries = [v.strip() for v in visible.split(",") if v.strip()]
+        if index >= len(entries):
+            raise CompareError(f"--devices: {device} but CUDA_VISIBLE_DEVICES={visible} lists {len(entries)} GPU(s)")
+        env["CUDA_VISIBLE_DEVICES"] = entries[index]
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = str(index)
+    return "cuda", env
+
+
+def parse_devices(text: str) -> list[str]:
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise CompareError("--devices: no device given (expected e.g. cuda:0,cuda:1)")
+    gpus = [device_env(d, {})[1].get("CUDA_VISIBLE_DEVICES") for d in devices]  # also validates each
+    gpus = [g for g in gpus if g is not None]
+    if len(set(gpus)) != len(gpus):
+        raise CompareError(f"--devices: a GPU is listed twice ({text})")
+    return devices
+
+
+def child_commands(out, devices: list[str], runtime_args: list[str],
+                   environ: dict | None = None) -> list[tuple[list[str], dict, Path]]:
+    """(argv, environment, log file) of one ``soco compare`` child per device: arms k/D of OUT's
+    recorded comparison, no report (the parent writes it), leak check already done."""
+    out = Path(out)
+    commands = []
+    for k, device in enumerate(devices):
+        flag, env = device_env(device, environ)
+        argv = [sys.executable, "-m", "soco_pretrain", "compare", "--out", str(out), "--arm", f"{k}/{len(devices)}",
+                "--device", flag, "--allow-leak", "--no-report", *runtime_args]
+        commands.append((argv, env, out / "logs" / f"arm{k}of{len(devices)}.log"))
+    return commands
+
+
+def run_devices(out, devices: list[str], runtime_args: list[str], log: Callable[[str], None] = print,
+                popen=subprocess.Popen) -> list[int]:
+    """Start one child per device (output to OUT/logs/), wait for all; returns their exit statuses."""
+    commands = child_commands(out, devices, runtime_args)
+    children = []
+    try:
+        for (argv, env, log_path), device in zip(commands, devices):
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(log_path, "ab")
+            children.append((popen(argv, env=env, stdout=handle, stderr=subprocess.STDOUT), handle, device, log_path))
+            log(f"{device}: arms {argv[argv.index('--arm') + 1]} -> log {log_path}")
+        statuses = []
+        for child, handle, device, log_path in children:
+            status = child.wait()
+            handle.close()
+            statuses.append(status)
+            log(f"{device}: {'finished' if status == 0 else f'exit status {status}, see {log_path}'}")
+        return statuses
+    except BaseException:
+        for child, handle, _, _ in children:
+            if child.poll() is None:
+                child.terminate()
+            handle.close()
+        raise

@@ -1,0 +1,599 @@
+"""Object-level kNN evaluation: the cheap signal of whether pretraining made better object features.
+
+``knn_eval(weights, train_json, train_images, val_json, val_images, out)`` embeds the labelled
+boxes of two COCO-format sets with the network being pretrained and classifies every val object
+by its nearest train objects; ``ObjectMonitor`` runs the same protocol on a small labelled set
+every N steps of ``soco pretrain``. The protocol (our choices; the paper evaluates by fine-tuning
+only):
+
+- **Objects**: every non-crowd annotation whose box, clipped to its image, is at least
+  ``min_box`` (32) px wide and high in the original image. Crowd boxes hold several objects and
+  COCO's "small" objects (< 32x32) are a few pixels once the image is resized to 224: both are
+  counted in ``skipped`` and left out. A box entirely outside its image is an error.
+- **Input**: each image resized to ``size`` x ``size`` (the pretraining V1 view, paper 3.2: the
+  whole image resized to 224x224, aspect not kept), ImageNet-normalised, no augmentation.
+- **Feature**: what the detector reuses for the box: RoIAlign from the FPN level the box is
+  assigned to at that size (paper 3.3 scale-aware assignment), then the 4conv1fc box head
+  (1024-d); for C4, RoIAlign 14x14 on C4, res5 and global average pooling (2048-d). The projector
+  is not used (it is dropped for transfer).
+- **BatchNorm**: ``bn="precise"`` (default) re-estimates every BatchNorm's running statistics over
+  the kNN train images (a cumulative average over batches, as Detectron2's precise BN), then
+  embeds in eval mode: features do not depend on how images are batched, and random init,
+  pretrained runs and supervised weights are normalised the same way. ``"running"`` keeps the
+  weights' own statistics.
+- **kNN**: cosine similarity, the ``k`` = 20 nearest train objects each vote for their class
+  with weight exp(cos / T), T = 0.07 (the weighted kNN of Wu et al. 2018, used by DINO and most
+  SSL papers). Neighbours from the same image file are excluded (a monitor split shares none;
+  a user's two JSONs might). Reports top-1, top-5 and the mean per-class top-1 (one class can
+  dominate: "person" is about a quarter of COCO objects), the majority-class rate for scale, and
+  per category.
+- **Effective rank** (Roy and Vetterli 2007): exp of the entropy of the normalised singular values
+  of the val feature matrix; about 1 when the features collapsed to one direction, up to
+  min(objects, dims) when they spread. Reported so that collapse is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import AugmentConfig, ModelConfig
+
+KNN_FILE = "knn.json"
+PAPER_LEVEL_BOUNDS = (48, 96, 192)  # paper 3.3, for 224 px views
+PAPER_SIZE = 224  # paper 3.2: V1 is 224x224
+BN_MODES = ("precise", "running")
+
+
+class KnnError(ValueError):
+    """A kNN input that cannot be used (one line, names the file)."""
+
+
+@dataclass
+class KnnOptions:
+    """kNN protocol settings (module docstring); defaults are the usual SSL kNN protocol."""
+
+    k: int = 20
+    temperature: float = 0.07
+    size: int | None = None  # None: the run's data.views.v1_size, else 224 (paper V1)
+    level_bounds: tuple[float, float, float] | None = None  # None: the run's if its size is used, else scaled
+    min_box: float = 32.0  # px in the original image, both sides
+    batch: int = 16  # images per forward pass
+    bn: str = "precise"  # precise | running
+    precise_images: int = 1000  # at most this many train images for the BN statistics
+    seed: int = 0  # random init (weights none) and the train_fraction subset
+    train_fraction: float = 1.0  # seeded subset of the train images (label budget)
+    soco_weights: str = "online"  # online | target network of a SoCo run
+    allow_leak: bool = False  # skip the check that val images were not pretrained on
+    workers: int = 2  # image-decoding processes
+    device: str | None = None  # cpu | cuda (default: CUDA when available)
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- labelled objects
+
+
+@dataclass
+class ObjectSet:
+    """The usable labelled boxes of a COCO set, grouped by image."""
+
+    source: str  # the JSON, for messages
+    paths: list[Path]
+    sizes: list[tuple[int, int]]  # (width, height) from the JSON
+    boxes: list[np.ndarray]  # per image (n, 4) float32 x1, y1, x2, y2 in original pixels
+    labels: list[np.ndarray]  # per image (n,) int64 index into ``categories``
+    categories: list[str]  # names, in category-id order
+    cat_ids: list[int]
+    skipped: dict[str, int] = field(default_factory=dict)  # crowd, small
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_objects(self) -> int:
+        return int(sum(len(b) for b in self.boxes))
+
+    def subset(self, indices) -> ObjectSet:
+        idx = list(indices)
+        return ObjectSet(self.source, [self.paths[i] for i in idx], [self.sizes[i] for i in idx],
+                         [self.boxes[i] for i in idx], [self.labels[i] for i in idx], self.categories,
+                         self.cat_ids, dict(self.skipped))
+
+
+def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: ObjectSet | None = None) -> ObjectSet:
+    """Read a COCO JSON's usable objects (see the module docstring). ``categories``: use another
+    set's category list (val against train); a category id it lacks is an error."""
+    from ..transfer.coco import CocoError, clip_box, load_coco
+
+    json_path = Path(json_path)
+    root = Path(image_root) if image_root is not None else json_path.parent
+    try:
+        coco = load_coco(json_path, root)
+    except CocoError as exc:
+        raise KnnError(str(exc)) from None
+    if not coco.anns:
+        raise KnnError(f"{json_path}: has no annotations (kNN needs labelled boxes)")
+    names = {c["id"]: str(c.get("name", c["id"])) for c in coco.categories}
+    if categories is None:
+        cat_ids = [c["id"] for c in coco.categories]
+        cat_names = [names[c] for c in cat_ids]
+    else:
+        cat_ids, cat_names = categories.cat_ids, categories.categories
+    label_of = {cid: i for i, cid in enumerate(cat_ids)}
+    paths, sizes, boxes, labels = [], [], [], []
+    skipped = {"crowd": 0, "small": 0, "images_without_objects": 0}
+    for image in coco.images:
+        w, h = image["width"], image["height"]
+        kept_boxes, kept_labels = [], []
+        for a in coco.anns.get(image["id"], []):
+            if a.get("iscrowd", 0):
+                skipped["crowd"] += 1
+                continue
+            box = clip_box(a["bbox"], w, h)
+            if box is None:
+                raise KnnError(f"{json_path}: annotation {a.get('id', '?')} box {a['bbox']} lies outside its image "
+                               f"{image['file_name']} ({w}x{h})")
+            if box[2] - box[0] < min_box or box[3] - box[1] < min_box:
+                skipped["small"] += 1
+                continue
+            if a["category_id"] not in label_of:
+                raise KnnError(f"{json_path}: annotation {a.get('id', '?')} has category id {a['category_id']}, "
+                               f"unknown to {categories.source if categories else json_path}")
+            kept_boxes.append(box)
+            kept_labels.append(label_of[a["category_id"]])
+        if not kept_boxes:
+            skipped["images_without_objects"] += 1
+            continue
+        paths.append(coco.image_path(image))
+        sizes.append((w, h))
+        boxes.append(np.asarray(kept_boxes, dtype=np.float32))
+        labels.append(np.asarray(kept_labels, dtype=np.int64))
+    if not paths:
+        raise KnnError(f"{json_path}: no usable object (non-crowd boxes of at least {min_box:g}x{min_box:g} px)")
+    return ObjectSet(str(json_path), paths, sizes, boxes, labels, cat_names, cat_ids, skipped)
+
+
+def split_by_image(objects: ObjectSet, val_fraction: float, seed: int) -> tuple[ObjectSet, ObjectSet]:
+    """(train, val) with a seeded ``val_fraction`` of the images in val (at least one in each)."""
+    if len(objects) < 2:
+        raise KnnError(f"{objects.source}: needs at least 2 images with objects to split into kNN train and val")
+    order = np.random.default_rng(seed).permutation(len(objects))
+    n_val = min(len(objects) - 1, max(1, round(val_fraction * len(objects))))
+    return objects.subset(sorted(order[n_val:].tolist())), objects.subset(sorted(order[:n_val].tolist()))
+
+
+def fraction_of(objects: ObjectSet, fraction: float, seed: int) -> ObjectSet:
+    """A seeded ``fraction`` of the images (the same subset rule as ``soco finetune --fraction``)."""
+    from ..transfer.coco import select_fraction
+
+    if fraction >= 1.0:
+        return objects
+    chosen = select_fraction(list(range(len(objects))), fraction, seed)
+    return objects.subset(chosen)
+
+
+# ---------------------------------------------------------------- images -> tensors
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decoded, resized uint8 images (3, S, S) of an ObjectSet; failures come back as messages."""
+
+    def __init__(self, objects: ObjectSet, size: int):
+        self.objects, self.size = objects, size
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def __getitem__(self, i: int) -> dict:
+        from ..data.views import resize_square
+        from ..images import ImageError, load_rgb
+
+        path = self.objects.paths[i]
+        try:
+            image = load_rgb(path)
+        except ImageError as exc:
+            return {"index": i, "error": str(exc)}
+        h, w = image.shape[:2]
+        if (w, h) != tuple(self.objects.sizes[i]):
+            return {"index": i, "error": f"{path}: image is {w}x{h} but the JSON says "
+                                         f"{self.objects.sizes[i][0]}x{self.objects.sizes[i][1]}"}
+        view = resize_square(image, self.size)
+        return {"index": i, "image": torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)}
+
+
+def _batches(objects: ObjectSet, size: int, batch: int, workers: int, limit: int | None = None):
+    indices = list(range(len(objects) if limit is None else min(limit, len(objects))))
+    dataset = torch.utils.data.Subset(_Images(objects, size), indices)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
+                                         collate_fn=list, persistent_workers=False)
+    yield from loader
+
+
+def _view_inputs(items: list[dict], objects: ObjectSet, size: int, bounds, device):
+    """Stack the images and their boxes (in view pixels, padded to the batch's most objects)."""
+    from ..data.augment import normalise, to_float01
+    from ..data.boxes import assign_levels, resize_boxes
+
+    images = torch.stack([it["image"] for it in items])
+    x = normalise(to_float01(images), AugmentConfig()).to(device)
+    counts = [len(objects.boxes[it["index"]]) for it in items]
+    K = max(counts)
+    boxes = np.zeros((len(items), K, 4), dtype=np.float32)
+    levels = np.zeros((len(items), K), dtype=np.int64)
+    valid = np.zeros((len(items), K), dtype=bool)
+    for b, it in enumerate(items):
+        w, h = objects.sizes[it["index"]]
+        view_boxes = resize_boxes(objects.boxes[it["index"]], (w, h), (size, size))
+        n = len(view_boxes)
+        boxes[b, :n], levels[b, :n], valid[b, :n] = view_boxes, assign_levels(view_boxes, bounds), True
+    return x, torch.from_numpy(boxes).to(device), torch.from_numpy(levels).to(device), torch.from_numpy(valid).to(device)
+
+
+def _objects_forward(encoder, x, boxes, levels, valid) -> torch.Tensor:
+    """Encoder output of the valid slots only: padded slots skip the head (the costly part here;
+    images hold 1 to 20+ objects). The head's BatchNorms then see exactly the valid rows."""
+    rois = encoder.pool(encoder.features(x), boxes, levels, valid)
+    return encoder.head(rois[valid.reshape(-1)])
+
+
+class Embedder:
+    """Runs encoders over an ObjectSet's images; decoding failures are counted and listed."""
+
+    def __init__(self, size: int, level_bounds, batch: int = 16, workers: int = 0, device="cpu", progress=False):
+        self.size, self.bounds, self.batch, self.workers = int(size), tuple(level_bounds), batch, workers
+        self.device, self.progress = torch.device(device), progress
+        self.failed: dict[str, str] = {}  # path -> reason
+
+    def _iterate(self, objects: ObjectSet, desc: str, limit: int | None = None):
+        from tqdm import tqdm
+
+        total = len(objects) if limit is None else min(limit, len(objects))
+        with tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
+            for items in _batches(objects, self.size, self.batch, self.workers, limit):
+                bar.update(len(items))
+                good = []
+                for it in items:
+                    if "error" in it:
+                        if str(objects.paths[it["index"]]) not in self.failed:
+                            print(f"warning: skipped {it['error']}", flush=True)
+                        self.failed[str(objects.paths[it["index"]])] = it["error"]
+                    else:
+                        good.append(it)
+                if good:
+                    yield good
+
+    @torch.no_grad()
+    def precise_bn(self, encoders: list[nn.Module], objects: ObjectSet, limit: int) -> None:
+        """Running statistics of every BatchNorm = the average of batch statistics over ``objects``."""
+        bns = [m for enc in encoders for m in enc.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        for enc in encoders:
+            enc.train()
+        for items in self._iterate(objects, "kNN: BatchNorm statistics", limit):
+            inputs = _view_inputs(items, objects, self.size, self.bounds, self.device)
+            for enc in encoders:
+                _objects_forward(enc, *inputs)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        for enc in encoders:
+            enc.eval()
+
+    @torch.no_grad()
+    def embed(self, encoders: list[nn.Module], objects: ObjectSet, desc: str):
+        """Per encoder an (N, D) float32 feature matrix, plus the labels and image index of the N objects."""
+        for enc in encoders:
+            enc.eval()
+        feats: list[list[torch.Tensor]] = [[] for _ in encoders]
+        labels, image_index = [], []
+        for items in self._iterate(objects, desc):
+            x, boxes, levels, valid = _view_inputs(items, objects, self.size, self.bounds, self.device)
+            for out, enc in zip(feats, encoders):
+                out.append(_objects_forward(enc, x, boxes, levels, valid).float().cpu())
+            for it in items:
+                labels.append(torch.from_numpy(objects.labels[it["index"]]))
+                image_index.append(torch.full((len(objects.labels[it["index"]]),), it["index"], dtype=torch.int64))
+        if not labels:
+            raise KnnError(f"{objects.source}: no image could be read (first failure: "
+                           f"{next(iter(self.failed.values()), 'none')})")
+        return [torch.cat(f) for f in feats], torch.cat(labels), torch.cat(image_index)
+
+
+# ---------------------------------------------------------------- kNN and spread
+
+
+def knn_scores(train_feats, train_labels, val_feats, num_classes: int, k: int = 20, temperature: float = 0.07,
+               train_keys=None, val_keys=None, chunk: int = 1024) -> torch.Tensor:
+    """(N_val, C) class scores of the weighted cosine kNN; neighbours with the same key are excluded."""
+    train = nn.functional.normalize(train_feats.float(), dim=1)
+    val = nn.functional.normalize(val_feats.float(), dim=1)
+    k = min(k, train.shape[0])
+    scores = torch.zeros(val.shape[0], num_classes)
+    for start in range(0, val.shape[0], chunk):
+        sim = val[start:start + chunk] @ train.T
+        if train_keys is not None and val_keys is not None:
+            same = val_keys[start:start + chunk, None] == train_keys[None, :]
+            sim = sim.masked_fill(same, float("-inf"))
+        top, idx = sim.topk(k, dim=1)
+        weight = torch.exp(top / temperature)  # exp(-inf) = 0: an excluded neighbour never votes
+        scores[start:start + chunk].scatter_add_(1, train_labels[idx], weight)
+    return scores
+
+
+def effective_rank(feats: torch.Tensor) -> float:
+    """exp(entropy of the normalised singular values) of an (N, D) matrix (Roy and Vetterli 2007)."""
+    s = torch.linalg.svdvals(feats.double())
+    total = s.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return float("nan") if not torch.isfinite(total) else 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, train_labels: torch.Tensor,
+                categories: list[str]) -> dict:
+    """top1 / top5 / mean per-class top1 (percent), the majority-class rate and a per-category table."""
+    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hit1 = top5[:, 0] == labels
+    hit5 = (top5 == labels[:, None]).any(1)
+    per_class = {}
+    for c in labels.unique().tolist():
+        sel = labels == c
+        per_class[categories[c]] = {"count": int(sel.sum()), "top1": round(100.0 * float(hit1[sel].float().mean()), 2)}
+    majority = int(torch.bincount(train_labels, minlength=scores.shape[1]).argmax())
+    return {
+        "top1": round(100.0 * float(hit1.float().mean()), 2),
+        "top5": round(100.0 * float(hit5.float().mean()), 2),
+        "mean_class_top1": round(float(np.mean([v["top1"] for v in per_class.values()])), 2),
+        "majority_class": categories[majority],
+        "majority_top1": round(100.0 * float((labels == majority).float().mean()), 2),
+        "per_class": dict(sorted(per_class.items(), key=lambda kv: -kv[1]["count"])),
+    }
+
+
+def evaluate_encoders(encoders: dict[str, nn.Module], train: ObjectSet, val: ObjectSet, embedder: Embedder,
+                      k: int = 20, temperature: float = 0.07, bn: str = "precise",
+                      precise_images: int = 1000) -> dict[str, dict]:
+    """kNN metrics + effective rank for each named encoder (modified in place when bn=precise)."""
+    if bn not in BN_MODES:
+        raise KnnError(f"bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+    nets = list(encoders.values())
+    if bn == "precise":
+        embedder.precise_bn(nets, train, precise_images)
+    train_feats, train_labels, train_img = embedder.embed(nets, train, "kNN: train objects")
+    val_feats, val_labels, val_img = embedder.embed(nets, val, "kNN: val objects")
+    # Same-file exclusion: image keys shared between the two sets (by resolved path).
+    keys: dict[str, int] = {}
+    train_keys = torch.tensor([keys.setdefault(str(Path(train.paths[i]).resolve()), len(keys)) for i in train_img.tolist()])
+    val_keys = torch.tensor([keys.setdefault(str(Path(val.paths[i]).resolve()), len(keys)) for i in val_img.tolist()])
+    results = {}
+    for name, tf, vf in zip(encoders, train_feats, val_feats):
+        scores = knn_scores(tf, train_labels, vf, len(train.categories), k, temperature, train_keys, val_keys)
+        result = knn_metrics(scores, val_labels, train_labels, train.categories)
+        result["erank"] = round(effective_rank(vf), 2)
+        result["dims"] = int(vf.shape[1])
+        results[name] = result
+    return results
+
+
+# ---------------------------------------------------------------- weights -> encoder
+
+
+def _run_config(weights: Path) -> dict | None:
+    """The resolved config of the soco pretrain run that ``weights`` (folder or checkpoint) belongs to."""
+    import yaml
+
+    for folder in (weights, weights.parent.parent):
+        path = folder / "config.yaml"
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
+    """(SoCoEncoder, info) from ``weights``: "none" (random init, seeded), a soco pretrain run
+    folder or checkpoint, or a torchvision state dict (Mask R-CNN v2 keys: FPN; a ResNet-50's keys
+    alone: C4, the res5 head on C4 features). info: arch, description, size / level bounds of the
+    run (if any), loaded tensors per module."""
+    from ..config import from_dict
+    from ..model.encoder import SoCoEncoder
+    from ..transfer.detector import read_weights
+
+    if weights is None or str(weights).lower() == "none":
+        torch.manual_seed(seed)
+        return SoCoEncoder(ModelConfig()), {"arch": "fpn", "description": f"random init (seed {seed})", "run": None}
+    path = Path(weights)
+    state, description = read_weights(path, soco_weights)  # WeightsError (one line) for files that are not weights
+    run = _run_config(path) if path.exists() else None
+    fpn = any(k.startswith(("backbone.fpn.", "roi_heads.box_head.")) for k in state)
+    if fpn:
+        mapped = {("box_head." + k[len("roi_heads.box_head."):] if k.startswith("roi_heads.box_head.") else k): v
+                  for k, v in state.items() if k.startswith(("backbone.", "roi_heads.box_head."))}
+    else:
+        mapped = {"backbone." + k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
+    model_cfg = ModelConfig()
+    if run and isinstance(run.get("model"), dict):
+        try:
+            model_cfg = from_dict(ModelConfig, run["model"])
+        except (TypeError, ValueError):
+            model_cfg = ModelConfig()
+    model_cfg.arch = "fpn" if fpn else "c4"
+    torch.manual_seed(seed)  # whatever the file does not hold (e.g. an FPN for a plain ResNet) is seeded
+    encoder = SoCoEncoder(model_cfg)
+    own = encoder.state_dict()
+    loaded = {k: v for k, v in mapped.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not loaded:
+        raise KnnError(f"{path}: no tensor fits the {model_cfg.arch.upper()} encoder (expected a soco run, "
+                       "soco export --to torchvision, or a torchvision ResNet-50 / Mask R-CNN v2 state dict)")
+    encoder.load_state_dict(loaded, strict=False)
+    counts: dict[str, list[int]] = {}
+    for key in own:
+        module = ".".join(key.split(".")[:2]) if key.startswith("backbone.") else key.split(".")[0]
+        counts.setdefault(module, [0, 0])[1] += 1
+        counts[module][0] += key in loaded
+    return encoder, {"arch": model_cfg.arch, "description": description, "run": run,
+                     "loaded": {m: f"{a}/{b}" for m, (a, b) in counts.items()}}
+
+
+def resolve_geometry(size: int | None, level_bounds, run: dict | None) -> tuple[int, tuple[float, ...]]:
+    """Input size and FPN level bounds: given values win; a run's own V1 size and bounds next;
+    otherwise 224 and the paper's bounds, scaled by size / 224 for other sizes."""
+    views = ((run or {}).get("data") or {}).get("views") or {}
+    run_size = views.get("v1_size")
+    if size is None:
+        size = int(run_size) if run_size else PAPER_SIZE
+    if level_bounds is None:
+        if run_size and int(run_size) == size and views.get("level_bounds"):
+            level_bounds = tuple(views["level_bounds"])
+        else:
+            level_bounds = tuple(round(b * size / PAPER_SIZE, 2) for b in PAPER_LEVEL_BOUNDS)
+    if size < 32:
+        raise KnnError(f"kNN input size must be at least 32 px, got {size}")
+    return int(size), tuple(float(b) for b in level_bounds)
+
+
+def common_size(weights_paths) -> int:
+    """The input size a comparison should use for every init: the V1 size of the first path that
+    belongs to a soco pretrain run, else 224 (arms must see objects at the same scale)."""
+    for weights in weights_paths:
+        run = _run_config(Path(weights))
+        size = ((run or {}).get("data") or {}).get("views", {}).get("v1_size")
+        if size:
+            return int(size)
+    return PAPER_SIZE
+
+
+# ---------------------------------------------------------------- soco knn
+
+
+def _check_options(o: KnnOptions) -> None:
+    problems = []
+    if o.k < 1:
+        problems.append(f"k must be >= 1 (got {o.k})")
+    if not o.temperature > 0:
+        problems.append(f"temperature must be > 0 (got {o.temperature})")
+    if not 0 < o.train_fraction <= 1:
+        problems.append(f"train fraction must be in (0, 1] (got {o.train_fraction})")
+    if o.bn not in BN_MODES:
+        problems.append(f"bn must be one of {', '.join(BN_MODES)} (got {o.bn!r})")
+    if o.batch < 1 or o.min_box < 0:
+        problems.append("batch must be >= 1 and min_box >= 0")
+    if problems:
+        raise KnnError("; ".join(problems))
+
+
+def knn_eval(weights, train_json, train_images, val_json, val_images, out, options: KnnOptions | None = None) -> dict:
+    """Object kNN of ``val_json``'s objects against ``train_json``'s with the encoder of ``weights``;
+    writes ``out/knn.json`` and returns it (metrics in percent, see the module docstring)."""
+    import time
+
+    from ..proposals.store import atomic_write_json
+
+    o = options or KnnOptions()
+    _check_options(o)
+    start = time.perf_counter()
+    device = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train = fraction_of(load_objects(train_json, train_images, o.min_box), o.train_fraction, o.seed)
+    val = load_objects(val_json, val_images, o.min_box, categories=train)
+    if not o.allow_leak:
+        check_leak(weights, val.paths)
+    encoder, info = build_encoder(weights, o.soco_weights, o.seed)
+    size, bounds = resolve_geometry(o.size, o.level_bounds, info.get("run"))
+    if o.progress:
+        loaded = ", ".join(f"{m} {n}" for m, n in info.get("loaded", {}).items())
+        print(f"kNN of {val.num_objects} val objects ({len(val)} images) against {train.num_objects} train objects "
+              f"({len(train)} images): {info['description']}, {info['arch'].upper()} at {size} px"
+              + (f"; loaded {loaded}" if loaded else ""), flush=True)
+    embedder = Embedder(size, bounds, o.batch, o.workers, device, o.progress)
+    result = evaluate_encoders({"encoder": encoder.to(device)}, train, val, embedder, o.k, o.temperature, o.bn,
+                               o.precise_images)["encoder"]
+    report = {
+        "weights": str(weights), "description": info["description"], "arch": info["arch"],
+        **{key: result[key] for key in ("top1", "top5", "mean_class_top1", "erank", "majority_top1",
+                                        "majority_class", "dims")},
+        "num_train_objects": train.num_objects, "num_val_objects": val.num_objects,
+        "num_train_images": len(train), "num_val_images": len(val),
+        "skipped": {"train": train.skipped, "val": val.skipped, "unreadable": dict(embedder.failed)},
+        "size": size, "level_bounds": list(bounds),
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(o).items()},
+        "loaded": info.get("loaded", {}), "seconds": round(time.perf_counter() - start, 1),
+        "per_class": result["per_class"],
+    }
+    out = Path(out)
+    atomic_write_json(out / KNN_FILE, report)
+    if o.progress:
+        print(f"kNN top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}%, mean per-class top-1 "
+              f"{report['mean_class_top1']:.2f}% (majority class '{report['majority_class']}' alone: "
+              f"{report['majority_top1']:.2f}%), effective rank {report['erank']:.1f} of {report['dims']} -> "
+              f"{out / KNN_FILE}", flush=True)
+    return report
+
+
+def check_leak(weights, eval_paths) -> None:
+    """Refuse (LeakError) when evaluation images were in the pretraining run's data manifest."""
+    if weights is None or str(weights).lower() == "none":
+        return
+    from ..data.manifest import check_no_leak, manifest_for_weights
+
+    found = manifest_for_weights(weights)
+    if found is None:
+        print(f"note: {weights} has no data manifest: cannot check that the val images were not pretrained on",
+              flush=True)
+        return
+    label, manifest = found
+    check_no_leak([Path(p) for p in eval_paths], {label: manifest})
+
+
+# ---------------------------------------------------------------- monitor during pretraining
+
+
+class ObjectMonitor:
+    """The kNN protocol on a small labelled set, split by image, run every N pretraining steps.
+
+    The encoders are evaluated on fresh copies (plain BatchNorm, precise statistics), so the
+    training networks, their BatchNorm buffers and every random stream are left untouched.
+    """
+
+    def __init__(self, cfg, device, progress: bool = False):
+        m = cfg.monitor
+        self.cfg, self.every = cfg, int(m.every)
+        objects = load_objects(m.json, m.images, m.min_box)
+        self.train, self.val = split_by_image(objects, m.val_fraction, m.seed)
+        size, bounds = resolve_geometry(m.size or cfg.data.views.v1_size, None,
+                                        {"data": {"views": {"v1_size": cfg.data.views.v1_size,
+                                                            "level_bounds": list(cfg.data.views.level_bounds)}}})
+        self.embedder = Embedder(size, bounds, m.batch, 0, device, progress)
+        self.k, self.temperature = m.k, m.temperature
+        from ..model.encoder import SoCoEncoder
+
+        with torch.random.fork_rng(devices=[]):  # building them must not move the training RNG
+            self.copies = {name: SoCoEncoder(cfg.model).to(device) for name in ("online", "target")}
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def __call__(self, model) -> dict:
+        """{knn_top1, knn_top5, knn_mean_class_top1, erank_online, erank_target} for a SoCoModel."""
+        for name, source in (("online", model.encoder), ("target", model.target_encoder)):
+            self.copies[name].load_state_dict(source.state_dict())  # SyncBN or not: the same keys
+        results = evaluate_encoders(self.copies, self.train, self.val, self.embedder, self.k, self.temperature)
+        online, target = results["online"], results["target"]
+        return {"knn_top1": online["top1"], "knn_top5": online["top5"],
+                "knn_mean_class_top1": online["mean_class_top1"], "knn_target_top1": target["top1"],
+                "erank_online": online["erank"], "erank_target": target["erank"]}
+
+
+def describe(result: dict) -> str:
+    return (f"kNN top-1 {result['knn_top1']:.1f}% (target {result['knn_target_top1']:.1f}%), effective rank "
+            f"online {result['erank_online']:.1f} / target {result['erank_target']:.1f}")

@@ -1,0 +1,531 @@
+"""soco compare: arms, seed pairing, shards, resume, the specification guard, the paired t interval,
+the report files and one-line errors. Arms run with fake runners (no torch, no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+
+from soco_pretrain.cli import main
+from soco_pretrain.evaluate import compare
+from soco_pretrain.evaluate.compare import (
+    RANDOM_INIT,
+    CompareError,
+    CompareSpec,
+    Init,
+    child_commands,
+    collect,
+    load_result,
+    parse_init,
+    prepare_out,
+    run_compare,
+    run_devices,
+    shard_arms,
+)
+from soco_pretrain.evaluate.report import arm_metrics, format_markdown, mean_sd, paired_ci, summarize, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def call(argv, capsys):
+    """main(argv) in-process -> (exit status, stdout, stderr); argparse exits become statuses."""
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Two tiny COCO JSONs, an image folder and three run folders (no manifests)."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}], "annotations": [],
+            "categories": [{"id": 1, "name": "thing"}]}
+    for name in ("train.json", "val.json"):
+        (tmp_path / name).write_text(json.dumps(coco))
+    runs = [tmp_path / "runs" / f"ss{i}" for i in range(3)]
+    for run in runs:
+        run.mkdir(parents=True)
+    return {"root": tmp_path, "images": images, "runs": runs,
+            "args": ["--train-json", tmp_path / "train.json", "--train-images", images,
+                     "--val-json", tmp_path / "val.json", "--val-images", images]}
+
+
+# what each fake arm scores: bbox AP = base of the init + seed + 10 x fraction
+BASE = {RANDOM_INIT: 10.0, "soco": 12.0}
+
+
+def fake_finetune_result(arm) -> dict:
+    ap = BASE.get(arm.init.name, 5.0) + arm.seed + 10 * arm.fraction
+    return {"bbox": {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2, "APs": -1.0, "APm": ap, "APl": ap},
+            "iterations": 4, "max_iters": 4, "fraction": arm.fraction, "seed": arm.seed}
+
+
+@pytest.fixture
+def fake_runner(monkeypatch):
+    """Replace compare.run_arm: writes a finished metrics.json and records every call."""
+    calls = []
+
+    def run(arm, spec, out_dir):
+        calls.append((arm.init.name, arm.fraction, arm.seed, arm.weights, str(out_dir)))
+        result = fake_finetune_result(arm)
+        (out_dir / "metrics.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(compare, "run_arm", run)
+    return calls
+
+
+def spec_of(inits, fractions=(0.1, 1.0), seeds=3, metric="finetune", options=None) -> CompareSpec:
+    return CompareSpec(tuple(inits), fractions, seeds, metric, "t.json", "imgs", "v.json", "imgs",
+                       options if options is not None else {"max_iters": 4})
+
+
+# ---------------------------------------------------------------- inits and arms
+
+
+def test_parse_init_forms(data):
+    a, b, c = (str(r) for r in data["runs"])
+    assert parse_init("none") == Init(RANDOM_INIT, (None,))
+    assert parse_init("NONE").name == RANDOM_INIT
+    single = parse_init(a + "/")
+    assert single.name == "ss0" and single.paths == (a,)
+    group = parse_init(f"soco={a},{b},{c}")
+    assert group.name == "soco" and group.paths == (a, b, c)
+    assert [group.weights_for(s) for s in range(5)] == [a, b, c, a, b]  # member s % len
+    assert parse_init("scratch=none").paths == (None,)
+    with pytest.raises(CompareError, match="no such run folder"):
+        parse_init(str(data["root"] / "nope"))
+    with pytest.raises(CompareError, match="NAME=PATH"):
+        parse_init(f"={a}")
+    with pytest.raises(CompareError, match="no empty path"):
+        parse_init(f"x={a},,{b}")
+
+
+def test_arms_pair_every_init_on_each_fraction_and_seed(data, tmp_path):
+    a, b = (str(r) for r in data["runs"][:2])
+    spec = spec_of([parse_init("none"), parse_init(f"soco={a},{b}")], fractions=(0.05, 1.0), seeds=3)
+    arms = spec.arms()
+    assert len(arms) == 2 * 2 * 3
+    assert [arm.index for arm in arms] == list(range(12))
+    # each (fraction, seed) has every init once: the pairs of the paired differences
+    pairs = {}
+    for arm in arms:
+        pairs.setdefault((arm.fraction, arm.seed), []).append(arm.init.name)
+    assert sorted(pairs) == [(f, s) for f in (0.05, 1.0) for s in range(3)]
+    assert all(names == [RANDOM_INIT, "soco"] for names in pairs.values())
+    soco = [arm for arm in arms if arm.init.name == "soco"]
+    assert [arm.weights for arm in soco] == [a, b, a, a, b, a]  # seed s -> member s % 2
+    assert all(arm.weights is None for arm in arms if arm.init.name == RANDOM_INIT)
+    assert arms[7].folder(tmp_path) == tmp_path / "arms" / "soco" / "f1" / "s0"
+    assert arms[0].folder(tmp_path) == tmp_path / "arms" / "random_init" / "f0.05" / "s0"
+    assert arms[7].label == "soco f1 s0"
+
+
+def test_run_arm_gives_every_init_the_same_subset_seed(monkeypatch, tmp_path, data):
+    """finetune and knn get fraction/seed from the arm alone (their subset is a function of them)."""
+    seen = []
+
+    @dataclass
+    class FakeOptions:  # records what run_arm sets
+        fraction: float = 1.0
+        seed: int = 0
+        train_fraction: float = 1.0
+        max_iters: int | None = None
+        train_sizes: tuple = ()
+        resume: str = "none"
+        workers: int = 0
+        device: str | None = None
+        progress: bool = True
+        log_every: int = 1
+        checkpoint_every: int = 1
+        k: int = 20
+        allow_leak: bool = False
+
+    def fake_finetune(weights, train_json, train_images, val_json, val_images, out, options):
+        seen.append(("finetune", weights, options))
+        return {}
+
+    def fake_knn(weights, train_json, train_images, val_json, val_images, out, options):
+        seen.append(("knn", weights, options))
+        return {}
+
+    monkeypatch.setitem(sys.modules, "soco_pretrain.transfer.finetune",
+                        types.SimpleNamespace(FinetuneOptions=FakeOptions, finetune=fake_finetune))
+    monkeypatch.setitem(sys.modules, "soco_pretrain.evaluate.knn",
+                        types.SimpleNamespace(KnnOptions=FakeOptions, knn_eval=fake_knn))
+    inits = [parse_init("none"), parse_init(f"soco={data['runs'][0]},{data['runs'][1]}")]
+    spec = spec_of(inits, fractions=(0.1,), seeds=2, options={"max_iters": 4, "train_sizes": [64, 96]})
+    spec.runtime = {"workers": 0, "device": "cpu", "progress": False, "log_every": 5, "checkpoint_every": 7}
+    for arm in spec.arms():
+        compare.run_arm(arm, spec, tmp_path)
+    by_seed = {}
+    for (kind, weights, o), arm in zip(seen, spec.arms()):
+        assert kind == "finetune" and weights == arm.weights
+        assert (o.fraction, o.seed, o.resume, o.max_iters, o.train_sizes) == (0.1, arm.seed, "auto", 4, (64, 96))
+        assert (o.workers, o.device, o.progress, o.log_every, o.checkpoint_every) == (0, "cpu", False, 5, 7)
+        by_seed.setdefault(arm.seed, set()).add((o.fraction, o.seed))
+    assert all(len(v) == 1 for v in by_seed.values())  # both inits: the same subset arguments
+    seen.clear()
+    knn = spec_of(inits, fractions=(0.1,), seeds=2, metric="knn", options={"k": 5})
+    for arm in knn.arms():
+        compare.run_arm(arm, knn, tmp_path)
+    assert [(o.train_fraction, o.seed, o.k, o.allow_leak) for _, _, o in seen] == [
+        (0.1, 0, 5, True), (0.1, 0, 5, True), (0.1, 1, 5, True), (0.1, 1, 5, True)]
+    assert [w for _, w, _ in seen] == [None, str(data["runs"][0]), None, str(data["runs"][1])]
+
+
+def test_spec_rejects_duplicate_names_and_fractions(data):
+    a, b = (str(r) for r in data["runs"][:2])
+    with pytest.raises(CompareError, match="same name"):
+        spec_of([parse_init(f"x={a}"), parse_init(f"x={b}")])
+    with pytest.raises(CompareError, match="same folder name"):
+        spec_of([parse_init(f"my run={a}"), parse_init(f"my_run={b}")])
+    with pytest.raises(CompareError, match="listed twice"):
+        spec_of([parse_init("none")], fractions=(0.1, 0.1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 12, 13])
+def test_shards_partition_the_arms_exactly(n, data):
+    spec = spec_of([parse_init("none"), parse_init(str(data["runs"][0]))], fractions=(0.1, 0.5, 1.0), seeds=2)
+    arms = spec.arms()
+    shards = [shard_arms(arms, (i, n)) for i in range(n)]
+    indices = sorted(arm.index for shard in shards for arm in shard)
+    assert indices == list(range(len(arms)))  # every arm once, none twice
+    for i, shard in enumerate(shards):
+        assert [arm.index for arm in shard] == list(range(i, len(arms), n))
+
+
+# ---------------------------------------------------------------- running, resume, the spec guard
+
+
+def test_cli_runs_every_arm_then_reports(data, fake_runner, capsys):
+    out = data["root"] / "cmp"
+    argv = ["compare", "--init", "none", "--init", f"soco={data['runs'][0]},{data['runs'][1]}", *data["args"],
+            "--fractions", "0.1,1", "--seeds", "2", "--max-iters", "4", "--out", out]
+    status, stdout, err = call(argv, capsys)
+    assert status == 0, err
+    assert len(fake_runner) == 8
+    assert "arm 1/8: random init f0.1 s0" in stdout
+    assert "arm 8/8: soco f1 s1" in stdout
+    assert "no data manifest" in stdout  # run folders without one: the leak check could not be done
+    for name in ("report.md", "report.json", "report.png", "compare.json"):
+        assert (out / name).is_file()
+    assert (out / "report.png").read_bytes()[:8] == PNG_SIGNATURE
+    report = json.loads((out / "report.json").read_text())
+    assert report["arms_done"] == 8 and report["missing"] == []
+    row = next(r for r in report["rows"] if r["init"] == "soco" and r["fraction"] == 0.1)
+    assert row["vs_baseline"]["bbox AP"]["diffs"] == [2.0, 2.0]  # 12 + s + 1 - (10 + s + 1)
+    assert row["vs_baseline"]["bbox AP"]["half_width"] == 0.0
+    spec = json.loads((out / "compare.json").read_text())
+    assert spec["inits"][1]["paths"] == [str(data["runs"][0]), str(data["runs"][1])]
+    assert spec["options"]["max_iters"] == 4 and spec["seeds"] == 2
+
+
+def test_resume_skips_finished_arms_and_reruns_unfinished_ones(data, fake_runner, capsys):
+    out = data["root"] / "cmp"
+    argv = ["compare", "--init", "none", "--init", str(data["runs"][0]), *data["args"], "--seeds", "2",
+            "--max-iters", "4", "--out", out]
+    assert call(argv, capsys)[0] == 0
+    assert len(fake_runner) == 4
+    # one arm stopped early: its metrics.json is not final; another never wrote one
+    unfinished = out / "arms" / "ss0" / "f1" / "s1" / "metrics.json"
+    unfinished.write_text(json.dumps({"bbox": {"AP": 1.0}, "iterations": 2, "max_iters": 4}))
+    (out / "arms" / "random_init" / "f1" / "s0" / "metrics.json").unlink()
+    fake_runner.clear()
+    status, stdout, err = call(argv, capsys)
+    assert status == 0, err
+    assert sorted((name, seed) for name, _, seed, _, _ in fake_runner) == [(RANDOM_INIT, 0), ("ss0", 1)]
+    assert stdout.count("done, skipped") == 2
+    fake_runner.clear()
+    status, stdout, _ = call(["compare", "--out", out], capsys)  # the recorded spec, nothing left to run
+    assert status == 0 and fake_runner == [] and stdout.count("done, skipped") == 4
+
+
+def test_a_different_spec_in_the_same_out_is_refused(data, fake_runner, capsys):
+    out = data["root"] / "cmp"
+    base = ["compare", "--init", "none", *data["args"], "--seeds", "1", "--out", out]
+    assert call([*base, "--max-iters", "4"], capsys)[0] == 0
+    status, stdout, err = call([*base, "--max-iters", "8"], capsys)
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("soco: error: ") and "Traceback" not in err
+    assert "options.max_iters 4 -> 8" in err and "another --out" in err
+    assert len(fake_runner) == 1  # nothing ran the second time
+    # spec options without --init would be silently ignored: refused
+    status, _, err = call(["compare", "--out", out, "--max-iters", "8"], capsys)
+    assert status == 2 and "--max-iters given without --init" in err
+
+
+def test_arm_shards_through_the_cli_report_only_when_all_done(data, fake_runner, capsys):
+    out = data["root"] / "cmp"
+    argv = ["compare", "--init", "none", "--init", str(data["runs"][0]), *data["args"], "--fractions",
+            "0.5,1", "--seeds", "2", "--max-iters", "4", "--out", out]
+    status, stdout, _ = call([*argv, "--arm", "0/3"], capsys)
+    assert status == 0
+    first = [(n, f, s) for n, f, s, _, _ in fake_runner]
+    assert len(first) == 3  # arms 0, 3, 6 of 8
+    assert "3 of 8 arms finished" in stdout and not (out / "report.md").exists()
+    status, stdout, _ = call(["compare", "--out", out, "--report-only"], capsys)
+    assert status == 0 and "missing 5 arm(s)" in stdout
+    assert "Not finished (5 arm(s)" in (out / "report.md").read_text()
+    for shard in ("1/3", "2/3"):
+        assert call([*argv, "--arm", shard], capsys)[0] == 0
+    assert len(fake_runner) == 8 and len(set(fake_runner)) == 8  # every arm exactly once
+    report = json.loads((out / "report.json").read_text())  # the last shard wrote the full report
+    assert report["arms_done"] == 8 and report["missing"] == []
+
+
+def test_report_only_needs_a_finished_arm(data, fake_runner, capsys):
+    out = data["root"] / "cmp"
+    status, _, err = call(["compare", "--out", out, "--report-only"], capsys)
+    assert status == 2 and "no such file" in err
+    argv = ["compare", "--init", "none", *data["args"], "--seeds", "2", "--out", out]
+    assert call([*argv, "--arm", "1/2"], capsys)[0] == 0
+    for arm_dir in (out / "arms").rglob("metrics.json"):
+        arm_dir.unlink()
+    status, _, err = call(["compare", "--out", out, "--report-only"], capsys)
+    assert status == 2 and "no finished arm yet (2 to run)" in err
+
+
+def test_load_result_needs_the_final_metrics(tmp_path):
+    spec = spec_of([parse_init("none")], fractions=(1.0,), seeds=1)
+    arm = spec.arms()[0]
+    folder = arm.folder(tmp_path)
+    folder.mkdir(parents=True)
+    assert load_result(arm, spec, tmp_path) is None
+    (folder / "metrics.json").write_text("{not json")
+    assert load_result(arm, spec, tmp_path) is None
+    (folder / "metrics.json").write_text(json.dumps({"bbox": {"AP": 1}, "iterations": 3, "max_iters": 4}))
+    assert load_result(arm, spec, tmp_path) is None
+    (folder / "metrics.json").write_text(json.dumps({"bbox": {"AP": 1}, "iterations": 4, "max_iters": 4}))
+    assert load_result(arm, spec, tmp_path)["bbox"]["AP"] == 1
+    knn = spec_of([parse_init("none")], fractions=(1.0,), seeds=1, metric="knn", options={})
+    assert load_result(arm, knn, tmp_path) is None
+    (folder / "knn.json").write_text(json.dumps({"top1": 50.0}))
+    assert load_result(arm, knn, tmp_path)["top1"] == 50.0
+
+
+def test_prepare_out_writes_once_then_compares(tmp_path):
+    spec = spec_of([parse_init("none")])
+    path = prepare_out(spec, tmp_path)
+    assert json.loads(path.read_text())["baseline"] == RANDOM_INIT
+    prepare_out(spec_of([parse_init("none")]), tmp_path)  # the same: fine
+    with pytest.raises(CompareError, match=r"seeds 3 -> 4"):
+        prepare_out(spec_of([parse_init("none")], seeds=4), tmp_path)
+
+
+def test_a_diverged_arm_is_reported_and_the_others_still_run(data, monkeypatch, tmp_path):
+    class NonFiniteLossError(RuntimeError):
+        pass
+
+    monkeypatch.setitem(sys.modules, "soco_pretrain.train.loop",
+                        types.SimpleNamespace(NonFiniteLossError=NonFiniteLossError))
+    spec = spec_of([parse_init("none"), parse_init(str(data["runs"][0]))], fractions=(1.0,), seeds=1)
+    prepare_out(spec, tmp_path)
+
+    def runner(arm, spec, out_dir):
+        if arm.index == 0:
+            raise NonFiniteLossError("non-finite loss (nan) at iteration 3")
+        (out_dir / "metrics.json").write_text(json.dumps(fake_finetune_result(arm)))
+
+    lines = []
+    summary = run_compare(spec, tmp_path, runner=runner, log=lines.append)
+    assert [arm.index for arm, _ in summary.failed] == [0] and [a.index for a in summary.ran] == [1]
+    assert any("failed: non-finite loss" in line for line in lines)
+    done, missing = collect(spec, tmp_path)
+    assert [a.index for a, _ in done] == [1] and [a.index for a in missing] == [0]
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_paired_ci_matches_a_hand_computation():
+    ci = paired_ci([1.0, 2.0, 3.0])
+    # mean 2, sd 1, t(0.975, df=2) = 4.302653 (t table) -> half-width 4.302653 / sqrt(3) = 2.484138
+    assert ci["n"] == 3 and ci["mean"] == pytest.approx(2.0) and ci["sd"] == pytest.approx(1.0)
+    assert ci["half_width"] == pytest.approx(2.484138, abs=1e-6)
+    assert (ci["low"], ci["high"]) == (pytest.approx(-0.484138, abs=1e-6), pytest.approx(4.484138, abs=1e-6))
+    five = paired_ci([0.5, 1.5, -0.5, 2.5, 1.0])  # mean 1, sd sqrt(1.25); t(0.975, 4) = 2.776445
+    assert five["half_width"] == pytest.approx(2.776445 * math.sqrt(1.25) / math.sqrt(5), abs=1e-6)
+    one = paired_ci([4.0])
+    assert one["mean"] == 4.0 and one["half_width"] is None and one["low"] is None
+    assert paired_ci([])["n"] == 0
+    assert mean_sd([10.0, None, 12.0, 14.0]) == {"mean": 12.0, "sd": 2.0, "n": 3}
+
+
+def test_summary_pairs_by_seed_and_formats_the_table(data):
+    spec = spec_of([parse_init("none"), parse_init(f"soco={data['runs'][0]}")], fractions=(1.0,), seeds=3)
+    values = {(RANDOM_INIT, 0): 10.0, (RANDOM_INIT, 1): 20.0, (RANDOM_INIT, 2): 30.0,
+              ("soco", 0): 11.0, ("soco", 1): 22.0, ("soco", 2): 33.0}  # diffs 1, 2, 3
+    done = [(arm, {"bbox": {"AP": values[(arm.init.name, arm.seed)], "APs": -1},
+                   "segm": {"AP": 1.0}}) for arm in spec.arms()]
+    report = summarize(spec, done, [])
+    base, soco = report["rows"]
+    assert base["vs_baseline"] is None and base["metrics"]["bbox AP"] == {"mean": 20.0, "sd": 10.0, "n": 3}
+    diff = soco["vs_baseline"]["bbox AP"]
+    assert diff["diffs"] == [1.0, 2.0, 3.0] and diff["high"] == pytest.approx(4.484138, abs=1e-6)
+    assert soco["metrics"]["bbox APs"] == {"mean": None, "sd": None, "n": 0}  # COCO's -1: no value
+    assert report["metrics"] == ["bbox AP", "bbox APs", "segm AP"]
+    md = format_markdown(report)
+    assert "| init | fraction | n | bbox AP mean ± sd | diff vs random init [95% CI] |" in md
+    assert "| random init | 1 | 3 | 20.00 ± 10.00 | (baseline) |" in md
+    assert "| soco | 1 | 3 | 22.00 ± 11.00 | +2.00 [-0.48, +4.48] |" in md
+    assert "one pretraining run for every seed" in md
+
+
+def test_arm_metrics_of_both_metrics():
+    assert arm_metrics("finetune", {"bbox": {"AP": 3.0, "APl": -1.0}, "iterations": 2}) == \
+        {"bbox AP": 3.0, "bbox APl": None}
+    assert arm_metrics("knn", {"top1": 50.0, "top5": 80.0, "mean_class_top1": 40.0, "erank": 12.5,
+                               "dims": 1024}) == {"top1": 50.0, "top5": 80.0, "mean_class_top1": 40.0, "erank": 12.5}
+
+
+@pytest.mark.parametrize("fractions", [(0.01, 0.1, 1.0), (0.5,)])
+def test_report_files(tmp_path, data, fractions):
+    spec = spec_of([parse_init("none"), parse_init(str(data["runs"][0])), parse_init(str(data["runs"][1]))],
+                   fractions=fractions, seeds=2, metric="knn", options={})
+    done = [(arm, {"top1": 40.0 + arm.seed + 5 * (arm.init.name != RANDOM_INIT), "top5": 70.0,
+                   "mean_class_top1": 30.0, "erank": 9.0}) for arm in spec.arms()[:-3] + spec.arms()[-2:]]
+    missing = [spec.arms()[-3]]  # the baseline of the last (fraction, seed 1)
+    paths = write_report(spec, tmp_path, done, missing)
+    assert [p.name for p in paths] == ["report.json", "report.md", "report.png"]
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == PNG_SIGNATURE and len(png) > 5000
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["main_metric"] == "top1" and len(report["arms"]) == len(done)
+    assert report["arms"][0]["metrics"]["top1"] == 40.0
+    assert report["missing"][0]["init"] == RANDOM_INIT and report["missing"][0]["seed"] == 1
+    md = (tmp_path / "report.md").read_text()
+    assert "| ss0 |" in md
+    if len(fractions) > 1:  # both seeds paired at the first fraction
+        assert f"| ss0 | {fractions[0]:g} | 2 | 45.50 ± 0.71 | +5.00 [+5.00, +5.00] |" in md
+    assert f"| ss1 | {fractions[-1]:g} | 2 | 45.50 ± 0.71 | +5.00 [n/a] (1 pair) |" in md  # baseline lost seed 1
+    assert "Not finished (1 arm(s), left out above): random init" in md
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
+
+
+# ---------------------------------------------------------------- leaks, devices
+
+
+def test_leak_guard_refuses_and_allow_leak_skips_it(data, fake_runner, monkeypatch, capsys):
+    from soco_pretrain.data import manifest
+
+    checked = []
+    run0 = str(data["runs"][0])
+
+    def manifest_for_weights(path):
+        return (path, {"files": [["x.jpg", "abc"]]}) if path == run0 else None
+
+    def check_no_leak(paths, manifests, **kwargs):
+        checked.append(([str(p) for p in paths], sorted(manifests)))
+        raise manifest.LeakError("1 validation image was in the pretraining set of ss0 (by content), "
+                                 "e.g. a.jpg = x.jpg; pretrain without them or pass --allow-leak")
+
+    monkeypatch.setattr(manifest, "manifest_for_weights", manifest_for_weights)
+    monkeypatch.setattr(manifest, "check_no_leak", check_no_leak)
+    argv = ["compare", "--init", "none", "--init", f"soco={run0},{data['runs'][1]}", *data["args"],
+            "--seeds", "1", "--out", data["root"] / "cmp"]
+    status, stdout, err = call(argv, capsys)
+    assert status == 2 and err.count("\n") == 1 and "pretraining set of ss0" in err
+    assert checked == [([str(data["images"] / "a.jpg")], [run0])]
+    assert f"({data['runs'][1]}) has no data manifest" in stdout
+    assert fake_runner == []
+    status, _, err = call([*argv, "--allow-leak"], capsys)
+    assert status == 0, err
+    assert len(checked) == 1 and len(fake_runner) == 2
+
+
+def test_device_children(tmp_path):
+    commands = child_commands(tmp_path, ["cuda:0", "cuda:1"], ["--workers", "3"],
+                              environ={"CUDA_VISIBLE_DEVICES": "4,6", "PATH": "/bin"})
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env, _ in commands] == ["4", "6"]
+    argv, env, log = commands[1]
+    assert argv[:4] == [sys.executable, "-m", "soco_pretrain", "compare"]
+    assert argv[argv.index("--arm") + 1] == "1/2" and argv[argv.index("--device") + 1] == "cuda"
+    assert "--no-report" in argv and argv[-2:] == ["--workers", "3"] and env["PATH"] == "/bin"
+    assert log == tmp_path / "logs" / "arm1of2.log"
+    assert child_commands(tmp_path, ["cuda:2"], [], environ={})[0][1]["CUDA_VISIBLE_DEVICES"] == "2"
+    with pytest.raises(CompareError, match="lists 2 GPU"):
+        child_commands(tmp_path, ["cuda:2"], [], environ={"CUDA_VISIBLE_DEVICES": "0,1"})
+
+    started = []
+
+    class FakeChild:
+        def __init__(self, argv, env, stdout, stderr):
+            started.append(argv)
+            self.status = 0 if len(started) == 1 else 3
+
+        def wait(self):
+            return self.status
+
+        def poll(self):
+            return self.status
+
+    lines = []
+    statuses = run_devices(tmp_path, ["cpu", "cpu"], [], log=lines.append, popen=FakeChild)
+    assert statuses == [0, 3] and [a[a.index("--arm") + 1] for a in started] == ["0/2", "1/2"]
+    assert any("exit status 3" in line for line in lines)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init", "{root}/nope"], "no such run folder"),
+    (["--init", "{run0}", "--init", "{run0}"], "two inits have the same name"),
+    (["--init", "none", "--fractions", "0,1"], "must be positive"),
+    (["--init", "none", "--fractions", "0.1,0.1"], "listed twice"),
+    (["--init", "none", "--fractions", "1.5"], "must be in (0, 1]"),
+    (["--init", "none", "--fractions", "a,b"], "not a number"),
+    (["--init", "none", "--arm", "3/2"], "need 0 <= i < N"),
+    (["--init", "none", "--seeds", "0"], "must be at least 1"),
+    (["--init", "none", "--k", "5"], "--k: not an option of --metric finetune"),
+    (["--init", "none", "--metric", "knn", "--max-iters", "5"], "--max-iters: not an option of --metric knn"),
+    (["--init", "none", "--devices", "cuda:0", "--arm", "0/2"], "exclude each other"),
+    (["--init", "none", "--devices", "tpu:0"], "bad device"),
+])
+def test_bad_input_is_one_line(extra, message, data, fake_runner, capsys):
+    extra = [e.format(root=data["root"], run0=data["runs"][0]) for e in extra]
+    status, _, err = call(["compare", *extra, *data["args"], "--out", data["root"] / "cmp"], capsys)
+    assert status == 2
+    assert err.startswith("soco: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+    assert fake_runner == []
+
+
+def test_init_needs_the_data_options(data, capsys):
+    status, _, err = call(["compare", "--init", "none", "--out", data["root"] / "cmp"], capsys)
+    assert status == 2 and "required with --init: --train-json, --train-images" in err
+
+
+def test_help_has_examples(capsys):
+    status, out, _ = call(["compare", "--help"], capsys)
+    assert status == 0
+    examples = out.split("examples:")[1]
+    assert "soco compare --metric knn --init none --init soco=" in examples
+    assert "--report-only" in examples and "--arm" in examples
+
+
+def test_cli_defaults_are_the_metrics_own(data):
+    """The options soco compare records by default are FinetuneOptions' / KnnOptions' defaults."""
+    from soco_pretrain import cli
+    from soco_pretrain.transfer.finetune import FinetuneOptions
+
+    knn = pytest.importorskip("soco_pretrain.evaluate.knn")
+    parser = cli.build_parser()
+    for metric in ("finetune", "knn"):
+        args = parser.parse_args(["compare", "--metric", metric, "--init", "none", *map(str, data["args"]),
+                                  "--out", str(data["root"] / "cmp")])
+        options = cli._compare_spec(args, {}).options
+        defaults = FinetuneOptions() if metric == "finetune" else knn.KnnOptions()
+        for key, value in options.items():
+            expected = getattr(defaults, key)
+            assert (list(expected) if isinstance(expected, tuple) else expected) == value, key
