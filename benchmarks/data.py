@@ -16,7 +16,7 @@ Proposals are generated into a temporary store first (selective search, paper pr
 left without proposals use the whole image). Prints a markdown table and the machine.
 
     python benchmarks/data.py                                   # skimage's 7 bundled photos
-    python benchmarks/data.py --images /work/shared/data/coco_pool/images --limit 32
+    python benchmarks/data.py --images /path/to/photos --limit 32
 
 A default run takes about a minute.
 """

@@ -5,7 +5,7 @@ warm-up and not timed. Prints a markdown table (seconds per image, speed-up, box
 after the paper filter, whether the boxes are identical) and the machine it ran on.
 
     python benchmarks/proposals.py                          # 7 photos bundled with scikit-image
-    python benchmarks/proposals.py --images /work/shared/data/coco_pool/images --limit 20
+    python benchmarks/proposals.py --images /path/to/photos --limit 20
     python benchmarks/proposals.py --huge                   # plus a 4000x3000 photo, full path
     python benchmarks/proposals.py --no-reference --limit 200   # ours only
 

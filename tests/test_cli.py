@@ -57,7 +57,8 @@ def call(argv, capsys):
 # ---------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", ["", "proposals", "proposals merge", "show", "show proposals", "demo"])
+@pytest.mark.parametrize("command", ["", "proposals", "proposals merge", "show", "show proposals", "demo", "knn",
+                                     "compare"])
 def test_help_of_every_command_has_an_example(command, capsys):
     status, out, _ = call([*command.split(), "--help"], capsys)
     assert status == 0

@@ -241,7 +241,8 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def monitored_run(coloured, tmp_path_factory):
-    """2 pretraining steps on the coloured images with the kNN monitor every step."""
+    """2 pretraining steps on the coloured images with the kNN monitor every step, stopped after
+    the first and resumed."""
     from soco_pretrain.config import apply_overrides
     from soco_pretrain.presets import load_preset
     from soco_pretrain.train.loop import pretrain
@@ -253,11 +254,12 @@ def monitored_run(coloured, tmp_path_factory):
     run = tmp_path_factory.mktemp("monitored") / "run"
     cfg = apply_overrides(load_preset("tiny"), SMALL + [
         f"monitor.json={train}", f"monitor.images={root / 'images'}", "monitor.every=1", "monitor.min_box=8"])
-    pretrain(cfg, pool, None, run, max_steps=2, progress=False)
+    pretrain(cfg, pool, None, run, max_steps=1, progress=False)
+    pretrain(cfg, pool, None, run, progress=False)  # resumes at step 1
     return run, pool, cfg
 
 
-def test_monitor_logs_knn_and_rank_from_step_0(monitored_run):
+def test_monitor_logs_knn_and_rank_from_step_0_across_a_resume(monitored_run):
     from soco_pretrain.train.metrics import read_metrics
 
     run, _, _ = monitored_run

@@ -1165,7 +1165,10 @@ def build_parser() -> argparse.ArgumentParser:
             "  soco pretrain --preset fpn-100ep --images photos/ --proposals proposals/ --out run/\n"
             "  soco export run/ --to torchvision -o soco_r50fpn.pth\n"
             "  soco finetune --weights soco_r50fpn.pth --train-json train.json --train-images imgs/ \\\n"
-            "      --val-json val.json --val-images imgs/ --out ft/\n\n"
+            "      --val-json val.json --val-images imgs/ --out ft/\n"
+            "  soco knn --weights run/ --train-json train.json --train-images imgs/ \\\n"
+            "      --val-json val.json --val-images imgs/ --out knn/      # did pretraining help? (cheap)\n"
+            "  soco compare --init none --init run/ --train-json ... --seeds 3 --out cmp/\n\n"
             "Run 'soco COMMAND --help' for a command's options."
         ),
         formatter_class=_Formatter,

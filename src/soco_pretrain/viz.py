@@ -455,7 +455,8 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> list[Path]:
-    """Plot loss, lr, tau and images/s (with the data-wait fraction) against the optimiser step.
+    """Plot loss, lr, tau and images/s (with the data-wait fraction) against the optimiser step,
+    plus the object kNN top-1 and the features' effective rank when the monitor logged them.
 
     Reads ``RUN/metrics.jsonl`` (unless ``records`` are given) and writes ``curves.png`` into
     ``out_dir`` (default: the run folder). Returns the written paths. Raises ValueError when
@@ -479,8 +480,10 @@ def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> lis
         pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         return np.array(pairs, dtype=float).reshape(-1, 2)
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    for ax, (key, title, label) in zip(axes.flat, CURVES):
+    monitored = any("knn_top1" in r for r in records)  # the object kNN monitor ran: two more panels
+    fig, axes = plt.subplots(2, 3 if monitored else 2, figsize=(16 if monitored else 11, 7), sharex=True)
+    panels = list(axes[:, :2].flat) if monitored else list(axes.flat)
+    for ax, (key, title, label) in zip(panels, CURVES):
         data = series(key)
         ax.set_title(title)
         ax.set_ylabel(label)
@@ -502,6 +505,19 @@ def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> lis
                 twin.plot(wait[:, 0], 100 * wait[:, 1], color="tab:orange", lw=1, ls="--")
                 twin.set_ylabel("waiting for data (%)", color="tab:orange")
                 twin.set_ylim(0, 100)
+    if monitored:
+        for ax, keys, title, label in (
+                (axes[0, 2], (("knn_top1", "online"), ("knn_target_top1", "target (EMA)")), "object kNN top-1",
+                 "% of val objects"),
+                (axes[1, 2], (("erank_online", "online"), ("erank_target", "target (EMA)")),
+                 "box features: effective rank (1 = collapsed)", "effective rank")):
+            for (key, name), colour in zip(keys, ("tab:blue", "tab:green")):
+                data = series(key)
+                ax.plot(data[:, 0], data[:, 1], color=colour, marker=".", lw=1, label=name)
+            ax.set_title(title)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("optimiser step")
     last = records[-1]
