@@ -11,7 +11,7 @@
 #                 fine-tunes, 2 seeds)
 #   PROFILE=cpu   2 CPU cores, about 80 minutes: 3 seeds x 3 sources of one tiny-preset epoch, object kNN
 #                 only (the README's coco_pool table)
-#   PROFILE=smoke every command at toy sizes on a CPU (a few minutes): checks the script, measures nothing
+#   PROFILE=smoke every command at toy sizes on a CPU (under 2 minutes): checks the script, measures nothing
 #
 #   PROFILE=gpu PRETRAIN_IMAGES=unlabelled/ TRAIN_JSON=train.json VAL_JSON=val.json \
 #       LABELLED_IMAGES=imgs/ OUT=evidence bash benchmarks/evidence.sh

@@ -308,3 +308,19 @@ def test_leak_guard_fires_on_a_renamed_copy(monitored_run, coloured, tmp_path, c
     status, _, err = _cli(["--weights", str(run), "--allow-leak", *_data_args(train, val, images, tmp_path / "o")],
                           capsys)
     assert status == 0, err
+
+
+def test_random_init_of_seed_s_is_where_pretraining_seed_s_starts():
+    """`--weights none --seed s` builds the very encoder `soco pretrain` (train.seed=s) starts from,
+    so a paired difference against it is the effect of the pretraining alone."""
+    from soco_pretrain.evaluate.knn import build_encoder
+    from soco_pretrain.model import SoCoModel
+    from soco_pretrain.presets import load_preset
+
+    torch.manual_seed(1)  # what the loop does before building the model (train.seed)
+    start = SoCoModel(load_preset("tiny")).encoder.state_dict()
+    encoder, info = build_encoder("none", seed=1)
+    assert info["description"] == "random init (seed 1)"
+    assert all(torch.equal(start[k], v) for k, v in encoder.state_dict().items())
+    other, _ = build_encoder("none", seed=2)
+    assert not torch.equal(other.state_dict()["box_head.5.weight"], start["box_head.5.weight"])

@@ -344,7 +344,10 @@ def check_leaks(spec: CompareSpec, log: Callable[[str], None] = print, progress:
             label, manifest = found
             manifests.setdefault(label, manifest)
     if manifests:
-        manifest_module.check_no_leak(_val_image_paths(spec), manifests, what="validation", progress=progress)
+        val_paths = _val_image_paths(spec)
+        manifest_module.check_no_leak(val_paths, manifests, what="validation", progress=progress)
+        log(f"leak check: none of the {len(val_paths)} validation images is in the pretraining data of the "
+            f"{len(manifests)} run(s) with a data manifest (compared by content)")
 
 
 # ---------------------------------------------------------------- running

@@ -565,6 +565,8 @@ def check_leak(weights, eval_paths) -> None:
         return
     label, manifest = found
     check_no_leak([Path(p) for p in eval_paths], {label: manifest})
+    print(f"leak check: none of the {len(eval_paths)} val images is in {label}'s pretraining data "
+          "(compared by content)", flush=True)
 
 
 # ---------------------------------------------------------------- monitor during pretraining
