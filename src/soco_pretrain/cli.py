@@ -858,6 +858,23 @@ _METRIC_ONLY = {
 }
 
 
+def _add_knn_options(p, unset: bool = False) -> None:
+    """The kNN protocol options of soco knn and soco compare --metric knn. ``unset``: default None
+    (soco compare tells given from not given; KNN_DEFAULTS fills them in)."""
+    d = {k: None for k in KNN_DEFAULTS} if unset else KNN_DEFAULTS
+    p.add_argument("--k", type=_positive_int, default=d["k"], metavar="K", help="neighbours (default 20)")
+    p.add_argument("--temperature", type=_positive_float, default=d["temperature"], metavar="T",
+                   help="vote weight exp(cos/T) (default 0.07)")
+    p.add_argument("--size", type=_int_at_least(32), default=None, metavar="PX",
+                   help="square input size (default: the run's data.views.v1_size, else 224; soco compare: "
+                        "the first run's, for every init)")
+    p.add_argument("--min-box", type=_non_negative_float, default=d["min_box"], metavar="PX",
+                   help="leave out boxes narrower or lower than this in the original image (default 32)")
+    p.add_argument("--bn", choices=("precise", "running"), default=d["bn"],
+                   help="precise (default): BatchNorm statistics re-estimated on the kNN train images; "
+                        "running: the weights' own")
+
+
 def add_knn(subparsers):
     p = _add(
         subparsers,
@@ -890,16 +907,7 @@ def add_knn(subparsers):
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (knn.json)")
     p.add_argument("--soco-weights", choices=("online", "target"), default="online",
                    help="for a run/checkpoint: the online (default) or target (EMA) encoder")
-    p.add_argument("--k", type=_positive_int, default=20, metavar="K", help="neighbours (default 20)")
-    p.add_argument("--temperature", type=_positive_float, default=0.07, metavar="T",
-                   help="vote weight exp(cos/T) (default 0.07)")
-    p.add_argument("--size", type=_int_at_least(32), default=None, metavar="PX",
-                   help="square input size (default: the run's data.views.v1_size, else 224)")
-    p.add_argument("--min-box", type=_non_negative_float, default=32.0, metavar="PX",
-                   help="leave out boxes narrower or lower than this in the original image (default 32)")
-    p.add_argument("--bn", choices=("precise", "running"), default="precise",
-                   help="precise (default): BatchNorm statistics re-estimated on the train images; running: "
-                        "the weights' own")
+    _add_knn_options(p)
     p.add_argument("--fraction", type=_fraction, default=1.0, metavar="F",
                    help="seeded random fraction of the train images used as neighbours (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of random init and of --fraction (default 0)")
@@ -976,16 +984,7 @@ def add_compare(subparsers):
     g = p.add_argument_group("fine-tune options (as soco finetune; --soco-weights, --batch, --device and "
                              "--no-progress also apply to --metric knn)")
     _add_finetune_recipe(g, unset=True)
-    k = p.add_argument_group("kNN options (--metric knn)")
-    k.add_argument("--k", type=_positive_int, default=None, metavar="K", help="neighbours (default 20)")
-    k.add_argument("--temperature", type=_positive_float, default=None, metavar="T",
-                   help="softmax temperature of the neighbour votes (default 0.07)")
-    k.add_argument("--size", type=_positive_int, default=None, metavar="PX",
-                   help="images resized to PX x PX (default: the run's V1 view size, else 224)")
-    k.add_argument("--min-box", type=_non_negative_float, default=None, metavar="PX",
-                   help="ignore objects smaller than PX on their short side (default 32)")
-    k.add_argument("--bn", choices=("precise", "running"), default=None,
-                   help="BN statistics: precise (default, re-estimated on the data) or running (the weights')")
+    _add_knn_options(p.add_argument_group("kNN options (--metric knn)"), unset=True)
     p.set_defaults(func=cmd_compare)
 
 
