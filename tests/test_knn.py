@@ -324,3 +324,14 @@ def test_random_init_of_seed_s_is_where_pretraining_seed_s_starts():
     assert all(torch.equal(start[k], v) for k, v in encoder.state_dict().items())
     other, _ = build_encoder("none", seed=2)
     assert not torch.equal(other.state_dict()["box_head.5.weight"], start["box_head.5.weight"])
+
+
+def test_bad_monitor_settings_are_one_line(coloured, tmp_path, capsys):
+    root, train, _, _ = coloured
+    args = ["pretrain", "--preset", "tiny", "--images", str(root / "images"), "--out", str(tmp_path / "run"),
+            "--set", "data.views.proposal_source=whole_image", "--set", f"monitor.json={train}",
+            "--set", f"monitor.images={root / 'images'}"]
+    status, _, err = call([*args, "--set", "monitor.every=0"], capsys)
+    assert status == 2 and err.count("\n") == 1 and "every=0" in err, err
+    status, _, err = call([*args[:-4], "--set", f"monitor.json={tmp_path / 'nope.json'}"], capsys)
+    assert status == 2 and err.count("\n") == 1 and "nope.json" in err, err

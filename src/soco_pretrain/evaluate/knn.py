@@ -581,6 +581,11 @@ class ObjectMonitor:
 
     def __init__(self, cfg, device, progress: bool = False):
         m = cfg.monitor
+        if not (isinstance(m.every, int) and m.every >= 1 and 0 < m.val_fraction < 1 and m.k >= 1
+                and m.temperature > 0 and m.batch >= 1 and m.size >= 0):
+            raise KnnError(f"monitor settings: need every >= 1, 0 < val_fraction < 1, k >= 1, temperature > 0, "
+                           f"batch >= 1, size >= 0; got every={m.every}, val_fraction={m.val_fraction}, k={m.k}, "
+                           f"temperature={m.temperature}, batch={m.batch}, size={m.size}")
         self.cfg, self.every = cfg, int(m.every)
         objects = load_objects(m.json, m.images, m.min_box)
         self.train, self.val = split_by_image(objects, m.val_fraction, m.seed)
