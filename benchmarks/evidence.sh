@@ -7,7 +7,7 @@
 # every init; the reports give mean +- sd and the paired difference against random init with a 95%
 # interval: $OUT/compare_knn/report.{md,json,png} and $OUT/compare_ft/report.{md,json,png}.
 #
-#   PROFILE=gpu   one GPU, about 10-15 minutes on an H200 (2 pretraining seeds x 3 sources, 300-iteration
+#   PROFILE=gpu   one GPU, an estimated 10-15 minutes on an H200 (not run yet) (2 pretraining seeds x 3 sources, 300-iteration
 #                 fine-tunes, 2 seeds)
 #   PROFILE=cpu   2 CPU cores, about 80 minutes: 3 seeds x 3 sources of one tiny-preset epoch, object kNN
 #                 only (the README's coco_pool table)
