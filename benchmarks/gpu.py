@@ -1,6 +1,6 @@
 """GPU benchmark: SoCo training steps against the card's own matmul rate, and the data pipeline.
 
-One prepared script for a GPU machine (issue 6). It prints, in order:
+One prepared script for a GPU machine. It prints, in order:
 
 1. the card's measured bf16 matrix-product rate (8192^3, median of timed products on random
    data): the ceiling the steps are compared with;

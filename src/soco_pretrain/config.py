@@ -1,7 +1,7 @@
 """Configuration dataclasses with the paper's defaults, YAML round trip and dotted overrides.
 
 Every default names its source: the paper (section), the released code (hologerry/SoCo, see
-DESIGN.md section 5), or "our choice" with the reason. Later stages add their own sections
+README "Faithfulness"), or "our choice" with the reason. Later stages add their own sections
 (model, train, ...) next to ``data``.
 """
 
@@ -104,7 +104,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The pretraining network (paper section 3.3, 4.1; DESIGN.md section 3)."""
+    """The pretraining network (paper section 3.3, 4.1)."""
 
     # "fpn": ResNet-50 + FPN (P2-P5) + RoIAlign 7x7 on each box's assigned level + 4conv1fc head;
     # "c4": RoIAlign 14x14 on C4 (stride 16), res5 as the head, global average pooling.

@@ -1,6 +1,6 @@
 """Box geometry for the views: crop, resize, flip, clip, jitter, FPN level, random crop rectangle.
 
-Pure numpy, no pixels. Coordinates are continuous pixel edges (STAGE2 contract): a box
+Pure numpy, no pixels. Coordinates are continuous pixel edges (the data loader's contract): a box
 ``(x1, y1, x2, y2)`` covers ``[x1, x2) x [y1, y2)`` and an image of width W spans ``[0, W]``, so
 cropping is a shift, resizing a scale and flipping a reflection, with no +-1 terms anywhere.
 Every function takes and returns float64 ``(n, 4)`` arrays and never modifies its input; all are

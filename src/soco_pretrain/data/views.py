@@ -36,7 +36,7 @@ from .boxes import (Rect, as_boxes, assign_levels, box_area, clip_boxes, crop_bo
                     jitter_boxes, resize_boxes, sample_crop)
 
 # Crop re-draws when no proposal is visible in every view: the released code re-draws too (5
-# times, DESIGN.md 5); 10 is the STAGE2 contract's figure. Cheap: only boxes are recomputed.
+# times); 10 is our choice (twice as many chances). Cheap: only boxes are recomputed.
 MAX_REDRAWS = 10
 
 # RESIZE_NOTE: one resampling filter for every view (contract: choose one): torchvision's

@@ -1,7 +1,7 @@
 """Object-level encoder: image -> per-proposal feature (paper section 3.3 eq. 1, section 4.1).
 
 Built from the very modules torchvision uses for ``maskrcnn_resnet50_fpn_v2`` so pretrained
-weights load into torchvision's Mask R-CNN v2 with no key mapping (DESIGN.md section 3):
+weights load into torchvision's Mask R-CNN v2 with no key mapping:
 
 - ``arch="fpn"``: ``self.backbone`` is torchvision's ``BackboneWithFPN`` (ResNet-50 body, every
   stage trainable, plain BatchNorm2d; FPN with BatchNorm). Its P6 ("pool") output is computed by
@@ -17,7 +17,7 @@ Every slot (B x K per view, padded ones too) is pooled and sent through the head
 static and the step never waits on the host; the head's BatchNorms take their statistics from the
 valid slots only (``masked.py``), so padded boxes never enter a BatchNorm.
 
-Choices where the paper is silent (released code hologerry/SoCo followed, DESIGN.md section 5):
+Choices where the paper is silent (the released code hologerry/SoCo followed):
 - ResNet init: conv weights ~ N(0, sqrt(2 / (k*k*out))) (Kaiming normal, fan-out), BN weight 1,
   bias 0, and the last BN of each bottleneck zero-initialised (``model.zero_init_residual``).
   torchvision's ResNet does exactly this.

@@ -4,7 +4,7 @@ After RoIAlign every proposal slot (B x K per view) goes through the head, padde
 so every tensor in the step has a shape known in advance: no ``nonzero``/``tolist`` to count valid
 boxes, nothing for the GPU to wait on, and the step can be captured as a CUDA graph or compiled
 without graph breaks. Padded slots must still never reach BatchNorm statistics (the released
-code's leak that DESIGN.md section 3 fixes), so the head's and the MLPs' BatchNorms run through
+code lets them in: a design flaw we fix), so the head's and the MLPs' BatchNorms run through
 :func:`masked_batch_norm`: statistics (and the running-statistics update) over the rows where
 ``mask`` is True only, every row normalised with them. For the valid rows this is exactly what
 BatchNorm on the valid rows alone computes (tests/test_masked.py), gradients included; padded rows

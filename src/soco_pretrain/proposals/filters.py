@@ -25,7 +25,8 @@ class SearchConfig:
     # Our choice: images with a long side > 1000 px are searched on a copy resized to 1000 px and
     # the boxes scaled back. The search costs 7-8x per doubling beyond 1000 px (minutes and GBs
     # for a 4000x3000 photo), while capping *all* images (say at 500 px) changes the proposals
-    # (recall ~0.55, shared notes): so only genuinely large images are capped. None/0 = never.
+    # (a box recall of about 0.55 against the full-size search): so only genuinely large images
+    # are capped. None/0 = never.
     max_side: int | None = 1000
     ratio: tuple[float, float] = (1 / 3, 3.0)  # paper section 3.2: 1/3 <= w/h <= 3
     rel_size: tuple[float, float] = (0.3, 0.8)  # paper section 3.2: 0.3 <= sqrt(wh/WH) <= 0.8
@@ -66,7 +67,7 @@ PRESETS = {
     # Paper, appendix A.1: selective search scale 500, sigma 0.9, min_size 10; paper section 3.2:
     # the ratio and relative-size filter only, no fallback (an image may end with no box).
     "paper": SearchConfig(scale=500, sigma=0.9, min_size=10, min_box_side=0, fallbacks=False),
-    # Released code (hologerry/SoCo, DESIGN.md section 5): scale 300, min_size 100, the filter
+    # Released code (hologerry/SoCo): scale 300, min_size 100, the filter
     # also needs w, h >= 32 px, and images left with no box fall back to looser rules.
     "released": SearchConfig(scale=300, sigma=0.9, min_size=100, min_box_side=32, fallbacks=True),
 }

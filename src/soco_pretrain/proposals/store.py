@@ -13,7 +13,7 @@ A store is a directory::
 
 Why: the released pipeline loads one JSON of all boxes in every training process (about 110 s
 and 5.5 GB each for ImageNet); memory-mapped arrays cost microseconds per image and share pages
-between DataLoader workers (shared notes, "Storage"). Every file is written atomically and the
+between DataLoader workers. Every file is written atomically and the
 manifest last, so a directory with a manifest is a complete store.
 """
 
