@@ -20,7 +20,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..proposals.store import atomic_write_json
+from ..files import atomic_write_json
 
 MANIFEST_FILE = "data_manifest.json"
 MANIFEST_VERSION = 1

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..proposals.store import atomic_write_json
+from ..files import atomic_write_json
 
 SPEC_FILE = "compare.json"
 SPEC_VERSION = 1

@@ -510,7 +510,7 @@ def knn_eval(weights, train_json, train_images, val_json, val_images, out, optio
     writes ``out/knn.json`` and returns it (metrics in percent, see the module docstring)."""
     import time
 
-    from ..proposals.store import atomic_write_json
+    from ..files import atomic_write_json
 
     o = options or KnnOptions()
     _check_options(o)

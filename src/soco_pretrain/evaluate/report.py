@@ -17,7 +17,7 @@ import io
 import math
 from pathlib import Path
 
-from ..proposals.store import atomic_write_bytes, atomic_write_json
+from ..files import atomic_write_bytes, atomic_write_json
 
 CONFIDENCE = 0.95
 COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # = transfer.coco_eval.METRIC_NAMES

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_write, fsync_dir
+
 TMP_PREFIX = ".tmp-"  # temporary files start with this; stale ones are removed by CheckpointManager
 LAST = "last.pt"
 _NUMBERED = re.compile(r"^step_(\d+)\.pt$")
@@ -31,34 +33,10 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be read; the message names the file."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Make the rename itself durable; not possible (nor needed) on Windows.
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically (temp file + fsync + ``os.replace``); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Includes KeyboardInterrupt: never leave a half-written temp file behind.
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f), prefix=f"{TMP_PREFIX}{path.name}.", durable=True)
 
 
 def _numpy_safe_globals() -> list:
@@ -189,7 +167,7 @@ class CheckpointManager:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _remove_stale_temps(self) -> None:
         # Left by a process killed mid-write (SIGKILL, power loss); never a valid checkpoint.

@@ -47,10 +47,8 @@ Every file is written atomically (temporary file + ``os.replace``).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,7 +57,7 @@ from pathlib import Path
 import torch
 
 from ..data.manifest import manifest_for_weights, sidecar_path
-from ..proposals.store import atomic_write_json
+from ..files import atomic_write, atomic_write_json
 
 TARGETS = ("torchvision", "detectron2", "mmdet")
 WEIGHTS = ("online", "target")
@@ -447,30 +445,8 @@ def _torchvision_missing(arch: str, exported: set[str]) -> dict[str, int]:
 # ---------------------------------------------------------------- writing files
 
 
-def _atomic_write(path: Path, write: Callable) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _default_config_path(out: Path, suffix: str) -> Path:
@@ -667,7 +643,7 @@ def export(
     notes: list[str] = []
     if to == "torchvision":
         missing = _torchvision_missing(arch, set(state))
-        _atomic_write(out, lambda f: torch.save(state, f))
+        atomic_write(out, lambda f: torch.save(state, f))
         if arch == "fpn":
             layout = ("state dict for torchvision maskrcnn_resnet50_fpn_v2 "
                       "(load_state_dict(..., strict=False))")
@@ -683,7 +659,7 @@ def export(
             "matching_heuristics": True,
             **stamp,
         }
-        _atomic_write(out, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write(out, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
         layout = (f"Detectron2 pickle, names of Detectron2 {DETECTRON2_VERSION} Mask R-CNN R50-{arch.upper()} "
                   "(load with MODEL.WEIGHTS)")
         config_path = Path(config_out) if config_out is not None else _default_config_path(out, ".yaml")
@@ -701,7 +677,7 @@ def export(
             "naming": f"MMDetection {MMDET_VERSION}",
             **stamp,
         }
-        _atomic_write(out, lambda f: torch.save({"state_dict": state, "meta": meta}, f))
+        atomic_write(out, lambda f: torch.save({"state_dict": state, "meta": meta}, f))
         layout = (f"MMDetection checkpoint {{'state_dict', 'meta'}}, names of MMDetection {MMDET_VERSION} "
                   f"Mask R-CNN R50-{arch.upper()}")
         config_path = Path(config_out) if config_out is not None else _default_config_path(out, ".py")

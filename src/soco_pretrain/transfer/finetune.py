@@ -41,7 +41,7 @@ from torch import nn
 
 from .coco import CocoDetection, TrainStream, collate, load_coco, select_fraction, trainable_images
 from .coco_eval import coco_evaluate, format_metrics, to_coco_results
-from ..proposals.store import atomic_write_json
+from ..files import atomic_write_json
 from ..train.loop import autocast
 from .detector import DEFAULT_SOCO_WEIGHTS, build_detector, eval_sizes, load_weights
 

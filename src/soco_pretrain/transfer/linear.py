@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..images import ImageError, list_images, load_rgb
-from ..proposals.store import atomic_write_json
+from ..files import atomic_write_json
 
 SCHEDULES = ("cosine", "steps")
 SOCO_WEIGHTS = ("online", "target")
