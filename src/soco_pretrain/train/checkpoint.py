@@ -109,7 +109,9 @@ class CheckpointManager:
             raise ValueError(f"keep must be >= 0, got {keep}")
         self.directory = Path(run_dir) / "checkpoints"
         self.keep = keep
-        self._remove_stale_temps()
+        # Stale temporary files are removed by the writer's first save, not here: readers (export,
+        # knn, finetune --weights RUN) also build a manager, and the run may still be training.
+        self._cleaned = False
 
     @property
     def last(self) -> Path:
@@ -143,6 +145,9 @@ class CheckpointManager:
 
     def save(self, state: dict, step: int | None = None) -> Path:
         """Write ``state`` for ``step`` (default ``state["step"]``); returns ``last.pt``'s path."""
+        if not self._cleaned:
+            self._remove_stale_temps()
+            self._cleaned = True
         if self.keep == 0:
             return save_checkpoint(self.last, state)
         step = int(state["step"] if step is None else step)

@@ -179,19 +179,15 @@ class EncoderWeights:
 
 def resolve_checkpoint(source) -> Path:
     """A run folder (its ``checkpoints/last.pt``, else the latest ``step_N.pt``) or a file."""
+    from ..train.checkpoint import CheckpointManager
+
     path = Path(source)
     if path.is_dir():
-        folder = path / "checkpoints"
-        if (folder / "last.pt").is_file():
-            return folder / "last.pt"
-        numbered = sorted(
-            (int(m.group(1)), p)
-            for p in (folder.iterdir() if folder.is_dir() else [])
-            if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))
-        )
-        if numbered:
-            return numbered[-1][1]
-        raise ExportError(f"{path}: no checkpoint in {folder} (expected last.pt; is it a soco pretrain run folder?)")
+        found = CheckpointManager(path).latest()  # the one run-folder lookup (pretrain's resume too)
+        if found is None:
+            raise ExportError(f"{path}: no checkpoint in {path / 'checkpoints'} (expected last.pt; is it a soco "
+                              "pretrain run folder?)")
+        return found
     if path.is_file():
         return path
     raise ExportError(f"{path}: no such run folder or checkpoint file")
