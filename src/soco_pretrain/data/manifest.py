@@ -228,3 +228,26 @@ def check_no_leak(eval_paths: list[Path], manifests: dict[str, dict], what: str 
     verb = "image was" if n == 1 else "images were"
     raise LeakError(f"{n} {what} {verb} in the pretraining set of {where} (by content), "
                     f"e.g. {first_eval} = {first_train}; pretrain without them or pass --allow-leak", pairs)
+
+
+def check_weights_no_leak(named_weights, eval_paths, what: str = "validation", log=print,
+                          progress: bool = False) -> None:
+    """The leak guard of ``soco knn`` and ``soco compare``: refuse (LeakError) when an evaluation
+    image's bytes are in the data manifest of any weights in ``named_weights`` ((name, path)
+    pairs; path None / "none" skipped); one line for weights without a manifest, and one when the
+    check passed."""
+    manifests: dict[str, dict] = {}
+    for name, weights in named_weights:
+        if weights is None or str(weights).lower() == "none":
+            continue
+        found = manifest_for_weights(weights)
+        if found is None:
+            log(f"note: {name} ({weights}) has no data manifest: the leak check could not be done for it")
+            continue
+        manifests.setdefault(*found)
+    if not manifests:
+        return
+    eval_paths = [Path(p) for p in eval_paths]
+    check_no_leak(eval_paths, manifests, what=what, progress=progress)
+    log(f"leak check: none of the {len(eval_paths)} {what} images is in the pretraining data of the "
+        f"{len(manifests)} run(s) with a data manifest (compared by content)")

@@ -325,29 +325,12 @@ def _val_image_paths(spec: CompareSpec) -> list[Path]:
 
 
 def check_leaks(spec: CompareSpec, log: Callable[[str], None] = print, progress: bool = False) -> None:
-    """Refuse (LeakError, one line) when a validation image is in an init's pretraining set.
+    """Refuse (LeakError, one line) when a validation image is in an init's pretraining set:
+    every member of every init, in one pass over the validation images."""
+    from ..data.manifest import check_weights_no_leak
 
-    Every member of every init that has a data manifest is checked in one pass over the
-    validation images; an init without a manifest gets a one-line note.
-    """
-    from ..data import manifest as manifest_module
-
-    manifests: dict[str, dict] = {}
-    for init in spec.inits:
-        for path in init.paths:
-            if path is None:
-                continue
-            found = manifest_module.manifest_for_weights(path)
-            if found is None:
-                log(f"note: {init.name} ({path}) has no data manifest: the leak check could not be done for it")
-                continue
-            label, manifest = found
-            manifests.setdefault(label, manifest)
-    if manifests:
-        val_paths = _val_image_paths(spec)
-        manifest_module.check_no_leak(val_paths, manifests, what="validation", progress=progress)
-        log(f"leak check: none of the {len(val_paths)} validation images is in the pretraining data of the "
-            f"{len(manifests)} run(s) with a data manifest (compared by content)")
+    named = [(init.name, path) for init in spec.inits for path in init.paths]
+    check_weights_no_leak(named, _val_image_paths(spec), "validation", log, progress)
 
 
 # ---------------------------------------------------------------- running

@@ -402,8 +402,10 @@ def _run_config(weights: Path) -> dict | None:
     """The resolved config of the soco pretrain run that ``weights`` (folder or checkpoint) belongs to."""
     import yaml
 
+    from ..train.loop import CONFIG_FILE
+
     for folder in (weights, weights.parent.parent):
-        path = folder / "config.yaml"
+        path = folder / CONFIG_FILE
         if path.is_file():
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -519,7 +521,9 @@ def knn_eval(weights, train_json, train_images, val_json, val_images, out, optio
     train = fraction_of(load_objects(train_json, train_images, o.min_box), o.train_fraction, o.seed)
     val = load_objects(val_json, val_images, o.min_box, categories=train)
     if not o.allow_leak:
-        check_leak(weights, val.paths)
+        from ..data.manifest import check_weights_no_leak
+
+        check_weights_no_leak([("--weights", weights)], val.paths, "val", lambda line: print(line, flush=True))
     encoder, info = build_encoder(weights, o.soco_weights, o.seed)
     size, bounds = resolve_geometry(o.size, o.level_bounds, info.get("run"))
     if o.progress:
@@ -550,23 +554,6 @@ def knn_eval(weights, train_json, train_images, val_json, val_images, out, optio
               f"{report['majority_top1']:.2f}%), effective rank {report['erank']:.1f} of {report['dims']} -> "
               f"{out / KNN_FILE}", flush=True)
     return report
-
-
-def check_leak(weights, eval_paths) -> None:
-    """Refuse (LeakError) when evaluation images were in the pretraining run's data manifest."""
-    if weights is None or str(weights).lower() == "none":
-        return
-    from ..data.manifest import check_no_leak, manifest_for_weights
-
-    found = manifest_for_weights(weights)
-    if found is None:
-        print(f"note: {weights} has no data manifest: cannot check that the val images were not pretrained on",
-              flush=True)
-        return
-    label, manifest = found
-    check_no_leak([Path(p) for p in eval_paths], {label: manifest})
-    print(f"leak check: none of the {len(eval_paths)} val images is in {label}'s pretraining data "
-          "(compared by content)", flush=True)
 
 
 # ---------------------------------------------------------------- monitor during pretraining
