@@ -409,8 +409,10 @@ def _run_config(weights: Path) -> dict | None:
         if path.is_file():
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError):
-                return None
+            except (OSError, yaml.YAMLError) as exc:
+                data = None
+                print(f"note: {path} is unreadable ({type(exc).__name__}): kNN uses the default model "
+                      "settings and input size", flush=True)
             return data if isinstance(data, dict) else None
     return None
 
@@ -440,7 +442,9 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
     if run and isinstance(run.get("model"), dict):
         try:
             model_cfg = from_dict(ModelConfig, run["model"])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as exc:
+            print(f"note: the run's model settings do not load ({exc}); kNN builds the default encoder",
+                  flush=True)
             model_cfg = ModelConfig()
     model_cfg.arch = "fpn" if fpn else "c4"
     torch.manual_seed(seed)  # whatever the file does not hold (e.g. an FPN for a plain ResNet) is seeded
