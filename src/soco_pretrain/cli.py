@@ -21,8 +21,11 @@ from pathlib import Path
 PROG = "soco"
 
 
-class UsageError(Exception):
-    """A problem with the user's input; printed as one line, exit status 2."""
+from .errors import SocoError, UserError
+
+
+class UsageError(UserError):
+    """A problem with the command line's arguments; printed as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -521,18 +524,10 @@ def cmd_pretrain(args) -> int:
                          "whole_image, random or coco")
     if source == "coco" and config.data.views.proposal_json and not Path(config.data.views.proposal_json).is_file():
         raise UsageError(f"data.views.proposal_json={config.data.views.proposal_json}: no such file")
-    from .train.checkpoint import CheckpointError
-    from .train.distributed import DistributedError
-    from .train.loop import NonFiniteLossError, PretrainError, pretrain
+    from .train.loop import pretrain
 
-    try:
-        pretrain(config, args.images, args.proposals, Path(args.out), max_steps=args.max_steps,
-                 resume=args.resume, image_root=args.image_root)
-    except (PretrainError, CheckpointError, DistributedError) as exc:
-        raise UsageError(_one_line(exc)) from None
-    except NonFiniteLossError as exc:  # not the user's input: exit 1, but still one line
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+    pretrain(config, args.images, args.proposals, Path(args.out), max_steps=args.max_steps,
+             resume=args.resume, image_root=args.image_root)
     return 0
 
 
@@ -808,9 +803,6 @@ def cmd_finetune(args) -> int:
         raise UsageError(f"--weights {args.weights}: no such file or run folder (or give --weights none)")
     if args.resume not in ("auto", "none") and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume}: expected auto, none or a checkpoint file")
-    from .train.checkpoint import CheckpointError
-    from .train.distributed import DistributedError
-    from .train.loop import NonFiniteLossError
     from .transfer.finetune import FinetuneOptions, finetune
 
     options = FinetuneOptions(
@@ -822,13 +814,7 @@ def cmd_finetune(args) -> int:
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_only=args.eval_only,
         resume=args.resume, device=args.device, progress=not args.no_progress)
     weights = None if args.weights.lower() == "none" else args.weights
-    try:
-        finetune(weights, args.train_json, args.train_images, args.val_json, args.val_images, Path(args.out), options)
-    except (CheckpointError, DistributedError) as exc:
-        raise UsageError(_one_line(exc)) from None
-    except NonFiniteLossError as exc:  # not the user's input: exit 1, still one line
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+    finetune(weights, args.train_json, args.train_images, args.val_json, args.val_images, Path(args.out), options)
     return 0
 
 
@@ -1193,32 +1179,6 @@ def _rewrite(argv: list[str]) -> list[str]:
 
 # The project's own error types, as (module, class). Their messages are one line naming the
 # file and the problem, so they are shown as "soco: error: ..." instead of a traceback.
-USER_ERRORS = [
-    ("soco_pretrain.images", "ImageError"),
-    ("soco_pretrain.proposals.store", "StoreError"),
-    ("soco_pretrain.proposals.generate", "GenerateError"),
-    ("soco_pretrain.data.dataset", "DatasetError"),
-    ("soco_pretrain.transfer.linear", "LinearError"),
-    ("soco_pretrain.transfer.export", "ExportError"),
-    ("soco_pretrain.transfer.coco", "CocoError"),
-    ("soco_pretrain.transfer.detector", "WeightsError"),
-    ("soco_pretrain.transfer.finetune", "FinetuneError"),
-    ("soco_pretrain.evaluate.knn", "KnnError"),
-    ("soco_pretrain.data.manifest", "LeakError"),
-    ("soco_pretrain.evaluate.compare", "CompareError"),
-]
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    # Only modules already imported can have raised: no heavy imports on the error path.
-    errors: list[type[BaseException]] = [UsageError, FileNotFoundError, NotADirectoryError]
-    for module_name, class_name in USER_ERRORS:
-        module = sys.modules.get(module_name)
-        if module is not None:
-            errors.append(getattr(module, class_name))
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``soco`` console script; returns the exit status."""
     argv = _rewrite(list(sys.argv[1:] if argv is None else argv))
@@ -1232,11 +1192,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - only user errors become one line; bugs keep their traceback
-        if isinstance(exc, _user_errors()):
-            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-            return 2
-        raise
+    except SocoError as exc:  # every error soco reports; anything else is a bug and keeps its traceback
+        print(f"{PROG}: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except (FileNotFoundError, NotADirectoryError) as exc:  # a path the user gave
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 def _one_line(exc: BaseException) -> str:

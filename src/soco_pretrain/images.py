@@ -6,6 +6,7 @@ run over a million images can report bad files instead of crashing on the first 
 
 from __future__ import annotations
 
+from .errors import UserError
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ Image.MAX_IMAGE_PIXELS = None
 # ImageFile.LOAD_TRUNCATED_IMAGES at its default (False) and _decode reports such files.
 
 
-class ImageError(Exception):
+class ImageError(UserError):
     """An image that cannot be listed or decoded; ``str()`` is one line ``PATH: REASON``."""
 
     def __init__(self, path, reason: str):

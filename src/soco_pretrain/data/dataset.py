@@ -29,6 +29,7 @@ same samples whatever the number of loader workers or the order they run in.
 
 from __future__ import annotations
 
+from ..errors import UserError
 import contextlib
 import json
 import logging
@@ -52,7 +53,7 @@ log = logging.getLogger("soco_pretrain.data")
 MAX_NAMED = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset that cannot be built or served (missing proposals, bad source); one line.
 
     ``paths``: the images concerned, all of them (the message names the first few).

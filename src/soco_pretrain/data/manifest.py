@@ -15,6 +15,7 @@ Manifest layout (version 1)::
 
 from __future__ import annotations
 
+from ..errors import UserError
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ _CHUNK = 1 << 20
 _BAR_MIN = 50  # a progress bar only for more files than this
 
 
-class LeakError(ValueError):
+class LeakError(UserError):
     """Evaluation images found in a pretraining set (or a manifest that cannot be read); one line.
 
     ``pairs``: (evaluation path, manifest label, pretraining relative path) of every match.

@@ -11,6 +11,7 @@ Every box is continuous (x1, y1, x2, y2) in the original image's pixels (``boxes
 
 from __future__ import annotations
 
+from ..errors import UserError
 import json
 import math
 import os
@@ -77,7 +78,7 @@ def passes_paper_filter(boxes: np.ndarray, width: float, height: float) -> np.nd
             & (rel >= PAPER_REL_SIZE[0]) & (rel <= PAPER_REL_SIZE[1]))
 
 
-class BoxFileError(ValueError):
+class BoxFileError(UserError):
     """A COCO JSON of boxes that cannot be read or used; one line naming the file."""
 
 

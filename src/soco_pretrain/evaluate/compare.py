@@ -25,6 +25,7 @@ checkpoints, an unfinished kNN reruns. ``shard=(i, n)`` runs arms i, i+n, ... on
 
 from __future__ import annotations
 
+from ..errors import NonFiniteLossError, UserError
 import json
 import os
 import re
@@ -43,7 +44,7 @@ METRICS = ("finetune", "knn")
 RESULT_FILES = {"finetune": "metrics.json", "knn": "knn.json"}
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """A comparison that cannot run as asked (bad init, other spec in OUT, ...); one line."""
 
 
@@ -363,13 +364,6 @@ def run_arm(arm: Arm, spec: CompareSpec, out_dir) -> dict:
                     Path(out_dir), opts)
 
 
-def _arm_failures() -> tuple[type[BaseException], ...]:
-    # A diverged arm (non-finite loss) is not the user's input: note it, go on with the others.
-    module = sys.modules.get("soco_pretrain.train.loop")
-    error = getattr(module, "NonFiniteLossError", None) if module is not None else None
-    return (error,) if error is not None else ()
-
-
 @dataclass
 class RunSummary:
     ran: list[Arm] = field(default_factory=list)
@@ -401,7 +395,7 @@ def run_compare(spec: CompareSpec, out, shard: tuple[int, int] | None = None,
         run = runner if runner is not None else run_arm
         try:
             run(arm, spec, folder)
-        except _arm_failures() as exc:
+        except NonFiniteLossError as exc:  # a diverged arm: note it, go on with the others
             message = " ".join(str(exc).split()) or type(exc).__name__
             log(f"{head}: failed: {message}")
             summary.failed.append((arm, message))

@@ -34,6 +34,7 @@ only):
 
 from __future__ import annotations
 
+from ..errors import UserError
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ PAPER_SIZE = 224  # paper 3.2: V1 is 224x224
 BN_MODES = ("precise", "running")
 
 
-class KnnError(ValueError):
+class KnnError(UserError):
     """A kNN input that cannot be used (one line, names the file)."""
 
 

@@ -9,6 +9,7 @@ The store itself is written once at the end (see store.py), then ``OUT.partial``
 
 from __future__ import annotations
 
+from ..errors import UserError
 import json
 import multiprocessing
 import shutil
@@ -33,7 +34,7 @@ STORE_FILES = (*ARRAY_FILES, "paths.json", "manifest.json")
 _HEADER = struct.Struct("<II")  # payload length, crc32 of payload
 
 
-class GenerateError(Exception):
+class GenerateError(UserError):
     """A run that cannot start (bad arguments, conflicting existing output); one-line message."""
 
 

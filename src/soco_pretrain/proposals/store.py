@@ -19,6 +19,7 @@ manifest last, so a directory with a manifest is a complete store.
 
 from __future__ import annotations
 
+from ..errors import UserError
 import hashlib
 import json
 from pathlib import Path
@@ -34,7 +35,7 @@ ARRAY_FILES = ("boxes.npy", "offsets.npy", "sizes.npy", "status.npy", "raw_count
 INT16_MAX = np.iinfo(np.int16).max
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A missing, incomplete or inconsistent store (or merge); the message is one line."""
 
 

@@ -12,6 +12,7 @@ types that RNG states need allow-listed: a checkpoint cannot run code when loade
 
 from __future__ import annotations
 
+from ..errors import UserError
 import os
 import random
 import re
@@ -29,7 +30,7 @@ LAST = "last.pt"
 _NUMBERED = re.compile(r"^step_(\d+)\.pt$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read; the message names the file."""
 
 

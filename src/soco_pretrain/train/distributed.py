@@ -12,6 +12,7 @@ released code crashed converting to SyncBN on one GPU). Backends: nccl on CUDA, 
 
 from __future__ import annotations
 
+from ..errors import RunError
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ import torch.distributed as dist
 DEFAULT_PORT = 29500  # torchrun's default rendezvous port
 
 
-class DistributedError(RuntimeError):
+class DistributedError(RunError):
     """A launch environment we cannot use; the message says what to set."""
 
 

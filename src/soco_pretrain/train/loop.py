@@ -29,18 +29,15 @@ from pathlib import Path
 import torch
 
 from ..config import PretrainConfig, to_dict
+from ..errors import NonFiniteLossError, UserError
 
 CONFIG_FILE = "config.yaml"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-class PretrainError(ValueError):
+class PretrainError(UserError):
     """A configuration or input the loop cannot train with (batch that does not divide, dataset
     smaller than one batch, unknown precision, unusable checkpoint); one line."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing was saved after it (one line, names the checkpoint)."""
 
 
 @dataclass

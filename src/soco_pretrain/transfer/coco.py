@@ -22,6 +22,7 @@ size differs from the JSON's is skipped where it is met, and reported by path.
 
 from __future__ import annotations
 
+from ..errors import UserError
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import torch
 from ..images import ImageError, load_rgb
 
 
-class CocoError(ValueError):
+class CocoError(UserError):
     """A COCO JSON that cannot be used; the message (one line) names the file."""
 
 

@@ -20,6 +20,7 @@ and prints a key report per module. Weights of which nothing loads are refused.
 
 from __future__ import annotations
 
+from ..errors import UserError
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ SOCO_WEIGHTS = ("online", "target")
 DEFAULT_SOCO_WEIGHTS = "online"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Weights that cannot be used (unreadable, nothing matching the detector); one line."""
 
 

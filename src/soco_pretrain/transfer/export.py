@@ -46,6 +46,7 @@ Every file is written atomically (temporary file + ``os.replace``).
 
 from __future__ import annotations
 
+from ..errors import UserError
 import json
 import pickle
 import re
@@ -77,7 +78,7 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 FINETUNE_WEIGHT_DECAY = 2.5e-5
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """Bad input to export (no checkpoint, not a SoCo checkpoint, unknown arch); one line."""
 
 

@@ -29,6 +29,7 @@ grad scaler, RNG; the data stream is a function of the seed and the iteration), 
 
 from __future__ import annotations
 
+from ..errors import NonFiniteLossError, UserError
 import bisect
 import json
 import math
@@ -51,7 +52,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 METRICS_FILE = "metrics.json"
 
 
-class FinetuneError(ValueError):
+class FinetuneError(UserError):
     """Options or inputs the fine-tune cannot run with; one line."""
 
 
@@ -285,11 +286,10 @@ def finetune(weights, train_json, train_images, val_json, val_images, out, optio
     metrics written to ``out/metrics.json`` (rank 0; {} on other ranks).
 
     ``options`` (or keyword ``overrides`` of its fields) set the recipe. Raises FinetuneError,
-    CocoError, WeightsError, CheckpointError, NonFiniteLossError (from train.loop).
+    CocoError, WeightsError, CheckpointError, NonFiniteLossError.
     """
     from ..train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
     from ..train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
-    from ..train.loop import NonFiniteLossError
 
     opts = options or FinetuneOptions()
     if overrides:

@@ -39,6 +39,7 @@ Unreadable images are skipped, counted and listed in ``metrics.json``.
 
 from __future__ import annotations
 
+from ..errors import UserError
 import logging
 import math
 import re
@@ -65,7 +66,7 @@ MAX_LISTED = 100  # skipped files listed in metrics.json (all are counted)
 log = logging.getLogger("soco_pretrain.transfer.linear")
 
 
-class LinearError(ValueError):
+class LinearError(UserError):
     """Bad input for the linear probe (weights, folders, classes, options); one line."""
 
 

@@ -1,0 +1,41 @@
+"""The one exception hierarchy: every error the ``soco`` command turns into one line.
+
+- :class:`UserError` (exit status 2): input the user can fix -- a missing folder, a bad config
+  value, an unreadable checkpoint, weights of the wrong shape.
+- :class:`RunError` (exit status 1): the run itself failed -- a non-finite loss, a distributed
+  set-up that did not come up.
+
+``soco_pretrain.cli.main`` catches :class:`SocoError` once and prints ``soco: error: MESSAGE``;
+messages are one line and name the file they are about. Anything else is a bug and keeps its
+traceback. The stage-specific classes (``PretrainError``, ``CocoError``, ...) subclass these so
+callers of the Python API can still catch one stage's errors.
+"""
+
+from __future__ import annotations
+
+
+class SocoError(Exception):
+    """Base of every error soco reports as one line; ``exit_code`` is the command's status."""
+
+    exit_code = 1
+
+    def one_line(self) -> str:
+        text = str(self).strip() or type(self).__name__
+        return " ".join(text.split())
+
+
+class UserError(SocoError, ValueError):
+    """Bad input (files, options, config values): exit status 2. A ValueError, too, for callers
+    that validate with ``except ValueError``."""
+
+    exit_code = 2
+
+
+class RunError(SocoError, RuntimeError):
+    """The run failed for a reason other than its input (non-finite loss, distributed set-up)."""
+
+    exit_code = 1
+
+
+class NonFiniteLossError(RunError):
+    """The loss became NaN or infinite; nothing was saved after it (one line, names the checkpoint)."""
