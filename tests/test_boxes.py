@@ -205,17 +205,25 @@ def test_levels_vectorised_and_custom_bounds():
 # ---------------------------------------------------------------- crop sampling
 
 
-def central_crop(width, height, ratio):
-    """torchvision's fallback, written out (plus our guard against an empty crop)."""
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    w, h = max(1, w), max(1, h)
-    return ((width - w) // 2, (height - h) // 2, (width - w) // 2 + w, (height - h) // 2 + h)
+# scale > 1 asks for more area than the image has: every one of the 10 draws fails (rounding
+# cannot save a draw: w*h >= (2/3)^2 * 4 * area > area), so both sample_crop and torchvision's
+# RandomResizedCrop.get_params return their fallback whatever the random numbers.
+FORCE_FALLBACK = (4.0, 5.0)
+
+
+def torchvision_fallback(width, height, ratio):
+    """torchvision's own central crop (RandomResizedCrop.get_params's fallback): (top, left, height, width)."""
+    return RandomResizedCrop.get_params(torch.empty(1, height, width), list(FORCE_FALLBACK), list(ratio))
+
+
+def assert_is_torchvisions_fallback(rect, width, height, ratio):
+    i, j, h, w = torchvision_fallback(width, height, ratio)
+    x0, y0, x1, y1 = rect
+    if w >= 1 and h >= 1:
+        assert rect == (float(j), float(i), float(j + w), float(i + h))
+    else:  # torchvision's crop is empty there (e.g. 1x1 px, ratio >= 2); ours is 1 px, centred
+        assert (x1 - x0, y1 - y0) == (max(w, 1), max(h, 1))
+        assert (x0, y0) == ((width - max(w, 1)) // 2, (height - max(h, 1)) // 2)
 
 
 @settings(max_examples=150, deadline=None)
@@ -228,23 +236,37 @@ def test_sample_crop_within_bounds(width, height, scale, ratio, seed):
     x0, y0, x1, y1 = rect
     assert all(float(v).is_integer() for v in rect)
     assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
-    if rect == tuple(float(v) for v in central_crop(width, height, ratio)):
-        return  # the fallback (it may also be a legitimate random draw)
     w, h = x1 - x0, y1 - y0
-    # w = round(sqrt(A * a)), h = round(sqrt(A / a)) with A = area * U[scale], a in [ratio]:
-    # so (w -+ 0.5) * (h -+ 0.5) bracket A and (w -+ 0.5) / (h +- 0.5) bracket a.
+    # A random draw: w = round(sqrt(A * a)), h = round(sqrt(A / a)) with A = area * U[scale] and
+    # a in [ratio], so (w -+ 0.5) * (h -+ 0.5) bracket A and (w -+ 0.5) / (h +- 0.5) bracket a.
     area = width * height
-    assert (w - 0.5) * (h - 0.5) <= scale[1] * area * (1 + 1e-9)
-    assert (w + 0.5) * (h + 0.5) >= scale[0] * area * (1 - 1e-9)
-    assert (w - 0.5) / (h + 0.5) <= ratio[1] * (1 + 1e-9)
-    assert (w + 0.5) / max(h - 0.5, 1e-12) >= ratio[0] * (1 - 1e-9)
+    drawn = ((w - 0.5) * (h - 0.5) <= scale[1] * area * (1 + 1e-9)
+             and (w + 0.5) * (h + 0.5) >= scale[0] * area * (1 - 1e-9)
+             and (w - 0.5) / (h + 0.5) <= ratio[1] * (1 + 1e-9)
+             and (w + 0.5) / max(h - 0.5, 1e-12) >= ratio[0] * (1 - 1e-9))
+    if not drawn:  # otherwise it must be the fallback, as torchvision computes it
+        assert_is_torchvisions_fallback(rect, width, height, ratio)
 
 
-def test_sample_crop_fallback_is_torchvisions_central_crop():
+@settings(max_examples=150, deadline=None)
+@given(width=st.integers(1, 2000), height=st.integers(1, 2000),
+       ratio=st.tuples(st.floats(0.2, 5.0), st.floats(0.2, 5.0)).map(sorted), seed=st.integers(0, 2**32 - 1))
+def test_forced_fallback_equals_torchvisions(width, height, ratio, seed):
+    rect = sample_crop(np.random.default_rng(seed), width, height, FORCE_FALLBACK, tuple(ratio))
+    assert_is_torchvisions_fallback(rect, width, height, ratio)
+
+
+def test_sample_crop_fallback_by_hand():
     # 10 x 1000: any area >= 0.9 of the image is wider than 10 px at aspect >= 3/4 -> 10 failures
     rect = sample_crop(np.random.default_rng(0), 10, 1000, (0.9, 1.0), (3 / 4, 4 / 3))
     assert rect == (0.0, 493.0, 10.0, 506.0)  # w = 10, h = round(10 / 0.75) = 13, centred
     assert sample_crop(np.random.default_rng(0), 1000, 10, (0.9, 1.0), (3 / 4, 4 / 3)) == (493.0, 0.0, 506.0, 10.0)
+    # 300 x 200 (aspect 1.5 > 4/3): full height, w = round(200 x 4/3) = 267, x0 = (300 - 267) // 2 = 16.
+    assert sample_crop(np.random.default_rng(0), 300, 200, FORCE_FALLBACK, (3 / 4, 4 / 3)) == (16.0, 0.0, 283.0, 200.0)
+    # 120 x 100 (aspect 1.2, inside the range): the whole image.
+    assert sample_crop(np.random.default_rng(0), 120, 100, FORCE_FALLBACK, (3 / 4, 4 / 3)) == (0.0, 0.0, 120.0, 100.0)
+    # 1 x 1 with ratio (2, 3): torchvision's h = round(1 / 2) = 0 (empty); our guard keeps 1 px.
+    assert sample_crop(np.random.default_rng(0), 1, 1, FORCE_FALLBACK, (2.0, 3.0)) == (0.0, 0.0, 1.0, 1.0)
 
 
 def test_sample_crop_same_distribution_as_torchvision():

@@ -58,7 +58,7 @@ def call(argv, capsys):
 
 
 @pytest.mark.parametrize("command", ["", "proposals", "proposals merge", "show", "show proposals", "demo", "knn",
-                                     "compare"])
+                                     "compare", "config", "config show", "pretrain", "finetune", "linear"])
 def test_help_of_every_command_has_an_example(command, capsys):
     status, out, _ = call([*command.split(), "--help"], capsys)
     assert status == 0
@@ -275,3 +275,205 @@ def test_show_views_errors_are_one_line(views_data, tmp_path, capsys):
         assert status == 2, err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("soco: error:") and expected in lines[0], err
+
+
+# ---------------------------------------------------------------- one config system: --config, --preset, --set
+
+
+@pytest.fixture(scope="module")
+def option_inputs(images, tmp_path_factory):
+    """Inputs that pass each command's path checks, so that the config is what fails."""
+    root = tmp_path_factory.mktemp("options")
+    for name in ("train.json", "val.json"):
+        (root / name).write_text('{"images": [], "annotations": [], "categories": []}')
+    for split in ("train", "val"):
+        (root / split / "red").mkdir(parents=True)
+    coco = ["--weights", "none", "--train-json", root / "train.json", "--train-images", images,
+            "--val-json", root / "val.json", "--val-images", images]
+    return {
+        "root": root,
+        "pretrain": ["pretrain", "--preset", "tiny", "--images", images, "--out", root / "run"],
+        "finetune": ["finetune", *coco, "--out", root / "ft"],
+        "knn": ["knn", *coco, "--out", root / "knn"],
+        "linear": ["linear", "--weights", "none", "--train", root / "train", "--val", root / "val",
+                   "--out", root / "lin"],
+        "proposals": ["proposals", images, "-o", root / "store"],
+    }
+
+
+# (command, --set item, words of the one-line error): a wrong type, an unknown key, an invalid
+# choice and an out-of-range value for every command with options.
+BAD_SETS = [
+    ("pretrain", "train.epochs=many", "--set train.epochs=many: expected int, got a string"),
+    ("pretrain", "train.epoch=3", "unknown key 'train.epoch'; did you mean 'train.epochs'?"),
+    ("pretrain", "model.arch=dc5", "--set model.arch=dc5: expected one of fpn, c4"),
+    ("pretrain", "train.ema_tau=1.5", "--set train.ema_tau=1.5: must be in [0, 1]"),
+    ("finetune", "batch=two", "--set batch=two: expected int, got a string"),
+    ("finetune", "bach=2", "unknown key 'bach'; did you mean 'batch'?"),
+    ("finetune", "schedule=3x", "--set schedule=3x: expected one of 1x, 2x"),
+    ("finetune", "fraction=1.5", "--set fraction=1.5: must be in (0, 1]"),
+    ("linear", "epochs=[1]", "--set epochs=[1]: expected int, got a list of 1"),
+    ("linear", "nope=1", "unknown key 'nope'"),
+    ("linear", "schedule=linear", "--set schedule=linear: expected one of cosine, steps"),
+    ("linear", "crop_scale=[0.9, 0.1]", "crop_scale=[0.9, 0.1]: must be two values 0 < low <= high <= 1"),
+    ("knn", "k=many", "--set k=many: expected int, got a string"),
+    ("knn", "kk=3", "unknown key 'kk'"),
+    ("knn", "bn=batch", "--set bn=batch: expected one of precise, running"),
+    ("knn", "temperature=0", "--set temperature=0.0: must be positive"),
+    ("proposals", "fallbacks=maybe", "--set fallbacks=maybe: expected true/false, got a string"),
+    ("proposals", "scael=3", "unknown key 'scael'; did you mean 'scale'?"),
+    ("proposals", "min_size=1.5", "--set min_size=1.5: expected int, got a float"),
+    ("proposals", "rel_size=[0.8, 0.3]", "rel_size=[0.8, 0.3]: must be two values 0 <= low <= high"),
+]
+
+
+@pytest.mark.parametrize("command, item, words", BAD_SETS, ids=[f"{c}:{i}" for c, i, _ in BAD_SETS])
+def test_bad_set_is_a_one_line_error(command, item, words, option_inputs, capsys):
+    status, _, err = call([*map(str, option_inputs[command]), "--set", item], capsys)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("soco: error: ") and words in lines[0], err
+
+
+@pytest.mark.parametrize("command, text, words", [
+    ("pretrain", 'train:\n  epochs: "100"\n', 'train.epochs="100": expected int, got a string'),
+    ("finetune", "precision: fp8\n", "precision=\"fp8\": expected one of fp32, bf16, fp16"),
+    ("linear", "warmup_epochs: -1\n", "warmup_epochs=-1: must be at least 0"),
+    ("knn", "k: 0\n", "k=0: must be at least 1"),
+    ("proposals", "- 1\n", "expected a mapping of config keys"),
+])
+def test_bad_config_file_is_a_one_line_error_naming_the_file(command, text, words, option_inputs, tmp_path,
+                                                              capsys):
+    path = tmp_path / "options.yaml"
+    path.write_text(text)
+    status, _, err = call([*map(str, option_inputs[command]), "--config", str(path)], capsys)
+    assert status == 2, err
+    assert err.count("\n") == 1 and err.startswith(f"soco: error: {path}: ") and words in err, err
+
+
+@pytest.mark.parametrize("command, argv, words", [
+    ("finetune", ["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    ("finetune", ["--fraction", "2"], "argument --fraction: must be in (0, 1], got 2"),
+    ("knn", ["--size", "16"], "argument --size: must be at least 32, got 16"),
+    ("linear", ["--lr", "x"], "argument --lr: not a number: 'x'"),
+    ("proposals", ["--scale", "-3"], "argument --scale: must be positive, got -3"),
+    ("finetune", ["--preset", "huge"], "unknown preset 'huge' (choose from 1x, 2x, cpu)"),
+])
+def test_generated_flags_check_types_and_ranges(command, argv, words, option_inputs, capsys):
+    status, _, err = call([*map(str, option_inputs[command]), *argv], capsys)
+    assert status == 2 and err.count("\n") == 1 and words in err, err
+
+
+def _resolved(command, argv):
+    """The options a command line resolves to, and their sources (no command is run)."""
+    from soco_pretrain.cli import build_parser
+    from soco_pretrain.cli.common import resolve_options
+    from soco_pretrain.cli.finetune import FINETUNE_FLAGS, finetune_cli_defaults
+    from soco_pretrain.cli.knn import KNN_FLAGS, knn_cli_defaults
+    from soco_pretrain.cli.linear import LINEAR_FLAGS
+    from soco_pretrain.cli.proposals import search_config
+    from soco_pretrain import config as c
+
+    args = build_parser().parse_args(list(map(str, argv)))
+    if command == "finetune":
+        return resolve_options(c.FinetuneOptions, args, FINETUNE_FLAGS, c.FINETUNE_PRESETS,
+                               cli_defaults=finetune_cli_defaults())
+    if command == "knn":
+        return resolve_options(c.KnnOptions, args, KNN_FLAGS, c.KNN_PRESETS, cli_defaults=knn_cli_defaults())
+    if command == "linear":
+        return resolve_options(c.LinearConfig, args, LINEAR_FLAGS, c.LINEAR_PRESETS)
+    return search_config(args)
+
+
+@pytest.mark.parametrize("command", ["finetune", "knn", "linear", "proposals"])
+def test_generated_flags_match_the_dataclass_defaults(command, option_inputs):
+    """Every flag is a field of the command's options dataclass; with no flag given the command runs
+    with the dataclass's defaults (the command line's own: only the capped worker count)."""
+    from soco_pretrain import config as c
+    from soco_pretrain.cli import build_parser
+    from soco_pretrain.cli.common import default_workers
+    from soco_pretrain.cli.finetune import FINETUNE_FLAGS
+    from soco_pretrain.cli.knn import KNN_FLAGS
+    from soco_pretrain.cli.linear import LINEAR_FLAGS
+    from soco_pretrain.cli.proposals import PROPOSALS_FLAGS
+
+    cls, flags, expected = {
+        "finetune": (c.FinetuneOptions, FINETUNE_FLAGS, c.FinetuneOptions(workers=min(4, default_workers()))),
+        "knn": (c.KnnOptions, KNN_FLAGS, c.KnnOptions(workers=min(4, default_workers()))),
+        "linear": (c.LinearConfig, LINEAR_FLAGS, c.LinearConfig()),
+        "proposals": (c.SearchConfig, PROPOSALS_FLAGS, c.SEARCH_PRESETS["paper"]),
+    }[command]
+    names = set(c.field_types(cls))
+    assert all(flag.field in names for flag in flags)
+    options, sources = _resolved(command, option_inputs[command])
+    assert options == expected
+    assert set(sources.values()) <= {"default", "preset paper"}
+    # the parser holds no default of its own: every generated flag is None until given
+    args = build_parser().parse_args(list(map(str, option_inputs[command])))
+    assert all(getattr(args, flag.dest) is None for flag in flags)
+    # and the help shows the dataclass's default
+    base = c.SEARCH_PRESETS["paper"] if command == "proposals" else cls()
+    helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices[command]._actions}
+    for flag in flags:
+        if "{default" in flag.help and flag.field != "workers":
+            assert flag.help.format(default=flag.show(getattr(base, flag.field))) == helps[flag.dest]
+
+
+def test_layers_preset_file_flag_set(option_inputs, tmp_path):
+    path = tmp_path / "ft.yaml"
+    path.write_text("batch: 4\nmax_size: 600\nweight_decay: 1e-5\n")
+    argv = [*option_inputs["finetune"], "--preset", "cpu", "--config", path, "--max-size", "700",
+            "--set", "max_size=800", "--no-progress"]
+    options, sources = _resolved("finetune", argv)
+    assert (options.batch, options.max_size, options.weight_decay, options.progress) == (4, 800, 1e-5, False)
+    assert options.train_sizes == (320,) and options.roi_batch == 128  # from the cpu preset
+    assert (sources["batch"], sources["max_size"], sources["train_sizes"], sources["progress"]) == (
+        f"file {path}", "--set", "preset cpu", "--no-progress")
+
+
+def test_config_show_prints_every_key_with_value_and_source(tmp_path, capsys):
+    from soco_pretrain.config import PretrainConfig, flatten
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  epochs: 7\n  weight_decay: 1e-5\n")
+    status, out, err = call(["config", "show", "--preset", "tiny", "--config", str(path),
+                             "--set", "model.arch=c4"], capsys)
+    assert status == 0, err
+    rows = {line.split(":")[0]: line for line in out.strip().splitlines()}
+    assert list(rows) == [key for key, _ in flatten(PretrainConfig())]
+    assert rows["version"].split() == ["version:", "1", "#", "default"]
+    assert rows["data.views.v1_size"].split() == ["data.views.v1_size:", "96", "#", "preset", "tiny"]
+    assert rows["train.epochs"].split() == ["train.epochs:", "7", "#", "file", str(path)]
+    assert rows["train.weight_decay"].split() == ["train.weight_decay:", "1e-05", "#", "file", str(path)]
+    assert rows["model.arch"].split() == ["model.arch:", "c4", "#", "--set"]
+    assert rows["train.momentum"].split() == ["train.momentum:", "0.9", "#", "default"]
+    # soco pretrain --print-config prints the same and trains nothing (no --images/--out needed)
+    status, printed, _ = call(["pretrain", "--preset", "tiny", "--config", str(path), "--set", "model.arch=c4",
+                               "--print-config"], capsys)
+    assert status == 0 and printed == out
+
+
+def test_config_file_version_round_trip(tmp_path, capsys):
+    from soco_pretrain.config import PretrainConfig, apply_overrides, to_dict
+
+    cfg = apply_overrides(PretrainConfig(), ["train.epochs=9"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_dump(to_dict(cfg)))  # as RUN/config.yaml is written
+    status, out, err = call(["config", "show", "--config", str(path)], capsys)
+    assert status == 0, err
+    assert all(line.endswith(f"# file {path}") for line in out.strip().splitlines())
+    path.write_text(path.read_text().replace("version: 1", "version: 2"))
+    status, _, err = call(["config", "show", "--config", str(path)], capsys)
+    assert status == 2 and err.count("\n") == 1 and f"{path}: version=2: written by a newer soco_pretrain" in err
+
+
+def test_pretrain_needs_a_preset_or_a_config(option_inputs, capsys):
+    argv = [str(a) for a in option_inputs["pretrain"] if str(a) not in ("--preset", "tiny")]
+    status, _, err = call(argv, capsys)
+    assert status == 2 and "give --preset NAME or --config FILE" in err
+
+
+def yaml_dump(data) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)

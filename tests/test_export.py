@@ -460,3 +460,77 @@ def test_bad_inputs_are_one_line_errors(fpn_run, tmp_path, capsys):
         assert err.startswith("soco: error:") and err.strip().count("\n") == 0, (case, err)
         assert words in err, (case, err)
     assert not (tmp_path / "x.pth").exists()
+
+
+# ---------------------------------------------------------------- the reader and the package data
+
+
+def test_python_api_raises_export_error_for_what_the_reader_refuses(tmp_path):
+    from soco_pretrain.transfer.export import ExportError
+
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    for source, words in ((tmp_path / "notes.pt", "not a SoCo checkpoint"),
+                          (tmp_path / "other.pt", "not a SoCo checkpoint"),
+                          (tmp_path, "no checkpoint in"),
+                          (tmp_path / "nowhere", "no such run folder")):
+        with pytest.raises(ExportError) as err:  # the export's own class, from the shared reader's message
+            export(source, "torchvision", out=tmp_path / "x.pth")
+        assert words in str(err.value) and str(source) in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_config_templates_are_package_data():
+    """Every target with a config has one template per arch, and pyproject's package data ships it."""
+    import fnmatch
+    from importlib import resources
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from soco_pretrain.transfer.export import ARCHS, EXPORTERS, render_template
+
+    folder = resources.files("soco_pretrain.transfer.export").joinpath("templates")
+    expected = {f"{name}_{arch}{e.config_suffix}.tmpl" for name, e in EXPORTERS.items() if e.config_suffix
+                for arch in ARCHS}
+    assert {p.name for p in folder.iterdir() if p.name.endswith(".tmpl")} == expected
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["soco_pretrain"]
+    for name in expected:
+        assert any(fnmatch.fnmatch(f"transfer/export/templates/{name}", p) for p in patterns), name
+    with pytest.raises(KeyError):  # every placeholder must be given
+        render_template("mmdet_fpn.py.tmpl", weights="online")
+
+
+def test_written_configs_have_no_placeholder_left(exports):
+    for target in ("detectron2", "mmdet"):
+        for arch in ("fpn", "c4"):
+            text = exports(target, arch).config_out.read_text()
+            assert "$" not in text and "network of " in text and str(exports(target, arch).out.resolve()) in text
+
+
+def test_missing_counts_match_the_detector_heads(exports):
+    """Keys SoCo does not pretrain, listed from the detectors' head definitions (module docstring):
+    convs/linears with bias 2 keys; a normed conv 1 + 4 norm keys (Detectron2) or 1 + 5 (mmdet)."""
+    from soco_pretrain.transfer.export.to_detectron2 import not_pretrained as d2
+    from soco_pretrain.transfer.export.to_mmdet import not_pretrained as mm
+
+    d2_fpn = d2("fpn")
+    assert d2_fpn["proposal_generator.rpn_head"] == [
+        f"proposal_generator.rpn_head.{n}.{p}" for n in ("conv", "objectness_logits", "anchor_deltas")
+        for p in ("weight", "bias")]
+    assert set(d2_fpn["roi_heads.box_predictor"]) == {
+        "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias"}
+    assert "roi_heads.mask_head.mask_fcn4.norm.running_var" in d2_fpn["roi_heads.mask_head"]
+    assert len(d2_fpn["roi_heads.mask_head"]) == 4 * (1 + len(D2_NORM)) + 4
+    assert sorted(d2("c4")["roi_heads.mask_head"]) == sorted(
+        f"roi_heads.mask_head.{n}.{p}" for n in ("deconv", "predictor") for p in ("weight", "bias"))
+    mm_fpn = mm("fpn")
+    assert "roi_head.mask_head.convs.3.bn.num_batches_tracked" in mm_fpn["roi_head.mask_head"]
+    assert len(mm_fpn["roi_head.mask_head"]) == 4 * (1 + len(MM_NORM)) + 4
+    assert len(mm("c4")["roi_head.mask_head"]) == 4 and len(mm_fpn["rpn_head"]) == 6
+    for target, listed in (("detectron2", d2), ("mmdet", mm)):  # the report counts exactly these
+        for arch in ("fpn", "c4"):
+            report = exports(target, arch)
+            assert {r.module: r.missing for r in report.detector if r.missing} == {
+                module: len(keys) for module, keys in listed(arch).items()}

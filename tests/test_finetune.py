@@ -312,29 +312,36 @@ def test_boxes_only_data_trains_faster_rcnn_via_the_cli(data, tmp_path, capsys):
     assert "Faster R-CNN" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_resume_continues_exactly(data, tmp_path, monkeypatch):
+    # Kept fast for CI: batch 1, 64 px short side, 2 iterations (interrupted after the first), 10 test
+    # proposals. The interrupted run resumes from its mid-run checkpoint (checkpoint_every=1);
+    # model, SGD momentum and the evaluation must equal an uninterrupted run's, bit for bit.
     import soco_pretrain.transfer.finetune as ft
 
-    opts = dict(max_iters=3, precise_bn=0, checkpoint_every=2, seed=5, **TINY)
-    finetune(None, *_run_args(data), tmp_path / "full", **opts)
+    opts = dict({**TINY, "batch": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
+                max_iters=2, precise_bn=0, checkpoint_every=1, seed=5)
+    full_metrics = finetune(None, *_run_args(data), tmp_path / "full", **opts)
     real = ft.lr_at
 
     def interrupted(iteration, plan):
-        if iteration == 2:
+        if iteration == 1:
             raise KeyboardInterrupt
         return real(iteration, plan)
 
     monkeypatch.setattr(ft, "lr_at", interrupted)
     with pytest.raises(KeyboardInterrupt):
         finetune(None, *_run_args(data), tmp_path / "split", **opts)
-    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["iteration"] == 2
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["iteration"] == 1
     monkeypatch.setattr(ft, "lr_at", real)
-    finetune(None, *_run_args(data), tmp_path / "split", **opts)
-    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
-    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["model"]
-    for key in full:
-        assert torch.equal(full[key], split[key]), key
+    split_metrics = finetune(None, *_run_args(data), tmp_path / "split", **opts)
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert full["iteration"] == split["iteration"] == 2
+    for key in full["model"]:
+        assert torch.equal(full["model"][key], split["model"][key]), key
+    momentum = [(k, v["momentum_buffer"]) for k, v in full["optimizer"]["state"].items()]
+    assert momentum and all(torch.equal(v, split["optimizer"]["state"][k]["momentum_buffer"]) for k, v in momentum)
+    assert split_metrics["bbox"] == full_metrics["bbox"] and split_metrics["segm"] == full_metrics["segm"]
 
 
 # ---------------------------------------------------------------- bad input

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import BAD_KINDS, small_photo
-from soco_pretrain.images import list_images, load_rgb
-from soco_pretrain.proposals import PRESETS, filter_boxes, generate, load, merge, selective_search
+from soco_pretrain.images import list_images
+from soco_pretrain.proposals import PRESETS, generate, load, merge
 from soco_pretrain.proposals.generate import (GenerateError, encode_record, process_image,
                                               read_log, scale_boxes)
 from soco_pretrain.proposals.store import StoreError
@@ -43,19 +43,41 @@ def one_run(photo_dir, tmp_path_factory):
     return out, summary
 
 
-def test_pipeline_matches_search_then_filter(photo_dir, one_run):
+def paper_filter(boxes, width, height):
+    """Paper section 3.2, written out per box: keep 1/3 <= w/h <= 3 and 0.3 <= sqrt(wh / WH) <= 0.8
+    (w = x2 - x1, h = y2 - y1 as the released code computes them), first copy of each box."""
+    kept = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        w, h = x2 - x1, y2 - y1
+        if w > 0 and h > 0 and 1 / 3 <= w / h <= 3 and 0.3 <= ((w * h) / (width * height)) ** 0.5 <= 0.8:
+            if [x1, y1, x2, y2] not in kept:
+                kept.append([x1, y1, x2, y2])
+    return kept
+
+
+def test_pipeline_matches_the_reference_search_and_the_paper_filter(photo_dir, one_run):
+    # Oracle independent of our search and filter: the PyPI selectivesearch reference (with the
+    # released fix) at the paper's parameters (appendix A.1: scale 500, sigma 0.9, min_size 10).
+    import warnings
+
+    from soco_pretrain.proposals.filters import RULE_EMPTY, RULE_PAPER
+    from soco_pretrain.proposals.reference import reference_selective_search
+
     out, summary = one_run
     assert summary.ok and summary.total == 5 and summary.processed == 5 and summary.resumed == 0
     assert not Path(str(out) + ".partial").exists()
     st = load(out, verify=True)
     assert st.paths == list_images(photo_dir).paths
     for i, p in enumerate(st.paths):
-        image = load_rgb(photo_dir / p)
+        image = np.asarray(Image.open(photo_dir / p).convert("RGB"))
         h, w = image.shape[:2]
-        expected, rule = filter_boxes(selective_search(image, 500, 0.9, 10), w, h, PRESETS["paper"])
-        assert st.boxes(i).tolist() == expected.tolist()
-        assert st.status(i) == rule and st.image_size(i) == (w, h)
-        assert st.raw_count(i) == len(selective_search(image, 500, 0.9, 10))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # skimage warns about LBP on float images
+            raw = reference_selective_search(image, 500, 0.9, 10)
+        expected = paper_filter(raw, w, h)
+        assert st.boxes(i).tolist() == expected, p
+        assert st.status(i) == (RULE_PAPER if expected else RULE_EMPTY) and st.image_size(i) == (w, h)
+        assert st.raw_count(i) == len(raw)
     assert summary.boxes == sum(len(st.boxes(i)) for i in range(len(st))) > 0
     m = st.manifest
     assert m["preset"] == "paper" and m["config"] == PRESETS["paper"].to_dict() and m["shard"] is None

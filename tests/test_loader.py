@@ -176,10 +176,18 @@ def test_augment_batch_turns_uint8_views_into_normalised_floats(data):
                         torch.Generator().manual_seed(0), device="cpu")
     assert [v.shape for v in out["views"]] == [v.shape for v in batch["views"]]
     assert all(v.dtype == torch.float32 for v in out["views"])
-    assert out["boxes"][0] is not None and torch.equal(out["valid"], batch["valid"])
+    # Photometric only: the geometry (boxes, levels, masks, ids) comes through unchanged.
+    for key in ("boxes", "levels"):
+        assert len(out[key]) == len(batch[key]) and all(torch.equal(a, b) for a, b in zip(out[key], batch[key])), key
+    for key in ("valid", "proposal_ids"):
+        assert torch.equal(out[key], batch[key]), key
     # Off: exactly the normalised pixels.
     off = dataclasses.replace(cfg.augment, enabled=False)
     plain = augment_batch(batch, BatchAugment(off), off.view_params)
     mean = torch.tensor(off.mean).view(1, 3, 1, 1)
     std = torch.tensor(off.std).view(1, 3, 1, 1)
-    torch.testing.assert_close(plain["views"][0], (batch["views"][0].float() / 255 - mean) / std, atol=1e-5, rtol=0)
+    for v in range(len(batch["views"])):
+        torch.testing.assert_close(plain["views"][v], (batch["views"][v].float() / 255 - mean) / std,
+                                   atol=1e-5, rtol=0)
+    # On: the pixels were changed (BYOL's first parameter set blurs with probability 1).
+    assert not torch.allclose(out["views"][0], plain["views"][0], atol=1e-3)

@@ -1,15 +1,99 @@
-"""Configuration dataclasses with the paper's defaults, YAML round trip and dotted overrides.
+"""Configuration dataclasses with the paper's defaults: one config system for every command.
 
 Every default names its source: the paper (section), the released code (hologerry/SoCo, see
-README "Faithfulness"), or "our choice" with the reason. Later stages add their own sections
-(model, train, ...) next to ``data``.
+README "Faithfulness"), or "our choice" with the reason.
+
+- ``PretrainConfig`` (data / model / train / monitor; ``soco pretrain``, RUN/config.yaml, every
+  checkpoint) and the options of the other commands: ``FinetuneOptions`` (``soco finetune``),
+  ``LinearConfig`` (``soco linear``), ``KnnOptions`` (``soco knn``), ``SearchConfig``
+  (``soco proposals``). Each command's flags are generated from these fields (cli/), so a default
+  lives only here.
+- Values are type-checked against the annotations wherever they come from (a YAML file, a preset,
+  ``--set key=value``, a flag): int, float, bool, str, Literal choices, Optional, tuples and lists
+  of them. Errors are one line naming the key, the value and what is expected. A float field also
+  takes a numeric string (YAML 1.1 reads ``1e-5`` as a string); an int field takes only ints.
+- Ranges are checked once per dataclass, in its ``__post_init__`` (so also for the Python API).
+- ``resolve`` layers defaults < preset < ``--config`` file < flags < ``--set`` and remembers where
+  every key's value came from (``soco config show``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import json
+import re
+import types
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from .errors import UserError
+
+CONFIG_VERSION = 1  # PretrainConfig.version this code writes; files without the key are version 1
+
+
+class ConfigError(UserError):
+    """A config key, value or file the user can fix (exit status 2). One line: ``WHERE KEY=VALUE:
+    PROBLEM``, WHERE being the file, preset or ``--set`` the value came from. ``key`` / ``problem``
+    are kept for callers that re-word it (a flag's argparse message)."""
+
+    def __init__(self, message: str, key: str | None = None, value: Any = None, problem: str | None = None):
+        super().__init__(message)
+        self.key, self.value, self.problem = key, value, problem
+
+    @classmethod
+    def bad(cls, key: str, value: Any, problem: str, where: str = "", shown: str | None = None) -> ConfigError:
+        shown = _show(value) if shown is None else shown
+        return cls(f"{where}{key}={shown}: {problem}", key, value, problem)
+
+    def located(self, prefix: str = "", where: str = "") -> ConfigError:
+        """The same error for the key under ``prefix`` (``data.views.``) and from ``where``."""
+        if self.key is None or self.problem is None:
+            return ConfigError(f"{where}{self}") if where else self
+        return ConfigError.bad(prefix + self.key, self.value, self.problem, where)
+
+
+# ---------------------------------------------------------------- range rules (used by __post_init__)
+
+# A rule is (test, text): ``test(value)`` is true for a valid value; ``text`` completes "must be ...".
+_AT_LEAST_0 = (lambda v: v >= 0, "at least 0")
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_POSITIVE = (lambda v: v > 0, "positive")
+_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_FRACTION = (lambda v: 0 < v <= 1, "in (0, 1]")
+_OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
+_MOMENTUM = (lambda v: 0 <= v < 1, "in [0, 1)")
+_SCALE_PAIR = (lambda v: 0 < v[0] <= v[1] <= 1, "two values 0 < low <= high <= 1")
+_POSITIVE_PAIR = (lambda v: 0 < v[0] <= v[1], "two values 0 < low <= high")
+_UNIT_EACH = (lambda v: all(0 <= p <= 1 for p in v), "probabilities in [0, 1]")
+_POSITIVE_EACH = (lambda v: len(v) > 0 and all(p > 0 for p in v), "positive numbers")
+_INCREASING = (lambda v: len(v) > 0 and v[0] > 0 and all(a < b for a, b in zip(v, v[1:])),
+               "increasing positive numbers")
+
+
+def _at_least(lo):
+    return (lambda v: v >= lo, f"at least {lo}")
+
+
+def _validate(obj, rules: dict, optional: tuple[str, ...] = ()) -> None:
+    """Check ``obj``'s fields against ``rules`` ({name or names: rule}); the first failing one
+    raises a one-line ConfigError naming the field (its parent's path is added by the caller).
+    Fields in ``optional`` may also be None."""
+    for names, (test, text) in rules.items():
+        for name in (names,) if isinstance(names, str) else names:
+            value = getattr(obj, name)
+            if value is None and name in optional:
+                continue
+            try:
+                ok = bool(test(value))
+            except (TypeError, IndexError):  # a wrong type through the Python API
+                ok = False
+            if not ok:
+                raise ConfigError.bad(name, value, f"must be {text}")
+
+
+# ---------------------------------------------------------------- soco pretrain
 
 
 @dataclass
@@ -27,10 +111,10 @@ class ViewsConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     # "v1" (paper 3.2: V2 is a crop of V1) or "original" (released code: crop of the original image
     # mapped to the same relative rectangle; sharper, one resampling instead of two).
-    v2_source: str = "v1"
+    v2_source: Literal["v1", "original"] = "v1"
     # "downsample" (paper: V3 = V2 resized to 112) or "independent_crop" (released FPN code: an
     # independent crop, scale crop_scale, resized to 112, with its own proposals).
-    v3: str = "downsample"
+    v3: Literal["downsample", "independent_crop"] = "downsample"
     hflip_p: float = 0.5  # BYOL augmentation: horizontal flip, per view, boxes flipped with it
     # Our choice (paper: "proposals outside of V2 are dropped", no threshold given): a proposal is
     # visible in a cropped view when at least this fraction of its area lies inside the crop; its
@@ -39,18 +123,18 @@ class ViewsConfig:
     num_proposals: int = 4  # paper 3.2 / Table 5c: K = 4 proposals per image per step
     # "mask": fewer than K proposals -> padded slots with valid=False (never in the loss);
     # "repeat": the released code's duplicate padding (all slots valid).
-    pad: str = "mask"
+    pad: Literal["mask", "repeat"] = "mask"
     # Box jitter (paper 3.2): x += r*w, y += r*h, w += r*w, h += r*h (centre form), r ~ U[-0.1, 0.1],
     # with probability 0.5 per proposal. "paper" = that, applied independently to each proposal in
     # each view; "released" = corner form, four independent r, view-1 copies only; "none".
-    jitter: str = "paper"
+    jitter: Literal["paper", "released", "none"] = "paper"
     jitter_ratio: float = 0.1  # paper 3.2
     jitter_p: float = 0.5  # paper 3.2
     # Scale-aware assignment (paper 3.3): area <= 48^2 -> P2, <= 96^2 -> P3, <= 192^2 -> P4, else P5,
     # area in the view's own pixels; a box exactly on a boundary goes to the lower level.
     level_bounds: tuple[int, int, int] = (48, 96, 192)
     # Images without proposals: "error" (count and list them) or "whole_image" (released fallback).
-    no_proposals: str = "error"
+    no_proposals: Literal["error", "whole_image"] = "error"
     # Where the boxes come from (ablations: paper Table 4 row 1, Table 5c):
     # "selective_search": the proposal store given to the dataset (soco proposals; paper 3.2, default);
     # "whole_image": the image itself is the one box (Table 4's image-level baseline; the other K-1
@@ -61,10 +145,20 @@ class ViewsConfig:
     #   uniform position; no store needed;
     # "coco": the boxes of a COCO JSON's annotations (proposal_json, e.g. ground truth), joined to
     #   the images by file_name; crowd and empty boxes skipped (our choice); no store needed.
-    proposal_source: str = "selective_search"
+    proposal_source: Literal["selective_search", "whole_image", "random", "coco"] = "selective_search"
     proposal_json: str | None = None  # the COCO JSON of proposal_source=coco
     # Our choice: off (the user's boxes as given); true applies the paper's filter (3.2) to them.
     proposal_json_filter: bool = False
+
+    def __post_init__(self):
+        _validate(self, {
+            ("v1_size", "v2_size", "v3_size", "v4_size", "num_proposals"): _AT_LEAST_1,
+            "crop_scale": _SCALE_PAIR,
+            "crop_ratio": _POSITIVE_PAIR,
+            ("hflip_p", "min_visible", "jitter_p"): _UNIT,
+            "jitter_ratio": (lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the box's width and height)"),
+            "level_bounds": _INCREASING,
+        })
 
 
 @dataclass
@@ -84,14 +178,27 @@ class AugmentConfig:
     # Which BYOL parameter set each SoCo view uses. V1 plays BYOL's first view; V2, V3 and V4 the
     # second (our reading of "each view is randomly and independently augmented": independent
     # draws, BYOL's asymmetric parameters between the V1 side and the V2/V3 side).
-    view_params: tuple[int, ...] = (0, 1, 1, 1)
+    view_params: tuple[Literal[0, 1], ...] = (0, 1, 1, 1)
     # "cpu": per image in the workers; "gpu": batched on the training device (workers only decode,
     # crop and resize: about half their work, benchmarks/data.py); "auto": gpu when training on
     # CUDA (a compiled H200 step needs ~1100 images/s, more than 16 cores deliver with the
     # photometric part in the workers; README "Training step on a GPU"), cpu otherwise.
-    device: str = "auto"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet normalisation
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        _validate(self, {
+            ("colour_jitter_p", "grayscale_p"): _UNIT,
+            ("brightness", "contrast", "saturation"): _AT_LEAST_0,
+            # torchvision's bound: a hue shift is a fraction of the colour wheel
+            "hue": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
+            ("blur_p", "solarize_p"): _UNIT_EACH,
+            "blur_sigma": _POSITIVE_PAIR,
+            "view_params": (lambda v: len(v) >= 3 and all(p in (0, 1) for p in v),
+                            "a list of 0 (BYOL view 1) or 1 (BYOL view 2), one per view (3 or 4)"),
+            "std": _POSITIVE_EACH,
+        })
 
 
 @dataclass
@@ -101,6 +208,9 @@ class DataConfig:
     seed: int = 0  # base seed: same seed, same batches (per-sample RNG from seed, epoch, index)
     max_decode_retries: int = 10  # a sample whose image fails is replaced by the next index
 
+    def __post_init__(self):
+        _validate(self, {"max_decode_retries": _AT_LEAST_0})
+
 
 @dataclass
 class ModelConfig:
@@ -108,10 +218,11 @@ class ModelConfig:
 
     # "fpn": ResNet-50 + FPN (P2-P5) + RoIAlign 7x7 on each box's assigned level + 4conv1fc head;
     # "c4": RoIAlign 14x14 on C4 (stride 16), res5 as the head, global average pooling.
-    arch: str = "fpn"
+    arch: Literal["fpn", "c4"] = "fpn"
     roi_size: int = 7  # FPN: 7x7 as the Mask R-CNN box head (paper 4.1); C4 uses 14 (paper, Detectron2 C4)
     # Our choice: 2 sampling points per bin as torchvision's MultiScaleRoIAlign in Mask R-CNN v2
     # (the paper does not say); aligned=True (half-pixel correct, Detectron2's ROIAlignV2).
+    # 0 = adaptive (torchvision's and Detectron2's meaning).
     roi_sampling_ratio: int = 2
     head_dim: int = 1024  # paper 4.1: 4 conv + 1 fc (1024), Mask R-CNN's box head
     proj_hidden: int = 4096  # paper 4.1: Linear(4096)-BN-ReLU-Linear(256), as BYOL
@@ -121,7 +232,14 @@ class ModelConfig:
     bn_momentum: float = 0.1  # PyTorch default, as the released code; paper silent
     # "paper": mean over valid proposals of -2cos(v,v') - 2cos(v,v''), symmetrised (eq. 5-6);
     # "released": -2 x mean cosine per image over matched pairs, mean over images, terms summed.
-    loss: str = "paper"
+    loss: Literal["paper", "released"] = "paper"
+
+    def __post_init__(self):
+        _validate(self, {
+            ("roi_size", "head_dim", "proj_hidden", "proj_out"): _AT_LEAST_1,
+            "roi_sampling_ratio": _AT_LEAST_0,
+            "bn_momentum": _UNIT,
+        })
 
 
 @dataclass
@@ -142,16 +260,27 @@ class TrainConfig:
     warmup_start_factor: float = 0.0
     final_lr: float = 0.0
     ema_tau: float = 0.99  # paper 4.1: tau from 0.99 increased to 1 (cosine, as BYOL)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True  # on GPU
     # auto: torch.compile on CUDA (benchmarks/gpu.py: 1.5x images/s for FPN on an H200), not on
     # CPUs; true | false force it.
-    compile: str = "auto"
+    compile: Literal["auto", "true", "false"] = "auto"
     workers: int = 8  # data-loader processes per device
     log_every: int = 10  # optimiser steps between metrics lines
     checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 3  # numbered checkpoints kept besides last.pt
+    keep_checkpoints: int = 3  # numbered checkpoints kept besides last.pt (0: only last.pt)
     seed: int = 0
+
+    def __post_init__(self):
+        _validate(self, {
+            ("epochs", "batch_size", "log_every", "checkpoint_every"): _AT_LEAST_1,
+            ("per_device_batch", "warmup_epochs", "workers", "keep_checkpoints"): _AT_LEAST_0,
+            ("weight_decay", "warmup_start_factor", "final_lr"): _AT_LEAST_0,
+            ("base_lr", "lars_eta"): _POSITIVE,
+            "momentum": _MOMENTUM,
+            "ema_tau": _UNIT,
+        })
 
 
 @dataclass
@@ -174,18 +303,433 @@ class MonitorConfig:
     min_box: float = 32.0  # px in the original image, both sides
     batch: int = 16
 
+    def __post_init__(self):
+        _validate(self, {
+            ("every", "k", "batch"): _AT_LEAST_1,
+            ("size", "min_box"): _AT_LEAST_0,
+            "val_fraction": _OPEN_UNIT,
+            "temperature": _POSITIVE,
+        })
+
 
 @dataclass
 class PretrainConfig:
     """Everything `soco pretrain` needs; saved as RUN/config.yaml and in every checkpoint."""
 
+    # Format version of this config (RUN/config.yaml, checkpoints). A file without it is version 1;
+    # a newer one is refused rather than half-read.
+    version: int = CONFIG_VERSION
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
+    def __post_init__(self):
+        _validate(self, {"version": _AT_LEAST_1})
+        if self.version > CONFIG_VERSION:
+            raise ConfigError.bad("version", self.version, f"written by a newer soco_pretrain (this one reads "
+                                  f"config version {CONFIG_VERSION}); upgrade soco_pretrain to read it")
 
-# ---------------------------------------------------------------- generic helpers
+
+# ---------------------------------------------------------------- soco finetune
+
+
+@dataclass
+class FinetuneOptions:
+    """Everything besides the data paths; defaults are the paper's / released configs' recipe."""
+
+    schedule: Literal["1x", "2x"] = "1x"  # ignored when max_iters is set
+    max_iters: int | None = None  # train exactly this many iterations instead (schedule scaled to it)
+    fraction: float = 1.0  # seeded random subset of the training images (paper 4.5: 0.05, 0.10)
+    seed: int = 0
+    batch: int = 16  # total over all processes (paper 4.2)
+    lr: float | None = None  # None: 0.02 x batch / 16 (paper 4.2, linear scaling)
+    momentum: float = 0.9  # paper 4.2 / Detectron2
+    weight_decay: float = 2.5e-5  # paper 4.2, released SoCo_FPN_*.yaml
+    weight_decay_norm: float = 0.0  # Detectron2 SOLVER.WEIGHT_DECAY_NORM default
+    warmup_iters: int = 1000  # at batch 16 (paper 4.2)
+    warmup_factor: float = 0.001  # Detectron2 SOLVER.WARMUP_FACTOR
+    gamma: float = 0.1  # paper 4.2: "drops twice by a factor of 10"
+    train_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)  # Detectron2 Base-RCNN-FPN MIN_SIZE_TRAIN
+    test_size: int | None = None  # None: the largest train size (800 = Detectron2 MIN_SIZE_TEST)
+    max_size: int = 1333  # Detectron2 MAX_SIZE_TRAIN / _TEST
+    roi_batch: int = 512  # RoIs sampled per image for the box head (Detectron2 ROI_HEADS.BATCH_SIZE_PER_IMAGE)
+    rpn_train_proposals: int = 1000  # RPN proposals kept per image in training (Detectron2 FPN POST_NMS_TOPK_TRAIN)
+    test_proposals: int = 1000  # ... at test time (Detectron2 POST_NMS_TOPK_TEST)
+    detections: int = 100  # detections per image (Detectron2 TEST.DETECTIONS_PER_IMAGE)
+    boxes_only: bool = False  # Faster R-CNN even when the data has masks
+    # which SoCo encoder a run/checkpoint provides (= transfer.detector.DEFAULT_SOCO_WEIGHTS, as
+    # soco export; a test checks)
+    soco_weights: Literal["online", "target"] = "online"
+    precise_bn: int = 200  # BN re-estimation batches before evaluation (0: off); capped at the iterations
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32: Detectron2 default, AMP off; fp16: CUDA
+    workers: int = 4  # data-loader processes per device (Detectron2 NUM_WORKERS)
+    log_every: int = 20  # Detectron2's writer period
+    checkpoint_every: int = 5000  # Detectron2 CHECKPOINT_PERIOD (and one at the end)
+    eval_every: int = 0  # evaluate every N iterations too (0: only at the end)
+    eval_only: bool = False
+    resume: str = "auto"  # auto | none | checkpoint path
+    device: Literal["cpu", "cuda"] | None = None  # default: CUDA when available
+    progress: bool = True
+
+    def __post_init__(self):
+        _validate(self, {
+            ("max_iters", "test_size"): _AT_LEAST_1,
+            ("batch", "max_size", "roi_batch", "rpn_train_proposals", "test_proposals", "detections",
+             "log_every", "checkpoint_every"): _AT_LEAST_1,
+            ("warmup_iters", "precise_bn", "workers", "eval_every", "weight_decay", "weight_decay_norm"): _AT_LEAST_0,
+            "fraction": _FRACTION,
+            ("lr", "gamma"): _POSITIVE,
+            "momentum": _MOMENTUM,
+            "warmup_factor": _FRACTION,
+            "train_sizes": (lambda v: len(v) > 0 and all(s >= 1 for s in v), "positive sizes"),
+        }, optional=("max_iters", "test_size", "lr"))
+
+
+# Named option sets of soco finetune --preset (over the defaults above).
+FINETUNE_PRESETS = {
+    "1x": {},  # paper 4.2: the 1x schedule (the defaults)
+    "2x": {"schedule": "2x"},  # paper 4.2 / released R_50_FPN_2x: 180k iterations at batch 16
+    # README "Fine-tune and measure": what to shrink on a CPU
+    "cpu": {"batch": 2, "train_sizes": [320], "max_size": 512, "roi_batch": 128, "test_proposals": 300,
+            "detections": 50, "precise_bn": 20},
+}
+
+
+# ---------------------------------------------------------------- soco linear
+
+
+@dataclass
+class LinearConfig:
+    """Hyper-parameters of the linear probe (transfer/linear.py docstring: sources)."""
+
+    epochs: int = 100  # paper B
+    batch_size: int = 256  # paper B
+    base_lr: float = 30.0  # paper B: lr 30 at batch 256; lr = base_lr x batch / 256 (our choice)
+    momentum: float = 0.9  # paper B
+    weight_decay: float = 0.0  # paper B
+    # released main_linear.py (paper silent); "steps": MoCo's x0.1 at 60 %, 80 %
+    schedule: Literal["cosine", "steps"] = "cosine"
+    warmup_epochs: int = 5  # released option.py warmup_epoch 5 (paper silent); 0 = none
+    warmup_start_factor: float = 0.01  # released: warm-up starts at lr / 100 (warmup_multiplier 100)
+    final_lr: float = 1e-6  # released: CosineAnnealingLR eta_min
+    image_size: int = 224  # paper B: train and test crops 224
+    resize_size: int | None = None  # test resize of the shorter side; None: image_size x 256/224 (paper B: 256)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # released --crop 0.08 = RandomResizedCrop's default
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop's default
+    hflip_p: float = 0.5  # paper B: random flips
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet normalisation
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    workers: int | None = None  # loader processes; None: usable cores, at most 8
+    eval_every: int = 0  # epochs between validations logged to metrics.jsonl; 0: only at the end
+    seed: int = 0
+
+    def __post_init__(self):
+        _validate(self, {
+            ("epochs", "batch_size", "image_size", "resize_size"): _AT_LEAST_1,
+            ("warmup_epochs", "eval_every", "workers", "weight_decay", "final_lr"): _AT_LEAST_0,
+            "base_lr": _POSITIVE,
+            "momentum": _MOMENTUM,
+            ("warmup_start_factor", "hflip_p"): _UNIT,
+            "crop_scale": _SCALE_PAIR,
+            "crop_ratio": _POSITIVE_PAIR,
+            "std": _POSITIVE_EACH,
+        }, optional=("resize_size", "workers"))
+
+    def test_resize(self) -> int:
+        return self.resize_size if self.resize_size else round(self.image_size * 256 / 224)
+
+
+# Named option sets of soco linear --preset.
+LINEAR_PRESETS = {
+    "paper": {},  # paper appendix B + the released code (the defaults)
+    "moco": {"schedule": "steps", "warmup_epochs": 0},  # README "Linear probe": MoCo's x0.1 at 60 %/80 %
+    "cpu": {"epochs": 5, "batch_size": 32, "image_size": 96},  # soco linear --help: a CPU-sized baseline
+}
+
+
+# ---------------------------------------------------------------- soco knn
+
+
+@dataclass
+class KnnOptions:
+    """kNN protocol settings (evaluate/knn.py docstring); defaults are the usual SSL kNN protocol."""
+
+    k: int = 20
+    temperature: float = 0.07
+    # None: the run's data.views.v1_size, else 224 (paper V1); at least 32 (FPN's coarsest stride)
+    size: int | None = None
+    level_bounds: tuple[float, float, float] | None = None  # None: the run's if its size is used, else scaled
+    min_box: float = 32.0  # px in the original image, both sides
+    batch: int = 16  # images per forward pass
+    bn: Literal["precise", "running"] = "precise"
+    precise_images: int = 1000  # at most this many train images for the BN statistics
+    seed: int = 0  # random init (weights none) and the train_fraction subset
+    train_fraction: float = 1.0  # seeded subset of the train images (label budget)
+    soco_weights: Literal["online", "target"] = "online"  # online | target network of a SoCo run
+    allow_leak: bool = False  # skip the check that val images were not pretrained on
+    workers: int = 2  # image-decoding processes
+    device: Literal["cpu", "cuda"] | None = None  # default: CUDA when available
+    progress: bool = True
+
+    def __post_init__(self):
+        _validate(self, {
+            ("k", "batch", "precise_images"): _AT_LEAST_1,
+            "size": _at_least(32),
+            "level_bounds": _INCREASING,
+            ("min_box", "workers"): _AT_LEAST_0,
+            "temperature": _POSITIVE,
+            "train_fraction": _FRACTION,
+        }, optional=("size", "level_bounds"))
+
+
+KNN_PRESETS = {"default": {}}  # the usual SSL kNN protocol (Wu et al. 2018; evaluate/knn.py)
+
+
+# ---------------------------------------------------------------- soco proposals
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Selective-search parameters plus the filter applied to its boxes (no defaults: the
+    presets below are complete)."""
+
+    scale: float  # Felzenszwalb scale
+    sigma: float  # Felzenszwalb Gaussian smoothing
+    min_size: int  # Felzenszwalb minimum component size (pixels)
+    min_box_side: int  # keep only boxes with w, h >= this (0 = off)
+    fallbacks: bool  # released code: if nothing survives, try looser rules (see filter_boxes)
+    # Our choice: images with a long side > 1000 px are searched on a copy resized to 1000 px and
+    # the boxes scaled back. The search costs 7-8x per doubling beyond 1000 px (minutes and GBs
+    # for a 4000x3000 photo), while capping *all* images (say at 500 px) changes the proposals
+    # (a box recall of about 0.55 against the full-size search): so only genuinely large images
+    # are capped. None/0 = never.
+    max_side: int | None = 1000
+    ratio: tuple[float, float] = (1 / 3, 3.0)  # paper section 3.2: 1/3 <= w/h <= 3
+    rel_size: tuple[float, float] = (0.3, 0.8)  # paper section 3.2: 0.3 <= sqrt(wh/WH) <= 0.8
+
+    def __post_init__(self):
+        # Tuples survive a JSON round trip as lists; normalise so equality still holds.
+        object.__setattr__(self, "ratio", tuple(float(v) for v in self.ratio))
+        object.__setattr__(self, "rel_size", tuple(float(v) for v in self.rel_size))
+        _validate(self, {
+            "scale": _POSITIVE,
+            ("sigma", "min_size", "min_box_side", "max_side"): _AT_LEAST_0,
+            "ratio": _POSITIVE_PAIR,
+            "rel_size": (lambda v: 0 <= v[0] <= v[1], "two values 0 <= low <= high"),
+        }, optional=("max_side",))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every parameter."""
+        d = dataclasses.asdict(self)
+        d["ratio"], d["rel_size"] = list(self.ratio), list(self.rel_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SearchConfig:
+        return from_dict(cls, d)
+
+    def with_overrides(self, overrides: dict | None) -> SearchConfig:
+        """A copy with some fields replaced; an unknown name raises a one-line ValueError."""
+        if not overrides:
+            return self
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown search parameter(s) {unknown}; known: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+
+SEARCH_PRESETS = {
+    # Paper, appendix A.1: selective search scale 500, sigma 0.9, min_size 10; paper section 3.2:
+    # the ratio and relative-size filter only, no fallback (an image may end with no box).
+    "paper": SearchConfig(scale=500, sigma=0.9, min_size=10, min_box_side=0, fallbacks=False),
+    # Released code (hologerry/SoCo): scale 300, min_size 100, the filter
+    # also needs w, h >= 32 px, and images left with no box fall back to looser rules.
+    "released": SearchConfig(scale=300, sigma=0.9, min_size=100, min_box_side=32, fallbacks=True),
+}
+
+
+# ---------------------------------------------------------------- typed dict <-> dataclass
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(cls) -> dict[str, Any]:
+    """{field name: resolved annotation} of a config dataclass, in field order."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if f.init}
+
+
+def _is_config(tp) -> bool:
+    return isinstance(tp, type) and is_dataclass(tp)
+
+
+def _show(value) -> str:
+    """A value as it would be written in YAML/JSON (strings quoted: "100" is visibly not 100)."""
+    if isinstance(value, tuple):
+        value = list(value)
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}"
+    return {int: "an int", float: "a float", str: "a string", dict: "a mapping"}.get(type(value),
+                                                                                       type(value).__name__)
+
+
+def _union_args(tp):
+    return get_args(tp) if get_origin(tp) in (Union, types.UnionType) else None
+
+
+def literal_choices(tp) -> tuple | None:
+    """The choices of a Literal (or Optional Literal) annotation, else None."""
+    args = _union_args(tp)
+    if args is not None:
+        inner = [a for a in args if a is not type(None)]
+        return literal_choices(inner[0]) if len(inner) == 1 else None
+    return get_args(tp) if get_origin(tp) is Literal else None
+
+
+def describe(tp) -> str:
+    """What a value of annotation ``tp`` looks like, for messages: "int", "one of fpn, c4", ..."""
+    args = _union_args(tp)
+    if args is not None:
+        text = " or ".join(describe(a) for a in args if a is not type(None))
+        return text + (" or null" if type(None) in args else "")
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(str(c) for c in get_args(tp))
+    if get_origin(tp) in (tuple, list):
+        elems = get_args(tp)
+        if get_origin(tp) is tuple and not (len(elems) == 2 and elems[1] is Ellipsis):
+            return f"a list of {len(elems)} {_plural(elems[0])}"
+        return f"a list of {_plural(elems[0])}"
+    return {bool: "true/false", int: "int", float: "float", str: "str"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _plural(tp) -> str:
+    if get_origin(tp) is Literal:
+        return "values in {" + ", ".join(str(c) for c in get_args(tp)) + "}"
+    return {int: "ints", float: "floats", str: "strings", bool: "true/false values"}.get(tp, describe(tp))
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _convert(value, tp) -> tuple[bool, Any]:
+    """(ok, value converted to annotation ``tp``): bool/int/float/str, Literal, Optional, tuples."""
+    args = _union_args(tp)
+    if args is not None:
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is not type(None):
+                ok, out = _convert(value, arg)
+                if ok:
+                    return True, out
+        return False, None
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if isinstance(value, bool) and {"true", "false"} <= set(choices):  # train.compile: true (YAML bool)
+            value = "true" if value else "false"
+        return next(((True, c) for c in choices if type(c) is type(value) and c == value), (False, None))
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False, None
+        elems = get_args(tp)
+        if origin is tuple and not (len(elems) == 2 and elems[1] is Ellipsis):
+            if len(value) != len(elems):
+                return False, None
+        else:
+            elems = (elems[0],) * len(value)
+        out = []
+        for item, elem in zip(value, elems):
+            ok, converted = _convert(item, elem)
+            if not ok:
+                return False, None
+            out.append(converted)
+        return True, tuple(out) if origin is tuple else out
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:  # ints stay ints: 1.0 or "100" is not an int
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-5 as a string
+            return True, float(value)
+        return False, None
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is Any:
+        return True, value
+    return isinstance(value, tp), value
+
+
+def _coerce(value, tp, key: str, where: str = "", shown: str | None = None):
+    ok, out = _convert(value, tp)
+    if ok:
+        return out
+    expected = describe(tp)
+    if literal_choices(tp) is None:
+        expected += f", got {_kind(value)}"
+    raise ConfigError.bad(key, value, f"expected {expected}", where, shown)
+
+
+def _unknown(cls, key: str, name: str, where: str) -> ConfigError:
+    names = list(field_types(cls))
+    close = difflib.get_close_matches(name, names, n=1)
+    parent = key[: -len(name)]
+    hint = f"; did you mean {parent + close[0]!r}?" if close else f"; {cls.__name__} keys: {', '.join(names)}"
+    return ConfigError(f"{where}unknown key {key!r}{hint}", key=None)
+
+
+def _tree(cfg) -> dict:
+    """{field: value} of a config, nested configs as dicts (values as they are, tuples kept)."""
+    return {f.name: _tree(getattr(cfg, f.name)) if is_dataclass(getattr(cfg, f.name)) else getattr(cfg, f.name)
+            for f in fields(cfg) if f.init}
+
+
+def _merge(cls, tree: dict, data, label: str, sources: dict, prefix: str = "", where: str = "") -> None:
+    """Type-check the nested mapping ``data`` against ``cls`` and write it into ``tree``."""
+    if not isinstance(data, dict):
+        what = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{where}{what}: expected a mapping of {cls.__name__} keys, got {_kind(data)}")
+    types_ = field_types(cls)
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            raise _unknown(cls, key, str(name), where)
+        tp = types_[name]
+        if _is_config(tp):
+            _merge(tp, tree.setdefault(name, {}), value, label, sources, key + ".", where)
+        else:
+            tree[name] = _coerce(value, tp, key, where)
+            sources[key] = label
+
+
+def _build(cls, tree: dict, prefix: str = ""):
+    types_ = field_types(cls)
+    kwargs = {name: _build(types_[name], value, f"{prefix}{name}.") if _is_config(types_[name]) else value
+              for name, value in tree.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise exc.located(prefix) from None
+    except TypeError:  # a required field missing (SearchConfig)
+        missing = [n for n, f in ((f.name, f) for f in fields(cls))
+                   if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if not missing:
+            raise
+        raise ConfigError(f"missing {cls.__name__} key(s): {', '.join(prefix + n for n in missing)}") from None
 
 
 def to_dict(cfg) -> dict:
@@ -202,64 +746,158 @@ def to_dict(cfg) -> dict:
     return out
 
 
-def from_dict(cls, data: dict):
-    """Build ``cls`` from a nested dict; unknown keys raise a one-line ValueError."""
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = hints[name]
-        if is_dataclass(sub):
-            kwargs[name] = from_dict(sub, value)
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
+def from_dict(cls, data: dict, where: str = ""):
+    """Build ``cls`` from a nested dict over its defaults, every value type-checked; unknown keys,
+    wrong types and out-of-range values raise a one-line ConfigError (a ValueError). ``where``
+    prefixes messages (e.g. the file's name)."""
+    tree: dict = {}
+    _merge(cls, tree, data, "file", {}, where=where)
+    try:
+        return _build(cls, tree)
+    except ConfigError as exc:
+        raise exc.located(where=where) from None
 
 
-def _parse_value(text: str, current: Any) -> Any:
+# ---------------------------------------------------------------- --set, files, layers and sources
+
+
+def split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value, e.g. train.epochs=200")
+    key, text = item.split("=", 1)
+    return key.strip(), text
+
+
+def _text_value(text: str, tp):
+    """The value of ``--set key=TEXT``: YAML (numbers, true/false, null, [lists]); a plain string
+    field takes the text as it is (a folder named 2024 stays "2024")."""
     import yaml
 
-    value = yaml.safe_load(text)
-    if isinstance(current, str) and isinstance(value, bool):  # e.g. train.compile=true (auto|true|false)
-        value = "true" if value else "false"
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise ValueError(f"expected true/false, got {text!r}")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected a list like [1, 2], got {text!r}")
-        value = tuple(value)
-    elif current is not None and not isinstance(value, type(current)):
-        raise ValueError(f"expected {type(current).__name__}, got {text!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    accepts_str = tp is str or (_union_args(tp) is not None and str in _union_args(tp))
+    if accepts_str and value is not None and not isinstance(value, str):
+        return text
     return value
 
 
+def _set(cls, tree: dict, item: str, label: str, sources: dict) -> None:
+    key, text = split_override(item)
+    parts = key.split(".")
+    node, owner = tree, cls
+    for i, part in enumerate(parts):
+        sub = ".".join(parts[: i + 1])
+        types_ = field_types(owner)
+        if part not in types_:
+            raise ConfigError(f"--set {item}: " + str(_unknown(owner, sub, part, "")))
+        tp = types_[part]
+        last = i == len(parts) - 1
+        if not last:
+            if not _is_config(tp):
+                raise ConfigError(f"--set {item}: {sub} is a value, not a section")
+            node, owner = node.setdefault(part, {}), tp
+        elif _is_config(tp):
+            _merge(tp, node.setdefault(part, {}), _text_value(text, dict), label, sources, sub + ".", f"--set {item}: ")
+        else:
+            node[part] = _coerce(_text_value(text, tp), tp, sub, "--set ", text)
+            sources[sub] = label
+
+
 def apply_overrides(cfg, overrides: list[str]):
-    """Apply ``key.sub=value`` strings (YAML values) to a copy of ``cfg``; clear one-line errors."""
-    cfg = dataclasses.replace(cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value, e.g. views.num_proposals=8")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        target = cfg
-        for i, part in enumerate(parts):
-            if not is_dataclass(target) or part not in {f.name for f in fields(target)}:
-                raise ValueError(f"override {item!r}: unknown key {'.'.join(parts[: i + 1])!r}")
-            if i == len(parts) - 1:
-                try:
-                    value = _parse_value(text, getattr(target, part))
-                except ValueError as exc:
-                    raise ValueError(f"override {item!r}: {exc}") from None
-                setattr(target, part, value)
-            else:
-                child = dataclasses.replace(getattr(target, part))
-                setattr(target, part, child)
-                target = child
-    return cfg
+    """Apply ``key.sub=value`` strings (YAML values, type-checked) to a copy of ``cfg``; one-line
+    ConfigError (a ValueError) for an unknown key, a wrong type, a bad choice or a bad range."""
+    new, _ = resolve(type(cfg), [("--set", list(overrides))], base=cfg)
+    return new
+
+
+def where_of(label: str) -> str:
+    """The message prefix of a source label: "" (default), "--set ", "FILE: ", "preset x: "."""
+    if label == "default":
+        return ""
+    if label == "--set":
+        return "--set "
+    if label.startswith("file "):
+        return label[5:] + ": "
+    return label + ": "
+
+
+def resolve(cls, layers: list[tuple[str, Any]], base=None, base_label: str = "default"):
+    """(config, sources): ``base`` (default ``cls()``) with each layer applied in order. A layer is
+    (label, mapping) (a preset, a file, a flag's value) or ("--set", ["key=value", ...]). sources
+    maps every dotted key to the label of the layer that set it last (``base_label`` if none)."""
+    base = cls() if base is None else base
+    tree = _tree(base)
+    sources = {key: base_label for key, _ in flatten(base)}
+    for label, data in layers:
+        if isinstance(data, list):
+            for item in data:
+                _set(cls, tree, item, label, sources)
+        else:
+            _merge(cls, tree, data, label, sources, where=where_of(label))
+    try:
+        return _build(cls, tree), sources
+    except ConfigError as exc:
+        raise exc.located(where=where_of(sources.get(exc.key or "", base_label))) from None
+
+
+def field_problem(cls, base, name: str, value) -> str | None:
+    """What is wrong with ``value`` for field ``name`` by ``cls``'s own range rules (None: fine)."""
+    try:
+        dataclasses.replace(base, **{name: value})
+    except ConfigError as exc:
+        if exc.key == name:
+            return exc.problem
+    return None
+
+
+def load_file(path) -> dict:
+    """The mapping of a YAML config file; one-line ConfigError if missing or not a mapping."""
+    import yaml
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {_kind(data)}")
+    return data
+
+
+def flatten(cfg, prefix: str = "") -> list[tuple[str, Any]]:
+    """[(dotted key, value)] of every leaf, in field order."""
+    out = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out += flatten(value, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", value))
+    return out
+
+
+def format_sources(cfg, sources: dict) -> str:
+    """One line per key: ``key: value  # source`` (values as YAML would read them back)."""
+    rows = []
+    for key, value in flatten(cfg):
+        text = value if isinstance(value, str) and _plain_string(value) else _show(value)
+        rows.append((f"{key}:", str(text), sources.get(key, "default")))
+    w1 = max(len(r[0]) for r in rows)
+    w2 = max(len(r[1]) for r in rows)
+    return "\n".join(f"{k:<{w1}} {v:<{w2}}  # {s}" for k, v, s in rows)
+
+
+def _plain_string(text: str) -> bool:
+    import yaml
+
+    try:
+        return bool(text) and yaml.safe_load(text) == text and "#" not in text
+    except yaml.YAMLError:
+        return False

@@ -60,11 +60,13 @@ def draw_proposals(
     return picture
 
 
-def _store_dir(store) -> Path:
-    """The directory of a ProposalStore (or a path given directly)."""
+def _open_store(store):
+    """A ProposalStore, opened (with its format checks) when given as a directory."""
     if isinstance(store, (str, Path)):
-        return Path(store)
-    return Path(store.directory)
+        from .proposals.store import load
+
+        return load(store)
+    return store
 
 
 def _images_root(images_source) -> Path:
@@ -81,22 +83,21 @@ def _safe_name(path: str) -> str:
 def proposal_stats(store) -> dict:
     """Store-wide numbers: proposals per image and proposal size sqrt(w*h) in original pixels.
 
-    Vectorised over the store's memory-mapped arrays, the boxes in chunks so a store of
-    ImageNet size needs little memory. Failed images are left out of the per-image counts.
+    ``store``: a ProposalStore or its directory (opened with the store's checks). Vectorised
+    over the store's per-image arrays, the boxes read in chunks so a store of ImageNet size
+    needs little memory. Failed images are left out of the per-image counts.
     Sizes are binned at 1 px (``size_hist[k]`` = boxes with k <= size < k+1).
     """
-    root = _store_dir(store)
-    offsets = np.load(root / "offsets.npy", mmap_mode="r")
-    status = np.asarray(np.load(root / "status.npy", mmap_mode="r"))
-    boxes = np.load(root / "boxes.npy", mmap_mode="r")
-    counts = np.diff(np.asarray(offsets))
+    store = _open_store(store)
+    status = store.statuses()
+    counts = store.counts()
     ok = status != RULE_FAILED
     per_image = counts[ok]
 
     size_hist = np.zeros(1, dtype=np.int64)
     size_sum = 0.0
-    for start in range(0, len(boxes), CHUNK_ROWS):
-        chunk = np.asarray(boxes[start : start + CHUNK_ROWS], dtype=np.float64)
+    for chunk in store.box_chunks(CHUNK_ROWS):
+        chunk = chunk.astype(np.float64)
         size = np.sqrt((chunk[:, 2] - chunk[:, 0]) * (chunk[:, 3] - chunk[:, 1]))
         size_sum += float(size.sum())
         binned = np.bincount(size.astype(np.int64))
@@ -213,17 +214,14 @@ def show_proposals(store, images_source, out_dir, num: int = 8, per_image: int =
     Returns the written paths.
     """
     from .images import ImageError, load_rgb_bounded
-    from .proposals.store import load
 
-    if isinstance(store, (str, Path)):
-        store = load(store)
+    store = _open_store(store)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     root = _images_root(images_source)
     rng = np.random.default_rng(seed)
 
-    status = np.load(_store_dir(store) / "status.npy", mmap_mode="r")
-    candidates = np.flatnonzero(np.asarray(status) != RULE_FAILED).tolist()
+    candidates = np.flatnonzero(store.statuses() != RULE_FAILED).tolist()
     chosen = sorted(rng.choice(len(candidates), size=min(num, len(candidates)), replace=False).tolist())
     written: list[Path] = []
     drawn: list[tuple[str, Image.Image]] = []

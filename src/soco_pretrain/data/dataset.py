@@ -29,18 +29,17 @@ same samples whatever the number of loader workers or the order they run in.
 
 from __future__ import annotations
 
-from ..errors import UserError
 import contextlib
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..coco_json import IGNORED, CocoJsonError, normalised_file_name, read_coco_json
 from ..config import DataConfig
+from ..errors import UserError
 from ..images import ImageError, ImageList, list_images, load_rgb
 from ..proposals.filters import RULE_FAILED
 from ..proposals.store import ProposalStore
@@ -69,23 +68,16 @@ class DatasetError(UserError):
 
 def read_coco_images(json_path, image_root=None) -> ImageList:
     """The images of a COCO-style JSON (its ``images`` entries' ``file_name``; annotations are
-    ignored), relative to ``image_root`` (default: the JSON's folder)."""
+    ignored), relative to ``image_root`` (default: the JSON's folder). The file is read by
+    :func:`soco_pretrain.coco_json.read_coco_json`; a bad one is an ImageError naming it."""
     json_path = Path(json_path)
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ImageError(json_path, f"cannot read COCO JSON: {exc.__class__.__name__}: {exc}") from None
-    entries = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        raise ImageError(json_path, "not a COCO-style JSON (no 'images' list)")
+        parsed = read_coco_json(json_path, annotations=IGNORED, categories=False, sizes=IGNORED)
+    except CocoJsonError as exc:
+        raise ImageError(exc.path, exc.problem) from None
     root = Path(image_root).resolve() if image_root is not None else json_path.parent.resolve()
-    paths = set()
-    for k, entry in enumerate(entries):
-        name = entry.get("file_name") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not name.strip():
-            raise ImageError(json_path, f"images[{k}] has no 'file_name'")
-        # normpath: "./a.jpg" and "a.jpg" are the same image, as in list files.
-        paths.add(Path(os.path.normpath(name.strip())).as_posix())
+    # Normalised: "./a.jpg" and "a.jpg" are the same image, as in list files.
+    paths = {normalised_file_name(entry["file_name"]) for entry in parsed.images}
     return ImageList(root=root, paths=sorted(paths), ignored=[])
 
 
@@ -137,10 +129,9 @@ def join_store(images: ImageList, store: ProposalStore) -> Join:
     else:
         where = {p: k for k, p in enumerate(store.paths)}
         rows = np.fromiter((where.get(p, -1) for p in images.paths), dtype=np.int64, count=n)
-    # The store's memory-mapped arrays, read once (status and offsets only: small).
-    maps = store._maps()
-    status = np.asarray(maps["status.npy"])
-    counts = np.diff(np.asarray(maps["offsets.npy"]))
+    # Per-image status and box counts of the whole store, read once (small arrays).
+    status = store.statuses()
+    counts = store.counts()
     present = rows >= 0
     safe = np.where(present, rows, 0)
     failed = present & (status[safe] == RULE_FAILED)

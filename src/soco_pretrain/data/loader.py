@@ -1,4 +1,4 @@
-"""Batches for training: collate, the DataLoader factory, epochs, and the skipped-file log.
+"""Batches for pretraining: collate, the SoCo loader (on the engine's factory), epochs.
 
 Determinism: the sampler's order comes from (seed, epoch) (torch's DistributedSampler, also
 used with one process), and each sample's randomness from (seed, epoch, index) inside the
@@ -12,11 +12,13 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from collections import Counter
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from ..engine.loader import build_loader
+from ..engine.skips import SkipLog  # noqa: F401 - the one skipped-image log, re-exported for data users
 
 
 def soco_collate(samples: list[dict]) -> dict:
@@ -102,8 +104,6 @@ def make_loader(dataset, batch_size: int, workers: int | None = None, seed: int 
     ``prefetch_factor``: batches prefetched per worker (torch default 2). Call
     :func:`set_epoch` before each epoch.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     workers = default_workers() if workers is None else int(workers)
     if seed is None:
         seed = dataset.config.seed if hasattr(dataset, "config") else 0
@@ -118,27 +118,10 @@ def make_loader(dataset, batch_size: int, workers: int | None = None, seed: int 
     else:
         # Same seeded, epoch-aware shuffle as the distributed case, with one replica.
         base = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-    if persistent_workers is None:
-        persistent_workers = workers > 0
-    extra = {}
-    if workers > 0:
-        extra["persistent_workers"] = persistent_workers
-        if prefetch_factor is not None:
-            extra["prefetch_factor"] = prefetch_factor
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(base),
-        num_workers=workers,
-        collate_fn=soco_collate,
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        worker_init_fn=_seed_worker,
-        generator=torch.Generator().manual_seed(seed),
-        **extra,
-    )
+    return build_loader(dataset, batch_size, sampler=EpochSampler(base), collate_fn=soco_collate, workers=workers,
+                        seed=seed, pin_memory=pin_memory, drop_last=drop_last,
+                        persistent_workers=workers > 0 if persistent_workers is None else persistent_workers,
+                        prefetch_factor=prefetch_factor, worker_init_fn=_seed_worker)
 
 
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
@@ -182,49 +165,3 @@ def augment_batch(batch: dict, augmenter, view_params, generator: torch.Generato
     return out
 
 
-class SkipLog:
-    """Images skipped at training time (failed to decode), accumulated from batches.
-
-    ``update(batch)`` returns the newly seen files (the dataset has already logged a warning
-    for each skip, in the worker that met it);
-    ``count`` is every skip (a bad file is skipped again each epoch), ``files`` the distinct
-    paths with their reasons; ``summary()`` is a printable paragraph.
-    """
-
-    def __init__(self):
-        self.counts: Counter = Counter()
-        self.reasons: dict[str, str] = {}
-
-    def update(self, batch_or_items) -> list[tuple[str, str]]:
-        items = batch_or_items["skipped"] if isinstance(batch_or_items, dict) else batch_or_items
-        new = []
-        for path, reason in items:
-            path = str(path)
-            if path not in self.reasons:
-                self.reasons[path] = reason
-                new.append((path, reason))
-            self.counts[path] += 1
-        return new
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def files(self) -> list[tuple[str, str]]:
-        return sorted(self.reasons.items())
-
-    def __len__(self) -> int:
-        return len(self.reasons)
-
-    def summary(self, max_listed: int = 20) -> str:
-        if not self.reasons:
-            return "skipped images: none"
-        lines = [f"skipped images: {self.count} times, {len(self.reasons)} files "
-                 "(failed to decode; each replaced by the next image):"]
-        for path, reason in self.files[:max_listed]:
-            times = self.counts[path]
-            lines.append(f"  {path}: {reason}" + (f" (x{times})" if times > 1 else ""))
-        if len(self.reasons) > max_listed:
-            lines.append(f"  ... and {len(self.reasons) - max_listed} more")
-        return "\n".join(lines)

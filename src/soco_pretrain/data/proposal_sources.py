@@ -11,14 +11,14 @@ Every box is continuous (x1, y1, x2, y2) in the original image's pixels (``boxes
 
 from __future__ import annotations
 
-from ..errors import UserError
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..coco_json import OPTIONAL, REQUIRED, CocoJsonError, normalised_file_name, read_coco_json
+from ..errors import UserError
 
 PROPOSAL_SOURCES = ("selective_search", "whole_image", "random", "coco")
 
@@ -108,33 +108,26 @@ def read_coco_boxes(json_path, paths: list[str], apply_filter: bool = False) -> 
     (no +1: the store's inclusive convention does not apply). Crowd annotations
     (``iscrowd: 1``, regions of many objects) and boxes with w or h <= 0 are skipped (our
     choice). ``apply_filter``: keep only boxes passing the paper's filter (needs each image's
-    ``width`` and ``height`` in the JSON). Raises BoxFileError (one line) for a bad file.
+    ``width`` and ``height`` in the JSON). The file is read and checked by
+    :func:`soco_pretrain.coco_json.read_coco_json` (images with ids, annotations with a known
+    ``image_id`` and a 4-number ``bbox``; categories are not needed). Raises BoxFileError (one
+    line) for a bad file.
     """
     json_path = Path(json_path)
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise BoxFileError(f"{json_path}: cannot read the proposal JSON: {exc.__class__.__name__}: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-            or not isinstance(data.get("annotations"), list):
-        raise BoxFileError(f"{json_path}: not a COCO-style JSON (needs 'images' and 'annotations' lists)")
-    by_id, by_name = {}, {}
-    for k, entry in enumerate(data["images"]):
-        name = entry.get("file_name") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not name.strip() or "id" not in entry:
-            raise BoxFileError(f"{json_path}: images[{k}] needs 'id' and 'file_name'")
-        rel = Path(os.path.normpath(name.strip())).as_posix()
+        parsed = read_coco_json(json_path, annotations=REQUIRED, categories=False, sizes=OPTIONAL,
+                                what="the proposal JSON")
+    except CocoJsonError as exc:
+        raise BoxFileError(str(exc)) from None
+    by_name = {}
+    for entry in parsed.images:
         size = (int(entry.get("width") or 0), int(entry.get("height") or 0))
-        by_id[entry["id"]] = rel
-        by_name[rel] = (entry["id"], size)
+        by_name[normalised_file_name(entry["file_name"])] = (entry["id"], size)
     per_image: dict = {}
-    for k, ann in enumerate(data["annotations"]):
-        bbox = ann.get("bbox") if isinstance(ann, dict) else None
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or ann.get("image_id") not in by_id:
-            raise BoxFileError(f"{json_path}: annotations[{k}] needs a 4-number 'bbox' and a known 'image_id'")
+    for ann in parsed.annotations:
         if ann.get("iscrowd", 0):
             continue
-        x, y, w, h = (float(v) for v in bbox)
+        x, y, w, h = (float(v) for v in ann["bbox"])
         if w > 0 and h > 0:
             per_image.setdefault(ann["image_id"], []).append((x, y, x + w, y + h))
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import AugmentConfig, ModelConfig
+from ..config import AugmentConfig, KnnOptions, ModelConfig
 
 KNN_FILE = "knn.json"
 PAPER_LEVEL_BOUNDS = (48, 96, 192)  # paper 3.3, for 224 px views
@@ -52,27 +52,6 @@ BN_MODES = ("precise", "running")
 
 class KnnError(UserError):
     """A kNN input that cannot be used (one line, names the file)."""
-
-
-@dataclass
-class KnnOptions:
-    """kNN protocol settings (module docstring); defaults are the usual SSL kNN protocol."""
-
-    k: int = 20
-    temperature: float = 0.07
-    size: int | None = None  # None: the run's data.views.v1_size, else 224 (paper V1)
-    level_bounds: tuple[float, float, float] | None = None  # None: the run's if its size is used, else scaled
-    min_box: float = 32.0  # px in the original image, both sides
-    batch: int = 16  # images per forward pass
-    bn: str = "precise"  # precise | running
-    precise_images: int = 1000  # at most this many train images for the BN statistics
-    seed: int = 0  # random init (weights none) and the train_fraction subset
-    train_fraction: float = 1.0  # seeded subset of the train images (label budget)
-    soco_weights: str = "online"  # online | target network of a SoCo run
-    allow_leak: bool = False  # skip the check that val images were not pretrained on
-    workers: int = 2  # image-decoding processes
-    device: str | None = None  # cpu | cuda (default: CUDA when available)
-    progress: bool = True
 
 
 # ---------------------------------------------------------------- labelled objects
@@ -425,20 +404,29 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
     run (if any), loaded tensors per module."""
     from ..config import from_dict
     from ..model.encoder import SoCoEncoder
-    from ..transfer.detector import read_weights
+    from ..transfer.detector import plain_state_dict
+    from ..transfer.weights import load_weights_file, soco_weights_of
 
     if weights is None or str(weights).lower() == "none":
         torch.manual_seed(seed)
         return SoCoEncoder(ModelConfig()), {"arch": "fpn", "description": f"random init (seed {seed})", "run": None}
     path = Path(weights)
-    state, description = read_weights(path, soco_weights)  # WeightsError (one line) for files that are not weights
+    # The one checkpoint reader (transfer/weights.py): WeightsError (one line) for files that are not weights.
+    found, content = load_weights_file(path)
+    soco = soco_weights_of(content, found)
     run = _run_config(path) if path.exists() else None
-    fpn = any(k.startswith(("backbone.fpn.", "roi_heads.box_head.")) for k in state)
-    if fpn:
-        mapped = {("box_head." + k[len("roi_heads.box_head."):] if k.startswith("roi_heads.box_head.") else k): v
-                  for k, v in state.items() if k.startswith(("backbone.", "roi_heads.box_head."))}
-    else:
-        mapped = {"backbone." + k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
+    if soco is not None:  # a soco pretrain run: its encoder's keys are SoCoEncoder's already
+        mapped, fpn = soco.network(soco_weights), soco.arch == "fpn"
+        description = f"SoCo checkpoint {found}, {soco_weights} encoder"
+    else:  # torchvision keys (soco export --to torchvision, a ResNet-50 or Mask R-CNN v2 state dict)
+        state, description = plain_state_dict(content, found)
+        fpn = any(k.startswith(("backbone.fpn.", "roi_heads.box_head.")) for k in state)
+        if fpn:
+            mapped = {("box_head." + k[len("roi_heads.box_head."):] if k.startswith("roi_heads.box_head.") else k): v
+                      for k, v in state.items() if k.startswith(("backbone.", "roi_heads.box_head."))}
+        else:
+            mapped = {"backbone." + k[len("backbone.body."):]: v for k, v in state.items()
+                      if k.startswith("backbone.body.")}
     model_cfg = ModelConfig()
     if run and isinstance(run.get("model"), dict):
         try:

@@ -8,69 +8,13 @@ released SoCo filter compute them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-
 import numpy as np
 
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Selective-search parameters plus the filter applied to its boxes."""
-
-    scale: float  # Felzenszwalb scale
-    sigma: float  # Felzenszwalb Gaussian smoothing
-    min_size: int  # Felzenszwalb minimum component size (pixels)
-    min_box_side: int  # keep only boxes with w, h >= this (0 = off)
-    fallbacks: bool  # released code: if nothing survives, try looser rules (see filter_boxes)
-    # Our choice: images with a long side > 1000 px are searched on a copy resized to 1000 px and
-    # the boxes scaled back. The search costs 7-8x per doubling beyond 1000 px (minutes and GBs
-    # for a 4000x3000 photo), while capping *all* images (say at 500 px) changes the proposals
-    # (a box recall of about 0.55 against the full-size search): so only genuinely large images
-    # are capped. None/0 = never.
-    max_side: int | None = 1000
-    ratio: tuple[float, float] = (1 / 3, 3.0)  # paper section 3.2: 1/3 <= w/h <= 3
-    rel_size: tuple[float, float] = (0.3, 0.8)  # paper section 3.2: 0.3 <= sqrt(wh/WH) <= 0.8
-
-    def __post_init__(self):
-        # Tuples survive a JSON round trip as lists; normalise so equality still holds.
-        object.__setattr__(self, "ratio", tuple(float(v) for v in self.ratio))
-        object.__setattr__(self, "rel_size", tuple(float(v) for v in self.rel_size))
-        if self.scale <= 0 or self.sigma < 0 or self.min_size < 0 or self.min_box_side < 0:
-            raise ValueError(f"invalid search parameters: {self}")
-        if self.max_side is not None and self.max_side < 0:
-            raise ValueError(f"max_side must be >= 0 (0 or None = never resize), got {self.max_side}")
-        if not (0 < self.ratio[0] <= self.ratio[1]) or not (0 <= self.rel_size[0] <= self.rel_size[1]):
-            raise ValueError(f"invalid filter bounds: ratio={self.ratio} rel_size={self.rel_size}")
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict of every parameter."""
-        d = asdict(self)
-        d["ratio"], d["rel_size"] = list(self.ratio), list(self.rel_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SearchConfig":
-        return cls(**d)
-
-    def with_overrides(self, overrides: dict | None) -> "SearchConfig":
-        """A copy with some fields replaced; an unknown name raises a one-line ValueError."""
-        if not overrides:
-            return self
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ValueError(f"unknown search parameter(s) {unknown}; known: {sorted(names)}")
-        return replace(self, **overrides)
+from ..config import SEARCH_PRESETS, SearchConfig
 
 
-PRESETS = {
-    # Paper, appendix A.1: selective search scale 500, sigma 0.9, min_size 10; paper section 3.2:
-    # the ratio and relative-size filter only, no fallback (an image may end with no box).
-    "paper": SearchConfig(scale=500, sigma=0.9, min_size=10, min_box_side=0, fallbacks=False),
-    # Released code (hologerry/SoCo): scale 300, min_size 100, the filter
-    # also needs w, h >= 32 px, and images left with no box fall back to looser rules.
-    "released": SearchConfig(scale=300, sigma=0.9, min_size=100, min_box_side=32, fallbacks=True),
-}
+# The search configuration and its presets live with every command's config (config.py).
+PRESETS = SEARCH_PRESETS
 
 # Rule codes stored per image (uint8): which rule produced the image's boxes.
 RULE_PAPER = 0  # the preset's main filter

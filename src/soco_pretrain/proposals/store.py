@@ -248,6 +248,43 @@ class ProposalStore:
     def failed(self, i: int) -> bool:
         return self.status(i) == RULE_FAILED
 
+    def count(self, i: int) -> int:
+        """Number of (filtered) boxes of image ``i``."""
+        i = self._i(i)
+        off = self._maps()["offsets.npy"]
+        return int(off[i + 1] - off[i])
+
+    # Whole-store arrays (vectorised joins and statistics; each a small in-memory copy).
+
+    @property
+    def num_boxes(self) -> int:
+        """Boxes of all images together (rows of boxes.npy)."""
+        return int(len(self._maps()["boxes.npy"]))
+
+    def counts(self) -> np.ndarray:
+        """Boxes per image: (n,) int64, ``counts()[i] == count(i)``."""
+        return np.diff(np.asarray(self._maps()["offsets.npy"], dtype=np.int64))
+
+    def statuses(self) -> np.ndarray:
+        """Rule code per image: (n,) uint8, ``statuses()[i] == status(i)``."""
+        return np.array(self._maps()["status.npy"], dtype=np.uint8)
+
+    def sizes(self) -> np.ndarray:
+        """(width, height) per image: (n, 2) int32, (0, 0) for failed images."""
+        return np.array(self._maps()["sizes.npy"], dtype=np.int32)
+
+    def box_chunks(self, rows: int):
+        """The boxes of all images in store order, ``rows`` at a time: int32 (<= rows, 4) copies.
+
+        For store-wide statistics in bounded memory; image ``i``'s boxes are the rows
+        ``offsets[i]:offsets[i + 1]`` of their concatenation (see :meth:`counts`).
+        """
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        boxes = self._maps()["boxes.npy"]
+        for start in range(0, len(boxes), rows):
+            yield np.array(boxes[start:start + rows], dtype=np.int32)
+
     def index(self, path) -> int:
         """Position of ``path`` (as stored: relative POSIX path) in the store."""
         if self._index is None:

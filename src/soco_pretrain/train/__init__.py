@@ -12,7 +12,7 @@ import importlib
 
 _EXPORTS = {
     "lars": ["LARS", "lars_param_groups"],
-    "schedule": ["lr_at", "tau_at", "scaled_lr", "set_lr"],
+    "schedule": ["lr_at", "tau_at", "scaled_lr"],
     "checkpoint": ["CheckpointError", "CheckpointManager", "load_checkpoint", "save_checkpoint",
                    "rng_state", "set_rng_state"],
     "distributed": ["DistInfo", "DistributedError", "init_distributed", "cleanup", "all_reduce_mean",

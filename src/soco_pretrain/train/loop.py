@@ -23,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import PretrainConfig, to_dict
-from ..errors import NonFiniteLossError, UserError
+from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
+from ..errors import NonFiniteLossError, UserError  # noqa: F401 - NonFiniteLossError: pretrain raises it
 
 CONFIG_FILE = "config.yaml"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -205,13 +206,6 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def autocast(device: torch.device, precision: str):
-    """The autocast context for a resolved precision (bf16 | fp16 | fp32 = none); also fine-tuning's."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def _prepare_batch(batch: dict, device: torch.device, channels_last: bool, augmenter, view_params, generator):
     """Move the batch to the device; the GPU augmentation path makes uint8 views float there."""
     from ..data.loader import augment_batch
@@ -226,7 +220,248 @@ def _prepare_batch(batch: dict, device: torch.device, channels_last: bool, augme
     return batch
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the job, the step, the hooks
+
+
+@dataclass
+class Job:
+    """Everything one pretraining invocation is built from (one per process)."""
+
+    cfg: PretrainConfig
+    plan: Plan
+    dataset: object
+    loader: object
+    core: torch.nn.Module  # the SoCoModel itself: update_target, state_dict
+    model: torch.nn.Module  # core, or its DDP wrapper
+    forward: object  # model, or its compiled forward
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    augmenter: object  # BatchAugment on the device, or None (augmentation in the workers)
+    device: torch.device
+    world: int
+    rank: int
+    is_main: bool
+    use_compile: bool
+    batch_note: str
+    drop_last: bool
+
+
+def build_job(cfg: PretrainConfig, images, proposals, image_root, dist_info) -> Job:
+    """Resolve the config for this device and world, then build data, model and optimiser."""
+    from ..data import SoCoDataset, make_loader
+    from ..model import SoCoModel, convert_sync_bn
+    from .lars import LARS, lars_param_groups
+
+    dev, world = dist_info.device, dist_info.world_size
+    cfg, batch_note = resolve_per_device_batch(cfg, world, dev)
+    cfg = resolve_augment_device(cfg, dev)
+    t = cfg.train
+    # data: per-sample randomness from (data.seed, epoch, index)
+    dataset = SoCoDataset(images, proposals, cfg.data, image_root=image_root)
+    # Full batches only (the paper's fixed batch), unless the dataset is smaller than one batch
+    # per process (the demo's 7 photos): then one short batch per epoch.
+    drop_last = len(dataset) >= t.per_device_batch * world
+    loader = make_loader(dataset, t.per_device_batch, workers=t.workers, drop_last=drop_last)
+    plan = make_plan(cfg, world, len(loader), dev)
+    torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    try:
+        core = SoCoModel(cfg).to(dev)
+    except ValueError as exc:  # e.g. an unknown model.arch / model.loss, SoCo* with C4
+        raise PretrainError(str(exc)) from None
+    if dev.type == "cuda" and t.channels_last:
+        core = core.to(memory_format=torch.channels_last)
+    core = convert_sync_bn(core)  # SyncBN only when world size > 1
+    optimizer = LARS(lars_param_groups(core, t.weight_decay), lr=plan.peak_lr, momentum=t.momentum,
+                     weight_decay=t.weight_decay, eta=t.lars_eta)
+    model = core
+    if world > 1:
+        # Every parameter gets a gradient every step (pool_boxes keeps FPN levels without boxes in
+        # the graph), so DDP need not search for unused ones.
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[dev.index] if dev.type == "cuda" else None)
+    use_compile = resolve_compile(t.compile, dev)
+    augmenter = None
+    if cfg.data.augment.device == "gpu":
+        from ..data import BatchAugment
+
+        augmenter = BatchAugment(cfg.data.augment)
+    return Job(cfg=cfg, plan=plan, dataset=dataset, loader=loader, core=core, model=model,
+               forward=compiled(model) if use_compile else model, optimizer=optimizer,
+               scaler=torch.amp.GradScaler(dev.type, enabled=plan.precision == "fp16"), augmenter=augmenter,
+               device=dev, world=world, rank=dist_info.rank, is_main=dist_info.is_main, use_compile=use_compile,
+               batch_note=batch_note, drop_last=drop_last)
+
+
+@dataclass
+class Position:
+    """Where the data stream is: the epoch and how many optimiser steps of it are done."""
+
+    epoch: int = 0
+    in_epoch: int = 0
+
+
+class PretrainStep:
+    """One optimiser step (paper 4.1): ``accum`` micro-batches on every process, gradients summed
+    (loss / accum), then the lr of this step (warm-up + cosine), LARS, and the EMA update of the
+    target with tau(step) after the optimiser update (BYOL and the paper; the released code
+    updates before the target forward). No host-device sync: the loss stays on the device."""
+
+    def __init__(self, job: Job, position: Position, skipped):
+        self.job, self.position, self.skipped = job, position, skipped
+        self.batches = None
+
+    def __call__(self, step: int) -> StepOutput:
+        from ..data import set_epoch
+        from .schedule import lr_at, tau_at
+
+        job, pos, plan, t = self.job, self.position, self.job.plan, self.job.cfg.train
+        if pos.in_epoch >= plan.steps_per_epoch:  # the epoch is complete: next one
+            pos.epoch, pos.in_epoch = pos.epoch + 1, 0
+        if self.batches is None:  # a resumed run skips the batches of this epoch it has done
+            set_epoch(job.loader, pos.epoch, skip_batches=pos.in_epoch * plan.accum)
+            self.batches = iter(job.loader)
+        terms, images, wait = [], 0, 0.0
+        for micro in range(plan.accum):
+            wait_start = time.perf_counter()
+            batch = next(self.batches)
+            wait += time.perf_counter() - wait_start
+            self.skipped.update(batch)  # undecodable files (the dataset warned already)
+            images += len(batch["index"]) * job.world  # every rank's batch is as long
+            generator = None
+            if job.augmenter is not None:  # reproducible per (seed, step, micro-batch, rank)
+                generator = torch.Generator(job.device).manual_seed(
+                    ((t.seed * 1_000_003 + step) * plan.accum + micro) * job.world + job.rank)
+            batch = _prepare_batch(batch, job.device, job.device.type == "cuda" and t.channels_last,
+                                   job.augmenter, job.cfg.data.augment.view_params, generator)
+            last_micro = micro == plan.accum - 1
+            sync = job.model.no_sync() if job.world > 1 and not last_micro else contextlib.nullcontext()
+            with sync:
+                with autocast(job.device, plan.precision):
+                    loss, _ = job.forward(batch)
+                job.scaler.scale(loss / plan.accum).backward()
+            terms.append(loss.detach().float() / plan.accum)
+        lr = lr_at(step, plan.total_steps, plan.warmup_steps, plan.peak_lr, t.warmup_start_factor, t.final_lr)
+        set_lr(job.optimizer, lr)
+        job.scaler.step(job.optimizer)
+        job.scaler.update()
+        job.optimizer.zero_grad(set_to_none=True)
+        tau = tau_at(step, plan.total_steps, t.ema_tau)
+        job.core.update_target(tau)
+        pos.in_epoch += 1
+        if pos.in_epoch >= plan.steps_per_epoch:
+            self.close()
+        return StepOutput(loss=terms, images=images, data_wait=wait, scalars={"lr": lr, "tau": tau})
+
+    def close(self) -> None:
+        self.batches = None  # stops the workers' prefetch of an unfinished epoch
+
+
+class MonitorHook(Hook):
+    """The object-kNN monitor (rank 0, between steps): at step 0 (the curve's starting point),
+    every ``monitor.every`` steps and at the last; results join the step's metrics record."""
+
+    def __init__(self, monitor, core):
+        self.monitor, self.core = monitor, core
+
+    def _measure(self, trainer) -> dict:
+        from ..evaluate.knn import describe
+
+        with trainer.side_work():  # not training time
+            result = self.monitor(self.core)
+        trainer.metrics.bar.write(f"step {trainer.step}: {describe(result)}")
+        return result
+
+    def before_train(self, trainer) -> None:
+        if trainer.step == 0 and trainer.stop_step > 0:
+            trainer.metrics.logger.log(0, **self._measure(trainer))
+
+    def after_step(self, trainer) -> None:
+        if self.monitor.due(trainer.step) or trainer.is_last:
+            trainer.record.update(self._measure(trainer))
+
+
+def resume_job(job: Job, manager, resume, position: Position) -> tuple[int, Path | None]:
+    """Load the checkpoint ``resume`` names (if any) into the job; returns (step, its path)."""
+    from ..engine.checkpoint import load_checkpoint, set_rng_state
+
+    path = manager.resume_from(resume)
+    if path is None:
+        return 0, None
+    state = load_checkpoint(path, map_location=job.device)
+    differs = _config_differences(state.get("config", {}), to_dict(job.cfg))
+    job.core.load_state_dict(state["model"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scaler.load_state_dict(state["scaler"])
+    step, position.epoch, position.in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+    set_rng_state(state["rng"])
+    if job.is_main:
+        print(f"resumed from {path} at step {step} (epoch {position.epoch}, {position.in_epoch}/"
+              f"{job.plan.steps_per_epoch} steps into it)", flush=True)
+        if differs:
+            print(f"note: the config differs from the checkpoint's in {', '.join(differs)}", flush=True)
+    return step, path
+
+
+def announce(job: Job, run_dir: Path, progress: bool) -> None:
+    """Rank 0: RUN/config.yaml, the data manifest (the leak guard's input; reused on resume) and
+    the start-up line with the derived numbers."""
+    from ..data.manifest import record_run_manifest
+
+    cfg, plan, t = job.cfg, job.plan, job.cfg.train
+    save_config(cfg, run_dir)
+    seen = job.dataset.images
+    record_run_manifest(run_dir, [seen.abspath(i) for i in range(len(seen))], seen.root, progress)
+    print(f"pretraining {cfg.model.arch}{'*' if cfg.data.views.soco_star else ''} on {len(job.dataset)} "
+          f"images: batch {t.batch_size} = {t.per_device_batch} x {job.world} process(es) x {plan.accum} "
+          f"accumulation, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps ({t.epochs} epochs), "
+          f"lr {plan.peak_lr:g}, {plan.precision} on {job.device}{', torch.compile' if job.use_compile else ''}"
+          f"{job.batch_note}", flush=True)
+    if not job.drop_last:
+        print(f"note: {len(job.dataset)} images are fewer than one batch per process: one batch of "
+              f"{math.ceil(len(job.dataset) / job.world)} per process and epoch", flush=True)
+
+
+def make_trainer(job: Job, run_dir: Path, start: int, stop: int, position: Position, skipped,
+                 resumed_from, progress: bool) -> Trainer:
+    """The engine set up for pretraining: the step, metrics every ``log_every`` steps (guard
+    every step on a CPU), checkpoints every ``checkpoint_every`` steps and at the end, the monitor."""
+    from ..engine.checkpoint import CheckpointManager, Checkpointer, rng_state
+    from ..engine.distributed import all_reduce_mean, barrier
+    from ..engine.metrics import Metrics
+
+    t, dev = job.cfg.train, job.device
+    step_fn = PretrainStep(job, position, skipped)
+
+    def state() -> dict:
+        return {"model": job.core.state_dict(), "optimizer": job.optimizer.state_dict(), "step": trainer.step,
+                "epoch": position.epoch, "batch_in_epoch": position.in_epoch, "rng": rng_state(),
+                "scaler": job.scaler.state_dict(), "config": to_dict(job.cfg), "world_size": job.world}
+
+    hooks: list[Hook] = []  # built before the metrics file and bar: a bad monitor setting fails first
+    if job.is_main and job.cfg.monitor.json:
+        from ..evaluate.knn import ObjectMonitor
+
+        monitor = ObjectMonitor(job.cfg, dev)
+        print(f"monitor: object kNN every {monitor.every} steps on {job.cfg.monitor.json} "
+              f"({monitor.train.num_objects} neighbour / {monitor.val.num_objects} query objects)", flush=True)
+        hooks.append(MonitorHook(monitor, job.core))
+    metrics = Metrics(
+        run_dir, total_steps=job.plan.total_steps, initial=start, enabled=job.is_main, progress=progress,
+        desc="pretrain", log_due=lambda tr: tr.every(t.log_every) or tr.is_last,
+        check_every=1 if dev.type == "cpu" else t.log_every, reduce=all_reduce_mean,
+        base=lambda tr: {"epoch": position.epoch},
+        record=lambda tr, w: {"loss": w.loss, "lr": tr.output.scalars["lr"], "tau": tr.output.scalars["tau"],
+                              "images_per_s": round(w.images_per_s, 3), "data_wait": round(w.data_wait, 4)},
+        where=lambda tr: f"by step {tr.step} (epoch {position.epoch})",
+        hint="Try a lower train.base_lr or train.precision=fp32.")
+    checkpointer = Checkpointer(CheckpointManager(run_dir, keep=t.keep_checkpoints), state,
+                                due=lambda tr: tr.every(t.checkpoint_every) or tr.is_last,
+                                is_main=job.is_main, barrier=barrier)
+    trainer = Trainer(step_fn, start, stop, hooks, metrics=metrics, checkpointer=checkpointer)
+    trainer.last_checkpoint = resumed_from
+    return trainer
+
+
+# ---------------------------------------------------------------- the entry point
 
 
 def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | None = None,
@@ -243,209 +478,39 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
     ``device``: "cpu" or "cuda" to force one (default CUDA when available). Launch under torchrun
     or srun for several processes. Raises PretrainError (bad config), NonFiniteLossError.
     """
-    from ..data import SkipLog, SoCoDataset, make_loader, set_epoch
-    from ..data.manifest import record_run_manifest
-    from ..model import SoCoModel, convert_sync_bn
-    from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-    from .distributed import all_reduce_mean, barrier, cleanup, init_distributed
-    from .lars import LARS, lars_param_groups
-    from .metrics import MetricsLogger, Progress
-    from .schedule import lr_at, set_lr, tau_at
+    from ..engine.checkpoint import CheckpointManager
+    from ..engine.distributed import cleanup, init_distributed
+    from ..engine.skips import SkipLog
 
     run_dir = Path(run_dir)
     if max_steps is not None and max_steps < 0:
         raise PretrainError(f"max_steps must be >= 0, got {max_steps}")
     dist_info = init_distributed(device)
-    dev, world, is_main = dist_info.device, dist_info.world_size, dist_info.is_main
     try:
-        cfg, batch_note = resolve_per_device_batch(cfg, world, dev)
-        cfg = resolve_augment_device(cfg, dev)
-        t = cfg.train
-        use_compile = resolve_compile(t.compile, dev)
-        # ---- data (stage 2): per-sample randomness from (data.seed, epoch, index)
-        dataset = SoCoDataset(images, proposals, cfg.data, image_root=image_root)
-        # Full batches only (the paper's fixed batch), unless the dataset is smaller than one
-        # batch per process (the demo's 7 photos): then one short batch per epoch.
-        drop_last = len(dataset) >= t.per_device_batch * world
-        loader = make_loader(dataset, t.per_device_batch, workers=t.workers, drop_last=drop_last)
-        plan = make_plan(cfg, world, len(loader), dev)
-
-        # ---- model, optimiser, precision
-        torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        job = build_job(cfg, images, proposals, image_root, dist_info)
+        position, skipped = Position(), SkipLog()
+        start, resumed_from = resume_job(job, CheckpointManager(run_dir, keep=job.cfg.train.keep_checkpoints),
+                                         resume, position)
+        stop = job.plan.total_steps if max_steps is None else min(job.plan.total_steps, max_steps)
+        if job.is_main:
+            announce(job, run_dir, progress)
+        trainer = make_trainer(job, run_dir, start, stop, position, skipped, resumed_from, progress)
+        wall = time.perf_counter()
+        job.model.train()
         try:
-            model = SoCoModel(cfg).to(dev)
-        except ValueError as exc:  # e.g. an unknown model.arch / model.loss, SoCo* with C4
-            raise PretrainError(str(exc)) from None
-        if dev.type == "cuda" and t.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model = convert_sync_bn(model)  # SyncBN only when world size > 1
-        core = model  # the SoCoModel itself: update_target, state_dict
-        optimizer = LARS(lars_param_groups(core, t.weight_decay), lr=plan.peak_lr, momentum=t.momentum,
-                         weight_decay=t.weight_decay, eta=t.lars_eta)
-        if world > 1:
-            # Every parameter gets a gradient every step (pool_boxes keeps FPN levels without
-            # boxes in the graph), so DDP need not search for unused ones.
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        forward = compiled(model) if use_compile else model
-        scaler = torch.amp.GradScaler(dev.type, enabled=plan.precision == "fp16")
-        augmenter = None
-        if cfg.data.augment.device == "gpu":
-            from ..data import BatchAugment
-
-            augmenter = BatchAugment(cfg.data.augment)
-
-        # ---- resume
-        manager = CheckpointManager(run_dir, keep=t.keep_checkpoints)
-        checkpoint_path = manager.resume_from(resume)
-        step, epoch, done_in_epoch = 0, 0, 0
-        if checkpoint_path is not None:
-            state = load_checkpoint(checkpoint_path, map_location=dev)
-            differs = _config_differences(state.get("config", {}), to_dict(cfg))
-            core.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            step, epoch, done_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-            set_rng_state(state["rng"])
-            if is_main:
-                print(f"resumed from {checkpoint_path} at step {step} (epoch {epoch}, "
-                      f"{done_in_epoch}/{plan.steps_per_epoch} steps into it)", flush=True)
-                if differs:
-                    print(f"note: the config differs from the checkpoint's in {', '.join(differs)}", flush=True)
-        stop_step = plan.total_steps if max_steps is None else min(plan.total_steps, max_steps)
-
-        if is_main:
-            save_config(cfg, run_dir)
-            # Which files this run sees, by content (reused as is on resume): the leak guard's input.
-            images_seen = dataset.images
-            record_run_manifest(run_dir, [images_seen.abspath(i) for i in range(len(images_seen))],
-                                images_seen.root, progress)
-            print(f"pretraining {cfg.model.arch}{'*' if cfg.data.views.soco_star else ''} on {len(dataset)} "
-                  f"images: batch {t.batch_size} = {t.per_device_batch} x {world} process(es) x "
-                  f"{plan.accum} accumulation, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps "
-                  f"({t.epochs} epochs), lr {plan.peak_lr:g}, {plan.precision} on {dev}"
-                  f"{', torch.compile' if use_compile else ''}{batch_note}", flush=True)
-            if not drop_last:
-                print(f"note: {len(dataset)} images are fewer than one batch per process: one batch of "
-                      f"{math.ceil(len(dataset) / world)} per process and epoch", flush=True)
-
-        def checkpoint_state() -> dict:
-            return {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "epoch": epoch, "batch_in_epoch": done_in_epoch, "rng": rng_state(),
-                    "scaler": scaler.state_dict(), "config": to_dict(cfg), "world_size": world}
-
-        # ---- object kNN monitor (rank 0, between steps; off unless monitor.json is set)
-        monitor = None
-        if is_main and cfg.monitor.json:
-            from ..evaluate.knn import ObjectMonitor, describe
-
-            monitor = ObjectMonitor(cfg, dev)
-            print(f"monitor: object kNN every {monitor.every} steps on {cfg.monitor.json} "
-                  f"({monitor.train.num_objects} neighbour / {monitor.val.num_objects} query objects)", flush=True)
-
-        # ---- train
-        metrics = MetricsLogger(run_dir, enabled=is_main)
-        bar = Progress(plan.total_steps, initial=step, enabled=is_main and progress)
-        if monitor is not None and step == 0 and stop_step > 0:
-            result = monitor(core)  # the starting point (random init) of the curve
-            metrics.log(0, **result)
-            bar.write(f"step 0: {describe(result)}")
-        # The guard reads the loss: every step on the CPU (free), every log_every steps on a GPU.
-        check_every = 1 if dev.type == "cpu" else max(1, t.log_every)
-        window_loss = torch.zeros((), device=dev)  # summed on the device, read at log steps
-        window_steps, window_images, window_wait, window_start = 0, 0, 0.0, time.perf_counter()
-        last_loss, start_step, start_time, images_seen = None, step, time.perf_counter(), 0
-        saved = checkpoint_path
-        skipped = SkipLog()
-        model.train()
-        try:
-            while step < stop_step:
-                if done_in_epoch >= plan.steps_per_epoch:  # the epoch is complete: next one
-                    epoch, done_in_epoch = epoch + 1, 0
-                set_epoch(loader, epoch, skip_batches=done_in_epoch * plan.accum)
-                batches = iter(loader)
-                while step < stop_step and done_in_epoch < plan.steps_per_epoch:
-                    # -- one optimiser step: accum micro-batches, gradients summed (loss / accum)
-                    for micro in range(plan.accum):
-                        wait_start = time.perf_counter()
-                        batch = next(batches)
-                        window_wait += time.perf_counter() - wait_start
-                        skipped.update(batch)  # undecodable files (the dataset warned already)
-                        window_images += len(batch["index"]) * world  # every rank's batch is as long
-                        generator = None
-                        if augmenter is not None:  # reproducible per (seed, step, micro-batch, rank)
-                            generator = torch.Generator(dev).manual_seed(
-                                ((t.seed * 1_000_003 + step) * plan.accum + micro) * world + dist_info.rank)
-                        batch = _prepare_batch(batch, dev, dev.type == "cuda" and t.channels_last,
-                                               augmenter, cfg.data.augment.view_params, generator)
-                        last_micro = micro == plan.accum - 1
-                        sync = model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
-                        with sync:
-                            with autocast(dev, plan.precision):
-                                loss, _ = forward(batch)
-                            scaler.scale(loss / plan.accum).backward()
-                        window_loss += loss.detach().float() / plan.accum
-                    lr = lr_at(step, plan.total_steps, plan.warmup_steps, plan.peak_lr,
-                               t.warmup_start_factor, t.final_lr)
-                    set_lr(optimizer, lr)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    tau = tau_at(step, plan.total_steps, t.ema_tau)
-                    core.update_target(tau)
-                    step += 1
-                    done_in_epoch += 1
-                    window_steps += 1
-
-                    # -- guard, log, checkpoint (the only places that read device values)
-                    log_now = step % t.log_every == 0 or step == stop_step
-                    save_now = step % t.checkpoint_every == 0 or step == stop_step
-                    if log_now or save_now or step % check_every == 0:
-                        mean_loss = all_reduce_mean(window_loss) / window_steps
-                        value = mean_loss.item()  # the host sync, lagged to here
-                        if not math.isfinite(value):
-                            raise NonFiniteLossError(
-                                f"non-finite loss ({value}) by step {step} (epoch {epoch}); stopped without "
-                                f"saving. Last good checkpoint: {saved or 'none'}. Try a lower train.base_lr "
-                                "or train.precision=fp32.")
-                    # One metrics record per step (read_metrics treats a repeated step as a resume).
-                    monitored = {}
-                    if monitor is not None and (monitor.due(step) or step == stop_step):
-                        monitor_start = time.perf_counter()
-                        monitored = monitor(core)
-                        bar.write(f"step {step}: {describe(monitored)}")
-                        window_start += time.perf_counter() - monitor_start  # not training time
-                        if not log_now:
-                            metrics.log(step, epoch=epoch, **monitored)
-                    if log_now:
-                        elapsed = time.perf_counter() - window_start
-                        last_loss = value
-                        images_per_s = window_images / max(elapsed, 1e-9)
-                        data_wait = min(1.0, window_wait / max(elapsed, 1e-9))
-                        metrics.log(step, epoch=epoch, loss=value, lr=lr, tau=tau,
-                                    images_per_s=round(images_per_s, 3), data_wait=round(data_wait, 4), **monitored)
-                        bar.update(step, loss=value, lr=lr, tau=tau, images_per_s=images_per_s,
-                                   data_wait=data_wait)
-                        window_loss.zero_()
-                        images_seen += window_images
-                        window_steps, window_images, window_wait, window_start = 0, 0, 0.0, time.perf_counter()
-                    if save_now:
-                        if is_main:
-                            saved = manager.save(checkpoint_state())
-                        barrier()  # nobody races ahead of a checkpoint another rank may resume from
-                del batches  # stop the workers' prefetch of an unfinished epoch
+            trainer.run()
         finally:
-            bar.close()
-            metrics.close()
-        seconds = time.perf_counter() - start_time
-        if is_main:
+            trainer.run_step.close()
+        seconds = time.perf_counter() - wall
+        if job.is_main:
             if len(skipped):
                 print(skipped.summary(), flush=True)
-            print(f"stopped at step {step}/{plan.total_steps} (epoch {epoch}); last checkpoint: {saved}",
-                  flush=True)
-        return Summary(run_dir=run_dir, step=step, start_step=start_step, total_steps=plan.total_steps,
-                       epoch=epoch, loss=last_loss,
-                       images_per_s=(images_seen + window_images) / max(seconds, 1e-9),
-                       seconds=seconds, checkpoint=saved, finished=step >= plan.total_steps, plan=plan)
+            print(f"stopped at step {trainer.step}/{job.plan.total_steps} (epoch {position.epoch}); last "
+                  f"checkpoint: {trainer.last_checkpoint}", flush=True)
+        return Summary(run_dir=run_dir, step=trainer.step, start_step=start, total_steps=job.plan.total_steps,
+                       epoch=position.epoch, loss=trainer.metrics.last_logged,
+                       images_per_s=trainer.metrics.images_seen() / max(seconds, 1e-9), seconds=seconds,
+                       checkpoint=trainer.last_checkpoint, finished=trainer.step >= job.plan.total_steps,
+                       plan=job.plan)
     finally:
         cleanup()

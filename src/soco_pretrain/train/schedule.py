@@ -60,9 +60,3 @@ def tau_at(step: int, total_steps: int, tau0: float = 0.99) -> float:
         raise ValueError(f"tau_at: need total_steps > 0, got {total_steps}")
     progress = min(1.0, max(0, step) / total_steps)
     return 1.0 - (1.0 - tau0) * (math.cos(math.pi * progress) + 1.0) / 2.0
-
-
-def set_lr(optimizer, lr: float) -> None:
-    """Set every param group's learning rate (the schedule drives the optimiser by hand)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -16,21 +16,21 @@ A COCO "instances" JSON (``images``, ``annotations``, ``categories``) is read on
   torchvision) and back for evaluation.
 
 Bad input: a missing or unreadable JSON, or one that is not COCO instances, is a one-line
-:class:`CocoError`. An image that fails to decode (``images.load_rgb``'s ImageError) or whose
+:class:`CocoError` (the checks are :mod:`soco_pretrain.coco_json`'s, shared with the other
+readers of COCO JSON). An image that fails to decode (``images.load_rgb``'s ImageError) or whose
 size differs from the JSON's is skipped where it is met, and reported by path.
 """
 
 from __future__ import annotations
 
-from ..errors import UserError
-import json
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..coco_json import OPTIONAL, REQUIRED, CocoJsonError, read_coco_json
+from ..errors import UserError
 from ..images import ImageError, load_rgb
 
 
@@ -78,7 +78,11 @@ class CocoSet:
 
 
 def load_coco(json_path, image_root) -> CocoSet:
-    """Read and check a COCO instances JSON; ``image_root`` is the folder of its ``file_name``s."""
+    """Read and check a COCO instances JSON; ``image_root`` is the folder of its ``file_name``s.
+
+    Parsing and the format checks are :func:`soco_pretrain.coco_json.read_coco_json`'s (images
+    with ids and sizes, categories, optional annotations); its error comes back as CocoError.
+    """
     json_path = Path(json_path)
     if not json_path.is_file():
         raise CocoError(f"{json_path}: no such COCO JSON file")
@@ -86,55 +90,16 @@ def load_coco(json_path, image_root) -> CocoSet:
     if not root.is_dir():
         raise CocoError(f"{root}: no such image folder (for {json_path.name})")
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CocoError(f"{json_path}: cannot read COCO JSON: {exc.__class__.__name__}: {exc}") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "categories")):
-        raise CocoError(f"{json_path}: not a COCO instances JSON (needs 'images' and 'categories' lists)")
-    annotations = data.get("annotations", [])
-    if not isinstance(annotations, list):
-        raise CocoError(f"{json_path}: 'annotations' is not a list")
-
-    images, seen = [], set()
-    for k, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or not isinstance(im.get("file_name"), str) or "id" not in im:
-            raise CocoError(f"{json_path}: images[{k}] needs 'id' and 'file_name'")
-        if not all(isinstance(im.get(key), int) and im[key] > 0 for key in ("width", "height")):
-            raise CocoError(f"{json_path}: images[{k}] ({im['file_name']}) needs positive integer width and height")
-        if im["id"] in seen:
-            raise CocoError(f"{json_path}: image id {im['id']} appears twice")
-        seen.add(im["id"])
-        images.append(im)
-    categories = []
-    for k, c in enumerate(data["categories"]):
-        if not isinstance(c, dict) or not isinstance(c.get("id"), int):
-            raise CocoError(f"{json_path}: categories[{k}] needs an integer 'id'")
-        categories.append(c)
-    if not categories:
-        raise CocoError(f"{json_path}: no categories")
-    if len({c["id"] for c in categories}) != len(categories):
-        raise CocoError(f"{json_path}: duplicate category ids")
-    cat_ids = {c["id"] for c in categories}
-
-    anns: dict[int, list[dict]] = defaultdict(list)
-    for k, a in enumerate(annotations):
-        if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a:
-            raise CocoError(f"{json_path}: annotations[{k}] needs 'image_id' and 'category_id'")
-        if a["image_id"] not in seen:
-            raise CocoError(f"{json_path}: annotations[{k}] refers to unknown image id {a['image_id']}")
-        if a["category_id"] not in cat_ids:
-            raise CocoError(f"{json_path}: annotations[{k}] has unknown category id {a['category_id']}")
-        bbox = a.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise CocoError(f"{json_path}: annotations[{k}] needs 'bbox' as [x, y, w, h]")
-        anns[a["image_id"]].append(a)
+        parsed = read_coco_json(json_path, annotations=OPTIONAL, categories=True, sizes=REQUIRED)
+    except CocoJsonError as exc:
+        raise CocoError(str(exc)) from None
     return CocoSet(
         json_path=json_path,
         image_root=root,
-        images=sorted(images, key=lambda im: im["id"]),
-        anns=dict(anns),
-        categories=sorted(categories, key=lambda c: c["id"]),
-        data=data,
+        images=sorted(parsed.images, key=lambda im: im["id"]),
+        anns=parsed.annotations_by_image(),
+        categories=sorted(parsed.categories, key=lambda c: c["id"]),
+        data=parsed.data,
     )
 
 

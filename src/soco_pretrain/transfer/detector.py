@@ -20,7 +20,6 @@ and prints a key report per module. Weights of which nothing loads are refused.
 
 from __future__ import annotations
 
-from ..errors import UserError
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +27,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .weights import NETWORKS, WeightsError, load_weights_file, soco_weights_of
+
 # Module groups of the detector reported by load_weights (in this order).
 MODULES = ("backbone.body", "backbone.fpn", "rpn", "roi_heads.box_head", "roi_heads.box_predictor",
            "roi_heads.mask_head", "roi_heads.mask_predictor")
 # Which SoCo encoder feeds the detector. "online": what the released converter exports by default
 # (hologerry/SoCo converter_detectron2/convert_detectron2_Head.py, --ema off) and BYOL keeps.
-SOCO_WEIGHTS = ("online", "target")
+SOCO_WEIGHTS = NETWORKS  # ("online", "target")
 DEFAULT_SOCO_WEIGHTS = "online"
-
-
-class WeightsError(UserError):
-    """Weights that cannot be used (unreadable, nothing matching the detector); one line."""
+# WeightsError (unreadable weights, nothing matching the detector; one line) lives with the one
+# checkpoint reader, transfer/weights.py, and is importable from here as before.
 
 
 def build_detector(num_classes: int, masks: bool = True, train_sizes=(800,), test_size: int = 800,
@@ -127,14 +126,9 @@ def _strip_prefix(state: dict, prefix: str) -> dict:
     return state
 
 
-def soco_to_torchvision(model_state: dict, which: str = DEFAULT_SOCO_WEIGHTS, arch: str | None = None) -> dict:
-    """A SoCoModel state dict -> torchvision detector keys (see module docstring)."""
-    if which not in SOCO_WEIGHTS:
-        raise WeightsError(f"soco weights must be one of {', '.join(SOCO_WEIGHTS)}, got {which!r}")
-    prefix = "encoder." if which == "online" else "target_encoder."
-    encoder = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
-    if arch is None:
-        arch = "fpn" if any(k.startswith("backbone.body.") for k in encoder) else "c4"
+def soco_to_torchvision(encoder: dict, arch: str) -> dict:
+    """A SoCo encoder state dict (``SoCoWeights.network(...)``) -> torchvision detector keys
+    (see module docstring)."""
     out = OrderedDict()
     for key, value in encoder.items():
         if arch == "fpn":
@@ -147,30 +141,13 @@ def soco_to_torchvision(model_state: dict, which: str = DEFAULT_SOCO_WEIGHTS, ar
     return out
 
 
-def read_weights(weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> tuple[dict, str]:
-    """(torchvision-keyed state dict, description) from a file or SoCo run folder."""
-    from ..train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-
-    path = Path(weights)
-    if path.is_dir():
-        found = CheckpointManager(path).latest()
-        if found is None:
-            raise WeightsError(f"{path}: a folder without checkpoints/last.pt (expected a soco pretrain run)")
-        path = found
-    if not path.is_file():
-        raise WeightsError(f"{weights}: no such weights file or run folder")
-    try:
-        obj = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise WeightsError(str(exc)) from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and any(
-            k.startswith(("encoder.", "target_encoder.")) for k in obj["model"]):
-        arch = (obj.get("config") or {}).get("model", {}).get("arch")
-        return soco_to_torchvision(obj["model"], soco_weights, arch), f"SoCo checkpoint {path}, {soco_weights} encoder"
-    state = _tensor_dict(obj)
+def plain_state_dict(content, path: Path) -> tuple[dict, str]:
+    """(torchvision-keyed state dict, description) of a loaded file that is not a SoCo checkpoint:
+    a state dict of tensors, or one under ``model`` / ``state_dict``."""
+    state = _tensor_dict(content)
     for key in ("model", "state_dict"):
-        if state is None and isinstance(obj, dict):
-            state = _tensor_dict(obj.get(key))
+        if state is None and isinstance(content, dict):
+            state = _tensor_dict(content.get(key))
     if state is None:
         raise WeightsError(f"{path}: neither a state dict of tensors nor a SoCo checkpoint")
     state = _strip_prefix(state, "module.")
@@ -179,6 +156,16 @@ def read_weights(weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> tuple[dic
         body = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
         return body, f"torchvision resnet50 state dict {path}, into backbone.body"
     return state, f"torchvision state dict {path}"
+
+
+def read_weights(weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> tuple[dict, str]:
+    """(torchvision-keyed state dict, description) from a file or SoCo run folder."""
+    path, content = load_weights_file(weights)  # the one reader: run-folder lookup, safe load
+    soco = soco_weights_of(content, path)
+    if soco is not None:
+        encoder = soco.network(soco_weights)
+        return soco_to_torchvision(encoder, soco.arch), f"SoCo checkpoint {path}, {soco_weights} encoder"
+    return plain_state_dict(content, path)
 
 
 def load_weights(model: nn.Module, weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> WeightReport:

@@ -42,6 +42,7 @@ from torch import nn
 
 from .coco import CocoDetection, TrainStream, collate, load_coco, select_fraction, trainable_images
 from .coco_eval import coco_evaluate, format_metrics, to_coco_results
+from ..config import FinetuneOptions  # the options live with every command's config
 from ..files import atomic_write_json
 from ..train.loop import autocast
 from .detector import DEFAULT_SOCO_WEIGHTS, build_detector, eval_sizes, load_weights
@@ -54,43 +55,6 @@ METRICS_FILE = "metrics.json"
 
 class FinetuneError(UserError):
     """Options or inputs the fine-tune cannot run with; one line."""
-
-
-@dataclass
-class FinetuneOptions:
-    """Everything besides the data paths; defaults are the paper's / released configs' recipe."""
-
-    schedule: str = "1x"  # 1x | 2x (ignored when max_iters is set)
-    max_iters: int | None = None  # train exactly this many iterations instead (schedule scaled to it)
-    fraction: float = 1.0  # seeded random subset of the training images (paper 4.5: 0.05, 0.10)
-    seed: int = 0
-    batch: int = 16  # total over all processes (paper 4.2)
-    lr: float | None = None  # None: 0.02 x batch / 16 (paper 4.2, linear scaling)
-    momentum: float = 0.9  # paper 4.2 / Detectron2
-    weight_decay: float = 2.5e-5  # paper 4.2, released SoCo_FPN_*.yaml
-    weight_decay_norm: float = 0.0  # Detectron2 SOLVER.WEIGHT_DECAY_NORM default
-    warmup_iters: int = 1000  # at batch 16 (paper 4.2)
-    warmup_factor: float = 0.001  # Detectron2 SOLVER.WARMUP_FACTOR
-    gamma: float = 0.1  # paper 4.2: "drops twice by a factor of 10"
-    train_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)  # Detectron2 Base-RCNN-FPN MIN_SIZE_TRAIN
-    test_size: int | None = None  # None: the largest train size (800 = Detectron2 MIN_SIZE_TEST)
-    max_size: int = 1333  # Detectron2 MAX_SIZE_TRAIN / _TEST
-    roi_batch: int = 512  # RoIs sampled per image for the box head (Detectron2 ROI_HEADS.BATCH_SIZE_PER_IMAGE)
-    rpn_train_proposals: int = 1000  # RPN proposals kept per image in training (Detectron2 FPN POST_NMS_TOPK_TRAIN)
-    test_proposals: int = 1000  # ... at test time (Detectron2 POST_NMS_TOPK_TEST)
-    detections: int = 100  # detections per image (Detectron2 TEST.DETECTIONS_PER_IMAGE)
-    boxes_only: bool = False  # Faster R-CNN even when the data has masks
-    soco_weights: str = DEFAULT_SOCO_WEIGHTS  # which SoCo encoder a run/checkpoint provides
-    precise_bn: int = 200  # BN re-estimation batches before evaluation (0: off); capped at the iterations
-    precision: str = "fp32"  # fp32 (Detectron2 default, AMP off) | bf16 | fp16 (CUDA)
-    workers: int = 4  # data-loader processes per device (Detectron2 NUM_WORKERS)
-    log_every: int = 20  # Detectron2's writer period
-    checkpoint_every: int = 5000  # Detectron2 CHECKPOINT_PERIOD (and one at the end)
-    eval_every: int = 0  # evaluate every N iterations too (0: only at the end)
-    eval_only: bool = False
-    resume: str = "auto"  # auto | none | checkpoint path
-    device: str | None = None  # cpu | cuda (default: CUDA when available)
-    progress: bool = True
 
 
 @dataclass

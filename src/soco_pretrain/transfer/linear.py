@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ..images import ImageError, list_images, load_rgb
+from ..config import LinearConfig  # the options live with every command's config
 from ..files import atomic_write_json
 
 SCHEDULES = ("cosine", "steps")
@@ -70,54 +71,19 @@ class LinearError(UserError):
     """Bad input for the linear probe (weights, folders, classes, options); one line."""
 
 
-@dataclass
-class LinearConfig:
-    """Hyper-parameters of the linear probe (module docstring: sources)."""
-
-    epochs: int = 100  # paper B
-    batch_size: int = 256  # paper B
-    base_lr: float = 30.0  # paper B: lr 30 at batch 256; lr = base_lr x batch / 256 (our choice)
-    momentum: float = 0.9  # paper B
-    weight_decay: float = 0.0  # paper B
-    schedule: str = "cosine"  # released main_linear.py (paper silent); "steps": MoCo's x0.1 at 60 %, 80 %
-    warmup_epochs: int = 5  # released option.py warmup_epoch 5 (paper silent); 0 = none
-    warmup_start_factor: float = 0.01  # released: warm-up starts at lr / 100 (warmup_multiplier 100)
-    final_lr: float = 1e-6  # released: CosineAnnealingLR eta_min
-    image_size: int = 224  # paper B: train and test crops 224
-    resize_size: int | None = None  # test resize of the shorter side; None: image_size x 256/224 (paper B: 256)
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # released --crop 0.08 = RandomResizedCrop's default
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop's default
-    hflip_p: float = 0.5  # paper B: random flips
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet normalisation
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    workers: int | None = None  # loader processes; None: usable cores, at most 8
-    eval_every: int = 0  # epochs between validations logged to metrics.jsonl; 0: only at the end
-    seed: int = 0
-
-    def test_resize(self) -> int:
-        return self.resize_size if self.resize_size else round(self.image_size * 256 / 224)
-
-
 # ---------------------------------------------------------------- weights
 
 
 def _resolve_weights(weights) -> Path | None:
     """``none`` -> None; a run folder -> its checkpoints/last.pt (else the newest step_N.pt)."""
+    from .weights import WeightsError, resolve_checkpoint
+
     if weights is None or str(weights).lower() == "none":
         return None
-    path = Path(weights)
-    if path.is_dir():
-        folder = path / "checkpoints"
-        if (folder / "last.pt").is_file():
-            return folder / "last.pt"
-        numbered = sorted((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else [])
-                          if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)))
-        if numbered:
-            return numbered[-1][1]
-        raise LinearError(f"{path}: no checkpoint in {folder} (is it a soco pretrain run folder?)")
-    if path.is_file():
-        return path
-    raise LinearError(f"{weights}: no such run folder or checkpoint file (or give --weights none)")
+    try:
+        return resolve_checkpoint(weights)  # the one run-folder lookup (transfer/weights.py)
+    except WeightsError as exc:
+        raise LinearError(str(exc)) from None
 
 
 def _resnet_keys() -> dict[str, torch.Size]:
@@ -142,18 +108,16 @@ def _backbone_state(path: Path, soco_weights: str) -> tuple[dict, dict]:
         raise LinearError(f"{path}: not a checkpoint or state dict")
     reference = _resnet_keys()
     model = state.get("model")
-    if isinstance(model, dict) and any(str(k).startswith("encoder.") for k in model):  # a SoCo checkpoint
-        network = "encoder." if soco_weights == "online" else "target_encoder."
-        arch = None
-        config = state.get("config")
-        if isinstance(config, dict) and isinstance(config.get("model"), dict):
-            arch = config["model"].get("arch")
-        if arch is None:
-            arch = "fpn" if any(k.startswith("encoder.backbone.body.") for k in model) else "c4"
-        if arch not in ("fpn", "c4"):
-            raise LinearError(f"{path}: unknown model.arch {arch!r} (the linear probe knows fpn and c4)")
-        prefixes = [network + ("backbone.body." if arch == "fpn" else "backbone.")]
-        source = {"kind": "soco", "arch": arch, "soco_weights": soco_weights, "step": state.get("step")}
+    from .weights import PREFIXES, WeightsError, soco_weights_of
+
+    try:
+        soco = soco_weights_of(state, path)  # the one SoCo checkpoint reader (transfer/weights.py)
+    except WeightsError as exc:  # an unknown model.arch
+        raise LinearError(str(exc)) from None
+    if soco is not None:  # a SoCo checkpoint: the online (encoder.*) or target network's ResNet
+        model = soco.model
+        prefixes = [PREFIXES[soco_weights] + ("backbone.body." if soco.arch == "fpn" else "backbone.")]
+        source = {"kind": "soco", "arch": soco.arch, "soco_weights": soco_weights, "step": soco.step}
     else:  # a plain state dict: torchvision detection export (backbone.body.*) or ResNet-50 keys
         model = state.get("state_dict", state) if isinstance(state.get("state_dict"), dict) else state
         prefixes = ["backbone.body.", "", "backbone.", "module."]

@@ -1,0 +1,312 @@
+"""What every ``soco`` command shares: the one-line-error parser, argument types, path checks and
+the config options (``--preset``, ``--config FILE``, ``--set KEY=VALUE`` and flags generated from
+an options dataclass of soco_pretrain.config, so a default is written only there).
+
+Nothing here imports numpy, torch or the like: ``soco --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UserError
+
+PROG = "soco"
+
+
+class UsageError(UserError):
+    """A problem with the command line's arguments; printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line ``soco: error: ...`` (exit 2)."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        hint = f" (see '{self.prog} --help')"
+        self.exit(2, f"{PROG}: error: {message}{hint}\n")
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps description line breaks; lines subcommand help up past the longest name."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        # argparse forgets the extra indent of subcommand names when measuring them,
+        # which pushes a long name's help onto the next line.
+        listed = [sub.dest for sub in self._iter_indented_subactions(action)]
+        if action.nargs == argparse.PARSER and listed:
+            longest = max(map(len, listed)) + self._current_indent + 4
+            self._action_max_length = max(self._action_max_length, longest)
+
+
+def add_command(subparsers, name, *, help, description, examples, prog=None, usage=None):
+    """Add a subcommand parser whose --help ends with an "examples:" block."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+    kwargs = {"help": help} if help else {}
+    return subparsers.add_parser(
+        name,
+        description=description,
+        epilog=epilog,
+        formatter_class=Formatter,
+        prog=prog,
+        usage=usage,
+        **kwargs,
+    )
+
+
+def missing_subcommand(parser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse ``"i/N"`` into ``(i, N)`` with ``0 <= i < N``."""
+    parts = text.split("/")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        i, n = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad shard {text!r}: expected i/N, e.g. 0/4 for the first of 4 shards"
+        ) from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(
+            f"bad shard {text!r}: need 0 <= i < N (shards are numbered 0 to N-1)"
+        )
+    return i, n
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` with a one-line error otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """Short sides: ``"800"``, ``"640,672,704"`` or ``"640-800"`` (every 32 px, Detectron2's list)."""
+    try:
+        if "-" in text:
+            lo, hi = (int(v) for v in text.split("-"))
+            if lo > hi:
+                raise ValueError
+            sizes = tuple(range(lo, hi + 1, 32)) + (() if (hi - lo) % 32 == 0 else (hi,))
+        else:
+            sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad sizes {text!r}: expected PX, PX,PX,... or LO-HI (e.g. 640-800)") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"bad sizes {text!r}: sizes must be positive")
+    return sizes
+
+
+def show_sizes(sizes) -> str:
+    """(640, 672, ..., 800) -> "640-800" (the LO-HI form of parse_sizes), else "PX,PX,..."."""
+    sizes = tuple(sizes)
+    if len(sizes) > 2 and sizes == tuple(range(sizes[0], sizes[-1] + 1, 32)):
+        return f"{sizes[0]}-{sizes[-1]}"
+    return ",".join(map(str, sizes))
+
+
+def default_workers() -> int:
+    # The cores this process may use (a container or taskset can allow fewer than cpu_count).
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- paths
+
+
+def require_source(path: str, what: str = "images") -> Path:
+    """A folder or list file that must exist (checked before any heavy import)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{path}: no such {what} folder or list file")
+    return p
+
+
+def require_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"{path}: no such {what} (expected a directory)")
+    return p
+
+
+def print_written(out, written) -> None:
+    print(f"wrote {len(written)} files to {out}")
+    for path in written:
+        print(f"  {path}")
+
+
+def add_coco_data(p, required: bool = True) -> None:
+    """--train-json, --train-images, --val-json, --val-images (COCO-format data)."""
+    p.add_argument("--train-json", required=required, metavar="JSON", help="COCO instances JSON for training")
+    p.add_argument("--train-images", required=required, metavar="DIR", help="folder of the training JSON's file_names")
+    p.add_argument("--val-json", required=required, metavar="JSON", help="COCO instances JSON for evaluation")
+    p.add_argument("--val-images", required=required, metavar="DIR", help="folder of the val JSON's file_names")
+
+
+def check_coco_data(args) -> None:
+    for flag, path in (("--train-json", args.train_json), ("--val-json", args.val_json)):
+        if not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    require_dir(args.train_images, "training image folder")
+    require_dir(args.val_images, "validation image folder")
+
+
+# ---------------------------------------------------------------- config options and generated flags
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag for one field of an options dataclass.
+
+    The flag's type, choices and range come from the field (annotation and ``__post_init__``), its
+    default from the dataclass: ``help`` may say ``{default}``. Every generated flag defaults to
+    None on the parsed namespace, so "not given" is told from "given" (``soco compare`` records
+    only what was given; a preset or ``--config`` file is not overridden by an absent flag).
+    """
+
+    field: str
+    flag: str
+    help: str
+    metavar: str | None = None
+    parse: Callable[[str], Any] | None = None  # text -> value (else from the annotation)
+    show: Callable[[Any], str] = str  # the default as the help prints it
+    invert: bool = False  # --no-progress: a bool field set to False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def _from_text(text: str, tp):
+    """A flag's text as a value of annotation ``tp`` (Optional unwrapped; ranges checked after)."""
+    from ..config import _union_args
+
+    args = _union_args(tp)
+    if args is not None:
+        tp = next(a for a in args if a is not type(None))
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    return text
+
+
+def _flag_type(cls, base, flag: Flag, tp):
+    from ..config import field_problem
+
+    def convert(text: str):
+        value = flag.parse(text) if flag.parse else _from_text(text, tp)
+        problem = field_problem(cls, base, flag.field, value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+
+    convert.__name__ = flag.dest  # argparse names the type in some messages
+    return convert
+
+
+def add_option_flags(p, cls, flags: list[Flag], base=None, cli_defaults: dict | None = None) -> None:
+    """Add ``flags`` (fields of options dataclass ``cls``) to parser or group ``p``; defaults shown
+    in the help are ``base``'s (default ``cls()``) or ``cli_defaults``'s."""
+    from ..config import field_types, literal_choices
+
+    base = cls() if base is None else base
+    types_ = field_types(cls)
+    for flag in flags:
+        tp = types_[flag.field]
+        default = (cli_defaults or {}).get(flag.field, getattr(base, flag.field))
+        text = flag.help.format(default=flag.show(default))
+        if tp is bool:  # given: True on the namespace (--no-progress too; resolve_options inverts it)
+            p.add_argument(flag.flag, dest=flag.dest, action="store_const", const=True, default=None, help=text)
+            continue
+        choices = literal_choices(tp)
+        p.add_argument(flag.flag, dest=flag.dest, default=None, choices=choices,
+                       metavar=None if choices else flag.metavar, type=_flag_type(cls, base, flag, tp), help=text)
+
+
+def add_config_arguments(p, presets, what: str, set_example: str, default: str | None = None) -> None:
+    """--preset NAME, --config FILE and --set KEY=VALUE for the options of ``what``."""
+    names = ", ".join(presets)
+    p.add_argument("--preset", default=default, metavar="NAME",
+                   help=f"named {what} options: {names} (default {default or 'none: the defaults'})")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help=f"YAML file of {what} options (keys as --set), read over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"any {what} option, e.g. {set_example} (repeatable; applied last)")
+
+
+def resolve_options(cls, args, flags: list[Flag], presets: dict | None, *, base=None, base_label: str = "default",
+                    cli_defaults: dict | None = None):
+    """(options, sources): ``cls``'s defaults (or ``base``) < ``cli_defaults`` < --preset <
+    --config FILE < the flags given < --set, each value type- and range-checked (ConfigError)."""
+    from ..config import load_file, resolve
+
+    layers: list[tuple[str, Any]] = []
+    if cli_defaults:
+        layers.append(("default", cli_defaults))
+    preset = getattr(args, "preset", None)
+    if presets is not None and preset is not None:
+        if preset not in presets:
+            raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(presets)})")
+        layers.append((f"preset {preset}", presets[preset]))
+    if getattr(args, "config", None):
+        layers.append((f"file {args.config}", load_file(args.config)))
+    for flag in flags:
+        value = getattr(args, flag.dest, None)
+        if value is not None:
+            layers.append((flag.flag, {flag.field: (not value) if flag.invert else value}))
+    layers.append(("--set", list(getattr(args, "overrides", []) or [])))
+    return resolve(cls, layers, base=base, base_label=base_label)

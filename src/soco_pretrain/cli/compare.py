@@ -1,0 +1,222 @@
+"""``soco compare``: several initialisations under one budget, over label fractions and seeds.
+
+The fine-tune and kNN options are soco finetune's and soco knn's flags (generated from
+FinetuneOptions / KnnOptions); here they default to None so that a comparison records only what
+was given and fills the rest from those dataclasses' defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..config import FinetuneOptions, KnnOptions
+from .common import (PROG, UsageError, add_coco_data, add_command, add_option_flags, check_coco_data, fraction,
+                     parse_shard, positive_int)
+from .finetune import FINETUNE_RECIPE_FLAGS, FINETUNE_RUN_FLAGS, finetune_cli_defaults
+from .knn import KNN_PROTOCOL_FLAGS
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """``"0.05,0.1,1"`` -> (0.05, 0.1, 1.0): label fractions in (0, 1], none twice."""
+    parts = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in parts):
+        raise argparse.ArgumentTypeError(f"bad fractions {text!r}: expected F,F,... e.g. 0.05,0.1,1")
+    try:
+        values = tuple(fraction(t) for t in parts)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"bad fractions {text!r}: {exc}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"bad fractions {text!r}: a fraction is listed twice")
+    return values
+
+
+# The fine-tune recipe (flag dest -> FinetuneOptions' default) and the kNN protocol options of
+# soco compare --metric knn (-> KnnOptions' default): what a comparison's specification records.
+FINETUNE_RECIPE_DEFAULTS = {flag.dest: getattr(FinetuneOptions(), flag.field) for flag in FINETUNE_RECIPE_FLAGS}
+KNN_DEFAULTS = {flag.dest: getattr(KnnOptions(), flag.field) for flag in KNN_PROTOCOL_FLAGS}
+# options that only one metric uses (flag -> metric)
+_METRIC_ONLY = {
+    **{flag.flag: "finetune" for flag in FINETUNE_RECIPE_FLAGS if flag.dest not in ("soco_weights", "batch")},
+    **{flag.flag: "knn" for flag in KNN_PROTOCOL_FLAGS},
+}
+
+
+def _runtime(args) -> dict:
+    """Settings that do not change the results (never recorded): soco finetune's defaults."""
+    defaults, cli = FinetuneOptions(), finetune_cli_defaults()
+    return {"workers": cli["workers"] if args.workers is None else args.workers, "device": args.device,
+            "log_every": defaults.log_every if args.log_every is None else args.log_every,
+            "checkpoint_every": defaults.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every,
+            "progress": not args.no_progress}
+
+
+def add_compare(subparsers):
+    p = add_command(
+        subparsers,
+        "compare",
+        help="compare several initialisations under one budget over label fractions and seeds, with a report",
+        description=(
+            "Run every (init, label fraction, seed) arm of a comparison with one metric and the\n"
+            "same options (finetune: soco finetune's COCO AP; knn: object-level kNN on frozen\n"
+            "features), then write OUT/report.md, report.json and report.png: mean ± sd over seeds\n"
+            "and the paired difference of each init against the FIRST init with a 95% Student-t\n"
+            "interval. For one (fraction, seed) every init gets the same labelled subset.\n"
+            "INIT: none (random init, seeded by the arm's seed), PATH (run folder, checkpoint or\n"
+            "exported file; named by its basename) or NAME=PATH[,PATH,...] (a group, e.g. one recipe\n"
+            "pretrained with several seeds: seed s uses member s % len). Arms live in\n"
+            "OUT/arms/INIT/fF/sS; rerunning skips finished arms and resumes the others. OUT/compare.json\n"
+            "records the comparison: a rerun with other options is refused; without --init it is\n"
+            "reused. Before running, validation images found in an init's pretraining manifest are\n"
+            "refused (--allow-leak to run anyway)."
+        ),
+        examples=[
+            "soco compare --metric knn --init none --init soco=runs/ss0,runs/ss1,runs/ss2 --train-json train.json "
+            "--train-images imgs --val-json val.json --val-images imgs --seeds 3 --out cmp/",
+            "soco compare --init none --init runs/fpn100 --fractions 0.05,0.1,1 --seeds 3 --train-json t.json "
+            "--train-images imgs --val-json v.json --val-images imgs --max-iters 2000 --batch 8 --out cmp/ "
+            "--devices cuda:0,cuda:1",
+            "soco compare --out cmp/ --arm 2/8   # cluster job 2 of 8 (arms 2, 10, 18, ...) of the comparison in cmp/",
+            "soco compare --out cmp/ --report-only   # the report from the arms finished so far",
+        ],
+    )
+    p.add_argument("--init", action="append", default=[], metavar="INIT",
+                   help="none, PATH or NAME=PATH[,PATH,...] (repeat; the first is the baseline)")
+    add_coco_data(p, required=False)
+    p.add_argument("--out", required=True, metavar="DIR", help="comparison folder (arms, compare.json, report)")
+    p.add_argument("--metric", choices=("finetune", "knn"), default=None,
+                   help="finetune (default: Mask R-CNN COCO AP) or knn (object-level kNN accuracy)")
+    p.add_argument("--fractions", type=parse_fractions, default=None, metavar="F,F,...",
+                   help="label fractions of the training images, e.g. 0.05,0.1,1 (default 1)")
+    p.add_argument("--seeds", type=positive_int, default=None, metavar="S", help="seeds 0..S-1 per arm (default 3)")
+    p.add_argument("--arm", type=parse_shard, default=None, metavar="i/N",
+                   help="run only arms i, i+N, i+2N, ... (cluster array jobs); the report once all are done")
+    p.add_argument("--devices", default=None, metavar="DEV,DEV,...",
+                   help="one process per device (e.g. cuda:0,cuda:1; logs in OUT/logs), then the report")
+    p.add_argument("--report-only", action="store_true", help="only (re)build the report from the finished arms")
+    p.add_argument("--allow-leak", action="store_true",
+                   help="run even if validation images are in an init's pretraining set")
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # --devices children
+    g = p.add_argument_group("fine-tune options (as soco finetune; --soco-weights, --batch, --device and "
+                             "--no-progress also apply to --metric knn)")
+    add_option_flags(g, FinetuneOptions, FINETUNE_RECIPE_FLAGS + FINETUNE_RUN_FLAGS,
+                     cli_defaults=finetune_cli_defaults())
+    add_option_flags(p.add_argument_group("kNN options (--metric knn)"), KnnOptions, KNN_PROTOCOL_FLAGS)
+    p.set_defaults(func=cmd_compare)
+
+
+def _given_spec_flags(args) -> list[str]:
+    """The comparison options given on the command line (they default to None in soco compare)."""
+    names = ["train_json", "train_images", "val_json", "val_images", "metric", "fractions", "seeds",
+             *FINETUNE_RECIPE_DEFAULTS, *KNN_DEFAULTS]
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
+
+
+def _compare_spec(args, runtime: dict):
+    """The CompareSpec of the command line (--init given) or of OUT/compare.json (no --init)."""
+    from ..evaluate.compare import CompareSpec, parse_init, read_spec
+
+    given = _given_spec_flags(args)
+    if not args.init:
+        if given:
+            raise UsageError(f"{', '.join(given)} given without --init: give every --init too, or none of the "
+                             f"comparison options to reuse {Path(args.out) / 'compare.json'}")
+        return read_spec(args.out, runtime)
+    missing = [f for f, v in (("--train-json", args.train_json), ("--train-images", args.train_images),
+                              ("--val-json", args.val_json), ("--val-images", args.val_images)) if v is None]
+    if missing:
+        raise UsageError(f"the following arguments are required with --init: {', '.join(missing)}")
+    check_coco_data(args)
+    metric = args.metric or "finetune"
+    wrong = [flag for flag in given if _METRIC_ONLY.get(flag, metric) != metric]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)}: not an option of --metric {metric}")
+    inits = [parse_init(text, must_exist=not args.report_only) for text in args.init]
+
+    def value(name, defaults):
+        v = getattr(args, name)
+        return defaults[name] if v is None else v
+
+    if metric == "finetune":
+        f = FINETUNE_RECIPE_DEFAULTS
+        options = {name: value(name, f) for name in f if name != "min_size"}
+        options["train_sizes"] = list(value("min_size", f))
+    else:
+        options = {name: value(name, KNN_DEFAULTS) for name in KNN_DEFAULTS}
+        if options["size"] is None:  # one input size for every arm: the first run's V1 size, else 224
+            from ..evaluate.knn import common_size
+
+            options["size"] = common_size([p for init in inits for p in init.paths if p])
+        options.update(batch=value("batch", FINETUNE_RECIPE_DEFAULTS),
+                       soco_weights=value("soco_weights", FINETUNE_RECIPE_DEFAULTS))
+    absolute = os.path.abspath
+    return CompareSpec(tuple(inits), args.fractions or (1.0,), args.seeds or 3, metric, absolute(args.train_json),
+                       absolute(args.train_images), absolute(args.val_json), absolute(args.val_images), options,
+                       runtime)
+
+
+def _write_compare_report(spec, out) -> int:
+    """Write the report from the finished arms; returns how many are missing."""
+    from ..evaluate.compare import collect
+    from ..evaluate.report import write_report
+
+    done, missing = collect(spec, out)
+    if not done:
+        raise UsageError(f"{out}: no finished arm yet ({len(missing)} to run)")
+    paths = write_report(spec, out, done, missing)
+    print(f"report of {len(done)}/{len(done) + len(missing)} arms: {', '.join(str(p) for p in paths)}")
+    if missing:
+        names = ", ".join(arm.label for arm in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        print(f"missing {len(missing)} arm(s): {names}")
+    return len(missing)
+
+
+def cmd_compare(args) -> int:
+    if args.devices and args.arm:
+        raise UsageError("--devices and --arm exclude each other (--devices gives each device its own --arm)")
+    if args.report_only and (args.devices or args.arm):
+        raise UsageError("--report-only runs nothing: leave out --devices and --arm")
+    out = Path(args.out)
+    runtime = _runtime(args)
+    from ..evaluate.compare import check_leaks, collect, parse_devices, prepare_out, run_compare, run_devices
+
+    spec = _compare_spec(args, runtime)
+    if args.report_only:
+        if not (out / "compare.json").is_file():
+            raise UsageError(f"{out}: no compare.json (nothing run there yet)")
+        prepare_out(spec, out)  # the same comparison as the one recorded
+        _write_compare_report(spec, out)
+        return 0
+    devices = parse_devices(args.devices) if args.devices else None
+    prepare_out(spec, out)
+    if not args.allow_leak:
+        check_leaks(spec, progress=runtime["progress"])
+    arms = spec.arms()
+    print(f"comparing {len(spec.inits)} init(s) ({', '.join(i.name for i in spec.inits)}; baseline "
+          f"{spec.baseline.name}) x {len(spec.fractions)} fraction(s) x {spec.seeds} seed(s) = {len(arms)} arms, "
+          f"metric {spec.metric}, in {out}", flush=True)
+    if devices:
+        runtime_args = ["--workers", str(runtime["workers"]), "--log-every", str(runtime["log_every"]),
+                        "--checkpoint-every", str(runtime["checkpoint_every"])]
+        if args.no_progress:
+            runtime_args.append("--no-progress")
+        statuses = run_devices(out, devices, runtime_args)
+        missing = _write_compare_report(spec, out) if collect(spec, out)[0] else len(arms)
+        return 1 if any(statuses) or missing else 0
+    summary = run_compare(spec, out, shard=args.arm, log=lambda line: print(line, flush=True))
+    done, missing = collect(spec, out)
+    if args.no_report:
+        pass
+    elif missing and args.arm is not None:
+        print(f"{len(done)} of {len(arms)} arms finished; the report is written when all are "
+              f"(or now: soco compare --out {args.out} --report-only)")
+    elif done:
+        _write_compare_report(spec, out)
+    for arm, message in summary.failed:
+        print(f"{PROG}: error: arm {arm.index + 1} ({arm.label}) failed: {message}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+# ---------------------------------------------------------------- soco demo

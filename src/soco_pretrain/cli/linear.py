@@ -1,0 +1,87 @@
+"""``soco linear``: the linear probe (paper appendix B). Its recipe flags are generated from
+``LinearConfig`` (soco_pretrain.config), where every default lives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import (Flag, UsageError, add_command, add_config_arguments, add_option_flags, non_negative_int,
+                     require_dir, resolve_options)
+
+LINEAR_FLAGS = [
+    Flag("epochs", "--epochs", "epochs (default {default}, paper B)", "N"),
+    Flag("batch_size", "--batch", "batch size (default {default}, paper B)", "N"),
+    Flag("base_lr", "--lr", "learning rate at batch 256, scaled by batch/256 (default {default:g}, paper B)", "LR",
+         show=float),
+    Flag("schedule", "--schedule", "cosine (released code) or steps (MoCo: x0.1 at 60%% and 80%%) "
+         "(default {default})"),
+    Flag("warmup_epochs", "--warmup-epochs", "linear warm-up from lr/100 (default {default}, released code; "
+         "0 = none)", "N"),
+    Flag("image_size", "--image-size", "crop size (default {default}); the test resize is PX x 256/224", "PX"),
+    Flag("workers", "--workers", "data-loader processes (default: usable cores, at most 8)", "N"),
+    Flag("eval_every", "--eval-every", "also evaluate every N epochs into metrics.jsonl (default {default}: only "
+         "at the end)", "N"),
+    Flag("seed", "--seed", "random seed (default {default})"),
+]
+
+
+def add_linear(subparsers):
+    from ..config import LINEAR_PRESETS, LinearConfig
+
+    p = add_command(
+        subparsers,
+        "linear",
+        help="linear probe: a linear classifier on the frozen pretrained ResNet-50 (top-1/top-5)",
+        description=(
+            "Train a linear classifier on the frozen ResNet-50 of WEIGHTS (paper appendix B:\n"
+            "backbone and BN statistics fixed; SGD lr 30 x batch/256, momentum 0.9, weight decay 0,\n"
+            "batch 256, 100 epochs, cosine after a 5-epoch warm-up as the released code; train:\n"
+            "random resized crop 224 + flip; test: shorter side 256, centre crop 224). TRAIN and\n"
+            "VAL are class folders (ROOT/CLASS/IMAGE, as torchvision ImageFolder) with the same\n"
+            "class names. Writes OUT/metrics.json (top1, top5), OUT/metrics.jsonl (per epoch) and\n"
+            "OUT/checkpoints/last.pt; rerunning the same command resumes. Unreadable images are\n"
+            "skipped and listed in metrics.json. --image-size etc. shrink it for a CPU (--preset\n"
+            "cpu). Recipe: the defaults, --preset, --config FILE, the flags, then --set (any\n"
+            "LinearConfig field, e.g. crop_scale, weight_decay)."
+        ),
+        examples=[
+            "soco linear --weights runs/c4-100ep --train imagenet/train --val imagenet/val --out runs/c4-linear",
+            "soco linear --weights runs/fpn100 --soco-weights target --train imagenet/train --val imagenet/val "
+            "--out runs/fpn100-linear-ema",
+            "soco linear --weights none --train shapes/train --val shapes/val --out runs/random-linear "
+            "--epochs 5 --batch 32 --image-size 96   # random-init baseline, CPU-sized",
+            "soco linear --preset moco --weights runs/c4-100ep --train imagenet/train --val imagenet/val --out lin/",
+        ],
+    )
+    p.add_argument("--weights", required=True, metavar="RUN|CKPT|none",
+                   help="soco pretrain run folder, checkpoint file, ResNet-50 / torchvision-export state "
+                        "dict, or none (random init)")
+    p.add_argument("--train", required=True, metavar="DIR", help="training class folder (DIR/CLASS/IMAGE)")
+    p.add_argument("--val", required=True, metavar="DIR", help="validation class folder, same class names")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics, checkpoint)")
+    add_config_arguments(p, LINEAR_PRESETS, "linear-probe", "'crop_scale=[0.2, 1]'")
+    p.add_argument("--soco-weights", default="online", choices=("online", "target"),
+                   help="which SoCo network: online (default; released main_linear.py, BYOL) or target (EMA)")
+    add_option_flags(p, LinearConfig, LINEAR_FLAGS)
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--max-iters", type=non_negative_int, default=None, metavar="N",
+                   help="stop after N optimiser steps in total (the schedule keeps its length), then evaluate")
+    p.add_argument("--resume", default="auto", choices=("auto", "none"),
+                   help="auto: continue from OUT/checkpoints/last.pt if any (default); none: start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_linear)
+
+
+def cmd_linear(args) -> int:
+    require_dir(args.train, "training class folder")
+    require_dir(args.val, "validation class folder")
+    if args.weights.lower() != "none" and not Path(args.weights).exists():
+        raise UsageError(f"--weights {args.weights}: no such run folder or checkpoint (or give --weights none)")
+    from ..config import LINEAR_PRESETS, LinearConfig
+
+    config, _ = resolve_options(LinearConfig, args, LINEAR_FLAGS, LINEAR_PRESETS)
+    from ..transfer.linear import linear_probe
+
+    linear_probe(args.weights, args.train, args.val, Path(args.out), config, soco_weights=args.soco_weights,
+                 resume=args.resume, max_iters=args.max_iters, device=args.device, progress=not args.no_progress)
+    return 0

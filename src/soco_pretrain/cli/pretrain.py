@@ -1,0 +1,178 @@
+"""``soco pretrain`` and ``soco config show``: the pretraining config (preset < --config FILE <
+flags < --set) and the training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import (Parser, UsageError, add_command, missing_subcommand, non_negative_int, positive_int, require_dir,
+                     require_source)
+
+# Kept in step with soco_pretrain.presets.PRESETS (a test checks); listed here so that
+# `soco --help` imports nothing.
+PRETRAIN_PRESETS = ("fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-400ep", "tiny")
+
+
+def _add_config_sources(p, preset_required: bool) -> None:
+    """--preset, --config FILE and --set of the pretraining config."""
+    p.add_argument("--preset", default=None, choices=PRETRAIN_PRESETS, metavar="NAME",
+                   help=f"training preset: {', '.join(PRETRAIN_PRESETS)}"
+                        + (" (this or --config is required)" if preset_required else " (default: none, the defaults)"))
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML config read over the preset (e.g. a run's RUN/config.yaml; keys as in it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.epochs=200 or data.views.num_proposals=8 (repeatable; "
+                        "applied last)")
+
+
+def pretrain_config(args, flags: list[tuple[str, dict]] = ()):
+    """(PretrainConfig, sources): the defaults < --preset < --config FILE < ``flags`` < --set.
+    ``flags``: (label, nested mapping) of options with their own flag (--workers, --compile)."""
+    from ..config import PretrainConfig, load_file, resolve
+
+    layers = []
+    if args.preset is not None:
+        import yaml
+
+        from ..presets import preset_text
+
+        layers.append((f"preset {args.preset}", yaml.safe_load(preset_text(args.preset)) or {}))
+    if args.config:
+        layers.append((f"file {args.config}", load_file(args.config)))
+    layers += list(flags)
+    layers.append(("--set", list(args.overrides)))
+    return resolve(PretrainConfig, layers)
+
+
+def add_pretrain(subparsers):
+    p = add_command(
+        subparsers,
+        "pretrain",
+        help="SoCo pretraining from a preset (one CPU/GPU, or torchrun/srun for many)",
+        usage="soco pretrain (--preset NAME | --config FILE) --images IMAGES --out RUN [options]",
+        description=(
+            "Pretrain SoCo (paper section 4.1) on IMAGES with their proposal store into RUN:\n"
+            "RUN/config.yaml (the resolved config), RUN/metrics.jsonl, RUN/checkpoints/last.pt\n"
+            "(+ numbered ones). Presets: fpn-100ep, fpn-400ep, fpn-star-400ep (SoCo*, 4 views),\n"
+            "c4-100ep, c4-400ep (total batch 2048 = train.per_device_batch x processes x\n"
+            "accumulation steps), and tiny (minutes on 2 CPU cores). The config is the defaults,\n"
+            "then the preset, then --config FILE (e.g. another run's RUN/config.yaml), then\n"
+            "--workers/--compile, then --set (any key: data.*, model.*, train.*, monitor.*);\n"
+            "--print-config shows every key with its value and where it came from. Rerunning\n"
+            "the same command resumes from the last checkpoint. For several GPUs or nodes launch\n"
+            "it with torchrun or srun (DDP + SyncBN; only rank 0 logs and saves)."
+        ),
+        examples=[
+            "soco pretrain --preset tiny --images photos/ --proposals proposals/ --out runs/tiny",
+            "soco pretrain --preset fpn-100ep --images imagenet/train --proposals props/ --out runs/fpn100 "
+            "--set train.per_device_batch=128",
+            "torchrun --nproc-per-node 8 -m soco_pretrain pretrain --preset fpn-400ep --images imagenet/train "
+            "--proposals props/ --out runs/fpn400",
+            "soco pretrain --preset tiny --images photos/ --proposals proposals/ --out runs/t --max-steps 20 "
+            "--set train.precision=bf16",
+            "soco pretrain --preset fpn-100ep --images imagenet/train --out runs/random "
+            "--set data.views.proposal_source=random --set data.views.num_proposals=1   # Table 5c, no store",
+            "soco pretrain --config runs/tiny/config.yaml --set train.epochs=100 --print-config",
+        ],
+    )
+    _add_config_sources(p, preset_required=True)
+    p.add_argument("--images", metavar="IMAGES", default=None,
+                   help="image folder, list file or COCO-style JSON the proposals were made for (required)")
+    p.add_argument("--proposals", metavar="STORE", default=None,
+                   help="proposal store directory (needed unless data.views.proposal_source is "
+                        "whole_image, random or coco)")
+    p.add_argument("--out", metavar="RUN", default=None, help="run directory (config, metrics, checkpoints; required)")
+    p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
+                   help="stop after N optimiser steps in total (the schedule keeps its full length)")
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto: continue from RUN's last checkpoint if any (default); none: start at step 0; "
+                        "or a checkpoint file")
+    p.add_argument("--image-root", metavar="DIR", default=None,
+                   help="folder a COCO JSON's file names are relative to (default: the JSON's folder)")
+    p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
+                   help="data-loader processes per device (sets train.workers)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (sets train.compile=true)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, its value and its source) and exit")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def cmd_pretrain(args) -> int:
+    if args.preset is None and args.config is None:
+        raise UsageError("give --preset NAME or --config FILE (or both: the file is read over the preset)")
+    flags = []
+    if args.workers is not None:
+        flags.append(("--workers", {"train": {"workers": args.workers}}))
+    if args.compile:
+        flags.append(("--compile", {"train": {"compile": "true"}}))
+    if args.print_config:
+        from ..config import format_sources
+
+        print(format_sources(*pretrain_config(args, flags)))
+        return 0
+    missing = [flag for flag, value in (("--images", args.images), ("--out", args.out)) if value is None]
+    if missing:
+        raise UsageError(f"the following arguments are required: {', '.join(missing)}")
+    require_source(args.images)
+    if args.proposals is not None:
+        require_dir(args.proposals, "proposal store")
+    if args.image_root is not None:
+        require_dir(args.image_root, "image root")
+    if args.resume not in ("auto", "none") and not Path(args.resume).is_file():
+        raise UsageError(f"--resume {args.resume}: expected auto, none or a checkpoint file")
+    config, _ = pretrain_config(args, flags)
+    source = config.data.views.proposal_source
+    if source == "selective_search" and args.proposals is None:
+        raise UsageError("--proposals STORE is required with data.views.proposal_source=selective_search "
+                         "(the default; make one with soco proposals), or set data.views.proposal_source="
+                         "whole_image, random or coco")
+    if source == "coco" and config.data.views.proposal_json and not Path(config.data.views.proposal_json).is_file():
+        raise UsageError(f"data.views.proposal_json={config.data.views.proposal_json}: no such file")
+    from ..train.loop import pretrain
+
+    pretrain(config, args.images, args.proposals, Path(args.out), max_steps=args.max_steps,
+             resume=args.resume, image_root=args.image_root)
+    return 0
+
+
+# ---------------------------------------------------------------- soco config show
+
+
+def add_config(subparsers):
+    p = add_command(
+        subparsers,
+        "config",
+        help="show the resolved pretraining config: every key, its value and its source",
+        description="Inspect the pretraining config that soco pretrain would use.",
+        examples=[
+            "soco config show --preset tiny",
+            "soco config show --preset fpn-100ep --set train.epochs=200 --config my.yaml",
+        ],
+    )
+    p.set_defaults(func=lambda args: missing_subcommand(p))
+    sub = p.add_subparsers(title="what to do", metavar="WHAT", parser_class=Parser)
+    show = add_command(
+        sub,
+        "show",
+        help="print every key of the pretraining config with its value and source",
+        description=(
+            "Print the pretraining config resolved as soco pretrain resolves it (the defaults <\n"
+            "--preset < --config FILE < --set): one line per key, 'key: value  # source', the\n"
+            "source being default, preset NAME, file FILE or --set. Same as soco pretrain ...\n"
+            "--print-config."
+        ),
+        examples=[
+            "soco config show --preset tiny",
+            "soco config show --preset fpn-100ep --set train.epochs=200",
+            "soco config show --config runs/tiny/config.yaml",
+        ],
+    )
+    _add_config_sources(show, preset_required=False)
+    show.set_defaults(func=cmd_config_show)
+
+
+def cmd_config_show(args) -> int:
+    from ..config import format_sources
+
+    print(format_sources(*pretrain_config(args)))
+    return 0

@@ -1,0 +1,84 @@
+"""The encoder an export writes: one network of a SoCo checkpoint, checked against the detector."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..weights import PREFIXES, WeightsError, read_soco_checkpoint
+from ..weights import resolve_checkpoint as _resolve
+from .common import DEFAULT_WEIGHTS, WEIGHTS, ExportError
+
+
+@dataclass
+class EncoderWeights:
+    """One network's encoder from a SoCo checkpoint: keys without the ``encoder.`` prefix."""
+
+    state: dict[str, torch.Tensor]
+    arch: str
+    weights: str
+    checkpoint: Path
+    step: int | None
+    unused: dict[str, int]  # checkpoint "model" keys not in this encoder, per top-level module
+
+
+def resolve_checkpoint(source) -> Path:
+    """A run folder (its ``checkpoints/last.pt``, else the latest ``step_N.pt``) or a file;
+    :class:`ExportError` otherwise (the lookup is ``transfer.weights.resolve_checkpoint``)."""
+    try:
+        return _resolve(source)
+    except WeightsError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def read_encoder(source, weights: str = DEFAULT_WEIGHTS) -> EncoderWeights:
+    """Load a checkpoint and take the online (``encoder.*``) or target (``target_encoder.*``) encoder.
+
+    Raises :class:`ExportError` (one line) for a missing or unreadable file, a file that is not a
+    SoCo checkpoint, an unknown ``model.arch`` or encoder keys/shapes that differ from the
+    detector's (e.g. a changed ``model.head_dim``).
+    """
+    if weights not in WEIGHTS:
+        raise ExportError(f"unknown weights {weights!r} (choose online or target)")
+    try:
+        found = read_soco_checkpoint(source)
+    except WeightsError as exc:
+        raise ExportError(str(exc)) from None
+    prefix = PREFIXES[weights]
+    encoder = found.network(weights)
+    if not encoder:
+        raise ExportError(f"{found.path}: has no {weights} network ({prefix}* keys)")
+    _check_encoder(encoder, found.arch, found.path, prefix)
+    unused = Counter(k.split(".", 1)[0] for k in found.model if not k.startswith(prefix))
+    return EncoderWeights(encoder, found.arch, weights, found.path, found.step, dict(unused))
+
+
+def _reference_shapes(arch: str) -> dict[str, torch.Size]:
+    """Key -> shape of the encoder the detectors expect (default ModelConfig), built on 'meta'."""
+    from ...config import ModelConfig
+    from ...model.encoder import SoCoEncoder
+
+    with torch.device("meta"):
+        encoder = SoCoEncoder(ModelConfig(arch=arch))
+    return {k: v.shape for k, v in encoder.state_dict().items()}
+
+
+def _check_encoder(encoder: dict, arch: str, path: Path, prefix: str) -> None:
+    reference = _reference_shapes(arch)
+    absent = [k for k in reference if k not in encoder]
+    extra = [k for k in encoder if k not in reference]
+    if absent or extra:
+        what = f"lacks {prefix}{absent[0]}" if absent else f"has unexpected {prefix}{extra[0]}"
+        raise ExportError(
+            f"{path}: not a SoCo {arch} checkpoint this version can export ({what}; "
+            f"{len(absent)} missing, {len(extra)} unexpected keys)"
+        )
+    for key, shape in reference.items():
+        if encoder[key].shape != shape:
+            raise ExportError(
+                f"{path}: {prefix}{key} has shape {tuple(encoder[key].shape)}, the detector's is {tuple(shape)} "
+                "(only the Mask R-CNN sizes export: model.head_dim=1024, model.roi_size=7)"
+            )

@@ -1,0 +1,126 @@
+"""Detectron2 (names of Detectron2 v0.6): a pickle of float32 arrays and a ready config.
+
+Names: detectron2/modeling/backbone/resnet.py (``stem.conv1``, ``res2..res5``, ``convK`` /
+``shortcut`` with ``.norm``), backbone/fpn.py (``fpn_lateral{s}`` / ``fpn_output{s}`` on stage
+s = 2..5), roi_heads/box_head.py (FastRCNNConvFCHead ``conv1..4``, ``fc1``) and
+roi_heads/roi_heads.py (Res5ROIHeads owns ``res5``). Norms carry no ``num_batches_tracked``, as
+Detectron2's model-zoo pickles (momentum BatchNorm never reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+from ...files import atomic_write, atomic_write_text
+from .common import BN, DETECTRON2_VERSION, FINETUNE_WEIGHT_DECAY, Exporter, Written, config_values, render_template
+
+_NORM = ("weight", "bias", "running_mean", "running_var")
+
+
+def _resnet(key: str) -> str | None:
+    """torchvision ResNet key -> Detectron2 ResNet key (stem, resN.i.convK(.norm), shortcut)."""
+    if key.endswith("num_batches_tracked"):
+        return None
+    if key == "conv1.weight":
+        return "stem.conv1.weight"
+    if m := re.fullmatch(rf"bn1\.{BN}", key):
+        return f"stem.conv1.norm.{m[1]}"
+    m = re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", key)
+    if m is None:
+        return None
+    block, rest = f"res{int(m[1]) + 1}.{m[2]}", m[3]
+    if c := re.fullmatch(r"conv([1-3])\.weight", rest):
+        return f"{block}.conv{c[1]}.weight"
+    if c := re.fullmatch(rf"bn([1-3])\.{BN}", rest):
+        return f"{block}.conv{c[1]}.norm.{c[2]}"
+    if rest == "downsample.0.weight":
+        return f"{block}.shortcut.weight"
+    if c := re.fullmatch(rf"downsample\.1\.{BN}", rest):
+        return f"{block}.shortcut.norm.{c[1]}"
+    return None
+
+
+def _fpn(key: str):
+    if key.startswith("backbone.body."):
+        name = _resnet(key[len("backbone.body."):])
+        return None if name is None else (f"backbone.bottom_up.{name}", "backbone.bottom_up")
+    # torchvision FPN: inner_blocks[i] (1x1 lateral) and layer_blocks[i] (3x3 output) act on
+    # C(i+2) -> P(i+2); Detectron2 names them by that stage: fpn_lateral{i+2}, fpn_output{i+2}.
+    if m := re.fullmatch(rf"backbone\.fpn\.(inner|layer)_blocks\.([0-3])\.(?:0\.weight|1\.{BN})", key):
+        kind = "lateral" if m[1] == "inner" else "output"
+        name = f"backbone.fpn_{kind}{int(m[2]) + 2}"
+        return (f"{name}.weight" if m[3] is None else f"{name}.norm.{m[3]}"), "backbone.fpn_lateral/output"
+    if m := re.fullmatch(rf"box_head\.([0-3])\.(?:0\.weight|1\.{BN})", key):
+        name = f"roi_heads.box_head.conv{int(m[1]) + 1}"
+        return (f"{name}.weight" if m[2] is None else f"{name}.norm.{m[2]}"), "roi_heads.box_head"
+    if m := re.fullmatch(r"box_head\.5\.(weight|bias)", key):  # the fc after Flatten (index 4)
+        return f"roi_heads.box_head.fc1.{m[1]}", "roi_heads.box_head"
+    return None
+
+
+def _c4(key: str):
+    if not key.startswith("backbone."):
+        return None
+    name = _resnet(key[len("backbone."):])
+    if name is None:
+        return None
+    if name.startswith("res5."):  # Res5ROIHeads owns res5
+        return f"roi_heads.{name}", "roi_heads.res5"
+    return f"backbone.{name}", "backbone"
+
+
+def _layer(name: str) -> list[str]:  # a Conv2d / Linear with bias
+    return [f"{name}.weight", f"{name}.bias"]
+
+
+def _normed(name: str) -> list[str]:  # a Conv2d(bias=False, norm=BN)
+    return [f"{name}.weight"] + [f"{name}.norm.{p}" for p in _NORM]
+
+
+def not_pretrained(arch: str) -> dict[str, list[str]]:
+    """Keys of the config's Mask R-CNN that SoCo does not pretrain, per module (Detectron2 v0.6):
+    proposal_generator/rpn.py StandardRPNHead (conv, objectness_logits, anchor_deltas),
+    roi_heads/fast_rcnn.py FastRCNNOutputLayers (cls_score, bbox_pred), roi_heads/mask_head.py
+    MaskRCNNConvUpsampleHead (mask_fcn1..4 with norm for FPN, NUM_CONV 4; none for C4, NUM_CONV 0;
+    deconv, predictor)."""
+    mask_convs = 4 if arch == "fpn" else 0
+    return {
+        "proposal_generator.rpn_head": [k for n in ("conv", "objectness_logits", "anchor_deltas")
+                                        for k in _layer(f"proposal_generator.rpn_head.{n}")],
+        "roi_heads.box_predictor": [k for n in ("cls_score", "bbox_pred") for k in _layer(f"roi_heads.box_predictor.{n}")],
+        "roi_heads.mask_head": ([k for i in range(1, mask_convs + 1) for k in _normed(f"roi_heads.mask_head.mask_fcn{i}")]
+                                + [k for n in ("deconv", "predictor") for k in _layer(f"roi_heads.mask_head.{n}")]),
+    }
+
+
+class Detectron2Exporter(Exporter):
+    name = "detectron2"
+    mappers = {"fpn": _fpn, "c4": _c4}
+    config_suffix = ".yaml"
+
+    def write(self, state: dict, source, out: Path, config_out: Path | None, stamp: dict) -> Written:
+        payload = {
+            "model": {k: v.numpy() for k, v in state.items()},
+            "__author__": "soco-pretrain",
+            "matching_heuristics": True,
+            **stamp,
+        }
+        atomic_write(out, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write_text(config_out, self.config(source, out.resolve()))
+        return Written(
+            layout=(f"Detectron2 pickle, names of Detectron2 {DETECTRON2_VERSION} Mask R-CNN "
+                    f"R50-{source.arch.upper()} (load with MODEL.WEIGHTS)"),
+            missing={module: len(keys) for module, keys in not_pretrained(source.arch).items()},
+            config_out=config_out,
+            notes=("num_batches_tracked is left out (Detectron2 checkpoints carry none; "
+                   "Detectron2 may list it as missing: harmless)",),
+        )
+
+    def config(self, source, weights_path: Path) -> str:
+        """A self-contained Detectron2 v0.6 config (Base-RCNN-FPN/C4 settings inlined)."""
+        return render_template(f"detectron2_{source.arch}.yaml.tmpl", **config_values(source),
+                               weights_path=json.dumps(str(weights_path)),
+                               weight_decay_fixed=f"{FINETUNE_WEIGHT_DECAY:.6f}")

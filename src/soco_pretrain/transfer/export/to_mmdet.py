@@ -1,0 +1,95 @@
+"""MMDetection (names of MMDetection v3.3.0): ``{"state_dict", "meta"}`` and a ready config.
+
+Names: mmdet/models/backbones/resnet.py (its ResNet keys equal torchvision's), necks/fpn.py
+(``lateral_convs.i`` / ``fpn_convs.i`` ConvModules with ``.conv`` and ``.bn``, i = 0..3 on
+C2..C5), roi_heads/bbox_heads/convfc_bbox_head.py (Shared4Conv1FCBBoxHead ``shared_convs.0..3``,
+``shared_fcs.0``) and roi_heads/shared_heads/res_layer.py (ResLayer(stage=3) registers
+``layer4``). Norms keep ``num_batches_tracked`` (BatchNorm2d / SyncBatchNorm state dicts).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ...files import atomic_write, atomic_write_text
+from .common import BN_ALL, FINETUNE_WEIGHT_DECAY, MMDET_VERSION, Exporter, Written, config_values, render_template
+
+_NORM = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _fpn(key: str):
+    if key.startswith("backbone.body."):  # mmdet ResNet: conv1, bn1, layerN.i.convK/bnK/downsample.{0,1}
+        return f"backbone.{key[len('backbone.body.'):]}", "backbone"
+    if m := re.fullmatch(rf"backbone\.fpn\.(inner|layer)_blocks\.([0-3])\.(?:0\.weight|1\.{BN_ALL})", key):
+        kind = "lateral_convs" if m[1] == "inner" else "fpn_convs"
+        name = f"neck.{kind}.{m[2]}"  # ConvModule: .conv, .bn
+        return (f"{name}.conv.weight" if m[3] is None else f"{name}.bn.{m[3]}"), "neck"
+    if m := re.fullmatch(rf"box_head\.([0-3])\.(?:0\.weight|1\.{BN_ALL})", key):
+        name = f"roi_head.bbox_head.shared_convs.{m[1]}"
+        return (f"{name}.conv.weight" if m[2] is None else f"{name}.bn.{m[2]}"), "roi_head.bbox_head"
+    if m := re.fullmatch(r"box_head\.5\.(weight|bias)", key):
+        return f"roi_head.bbox_head.shared_fcs.0.{m[1]}", "roi_head.bbox_head"
+    return None
+
+
+def _c4(key: str):
+    if key.startswith("backbone.layer4."):  # mmdet ResLayer(stage=3) registers it as layer4
+        return f"roi_head.shared_head.{key[len('backbone.'):]}", "roi_head.shared_head"
+    if key.startswith("backbone."):
+        return key, "backbone"
+    return None
+
+
+def _layer(name: str) -> list[str]:  # a Conv2d / Linear with bias
+    return [f"{name}.weight", f"{name}.bias"]
+
+
+def _conv_module(name: str) -> list[str]:  # ConvModule(norm_cfg=BN): conv without bias + bn
+    return [f"{name}.conv.weight"] + [f"{name}.bn.{p}" for p in _NORM]
+
+
+def not_pretrained(arch: str) -> dict[str, list[str]]:
+    """Keys of the config's Mask R-CNN that SoCo does not pretrain, per module (MMDetection
+    v3.3.0): dense_heads/rpn_head.py (rpn_conv, rpn_cls, rpn_reg), bbox_heads/bbox_head.py
+    (fc_cls, fc_reg), mask_heads/fcn_mask_head.py (convs.0..3 ConvModule with bn for FPN; none
+    for C4; upsample, conv_logits)."""
+    mask_convs = 4 if arch == "fpn" else 0
+    return {
+        "rpn_head": [k for n in ("rpn_conv", "rpn_cls", "rpn_reg") for k in _layer(f"rpn_head.{n}")],
+        "roi_head.bbox_head": [k for n in ("fc_cls", "fc_reg") for k in _layer(f"roi_head.bbox_head.{n}")],
+        "roi_head.mask_head": ([k for i in range(mask_convs) for k in _conv_module(f"roi_head.mask_head.convs.{i}")]
+                               + [k for n in ("upsample", "conv_logits") for k in _layer(f"roi_head.mask_head.{n}")]),
+    }
+
+
+class MmdetExporter(Exporter):
+    name = "mmdet"
+    mappers = {"fpn": _fpn, "c4": _c4}
+    config_suffix = ".py"
+
+    def write(self, state: dict, source, out: Path, config_out: Path | None, stamp: dict) -> Written:
+        meta = {
+            "author": "soco-pretrain",
+            "source": str(source.checkpoint),
+            "weights": source.weights,
+            "arch": source.arch,
+            "step": source.step,
+            "naming": f"MMDetection {MMDET_VERSION}",
+            **stamp,
+        }
+        atomic_write(out, lambda f: torch.save({"state_dict": state, "meta": meta}, f))
+        atomic_write_text(config_out, self.config(source, out.resolve()))
+        return Written(
+            layout=(f"MMDetection checkpoint {{'state_dict', 'meta'}}, names of MMDetection {MMDET_VERSION} "
+                    f"Mask R-CNN R50-{source.arch.upper()}"),
+            missing={module: len(keys) for module, keys in not_pretrained(source.arch).items()},
+            config_out=config_out,
+        )
+
+    def config(self, source, weights_path: Path) -> str:
+        """An MMDetection 3.x config inheriting the model zoo's Mask R-CNN R50-FPN or R50-C4 1x."""
+        return render_template(f"mmdet_{source.arch}.py.tmpl", **config_values(source),
+                               weights_path=repr(str(weights_path)), weight_decay=str(FINETUNE_WEIGHT_DECAY))
