@@ -23,14 +23,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import PretrainConfig, to_dict
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
-from ..errors import NonFiniteLossError, UserError  # noqa: F401 - NonFiniteLossError: pretrain raises it
+from ..errors import NonFiniteLossError, UserError  # noqa: F401 - NonFiniteLossError: raised by the engine for pretrain()
 
 CONFIG_FILE = "config.yaml"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

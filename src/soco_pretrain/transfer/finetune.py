@@ -29,10 +29,8 @@ grad scaler, RNG; the data stream is a function of the seed and the iteration), 
 
 from __future__ import annotations
 
-from ..errors import NonFiniteLossError, UserError
 import bisect
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,12 +38,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import FinetuneOptions  # the options live with every command's config
+from ..engine.loader import build_loader
+from ..engine.skips import SkipLog
+from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
+from ..errors import UserError
+from ..files import atomic_write_json
 from .coco import CocoDetection, TrainStream, collate, load_coco, select_fraction, trainable_images
 from .coco_eval import coco_evaluate, format_metrics, to_coco_results
-from ..config import FinetuneOptions  # the options live with every command's config
-from ..files import atomic_write_json
-from ..train.loop import autocast
-from .detector import DEFAULT_SOCO_WEIGHTS, build_detector, eval_sizes, load_weights
+from .detector import build_detector, eval_sizes, load_weights
 
 SCHEDULES = {"1x": 90_000, "2x": 180_000}  # iterations at batch 16 (Detectron2)
 REFERENCE_BATCH = 16  # paper 4.2: batch 16, lr 0.02
@@ -123,37 +124,9 @@ def _to_device(items: list[dict], device: torch.device, with_targets: bool):
     return images, targets
 
 
-class Skips:
-    """Images that failed to decode (or did not match the JSON's size), by path."""
-
-    def __init__(self):
-        self.reasons: dict[str, str] = {}
-        self.count = 0
-
-    def add(self, items) -> None:
-        for item in items:
-            if item["error"] is not None:
-                path, reason = item["error"]
-                self.count += 1
-                if path not in self.reasons:
-                    self.reasons[path] = reason
-                    print(f"soco: warning: skipped {path}: {reason}", flush=True)
-
-    def summary(self, what: str) -> str:
-        lines = [f"{what}: {len(self.reasons)} image(s) skipped ({self.count} times):"]
-        lines += [f"  {p}: {r}" for p, r in sorted(self.reasons.items())[:20]]
-        if len(self.reasons) > 20:
-            lines.append(f"  ... and {len(self.reasons) - 20} more")
-        return "\n".join(lines)
-
-
 def _loader(dataset, batch: int, workers: int, device: torch.device, sampler=None, seed: int = 0):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        # its own generator: creating the loader never consumes the global RNG (exact resume)
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return build_loader(dataset, batch, sampler=sampler, collate_fn=collate, workers=workers, seed=seed,
+                        pin_memory=device.type == "cuda")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -173,7 +146,7 @@ def evaluate(model: nn.Module, coco_val, label_to_cat: dict[int, int], masks: bo
     rank, world = get_rank(), get_world_size()
     dataset = CocoDetection(coco_val, coco_val.images[rank::world], masks, targets=False)
     loader = _loader(dataset, batch, workers, device)
-    results, evaluated, skips = [], [], Skips()
+    results, evaluated, skips = [], [], SkipLog(warn=True)
     was_training = model.training
     model.eval()
     bar = None
@@ -184,7 +157,7 @@ def evaluate(model: nn.Module, coco_val, label_to_cat: dict[int, int], masks: bo
     try:
         with eval_sizes(model):
             for items in loader:
-                skips.add(items)
+                skips.update(item["error"] for item in items if item["error"] is not None)
                 good = [item for item in items if item["image"] is not None]
                 images, _ = _to_device(good, device, with_targets=False)
                 if images:
@@ -241,7 +214,212 @@ def precise_bn(model: nn.Module, batches, num_iters: int, device: torch.device, 
             m.momentum = momentum
 
 
-# ---------------------------------------------------------------- the fine-tune
+# ---------------------------------------------------------------- the job, the step, the hooks
+
+
+@dataclass
+class Job:
+    """One fine-tuning invocation: data, detector, optimiser (one per process)."""
+
+    opts: FinetuneOptions
+    plan: Plan
+    coco_train: object
+    coco_val: object
+    masks: bool
+    usable: list
+    train_set: list
+    core: nn.Module  # the detector itself
+    model: nn.Module  # core, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    report: object  # which weights loaded into which module
+    device: torch.device
+    rank: int
+    world: int
+    is_main: bool
+
+    def batches(self, seed: int, start: int):
+        """This process's batches from iteration ``start`` of the stream seeded ``seed``."""
+        per_rank = self.opts.batch // self.world
+        stream = TrainStream(len(self.train_set), per_rank, self.rank, self.world, seed, start)
+        dataset = CocoDetection(self.coco_train, self.train_set, self.masks)
+        return iter(_loader(dataset, per_rank, self.opts.workers, self.device, sampler=stream, seed=seed))
+
+
+def build_job(weights, train_json, train_images, val_json, val_images, out: Path, opts: FinetuneOptions,
+              info) -> Job:
+    from ..model.soco import convert_sync_bn
+
+    dev, world, is_main = info.device, info.world_size, info.is_main
+    if opts.precision == "fp16" and dev.type != "cuda":
+        raise FinetuneError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if opts.batch % world:
+        raise FinetuneError(f"batch {opts.batch} is not divisible by the {world} processes")
+    coco_train, coco_val = load_coco(train_json, train_images), load_coco(val_json, val_images)
+    masks = coco_train.has_masks and not opts.boxes_only
+    if coco_val.cat_ids != coco_train.cat_ids and is_main:
+        print(f"note: {coco_val.json_path.name} and {coco_train.json_path.name} list different categories; "
+              "labels follow the training JSON", flush=True)
+    usable = trainable_images(coco_train, masks)
+    if not usable and not opts.eval_only:
+        raise FinetuneError(f"{coco_train.json_path}: no image has a usable annotation "
+                            "(non-crowd, non-empty box" + (", with a mask)" if masks else ")"))
+    train_set = select_fraction(usable, opts.fraction, opts.seed) if usable else []
+    if is_main and opts.fraction < 1.0:
+        atomic_write_json(out / "train_subset.json", {"fraction": opts.fraction, "seed": opts.seed,
+                                                      "image_ids": [im["id"] for im in train_set]})
+    torch.manual_seed(opts.seed)  # the same new heads on every rank
+    core = build_detector(
+        coco_train.num_classes, masks, opts.train_sizes, opts.test_size or max(opts.train_sizes), opts.max_size,
+        box_batch_size_per_image=opts.roi_batch, rpn_post_nms_top_n_train=opts.rpn_train_proposals,
+        rpn_post_nms_top_n_test=opts.test_proposals, box_detections_per_img=opts.detections)
+    report = load_weights(core, weights, opts.soco_weights)
+    if is_main:
+        print(report.format(), flush=True)
+    core = convert_sync_bn(core.to(dev))  # SyncBN only when world size > 1 (paper 4.2)
+    plan = make_plan(opts)
+    optimizer = torch.optim.SGD(param_groups(core, opts.weight_decay, opts.weight_decay_norm), lr=plan.lr,
+                                momentum=opts.momentum)
+    model = core
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(core, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return Job(opts=opts, plan=plan, coco_train=coco_train, coco_val=coco_val, masks=masks, usable=usable,
+               train_set=train_set, core=core, model=model, optimizer=optimizer,
+               scaler=torch.amp.GradScaler(dev.type, enabled=opts.precision == "fp16"), report=report, device=dev,
+               rank=info.rank, world=world, is_main=is_main)
+
+
+def resume_job(job: Job, manager) -> tuple[int, Path | None]:
+    """Load ``--resume``'s checkpoint (if any) into the job; returns (iteration, its path)."""
+    from ..engine.checkpoint import load_checkpoint, set_rng_state
+
+    path = manager.resume_from(job.opts.resume)
+    if path is None:
+        return 0, None
+    state = load_checkpoint(path, map_location=job.device)
+    if state.get("num_classes") != job.coco_train.num_classes or state.get("masks") != job.masks:
+        raise FinetuneError(f"{path}: made for {state.get('num_classes')} classes "
+                            f"({'masks' if state.get('masks') else 'boxes only'}), this data needs "
+                            f"{job.coco_train.num_classes} ({'masks' if job.masks else 'boxes only'}); "
+                            "use another --out or --resume none")
+    job.core.load_state_dict(state["model"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    if job.is_main:
+        print(f"resumed from {path} at iteration {int(state['iteration'])}", flush=True)
+    return int(state["iteration"]), path
+
+
+class FinetuneStep:
+    """One SGD iteration of the detector: this process's share of the batch, Detectron2's
+    WarmupMultiStepLR, the summed losses (averaged over the processes for the guard and the log)."""
+
+    def __init__(self, job: Job, start: int, skips: SkipLog):
+        self.job, self.skips = job, skips
+        self.batches = job.batches(job.opts.seed, start)
+        self.last_good = None
+
+    def __call__(self, iteration: int) -> StepOutput:
+        from ..engine.distributed import all_reduce_mean
+
+        job = self.job
+        items = next(self.batches)
+        self.skips.update(item["error"] for item in items if item["error"] is not None)
+        images, targets = _to_device(items, job.device, with_targets=True)
+        if images:
+            self.last_good = (images, targets)
+        elif self.last_good is None:
+            raise FinetuneError("every image of the first batch failed to decode (see the warnings)")
+        else:
+            images, targets = self.last_good  # keeps every rank stepping together
+        lr = lr_at(iteration, job.plan)
+        set_lr(job.optimizer, lr)
+        with autocast(job.device, job.opts.precision):
+            losses = job.model(images, targets)
+        loss = sum(losses.values())
+        value = all_reduce_mean(loss.detach().float()).item()
+        job.optimizer.zero_grad(set_to_none=True)
+        job.scaler.scale(loss).backward()
+        job.scaler.step(job.optimizer)
+        job.scaler.update()
+        return StepOutput(loss=value, images=job.opts.batch, parts={k: float(v.detach()) for k, v in losses.items()},
+                          scalars={"lr": lr})
+
+    def close(self) -> None:
+        self.batches = None
+
+
+class EvalHook(Hook):
+    """Precise BN then COCO evaluation every ``eval_every`` iterations and at the end (Detectron2's
+    order; the checkpointer saves after it, with the re-estimated statistics)."""
+
+    def __init__(self, evaluate_at, every: int):
+        self.evaluate_at, self.every = evaluate_at, every
+        self.metrics: dict = {}
+
+    def due(self, trainer) -> bool:
+        return trainer.is_last or trainer.every(self.every)
+
+    def after_step(self, trainer) -> None:
+        if not self.due(trainer):
+            return
+        with trainer.side_work():
+            self.metrics = self.evaluate_at(trainer.step)
+        trainer.record.update({f"{t}_{k}": v for t in ("bbox", "segm") for k, v in self.metrics.get(t, {}).items()})
+        if self.metrics and not trainer.is_last:  # the final block is printed once, with the summary
+            trainer.metrics.bar.write(f"iteration {trainer.step}:\n{format_metrics(self.metrics)}")
+
+
+def make_evaluator(job: Job):
+    """``evaluate_at(iteration) -> metrics``: precise BN on training batches, then COCO AP."""
+    opts, dev = job.opts, job.device
+
+    def evaluate_at(at: int) -> dict:
+        start = time.perf_counter()
+        # BN re-estimation and evaluation must not shift the training RNG stream.
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            n = min(opts.precise_bn, max(job.plan.max_iters, 1))
+            if n > 0 and job.train_set and not opts.eval_only:
+                precise_bn(job.core, job.batches(opts.seed * 1_000_003 + at + 1, 0), n, dev, opts.precision)
+            metrics = evaluate(job.core, job.coco_val, job.coco_train.label_to_cat, job.masks, dev,
+                               opts.batch // job.world, opts.workers, opts.precision, progress=opts.progress)
+        if job.is_main:
+            metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
+        return metrics
+
+    return evaluate_at
+
+
+def make_trainer(job: Job, out: Path, start: int, resumed_from, skips: SkipLog) -> Trainer:
+    from ..engine.checkpoint import CheckpointManager, Checkpointer, rng_state
+    from ..engine.distributed import barrier
+    from ..engine.metrics import Metrics
+
+    opts = job.opts
+    evaluation = EvalHook(make_evaluator(job), opts.eval_every)
+
+    def state() -> dict:
+        return {"model": job.core.state_dict(), "optimizer": job.optimizer.state_dict(),
+                "scaler": job.scaler.state_dict(), "iteration": trainer.step, "step": trainer.step,
+                "rng": rng_state(), "options": asdict(opts), "num_classes": job.coco_train.num_classes,
+                "masks": job.masks, "categories": job.coco_train.cat_ids, "world_size": job.world}
+
+    metrics = Metrics(
+        out, total_steps=job.plan.max_iters, initial=start, enabled=job.is_main, progress=opts.progress,
+        desc="finetune", tensorboard=False, log_due=lambda tr: tr.every(opts.log_every) or evaluation.due(tr),
+        record=lambda tr, w: {"loss": w.loss, "lr": tr.output.scalars["lr"],
+                              "images_per_s": round(w.images_per_s, 3), **w.parts},
+        where=lambda tr: f"in iteration {tr.step}", hint="Try a lower --lr or --precision fp32.")
+    checkpointer = Checkpointer(CheckpointManager(out, keep=1), state, is_main=job.is_main, barrier=barrier,
+                                due=lambda tr: tr.every(opts.checkpoint_every) or evaluation.due(tr))
+    trainer = Trainer(FinetuneStep(job, start, skips), start, job.plan.max_iters, [evaluation], metrics=metrics,
+                      checkpointer=checkpointer)
+    trainer.last_checkpoint, trainer.evaluation = resumed_from, evaluation
+    return trainer
+
+
+# ---------------------------------------------------------------- the entry point
 
 
 def finetune(weights, train_json, train_images, val_json, val_images, out, options: FinetuneOptions | None = None,
@@ -252,9 +430,40 @@ def finetune(weights, train_json, train_images, val_json, val_images, out, optio
     ``options`` (or keyword ``overrides`` of its fields) set the recipe. Raises FinetuneError,
     CocoError, WeightsError, CheckpointError, NonFiniteLossError.
     """
-    from ..train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-    from ..train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+    from ..engine.checkpoint import CheckpointManager
+    from ..engine.distributed import cleanup, init_distributed
 
+    opts, out = _options(options, overrides), Path(out)
+    info = init_distributed(opts.device)
+    try:
+        job = build_job(weights, train_json, train_images, val_json, val_images, out, opts, info)
+        start, resumed_from = resume_job(job, CheckpointManager(out, keep=1))
+        if opts.eval_only:
+            return _finish(job, out, weights, start, make_evaluator(job)(start), None, 0.0, eval_only=True)
+        if start >= job.plan.max_iters and (out / METRICS_FILE).is_file():
+            if job.is_main:
+                stored = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+                print(f"already finished ({start} iterations); metrics in {out / METRICS_FILE}\n"
+                      f"{format_metrics(stored)}", flush=True)
+                return stored
+            return {}
+        if job.is_main:
+            _announce(job)
+        skips = SkipLog(warn=True)
+        trainer = make_trainer(job, out, start, resumed_from, skips)
+        metrics = make_evaluator(job)(start) if start >= job.plan.max_iters else {}  # finished, metrics lost
+        job.model.train()
+        try:
+            trainer.run()
+        finally:
+            trainer.run_step.close()
+        return _finish(job, out, weights, trainer.step, trainer.evaluation.metrics or metrics, skips,
+                       trainer.seconds, saved=trainer.last_checkpoint)
+    finally:
+        cleanup()
+
+
+def _options(options: FinetuneOptions | None, overrides: dict) -> FinetuneOptions:
     opts = options or FinetuneOptions()
     if overrides:
         unknown = sorted(set(overrides) - set(FinetuneOptions.__dataclass_fields__))
@@ -265,203 +474,37 @@ def finetune(weights, train_json, train_images, val_json, val_images, out, optio
         raise FinetuneError(f"precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
     if not 0.0 < opts.fraction <= 1.0:
         raise FinetuneError(f"fraction must be in (0, 1], got {opts.fraction}")
-    out = Path(out)
-    plan = make_plan(opts)
+    make_plan(opts)  # schedule and batch errors before any data is read
+    return opts
 
-    info = init_distributed(opts.device)
-    dev, world, is_main = info.device, info.world_size, info.is_main
-    try:
-        if opts.precision == "fp16" and dev.type != "cuda":
-            raise FinetuneError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        if opts.batch % world:
-            raise FinetuneError(f"batch {opts.batch} is not divisible by the {world} processes")
-        per_rank = opts.batch // world
-        coco_train = load_coco(train_json, train_images)
-        coco_val = load_coco(val_json, val_images)
-        masks = coco_train.has_masks and not opts.boxes_only
-        if coco_val.cat_ids != coco_train.cat_ids and is_main:
-            print(f"note: {coco_val.json_path.name} and {coco_train.json_path.name} list different categories; "
-                  "labels follow the training JSON", flush=True)
-        usable = trainable_images(coco_train, masks)
-        if not usable and not opts.eval_only:
-            raise FinetuneError(f"{coco_train.json_path}: no image has a usable annotation "
-                                "(non-crowd, non-empty box" + (", with a mask)" if masks else ")"))
-        train_set = select_fraction(usable, opts.fraction, opts.seed) if usable else []
-        if is_main and opts.fraction < 1.0:
-            atomic_write_json(out / "train_subset.json", {"fraction": opts.fraction, "seed": opts.seed,
-                                                   "image_ids": [im["id"] for im in train_set]})
 
-        # ---- model
-        test_size = opts.test_size or max(opts.train_sizes)
-        torch.manual_seed(opts.seed)  # the same new heads on every rank
-        model = build_detector(
-            coco_train.num_classes, masks, opts.train_sizes, test_size, opts.max_size,
-            box_batch_size_per_image=opts.roi_batch, rpn_post_nms_top_n_train=opts.rpn_train_proposals,
-            rpn_post_nms_top_n_test=opts.test_proposals, box_detections_per_img=opts.detections)
-        report = load_weights(model, weights, opts.soco_weights)
-        if is_main:
-            print(report.format(), flush=True)
-        from ..model.soco import convert_sync_bn
+def _announce(job: Job) -> None:
+    opts, plan = job.opts, job.plan
+    print(f"fine-tuning {'Mask' if job.masks else 'Faster'} R-CNN on {len(job.train_set)} images "
+          f"({len(job.usable)} usable, fraction {opts.fraction:g}), {job.coco_train.num_classes - 1} classes: "
+          f"{plan.max_iters} iterations at batch {opts.batch} ({opts.batch // job.world} x {job.world}), lr "
+          f"{plan.lr:g}, drops at {plan.steps[0]} and {plan.steps[1]}, warm-up {plan.warmup_iters}, "
+          f"{opts.precision} on {job.device}", flush=True)
 
-        model = convert_sync_bn(model.to(dev))  # SyncBN only when world size > 1 (paper 4.2)
-        core = model
-        optimizer = torch.optim.SGD(param_groups(core, opts.weight_decay, opts.weight_decay_norm), lr=plan.lr,
-                                    momentum=opts.momentum)
-        scaler = torch.amp.GradScaler(dev.type, enabled=opts.precision == "fp16")
 
-        # ---- resume
-        manager = CheckpointManager(out, keep=1)
-        checkpoint = manager.resume_from(opts.resume)
-        iteration = 0
-        if checkpoint is not None:
-            state = load_checkpoint(checkpoint, map_location=dev)
-            if state.get("num_classes") != coco_train.num_classes or state.get("masks") != masks:
-                raise FinetuneError(f"{checkpoint}: made for {state.get('num_classes')} classes "
-                                    f"({'masks' if state.get('masks') else 'boxes only'}), this data needs "
-                                    f"{coco_train.num_classes} ({'masks' if masks else 'boxes only'}); "
-                                    "use another --out or --resume none")
-            core.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            iteration = int(state["iteration"])
-            set_rng_state(state["rng"])
-            if is_main:
-                print(f"resumed from {checkpoint} at iteration {iteration}", flush=True)
-
-        def checkpoint_state() -> dict:
-            return {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "iteration": iteration, "step": iteration, "rng": rng_state(), "options": asdict(opts),
-                    "num_classes": coco_train.num_classes, "masks": masks, "categories": coco_train.cat_ids,
-                    "world_size": world}
-
-        train_skips = Skips()
-
-        def batches_from(seed: int, start: int):
-            stream = TrainStream(len(train_set), per_rank, info.rank, world, seed, start)
-            dataset = CocoDetection(coco_train, train_set, masks)
-            return iter(_loader(dataset, per_rank, opts.workers, dev, sampler=stream, seed=seed))
-
-        eval_time = [0.0]
-
-        def run_eval(at: int) -> dict:
-            start = time.perf_counter()
-            # BN re-estimation and evaluation must not shift the training RNG stream.
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                n = min(opts.precise_bn, max(plan.max_iters, 1))
-                if n > 0 and train_set and not opts.eval_only:
-                    precise_bn(core, batches_from(opts.seed * 1_000_003 + at + 1, 0), n, dev, opts.precision)
-                metrics = evaluate(core, coco_val, coco_train.label_to_cat, masks, dev, per_rank, opts.workers,
-                                   opts.precision, progress=opts.progress)
-            eval_time[0] += time.perf_counter() - start
-            if is_main:
-                metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
-            return metrics
-
-        # ---- evaluation only
-        if opts.eval_only:
-            metrics = run_eval(iteration)
-            if is_main:
-                metrics.update(iterations=iteration, weights=str(weights or "none"), seconds=0.0)
-                atomic_write_json(out / METRICS_FILE, metrics)
-                print(format_metrics(metrics), flush=True)
-            return metrics
-
-        if iteration >= plan.max_iters and (out / METRICS_FILE).is_file():
-            if is_main:
-                print(f"already finished ({iteration} iterations); metrics in {out / METRICS_FILE}", flush=True)
-            return json.loads((out / METRICS_FILE).read_text(encoding="utf-8")) if is_main else {}
-        if world > 1:
-            model = nn.parallel.DistributedDataParallel(core, device_ids=[dev.index] if dev.type == "cuda" else None)
-        if is_main:
-            print(f"fine-tuning {'Mask' if masks else 'Faster'} R-CNN on {len(train_set)} images "
-                  f"({len(usable)} usable, fraction {opts.fraction:g}), {coco_train.num_classes - 1} classes: "
-                  f"{plan.max_iters} iterations at batch {opts.batch} ({per_rank} x {world}), lr {plan.lr:g}, "
-                  f"drops at {plan.steps[0]} and {plan.steps[1]}, warm-up {plan.warmup_iters}, "
-                  f"{opts.precision} on {dev}", flush=True)
-
-        from ..train.metrics import MetricsLogger, Progress
-
-        logger = MetricsLogger(out, enabled=is_main, tensorboard=False)
-        bar = Progress(plan.max_iters, initial=iteration, enabled=is_main and opts.progress, desc="finetune")
-        batches = batches_from(opts.seed, iteration)
-        window: dict[str, float] = {}
-        window_iters, window_images, window_start = 0, 0, time.perf_counter()
-        start_time, last_good, saved, metrics = time.perf_counter(), None, checkpoint, {}
-        if iteration >= plan.max_iters:  # finished before its metrics were written: evaluate again
-            metrics = run_eval(iteration)
-        model.train()
-        try:
-            while iteration < plan.max_iters:
-                items = next(batches)
-                train_skips.add(items)
-                images, targets = _to_device(items, dev, with_targets=True)
-                if images:
-                    last_good = (images, targets)
-                elif last_good is None:
-                    raise FinetuneError("every image of the first batch failed to decode (see the warnings)")
-                else:
-                    images, targets = last_good  # keeps every rank stepping together
-                lr = lr_at(iteration, plan)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast(dev, opts.precision):
-                    losses = model(images, targets)
-                loss = sum(losses.values())
-                value = all_reduce_mean(loss.detach().float()).item()
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({value}) at iteration {iteration}; stopped without saving. Last "
-                        f"checkpoint: {saved or 'none'}. Try a lower --lr or --precision fp32.")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                iteration += 1
-                step_done = time.perf_counter()  # throughput excludes checkpoints and evaluations
-                window_iters += 1
-                window_images += opts.batch
-                window["loss"] = window.get("loss", 0.0) + value
-                for k, v in losses.items():
-                    window[k] = window.get(k, 0.0) + float(v.detach())
-
-                bar.update(iteration, loss=value, lr=lr)
-                last = iteration == plan.max_iters
-                eval_now = last or (opts.eval_every and iteration % opts.eval_every == 0)
-                save_now = last or iteration % opts.checkpoint_every == 0
-                eval_metrics = {}
-                if save_now and not eval_now:
-                    if is_main:
-                        saved = manager.save(checkpoint_state(), step=iteration)
-                    barrier()
-                if eval_now:  # precise BN, checkpoint (with its statistics), evaluation: Detectron2's order
-                    eval_metrics = run_eval(iteration)
-                    if is_main:
-                        saved = manager.save(checkpoint_state(), step=iteration)  # with the precise BN statistics
-                        bar.write(f"iteration {iteration}:\n{format_metrics(eval_metrics)}")
-                    barrier()
-                    metrics = eval_metrics
-                if iteration % opts.log_every == 0 or last or eval_now:
-                    elapsed = max(step_done - window_start, 1e-9)
-                    means = {k: v / window_iters for k, v in window.items()}
-                    extras = {f"{t}_{k}": v for t in ("bbox", "segm") for k, v in eval_metrics.get(t, {}).items()}
-                    logger.log(iteration, lr=lr, images_per_s=round(window_images / elapsed, 3), **means, **extras)
-                    window, window_iters, window_images, window_start = {}, 0, 0, time.perf_counter()
-        finally:
-            bar.close()
-            logger.close()
-            del batches
-        seconds = time.perf_counter() - start_time - eval_time[0]  # training only
-        if not is_main:
-            return {}
-        metrics.update(iterations=iteration, max_iters=plan.max_iters, weights=str(weights or "none"),
-                       soco_weights=opts.soco_weights, train_images=len(train_set), fraction=opts.fraction, seed=opts.seed, batch=opts.batch,
-                       seconds=round(seconds, 2), skipped_train_images=sorted(train_skips.reasons),
-                       weights_loaded={m: list(c) for m, c in report.modules.items()})
-        atomic_write_json(out / METRICS_FILE, metrics)
-        if train_skips.reasons:
-            print(train_skips.summary("training"), flush=True)
-        print(f"finished {iteration} iterations in {seconds:.0f} s; checkpoint {saved}; metrics in "
-              f"{out / METRICS_FILE}\n{format_metrics(metrics)}", flush=True)
-        return metrics
-    finally:
-        cleanup()
+def _finish(job: Job, out: Path, weights, iteration: int, metrics: dict, skips: SkipLog | None, seconds: float,
+            saved=None, eval_only: bool = False) -> dict:
+    """Rank 0: OUT/metrics.json (atomic) and the AP block, printed once."""
+    if not job.is_main:
+        return {}
+    opts = job.opts
+    if eval_only:
+        metrics.update(iterations=iteration, weights=str(weights or "none"), seconds=0.0)
+    else:
+        metrics.update(iterations=iteration, max_iters=job.plan.max_iters, weights=str(weights or "none"),
+                       soco_weights=opts.soco_weights, train_images=len(job.train_set), fraction=opts.fraction,
+                       seed=opts.seed, batch=opts.batch, seconds=round(seconds, 2),
+                       skipped_train_images=sorted(skips.reasons),
+                       weights_loaded={m: list(c) for m, c in job.report.modules.items()})
+    atomic_write_json(out / METRICS_FILE, metrics)
+    if skips is not None and skips.reasons:
+        print(skips.summary("training: skipped images"), flush=True)
+    head = "" if eval_only else (f"finished {iteration} iterations in {seconds:.0f} s; checkpoint {saved}; "
+                                 f"metrics in {out / METRICS_FILE}\n")
+    print(f"{head}{format_metrics(metrics)}", flush=True)
+    return metrics
