@@ -39,10 +39,7 @@ Unreadable images are skipped, counted and listed in ``metrics.json``.
 
 from __future__ import annotations
 
-from ..errors import UserError
-import logging
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,9 +48,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..images import ImageError, list_images, load_rgb
 from ..config import LinearConfig  # the options live with every command's config
+from ..engine.loader import build_loader
+from ..engine.skips import SkipLog
+from ..engine.trainer import Hook, StepOutput, Trainer, set_lr
+from ..errors import UserError
 from ..files import atomic_write_json
+from ..images import ImageError, list_images, load_rgb
 
 SCHEDULES = ("cosine", "steps")
 SOCO_WEIGHTS = ("online", "target")
@@ -63,8 +64,6 @@ CHECKPOINT = "last.pt"
 # MoCo's step schedule (main_lincls.py: --schedule 60 80 of 100 epochs, x0.1 each).
 STEP_MILESTONES = (0.6, 0.8)
 MAX_LISTED = 100  # skipped files listed in metrics.json (all are counted)
-
-log = logging.getLogger("soco_pretrain.transfer.linear")
 
 
 class LinearError(UserError):
@@ -267,14 +266,6 @@ class ClassFolderDataset(torch.utils.data.Dataset):
         return {"image": x, "label": label, "error": None}
 
 
-def _note_skipped(skipped: dict, errors) -> None:
-    """Record unreadable files (path -> reason); warn once per file (every epoch meets it again)."""
-    for path, reason in errors:
-        if path not in skipped:
-            log.warning("skipped unreadable image %s: %s", path, reason)
-            skipped[path] = reason
-
-
 def _collate(items: list[dict]) -> dict:
     good = [it for it in items if it["image"] is not None]
     return {
@@ -286,15 +277,15 @@ def _collate(items: list[dict]) -> dict:
 
 def _loader(dataset, keys: list, batch_size: int, workers: int, device: torch.device):
     # keys are (epoch, index) pairs in the order to serve; batches never mix epochs.
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=workers,
-                                       collate_fn=_collate, pin_memory=device.type == "cuda")
+    return build_loader(dataset, batch_size, sampler=keys, collate_fn=_collate, workers=workers,
+                        pin_memory=device.type == "cuda")
 
 
 # ---------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(backbone, classifier, dataset, cfg: LinearConfig, device, workers: int, skipped: dict,
+def evaluate(backbone, classifier, dataset, cfg: LinearConfig, device, workers: int, skipped: SkipLog,
              progress: bool = False) -> dict:
     """Top-1 and top-k (k = min(5, classes)) accuracy in percent over the decodable images."""
     from tqdm import tqdm
@@ -304,7 +295,7 @@ def evaluate(backbone, classifier, dataset, cfg: LinearConfig, device, workers: 
     keys = [(0, i) for i in range(len(dataset))]
     bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True)
     for batch in _loader(dataset, keys, cfg.batch_size, workers, torch.device(device)):
-        _note_skipped(skipped, batch["errors"])
+        skipped.update(batch["errors"])
         if batch["images"] is not None:
             logits = classifier(backbone(batch["images"].to(device, non_blocking=True)))
             labels = batch["labels"].to(device)
@@ -339,6 +330,130 @@ def _default_workers() -> int:
     return default_workers()
 
 
+@dataclass
+class Job:
+    """One linear-probe invocation: data, frozen backbone, classifier, optimiser."""
+
+    cfg: LinearConfig
+    classes: list
+    train_set: ClassFolderDataset
+    val_set: ClassFolderDataset
+    backbone: nn.Module
+    classifier: nn.Linear
+    optimizer: torch.optim.Optimizer
+    source: dict  # which weights the backbone holds
+    device: torch.device
+    workers: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_job(weights, train_dir, val_dir, cfg: LinearConfig, soco_weights: str, device) -> Job:
+    classes, train_samples = scan_class_folder(train_dir, "train")
+    val_classes, val_samples = scan_class_folder(val_dir, "val")
+    if val_classes != classes:
+        only_train = sorted(set(classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(classes))
+        raise LinearError(f"{val_dir}: the val class folders differ from the train ones "
+                          f"(missing in val: {', '.join(only_train[:5]) or '-'}; "
+                          f"not in train: {', '.join(only_val[:5]) or '-'})")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)  # the random-init baseline and the classifier's init
+    backbone, source = load_backbone(weights, soco_weights)
+    classifier = make_classifier(len(classes)).to(dev)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.base_lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    train_set = ClassFolderDataset(train_dir, train_samples, cfg, train=True)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    return Job(cfg=cfg, classes=classes, train_set=train_set, val_set=ClassFolderDataset(val_dir, val_samples, cfg,
+               train=False), backbone=freeze(backbone).to(dev), classifier=classifier, optimizer=optimizer,
+               source=source, device=dev, workers=_default_workers() if cfg.workers is None else int(cfg.workers),
+               steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch)
+
+
+@dataclass
+class EpochState:
+    """The epoch, its steps done, and the training accuracy of its steps since the last record."""
+
+    epoch: int = 0
+    in_epoch: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def epoch_done(self, steps_per_epoch: int) -> bool:
+        return self.in_epoch >= steps_per_epoch
+
+
+class LinearStep:
+    """One SGD step of the classifier on frozen features (no activations kept for the backbone)."""
+
+    def __init__(self, job: Job, state: EpochState, skipped: SkipLog):
+        self.job, self.state, self.skipped = job, state, skipped
+        self.batches = None
+
+    def __call__(self, step: int) -> StepOutput:
+        job, st, cfg = self.job, self.state, self.job.cfg
+        if st.epoch_done(job.steps_per_epoch):
+            st.epoch, st.in_epoch, self.batches = st.epoch + 1, 0, None
+        if self.batches is None:  # per-epoch order; a resumed run skips the batches done
+            order = np.random.default_rng([cfg.seed, st.epoch]).permutation(len(job.train_set))
+            keys = [(st.epoch, int(i)) for i in order[st.in_epoch * cfg.batch_size:]]
+            self.batches = iter(_loader(job.train_set, keys, cfg.batch_size, job.workers, job.device))
+        batch = next(self.batches)
+        lr = lr_at(step, job.total_steps, job.steps_per_epoch, cfg)
+        set_lr(job.optimizer, lr)
+        self.skipped.update(batch["errors"])
+        value, n = None, 0
+        if batch["images"] is not None:
+            with torch.no_grad():  # frozen backbone: no activations kept
+                features = job.backbone(batch["images"].to(job.device, non_blocking=True))
+            labels = batch["labels"].to(job.device)
+            logits = job.classifier(features)
+            loss = nn.functional.cross_entropy(logits, labels)
+            job.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            job.optimizer.step()
+            value, n = float(loss.detach()), len(labels)
+            st.loss_sum += value * n
+            st.correct += int((logits.argmax(1) == labels).sum())
+            st.seen += n
+        st.in_epoch += 1
+        if st.epoch_done(job.steps_per_epoch):
+            self.batches = None
+        return StepOutput(loss=value, images=n, scalars={"lr": lr})
+
+    def close(self) -> None:
+        self.batches = None
+
+
+class ValidationHook(Hook):
+    """Validation top-1/top-5 at the end and every ``eval_every`` epochs (into the epoch's record)."""
+
+    def __init__(self, job: Job, state: EpochState, skipped: SkipLog, progress: bool):
+        self.job, self.state, self.skipped, self.progress = job, state, skipped, progress
+        self.result = None
+
+    def after_step(self, trainer) -> None:
+        job, every = self.job, self.job.cfg.eval_every
+        epoch_end = self.state.epoch_done(job.steps_per_epoch)
+        if not (trainer.is_last or (every and epoch_end and (self.state.epoch + 1) % every == 0)):
+            return
+        with trainer.side_work():
+            self.result = evaluate(job.backbone, job.classifier, job.val_set, job.cfg, job.device, job.workers,
+                                   self.skipped, progress=self.progress and trainer.is_last)
+        trainer.record.update(val_top1=self.result["top1"], val_top5=self.result["top5"])
+
+
+def _epoch_record(state: EpochState, steps_per_epoch: int, trainer, window) -> dict:
+    record = {"lr": trainer.output.scalars["lr"],
+              "train_loss": state.loss_sum / state.seen if state.seen else None,
+              "train_top1": 100.0 * state.correct / state.seen if state.seen else None,
+              "images_per_s": round(window.images_per_s, 2), "epoch_done": state.epoch_done(steps_per_epoch)}
+    state.loss_sum, state.correct, state.seen = 0.0, 0, 0  # the next record's window starts here
+    return record
+
+
 def linear_probe(weights, train_dir, val_dir, out_dir, config: LinearConfig | None = None,
                  soco_weights: str = "online", resume: str = "auto", max_iters: int | None = None,
                  device: str | None = None, progress: bool = True, **overrides) -> dict:
@@ -352,12 +467,6 @@ def linear_probe(weights, train_dir, val_dir, out_dir, config: LinearConfig | No
     schedule keeps its length), then evaluate. ``device``: "cpu" / "cuda" (default: CUDA if
     available). Raises LinearError (one line) for bad input.
     """
-    from tqdm import tqdm
-
-    from ..train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from ..train.metrics import MetricsLogger
-    from ..train.schedule import scaled_lr
-
     cfg = replace(config or LinearConfig(), **overrides)
     _check_config(cfg)
     if resume not in ("auto", "none"):
@@ -365,125 +474,99 @@ def linear_probe(weights, train_dir, val_dir, out_dir, config: LinearConfig | No
     if max_iters is not None and max_iters < 0:
         raise LinearError(f"max_iters must be >= 0, got {max_iters}")
     out = Path(out_dir)
-    classes, train_samples = scan_class_folder(train_dir, "train")
-    val_classes, val_samples = scan_class_folder(val_dir, "val")
-    if val_classes != classes:
-        only_train = sorted(set(classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(classes))
-        raise LinearError(f"{val_dir}: the val class folders differ from the train ones "
-                          f"(missing in val: {', '.join(only_train[:5]) or '-'}; "
-                          f"not in train: {', '.join(only_val[:5]) or '-'})")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    workers = _default_workers() if cfg.workers is None else int(cfg.workers)
-
-    torch.manual_seed(cfg.seed)  # the random-init baseline and the classifier's init
-    backbone, source = load_backbone(weights, soco_weights)
-    backbone = freeze(backbone).to(dev)
-    classifier = make_classifier(len(classes)).to(dev)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.base_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    train_set = ClassFolderDataset(train_dir, train_samples, cfg, train=True)
-    val_set = ClassFolderDataset(val_dir, val_samples, cfg, train=False)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    stop = total_steps if max_iters is None else min(total_steps, max_iters)
-
-    # ---- resume
-    ckpt_path = out / "checkpoints" / CHECKPOINT
-    step, epoch, done_in_epoch, skipped = 0, 0, 0, {}
-    if resume == "none" and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh start: no stale epochs in the log
-    if resume == "auto" and ckpt_path.is_file():
-        try:
-            state = load_checkpoint(ckpt_path, map_location=dev)
-        except CheckpointError as exc:
-            raise LinearError(f"{exc}; delete it or use --resume none") from None
-        if state.get("classes") != classes or state.get("source", {}).get("weights") != source["weights"] \
-                or state.get("source", {}).get("soco_weights") != source.get("soco_weights"):
-            raise LinearError(f"{ckpt_path}: made with other weights or classes; use another --out or --resume none")
-        classifier.load_state_dict(state["classifier"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, done_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        skipped = dict(state.get("skipped", {}))
-        print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})", flush=True)
-
-    def save():
-        save_checkpoint(ckpt_path, {"classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "step": step, "epoch": epoch, "batch_in_epoch": done_in_epoch,
-                                    "classes": classes, "source": source, "config": asdict(cfg),
-                                    "skipped": skipped})
-
-    metrics = MetricsLogger(out, tensorboard=False)
-    bar = tqdm(total=stop, initial=step, desc="linear probe", unit="step", disable=not progress, dynamic_ncols=True)
-    start, result = time.perf_counter(), None
+    job = build_job(weights, train_dir, val_dir, cfg, soco_weights, device)
+    state, skipped = EpochState(), SkipLog(warn=True)
+    start, resumed_from = _resume(job, out, resume, state, skipped)
+    stop = job.total_steps if max_iters is None else min(job.total_steps, max_iters)
+    trainer = _make_trainer(job, out, start, stop, state, skipped, progress)
+    trainer.last_checkpoint = resumed_from
+    wall = time.perf_counter()
     try:
-        while step < stop:
-            if done_in_epoch >= steps_per_epoch:
-                epoch, done_in_epoch = epoch + 1, 0
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set))
-            keys = [(epoch, int(i)) for i in order[done_in_epoch * cfg.batch_size:]]
-            loss_sum, correct, seen, epoch_start = 0.0, 0, 0, time.perf_counter()
-            for batch in _loader(train_set, keys, cfg.batch_size, workers, dev):
-                lr = lr_at(step, total_steps, steps_per_epoch, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                _note_skipped(skipped, batch["errors"])
-                if batch["images"] is not None:
-                    with torch.no_grad():  # frozen backbone: no activations kept
-                        features = backbone(batch["images"].to(dev, non_blocking=True))
-                    labels = batch["labels"].to(dev)
-                    logits = classifier(features)
-                    loss = nn.functional.cross_entropy(logits, labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += float(loss.detach()) * len(labels)
-                    correct += int((logits.argmax(1) == labels).sum())
-                    seen += len(labels)
-                step += 1
-                done_in_epoch += 1
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / max(seen, 1):.3f}", lr=f"{lr:.3g}")
-                if step >= stop:
-                    break
-            record = {"lr": lr, "train_loss": loss_sum / seen if seen else None,
-                      "train_top1": 100.0 * correct / seen if seen else None,
-                      "images_per_s": round(seen / max(time.perf_counter() - epoch_start, 1e-9), 2),
-                      "epoch_done": done_in_epoch >= steps_per_epoch}
-            last = step >= stop
-            if last or (cfg.eval_every and done_in_epoch >= steps_per_epoch and (epoch + 1) % cfg.eval_every == 0):
-                bar.clear()
-                result = evaluate(backbone, classifier, val_set, cfg, dev, workers, skipped, progress=progress and last)
-                record.update(val_top1=result["top1"], val_top5=result["top5"])
-            metrics.log(step, epoch=epoch, **record)
-            save()
+        trainer.run()
     finally:
-        bar.close()
-        metrics.close()
+        trainer.run_step.close()
+    result = trainer.validation.result
     if result is None:  # resumed a finished run: evaluate its classifier again
-        result = evaluate(backbone, classifier, val_set, cfg, dev, workers, skipped, progress=progress)
-    listed = sorted(skipped.items())
+        result = evaluate(job.backbone, job.classifier, job.val_set, cfg, job.device, job.workers, skipped,
+                          progress=progress)
+    return _write_summary(job, out, trainer.step, result, skipped, time.perf_counter() - wall)
+
+
+def _resume(job: Job, out: Path, resume: str, state: EpochState, skipped: SkipLog) -> tuple[int, Path | None]:
+    from ..engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+
+    if resume == "none":
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh start: no stale epochs in the log
+        return 0, None
+    path = CheckpointManager(out, keep=0).resume_from("auto")
+    if path is None:
+        return 0, None
+    try:
+        saved = load_checkpoint(path, map_location=job.device)
+    except CheckpointError as exc:
+        raise LinearError(f"{exc}; delete it or use --resume none") from None
+    if saved.get("classes") != job.classes or saved.get("source", {}).get("weights") != job.source["weights"] \
+            or saved.get("source", {}).get("soco_weights") != job.source.get("soco_weights"):
+        raise LinearError(f"{path}: made with other weights or classes; use another --out or --resume none")
+    job.classifier.load_state_dict(saved["classifier"])
+    job.optimizer.load_state_dict(saved["optimizer"])
+    state.epoch, state.in_epoch = int(saved["epoch"]), int(saved["batch_in_epoch"])
+    skipped.update(saved.get("skipped", {}).items())
+    print(f"resumed from {path} at step {int(saved['step'])} (epoch {state.epoch})", flush=True)
+    return int(saved["step"]), path
+
+
+def _make_trainer(job: Job, out: Path, start: int, stop: int, state: EpochState, skipped: SkipLog,
+                  progress: bool) -> Trainer:
+    """Records, validation and checkpoints at every epoch's end and at the last step."""
+    from ..engine.checkpoint import CheckpointManager, Checkpointer
+    from ..engine.metrics import Metrics
+
+    def record_due(trainer) -> bool:
+        return trainer.is_last or state.epoch_done(job.steps_per_epoch)
+
+    def checkpoint() -> dict:
+        return {"classifier": job.classifier.state_dict(), "optimizer": job.optimizer.state_dict(),
+                "step": trainer.step, "epoch": state.epoch, "batch_in_epoch": state.in_epoch, "classes": job.classes,
+                "source": job.source, "config": asdict(job.cfg), "skipped": dict(skipped.reasons)}
+
+    metrics = Metrics(out, total_steps=stop, initial=start, desc="linear probe", tensorboard=False,
+                      progress=progress, log_due=record_due, base=lambda tr: {"epoch": state.epoch},
+                      record=lambda tr, w: _epoch_record(state, job.steps_per_epoch, tr, w),
+                      hint="Try a lower --lr.")
+    validation = ValidationHook(job, state, skipped, progress)
+    trainer = Trainer(LinearStep(job, state, skipped), start, stop, [validation], metrics=metrics,
+                      checkpointer=Checkpointer(CheckpointManager(out, keep=0), checkpoint, due=record_due))
+    trainer.validation = validation
+    return trainer
+
+
+def _write_summary(job: Job, out: Path, step: int, result: dict, skipped: SkipLog, seconds: float) -> dict:
+    """OUT/metrics.json (atomic) and the one-line result."""
+    from ..train.schedule import scaled_lr
+
+    cfg, listed = job.cfg, skipped.files
     summary = {
         "top1": result["top1"],
         "top5": result["top5"],
         "top5_k": result["top5_k"],  # min(5, classes): top-5 is top-k with k = this
-        "classes": classes,
-        "train_images": len(train_set),
-        "val_images": len(val_set),
+        "classes": job.classes,
+        "train_images": len(job.train_set),
+        "val_images": len(job.val_set),
         "evaluated_images": result["evaluated_images"],
         "skipped": {"count": len(listed), "files": [{"path": p, "reason": r} for p, r in listed[:MAX_LISTED]]},
         "step": step,
-        "total_steps": total_steps,
-        "epochs_done": step / steps_per_epoch,
-        "finished": step >= total_steps,
+        "total_steps": job.total_steps,
+        "epochs_done": step / job.steps_per_epoch,
+        "finished": step >= job.total_steps,
         "peak_lr": scaled_lr(cfg.base_lr, cfg.batch_size),
-        "weights": source,
-        "device": str(dev),
-        "seconds": round(time.perf_counter() - start, 2),
+        "weights": job.source,
+        "device": str(job.device),
+        "seconds": round(seconds, 2),
         "config": asdict(cfg),
     }
     atomic_write_json(out / METRICS_JSON, summary)
     print(f"linear probe: top-1 {summary['top1']:.2f} %, top-{result['top5_k']} {summary['top5']:.2f} % "
-          f"on {result['evaluated_images']} val images ({len(classes)} classes); "
+          f"on {result['evaluated_images']} val images ({len(job.classes)} classes); "
           f"{len(listed)} unreadable files skipped; {out / METRICS_JSON}", flush=True)
     return summary
