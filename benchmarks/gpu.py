@@ -47,10 +47,9 @@ from bench_common import cpu_model, peak_rss_mib  # noqa: E402
 from train_step import MODELS, synthetic_batch, view_sizes  # noqa: E402
 
 from soco_pretrain.config import apply_overrides  # noqa: E402
-from soco_pretrain.model import SoCoModel  # noqa: E402
+from soco_pretrain.engine.skips import SkipLog  # noqa: E402
 from soco_pretrain.presets import load_preset  # noqa: E402
-from soco_pretrain.train.lars import LARS, lars_param_groups  # noqa: E402
-from soco_pretrain.train.schedule import scaled_lr  # noqa: E402
+from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch  # noqa: E402
 
 VARIANTS = ("eager", "channels_last", "compile", "cudagraph")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -108,32 +107,30 @@ def matmul_tflops(device, n: int, repeat: int) -> float:
 
 
 def build_step(name: str, batch_size: int, variant: str, precision: str, size: int, k: int, device):
-    """(step function, model, batch, autocast factory) for one row; the step is what soco pretrain
-    does per optimiser step without accumulation: forward online + target, loss, backward, LARS, EMA."""
+    """(step function, model, batch, autocast factory) for one row. The step is soco pretrain's own
+    (``PretrainStep`` on ``job_for_batch``: model, LARS, schedules, EMA, with the row's precision,
+    channels_last and compile settings), without accumulation. ``cudagraph`` swaps the job's
+    forward for ``torch.compile(mode="reduce-overhead")``, which ``soco pretrain`` does not offer yet."""
     preset, n_views = MODELS[name]
     sizes = view_sizes(size)
+    channels_last = variant != "eager"
     cfg = apply_overrides(load_preset(preset), [
         f"data.views.v1_size={sizes[0]}", f"data.views.v2_size={sizes[1]}",
-        f"data.views.v3_size={sizes[2]}", f"data.views.v4_size={sizes[3]}"])
-    channels_last = variant != "eager"
-    torch.manual_seed(0)
-    model = SoCoModel(cfg).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    optimizer = LARS(lars_param_groups(model, cfg.train.weight_decay), lr=scaled_lr(1.0, batch_size),
-                     weight_decay=cfg.train.weight_decay, eta=cfg.train.lars_eta)
-    forward = model
-    if variant == "compile":
-        forward = torch.compile(model)
-    elif variant == "cudagraph":
-        forward = torch.compile(model, mode="reduce-overhead")
-    dtype = PRECISIONS[precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        f"data.views.v3_size={sizes[2]}", f"data.views.v4_size={sizes[3]}", f"train.precision={precision}",
+        f"train.per_device_batch={batch_size}", f"train.channels_last={str(channels_last).lower()}",
+        f"train.compile={str(variant == 'compile').lower()}", "data.augment.device=cpu"])
     batch = synthetic_batch(batch_size, size, k, n_views, cfg.data.views.level_bounds)
-    batch = {key: ([t.to(device) for t in v] if isinstance(v, list) else v.to(device)) for key, v in batch.items()}
+    batch = {key: ([t.to(device) for t in v] if isinstance(v, list) else v.to(device)) if key != "skipped" else v
+             for key, v in batch.items()}
     if channels_last:
         batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
+    job = job_for_batch(cfg, batch, device)
+    if variant == "cudagraph":
+        job.forward = torch.compile(job.model, mode="reduce-overhead")
+    run_step = PretrainStep(job, Position(), SkipLog())
+    job.model.train()
+    dtype = PRECISIONS[precision]
+    counter = iter(range(1 << 40))
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -141,16 +138,9 @@ def build_step(name: str, batch_size: int, variant: str, precision: str, size: i
     def step():
         if variant == "cudagraph":
             torch.compiler.cudagraph_mark_step_begin()
-        with autocast():
-            loss, _ = forward(batch)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_target(0.99)
-        return loss
+        run_step(next(counter))
 
-    return step, model, batch, autocast
+    return step, job.core, batch, autocast
 
 
 def count_flops(model, batch, autocast) -> float:
@@ -283,7 +273,7 @@ def replicate(images: Path, store_dir: Path, copies: int, work: Path) -> tuple[P
 
 def end_to_end(args, device, augment: str, images: Path, proposals: Path, work: Path) -> dict:
     from soco_pretrain.train.loop import pretrain
-    from soco_pretrain.train.metrics import read_metrics
+    from soco_pretrain.engine.metrics import read_metrics
 
     b = args.batches[0]
     sizes = view_sizes(args.size)

@@ -1,8 +1,9 @@
 """Benchmark: one SoCo training step (FPN, C4, SoCo*) on a synthetic batch.
 
-For each model, a step is what ``soco pretrain`` does per optimiser step with no accumulation:
-forward of the online and target networks on every view, the loss, backward, the LARS update
-and the EMA update of the target. The batch is synthetic (random normalised views, random
+For each model, a step is ``soco pretrain``'s own step (``train.loop.PretrainStep`` on a job
+built by ``train.loop.job_for_batch``: the same model, LARS, precision, lr/tau schedules and
+EMA update, no accumulation): forward of the online and target networks on every view, the
+loss, backward, the LARS update and the EMA update of the target. The batch is synthetic (random normalised views, random
 boxes of 16 px to the whole view, levels from the paper's scale-aware assignment, K = 4, all
 valid), so the data pipeline is not measured (benchmarks/data.py does that).
 
@@ -35,11 +36,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench_common import cpu_model, peak_rss_mib, reset_peak_rss  # benchmarks/bench_common.py
 from soco_pretrain.config import apply_overrides
 from soco_pretrain.data.boxes import assign_levels
-from soco_pretrain.model import SoCoModel
+from soco_pretrain.engine.skips import SkipLog
 from soco_pretrain.presets import load_preset
-from soco_pretrain.train.lars import LARS, lars_param_groups
-from soco_pretrain.train.loop import resolve_precision
-from soco_pretrain.train.schedule import scaled_lr
+from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch
 
 # row name -> (preset, number of views the model uses)
 MODELS = {"FPN": ("fpn-100ep", 3), "C4": ("c4-100ep", 2), "SoCo*": ("fpn-star-400ep", 4)}
@@ -61,7 +60,8 @@ def synthetic_batch(batch: int, size: int, k: int, n_views: int, bounds, seed: i
         b = np.concatenate([xy, xy + wh], axis=2)
         boxes.append(torch.from_numpy(b.astype(np.float32)))
         levels.append(torch.from_numpy(assign_levels(b.reshape(-1, 4), bounds).reshape(batch, k)))
-    return {"views": views, "boxes": boxes, "levels": levels, "valid": torch.ones(batch, k, dtype=torch.bool)}
+    return {"views": views, "boxes": boxes, "levels": levels, "valid": torch.ones(batch, k, dtype=torch.bool),
+            "index": torch.arange(batch), "skipped": []}
 
 
 def _sync(device) -> None:
@@ -72,56 +72,36 @@ def _sync(device) -> None:
 def bench_model(name: str, args, device) -> dict:
     preset, n_views = MODELS[name]
     sizes = view_sizes(args.size)
+    channels_last = device.type == "cuda" and not args.no_channels_last
     cfg = apply_overrides(load_preset(preset), [
         f"data.views.v1_size={sizes[0]}", f"data.views.v2_size={sizes[1]}",
         f"data.views.v3_size={sizes[2]}", f"data.views.v4_size={sizes[3]}",
-        f"train.precision={args.precision}"])
-    precision = resolve_precision(cfg.train.precision, device)
-    channels_last = device.type == "cuda" and not args.no_channels_last
-    torch.manual_seed(0)
+        f"train.precision={args.precision}", f"train.per_device_batch={args.batch}",
+        f"train.channels_last={str(channels_last).lower()}", f"train.compile={str(args.compile).lower()}",
+        "data.augment.device=cpu"])  # a prepared batch: no on-device augmentation to time
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     rss_reset = reset_peak_rss()
-    model = SoCoModel(cfg).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    optimizer = LARS(lars_param_groups(model, cfg.train.weight_decay), lr=scaled_lr(1.0, args.batch),
-                     weight_decay=cfg.train.weight_decay, eta=cfg.train.lars_eta)
-    forward = torch.compile(model) if args.compile else model
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     batch = synthetic_batch(args.batch, args.size, args.k, n_views, cfg.data.views.level_bounds)
     batch["views"] = [v.to(device) for v in batch["views"]]
     if channels_last:
         batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
+    job = job_for_batch(cfg, batch, device)
+    model, precision = job.core, job.plan.precision
+    step = PretrainStep(job, Position(), SkipLog())
+    job.model.train()
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else None)
 
-    def forward_backward():
-        if autocast is None:
-            loss, _ = forward(batch)
-        else:
-            with autocast:
-                loss, _ = forward(batch)
-        scaler.scale(loss).backward()
-        return loss
-
-    def step():
-        forward_backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_target(0.99)
-
-    for _ in range(args.warmup):
-        step()
+    for i in range(args.warmup):
+        step(i)
     _sync(device)
     times = []
-    for _ in range(args.steps):
+    for i in range(args.steps):
         t0 = time.perf_counter()
-        step()
+        step(args.warmup + i)
         _sync(device)
         times.append(time.perf_counter() - t0)
     if device.type == "cuda":
@@ -139,7 +119,7 @@ def bench_model(name: str, args, device) -> dict:
             with autocast:
                 loss, _ = model(batch)
         loss.backward()
-    optimizer.zero_grad(set_to_none=True)
+    job.optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops() / args.batch
     step_s = float(np.median(times))
     return {"name": name, "views": "+".join(str(s) for s in sizes[:n_views]), "precision": precision,

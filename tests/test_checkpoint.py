@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from soco_pretrain.train import checkpoint as ckpt
-from soco_pretrain.train.checkpoint import (
+from soco_pretrain.engine import checkpoint as ckpt
+from soco_pretrain.engine.checkpoint import (
     CheckpointError,
     CheckpointManager,
     load_checkpoint,

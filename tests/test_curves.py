@@ -9,8 +9,8 @@ import pytest
 from test_cli import call  # main(argv) in-process -> (status, out, err)
 from PIL import Image
 
-from soco_pretrain.train import metrics as M
-from soco_pretrain.train.metrics import MetricsLogger, Progress, read_metrics
+from soco_pretrain.engine import metrics as M
+from soco_pretrain.engine.metrics import MetricsLogger, Progress, read_metrics
 from soco_pretrain.viz import plot_curves
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from soco_pretrain.train import distributed as D
-from soco_pretrain.train.distributed import (
+from soco_pretrain.engine import distributed as D
+from soco_pretrain.engine.distributed import (
     DistributedError,
     all_reduce_mean,
     cleanup,

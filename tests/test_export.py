@@ -39,7 +39,7 @@ from test_cli import call  # main(argv) in-process -> (status, out, err)
 
 from soco_pretrain.config import PretrainConfig, to_dict
 from soco_pretrain.model import SoCoModel
-from soco_pretrain.train.checkpoint import save_checkpoint
+from soco_pretrain.engine.checkpoint import save_checkpoint
 from soco_pretrain.train.loop import save_config
 from soco_pretrain.transfer.export import DEFAULT_WEIGHTS, KeyReport, export
 

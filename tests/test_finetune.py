@@ -20,7 +20,7 @@ from conftest import small_photo
 from soco_pretrain.cli import main
 from soco_pretrain.config import PretrainConfig, to_dict
 from soco_pretrain.model import SoCoModel
-from soco_pretrain.train.checkpoint import load_checkpoint, save_checkpoint
+from soco_pretrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from soco_pretrain.train.loop import save_config
 from soco_pretrain.transfer.coco import (
     CocoDetection,

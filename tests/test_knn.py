@@ -260,7 +260,7 @@ def monitored_run(coloured, tmp_path_factory):
 
 
 def test_monitor_logs_knn_and_rank_from_step_0_across_a_resume(monitored_run):
-    from soco_pretrain.train.metrics import read_metrics
+    from soco_pretrain.engine.metrics import read_metrics
 
     run, _, _ = monitored_run
     records = read_metrics(run)
@@ -277,7 +277,7 @@ def test_monitor_leaves_training_unchanged(monitored_run, tmp_path):
     """The same 2 steps without the monitor give the same weights (no RNG or BN buffer touched)."""
     from soco_pretrain.config import apply_overrides
     from soco_pretrain.presets import load_preset
-    from soco_pretrain.train.checkpoint import load_checkpoint
+    from soco_pretrain.engine.checkpoint import load_checkpoint
     from soco_pretrain.train.loop import pretrain
 
     run, pool, _ = monitored_run

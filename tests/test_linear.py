@@ -13,9 +13,9 @@ from PIL import Image
 from soco_pretrain.cli import main
 from soco_pretrain.config import PretrainConfig, to_dict
 from soco_pretrain.model import SoCoModel
-from soco_pretrain.train.checkpoint import load_checkpoint, save_checkpoint
+from soco_pretrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from soco_pretrain.train.loop import save_config
-from soco_pretrain.train.metrics import read_metrics
+from soco_pretrain.engine.metrics import read_metrics
 from soco_pretrain.transfer import linear
 from soco_pretrain.transfer.linear import LinearConfig, LinearError, linear_probe, load_backbone, lr_at
 

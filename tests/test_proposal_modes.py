@@ -23,7 +23,7 @@ from soco_pretrain.data.proposal_sources import (
 )
 from soco_pretrain.presets import load_preset
 from soco_pretrain.train.loop import pretrain
-from soco_pretrain.train.metrics import read_metrics
+from soco_pretrain.engine.metrics import read_metrics
 
 # Same tiny settings as tests/test_train.py: 64 px views, K = 2, batch 2, data in the main process.
 SMALL = [

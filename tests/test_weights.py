@@ -16,7 +16,7 @@ import torch
 from soco_pretrain.config import PretrainConfig, to_dict
 from soco_pretrain.errors import UserError
 from soco_pretrain.model import SoCoModel
-from soco_pretrain.train.checkpoint import save_checkpoint
+from soco_pretrain.engine.checkpoint import save_checkpoint
 from soco_pretrain.transfer.weights import (
     WeightsError,
     load_weights_file,

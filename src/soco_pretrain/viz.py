@@ -460,7 +460,7 @@ def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> lis
     ``out_dir`` (default: the run folder). Returns the written paths. Raises ValueError when
     there is nothing to plot.
     """
-    from .train.metrics import read_metrics
+    from .engine.metrics import read_metrics
 
     if records is None:
         records = read_metrics(run_dir)

@@ -148,7 +148,7 @@ def cmd_show_curves(args) -> int:
     run = require_dir(args.run, "run folder")
     if not (run / "metrics.jsonl").is_file():
         raise UsageError(f"{args.run}: no metrics.jsonl (not a soco pretrain run folder, or no step logged yet)")
-    from ..train.metrics import read_metrics
+    from ..engine.metrics import read_metrics
     from ..viz import plot_curves
 
     records = read_metrics(run)

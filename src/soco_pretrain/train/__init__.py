@@ -1,9 +1,10 @@
-"""Stage 4: the training engine.
+"""Stage 4: pretraining.
 
-``lars`` (LARS optimiser and its parameter groups), ``schedule`` (learning rate and EMA
-momentum per step), ``checkpoint`` (atomic checkpoints, RNG states, retention),
-``distributed`` (torchrun/SLURM set-up, collectives), ``metrics`` (metrics.jsonl, TensorBoard,
-progress bar). Names are imported lazily so ``soco show curves`` does not pay for torch.
+``loop`` (``pretrain()``: the job, the step and the hooks on the engine), ``lars`` (LARS
+optimiser and its parameter groups), ``schedule`` (learning rate and EMA momentum per step),
+``memory`` (the automatic per-device batch). The loop machinery every stage shares -- trainer,
+checkpoints, metrics, distributed set-up -- lives in :mod:`soco_pretrain.engine`. Names are
+imported lazily so ``soco show curves`` does not pay for torch.
 """
 
 from __future__ import annotations
@@ -13,11 +14,7 @@ import importlib
 _EXPORTS = {
     "lars": ["LARS", "lars_param_groups"],
     "schedule": ["lr_at", "tau_at", "scaled_lr"],
-    "checkpoint": ["CheckpointError", "CheckpointManager", "load_checkpoint", "save_checkpoint",
-                   "rng_state", "set_rng_state"],
-    "distributed": ["DistInfo", "DistributedError", "init_distributed", "cleanup", "all_reduce_mean",
-                    "is_main", "get_rank", "get_world_size", "barrier"],
-    "metrics": ["MetricsLogger", "Progress", "read_metrics"],
+    "loop": ["pretrain", "PretrainError", "Summary"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)  # noqa: PLE0605 - computed from _EXPORTS

@@ -249,8 +249,6 @@ class Job:
 def build_job(cfg: PretrainConfig, images, proposals, image_root, dist_info) -> Job:
     """Resolve the config for this device and world, then build data, model and optimiser."""
     from ..data import SoCoDataset, make_loader
-    from ..model import SoCoModel, convert_sync_bn
-    from .lars import LARS, lars_param_groups
 
     dev, world = dist_info.device, dist_info.world_size
     cfg, batch_note = resolve_per_device_batch(cfg, world, dev)
@@ -263,6 +261,18 @@ def build_job(cfg: PretrainConfig, images, proposals, image_root, dist_info) -> 
     drop_last = len(dataset) >= t.per_device_batch * world
     loader = make_loader(dataset, t.per_device_batch, workers=t.workers, drop_last=drop_last)
     plan = make_plan(cfg, world, len(loader), dev)
+    return Job(cfg=cfg, plan=plan, dataset=dataset, loader=loader, device=dev, world=world, rank=dist_info.rank,
+               is_main=dist_info.is_main, batch_note=batch_note, drop_last=drop_last,
+               **model_parts(cfg, plan, dev, world))
+
+
+def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) -> dict:
+    """The model (SyncBN, DDP, channels_last, compile as configured), LARS, the grad scaler and the
+    on-device augmenter of a job: the same for training and for the step benchmarks."""
+    from ..model import SoCoModel, convert_sync_bn
+    from .lars import LARS, lars_param_groups
+
+    t = cfg.train
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     try:
         core = SoCoModel(cfg).to(dev)
@@ -284,11 +294,42 @@ def build_job(cfg: PretrainConfig, images, proposals, image_root, dist_info) -> 
         from ..data import BatchAugment
 
         augmenter = BatchAugment(cfg.data.augment)
-    return Job(cfg=cfg, plan=plan, dataset=dataset, loader=loader, core=core, model=model,
-               forward=compiled(model) if use_compile else model, optimizer=optimizer,
-               scaler=torch.amp.GradScaler(dev.type, enabled=plan.precision == "fp16"), augmenter=augmenter,
-               device=dev, world=world, rank=dist_info.rank, is_main=dist_info.is_main, use_compile=use_compile,
-               batch_note=batch_note, drop_last=drop_last)
+    return {"core": core, "model": model, "forward": compiled(model) if use_compile else model,
+            "optimizer": optimizer, "scaler": torch.amp.GradScaler(dev.type, enabled=plan.precision == "fp16"),
+            "augmenter": augmenter, "use_compile": use_compile}
+
+
+class _RepeatedBatch:
+    """An endless loader of one prepared batch (no sampler or dataset epochs to set)."""
+
+    sampler = dataset = None
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+
+def job_for_batch(cfg: PretrainConfig, batch: dict, device, total_steps: int = 1 << 30) -> Job:
+    """A one-process job whose data is ``batch`` (a collated SoCo batch) repeated: what the step
+    benchmarks time -- the real step, model, optimiser, precision and compile settings of ``cfg``,
+    without the data pipeline. ``cfg.train.per_device_batch`` must be the batch's size."""
+    dev = torch.device(device)
+    cfg, _ = resolve_per_device_batch(cfg, 1, dev)
+    cfg = resolve_augment_device(cfg, dev)
+    t = cfg.train
+    from .schedule import scaled_lr
+
+    plan = Plan(world_size=1, accum=1, micro_batches_per_epoch=1 << 40, steps_per_epoch=1 << 40,
+                total_steps=total_steps, warmup_steps=0, peak_lr=scaled_lr(t.base_lr, t.per_device_batch),
+                precision=resolve_precision(t.precision, dev))
+    return Job(cfg=cfg, plan=plan, dataset=None, loader=_RepeatedBatch(batch), device=dev, world=1, rank=0,
+               is_main=True, batch_note="", drop_last=True, **model_parts(cfg, plan, dev, 1))
 
 
 @dataclass

@@ -141,7 +141,7 @@ def evaluate(model: nn.Module, coco_val, label_to_cat: dict[int, int], masks: bo
 
     Returns ``{"bbox": {...}, "segm": {...}, "val_images": n, "skipped": [...]}`` on rank 0, {} elsewhere.
     """
-    from ..train.distributed import get_rank, get_world_size
+    from ..engine.distributed import get_rank, get_world_size
 
     rank, world = get_rank(), get_world_size()
     dataset = CocoDetection(coco_val, coco_val.images[rank::world], masks, targets=False)

@@ -95,7 +95,7 @@ def _resnet_keys() -> dict[str, torch.Size]:
 
 def _backbone_state(path: Path, soco_weights: str) -> tuple[dict, dict]:
     """The ResNet-50 tensors of a checkpoint file (torchvision resnet50 names) and what they were."""
-    from ..train.checkpoint import CheckpointError, load_checkpoint
+    from ..engine.checkpoint import CheckpointError, load_checkpoint
 
     try:
         state = load_checkpoint(path)

@@ -61,7 +61,7 @@ class SocoWeights:
 
 def resolve_checkpoint(source) -> Path:
     """A run folder (its ``checkpoints/last.pt``, else the newest ``step_N.pt``) or a file."""
-    from ..train.checkpoint import CheckpointManager
+    from ..engine.checkpoint import CheckpointManager
 
     path = Path(source)
     if path.is_dir():
@@ -76,7 +76,7 @@ def resolve_checkpoint(source) -> Path:
 
 
 def _load(path: Path, what: str):
-    from ..train.checkpoint import CheckpointError, load_checkpoint
+    from ..engine.checkpoint import CheckpointError, load_checkpoint
 
     try:
         return load_checkpoint(path)
