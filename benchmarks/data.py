@@ -37,10 +37,10 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_common import cpu_model, peak_rss_mib, reset_peak_rss  # noqa: E402  (benchmarks/bench_common.py)
 from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from bench_common import cpu_model, peak_rss_mib, reset_peak_rss  # noqa: E402  (benchmarks/bench_common.py)
 from soco_pretrain.config import AugmentConfig, DataConfig, ViewsConfig  # noqa: E402
 from soco_pretrain.data.augment import BatchAugment, blur_kernel_size  # noqa: E402
 from soco_pretrain.data.dataset import SoCoDataset  # noqa: E402
@@ -95,17 +95,20 @@ def byol_v2(param_set: int, size: int, cfg: AugmentConfig) -> v2.Compose:
     (22 vs 30 ms per 224-px view on one core) and as fast as v2 on PIL images, so the strongest
     plain variant.
     """
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomHorizontalFlip(0.5),
-        v2.RandomApply([v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)],
-                       p=cfg.colour_jitter_p),
-        v2.RandomGrayscale(cfg.grayscale_p),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=cfg.blur_sigma)], p=cfg.blur_p[param_set]),
-        v2.RandomSolarize(128, p=cfg.solarize_p[param_set]),  # 0.5 on [0, 1] = 128 on uint8
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(cfg.mean, cfg.std),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomHorizontalFlip(0.5),
+            v2.RandomApply(
+                [v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.colour_jitter_p
+            ),
+            v2.RandomGrayscale(cfg.grayscale_p),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=cfg.blur_sigma)], p=cfg.blur_p[param_set]),
+            v2.RandomSolarize(128, p=cfg.solarize_p[param_set]),  # 0.5 on [0, 1] = 128 on uint8
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(cfg.mean, cfg.std),
+        ]
+    )
 
 
 class Baseline:
@@ -187,41 +190,82 @@ def make_passes(source, store, paths, batch: int, epochs: int, device: str = "cp
 
 def rows_from(results: dict, batch: int, cuda: dict | None) -> list[dict]:
     r = results
-    rows = [{"pipeline": "decode only (load_rgb), for scale", "views": "-", "photometric": "-",
-             "sec": r["decode"]["sec"], "peak": r["decode"]["peak"]}]
+    rows = [
+        {
+            "pipeline": "decode only (load_rgb), for scale",
+            "views": "-",
+            "photometric": "-",
+            "sec": r["decode"]["sec"],
+            "peak": r["decode"]["peak"],
+        }
+    ]
     for nv in (3, 4):
         base = r[f"baseline{nv}"]["sec"]
         batched = r[f"batched{nv}"]
         workers = batched["split"]["workers"]
         rows += [
-            {"pipeline": "baseline: PIL + torchvision v2, no boxes", "views": nv, "photometric": "CPU, per image",
-             "sec": base, "peak": r[f"baseline{nv}"]["peak"], "ratio": 1.0},
-            {"pipeline": "soco_pretrain SoCoDataset", "views": nv, "photometric": "CPU, augment_cpu",
-             "sec": r[f"cpu{nv}"]["sec"], "peak": r[f"cpu{nv}"]["peak"], "ratio": base / r[f"cpu{nv}"]["sec"]},
-            {"pipeline": "soco_pretrain, workers' part (decode, views, boxes, collate)", "views": nv,
-             "photometric": "none (on the device)", "sec": workers, "peak": batched["peak"], "ratio": base / workers},
-            {"pipeline": f"  + BatchAugment on the CPU device, batch {batch} "
-                         f"({batched['split']['augment'] * 1e3:.1f} ms/image)", "views": nv,
-             "photometric": "batched, CPU device", "sec": batched["sec"], "peak": batched["peak"],
-             "ratio": base / batched["sec"]},
+            {
+                "pipeline": "baseline: PIL + torchvision v2, no boxes",
+                "views": nv,
+                "photometric": "CPU, per image",
+                "sec": base,
+                "peak": r[f"baseline{nv}"]["peak"],
+                "ratio": 1.0,
+            },
+            {
+                "pipeline": "soco_pretrain SoCoDataset",
+                "views": nv,
+                "photometric": "CPU, augment_cpu",
+                "sec": r[f"cpu{nv}"]["sec"],
+                "peak": r[f"cpu{nv}"]["peak"],
+                "ratio": base / r[f"cpu{nv}"]["sec"],
+            },
+            {
+                "pipeline": "soco_pretrain, workers' part (decode, views, boxes, collate)",
+                "views": nv,
+                "photometric": "none (on the device)",
+                "sec": workers,
+                "peak": batched["peak"],
+                "ratio": base / workers,
+            },
+            {
+                "pipeline": f"  + BatchAugment on the CPU device, batch {batch} "
+                f"({batched['split']['augment'] * 1e3:.1f} ms/image)",
+                "views": nv,
+                "photometric": "batched, CPU device",
+                "sec": batched["sec"],
+                "peak": batched["peak"],
+                "ratio": base / batched["sec"],
+            },
         ]
         if cuda:
-            rows.append({"pipeline": f"  BatchAugment on CUDA alone, batch {batch}, incl. copy to the GPU",
-                         "views": nv, "photometric": "batched, CUDA",
-                         "sec": cuda[f"batched{nv}"]["split"]["augment"], "peak": None, "device_only": True})
+            rows.append(
+                {
+                    "pipeline": f"  BatchAugment on CUDA alone, batch {batch}, incl. copy to the GPU",
+                    "views": nv,
+                    "photometric": "batched, CUDA",
+                    "sec": cuda[f"batched{nv}"]["split"]["augment"],
+                    "peak": None,
+                    "device_only": True,
+                }
+            )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| pipeline | views | photometric | ms / image | images/s per core | vs baseline | peak RSS MiB |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| pipeline | views | photometric | ms / image | images/s per core | vs baseline | peak RSS MiB |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         rate = 1 / r["sec"]
         per = "(GPU) " + f"{rate:.0f}" if r.get("device_only") else f"{rate:.1f}"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
         peak = f"{r['peak']:.0f}" if r.get("peak") else ""
         name = r["pipeline"]
-        lines.append(f"| {name} | {r['views']} | {r['photometric']} | {r['sec'] * 1e3:.2f} | {per} | {ratio} | {peak} |")
+        lines.append(
+            f"| {name} | {r['views']} | {r['photometric']} | {r['sec'] * 1e3:.2f} | {per} | {ratio} | {peak} |"
+        )
     return "\n".join(lines)
 
 
@@ -231,9 +275,11 @@ def machine() -> str:
 
     cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores (benchmark uses 1 thread), {gpu}; python {platform.python_version()}, "
-            f"torch {torch.__version__}, torchvision {torchvision.__version__}, pillow {PIL.__version__}, "
-            f"numpy {np.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores (benchmark uses 1 thread), {gpu}; python {platform.python_version()}, "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, pillow {PIL.__version__}, "
+        f"numpy {np.__version__}"
+    )
 
 
 def main() -> None:
@@ -243,8 +289,12 @@ def main() -> None:
     parser.add_argument("--proposals", help="an existing proposal store for --images (default: generate one)")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per row (default 3)")
     parser.add_argument("--batch", type=int, default=32, help="batch size of the batched path (default 32)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs over the images per timed pass (default: about 28 images per pass)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs over the images per timed pass (default: about 28 images per pass)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="soco-bench-data-") as tmp:
@@ -282,12 +332,17 @@ def main() -> None:
         rows = rows_from(results, batch, cuda)
 
     mean_px = np.mean([w * h for w, h in sizes])
-    print(f"\nData pipeline per image on one CPU core (torch.set_num_threads(1), no loader workers); "
-          f"{len(paths)} images x {epochs} epochs per pass, mean {mean_px / 1e6:.2f} Mpx, {len(ds.without_proposals)} without proposals "
-          f"(whole image used); paper view settings; warm-up excluded:\n")
+    print(
+        f"\nData pipeline per image on one CPU core (torch.set_num_threads(1), no loader workers); "
+        f"{len(paths)} images x {epochs} epochs per pass, mean {mean_px / 1e6:.2f} Mpx, "
+        f"{len(ds.without_proposals)} without proposals "
+        f"(whole image used); paper view settings; warm-up excluded:\n"
+    )
     print(table(rows))
-    print("\nvs baseline = baseline ms / ours ms for the same number of views (> 1: ours is faster). "
-          "Peak RSS: this process during the row's passes. Rows interleaved, fastest pass of each.")
+    print(
+        "\nvs baseline = baseline ms / ours ms for the same number of views (> 1: ours is faster). "
+        "Peak RSS: this process during the row's passes. Rows interleaved, fastest pass of each."
+    )
     print(f"\nMachine: {machine()}")
 
 

@@ -90,8 +90,13 @@ def matmul_tflops(device, n: int, repeat: int) -> float:
     """bf16 (CPU: fp32) n x n x n products on random data, rotating over 3 operand sets."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device).manual_seed(0)
-    sets = [(torch.randn(n, n, device=device, dtype=dtype, generator=g),
-             torch.randn(n, n, device=device, dtype=dtype, generator=g)) for _ in range(3)]
+    sets = [
+        (
+            torch.randn(n, n, device=device, dtype=dtype, generator=g),
+            torch.randn(n, n, device=device, dtype=dtype, generator=g),
+        )
+        for _ in range(3)
+    ]
     out = torch.empty(n, n, device=device, dtype=dtype)
     for a, b in sets:  # warm-up: handles, kernels
         torch.matmul(a, b, out=out)
@@ -99,7 +104,7 @@ def matmul_tflops(device, n: int, repeat: int) -> float:
     clock, times = Clock(device), []
     for i in range(repeat):
         a, b = sets[i % 3]
-        times += clock.time(lambda: torch.matmul(a, b, out=out), 1)
+        times += clock.time(lambda a=a, b=b: torch.matmul(a, b, out=out), 1)
     return 2 * n**3 / float(np.median(times)) / 1e12
 
 
@@ -114,14 +119,25 @@ def build_step(name: str, batch_size: int, variant: str, precision: str, size: i
     preset, n_views = MODELS[name]
     sizes = view_sizes(size)
     channels_last = variant != "eager"
-    cfg = apply_overrides(load_preset(preset), [
-        f"data.views.v1_size={sizes[0]}", f"data.views.v2_size={sizes[1]}",
-        f"data.views.v3_size={sizes[2]}", f"data.views.v4_size={sizes[3]}", f"train.precision={precision}",
-        f"train.per_device_batch={batch_size}", f"train.channels_last={str(channels_last).lower()}",
-        f"train.compile={str(variant == 'compile').lower()}", "data.augment.device=cpu"])
+    cfg = apply_overrides(
+        load_preset(preset),
+        [
+            f"data.views.v1_size={sizes[0]}",
+            f"data.views.v2_size={sizes[1]}",
+            f"data.views.v3_size={sizes[2]}",
+            f"data.views.v4_size={sizes[3]}",
+            f"train.precision={precision}",
+            f"train.per_device_batch={batch_size}",
+            f"train.channels_last={str(channels_last).lower()}",
+            f"train.compile={str(variant == 'compile').lower()}",
+            "data.augment.device=cpu",
+        ],
+    )
     batch = synthetic_batch(batch_size, size, k, n_views, cfg.data.views.level_bounds)
-    batch = {key: ([t.to(device) for t in v] if isinstance(v, list) else v.to(device)) if key != "skipped" else v
-             for key, v in batch.items()}
+    batch = {
+        key: ([t.to(device) for t in v] if isinstance(v, list) else v.to(device)) if key != "skipped" else v
+        for key, v in batch.items()
+    }
     if channels_last:
         batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
     job = job_for_batch(cfg, batch, device)
@@ -176,10 +192,20 @@ def bench_row(name, batch_size, variant, precision, args, device, flops_cache, m
     else:
         memory = peak_rss_mib() / 1024
     del step, model, batch
-    return {"model": name, "batch": batch_size, "variant": variant, "precision": precision,
-            "images_per_s": images_per_s, "ms": 1000 * step_s, "spread_ms": 1000 * (max(times) - min(times)),
-            "gflop_per_image": flops_cache[key] / 1e9, "tflops": tflops, "pct_matmul": 100 * tflops / matmul,
-            "peak_gib": memory, "warmup_s": warm_s}
+    return {
+        "model": name,
+        "batch": batch_size,
+        "variant": variant,
+        "precision": precision,
+        "images_per_s": images_per_s,
+        "ms": 1000 * step_s,
+        "spread_ms": 1000 * (max(times) - min(times)),
+        "gflop_per_image": flops_cache[key] / 1e9,
+        "tflops": tflops,
+        "pct_matmul": 100 * tflops / matmul,
+        "peak_gib": memory,
+        "warmup_s": warm_s,
+    }
 
 
 def step_rows(args) -> list[tuple]:
@@ -266,54 +292,93 @@ def replicate(images: Path, store_dir: Path, copies: int, work: Path) -> tuple[P
     all_boxes = np.concatenate([boxes] * copies)
     all_offsets = np.concatenate([[0], np.cumsum(np.tile(counts, copies))]).astype(offsets.dtype)
     manifest = read_manifest(store_dir)
-    out = write_store(work / "proposals", paths, all_boxes, all_offsets, np.tile(arrays["sizes"], (copies, 1)),
-                      np.tile(arrays["status"], copies), np.tile(arrays["raw_counts"], copies), manifest)
+    out = write_store(
+        work / "proposals",
+        paths,
+        all_boxes,
+        all_offsets,
+        np.tile(arrays["sizes"], (copies, 1)),
+        np.tile(arrays["status"], copies),
+        np.tile(arrays["raw_counts"], copies),
+        manifest,
+    )
     return folder, out
 
 
 def end_to_end(args, device, augment: str, images: Path, proposals: Path, work: Path) -> dict:
-    from soco_pretrain.train.loop import pretrain
     from soco_pretrain.engine.metrics import read_metrics
+    from soco_pretrain.train.loop import pretrain
 
     b = args.batches[0]
     sizes = view_sizes(args.size)
-    cfg = apply_overrides(load_preset("fpn-100ep"), [
-        f"train.batch_size={b}", f"train.per_device_batch={b}", f"train.workers={args.workers}",
-        f"train.log_every={args.e2e_log_every}", "train.checkpoint_every=1000000",
-        f"data.augment.device={augment}", "train.channels_last=true",
-        f"train.compile={'true' if args.e2e_compile else 'false'}",
-        f"data.views.v1_size={sizes[0]}", f"data.views.v2_size={sizes[1]}", f"data.views.v3_size={sizes[2]}",
-        "data.views.no_proposals=whole_image"])
+    cfg = apply_overrides(
+        load_preset("fpn-100ep"),
+        [
+            f"train.batch_size={b}",
+            f"train.per_device_batch={b}",
+            f"train.workers={args.workers}",
+            f"train.log_every={args.e2e_log_every}",
+            "train.checkpoint_every=1000000",
+            f"data.augment.device={augment}",
+            "train.channels_last=true",
+            f"train.compile={'true' if args.e2e_compile else 'false'}",
+            f"data.views.v1_size={sizes[0]}",
+            f"data.views.v2_size={sizes[1]}",
+            f"data.views.v3_size={sizes[2]}",
+            "data.views.no_proposals=whole_image",
+        ],
+    )
     run = work / f"run-{augment}"
-    summary = pretrain(cfg, str(images), str(proposals), run, max_steps=args.e2e_steps, resume="none",
-                       progress=False, device=device.type)
+    summary = pretrain(
+        cfg,
+        str(images),
+        str(proposals),
+        run,
+        max_steps=args.e2e_steps,
+        resume="none",
+        progress=False,
+        device=device.type,
+    )
     rows = read_metrics(run)
     steady = rows[1:] or rows  # the first window holds worker start-up and cudnn autotuning
     ips = float(np.mean([r["images_per_s"] for r in steady]))
     wait = float(np.mean([r["data_wait"] for r in steady]))
-    return {"augment": augment, "batch": b, "workers": args.workers, "images_per_s": ips, "data_wait": wait,
-            "steps": summary.step, "windows": len(steady)}
+    return {
+        "augment": augment,
+        "batch": b,
+        "workers": args.workers,
+        "images_per_s": ips,
+        "data_wait": wait,
+        "steps": summary.step,
+        "windows": len(steady),
+    }
 
 
 # ---------------------------------------------------------------- output
 
 
 def step_table(rows: list[dict], matmul: float) -> str:
-    lines = [f"| model | batch | variant | precision | images/s | ms/step (spread) | GFLOP/image | TFLOP/s | "
-             f"% of matmul ({matmul:.0f}) | peak memory GiB |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| model | batch | variant | precision | images/s | ms/step (spread) | GFLOP/image | TFLOP/s | "
+        f"% of matmul ({matmul:.0f}) | peak memory GiB |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['precision']} | {r['images_per_s']:.1f} | "
-                     f"{r['ms']:.1f} ({r['spread_ms']:.1f}) | {r['gflop_per_image']:.1f} | {r['tflops']:.1f} | "
-                     f"{r['pct_matmul']:.1f} | {r['peak_gib']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['variant']} | {r['precision']} | {r['images_per_s']:.1f} | "
+            f"{r['ms']:.1f} ({r['spread_ms']:.1f}) | {r['gflop_per_image']:.1f} | {r['tflops']:.1f} | "
+            f"{r['pct_matmul']:.1f} | {r['peak_gib']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def e2e_table(rows: list[dict]) -> str:
     lines = ["| photometric augmentation | batch | workers | images/s | data wait |", "|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['augment']} | {r['batch']} | {r['workers']} | {r['images_per_s']:.1f} | "
-                     f"{100 * r['data_wait']:.1f}% |")
+        lines.append(
+            f"| {r['augment']} | {r['batch']} | {r['workers']} | {r['images_per_s']:.1f} | "
+            f"{100 * r['data_wait']:.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -321,8 +386,10 @@ def machine(device) -> str:
     import torchvision
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    return (f"{gpu}; {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}, "
-            f"torch {torch.__version__}, torchvision {torchvision.__version__}")
+    return (
+        f"{gpu}; {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}, "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+    )
 
 
 def parse_args(argv=None):
@@ -346,8 +413,11 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="loader processes")
     p.add_argument("--e2e-steps", type=int, default=40)
     p.add_argument("--e2e-log-every", type=int, default=10)
-    p.add_argument("--e2e-compile", action="store_true",
-                   help="compile the model in the end-to-end runs too (the loop's GPU default; ~4 min more each)")
+    p.add_argument(
+        "--e2e-compile",
+        action="store_true",
+        help="compile the model in the end-to-end runs too (the loop's GPU default; ~4 min more each)",
+    )
     p.add_argument("--out", type=Path, default=None, help="folder for results.json and the profile")
     p.add_argument("--quick", action="store_true", help="tiny sizes: check every code path (CPU smoke)")
     args = p.parse_args(argv)
@@ -404,8 +474,10 @@ def main(argv=None) -> int:
             skipped.append(spec)
             continue
         rows.append(row)
-        log(f"{spec}: {row['images_per_s']:.1f} images/s, {row['tflops']:.1f} TFLOP/s, "
-            f"{row['peak_gib']:.1f} GiB, warm-up {row['warmup_s']:.0f}s")
+        log(
+            f"{spec}: {row['images_per_s']:.1f} images/s, {row['tflops']:.1f} TFLOP/s, "
+            f"{row['peak_gib']:.1f} GiB, warm-up {row['warmup_s']:.0f}s"
+        )
         results["steps"], results["skipped"] = rows, [list(s) for s in skipped]
         save()
 
@@ -434,15 +506,19 @@ def main(argv=None) -> int:
     if prof is not None:
         print(f"\nTop operators of the default FPN step (3 steps, {args.precision}, channels_last):\n")
         print(prof)
-    print(f"\nSoCo training steps, synthetic batch on the device (views {'+'.join(map(str, view_sizes(args.size)))} px, "
-          f"K={args.k}; median of {args.steps} steps after {args.warmup} warm-up):\n")
+    print(
+        f"\nSoCo training steps, synthetic batch on the device (views {'+'.join(map(str, view_sizes(args.size)))} px, "
+        f"K={args.k}; median of {args.steps} steps after {args.warmup} warm-up):\n"
+    )
     print(step_table(rows, matmul))
     if skipped:
         print(f"\nnot run (budget or failure): {', '.join('/'.join(map(str, s)) for s in skipped)}")
     print(f"\nHost-device syncs inside the step: {results['sync']}")
     if e2e:
-        print(f"\nEnd to end on real photos (soco pretrain's loop, FPN, batch {args.batches[0]}, "
-              f"{args.workers} workers; mean over logged windows after the first):\n")
+        print(
+            f"\nEnd to end on real photos (soco pretrain's loop, FPN, batch {args.batches[0]}, "
+            f"{args.workers} workers; mean over logged windows after the first):\n"
+        )
         print(e2e_table(e2e))
     print(f"\nMachine: {machine(device)}; matmul {matmul:.0f} TFLOP/s measured; total {time.perf_counter() - t0:.0f} s")
     return 0

@@ -28,9 +28,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -38,6 +37,7 @@ import numpy as np  # noqa: E402
 warnings.filterwarnings("ignore", message="Applying `local_binary_pattern`")
 
 from bench_common import cpu_model, peak_rss_mib, reset_peak_rss  # noqa: E402  (benchmarks/bench_common.py)
+
 from soco_pretrain.demo import bundled_photo_paths  # noqa: E402
 from soco_pretrain.images import list_images, load_rgb_bounded  # noqa: E402
 from soco_pretrain.proposals.filters import PRESETS, filter_boxes  # noqa: E402
@@ -105,8 +105,12 @@ def bench_photos(paths: list[Path], max_side: int, with_reference: bool) -> list
             ref, t_ref = timed(reference_selective_search, image, PAPER.scale, PAPER.sigma, PAPER.min_size)
             row.update(reference=t_ref, speedup=t_ref / t_ours, same=bool(np.array_equal(ours, ref)))
         rows.append(row)
-        print(f"  {k + 1}/{len(paths)} {path.name}: {t_ours:.3f} s"
-              + (f", reference {row['reference']:.2f} s" if with_reference else ""), file=sys.stderr, flush=True)
+        print(
+            f"  {k + 1}/{len(paths)} {path.name}: {t_ours:.3f} s"
+            + (f", reference {row['reference']:.2f} s" if with_reference else ""),
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -127,17 +131,28 @@ def huge_child(max_side: int) -> None:
         boxes = search(image)
         kept, _ = filter_boxes(boxes, image.shape[1], image.shape[0], PAPER)
         seconds = time.perf_counter() - start
-    print(json.dumps({
-        "size": f"{width}x{height}", "searched": f"{image.shape[1]}x{image.shape[0]}", "seconds": seconds,
-        "boxes": len(boxes), "kept": len(kept), "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib(),
-        "peak_reset": reset,
-    }))
+    print(
+        json.dumps(
+            {
+                "size": f"{width}x{height}",
+                "searched": f"{image.shape[1]}x{image.shape[0]}",
+                "seconds": seconds,
+                "boxes": len(boxes),
+                "kept": len(kept),
+                "rss_before_mib": rss_before,
+                "peak_rss_mib": peak_rss_mib(),
+                "peak_reset": reset,
+            }
+        )
+    )
 
 
 def bench_huge(max_side: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--huge-child", "--max-side", str(max_side)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -156,8 +171,13 @@ def table(rows: list[dict], with_reference: bool) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     ours = [r["ours"] for r in rows]
     for label, fn in (("median", statistics.median), ("total", sum)):
-        cells = [f"**{label}**", "", f"{fn(ours):.3f}",
-                 f"{fn([r['boxes'] for r in rows]):.0f}", f"{fn([r['kept'] for r in rows]):.0f}"]
+        cells = [
+            f"**{label}**",
+            "",
+            f"{fn(ours):.3f}",
+            f"{fn([r['boxes'] for r in rows]):.0f}",
+            f"{fn([r['kept'] for r in rows]):.0f}",
+        ]
         if with_reference:
             ref = [r["reference"] for r in rows]
             speed = fn([r["speedup"] for r in rows]) if label == "median" else sum(ref) / sum(ours)
@@ -186,10 +206,27 @@ def stage_times(image: np.ndarray, repeats: int = 5) -> dict:
 
     costs = best("smoothing + edge costs", ss._edge_costs, image, PAPER.sigma)
     order = best("np.argsort of costs", np.argsort, costs)
-    roots = best("Felzenszwalb union-find", ss._felzenszwalb_segments, order, costs, h, w,
-                 float(PAPER.scale), int(PAPER.min_size))
-    regions = best("regions + LBP + histograms", ss._regions, image, roots, ss._V_LUT, ss._LBP_LUT,
-                   float(ss._LBP_CP[1]), ss.COLOUR_BINS, ss.TEXTURE_BINS)
+    roots = best(
+        "Felzenszwalb union-find",
+        ss._felzenszwalb_segments,
+        order,
+        costs,
+        h,
+        w,
+        float(PAPER.scale),
+        int(PAPER.min_size),
+    )
+    regions = best(
+        "regions + LBP + histograms",
+        ss._regions,
+        image,
+        roots,
+        ss._V_LUT,
+        ss._LBP_LUT,
+        float(ss._LBP_CP[1]),
+        ss.COLOUR_BINS,
+        ss.TEXTURE_BINS,
+    )
     best("grouping", ss._group, *regions, h * w)
     return stages
 
@@ -214,8 +251,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", help="image folder or list file (default: scikit-image's bundled photos)")
     parser.add_argument("--limit", type=int, default=None, help="first N images (default: 7 bundled / 8 from --images)")
-    parser.add_argument("--max-side", type=int, default=PAPER.max_side,
-                        help=f"search larger images resized to this long side (default {PAPER.max_side}, as the pipeline)")
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=PAPER.max_side,
+        help=f"search larger images resized to this long side (default {PAPER.max_side}, as the pipeline)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="time only our search")
     parser.add_argument("--huge", action="store_true", help="add a 4000x3000 photo through load + search + filter")
     parser.add_argument("--stages", action="store_true", help="also print the time of each stage of our search")
@@ -235,16 +276,20 @@ def main() -> None:
     peak = peak_rss_mib()
     huge = bench_huge(args.max_side) if args.huge else None
 
-    print(f"\nSelective search, paper preset (scale {PAPER.scale}, sigma {PAPER.sigma}, min_size {PAPER.min_size}), "
-          f"seconds per image on one core, warm-up excluded:\n")
+    print(
+        f"\nSelective search, paper preset (scale {PAPER.scale}, sigma {PAPER.sigma}, min_size {PAPER.min_size}), "
+        f"seconds per image on one core, warm-up excluded:\n"
+    )
     print(table(rows, with_reference))
-    print(f"\nPeak RSS of this run: {peak:.0f} MiB"
-          + (" (includes the reference)" if with_reference else ""))
+    print(f"\nPeak RSS of this run: {peak:.0f} MiB" + (" (includes the reference)" if with_reference else ""))
     if huge:
-        print(f"\nHuge photo ({huge['size']} JPEG, searched at {huge['searched']}): load_rgb_bounded + search + "
-              f"filter {huge['seconds']:.2f} s, {huge['boxes']} boxes, {huge['kept']} kept; peak RSS "
-              f"{huge['peak_rss_mib']:.0f} MiB (after warm-up, before the image: {huge['rss_before_mib']:.0f} MiB"
-              + ("" if huge["peak_reset"] else "; peak not resettable here, includes numba compile") + ")")
+        print(
+            f"\nHuge photo ({huge['size']} JPEG, searched at {huge['searched']}): load_rgb_bounded + search + "
+            f"filter {huge['seconds']:.2f} s, {huge['boxes']} boxes, {huge['kept']} kept; peak RSS "
+            f"{huge['peak_rss_mib']:.0f} MiB (after warm-up, before the image: {huge['rss_before_mib']:.0f} MiB"
+            + ("" if huge["peak_reset"] else "; peak not resettable here, includes numba compile")
+            + ")"
+        )
     if args.stages:
         print_stages(paths, args.max_side)
     print(f"\nMachine: {machine()}")

@@ -3,9 +3,9 @@
 For each model, a step is ``soco pretrain``'s own step (``train.loop.PretrainStep`` on a job
 built by ``train.loop.job_for_batch``: the same model, LARS, precision, lr/tau schedules and
 EMA update, no accumulation): forward of the online and target networks on every view, the
-loss, backward, the LARS update and the EMA update of the target. The batch is synthetic (random normalised views, random
-boxes of 16 px to the whole view, levels from the paper's scale-aware assignment, K = 4, all
-valid), so the data pipeline is not measured (benchmarks/data.py does that).
+loss, backward, the LARS update and the EMA update of the target. The batch is synthetic
+(random normalised views, random boxes of 16 px to the whole view, levels from the paper's
+scale-aware assignment, K = 4, all valid), so the data pipeline is not measured (benchmarks/data.py does that).
 
 Reported per model: images/s (batch / mean step time after warm-up steps), FLOPs per image of
 one forward + backward (torch.utils.flop_counter.FlopCounterMode, which counts matmuls and
@@ -31,9 +31,9 @@ import time
 
 import numpy as np
 import torch
+from bench_common import cpu_model, peak_rss_mib, reset_peak_rss  # benchmarks/bench_common.py
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_common import cpu_model, peak_rss_mib, reset_peak_rss  # benchmarks/bench_common.py
 from soco_pretrain.config import apply_overrides
 from soco_pretrain.data.boxes import assign_levels
 from soco_pretrain.engine.skips import SkipLog
@@ -60,8 +60,14 @@ def synthetic_batch(batch: int, size: int, k: int, n_views: int, bounds, seed: i
         b = np.concatenate([xy, xy + wh], axis=2)
         boxes.append(torch.from_numpy(b.astype(np.float32)))
         levels.append(torch.from_numpy(assign_levels(b.reshape(-1, 4), bounds).reshape(batch, k)))
-    return {"views": views, "boxes": boxes, "levels": levels, "valid": torch.ones(batch, k, dtype=torch.bool),
-            "index": torch.arange(batch), "skipped": []}
+    return {
+        "views": views,
+        "boxes": boxes,
+        "levels": levels,
+        "valid": torch.ones(batch, k, dtype=torch.bool),
+        "index": torch.arange(batch),
+        "skipped": [],
+    }
 
 
 def _sync(device) -> None:
@@ -73,12 +79,20 @@ def bench_model(name: str, args, device) -> dict:
     preset, n_views = MODELS[name]
     sizes = view_sizes(args.size)
     channels_last = device.type == "cuda" and not args.no_channels_last
-    cfg = apply_overrides(load_preset(preset), [
-        f"data.views.v1_size={sizes[0]}", f"data.views.v2_size={sizes[1]}",
-        f"data.views.v3_size={sizes[2]}", f"data.views.v4_size={sizes[3]}",
-        f"train.precision={args.precision}", f"train.per_device_batch={args.batch}",
-        f"train.channels_last={str(channels_last).lower()}", f"train.compile={str(args.compile).lower()}",
-        "data.augment.device=cpu"])  # a prepared batch: no on-device augmentation to time
+    cfg = apply_overrides(
+        load_preset(preset),
+        [
+            f"data.views.v1_size={sizes[0]}",
+            f"data.views.v2_size={sizes[1]}",
+            f"data.views.v3_size={sizes[2]}",
+            f"data.views.v4_size={sizes[3]}",
+            f"train.precision={args.precision}",
+            f"train.per_device_batch={args.batch}",
+            f"train.channels_last={str(channels_last).lower()}",
+            f"train.compile={str(args.compile).lower()}",
+            "data.augment.device=cpu",
+        ],
+    )  # a prepared batch: no on-device augmentation to time
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -92,8 +106,11 @@ def bench_model(name: str, args, device) -> dict:
     model, precision = job.core, job.plan.precision
     step = PretrainStep(job, Position(), SkipLog())
     job.model.train()
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else None)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        if precision != "fp32"
+        else None
+    )
 
     for i in range(args.warmup):
         step(i)
@@ -122,16 +139,27 @@ def bench_model(name: str, args, device) -> dict:
     job.optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops() / args.batch
     step_s = float(np.median(times))
-    return {"name": name, "views": "+".join(str(s) for s in sizes[:n_views]), "precision": precision,
-            "images_per_s": args.batch / step_s, "ms": 1000 * step_s, "gflop": flops / 1e9, "memory": memory}
+    return {
+        "name": name,
+        "views": "+".join(str(s) for s in sizes[:n_views]),
+        "precision": precision,
+        "images_per_s": args.batch / step_s,
+        "ms": 1000 * step_s,
+        "gflop": flops / 1e9,
+        "memory": memory,
+    }
 
 
 def table(rows: list[dict], args) -> str:
-    lines = ["| step | views (px) | batch | precision | images/s | ms/step | GFLOP/image (fwd+bwd) | peak memory |",
-             "|---|---|---:|---|---:|---:|---:|---|"]
+    lines = [
+        "| step | views (px) | batch | precision | images/s | ms/step | GFLOP/image (fwd+bwd) | peak memory |",
+        "|---|---|---:|---|---:|---:|---:|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['views']} | {args.batch} | {r['precision']} | {r['images_per_s']:.2f} | "
-                     f"{r['ms']:.0f} | {r['gflop']:.1f} | {r['memory']} |")
+        lines.append(
+            f"| {r['name']} | {r['views']} | {args.batch} | {r['precision']} | {r['images_per_s']:.2f} | "
+            f"{r['ms']:.0f} | {r['gflop']:.1f} | {r['memory']} |"
+        )
     return "\n".join(lines)
 
 
@@ -140,8 +168,10 @@ def machine(device) -> str:
 
     cpu = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU used"
-    return (f"{cpu}; {gpu}; python {platform.python_version()}, torch {torch.__version__}, "
-            f"torchvision {torchvision.__version__}")
+    return (
+        f"{cpu}; {gpu}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}"
+    )
 
 
 def main() -> None:
@@ -157,8 +187,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (timed steps only)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     gpu = device.type == "cuda"
     args.batch = args.batch or (64 if gpu else 2)
     args.steps = args.steps or (20 if gpu else 3)
@@ -171,8 +204,10 @@ def main() -> None:
             sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         rows.append(bench_model(name, args, device))
-    print(f"\nSoCo training step on {device.type.upper()} (synthetic batch, K={args.k}; forward online + target, "
-          f"loss, backward, LARS, EMA; median of {args.steps} steps after {args.warmup} warm-up):\n")
+    print(
+        f"\nSoCo training step on {device.type.upper()} (synthetic batch, K={args.k}; forward online + target, "
+        f"loss, backward, LARS, EMA; median of {args.steps} steps after {args.warmup} warm-up):\n"
+    )
     print(table(rows, args))
     print(f"\nMachine: {machine(device)}")
 

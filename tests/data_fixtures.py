@@ -57,8 +57,7 @@ def make_store(out: Path, root: Path, paths, boxes_per_image: int = 6, failed=()
         sizes.append((0, 0) if p in failed else (w, h))
         status.append(RULE_FAILED if p in failed else RULE_PAPER)
     boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), np.int32)
-    return write_store(out, paths, boxes, offsets, sizes, status, [boxes_per_image] * len(paths),
-                       {"preset": "test"})
+    return write_store(out, paths, boxes, offsets, sizes, status, [boxes_per_image] * len(paths), {"preset": "test"})
 
 
 def corrupt(path: Path) -> None:

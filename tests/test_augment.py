@@ -27,8 +27,17 @@ from soco_pretrain.data import augment as A
 from soco_pretrain.data.augment import AugmentParams, BatchAugment, augment_cpu
 
 # BYOL, Table 6 -- written out here, not read from the config, so a wrong default fails.
-BYOL = dict(colour_jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2,
-            blur_p=(1.0, 0.1), blur_sigma=(0.1, 2.0), solarize_p=(0.0, 0.2))
+BYOL = dict(
+    colour_jitter_p=0.8,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.2,
+    hue=0.1,
+    grayscale_p=0.2,
+    blur_p=(1.0, 0.1),
+    blur_sigma=(0.1, 2.0),
+    solarize_p=(0.0, 0.2),
+)
 N = 512  # draws per statistical test
 
 
@@ -40,8 +49,16 @@ def photo(size: int, name: str = "astronaut") -> torch.Tensor:
 
 def only(**kwargs) -> AugmentConfig:
     """Config with every op off except those in kwargs."""
-    off = dict(colour_jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale_p=0.0,
-               blur_p=(0.0, 0.0), solarize_p=(0.0, 0.0))
+    off = dict(
+        colour_jitter_p=0.0,
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+        hue=0.0,
+        grayscale_p=0.0,
+        blur_p=(0.0, 0.0),
+        solarize_p=(0.0, 0.0),
+    )
     return AugmentConfig(**{**off, **kwargs})
 
 
@@ -77,8 +94,20 @@ def binomial_ok(frac: float, p: float, n: int) -> bool:
     return abs(frac - p) <= 4 * math.sqrt(max(p * (1 - p), 1e-4) / n) + 1e-9
 
 
-def make_params(b: int, *, jitter=True, order=None, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0,
-                grayscale=False, blur=False, sigma=1.0, solarize=False) -> AugmentParams:
+def make_params(
+    b: int,
+    *,
+    jitter=True,
+    order=None,
+    brightness=1.0,
+    contrast=1.0,
+    saturation=1.0,
+    hue=0.0,
+    grayscale=False,
+    blur=False,
+    sigma=1.0,
+    solarize=False,
+) -> AugmentParams:
     """Fixed per-sample parameters (scalars broadcast to b samples; ``order``: list of permutations)."""
 
     def vec(v, dtype=torch.float32):
@@ -89,10 +118,18 @@ def make_params(b: int, *, jitter=True, order=None, brightness=1.0, contrast=1.0
         perm = order[i % len(order)] if order is not None else (0, 1, 2, 3)
         for pos, op in enumerate(perm):
             keys[i, op] = (pos + 1) / 5.0  # argsort(keys) == perm
-    return AugmentParams(jitter=vec(jitter, torch.bool), order_keys=keys, brightness=vec(brightness),
-                         contrast=vec(contrast), saturation=vec(saturation), hue=vec(hue),
-                         grayscale=vec(grayscale, torch.bool), blur=vec(blur, torch.bool), sigma=vec(sigma),
-                         solarize=vec(solarize, torch.bool))
+    return AugmentParams(
+        jitter=vec(jitter, torch.bool),
+        order_keys=keys,
+        brightness=vec(brightness),
+        contrast=vec(contrast),
+        saturation=vec(saturation),
+        hue=vec(hue),
+        grayscale=vec(grayscale, torch.bool),
+        blur=vec(blur, torch.bool),
+        sigma=vec(sigma),
+        solarize=vec(solarize, torch.bool),
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,7 +142,7 @@ def batch() -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     photos = [TF.resize(photo(64, n), [30, 46], antialias=True).float() / 255 for n in ("astronaut", "coffee")]
     noise = torch.rand(2, 3, 30, 46, generator=g)
-    q = (torch.randint(0, 256, (2, 3, 30, 46), generator=g) / 255.0)
+    q = torch.randint(0, 256, (2, 3, 30, 46), generator=g) / 255.0
     q[:, :, :8] = q[:, :1, :8]  # grey
     q[:, 1, 8:16] = q[:, 0, 8:16]  # r == g
     q[:, 2, 16:24] = q[:, 1, 16:24]  # g == b
@@ -150,8 +187,10 @@ def test_bad_inputs():
 # ---------------------------------------------------------------- each op vs torchvision, fixed parameters
 
 
-@pytest.mark.parametrize("op,fn", [(A.BRIGHTNESS, TF.adjust_brightness), (A.CONTRAST, TF.adjust_contrast),
-                                   (A.SATURATION, TF.adjust_saturation)])
+@pytest.mark.parametrize(
+    "op,fn",
+    [(A.BRIGHTNESS, TF.adjust_brightness), (A.CONTRAST, TF.adjust_contrast), (A.SATURATION, TF.adjust_saturation)],
+)
 def test_blend_ops_match_torchvision(batch, op, fn):
     factors = torch.tensor([0.6, 1.4, 0.93, 1.0, 1.2, 0.0])
     view = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731
@@ -278,8 +317,7 @@ def test_batched_deterministic_chunking_invariant_and_float_inputs():
     for ps in (0, 1):
         a = BatchAugment(cfg)(imgs, ps, torch.Generator().manual_seed(1))
         b = BatchAugment(cfg, cpu_chunk=0)(imgs, ps, torch.Generator().manual_seed(1))
-        c = BatchAugment(cfg, blur_impl="conv", cpu_chunk=2)(imgs.double() / 255, ps,
-                                                            torch.Generator().manual_seed(1))
+        c = BatchAugment(cfg, blur_impl="conv", cpu_chunk=2)(imgs.double() / 255, ps, torch.Generator().manual_seed(1))
         assert a.dtype == c.dtype == torch.float32 and a.shape == imgs.shape
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
         torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
@@ -416,17 +454,20 @@ def saturation(out, x):
 
 def hue(out, x):
     h_in, h_out = (rgb_to_hsv(t.permute(1, 2, 0).double().numpy()) for t in (x, out))
-    ok = (h_in[..., 1] > 0.05)
+    ok = h_in[..., 1] > 0.05
     d = (h_out[..., 0] - h_in[..., 0])[ok]
     return float(np.angle(np.mean(np.exp(2j * np.pi * d))) / (2 * np.pi))  # circular mean, turns
 
 
-@pytest.mark.parametrize("name,recover", [
-    ("brightness", _Recover(brightness, (0.6, 1.4))),  # BYOL 0.4: 0.3 or 0.5 miss the range
-    ("contrast", _Recover(contrast, (0.6, 1.4))),
-    ("saturation", _Recover(saturation, (0.8, 1.2))),
-    ("hue", _Recover(hue, (-0.1, 0.1), identity=0.0)),
-])
+@pytest.mark.parametrize(
+    "name,recover",
+    [
+        ("brightness", _Recover(brightness, (0.6, 1.4))),  # BYOL 0.4: 0.3 or 0.5 miss the range
+        ("contrast", _Recover(contrast, (0.6, 1.4))),
+        ("saturation", _Recover(saturation, (0.8, 1.2))),
+        ("hue", _Recover(hue, (-0.1, 0.1), identity=0.0)),
+    ],
+)
 def test_colour_jitter_probability_and_ranges(name, recover):
     cfg = only(colour_jitter_p=0.8, **{name: BYOL[name]})
     img = mid_photo() if name != "hue" else photo(32)
@@ -451,13 +492,15 @@ def test_order_is_a_uniform_permutation():
 def torchvision_byol(param_set: int, size: int) -> T.Compose:
     """BYOL's photometric pipeline (minus crop and flip) from torchvision.transforms.v2, BYOL's numbers."""
     k = A.blur_kernel_size(size)
-    return T.Compose([
-        T.ToDtype(torch.float32, scale=True),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=(1.0, 0.1)[param_set]),
-        T.RandomSolarize(0.5, p=(0.0, 0.2)[param_set]),
-    ])
+    return T.Compose(
+        [
+            T.ToDtype(torch.float32, scale=True),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=(1.0, 0.1)[param_set]),
+            T.RandomSolarize(0.5, p=(0.0, 0.2)[param_set]),
+        ]
+    )
 
 
 def _summary(out: torch.Tensor) -> dict:

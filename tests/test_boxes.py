@@ -12,8 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.transforms import RandomResizedCrop
 
-from soco_pretrain.data.boxes import (assign_levels, box_area, clip_boxes, crop_boxes, from_store,
-                                      hflip_boxes, jitter_boxes, resize_boxes, sample_crop)
+from soco_pretrain.data.boxes import (
+    assign_levels,
+    box_area,
+    clip_boxes,
+    crop_boxes,
+    from_store,
+    hflip_boxes,
+    jitter_boxes,
+    resize_boxes,
+    sample_crop,
+)
 
 
 def random_boxes(rng, n, width=300.0, height=200.0):
@@ -34,13 +43,16 @@ def test_from_store_makes_inclusive_corners_exclusive():
 
 
 def test_crop_boxes_shift_clip_and_visible_fraction():
-    boxes = np.array([
-        [20, 20, 40, 40],  # fully inside
-        [0, 20, 20, 40],  # half outside on the left
-        [90, 90, 130, 110],  # 20 x 10 of its 40 x 20 inside: a quarter visible
-        [200, 0, 220, 10],  # fully outside
-        [50, 50, 50, 60],  # degenerate (zero width)
-    ], dtype=np.float64)
+    boxes = np.array(
+        [
+            [20, 20, 40, 40],  # fully inside
+            [0, 20, 20, 40],  # half outside on the left
+            [90, 90, 130, 110],  # 20 x 10 of its 40 x 20 inside: a quarter visible
+            [200, 0, 220, 10],  # fully outside
+            [50, 50, 50, 60],  # degenerate (zero width)
+        ],
+        dtype=np.float64,
+    )
     out, vis = crop_boxes(boxes, (10, 10, 110, 100))  # crop 100 x 90
     np.testing.assert_allclose(out[0], [10, 10, 30, 30])
     np.testing.assert_allclose(out[1], [0, 10, 10, 30])
@@ -57,8 +69,15 @@ def test_crop_then_uncrop_gives_the_clipped_box():
     rect = (37.0, 12.0, 201.0, 150.0)
     out, vis = crop_boxes(boxes, rect)
     back = out + np.array([rect[0], rect[1], rect[0], rect[1]])
-    expected = np.stack([np.clip(boxes[:, 0], 37, 201), np.clip(boxes[:, 1], 12, 150),
-                         np.clip(boxes[:, 2], 37, 201), np.clip(boxes[:, 3], 12, 150)], axis=1)
+    expected = np.stack(
+        [
+            np.clip(boxes[:, 0], 37, 201),
+            np.clip(boxes[:, 1], 12, 150),
+            np.clip(boxes[:, 2], 37, 201),
+            np.clip(boxes[:, 3], 12, 150),
+        ],
+        axis=1,
+    )
     np.testing.assert_allclose(back, expected)
     np.testing.assert_allclose(vis, box_area(expected) / box_area(boxes))
     assert ((vis >= 0) & (vis <= 1)).all()
@@ -181,15 +200,24 @@ def test_jitter_probability_extremes_and_bad_form():
 # ---------------------------------------------------------------- levels
 
 
-@pytest.mark.parametrize("w,h,level", [
-    (48, 48, 0), (32, 72, 0),  # area exactly 48^2 -> P2 (boundary goes to the lower level)
-    (48, 48 + 1e-9, 1), (49, 49, 1),  # just above 48^2 -> P3
-    (96, 96, 1), (64, 144, 1),  # exactly 96^2 -> P3
-    (96, 96 + 1e-9, 2),
-    (192, 192, 2), (144, 256, 2),  # exactly 192^2 -> P4
-    (192, 192 + 1e-9, 3), (224, 224, 3),  # -> P5
-    (0, 10, 0), (1, 1, 0),
-])
+@pytest.mark.parametrize(
+    "w,h,level",
+    [
+        (48, 48, 0),
+        (32, 72, 0),  # area exactly 48^2 -> P2 (boundary goes to the lower level)
+        (48, 48 + 1e-9, 1),
+        (49, 49, 1),  # just above 48^2 -> P3
+        (96, 96, 1),
+        (64, 144, 1),  # exactly 96^2 -> P3
+        (96, 96 + 1e-9, 2),
+        (192, 192, 2),
+        (144, 256, 2),  # exactly 192^2 -> P4
+        (192, 192 + 1e-9, 3),
+        (224, 224, 3),  # -> P5
+        (0, 10, 0),
+        (1, 1, 0),
+    ],
+)
 def test_level_boundaries(w, h, level):
     assert assign_levels(np.array([[10.0, 20.0, 10.0 + w, 20.0 + h]])).tolist() == [level]
 
@@ -227,10 +255,13 @@ def assert_is_torchvisions_fallback(rect, width, height, ratio):
 
 
 @settings(max_examples=150, deadline=None)
-@given(width=st.integers(1, 2000), height=st.integers(1, 2000),
-       scale=st.tuples(st.floats(0.05, 1.0), st.floats(0.05, 1.0)).map(sorted),
-       ratio=st.tuples(st.floats(0.2, 5.0), st.floats(0.2, 5.0)).map(sorted),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    width=st.integers(1, 2000),
+    height=st.integers(1, 2000),
+    scale=st.tuples(st.floats(0.05, 1.0), st.floats(0.05, 1.0)).map(sorted),
+    ratio=st.tuples(st.floats(0.2, 5.0), st.floats(0.2, 5.0)).map(sorted),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_sample_crop_within_bounds(width, height, scale, ratio, seed):
     rect = sample_crop(np.random.default_rng(seed), width, height, tuple(scale), tuple(ratio))
     x0, y0, x1, y1 = rect
@@ -240,17 +271,23 @@ def test_sample_crop_within_bounds(width, height, scale, ratio, seed):
     # A random draw: w = round(sqrt(A * a)), h = round(sqrt(A / a)) with A = area * U[scale] and
     # a in [ratio], so (w -+ 0.5) * (h -+ 0.5) bracket A and (w -+ 0.5) / (h +- 0.5) bracket a.
     area = width * height
-    drawn = ((w - 0.5) * (h - 0.5) <= scale[1] * area * (1 + 1e-9)
-             and (w + 0.5) * (h + 0.5) >= scale[0] * area * (1 - 1e-9)
-             and (w - 0.5) / (h + 0.5) <= ratio[1] * (1 + 1e-9)
-             and (w + 0.5) / max(h - 0.5, 1e-12) >= ratio[0] * (1 - 1e-9))
+    drawn = (
+        (w - 0.5) * (h - 0.5) <= scale[1] * area * (1 + 1e-9)
+        and (w + 0.5) * (h + 0.5) >= scale[0] * area * (1 - 1e-9)
+        and (w - 0.5) / (h + 0.5) <= ratio[1] * (1 + 1e-9)
+        and (w + 0.5) / max(h - 0.5, 1e-12) >= ratio[0] * (1 - 1e-9)
+    )
     if not drawn:  # otherwise it must be the fallback, as torchvision computes it
         assert_is_torchvisions_fallback(rect, width, height, ratio)
 
 
 @settings(max_examples=150, deadline=None)
-@given(width=st.integers(1, 2000), height=st.integers(1, 2000),
-       ratio=st.tuples(st.floats(0.2, 5.0), st.floats(0.2, 5.0)).map(sorted), seed=st.integers(0, 2**32 - 1))
+@given(
+    width=st.integers(1, 2000),
+    height=st.integers(1, 2000),
+    ratio=st.tuples(st.floats(0.2, 5.0), st.floats(0.2, 5.0)).map(sorted),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_forced_fallback_equals_torchvisions(width, height, ratio, seed):
     rect = sample_crop(np.random.default_rng(seed), width, height, FORCE_FALLBACK, tuple(ratio))
     assert_is_torchvisions_fallback(rect, width, height, ratio)

@@ -19,7 +19,10 @@ def run_cli(*args, cwd=None):
     """``python -m soco_pretrain ARGS`` in a fresh process (real exit status and output)."""
     return subprocess.run(
         [sys.executable, "-m", "soco_pretrain", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
     )
 
 
@@ -57,8 +60,24 @@ def call(argv, capsys):
 # ---------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", ["", "proposals", "proposals merge", "show", "show proposals", "demo", "knn",
-                                     "compare", "config", "config show", "pretrain", "finetune", "linear"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "",
+        "proposals",
+        "proposals merge",
+        "show",
+        "show proposals",
+        "demo",
+        "knn",
+        "compare",
+        "config",
+        "config show",
+        "pretrain",
+        "finetune",
+        "linear",
+    ],
+)
 def test_help_of_every_command_has_an_example(command, capsys):
     status, out, _ = call([*command.split(), "--help"], capsys)
     assert status == 0
@@ -72,10 +91,15 @@ def test_help_runs_as_a_module_without_heavy_imports():
     assert "proposals" in result.stdout and "demo" in result.stdout
     # --help must stay fast: the parser alone imports none of the heavy libraries.
     probe = subprocess.run(
-        [sys.executable, "-c",
-         "import sys, soco_pretrain.cli as c; c.build_parser(); "
-         "print(sorted(m for m in ('numpy', 'numba', 'torch', 'matplotlib', 'skimage') if m in sys.modules))"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, soco_pretrain.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('numpy', 'numba', 'torch', 'matplotlib', 'skimage') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert probe.stdout.strip() == "[]"
 
@@ -132,11 +156,14 @@ def test_missing_folder_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("soco: error:") and "nowhere" in lines[0]
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--preset", "nope"], ["unknown preset", "paper"]),
-    (["--workers", "0"], ["--workers"]),
-    (["--scale", "-3"], ["--scale"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--preset", "nope"], ["unknown preset", "paper"]),
+        (["--workers", "0"], ["--workers"]),
+        (["--scale", "-3"], ["--scale"]),
+    ],
+)
 def test_bad_options_are_one_line_errors(argv, words, images, tmp_path, capsys):
     status, _, err = call(["proposals", str(images), "-o", str(tmp_path / "s"), *argv], capsys)
     assert status == 2
@@ -159,8 +186,10 @@ def test_shards_merged_through_the_cli_equal_one_run(store, images, tmp_path, ca
     shards = []
     for i in range(2):
         shards.append(tmp_path / f"shard{i}")
-        status, _, err = call(["proposals", str(images), "-o", str(shards[-1]), "--shard", f"{i}/2",
-                               "--workers", "1", "--no-progress"], capsys)
+        status, _, err = call(
+            ["proposals", str(images), "-o", str(shards[-1]), "--shard", f"{i}/2", "--workers", "1", "--no-progress"],
+            capsys,
+        )
         assert status == 0, err
     status, out, err = call(["proposals", "merge", *map(str, shards), "-o", str(tmp_path / "merged")], capsys)
     assert status == 0, err
@@ -173,12 +202,12 @@ def test_shards_merged_through_the_cli_equal_one_run(store, images, tmp_path, ca
 
 
 def test_merge_of_a_missing_or_non_store_is_a_one_line_error(store, tmp_path, capsys):
-    status, _, err = call(["proposals", "merge", str(store), str(tmp_path / "nope"), "-o", str(tmp_path / "m")],
-                          capsys)
+    status, _, err = call(["proposals", "merge", str(store), str(tmp_path / "nope"), "-o", str(tmp_path / "m")], capsys)
     assert status == 2 and err.startswith("soco: error:") and "nope" in err
     (tmp_path / "empty").mkdir()
-    status, _, err = call(["proposals", "merge", str(store), str(tmp_path / "empty"), "-o", str(tmp_path / "m")],
-                          capsys)
+    status, _, err = call(
+        ["proposals", "merge", str(store), str(tmp_path / "empty"), "-o", str(tmp_path / "m")], capsys
+    )
     assert status == 2 and err.startswith("soco: error:") and "empty" in err
     assert len(err.strip().splitlines()) == 1
 
@@ -188,8 +217,22 @@ def test_merge_of_a_missing_or_non_store_is_a_one_line_error(store, tmp_path, ca
 
 def test_show_proposals_through_the_cli(store, images, tmp_path, capsys):
     out_dir = tmp_path / "pictures"
-    status, out, err = call(["show", "proposals", str(store), "--images", str(images), "-o", str(out_dir),
-                             "--num", "2", "--per-image", "3"], capsys)
+    status, out, err = call(
+        [
+            "show",
+            "proposals",
+            str(store),
+            "--images",
+            str(images),
+            "-o",
+            str(out_dir),
+            "--num",
+            "2",
+            "--per-image",
+            "3",
+        ],
+        capsys,
+    )
     assert status == 0, err
     assert len(list(out_dir.glob("proposals_*.png"))) == 2
     for name in ("contact_sheet.png", "stats.png", "stats.json"):
@@ -205,8 +248,9 @@ def test_show_proposals_of_a_missing_store_exits_2(images, tmp_path):
 
 
 def test_show_proposals_of_a_non_store_folder_exits_2(images, tmp_path, capsys):
-    status, _, err = call(["show", "proposals", str(images), "--images", str(images), "-o", str(tmp_path / "p")],
-                          capsys)
+    status, _, err = call(
+        ["show", "proposals", str(images), "--images", str(images), "-o", str(tmp_path / "p")], capsys
+    )
     assert status == 2
     assert err.startswith("soco: error:") and "manifest" in err
 
@@ -234,8 +278,24 @@ def test_show_views_help_has_an_example(capsys):
 def test_show_views_writes_one_picture_per_image(views_data, tmp_path, capsys, extra, panels):
     images, store = views_data
     out_dir = tmp_path / "pictures"
-    status, out, err = call(["show", "views", "--images", str(images), "--proposals", str(store),
-                             "-o", str(out_dir), "--num", "2", "--seed", "1", *extra], capsys)
+    status, out, err = call(
+        [
+            "show",
+            "views",
+            "--images",
+            str(images),
+            "--proposals",
+            str(store),
+            "-o",
+            str(out_dir),
+            "--num",
+            "2",
+            "--seed",
+            "1",
+            *extra,
+        ],
+        capsys,
+    )
     assert status == 0, err
     written = sorted(out_dir.glob("views_*.png"))
     assert len(written) == 2 and all(p.name in out for p in written)
@@ -252,8 +312,21 @@ def test_show_views_from_a_coco_json(views_data, tmp_path, capsys):
     images, store = views_data
     ann = tmp_path / "instances.json"
     ann.write_text('{"images": [{"id": 1, "file_name": "coffee.png"}]}')
-    status, out, err = call(["show", "views", "--images", str(ann), "--image-root", str(images),
-                             "--proposals", str(store), "-o", str(tmp_path / "p")], capsys)
+    status, out, err = call(
+        [
+            "show",
+            "views",
+            "--images",
+            str(ann),
+            "--image-root",
+            str(images),
+            "--proposals",
+            str(store),
+            "-o",
+            str(tmp_path / "p"),
+        ],
+        capsys,
+    )
     assert status == 0, err
     assert [p.name for p in (tmp_path / "p").glob("*.png")] == ["views_00_coffee.png"]
 
@@ -288,15 +361,34 @@ def option_inputs(images, tmp_path_factory):
         (root / name).write_text('{"images": [], "annotations": [], "categories": []}')
     for split in ("train", "val"):
         (root / split / "red").mkdir(parents=True)
-    coco = ["--weights", "none", "--train-json", root / "train.json", "--train-images", images,
-            "--val-json", root / "val.json", "--val-images", images]
+    coco = [
+        "--weights",
+        "none",
+        "--train-json",
+        root / "train.json",
+        "--train-images",
+        images,
+        "--val-json",
+        root / "val.json",
+        "--val-images",
+        images,
+    ]
     return {
         "root": root,
         "pretrain": ["pretrain", "--preset", "tiny", "--images", images, "--out", root / "run"],
         "finetune": ["finetune", *coco, "--out", root / "ft"],
         "knn": ["knn", *coco, "--out", root / "knn"],
-        "linear": ["linear", "--weights", "none", "--train", root / "train", "--val", root / "val",
-                   "--out", root / "lin"],
+        "linear": [
+            "linear",
+            "--weights",
+            "none",
+            "--train",
+            root / "train",
+            "--val",
+            root / "val",
+            "--out",
+            root / "lin",
+        ],
         "proposals": ["proposals", images, "-o", root / "store"],
     }
 
@@ -335,15 +427,17 @@ def test_bad_set_is_a_one_line_error(command, item, words, option_inputs, capsys
     assert len(lines) == 1 and lines[0].startswith("soco: error: ") and words in lines[0], err
 
 
-@pytest.mark.parametrize("command, text, words", [
-    ("pretrain", 'train:\n  epochs: "100"\n', 'train.epochs="100": expected int, got a string'),
-    ("finetune", "precision: fp8\n", "precision=\"fp8\": expected one of fp32, bf16, fp16"),
-    ("linear", "warmup_epochs: -1\n", "warmup_epochs=-1: must be at least 0"),
-    ("knn", "k: 0\n", "k=0: must be at least 1"),
-    ("proposals", "- 1\n", "expected a mapping of config keys"),
-])
-def test_bad_config_file_is_a_one_line_error_naming_the_file(command, text, words, option_inputs, tmp_path,
-                                                              capsys):
+@pytest.mark.parametrize(
+    "command, text, words",
+    [
+        ("pretrain", 'train:\n  epochs: "100"\n', 'train.epochs="100": expected int, got a string'),
+        ("finetune", "precision: fp8\n", 'precision="fp8": expected one of fp32, bf16, fp16'),
+        ("linear", "warmup_epochs: -1\n", "warmup_epochs=-1: must be at least 0"),
+        ("knn", "k: 0\n", "k=0: must be at least 1"),
+        ("proposals", "- 1\n", "expected a mapping of config keys"),
+    ],
+)
+def test_bad_config_file_is_a_one_line_error_naming_the_file(command, text, words, option_inputs, tmp_path, capsys):
     path = tmp_path / "options.yaml"
     path.write_text(text)
     status, _, err = call([*map(str, option_inputs[command]), "--config", str(path)], capsys)
@@ -351,14 +445,17 @@ def test_bad_config_file_is_a_one_line_error_naming_the_file(command, text, word
     assert err.count("\n") == 1 and err.startswith(f"soco: error: {path}: ") and words in err, err
 
 
-@pytest.mark.parametrize("command, argv, words", [
-    ("finetune", ["--batch", "0"], "argument --batch: must be at least 1, got 0"),
-    ("finetune", ["--fraction", "2"], "argument --fraction: must be in (0, 1], got 2"),
-    ("knn", ["--size", "16"], "argument --size: must be at least 32, got 16"),
-    ("linear", ["--lr", "x"], "argument --lr: not a number: 'x'"),
-    ("proposals", ["--scale", "-3"], "argument --scale: must be positive, got -3"),
-    ("finetune", ["--preset", "huge"], "unknown preset 'huge' (choose from 1x, 2x, cpu)"),
-])
+@pytest.mark.parametrize(
+    "command, argv, words",
+    [
+        ("finetune", ["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+        ("finetune", ["--fraction", "2"], "argument --fraction: must be in (0, 1], got 2"),
+        ("knn", ["--size", "16"], "argument --size: must be at least 32, got 16"),
+        ("linear", ["--lr", "x"], "argument --lr: not a number: 'x'"),
+        ("proposals", ["--scale", "-3"], "argument --scale: must be positive, got -3"),
+        ("finetune", ["--preset", "huge"], "unknown preset 'huge' (choose from 1x, 2x, cpu)"),
+    ],
+)
 def test_generated_flags_check_types_and_ranges(command, argv, words, option_inputs, capsys):
     status, _, err = call([*map(str, option_inputs[command]), *argv], capsys)
     assert status == 2 and err.count("\n") == 1 and words in err, err
@@ -366,18 +463,19 @@ def test_generated_flags_check_types_and_ranges(command, argv, words, option_inp
 
 def _resolved(command, argv):
     """The options a command line resolves to, and their sources (no command is run)."""
+    from soco_pretrain import config as c
     from soco_pretrain.cli import build_parser
     from soco_pretrain.cli.common import resolve_options
     from soco_pretrain.cli.finetune import FINETUNE_FLAGS, finetune_cli_defaults
     from soco_pretrain.cli.knn import KNN_FLAGS, knn_cli_defaults
     from soco_pretrain.cli.linear import LINEAR_FLAGS
     from soco_pretrain.cli.proposals import search_config
-    from soco_pretrain import config as c
 
     args = build_parser().parse_args(list(map(str, argv)))
     if command == "finetune":
-        return resolve_options(c.FinetuneOptions, args, FINETUNE_FLAGS, c.FINETUNE_PRESETS,
-                               cli_defaults=finetune_cli_defaults())
+        return resolve_options(
+            c.FinetuneOptions, args, FINETUNE_FLAGS, c.FINETUNE_PRESETS, cli_defaults=finetune_cli_defaults()
+        )
     if command == "knn":
         return resolve_options(c.KnnOptions, args, KNN_FLAGS, c.KNN_PRESETS, cli_defaults=knn_cli_defaults())
     if command == "linear":
@@ -422,13 +520,27 @@ def test_generated_flags_match_the_dataclass_defaults(command, option_inputs):
 def test_layers_preset_file_flag_set(option_inputs, tmp_path):
     path = tmp_path / "ft.yaml"
     path.write_text("batch: 4\nmax_size: 600\nweight_decay: 1e-5\n")
-    argv = [*option_inputs["finetune"], "--preset", "cpu", "--config", path, "--max-size", "700",
-            "--set", "max_size=800", "--no-progress"]
+    argv = [
+        *option_inputs["finetune"],
+        "--preset",
+        "cpu",
+        "--config",
+        path,
+        "--max-size",
+        "700",
+        "--set",
+        "max_size=800",
+        "--no-progress",
+    ]
     options, sources = _resolved("finetune", argv)
     assert (options.batch, options.max_size, options.weight_decay, options.progress) == (4, 800, 1e-5, False)
     assert options.train_sizes == (320,) and options.roi_batch == 128  # from the cpu preset
     assert (sources["batch"], sources["max_size"], sources["train_sizes"], sources["progress"]) == (
-        f"file {path}", "--set", "preset cpu", "--no-progress")
+        f"file {path}",
+        "--set",
+        "preset cpu",
+        "--no-progress",
+    )
 
 
 def test_config_show_prints_every_key_with_value_and_source(tmp_path, capsys):
@@ -436,8 +548,9 @@ def test_config_show_prints_every_key_with_value_and_source(tmp_path, capsys):
 
     path = tmp_path / "mine.yaml"
     path.write_text("train:\n  epochs: 7\n  weight_decay: 1e-5\n")
-    status, out, err = call(["config", "show", "--preset", "tiny", "--config", str(path),
-                             "--set", "model.arch=c4"], capsys)
+    status, out, err = call(
+        ["config", "show", "--preset", "tiny", "--config", str(path), "--set", "model.arch=c4"], capsys
+    )
     assert status == 0, err
     rows = {line.split(":")[0]: line for line in out.strip().splitlines()}
     assert list(rows) == [key for key, _ in flatten(PretrainConfig())]
@@ -448,8 +561,9 @@ def test_config_show_prints_every_key_with_value_and_source(tmp_path, capsys):
     assert rows["model.arch"].split() == ["model.arch:", "c4", "#", "--set"]
     assert rows["train.momentum"].split() == ["train.momentum:", "0.9", "#", "default"]
     # soco pretrain --print-config prints the same and trains nothing (no --images/--out needed)
-    status, printed, _ = call(["pretrain", "--preset", "tiny", "--config", str(path), "--set", "model.arch=c4",
-                               "--print-config"], capsys)
+    status, printed, _ = call(
+        ["pretrain", "--preset", "tiny", "--config", str(path), "--set", "model.arch=c4", "--print-config"], capsys
+    )
     assert status == 0 and printed == out
 
 

@@ -28,9 +28,11 @@ def valid_coco() -> dict:
     """Two images (ids out of order, one "./"-prefixed name), categories out of order, a crowd
     box, an empty box and an image without annotations."""
     return {
-        "images": [{"id": 9, "file_name": "b/two.png", "width": 40, "height": 30},
-                   {"id": 2, "file_name": "./a/one.png", "width": 64, "height": 48},
-                   {"id": 5, "file_name": "a/none.png", "width": 10, "height": 10}],
+        "images": [
+            {"id": 9, "file_name": "b/two.png", "width": 40, "height": 30},
+            {"id": 2, "file_name": "./a/one.png", "width": 64, "height": 48},
+            {"id": 5, "file_name": "a/none.png", "width": 10, "height": 10},
+        ],
         "annotations": [
             {"id": 1, "image_id": 2, "category_id": 7, "bbox": [1, 2, 10, 20]},
             {"id": 2, "image_id": 9, "category_id": 3, "bbox": [0.5, 0.5, 4, 4], "iscrowd": 1},
@@ -48,6 +50,7 @@ def coco_file(tmp_path):
         path = tmp_path / name
         path.write_text(content if isinstance(content, str) else json.dumps(content))
         return path
+
     return write
 
 
@@ -128,15 +131,28 @@ def test_image_source_ignores_annotations_and_categories(coco_file, tmp_path):
 # ---------------------------------------------------------------- bad files: one line, the file named, per caller
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("{not json", "cannot read"),
-    ("[1, 2]", "not a COCO instances JSON"),
-    (json.dumps({"annotations": [], "categories": [{"id": 1}]}), "no 'images' list"),
-    (json.dumps({"images": [{"id": 1, "width": 5, "height": 5}], "annotations": [], "categories": [{"id": 1}]}),
-     "images[0] has no 'file_name'"),
-    (json.dumps({"images": [{"id": 1, "file_name": "  ", "width": 5, "height": 5}], "annotations": [],
-                 "categories": [{"id": 1}]}), "images[0] has no 'file_name'"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "cannot read"),
+        ("[1, 2]", "not a COCO instances JSON"),
+        (json.dumps({"annotations": [], "categories": [{"id": 1}]}), "no 'images' list"),
+        (
+            json.dumps({"images": [{"id": 1, "width": 5, "height": 5}], "annotations": [], "categories": [{"id": 1}]}),
+            "images[0] has no 'file_name'",
+        ),
+        (
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "  ", "width": 5, "height": 5}],
+                    "annotations": [],
+                    "categories": [{"id": 1}],
+                }
+            ),
+            "images[0] has no 'file_name'",
+        ),
+    ],
+)
 def test_bad_files_fail_the_same_way_in_every_caller(coco_file, tmp_path, content, problem):
     path = coco_file(content)
     with pytest.raises(CocoJsonError) as direct:
@@ -163,8 +179,11 @@ def test_a_missing_file_is_named(tmp_path):
 def test_malformed_json_messages_keep_each_callers_wording(coco_file, tmp_path):
     path = coco_file("{not json")
     callers = _callers(path, tmp_path)
-    for name, wording in (("images", "cannot read COCO JSON"), ("load_coco", "cannot read COCO JSON"),
-                          ("boxes", "cannot read the proposal JSON")):
+    for name, wording in (
+        ("images", "cannot read COCO JSON"),
+        ("load_coco", "cannot read COCO JSON"),
+        ("boxes", "cannot read the proposal JSON"),
+    ):
         call, error = callers[name]
         with pytest.raises(error, match=wording):
             call()
@@ -185,27 +204,36 @@ def test_an_annotation_of_an_unknown_image_is_an_error_where_annotations_are_rea
     assert len(callers["images"][0]()) == 3  # the image source does not read annotations
 
 
-@pytest.mark.parametrize("change, problem, kwargs", [
-    (lambda d: d["annotations"][0].pop("bbox"), "annotations[0] needs a 4-number 'bbox'", {}),
-    (lambda d: d["annotations"][1].update(bbox=[1, 2, "3", 4]), "annotations[1] needs a 4-number 'bbox'", {}),
-    (lambda d: d["annotations"][3].pop("image_id"), "annotations[3] needs a known 'image_id'", {}),
-    (lambda d: d["annotations"][4].update(image_id=[9]), "annotations[4] needs a known 'image_id'", {}),
-    (lambda d: d["annotations"][0].pop("category_id"), "annotations[0] needs 'image_id' and 'category_id'", {}),
-    (lambda d: d["annotations"][0].update(category_id=99), "annotations[0] has unknown category id 99", {}),
-    (lambda d: d["annotations"].append(7), "annotations[5] is not an object", {}),
-    (lambda d: d["images"][1].pop("id"), "images[1] (./a/one.png) needs an 'id'", {}),
-    (lambda d: d["images"][2].update(id=9), "image id 9 appears twice", {}),
-    (lambda d: d["images"][0].pop("height"), "images[0] (b/two.png) needs positive integer width and height", {}),
-    (lambda d: d["images"][0].update(width=0), "needs positive integer width and height", {}),
-    (lambda d: d["images"][0].update(width="40"), "images[0] (b/two.png) has width '40'",
-     {"categories": False, "sizes": OPTIONAL}),
-    (lambda d: d["categories"].clear(), "no categories", {}),
-    (lambda d: d["categories"].append({"id": 7}), "duplicate category ids", {}),
-    (lambda d: d["categories"].append({"name": "x"}), "categories[2] needs an integer 'id'", {}),
-    (lambda d: d.pop("categories"), "needs 'images' and 'categories' lists): no 'categories' list", {}),
-    (lambda d: d.pop("annotations"), "needs 'images', 'annotations' and 'categories' lists",
-     {"annotations": REQUIRED}),
-])
+@pytest.mark.parametrize(
+    "change, problem, kwargs",
+    [
+        (lambda d: d["annotations"][0].pop("bbox"), "annotations[0] needs a 4-number 'bbox'", {}),
+        (lambda d: d["annotations"][1].update(bbox=[1, 2, "3", 4]), "annotations[1] needs a 4-number 'bbox'", {}),
+        (lambda d: d["annotations"][3].pop("image_id"), "annotations[3] needs a known 'image_id'", {}),
+        (lambda d: d["annotations"][4].update(image_id=[9]), "annotations[4] needs a known 'image_id'", {}),
+        (lambda d: d["annotations"][0].pop("category_id"), "annotations[0] needs 'image_id' and 'category_id'", {}),
+        (lambda d: d["annotations"][0].update(category_id=99), "annotations[0] has unknown category id 99", {}),
+        (lambda d: d["annotations"].append(7), "annotations[5] is not an object", {}),
+        (lambda d: d["images"][1].pop("id"), "images[1] (./a/one.png) needs an 'id'", {}),
+        (lambda d: d["images"][2].update(id=9), "image id 9 appears twice", {}),
+        (lambda d: d["images"][0].pop("height"), "images[0] (b/two.png) needs positive integer width and height", {}),
+        (lambda d: d["images"][0].update(width=0), "needs positive integer width and height", {}),
+        (
+            lambda d: d["images"][0].update(width="40"),
+            "images[0] (b/two.png) has width '40'",
+            {"categories": False, "sizes": OPTIONAL},
+        ),
+        (lambda d: d["categories"].clear(), "no categories", {}),
+        (lambda d: d["categories"].append({"id": 7}), "duplicate category ids", {}),
+        (lambda d: d["categories"].append({"name": "x"}), "categories[2] needs an integer 'id'", {}),
+        (lambda d: d.pop("categories"), "needs 'images' and 'categories' lists): no 'categories' list", {}),
+        (
+            lambda d: d.pop("annotations"),
+            "needs 'images', 'annotations' and 'categories' lists",
+            {"annotations": REQUIRED},
+        ),
+    ],
+)
 def test_missing_or_bad_keys(coco_file, change, problem, kwargs):
     data = valid_coco()
     change(data)
@@ -246,8 +274,14 @@ def test_error_is_a_user_error_and_pickles(tmp_path):
     assert type(again) is CocoJsonError and str(again) == str(exc) and again.problem == "bad thing"
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("a.jpg", "a.jpg"), ("./a.jpg", "a.jpg"), (" b/./c.png ", "b/c.png"), ("b/x/../c.png", "b/c.png"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("a.jpg", "a.jpg"),
+        ("./a.jpg", "a.jpg"),
+        (" b/./c.png ", "b/c.png"),
+        ("b/x/../c.png", "b/c.png"),
+    ],
+)
 def test_normalised_file_name(name, expected):
     assert normalised_file_name(name) == expected

@@ -47,16 +47,31 @@ def data(tmp_path):
     """Two tiny COCO JSONs, an image folder and three run folders (no manifests)."""
     images = tmp_path / "imgs"
     images.mkdir()
-    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}], "annotations": [],
-            "categories": [{"id": 1, "name": "thing"}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     for name in ("train.json", "val.json"):
         (tmp_path / name).write_text(json.dumps(coco))
     runs = [tmp_path / "runs" / f"ss{i}" for i in range(3)]
     for run in runs:
         run.mkdir(parents=True)
-    return {"root": tmp_path, "images": images, "runs": runs,
-            "args": ["--train-json", tmp_path / "train.json", "--train-images", images,
-                     "--val-json", tmp_path / "val.json", "--val-images", images]}
+    return {
+        "root": tmp_path,
+        "images": images,
+        "runs": runs,
+        "args": [
+            "--train-json",
+            tmp_path / "train.json",
+            "--train-images",
+            images,
+            "--val-json",
+            tmp_path / "val.json",
+            "--val-images",
+            images,
+        ],
+    }
 
 
 # what each fake arm scores: bbox AP = base of the init + seed + 10 x fraction
@@ -65,8 +80,13 @@ BASE = {RANDOM_INIT: 10.0, "soco": 12.0}
 
 def fake_finetune_result(arm) -> dict:
     ap = BASE.get(arm.init.name, 5.0) + arm.seed + 10 * arm.fraction
-    return {"bbox": {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2, "APs": -1.0, "APm": ap, "APl": ap},
-            "iterations": 4, "max_iters": 4, "fraction": arm.fraction, "seed": arm.seed}
+    return {
+        "bbox": {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2, "APs": -1.0, "APm": ap, "APl": ap},
+        "iterations": 4,
+        "max_iters": 4,
+        "fraction": arm.fraction,
+        "seed": arm.seed,
+    }
 
 
 @pytest.fixture
@@ -85,8 +105,17 @@ def fake_runner(monkeypatch):
 
 
 def spec_of(inits, fractions=(0.1, 1.0), seeds=3, metric="finetune", options=None) -> CompareSpec:
-    return CompareSpec(tuple(inits), fractions, seeds, metric, "t.json", "imgs", "v.json", "imgs",
-                       options if options is not None else {"max_iters": 4})
+    return CompareSpec(
+        tuple(inits),
+        fractions,
+        seeds,
+        metric,
+        "t.json",
+        "imgs",
+        "v.json",
+        "imgs",
+        options if options is not None else {"max_iters": 4},
+    )
 
 
 # ---------------------------------------------------------------- inits and arms
@@ -158,10 +187,14 @@ def test_run_arm_gives_every_init_the_same_subset_seed(monkeypatch, tmp_path, da
         seen.append(("knn", weights, options))
         return {}
 
-    monkeypatch.setitem(sys.modules, "soco_pretrain.transfer.finetune",
-                        types.SimpleNamespace(FinetuneOptions=FakeOptions, finetune=fake_finetune))
-    monkeypatch.setitem(sys.modules, "soco_pretrain.evaluate.knn",
-                        types.SimpleNamespace(KnnOptions=FakeOptions, knn_eval=fake_knn))
+    monkeypatch.setitem(
+        sys.modules,
+        "soco_pretrain.transfer.finetune",
+        types.SimpleNamespace(FinetuneOptions=FakeOptions, finetune=fake_finetune),
+    )
+    monkeypatch.setitem(
+        sys.modules, "soco_pretrain.evaluate.knn", types.SimpleNamespace(KnnOptions=FakeOptions, knn_eval=fake_knn)
+    )
     inits = [parse_init("none"), parse_init(f"soco={data['runs'][0]},{data['runs'][1]}")]
     spec = spec_of(inits, fractions=(0.1,), seeds=2, options={"max_iters": 4, "train_sizes": [64, 96]})
     spec.runtime = {"workers": 0, "device": "cpu", "progress": False, "log_every": 5, "checkpoint_every": 7}
@@ -179,7 +212,11 @@ def test_run_arm_gives_every_init_the_same_subset_seed(monkeypatch, tmp_path, da
     for arm in knn.arms():
         compare.run_arm(arm, knn, tmp_path)
     assert [(o.train_fraction, o.seed, o.k, o.allow_leak) for _, _, o in seen] == [
-        (0.1, 0, 5, True), (0.1, 0, 5, True), (0.1, 1, 5, True), (0.1, 1, 5, True)]
+        (0.1, 0, 5, True),
+        (0.1, 0, 5, True),
+        (0.1, 1, 5, True),
+        (0.1, 1, 5, True),
+    ]
     assert [w for _, w, _ in seen] == [None, str(data["runs"][0]), None, str(data["runs"][1])]
 
 
@@ -209,8 +246,22 @@ def test_shards_partition_the_arms_exactly(n, data):
 
 def test_cli_runs_every_arm_then_reports(data, fake_runner, capsys):
     out = data["root"] / "cmp"
-    argv = ["compare", "--init", "none", "--init", f"soco={data['runs'][0]},{data['runs'][1]}", *data["args"],
-            "--fractions", "0.1,1", "--seeds", "2", "--max-iters", "4", "--out", out]
+    argv = [
+        "compare",
+        "--init",
+        "none",
+        "--init",
+        f"soco={data['runs'][0]},{data['runs'][1]}",
+        *data["args"],
+        "--fractions",
+        "0.1,1",
+        "--seeds",
+        "2",
+        "--max-iters",
+        "4",
+        "--out",
+        out,
+    ]
     status, stdout, err = call(argv, capsys)
     assert status == 0, err
     assert len(fake_runner) == 8
@@ -232,8 +283,20 @@ def test_cli_runs_every_arm_then_reports(data, fake_runner, capsys):
 
 def test_resume_skips_finished_arms_and_reruns_unfinished_ones(data, fake_runner, capsys):
     out = data["root"] / "cmp"
-    argv = ["compare", "--init", "none", "--init", str(data["runs"][0]), *data["args"], "--seeds", "2",
-            "--max-iters", "4", "--out", out]
+    argv = [
+        "compare",
+        "--init",
+        "none",
+        "--init",
+        str(data["runs"][0]),
+        *data["args"],
+        "--seeds",
+        "2",
+        "--max-iters",
+        "4",
+        "--out",
+        out,
+    ]
     assert call(argv, capsys)[0] == 0
     assert len(fake_runner) == 4
     # one arm stopped early: its metrics.json is not final; another never wrote one
@@ -266,8 +329,22 @@ def test_a_different_spec_in_the_same_out_is_refused(data, fake_runner, capsys):
 
 def test_arm_shards_through_the_cli_report_only_when_all_done(data, fake_runner, capsys):
     out = data["root"] / "cmp"
-    argv = ["compare", "--init", "none", "--init", str(data["runs"][0]), *data["args"], "--fractions",
-            "0.5,1", "--seeds", "2", "--max-iters", "4", "--out", out]
+    argv = [
+        "compare",
+        "--init",
+        "none",
+        "--init",
+        str(data["runs"][0]),
+        *data["args"],
+        "--fractions",
+        "0.5,1",
+        "--seeds",
+        "2",
+        "--max-iters",
+        "4",
+        "--out",
+        out,
+    ]
     status, stdout, _ = call([*argv, "--arm", "0/3"], capsys)
     assert status == 0
     first = [(n, f, s) for n, f, s, _, _ in fake_runner]
@@ -360,10 +437,18 @@ def test_paired_ci_matches_a_hand_computation():
 
 def test_summary_pairs_by_seed_and_formats_the_table(data):
     spec = spec_of([parse_init("none"), parse_init(f"soco={data['runs'][0]}")], fractions=(1.0,), seeds=3)
-    values = {(RANDOM_INIT, 0): 10.0, (RANDOM_INIT, 1): 20.0, (RANDOM_INIT, 2): 30.0,
-              ("soco", 0): 11.0, ("soco", 1): 22.0, ("soco", 2): 33.0}  # diffs 1, 2, 3
-    done = [(arm, {"bbox": {"AP": values[(arm.init.name, arm.seed)], "APs": -1},
-                   "segm": {"AP": 1.0}}) for arm in spec.arms()]
+    values = {
+        (RANDOM_INIT, 0): 10.0,
+        (RANDOM_INIT, 1): 20.0,
+        (RANDOM_INIT, 2): 30.0,
+        ("soco", 0): 11.0,
+        ("soco", 1): 22.0,
+        ("soco", 2): 33.0,
+    }  # diffs 1, 2, 3
+    done = [
+        (arm, {"bbox": {"AP": values[(arm.init.name, arm.seed)], "APs": -1}, "segm": {"AP": 1.0}})
+        for arm in spec.arms()
+    ]
     report = summarize(spec, done, [])
     base, soco = report["rows"]
     assert base["vs_baseline"] is None and base["metrics"]["bbox AP"] == {"mean": 20.0, "sd": 10.0, "n": 3}
@@ -379,18 +464,39 @@ def test_summary_pairs_by_seed_and_formats_the_table(data):
 
 
 def test_arm_metrics_of_both_metrics():
-    assert arm_metrics("finetune", {"bbox": {"AP": 3.0, "APl": -1.0}, "iterations": 2}) == \
-        {"bbox AP": 3.0, "bbox APl": None}
-    assert arm_metrics("knn", {"top1": 50.0, "top5": 80.0, "mean_class_top1": 40.0, "erank": 12.5,
-                               "dims": 1024}) == {"top1": 50.0, "top5": 80.0, "mean_class_top1": 40.0, "erank": 12.5}
+    assert arm_metrics("finetune", {"bbox": {"AP": 3.0, "APl": -1.0}, "iterations": 2}) == {
+        "bbox AP": 3.0,
+        "bbox APl": None,
+    }
+    assert arm_metrics("knn", {"top1": 50.0, "top5": 80.0, "mean_class_top1": 40.0, "erank": 12.5, "dims": 1024}) == {
+        "top1": 50.0,
+        "top5": 80.0,
+        "mean_class_top1": 40.0,
+        "erank": 12.5,
+    }
 
 
 @pytest.mark.parametrize("fractions", [(0.01, 0.1, 1.0), (0.5,)])
 def test_report_files(tmp_path, data, fractions):
-    spec = spec_of([parse_init("none"), parse_init(str(data["runs"][0])), parse_init(str(data["runs"][1]))],
-                   fractions=fractions, seeds=2, metric="knn", options={})
-    done = [(arm, {"top1": 40.0 + arm.seed + 5 * (arm.init.name != RANDOM_INIT), "top5": 70.0,
-                   "mean_class_top1": 30.0, "erank": 9.0}) for arm in spec.arms()[:-3] + spec.arms()[-2:]]
+    spec = spec_of(
+        [parse_init("none"), parse_init(str(data["runs"][0])), parse_init(str(data["runs"][1]))],
+        fractions=fractions,
+        seeds=2,
+        metric="knn",
+        options={},
+    )
+    done = [
+        (
+            arm,
+            {
+                "top1": 40.0 + arm.seed + 5 * (arm.init.name != RANDOM_INIT),
+                "top5": 70.0,
+                "mean_class_top1": 30.0,
+                "erank": 9.0,
+            },
+        )
+        for arm in spec.arms()[:-3] + spec.arms()[-2:]
+    ]
     missing = [spec.arms()[-3]]  # the baseline of the last (fraction, seed 1)
     paths = write_report(spec, tmp_path, done, missing)
     assert [p.name for p in paths] == ["report.json", "report.md", "report.png"]
@@ -423,13 +529,25 @@ def test_leak_guard_refuses_and_allow_leak_skips_it(data, fake_runner, monkeypat
 
     def check_no_leak(paths, manifests, **kwargs):
         checked.append(([str(p) for p in paths], sorted(manifests)))
-        raise manifest.LeakError("1 validation image was in the pretraining set of ss0 (by content), "
-                                 "e.g. a.jpg = x.jpg; pretrain without them or pass --allow-leak")
+        raise manifest.LeakError(
+            "1 validation image was in the pretraining set of ss0 (by content), "
+            "e.g. a.jpg = x.jpg; pretrain without them or pass --allow-leak"
+        )
 
     monkeypatch.setattr(manifest, "manifest_for_weights", manifest_for_weights)
     monkeypatch.setattr(manifest, "check_no_leak", check_no_leak)
-    argv = ["compare", "--init", "none", "--init", f"soco={run0},{data['runs'][1]}", *data["args"],
-            "--seeds", "1", "--out", data["root"] / "cmp"]
+    argv = [
+        "compare",
+        "--init",
+        "none",
+        "--init",
+        f"soco={run0},{data['runs'][1]}",
+        *data["args"],
+        "--seeds",
+        "1",
+        "--out",
+        data["root"] / "cmp",
+    ]
     status, stdout, err = call(argv, capsys)
     assert status == 2 and err.count("\n") == 1 and "pretraining set of ss0" in err
     assert checked == [([str(data["images"] / "a.jpg")], [run0])]
@@ -441,8 +559,9 @@ def test_leak_guard_refuses_and_allow_leak_skips_it(data, fake_runner, monkeypat
 
 
 def test_device_children(tmp_path):
-    commands = child_commands(tmp_path, ["cuda:0", "cuda:1"], ["--workers", "3"],
-                              environ={"CUDA_VISIBLE_DEVICES": "4,6", "PATH": "/bin"})
+    commands = child_commands(
+        tmp_path, ["cuda:0", "cuda:1"], ["--workers", "3"], environ={"CUDA_VISIBLE_DEVICES": "4,6", "PATH": "/bin"}
+    )
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env, _ in commands] == ["4", "6"]
     argv, env, log = commands[1]
     assert argv[:4] == [sys.executable, "-m", "soco_pretrain", "compare"]
@@ -475,20 +594,23 @@ def test_device_children(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--init", "{root}/nope"], "no such run folder"),
-    (["--init", "{run0}", "--init", "{run0}"], "two inits have the same name"),
-    (["--init", "none", "--fractions", "0,1"], "must be positive"),
-    (["--init", "none", "--fractions", "0.1,0.1"], "listed twice"),
-    (["--init", "none", "--fractions", "1.5"], "must be in (0, 1]"),
-    (["--init", "none", "--fractions", "a,b"], "not a number"),
-    (["--init", "none", "--arm", "3/2"], "need 0 <= i < N"),
-    (["--init", "none", "--seeds", "0"], "must be at least 1"),
-    (["--init", "none", "--k", "5"], "--k: not an option of --metric finetune"),
-    (["--init", "none", "--metric", "knn", "--max-iters", "5"], "--max-iters: not an option of --metric knn"),
-    (["--init", "none", "--devices", "cuda:0", "--arm", "0/2"], "exclude each other"),
-    (["--init", "none", "--devices", "tpu:0"], "bad device"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--init", "{root}/nope"], "no such run folder"),
+        (["--init", "{run0}", "--init", "{run0}"], "two inits have the same name"),
+        (["--init", "none", "--fractions", "0,1"], "must be positive"),
+        (["--init", "none", "--fractions", "0.1,0.1"], "listed twice"),
+        (["--init", "none", "--fractions", "1.5"], "must be in (0, 1]"),
+        (["--init", "none", "--fractions", "a,b"], "not a number"),
+        (["--init", "none", "--arm", "3/2"], "need 0 <= i < N"),
+        (["--init", "none", "--seeds", "0"], "must be at least 1"),
+        (["--init", "none", "--k", "5"], "--k: not an option of --metric finetune"),
+        (["--init", "none", "--metric", "knn", "--max-iters", "5"], "--max-iters: not an option of --metric knn"),
+        (["--init", "none", "--devices", "cuda:0", "--arm", "0/2"], "exclude each other"),
+        (["--init", "none", "--devices", "tpu:0"], "bad device"),
+    ],
+)
 def test_bad_input_is_one_line(extra, message, data, fake_runner, capsys):
     extra = [e.format(root=data["root"], run0=data["runs"][0]) for e in extra]
     status, _, err = call(["compare", *extra, *data["args"], "--out", data["root"] / "cmp"], capsys)
@@ -519,8 +641,18 @@ def test_cli_defaults_are_the_metrics_own(data):
     knn = pytest.importorskip("soco_pretrain.evaluate.knn")
     parser = cli.build_parser()
     for metric in ("finetune", "knn"):
-        args = parser.parse_args(["compare", "--metric", metric, "--init", "none", *map(str, data["args"]),
-                                  "--out", str(data["root"] / "cmp")])
+        args = parser.parse_args(
+            [
+                "compare",
+                "--metric",
+                metric,
+                "--init",
+                "none",
+                *map(str, data["args"]),
+                "--out",
+                str(data["root"] / "cmp"),
+            ]
+        )
         options = cli._compare_spec(args, {}).options
         defaults = FinetuneOptions() if metric == "finetune" else knn.KnnOptions()
         for key, value in options.items():

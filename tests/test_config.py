@@ -55,8 +55,20 @@ def test_from_dict_rejects_unknown_keys():
 # ---------------------------------------------------------------- one config system: types, ranges, versions
 
 from soco_pretrain.config import (  # noqa: E402
-    CONFIG_VERSION, SEARCH_PRESETS, ConfigError, FinetuneOptions, KnnOptions, LinearConfig, ModelConfig,
-    MonitorConfig, PretrainConfig, SearchConfig, TrainConfig, ViewsConfig, AugmentConfig, resolve,
+    CONFIG_VERSION,
+    SEARCH_PRESETS,
+    AugmentConfig,
+    ConfigError,
+    FinetuneOptions,
+    KnnOptions,
+    LinearConfig,
+    ModelConfig,
+    MonitorConfig,
+    PretrainConfig,
+    SearchConfig,
+    TrainConfig,
+    ViewsConfig,
+    resolve,
 )
 from soco_pretrain.errors import UserError  # noqa: E402
 
@@ -75,15 +87,18 @@ def test_a_quoted_number_in_yaml_is_a_type_error_naming_key_value_and_type():
     assert message == 'my.yaml: train.epochs="100": expected int, got a string'
 
 
-@pytest.mark.parametrize("text, key, expected", [
-    ("train:\n  epochs: 100.0\n", "train.epochs", "expected int, got a float"),  # ints stay ints
-    ("train:\n  channels_last: 1\n", "train.channels_last", "expected true/false"),
-    ("data:\n  views:\n    crop_scale: 0.5\n", "data.views.crop_scale", "expected a list of 2 floats"),
-    ("data:\n  views:\n    level_bounds: [1, 2]\n", "data.views.level_bounds", "expected a list of 3 ints"),
-    ("monitor:\n  json: 3\n", "monitor.json", "expected str or null"),
-    ("model:\n  arch: dc5\n", "model.arch", "expected one of fpn, c4"),
-    ("train: 3\n", "train", "expected a mapping of TrainConfig keys"),
-])
+@pytest.mark.parametrize(
+    "text, key, expected",
+    [
+        ("train:\n  epochs: 100.0\n", "train.epochs", "expected int, got a float"),  # ints stay ints
+        ("train:\n  channels_last: 1\n", "train.channels_last", "expected true/false"),
+        ("data:\n  views:\n    crop_scale: 0.5\n", "data.views.crop_scale", "expected a list of 2 floats"),
+        ("data:\n  views:\n    level_bounds: [1, 2]\n", "data.views.level_bounds", "expected a list of 3 ints"),
+        ("monitor:\n  json: 3\n", "monitor.json", "expected str or null"),
+        ("model:\n  arch: dc5\n", "model.arch", "expected one of fpn, c4"),
+        ("train: 3\n", "train", "expected a mapping of TrainConfig keys"),
+    ],
+)
 def test_yaml_types_are_checked(text, key, expected):
     message = _one_line_error(lambda: from_dict(PretrainConfig, yaml.safe_load(text)))
     assert message.startswith(key) and expected in message
@@ -102,10 +117,14 @@ def test_1e_minus_5_is_a_float_in_yaml_and_in_set():
 def test_invalid_choice_lists_the_choices():
     message = _one_line_error(lambda: apply_overrides(PretrainConfig(), ["model.arch=dc5"]))
     assert message == "--set model.arch=dc5: expected one of fpn, c4"
-    for item, choices in [("train.compile=maybe", "auto, true, false"), ("train.precision=fp8", "auto, bf16"),
-                          ("data.views.pad=zeros", "mask, repeat"), ("data.augment.device=tpu", "auto, cpu, gpu"),
-                          ("data.views.proposal_source=gt", "selective_search, whole_image, random, coco")]:
-        assert choices in _one_line_error(lambda: apply_overrides(PretrainConfig(), [item]))
+    for item, choices in [
+        ("train.compile=maybe", "auto, true, false"),
+        ("train.precision=fp8", "auto, bf16"),
+        ("data.views.pad=zeros", "mask, repeat"),
+        ("data.augment.device=tpu", "auto, cpu, gpu"),
+        ("data.views.proposal_source=gt", "selective_search, whole_image, random, coco"),
+    ]:
+        assert choices in _one_line_error(lambda item=item: apply_overrides(PretrainConfig(), [item]))
     assert apply_overrides(PretrainConfig(), ["train.compile=false"]).train.compile == "false"  # YAML bool -> choice
 
 
@@ -114,32 +133,38 @@ def test_unknown_key_suggests_the_close_one():
     assert message == "--set train.epoch=3: unknown key 'train.epoch'; did you mean 'train.epochs'?"
 
 
-@pytest.mark.parametrize("cls, kwargs, words", [
-    (TrainConfig, {"epochs": 0}, "epochs=0: must be at least 1"),
-    (TrainConfig, {"batch_size": -8}, "batch_size=-8: must be at least 1"),
-    (TrainConfig, {"per_device_batch": -1}, "per_device_batch=-1: must be at least 0"),
-    (TrainConfig, {"base_lr": 0.0}, "base_lr=0.0: must be positive"),
-    (TrainConfig, {"ema_tau": 1.5}, "ema_tau=1.5: must be in [0, 1]"),
-    (TrainConfig, {"log_every": 0}, "log_every=0: must be at least 1"),
-    (TrainConfig, {"checkpoint_every": 0}, "checkpoint_every=0: must be at least 1"),
-    (TrainConfig, {"keep_checkpoints": -1}, "keep_checkpoints=-1: must be at least 0"),
-    (TrainConfig, {"workers": -1}, "workers=-1: must be at least 0"),
-    (ViewsConfig, {"crop_scale": (0.9, 0.5)}, "crop_scale=[0.9, 0.5]: must be two values 0 < low <= high <= 1"),
-    (ViewsConfig, {"crop_scale": (0.5, 1.5)}, "crop_scale"),
-    (ViewsConfig, {"level_bounds": (96, 48, 192)}, "level_bounds=[96, 48, 192]: must be increasing"),
-    (ViewsConfig, {"v1_size": 0}, "v1_size=0: must be at least 1"),
-    (AugmentConfig, {"blur_sigma": (2.0, 0.1)}, "blur_sigma=[2.0, 0.1]: must be two values 0 < low <= high"),
-    (AugmentConfig, {"solarize_p": (0.0, 1.2)}, "solarize_p"),
-    (ModelConfig, {"roi_size": 0}, "roi_size=0: must be at least 1"),
-    (MonitorConfig, {"every": 0}, "every=0: must be at least 1"),
-    (PretrainConfig, {"version": 0}, "version=0: must be at least 1"),
-    (FinetuneOptions, {"fraction": 1.5}, "fraction=1.5: must be in (0, 1]"),
-    (FinetuneOptions, {"max_iters": 0}, "max_iters=0: must be at least 1"),
-    (LinearConfig, {"batch_size": 0}, "batch_size=0: must be at least 1"),
-    (KnnOptions, {"size": 16}, "size=16: must be at least 32"),
-    (SearchConfig, {"scale": 0, "sigma": 0.9, "min_size": 10, "min_box_side": 0, "fallbacks": False},
-     "scale=0: must be positive"),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs, words",
+    [
+        (TrainConfig, {"epochs": 0}, "epochs=0: must be at least 1"),
+        (TrainConfig, {"batch_size": -8}, "batch_size=-8: must be at least 1"),
+        (TrainConfig, {"per_device_batch": -1}, "per_device_batch=-1: must be at least 0"),
+        (TrainConfig, {"base_lr": 0.0}, "base_lr=0.0: must be positive"),
+        (TrainConfig, {"ema_tau": 1.5}, "ema_tau=1.5: must be in [0, 1]"),
+        (TrainConfig, {"log_every": 0}, "log_every=0: must be at least 1"),
+        (TrainConfig, {"checkpoint_every": 0}, "checkpoint_every=0: must be at least 1"),
+        (TrainConfig, {"keep_checkpoints": -1}, "keep_checkpoints=-1: must be at least 0"),
+        (TrainConfig, {"workers": -1}, "workers=-1: must be at least 0"),
+        (ViewsConfig, {"crop_scale": (0.9, 0.5)}, "crop_scale=[0.9, 0.5]: must be two values 0 < low <= high <= 1"),
+        (ViewsConfig, {"crop_scale": (0.5, 1.5)}, "crop_scale"),
+        (ViewsConfig, {"level_bounds": (96, 48, 192)}, "level_bounds=[96, 48, 192]: must be increasing"),
+        (ViewsConfig, {"v1_size": 0}, "v1_size=0: must be at least 1"),
+        (AugmentConfig, {"blur_sigma": (2.0, 0.1)}, "blur_sigma=[2.0, 0.1]: must be two values 0 < low <= high"),
+        (AugmentConfig, {"solarize_p": (0.0, 1.2)}, "solarize_p"),
+        (ModelConfig, {"roi_size": 0}, "roi_size=0: must be at least 1"),
+        (MonitorConfig, {"every": 0}, "every=0: must be at least 1"),
+        (PretrainConfig, {"version": 0}, "version=0: must be at least 1"),
+        (FinetuneOptions, {"fraction": 1.5}, "fraction=1.5: must be in (0, 1]"),
+        (FinetuneOptions, {"max_iters": 0}, "max_iters=0: must be at least 1"),
+        (LinearConfig, {"batch_size": 0}, "batch_size=0: must be at least 1"),
+        (KnnOptions, {"size": 16}, "size=16: must be at least 32"),
+        (
+            SearchConfig,
+            {"scale": 0, "sigma": 0.9, "min_size": 10, "min_box_side": 0, "fallbacks": False},
+            "scale=0: must be positive",
+        ),
+    ],
+)
 def test_ranges_are_checked_once_in_post_init(cls, kwargs, words):
     assert words in _one_line_error(lambda: cls(**kwargs))
 
@@ -169,10 +194,15 @@ def test_version_round_trip():
 
 
 def test_resolve_layers_and_sources():
-    cfg, sources = resolve(PretrainConfig, [("preset tiny", {"train": {"epochs": 50, "workers": 2}}),
-                                            ("file my.yaml", {"train": {"epochs": 60}}),
-                                            ("--workers", {"train": {"workers": 1}}),
-                                            ("--set", ["train.epochs=70"])])
+    cfg, sources = resolve(
+        PretrainConfig,
+        [
+            ("preset tiny", {"train": {"epochs": 50, "workers": 2}}),
+            ("file my.yaml", {"train": {"epochs": 60}}),
+            ("--workers", {"train": {"workers": 1}}),
+            ("--set", ["train.epochs=70"]),
+        ],
+    )
     assert (cfg.train.epochs, cfg.train.workers) == (70, 1)
     assert sources["train.epochs"] == "--set" and sources["train.workers"] == "--workers"
     assert sources["model.arch"] == "default"
@@ -202,7 +232,8 @@ def test_choices_are_those_of_the_code_that_reads_them():
     assert FinetuneOptions().soco_weights == KnnOptions().soco_weights == DEFAULT_SOCO_WEIGHTS
     # the option classes moved here are still importable from their old modules
     from soco_pretrain.evaluate.knn import KnnOptions as K
-    from soco_pretrain.proposals import PRESETS, SearchConfig as S
+    from soco_pretrain.proposals import PRESETS
+    from soco_pretrain.proposals import SearchConfig as S
 
     assert finetune.FinetuneOptions is FinetuneOptions and linear.LinearConfig is LinearConfig
     assert K is KnnOptions and S is SearchConfig and PRESETS is SEARCH_PRESETS

@@ -6,29 +6,43 @@ import json
 import math
 
 import pytest
-from test_cli import call  # main(argv) in-process -> (status, out, err)
 from PIL import Image
+from test_cli import call  # main(argv) in-process -> (status, out, err)
 
 from soco_pretrain.engine import metrics as M
 from soco_pretrain.engine.metrics import MetricsLogger, Progress, read_metrics
 from soco_pretrain.viz import plot_curves
 
 
-
-
 def write_run(run, steps=range(0, 50, 5), **extras):
     with MetricsLogger(run, tensorboard=False) as logger:
         for step in steps:
-            logger.log(step, epoch=step // 20, loss=-2.0 - step / 50, lr=0.01 * step, tau=0.99 + step / 10000,
-                       images_per_s=100.0 + step, data_wait=0.1, **extras)
+            logger.log(
+                step,
+                epoch=step // 20,
+                loss=-2.0 - step / 50,
+                lr=0.01 * step,
+                tau=0.99 + step / 10000,
+                images_per_s=100.0 + step,
+                data_wait=0.1,
+                **extras,
+            )
 
 
 def test_lines_are_flushed_as_written_and_read_back(tmp_path):
     import torch
 
     logger = MetricsLogger(tmp_path / "run", tensorboard=False)
-    record = logger.log(3, epoch=0, loss=torch.tensor(-1.5), lr=0.25, tau=0.99, images_per_s=12.5,
-                        data_wait=0.2, grad_norm=torch.tensor(2.0))
+    record = logger.log(
+        3,
+        epoch=0,
+        loss=torch.tensor(-1.5),
+        lr=0.25,
+        tau=0.99,
+        images_per_s=12.5,
+        data_wait=0.2,
+        grad_norm=torch.tensor(2.0),
+    )
     # Readable before close: each line is flushed.
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0]) == record
@@ -38,7 +52,12 @@ def test_lines_are_flushed_as_written_and_read_back(tmp_path):
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [3, 4]
     assert {k: records[0][k] for k in ("epoch", "lr", "tau", "images_per_s", "data_wait")} == {
-        "epoch": 0, "lr": 0.25, "tau": 0.99, "images_per_s": 12.5, "data_wait": 0.2}
+        "epoch": 0,
+        "lr": 0.25,
+        "tau": 0.99,
+        "images_per_s": 12.5,
+        "data_wait": 0.2,
+    }
     assert records[1]["loss"] is None
 
 
@@ -112,11 +131,14 @@ def test_show_curves_through_the_cli(tmp_path, capsys):
     assert status == 0 and (tmp_path / "out" / "curves.png").is_file()
 
 
-@pytest.mark.parametrize("setup, words", [
-    (lambda run: run.mkdir(), "no metrics.jsonl"),
-    (lambda run: None, "no such run folder"),
-    (lambda run: (run.mkdir(), (run / "metrics.jsonl").write_text("")), "no step logged yet"),
-])
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        (lambda run: run.mkdir(), "no metrics.jsonl"),
+        (lambda run: None, "no such run folder"),
+        (lambda run: (run.mkdir(), (run / "metrics.jsonl").write_text("")), "no step logged yet"),
+    ],
+)
 def test_show_curves_without_metrics_is_a_one_line_error(setup, words, tmp_path, capsys):
     run = tmp_path / "run"
     setup(run)

@@ -112,11 +112,17 @@ def test_coco_json_source_joins_with_the_store(data, tmp_path):
     store = load(store_dir)
     ann = tmp_path / "annotations" / "instances.json"
     ann.parent.mkdir()
-    ann.write_text(json.dumps({
-        "images": [{"id": 7, "file_name": "b/coins.png", "width": 1, "height": 1},
-                   {"id": 3, "file_name": "./a/chelsea.png"}],
-        "annotations": [{"id": 1, "image_id": 7, "bbox": [0, 0, 1, 1]}],
-    }))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": 7, "file_name": "b/coins.png", "width": 1, "height": 1},
+                    {"id": 3, "file_name": "./a/chelsea.png"},
+                ],
+                "annotations": [{"id": 1, "image_id": 7, "bbox": [0, 0, 1, 1]}],
+            }
+        )
+    )
     ds = SoCoDataset(ann, store, config(), image_root=images)
     assert ds.images.paths == ["a/chelsea.png", "b/coins.png"]
     assert ds.images.root == images.resolve()
@@ -136,11 +142,14 @@ def test_coco_json_file_names_default_to_the_json_folder(data):
         SoCoDataset(ann, store, config())
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("{not json", "cannot read COCO JSON"),
-    (json.dumps({"annotations": []}), "no 'images' list"),
-    (json.dumps({"images": [{"id": 1}]}), "images[0] has no 'file_name'"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "cannot read COCO JSON"),
+        (json.dumps({"annotations": []}), "no 'images' list"),
+        (json.dumps({"images": [{"id": 1}]}), "images[0] has no 'file_name'"),
+    ],
+)
 def test_bad_coco_json_is_a_one_line_error_naming_the_file(tmp_path, content, problem):
     bad = tmp_path / "bad.json"
     bad.write_text(content)
@@ -294,12 +303,15 @@ def test_too_many_failures_is_a_clear_error(broken):
 # ---------------------------------------------------------------- config checks
 
 
-@pytest.mark.parametrize("cfg, problem", [
-    (DataConfig(augment=AugmentConfig(device="tpu")), "augment.device"),
-    (DataConfig(views=ViewsConfig(no_proposals="skip")), "views.no_proposals"),
-    (DataConfig(views=ViewsConfig(pad="zeros")), "views.pad"),
-    (DataConfig(views=ViewsConfig(soco_star=True), augment=AugmentConfig(view_params=(0, 1, 1))), "view_params"),
-])
+@pytest.mark.parametrize(
+    "cfg, problem",
+    [
+        (DataConfig(augment=AugmentConfig(device="tpu")), "augment.device"),
+        (DataConfig(views=ViewsConfig(no_proposals="skip")), "views.no_proposals"),
+        (DataConfig(views=ViewsConfig(pad="zeros")), "views.pad"),
+        (DataConfig(views=ViewsConfig(soco_star=True), augment=AugmentConfig(view_params=(0, 1, 1))), "view_params"),
+    ],
+)
 def test_bad_config_is_a_one_line_error(data, cfg, problem):
     images, store = data
     with pytest.raises(DatasetError, match=problem):

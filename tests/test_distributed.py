@@ -22,8 +22,20 @@ from soco_pretrain.engine.distributed import (
     parse_launch_env,
 )
 
-LAUNCH_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-               "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_JOB_ID"]
+LAUNCH_VARS = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "SLURM_JOB_ID",
+]
 
 
 @pytest.fixture
@@ -57,16 +69,29 @@ def test_torchrun_world_size_one_has_no_process_group(clean_env):
 
 
 def test_parse_torchrun_env():
-    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29400",
-           "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}  # torchrun inside a SLURM allocation: torchrun wins
+    env = {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "node0",
+        "MASTER_PORT": "29400",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+    }  # torchrun inside a SLURM allocation: torchrun wins
     launch = parse_launch_env(env)
     assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("torchrun", 5, 8, 1)
     assert (launch.master_addr, launch.master_port) == ("node0", 29400)
 
 
 def test_parse_slurm_env_with_master_from_env():
-    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "MASTER_ADDR": "10.0.0.1",
-           "MASTER_PORT": "12345", "SLURM_JOB_NODELIST": "gpu[1-2]"}
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "12345",
+        "SLURM_JOB_NODELIST": "gpu[1-2]",
+    }
     launch = parse_launch_env(env)
     assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("slurm", 3, 4, 1)
     assert (launch.master_addr, launch.master_port) == ("10.0.0.1", 12345)
@@ -74,8 +99,14 @@ def test_parse_slurm_env_with_master_from_env():
 
 def test_parse_slurm_env_master_from_nodelist(monkeypatch):
     monkeypatch.setattr(D.shutil, "which", lambda name: None)  # no scontrol on this machine
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "0",
-           "SLURM_JOB_NODELIST": "gpu[007-009,012],cpu1", "SLURM_JOB_ID": "123456"}
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "16",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_NODELIST": "gpu[007-009,012],cpu1",
+        "SLURM_JOB_ID": "123456",
+    }
     launch = parse_launch_env(env)
     assert launch.world_size == 8  # this srun step's tasks, not the whole allocation's
     assert launch.master_addr == "gpu007"
@@ -112,8 +143,15 @@ def test_no_launcher():
 
 @pytest.mark.parametrize(
     "nodelist, host",
-    [("node1", "node1"), ("node1,node2", "node1"), ("gpu[003-005]", "gpu003"), ("gpu[9,3-4],x[1-2]", "gpu9"),
-     ("rack[2-3]-n", "rack2-n"), ("", None), ("a[1-2]b[3]", None)],
+    [
+        ("node1", "node1"),
+        ("node1,node2", "node1"),
+        ("gpu[003-005]", "gpu003"),
+        ("gpu[9,3-4],x[1-2]", "gpu9"),
+        ("rack[2-3]-n", "rack2-n"),
+        ("", None),
+        ("a[1-2]b[3]", None),
+    ],
 )
 def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
@@ -129,11 +167,21 @@ def test_bad_values_are_clear_errors():
 def _worker(rank: int, world: int, port: int, launcher: str, results) -> None:
     # Each process sets its launcher's variables as torchrun / srun would.
     if launcher == "torchrun":
-        env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
     else:
-        env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world), "SLURM_LOCALID": str(rank),
-               "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {
+            "SLURM_PROCID": str(rank),
+            "SLURM_NTASKS": str(world),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_JOB_NODELIST": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
     os.environ.update(env)
     info = init_distributed(device="cpu")
     try:

@@ -44,6 +44,7 @@ def test_exit_codes_and_one_line(monkeypatch, capsys):
     def fail_with(exc):
         def cmd(args):
             raise exc
+
         return cmd
 
     for exc, code in [(UserError("a.json: bad\nvalue"), 2), (NonFiniteLossError("non-finite loss (nan)"), 1)]:

@@ -38,11 +38,10 @@ import yaml
 from test_cli import call  # main(argv) in-process -> (status, out, err)
 
 from soco_pretrain.config import PretrainConfig, to_dict
-from soco_pretrain.model import SoCoModel
 from soco_pretrain.engine.checkpoint import save_checkpoint
+from soco_pretrain.model import SoCoModel
 from soco_pretrain.train.loop import save_config
 from soco_pretrain.transfer.export import DEFAULT_WEIGHTS, KeyReport, export
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,7 +111,7 @@ NOT_PRETRAINED_TV = ("rpn.", "roi_heads.box_predictor.", "roi_heads.mask_head.",
 
 def _torchvision_source(name: str) -> str:
     # maskrcnn_resnet50_fpn_v2 names -> SoCoEncoder names (model/encoder.py builds from the same modules)
-    return name[len("roi_heads."):] if name.startswith("roi_heads.box_head.") else name
+    return name[len("roi_heads.") :] if name.startswith("roi_heads.box_head.") else name
 
 
 @pytest.mark.parametrize("weights", ["online", "target"])
@@ -212,14 +211,24 @@ def detectron2_fpn_keys():
     rows = _d2_resnet(lambda stage: "backbone.bottom_up.", "backbone.body.")
     for s in (2, 3, 4, 5):  # fpn.py: stage = log2(stride); torchvision's block i is C(i+2)
         i = s - 2
-        rows += _d2_conv(f"backbone.fpn_lateral{s}", (256, C_OUT[s], 1, 1),
-                         f"backbone.fpn.inner_blocks.{i}.0", f"backbone.fpn.inner_blocks.{i}.1")
-        rows += _d2_conv(f"backbone.fpn_output{s}", (256, 256, 3, 3),
-                         f"backbone.fpn.layer_blocks.{i}.0", f"backbone.fpn.layer_blocks.{i}.1")
+        rows += _d2_conv(
+            f"backbone.fpn_lateral{s}",
+            (256, C_OUT[s], 1, 1),
+            f"backbone.fpn.inner_blocks.{i}.0",
+            f"backbone.fpn.inner_blocks.{i}.1",
+        )
+        rows += _d2_conv(
+            f"backbone.fpn_output{s}",
+            (256, 256, 3, 3),
+            f"backbone.fpn.layer_blocks.{i}.0",
+            f"backbone.fpn.layer_blocks.{i}.1",
+        )
     for k in (1, 2, 3, 4):  # box_head.py: conv1..conv4 (NUM_CONV 4), fc1 (NUM_FC 1, FC_DIM 1024)
         rows += _d2_conv(f"roi_heads.box_head.conv{k}", (256, 256, 3, 3), f"box_head.{k - 1}.0", f"box_head.{k - 1}.1")
-    rows += [("roi_heads.box_head.fc1.weight", (1024, 256 * 7 * 7), "box_head.5.weight"),
-             ("roi_heads.box_head.fc1.bias", (1024,), "box_head.5.bias")]
+    rows += [
+        ("roi_heads.box_head.fc1.weight", (1024, 256 * 7 * 7), "box_head.5.weight"),
+        ("roi_heads.box_head.fc1.bias", (1024,), "box_head.5.bias"),
+    ]
     return rows
 
 
@@ -252,7 +261,10 @@ def test_detectron2_fpn_key_list_is_complete_and_values_equal(exports, fpn_run):
     unused = {r.module: r.unused for r in report.checkpoint_unused}
     assert unused["encoder"] == 53 + 8 + 4  # num_batches_tracked of every BN
     assert {r.module for r in report.detector if r.missing} == {
-        "proposal_generator.rpn_head", "roi_heads.box_predictor", "roi_heads.mask_head"}
+        "proposal_generator.rpn_head",
+        "roi_heads.box_predictor",
+        "roi_heads.mask_head",
+    }
 
 
 def test_detectron2_c4_key_list_is_complete_and_values_equal(exports, c4_run):
@@ -282,8 +294,13 @@ def test_detectron2_config_has_the_released_fine_tune_settings(exports):
         assert cfg["SOLVER"]["BASE_LR"] == pytest.approx(0.02) and cfg["SOLVER"]["IMS_PER_BATCH"] == 16
     fpn = yaml.safe_load(exports("detectron2", "fpn").config_out.read_text())["MODEL"]
     assert fpn["FPN"]["NORM"] == "SyncBN"
-    assert fpn["ROI_BOX_HEAD"] == {"NAME": "FastRCNNConvFCHead", "NUM_CONV": 4, "NUM_FC": 1,
-                                   "NORM": "SyncBN", "POOLER_RESOLUTION": 7}
+    assert fpn["ROI_BOX_HEAD"] == {
+        "NAME": "FastRCNNConvFCHead",
+        "NUM_CONV": 4,
+        "NUM_FC": 1,
+        "NORM": "SyncBN",
+        "POOLER_RESOLUTION": 7,
+    }
     c4 = yaml.safe_load(exports("detectron2", "c4").config_out.read_text())["MODEL"]
     assert c4["ROI_HEADS"]["NAME"] == "Res5ROIHeads"
 
@@ -325,22 +342,34 @@ def mmdet_fpn_keys():
     """MMDetection v3.3.0 Mask R-CNN R50-FPN with BN/SyncBN neck and Shared4Conv1FCBBoxHead."""
     rows = _mm_resnet("backbone.", "backbone.body.", (2, 3, 4, 5))
     for i, s in enumerate((2, 3, 4, 5)):  # FPN start_level 0: lateral_convs.i / fpn_convs.i on C(i+2)
-        rows += _mm_conv_module(f"neck.lateral_convs.{i}", (256, C_OUT[s], 1, 1),
-                                f"backbone.fpn.inner_blocks.{i}.0", f"backbone.fpn.inner_blocks.{i}.1")
-        rows += _mm_conv_module(f"neck.fpn_convs.{i}", (256, 256, 3, 3),
-                                f"backbone.fpn.layer_blocks.{i}.0", f"backbone.fpn.layer_blocks.{i}.1")
+        rows += _mm_conv_module(
+            f"neck.lateral_convs.{i}",
+            (256, C_OUT[s], 1, 1),
+            f"backbone.fpn.inner_blocks.{i}.0",
+            f"backbone.fpn.inner_blocks.{i}.1",
+        )
+        rows += _mm_conv_module(
+            f"neck.fpn_convs.{i}",
+            (256, 256, 3, 3),
+            f"backbone.fpn.layer_blocks.{i}.0",
+            f"backbone.fpn.layer_blocks.{i}.1",
+        )
     for i in range(4):
-        rows += _mm_conv_module(f"roi_head.bbox_head.shared_convs.{i}", (256, 256, 3, 3),
-                                f"box_head.{i}.0", f"box_head.{i}.1")
-    rows += [("roi_head.bbox_head.shared_fcs.0.weight", (1024, 256 * 7 * 7), "box_head.5.weight"),
-             ("roi_head.bbox_head.shared_fcs.0.bias", (1024,), "box_head.5.bias")]
+        rows += _mm_conv_module(
+            f"roi_head.bbox_head.shared_convs.{i}", (256, 256, 3, 3), f"box_head.{i}.0", f"box_head.{i}.1"
+        )
+    rows += [
+        ("roi_head.bbox_head.shared_fcs.0.weight", (1024, 256 * 7 * 7), "box_head.5.weight"),
+        ("roi_head.bbox_head.shared_fcs.0.bias", (1024,), "box_head.5.bias"),
+    ]
     return rows
 
 
 def mmdet_c4_keys():
     """MMDetection v3.3.0 Mask R-CNN R50-C4: backbone stages 1-3, roi_head.shared_head.layer4."""
-    return (_mm_resnet("backbone.", "backbone.", (2, 3, 4))
-            + _mm_resnet("roi_head.shared_head.", "backbone.", (5,), stem=False))
+    return _mm_resnet("backbone.", "backbone.", (2, 3, 4)) + _mm_resnet(
+        "roi_head.shared_head.", "backbone.", (5,), stem=False
+    )
 
 
 def _check_mmdet(report, ckpt, expected_rows):
@@ -405,23 +434,40 @@ def test_help_has_examples(capsys):
 def test_cli_export_end_to_end(fpn_run, tmp_path, capsys):
     run, ckpt = fpn_run
     out = tmp_path / "w" / "soco.pkl"
-    status, stdout, err = call(["export", str(run), "--to", "detectron2", "--weights", "target",
-                                "-o", str(out), "--config-out", str(tmp_path / "ft.yaml")], capsys)
+    status, stdout, err = call(
+        [
+            "export",
+            str(run),
+            "--to",
+            "detectron2",
+            "--weights",
+            "target",
+            "-o",
+            str(out),
+            "--config-out",
+            str(tmp_path / "ft.yaml"),
+        ],
+        capsys,
+    )
     assert status == 0, err
     assert out.is_file() and (tmp_path / "ft.yaml").is_file()
     for word in ("loaded", "missing", "unused", "backbone.bottom_up", "target_encoder", "encoder"):
         assert word in stdout
     with open(out, "rb") as f:
         weights = pickle.load(f)["model"]
-    _assert_same(torch.from_numpy(weights["backbone.bottom_up.stem.conv1.weight"]),
-                 ckpt["target_encoder.backbone.body.conv1.weight"], "stem")
+    _assert_same(
+        torch.from_numpy(weights["backbone.bottom_up.stem.conv1.weight"]),
+        ckpt["target_encoder.backbone.body.conv1.weight"],
+        "stem",
+    )
 
 
 def test_cli_export_accepts_a_checkpoint_file(fpn_run, tmp_path, capsys):
     run, _ = fpn_run
     out = tmp_path / "tv.pth"
-    status, stdout, err = call(["export", str(run / "checkpoints" / "last.pt"), "--to", "torchvision",
-                                "-o", str(out)], capsys)
+    status, stdout, err = call(
+        ["export", str(run / "checkpoints" / "last.pt"), "--to", "torchvision", "-o", str(out)], capsys
+    )
     assert status == 0, err
     assert "roi_heads.box_head" in stdout and out.is_file()
 
@@ -437,18 +483,25 @@ def _bad_inputs(root: Path, run: Path) -> dict[str, tuple[list[str], str]]:
     ok = str(run)
     return {
         "missing": ([str(root / "nothing"), "--to", "torchvision", "-o", str(root / "x.pth")], "no such"),
-        "no checkpoint": ([str(root / "empty_run"), "--to", "torchvision", "-o", str(root / "x.pth")],
-                          "no checkpoint"),
-        "not a checkpoint": ([str(root / "notes.pt"), "--to", "mmdet", "-o", str(root / "x.pth")],
-                             "not a SoCo checkpoint"),
-        "not SoCo": ([str(root / "other.pt"), "--to", "detectron2", "-o", str(root / "x.pkl")],
-                     "not a SoCo checkpoint"),
-        "unknown arch": ([str(root / "vit.pt"), "--to", "torchvision", "-o", str(root / "x.pth")],
-                         "unknown model.arch 'vit'"),
+        "no checkpoint": ([str(root / "empty_run"), "--to", "torchvision", "-o", str(root / "x.pth")], "no checkpoint"),
+        "not a checkpoint": (
+            [str(root / "notes.pt"), "--to", "mmdet", "-o", str(root / "x.pth")],
+            "not a SoCo checkpoint",
+        ),
+        "not SoCo": (
+            [str(root / "other.pt"), "--to", "detectron2", "-o", str(root / "x.pkl")],
+            "not a SoCo checkpoint",
+        ),
+        "unknown arch": (
+            [str(root / "vit.pt"), "--to", "torchvision", "-o", str(root / "x.pth")],
+            "unknown model.arch 'vit'",
+        ),
         "unknown target": ([ok, "--to", "onnx", "-o", str(root / "x")], "invalid choice"),
         "bad weights": ([ok, "--to", "mmdet", "--weights", "ema", "-o", str(root / "x")], "invalid choice"),
-        "config for torchvision": ([ok, "--to", "torchvision", "-o", str(root / "x.pth"), "--config-out",
-                                    str(root / "c.yaml")], "--config-out"),
+        "config for torchvision": (
+            [ok, "--to", "torchvision", "-o", str(root / "x.pth"), "--config-out", str(root / "c.yaml")],
+            "--config-out",
+        ),
         "output is a directory": ([ok, "--to", "torchvision", "-o", str(root / "a_dir")], "is a directory"),
     }
 
@@ -470,10 +523,12 @@ def test_python_api_raises_export_error_for_what_the_reader_refuses(tmp_path):
 
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    for source, words in ((tmp_path / "notes.pt", "not a SoCo checkpoint"),
-                          (tmp_path / "other.pt", "not a SoCo checkpoint"),
-                          (tmp_path, "no checkpoint in"),
-                          (tmp_path / "nowhere", "no such run folder")):
+    for source, words in (
+        (tmp_path / "notes.pt", "not a SoCo checkpoint"),
+        (tmp_path / "other.pt", "not a SoCo checkpoint"),
+        (tmp_path, "no checkpoint in"),
+        (tmp_path / "nowhere", "no such run folder"),
+    ):
         with pytest.raises(ExportError) as err:  # the export's own class, from the shared reader's message
             export(source, "torchvision", out=tmp_path / "x.pth")
         assert words in str(err.value) and str(source) in str(err.value) and "\n" not in str(err.value)
@@ -490,8 +545,9 @@ def test_config_templates_are_package_data():
     from soco_pretrain.transfer.export import ARCHS, EXPORTERS, render_template
 
     folder = resources.files("soco_pretrain.transfer.export").joinpath("templates")
-    expected = {f"{name}_{arch}{e.config_suffix}.tmpl" for name, e in EXPORTERS.items() if e.config_suffix
-                for arch in ARCHS}
+    expected = {
+        f"{name}_{arch}{e.config_suffix}.tmpl" for name, e in EXPORTERS.items() if e.config_suffix for arch in ARCHS
+    }
     assert {p.name for p in folder.iterdir() if p.name.endswith(".tmpl")} == expected
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["soco_pretrain"]
@@ -516,15 +572,21 @@ def test_missing_counts_match_the_detector_heads(exports):
 
     d2_fpn = d2("fpn")
     assert d2_fpn["proposal_generator.rpn_head"] == [
-        f"proposal_generator.rpn_head.{n}.{p}" for n in ("conv", "objectness_logits", "anchor_deltas")
-        for p in ("weight", "bias")]
+        f"proposal_generator.rpn_head.{n}.{p}"
+        for n in ("conv", "objectness_logits", "anchor_deltas")
+        for p in ("weight", "bias")
+    ]
     assert set(d2_fpn["roi_heads.box_predictor"]) == {
-        "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
-        "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias"}
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.bbox_pred.bias",
+    }
     assert "roi_heads.mask_head.mask_fcn4.norm.running_var" in d2_fpn["roi_heads.mask_head"]
     assert len(d2_fpn["roi_heads.mask_head"]) == 4 * (1 + len(D2_NORM)) + 4
     assert sorted(d2("c4")["roi_heads.mask_head"]) == sorted(
-        f"roi_heads.mask_head.{n}.{p}" for n in ("deconv", "predictor") for p in ("weight", "bias"))
+        f"roi_heads.mask_head.{n}.{p}" for n in ("deconv", "predictor") for p in ("weight", "bias")
+    )
     mm_fpn = mm("fpn")
     assert "roi_head.mask_head.convs.3.bn.num_batches_tracked" in mm_fpn["roi_head.mask_head"]
     assert len(mm_fpn["roi_head.mask_head"]) == 4 * (1 + len(MM_NORM)) + 4
@@ -533,4 +595,5 @@ def test_missing_counts_match_the_detector_heads(exports):
         for arch in ("fpn", "c4"):
             report = exports(target, arch)
             assert {r.module: r.missing for r in report.detector if r.missing} == {
-                module: len(keys) for module, keys in listed(arch).items()}
+                module: len(keys) for module, keys in listed(arch).items()
+            }

@@ -5,9 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from soco_pretrain.proposals.filters import (PRESETS, RULE_EMPTY, RULE_MIN_SIDE, RULE_PAPER,
-                                             RULE_RATIO_ONLY, RULE_WHOLE_IMAGE, SearchConfig,
-                                             filter_boxes, unique_boxes)
+from soco_pretrain.proposals.filters import (
+    PRESETS,
+    RULE_EMPTY,
+    RULE_MIN_SIDE,
+    RULE_PAPER,
+    RULE_RATIO_ONLY,
+    RULE_WHOLE_IMAGE,
+    SearchConfig,
+    filter_boxes,
+    unique_boxes,
+)
 
 PAPER, RELEASED = PRESETS["paper"], PRESETS["released"]
 
@@ -23,20 +31,34 @@ def kept(boxes, W, H, config=PAPER):
 
 def test_presets_match_paper_and_released_code():
     assert (PAPER.scale, PAPER.sigma, PAPER.min_size, PAPER.min_box_side, PAPER.fallbacks) == (500, 0.9, 10, 0, False)
-    assert (RELEASED.scale, RELEASED.sigma, RELEASED.min_size, RELEASED.min_box_side, RELEASED.fallbacks) == (300, 0.9, 100, 32, True)
+    assert (RELEASED.scale, RELEASED.sigma, RELEASED.min_size, RELEASED.min_box_side, RELEASED.fallbacks) == (
+        300,
+        0.9,
+        100,
+        32,
+        True,
+    )
     for c in (PAPER, RELEASED):
         assert c.ratio == (1 / 3, 3.0) and c.rel_size == (0.3, 0.8) and c.max_side == 1000
 
 
-@pytest.mark.parametrize("w,h,keep", [
-    # 100x100 image: relative size = sqrt(wh)/100, ratio = w/h.
-    (30, 30, True), (29, 29, False),  # size lower bound 0.3 inclusive
-    (80, 80, True), (81, 81, False),  # size upper bound 0.8 inclusive
-    (18, 50, True),  # sqrt(900)/100 = 0.3 exactly, ratio 0.36
-    (20, 60, True), (60, 20, True),  # ratio exactly 1/3 and 3, size sqrt(1200)/100 = 0.346
-    (20, 61, False), (61, 20, False),  # ratio just outside
-    (0, 50, False), (50, 0, False),  # degenerate
-])
+@pytest.mark.parametrize(
+    "w,h,keep",
+    [
+        # 100x100 image: relative size = sqrt(wh)/100, ratio = w/h.
+        (30, 30, True),
+        (29, 29, False),  # size lower bound 0.3 inclusive
+        (80, 80, True),
+        (81, 81, False),  # size upper bound 0.8 inclusive
+        (18, 50, True),  # sqrt(900)/100 = 0.3 exactly, ratio 0.36
+        (20, 60, True),
+        (60, 20, True),  # ratio exactly 1/3 and 3, size sqrt(1200)/100 = 0.346
+        (20, 61, False),
+        (61, 20, False),  # ratio just outside
+        (0, 50, False),
+        (50, 0, False),  # degenerate
+    ],
+)
 def test_paper_rule_bounds_inclusive(w, h, keep):
     out, rule = kept([box(1, 2, w, h)], 100, 100)
     assert (out == [box(1, 2, w, h)]) is keep
@@ -45,7 +67,10 @@ def test_paper_rule_bounds_inclusive(w, h, keep):
 
 def test_relative_size_uses_image_area_of_non_square_image():
     # 200x50 image: sqrt(WH) = 100, so a 30x30 box is exactly 0.3 and 80x80 exactly 0.8.
-    assert kept([box(0, 0, 30, 30), box(0, 0, 80, 80), box(0, 0, 29, 30)], 200, 50)[0] == [box(0, 0, 30, 30), box(0, 0, 80, 80)]
+    assert kept([box(0, 0, 30, 30), box(0, 0, 80, 80), box(0, 0, 29, 30)], 200, 50)[0] == [
+        box(0, 0, 30, 30),
+        box(0, 0, 80, 80),
+    ]
 
 
 def test_min_box_side_inclusive_and_only_when_set():

@@ -19,8 +19,8 @@ from conftest import small_photo
 
 from soco_pretrain.cli import main
 from soco_pretrain.config import PretrainConfig, to_dict
-from soco_pretrain.model import SoCoModel
 from soco_pretrain.engine.checkpoint import load_checkpoint, save_checkpoint
+from soco_pretrain.model import SoCoModel
 from soco_pretrain.train.loop import save_config
 from soco_pretrain.transfer.coco import (
     CocoDetection,
@@ -38,8 +38,16 @@ from soco_pretrain.transfer.finetune import FinetuneOptions, finetune, lr_at, ma
 from soco_pretrain.transfer.shapes import make_shapes_set
 
 # Tiny detector settings shared by the runs (see module docstring).
-TINY = {"batch": 2, "train_sizes": (128,), "max_size": 160, "roi_batch": 32, "test_proposals": 30,
-        "detections": 10, "workers": 0, "progress": False}
+TINY = {
+    "batch": 2,
+    "train_sizes": (128,),
+    "max_size": 160,
+    "roi_batch": 32,
+    "test_proposals": 30,
+    "detections": 10,
+    "workers": 0,
+    "progress": False,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,11 +57,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def data(tmp_path_factory):
     """Train: 4 photos (camera is grey) with shapes + a crowd region; val: 2 other photos."""
     root = tmp_path_factory.mktemp("shapes")
-    train = make_shapes_set({n: small_photo(n, 144) for n in ("astronaut", "coffee", "camera", "chelsea")},
-                            root / "train", seed=0)
+    train = make_shapes_set(
+        {n: small_photo(n, 144) for n in ("astronaut", "coffee", "camera", "chelsea")}, root / "train", seed=0
+    )
     val = make_shapes_set({n: small_photo(n, 144) for n in ("rocket", "coins")}, root / "val", crowd=False, seed=1)
-    return {"train_json": train, "train_images": root / "train" / "images",
-            "val_json": val, "val_images": root / "val" / "images"}
+    return {
+        "train_json": train,
+        "train_images": root / "train" / "images",
+        "val_json": val,
+        "val_images": root / "val" / "images",
+    }
 
 
 def _run_args(data) -> tuple:
@@ -115,14 +128,28 @@ def test_coco_parsing_boxes_masks_and_category_mapping(data):
 def test_crowd_degenerate_and_empty_images_leave_training(data, tmp_path):
     raw = json.loads(Path(data["train_json"]).read_text())
     crowd = next(a for a in raw["annotations"] if a["iscrowd"])
-    raw["images"] += [{"id": 50, "file_name": "coffee.png", "width": 144, "height": 96},
-                      {"id": 51, "file_name": "chelsea.png", "width": 144, "height": 96}]
+    raw["images"] += [
+        {"id": 50, "file_name": "coffee.png", "width": 144, "height": 96},
+        {"id": 51, "file_name": "chelsea.png", "width": 144, "height": 96},
+    ]
     raw["annotations"] += [
         {**crowd, "id": 900, "image_id": 50},  # only a crowd region
-        {"id": 901, "image_id": 51, "category_id": 7, "bbox": [10, 10, 0, 20], "iscrowd": 0,  # zero width
-         "segmentation": [[10, 10, 10, 30, 10, 20]]},
-        {"id": 902, "image_id": 51, "category_id": 7, "bbox": [200, 10, 30, 20], "iscrowd": 0,  # outside
-         "segmentation": [[200, 10, 230, 10, 230, 30]]},
+        {
+            "id": 901,
+            "image_id": 51,
+            "category_id": 7,
+            "bbox": [10, 10, 0, 20],
+            "iscrowd": 0,  # zero width
+            "segmentation": [[10, 10, 10, 30, 10, 20]],
+        },
+        {
+            "id": 902,
+            "image_id": 51,
+            "category_id": 7,
+            "bbox": [200, 10, 30, 20],
+            "iscrowd": 0,  # outside
+            "segmentation": [[200, 10, 230, 10, 230, 30]],
+        },
     ]
     path = tmp_path / "more.json"
     path.write_text(json.dumps(raw))
@@ -192,7 +219,7 @@ def test_lr_schedule_follows_the_paper_recipe():
 
 
 def _encoder(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def test_soco_checkpoint_loads_backbone_and_box_head(soco_run, tmp_path):
@@ -244,8 +271,12 @@ def test_ground_truth_as_predictions_scores_100(data):
     for image in coco.images:
         target = make_target(coco, image, masks=True)
         n = len(target["labels"])
-        output = {"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(n),
-                  "masks": target["masks"][:, None].float()}
+        output = {
+            "boxes": target["boxes"],
+            "labels": target["labels"],
+            "scores": torch.ones(n),
+            "masks": target["masks"][:, None].float(),
+        }
         results += to_coco_results(output, image["id"], coco.label_to_cat, masks=True)
     metrics = coco_evaluate(coco.data, results)
     for iou_type in ("bbox", "segm"):
@@ -298,11 +329,42 @@ def test_boxes_only_data_trains_faster_rcnn_via_the_cli(data, tmp_path, capsys):
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps(raw))
     out = tmp_path / "frcnn"
-    code = main(["finetune", "--weights", "none", "--train-json", str(boxes), "--train-images",
-                 str(data["train_images"]), "--val-json", str(data["val_json"]), "--val-images",
-                 str(data["val_images"]), "--out", str(out), "--max-iters", "1", "--batch", "1",
-                 "--min-size", "128", "--max-size", "160", "--roi-batch", "32", "--test-proposals", "30",
-                 "--detections", "10", "--precise-bn", "0", "--workers", "0", "--no-progress"])
+    code = main(
+        [
+            "finetune",
+            "--weights",
+            "none",
+            "--train-json",
+            str(boxes),
+            "--train-images",
+            str(data["train_images"]),
+            "--val-json",
+            str(data["val_json"]),
+            "--val-images",
+            str(data["val_images"]),
+            "--out",
+            str(out),
+            "--max-iters",
+            "1",
+            "--batch",
+            "1",
+            "--min-size",
+            "128",
+            "--max-size",
+            "160",
+            "--roi-batch",
+            "32",
+            "--test-proposals",
+            "30",
+            "--detections",
+            "10",
+            "--precise-bn",
+            "0",
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     _check_metrics(metrics, ("bbox",))
@@ -318,8 +380,13 @@ def test_resume_continues_exactly(data, tmp_path, monkeypatch):
     # model, SGD momentum and the evaluation must equal an uninterrupted run's, bit for bit.
     import soco_pretrain.transfer.finetune as ft
 
-    opts = dict({**TINY, "batch": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
-                max_iters=2, precise_bn=0, checkpoint_every=1, seed=5)
+    opts = dict(
+        {**TINY, "batch": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
+        max_iters=2,
+        precise_bn=0,
+        checkpoint_every=1,
+        seed=5,
+    )
     full_metrics = finetune(None, *_run_args(data), tmp_path / "full", **opts)
     real = ft.lr_at
 
@@ -358,10 +425,34 @@ def test_non_finite_loss_stops_with_one_line(data, tmp_path, monkeypatch, capsys
         return model
 
     monkeypatch.setattr(ft, "build_detector", exploding)
-    code = main(["finetune", "--weights", "none", "--train-json", str(data["train_json"]), "--train-images",
-                 str(data["train_images"]), "--val-json", str(data["val_json"]), "--val-images",
-                 str(data["val_images"]), "--out", str(tmp_path / "nan"), "--max-iters", "2", "--batch", "1",
-                 "--min-size", "64", "--max-size", "80", "--workers", "0", "--no-progress"])
+    code = main(
+        [
+            "finetune",
+            "--weights",
+            "none",
+            "--train-json",
+            str(data["train_json"]),
+            "--train-images",
+            str(data["train_images"]),
+            "--val-json",
+            str(data["val_json"]),
+            "--val-images",
+            str(data["val_images"]),
+            "--out",
+            str(tmp_path / "nan"),
+            "--max-iters",
+            "2",
+            "--batch",
+            "1",
+            "--min-size",
+            "64",
+            "--max-size",
+            "80",
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 1 and "non-finite loss" in _error(capsys)
     assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
 
@@ -373,17 +464,37 @@ def _error(capsys) -> str:
 
 
 def test_bad_inputs_are_one_line_errors(data, soco_run, tmp_path, capsys):
-    base = ["finetune", "--weights", "none", "--train-images", str(data["train_images"]), "--val-json",
-            str(data["val_json"]), "--val-images", str(data["val_images"]), "--out", str(tmp_path / "o"),
-            "--workers", "0", "--no-progress"]
+    base = [
+        "finetune",
+        "--weights",
+        "none",
+        "--train-images",
+        str(data["train_images"]),
+        "--val-json",
+        str(data["val_json"]),
+        "--val-images",
+        str(data["val_images"]),
+        "--out",
+        str(tmp_path / "o"),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     assert main([*base, "--train-json", str(tmp_path / "missing.json")]) == 2
     assert "no such file" in _error(capsys)
     bad = tmp_path / "bad.json"
-    for text, expected in [("{not json", "cannot read COCO JSON"), ('{"images": 3}', "not a COCO instances JSON"),
-                           ('{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1}]}',
-                            "width and height"),
-                           (('{"images": [], "categories": [{"id": 1}], "annotations": '
-                             '[{"image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1]}]}'), "unknown image id")]:
+    for text, expected in [
+        ("{not json", "cannot read COCO JSON"),
+        ('{"images": 3}', "not a COCO instances JSON"),
+        ('{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1}]}', "width and height"),
+        (
+            (
+                '{"images": [], "categories": [{"id": 1}], "annotations": '
+                '[{"image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1]}]}'
+            ),
+            "unknown image id",
+        ),
+    ]:
         bad.write_text(text)
         assert main([*base, "--train-json", str(bad)]) == 2
         assert expected in _error(capsys)

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BAD_KINDS, small_photo
 from PIL import Image
 
-from conftest import BAD_KINDS, small_photo
 from soco_pretrain.images import list_images
 from soco_pretrain.proposals import PRESETS, generate, load, merge
-from soco_pretrain.proposals.generate import (GenerateError, encode_record, process_image,
-                                              read_log, scale_boxes)
+from soco_pretrain.proposals.generate import GenerateError, encode_record, process_image, read_log, scale_boxes
 from soco_pretrain.proposals.store import StoreError
 
 ARRAYS = ("boxes", "offsets", "sizes", "status", "raw_counts")
@@ -184,8 +183,7 @@ def test_huge_image_is_searched_small_and_boxes_scaled_back(tmp_path):
     assert boxes[:, [1, 3]].min() >= 0 and boxes[:, [1, 3]].max() <= 2999
     assert boxes[:, 2].max() > 160  # scaled, not left in searched pixels
     # Exactly: search the resized copy, scale back, filter in original pixels.
-    record = process_image(("huge.jpg", str(root / "huge.jpg"),
-                            PRESETS["paper"].with_overrides(cfg)))
+    record = process_image(("huge.jpg", str(root / "huge.jpg"), PRESETS["paper"].with_overrides(cfg)))
     assert record["boxes"] == boxes.tolist()
     # The filter ran in original pixels: every kept box passes the paper rule there exactly.
     boxes = boxes.astype(np.int64)
@@ -212,8 +210,9 @@ def test_filter_runs_in_original_pixels(tmp_path, monkeypatch):
     root = tmp_path / "big"
     root.mkdir()
     small_photo("coffee", 100).resize((800, 600), Image.BILINEAR).save(root / "big.png")
-    record = gen.process_image(("big.png", str(root / "big.png"),
-                                PRESETS["released"].with_overrides({"max_side": 100})))
+    record = gen.process_image(
+        ("big.png", str(root / "big.png"), PRESETS["released"].with_overrides({"max_side": 100}))
+    )
     assert record["size"] == [800, 600]
     assert seen[0][:2] == (800, 600) and seen[0][2] > 100  # original size, boxes already scaled
 
@@ -274,8 +273,7 @@ def test_resume_after_torn_log(photo_dir, one_run, tmp_path):
     data = b"".join(encode_record(r) for r in recs)
     torn = len(data) - len(encode_record(recs[2])) // 2
     (partial / "results.log").write_bytes(data[:torn])
-    (partial / "params.json").write_text(json.dumps(
-        {"preset": "paper", "config": cfg.to_dict(), "shard": None}))
+    (partial / "params.json").write_text(json.dumps({"preset": "paper", "config": cfg.to_dict(), "shard": None}))
     assert len(read_log(partial / "results.log")[0]) == 2
 
     summary = generate(photo_dir, out, progress=False)
@@ -290,8 +288,9 @@ def test_resume_after_torn_log(photo_dir, one_run, tmp_path):
 def test_resume_refuses_other_parameters(photo_dir, tmp_path):
     partial = tmp_path / "store.partial"
     partial.mkdir()
-    (partial / "params.json").write_text(json.dumps(
-        {"preset": "released", "config": PRESETS["released"].to_dict(), "shard": None}))
+    (partial / "params.json").write_text(
+        json.dumps({"preset": "released", "config": PRESETS["released"].to_dict(), "shard": None})
+    )
     with pytest.raises(GenerateError, match="preset released -> paper.*delete it"):
         generate(photo_dir, tmp_path / "store", progress=False)
 

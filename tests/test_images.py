@@ -9,17 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BAD_KINDS, small_photo
 from PIL import Image
 
-from conftest import BAD_KINDS, small_photo
-from soco_pretrain.images import (ImageError, bounded_size, list_images, load_rgb,
-                                  load_rgb_bounded)
+from soco_pretrain.images import ImageError, bounded_size, list_images, load_rgb, load_rgb_bounded
 
 
 def test_list_folder_recursive_sorted_skips_hidden_and_non_images(photo_dir):
     images = list_images(photo_dir)
-    assert images.paths == ["camera.png", "cls_a/astronaut.png", "cls_a/coffee.JPEG",
-                            "cls_b/chelsea.png", "cls_b/rocket.jpg"]
+    assert images.paths == [
+        "camera.png",
+        "cls_a/astronaut.png",
+        "cls_a/coffee.JPEG",
+        "cls_b/chelsea.png",
+        "cls_b/rocket.jpg",
+    ]
     assert images.ignored == ["README.txt"]
     assert images.root == photo_dir.resolve()
     assert images.abspath(2) == photo_dir.resolve() / "cls_a" / "coffee.JPEG"
@@ -91,11 +95,18 @@ def test_image_error_pickles():
     assert (err.path, err.reason, str(err)) == ("a/b.jpg", "empty file", "a/b.jpg: empty file")
 
 
-@pytest.mark.parametrize("size,max_side,expected", [
-    ((4000, 3000), 1000, (1000, 750)), ((3000, 4000), 1000, (750, 1000)), ((1000, 999), 1000, (1000, 999)),
-    ((1001, 10), 1000, (1000, 10)), ((5000, 1), 1000, (1000, 1)), ((4000, 3000), None, (4000, 3000)),
-    ((4000, 3000), 0, (4000, 3000)),
-])
+@pytest.mark.parametrize(
+    "size,max_side,expected",
+    [
+        ((4000, 3000), 1000, (1000, 750)),
+        ((3000, 4000), 1000, (750, 1000)),
+        ((1000, 999), 1000, (1000, 999)),
+        ((1001, 10), 1000, (1000, 10)),
+        ((5000, 1), 1000, (1000, 1)),
+        ((4000, 3000), None, (4000, 3000)),
+        ((4000, 3000), 0, (4000, 3000)),
+    ],
+)
 def test_bounded_size(size, max_side, expected):
     assert bounded_size(*size, max_side) == expected
 
@@ -122,8 +133,10 @@ def test_bounded_load_of_huge_jpeg_uses_little_memory(huge_jpeg):
     # Peak RSS (VmHWM: per process image, unlike ru_maxrss which keeps the forking parent's peak
     # across exec) of a fresh process. Measured here: about 40 MB bounded, 195 MB for a full
     # 4000x3000 decode; the reference search on the full image would take gigabytes.
-    code = ("import sys; from soco_pretrain.images import load_rgb_bounded;"
-            "a, o, f = load_rgb_bounded(sys.argv[1], 1000); assert a.shape == (750, 1000, 3);"
-            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    code = (
+        "import sys; from soco_pretrain.images import load_rgb_bounded;"
+        "a, o, f = load_rgb_bounded(sys.argv[1], 1000); assert a.shape == (750, 1000, 3);"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(huge_jpeg)], capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) < 120 * 1024  # KiB: no full-size decode happened

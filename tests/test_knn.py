@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import call
 
 from soco_pretrain.evaluate.knn import (
-    KnnError,
     KnnOptions,
     effective_rank,
     knn_eval,
@@ -24,7 +24,6 @@ from soco_pretrain.evaluate.knn import (
     resolve_geometry,
     split_by_image,
 )
-from test_cli import call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,13 +41,21 @@ def make_coloured_set(root: Path, name: str, num_images: int, seed: int, shuffle
     images, anns = [], []
     for i in range(num_images):
         pixels = rng.integers(90, 160, (64, 64, 3)).astype(np.uint8)
-        for j, corner in enumerate(((4, 6), (34, 30))):
+        for corner in ((4, 6), (34, 30)):
             cat = int(rng.integers(1, 4))
             x, y = corner
             side = int(rng.integers(20, 27))
-            pixels[y:y + side, x:x + side] = COLOURS[cat]
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "iscrowd": 0,
-                         "bbox": [x, y, side, side], "area": side * side})
+            pixels[y : y + side, x : x + side] = COLOURS[cat]
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat,
+                    "iscrowd": 0,
+                    "bbox": [x, y, side, side],
+                    "area": side * side,
+                }
+            )
         file_name = f"{name}_{i}.png"
         Image.fromarray(pixels).save(folder / file_name)
         images.append({"id": i + 1, "file_name": file_name, "width": 64, "height": 64})
@@ -87,17 +94,22 @@ def test_weighted_votes_by_hand():
     assert scores[0, 0].item() == pytest.approx(math.exp(1 / 0.5))
     assert scores[0, 1].item() == pytest.approx(math.exp(0.70710678 / 0.5))
     # the same file is never its own neighbour: excluding train 0 leaves classes 1 and 1
-    scores = knn_scores(train, labels, val, 2, k=2, temperature=0.5,
-                        train_keys=torch.tensor([7, 8, 9]), val_keys=torch.tensor([7]))
+    scores = knn_scores(
+        train, labels, val, 2, k=2, temperature=0.5, train_keys=torch.tensor([7, 8, 9]), val_keys=torch.tensor([7])
+    )
     assert scores[0, 0].item() == 0.0
     assert scores[0, 1].item() == pytest.approx(math.exp(0.70710678 / 0.5) + math.exp(0.0))
 
 
 def test_metrics_top5_and_mean_per_class():
-    scores = torch.tensor([[5.0, 1, 0.5, 0.4, 0.3, 0.2],   # label 0: rank 1
-                           [0.1, 0.2, 9, 1, 0.5, 0.4],     # label 0: rank 6 (last)
-                           [1, 3, 2, 0.5, 0.4, 0.3],       # label 2: rank 2
-                           [0.6, 0.5, 0.4, 0.3, 0.2, 9]])  # label 0: rank 2
+    scores = torch.tensor(
+        [
+            [5.0, 1, 0.5, 0.4, 0.3, 0.2],  # label 0: rank 1
+            [0.1, 0.2, 9, 1, 0.5, 0.4],  # label 0: rank 6 (last)
+            [1, 3, 2, 0.5, 0.4, 0.3],  # label 2: rank 2
+            [0.6, 0.5, 0.4, 0.3, 0.2, 9],
+        ]
+    )  # label 0: rank 2
     labels = torch.tensor([0, 0, 2, 0])
     result = knn_metrics(scores, labels, torch.tensor([0, 0, 0, 2]), ["a", "b", "c", "d", "e", "f"])
     assert result["top1"] == 25.0
@@ -173,16 +185,35 @@ def _cli(args, capsys):
 
 
 def _data_args(train, val, images, out):
-    return ["--train-json", str(train), "--train-images", str(images), "--val-json", str(val),
-            "--val-images", str(images), "--out", str(out), "--size", "64", "--min-box", "8", "--workers", "0",
-            "--no-progress"]
+    return [
+        "--train-json",
+        str(train),
+        "--train-images",
+        str(images),
+        "--val-json",
+        str(val),
+        "--val-images",
+        str(images),
+        "--out",
+        str(out),
+        "--size",
+        "64",
+        "--min-box",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
 
 
-@pytest.mark.parametrize("problem, expected", [
-    ("no_annotations", "has no annotations"),
-    ("outside", "lies outside its image"),
-    ("unknown_category", "category id 99"),
-])
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("no_annotations", "has no annotations"),
+        ("outside", "lies outside its image"),
+        ("unknown_category", "category id 99"),
+    ],
+)
 def test_bad_json_is_one_line(coloured, tmp_path, capsys, problem, expected):
     root, train, val, _ = coloured
     data = json.loads(val.read_text())
@@ -208,11 +239,13 @@ def test_weights_that_are_not_weights(coloured, tmp_path, capsys):
     assert status == 2 and err.count("\n") == 1 and "notes.pth" in err, err
     empty_run = tmp_path / "run"
     (empty_run / "checkpoints").mkdir(parents=True)
-    status, _, err = _cli(["--weights", str(empty_run), *_data_args(train, val, root / "images", tmp_path / "o")],
-                          capsys)
+    status, _, err = _cli(
+        ["--weights", str(empty_run), *_data_args(train, val, root / "images", tmp_path / "o")], capsys
+    )
     assert status == 2 and err.count("\n") == 1 and "run" in err and "checkpoint" in err, err
-    status, _, err = _cli(["--weights", str(tmp_path / "missing.pth"),
-                           *_data_args(train, val, root / "images", tmp_path / "o")], capsys)
+    status, _, err = _cli(
+        ["--weights", str(tmp_path / "missing.pth"), *_data_args(train, val, root / "images", tmp_path / "o")], capsys
+    )
     assert status == 2 and "missing.pth" in err
 
 
@@ -231,11 +264,19 @@ def test_torchvision_resnet_state_dict_is_evaluated_as_c4(coloured, tmp_path):
 # ---------------------------------------------------------------- leak guard and the monitor in pretraining
 
 SMALL = [
-    "data.views.v1_size=64", "data.views.v2_size=64", "data.views.v3_size=32",
-    "data.views.level_bounds=[14, 27, 55]", "data.views.num_proposals=2",
-    "data.views.proposal_source=whole_image", "data.augment.enabled=false",
-    "train.workers=0", "train.per_device_batch=2", "train.batch_size=2", "train.log_every=2",
-    "train.checkpoint_every=1000", "train.epochs=1",
+    "data.views.v1_size=64",
+    "data.views.v2_size=64",
+    "data.views.v3_size=32",
+    "data.views.level_bounds=[14, 27, 55]",
+    "data.views.num_proposals=2",
+    "data.views.proposal_source=whole_image",
+    "data.augment.enabled=false",
+    "train.workers=0",
+    "train.per_device_batch=2",
+    "train.batch_size=2",
+    "train.log_every=2",
+    "train.checkpoint_every=1000",
+    "train.epochs=1",
 ]
 
 
@@ -252,8 +293,10 @@ def monitored_run(coloured, tmp_path_factory):
     for name in ("train_0.png", "train_1.png", "train_2.png", "train_3.png"):
         shutil.copy(root / "images" / name, pool / name)
     run = tmp_path_factory.mktemp("monitored") / "run"
-    cfg = apply_overrides(load_preset("tiny"), SMALL + [
-        f"monitor.json={train}", f"monitor.images={root / 'images'}", "monitor.every=1", "monitor.min_box=8"])
+    cfg = apply_overrides(
+        load_preset("tiny"),
+        SMALL + [f"monitor.json={train}", f"monitor.images={root / 'images'}", "monitor.every=1", "monitor.min_box=8"],
+    )
     pretrain(cfg, pool, None, run, max_steps=1, progress=False)
     pretrain(cfg, pool, None, run, progress=False)  # resumes at step 1
     return run, pool, cfg
@@ -276,8 +319,8 @@ def test_monitor_logs_knn_and_rank_from_step_0_across_a_resume(monitored_run):
 def test_monitor_leaves_training_unchanged(monitored_run, tmp_path):
     """The same 2 steps without the monitor give the same weights (no RNG or BN buffer touched)."""
     from soco_pretrain.config import apply_overrides
-    from soco_pretrain.presets import load_preset
     from soco_pretrain.engine.checkpoint import load_checkpoint
+    from soco_pretrain.presets import load_preset
     from soco_pretrain.train.loop import pretrain
 
     run, pool, _ = monitored_run
@@ -305,8 +348,9 @@ def test_leak_guard_fires_on_a_renamed_copy(monitored_run, coloured, tmp_path, c
     status, _, err = _cli(["--weights", str(run), *_data_args(train, val, images, tmp_path / "o")], capsys)
     assert status == 2 and err.count("\n") == 1, err
     assert "val_5.png" in err and "train_2.png" in err and "--allow-leak" in err
-    status, _, err = _cli(["--weights", str(run), "--allow-leak", *_data_args(train, val, images, tmp_path / "o")],
-                          capsys)
+    status, _, err = _cli(
+        ["--weights", str(run), "--allow-leak", *_data_args(train, val, images, tmp_path / "o")], capsys
+    )
     assert status == 0, err
 
 
@@ -328,9 +372,21 @@ def test_random_init_of_seed_s_is_where_pretraining_seed_s_starts():
 
 def test_bad_monitor_settings_are_one_line(coloured, tmp_path, capsys):
     root, train, _, _ = coloured
-    args = ["pretrain", "--preset", "tiny", "--images", str(root / "images"), "--out", str(tmp_path / "run"),
-            "--set", "data.views.proposal_source=whole_image", "--set", f"monitor.json={train}",
-            "--set", f"monitor.images={root / 'images'}"]
+    args = [
+        "pretrain",
+        "--preset",
+        "tiny",
+        "--images",
+        str(root / "images"),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "data.views.proposal_source=whole_image",
+        "--set",
+        f"monitor.json={train}",
+        "--set",
+        f"monitor.images={root / 'images'}",
+    ]
     status, _, err = call([*args, "--set", "monitor.every=0"], capsys)
     assert status == 2 and err.count("\n") == 1 and "every=0" in err, err
     status, _, err = call([*args[:-4], "--set", f"monitor.json={tmp_path / 'nope.json'}"], capsys)

@@ -54,7 +54,7 @@ def test_first_step_value_by_hand():
     p.grad = torch.tensor([0.0, 1.0])
     opt.step()
     # ||p|| = sqrt(18); trust = 0.1*sqrt(18); buf = 0.9*0.5 + trust
-    buf = 0.9 * 0.5 + 0.1 * 18 ** 0.5
+    buf = 0.9 * 0.5 + 0.1 * 18**0.5
     torch.testing.assert_close(p.detach(), torch.tensor([3.0, 3.0 - 2.0 * buf]))
 
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 from soco_pretrain.cli import main
 from soco_pretrain.config import PretrainConfig, to_dict
-from soco_pretrain.model import SoCoModel
 from soco_pretrain.engine.checkpoint import load_checkpoint, save_checkpoint
-from soco_pretrain.train.loop import save_config
 from soco_pretrain.engine.metrics import read_metrics
+from soco_pretrain.model import SoCoModel
+from soco_pretrain.train.loop import save_config
 from soco_pretrain.transfer import linear
 from soco_pretrain.transfer.linear import LinearConfig, LinearError, linear_probe, load_backbone, lr_at
 
@@ -70,8 +70,10 @@ def _make_run(root, arch: str):
     torch.manual_seed(0)
     state = _randomise(SoCoModel(cfg).state_dict(), torch.Generator().manual_seed(1))
     # Online and target must differ for the online/target test.
-    assert not torch.equal(state["encoder.backbone." + ("body." if arch == "fpn" else "") + "conv1.weight"],
-                           state["target_encoder.backbone." + ("body." if arch == "fpn" else "") + "conv1.weight"])
+    assert not torch.equal(
+        state["encoder.backbone." + ("body." if arch == "fpn" else "") + "conv1.weight"],
+        state["target_encoder.backbone." + ("body." if arch == "fpn" else "") + "conv1.weight"],
+    )
     save_checkpoint(root / "checkpoints" / "last.pt", {"model": state, "config": to_dict(cfg), "step": 0})
     save_config(cfg, root)
     _STATES[root] = state
@@ -84,7 +86,7 @@ def fpn_run(tmp_path_factory):
 
 
 def _expected(run, prefix):
-    return {k[len(prefix):]: v for k, v in _STATES[run].items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in _STATES[run].items() if k.startswith(prefix)}
 
 
 def _assert_state_equal(model, expected):
@@ -120,10 +122,12 @@ def test_c4_checkpoint_loads_encoder_backbone(tmp_path):
 def test_bad_weights_are_one_line_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "partial.pth")
-    for weights, problem in [(tmp_path / "junk.pt", "not a readable checkpoint"),
-                             (tmp_path / "partial.pth", "no complete ResNet-50"),
-                             (tmp_path, "no checkpoint in"),
-                             (tmp_path / "nowhere", "no such run folder")]:
+    for weights, problem in [
+        (tmp_path / "junk.pt", "not a readable checkpoint"),
+        (tmp_path / "partial.pth", "no complete ResNet-50"),
+        (tmp_path, "no checkpoint in"),
+        (tmp_path / "nowhere", "no such run folder"),
+    ]:
         with pytest.raises(LinearError) as err:
             load_backbone(weights)
         assert problem in str(err.value) and "\n" not in str(err.value)
@@ -141,8 +145,7 @@ def test_lr_schedule_warmup_cosine_and_steps():
     assert lr_at(60, total, spe, cfg) == pytest.approx(1e-6 + (60 - 1e-6) * 0.5)  # cosine half-way
     assert lr_at(100, total, spe, cfg) == pytest.approx(1e-6)
     moco = LinearConfig(epochs=100, batch_size=256, warmup_epochs=0, schedule="steps")
-    assert [lr_at(s, 1000, 10, moco) for s in (0, 599, 600, 799, 800, 999)] == pytest.approx(
-        [30, 30, 3, 3, 0.3, 0.3])
+    assert [lr_at(s, 1000, 10, moco) for s in (0, 599, 600, 799, 800, 999)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
 
 
 # ---------------------------------------------------------------- training
@@ -205,9 +208,20 @@ def test_probe_learns_linearly_separable_classes(tmp_path):
     _write_class_folders(tmp_path / "val", 4, seed=11)
     _bn_calibrated_resnet50(tmp_path / "r50.pth", 32)
     # lr for features of norm ~75 (not the paper's 30, meant for 100 epochs of 5000 steps).
-    summary = linear_probe(tmp_path / "r50.pth", tmp_path / "train", tmp_path / "val", tmp_path / "out",
-                           device="cpu", progress=False, epochs=6, batch_size=8, image_size=32, workers=0,
-                           base_lr=0.1, warmup_epochs=0)
+    summary = linear_probe(
+        tmp_path / "r50.pth",
+        tmp_path / "train",
+        tmp_path / "val",
+        tmp_path / "out",
+        device="cpu",
+        progress=False,
+        epochs=6,
+        batch_size=8,
+        image_size=32,
+        workers=0,
+        base_lr=0.1,
+        warmup_epochs=0,
+    )
     assert summary["evaluated_images"] == 12 and summary["weights"]["kind"] == "state_dict"
     assert summary["top1"] >= 75.0, summary["top1"]
     losses = [r["train_loss"] for r in read_metrics(tmp_path / "out") if "train_loss" in r]
@@ -246,9 +260,30 @@ def test_cli_class_mismatch_and_bad_weights_are_one_line(folders, tmp_path, caps
 
 def test_cli_linear_smoke(folders, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["linear", "--weights", "none", "--train", str(folders / "train"), "--val", str(folders / "val"),
-            "--out", str(out), "--epochs", "1", "--batch", "8", "--image-size", "64", "--workers", "0",
-            "--device", "cpu", "--max-iters", "1", "--no-progress"]
+    args = [
+        "linear",
+        "--weights",
+        "none",
+        "--train",
+        str(folders / "train"),
+        "--val",
+        str(folders / "val"),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch",
+        "8",
+        "--image-size",
+        "64",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--max-iters",
+        "1",
+        "--no-progress",
+    ]
     assert main(args) == 0
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["step"] == 1 and saved["peak_lr"] == pytest.approx(30 * 8 / 256)

@@ -73,9 +73,16 @@ def test_collate_shapes_dtypes_and_valid_mask(data):
 
 def test_collate_concatenates_skipped():
     def sample(skipped):
-        return {"views": [torch.zeros(3, 2, 2)], "boxes": [torch.zeros(1, 4)], "levels": [torch.zeros(1, dtype=torch.int64)],
-                "valid": torch.ones(1, dtype=torch.bool), "proposal_ids": torch.zeros(1, dtype=torch.int64),
-                "index": 0, "path": "x", "skipped": skipped}
+        return {
+            "views": [torch.zeros(3, 2, 2)],
+            "boxes": [torch.zeros(1, 4)],
+            "levels": [torch.zeros(1, dtype=torch.int64)],
+            "valid": torch.ones(1, dtype=torch.bool),
+            "proposal_ids": torch.zeros(1, dtype=torch.int64),
+            "index": 0,
+            "path": "x",
+            "skipped": skipped,
+        }
 
     batch = soco_collate([sample([("a", "bad")]), sample([]), sample([("b", "worse"), ("c", "x")])])
     assert batch["skipped"] == [("a", "bad"), ("b", "worse"), ("c", "x")]
@@ -172,8 +179,9 @@ def test_augment_batch_turns_uint8_views_into_normalised_floats(data):
     loader = make_loader(SoCoDataset(*data, cfg), batch_size=3, workers=0)
     batch = next(iter(loader))
     assert all(v.dtype == torch.uint8 for v in batch["views"])
-    out = augment_batch(batch, BatchAugment(cfg.augment), cfg.augment.view_params,
-                        torch.Generator().manual_seed(0), device="cpu")
+    out = augment_batch(
+        batch, BatchAugment(cfg.augment), cfg.augment.view_params, torch.Generator().manual_seed(0), device="cpu"
+    )
     assert [v.shape for v in out["views"]] == [v.shape for v in batch["views"]]
     assert all(v.dtype == torch.float32 for v in out["views"])
     # Photometric only: the geometry (boxes, levels, masks, ids) comes through unchanged.
@@ -187,7 +195,6 @@ def test_augment_batch_turns_uint8_views_into_normalised_floats(data):
     mean = torch.tensor(off.mean).view(1, 3, 1, 1)
     std = torch.tensor(off.std).view(1, 3, 1, 1)
     for v in range(len(batch["views"])):
-        torch.testing.assert_close(plain["views"][v], (batch["views"][v].float() / 255 - mean) / std,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(plain["views"][v], (batch["views"][v].float() / 255 - mean) / std, atol=1e-5, rtol=0)
     # On: the pixels were changed (BYOL's first parameter set blurs with probability 1).
     assert not torch.allclose(out["views"][0], plain["views"][0], atol=1e-3)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_fixtures import make_photos
 from PIL import Image
 
-from data_fixtures import make_photos
 from soco_pretrain.config import apply_overrides
 from soco_pretrain.data.manifest import (
     MANIFEST_FILE,
@@ -125,8 +125,7 @@ def test_record_reuses_a_manifest_with_the_same_paths(train_val, tmp_path, capsy
     run = tmp_path / "run"
     first = record_run_manifest(run, train, root, progress=False)
     out = capsys.readouterr().out
-    assert out.strip() == (f"data manifest: 4 images, set hash {first['set_hash'][:12]} "
-                           f"({run / MANIFEST_FILE})")
+    assert out.strip() == (f"data manifest: 4 images, set hash {first['set_hash'][:12]} ({run / MANIFEST_FILE})")
     stamp = (run / MANIFEST_FILE).stat().st_mtime_ns
     again = record_run_manifest(run, list(reversed(train)), root, progress=False)  # a resume
     assert again == first
@@ -193,10 +192,17 @@ def test_manifest_for_weights(train_val, tmp_path):
 # ---------------------------------------------------------------- a real run and its export
 
 SMALL = [
-    "data.views.v1_size=64", "data.views.v2_size=64", "data.views.v3_size=32", "data.views.v4_size=48",
-    "data.views.level_bounds=[14, 27, 55]", "data.views.num_proposals=2",
+    "data.views.v1_size=64",
+    "data.views.v2_size=64",
+    "data.views.v3_size=32",
+    "data.views.v4_size=48",
+    "data.views.level_bounds=[14, 27, 55]",
+    "data.views.num_proposals=2",
     "data.views.proposal_source=whole_image",  # no proposal store needed
-    "train.workers=0", "train.per_device_batch=2", "train.batch_size=2", "train.log_every=1",
+    "train.workers=0",
+    "train.per_device_batch=2",
+    "train.batch_size=2",
+    "train.log_every=1",
     "train.checkpoint_every=1000",
 ]
 

@@ -14,7 +14,6 @@ from soco_pretrain.model.encoder import build_box_head
 from soco_pretrain.model.heads import MLP
 from soco_pretrain.model.masked import masked_batch_norm, run_masked
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -125,8 +124,9 @@ def _masked_sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         grads = [p.grad.clone() for p in mlp.parameters()]
         for g in grads:
             dist.all_reduce(g)
-        torch.save({"y": y.detach(), "grads": grads, "stats": [b.clone() for b in mlp.buffers()]},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"y": y.detach(), "grads": grads, "stats": [b.clone() for b in mlp.buffers()]}, f"{out_dir}/rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 

@@ -8,15 +8,19 @@ import torch
 from soco_pretrain.config import apply_overrides
 from soco_pretrain.presets import load_preset
 from soco_pretrain.train.loop import PretrainError, make_plan, resolve_compile, resolve_per_device_batch
-from soco_pretrain.train.memory import auto_per_device_batch, estimate_gib
-
-from soco_pretrain.train.memory import HEADROOM
+from soco_pretrain.train.memory import HEADROOM, auto_per_device_batch, estimate_gib
 
 CARDS = {24: 23.6, 48: 45.0, 80: 79.6, 141: 139.8}  # nominal GB -> GiB torch reports (4090, L40S, H100, H200)
 KINDS = [("fpn", False), ("c4", False), ("fpn", True)]
 # Peak memory measured on an H200 (memory.py's docstring): (arch, SoCo*, per-device batch, GiB).
-MEASURED = [("fpn", False, 128, 17.1), ("fpn", False, 256, 33.4), ("c4", False, 128, 18.2),
-            ("c4", False, 256, 35.8), ("fpn", True, 128, 21.8), ("fpn", True, 256, 42.9)]
+MEASURED = [
+    ("fpn", False, 128, 17.1),
+    ("fpn", False, 256, 33.4),
+    ("c4", False, 128, 18.2),
+    ("c4", False, 256, 35.8),
+    ("fpn", True, 128, 21.8),
+    ("fpn", True, 256, 42.9),
+]
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -81,8 +85,7 @@ def test_auto_batch_splits_the_total_batch_exactly(batch_size, world, card):
     assert per_process % b == 0 and b <= per_process
     if card is None:
         assert b <= 64  # a CPU: time, not memory, is the limit
-    cfg = apply_overrides(load_preset("fpn-100ep"), [f"train.batch_size={batch_size}",
-                                                     f"train.per_device_batch={b}"])
+    cfg = apply_overrides(load_preset("fpn-100ep"), [f"train.batch_size={batch_size}", f"train.per_device_batch={b}"])
     plan = make_plan(cfg, world, 10_000, "cpu")
     assert plan.accum * b * world == batch_size
 

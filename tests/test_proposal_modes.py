@@ -21,15 +21,22 @@ from soco_pretrain.data.proposal_sources import (
     random_boxes,
     read_coco_boxes,
 )
+from soco_pretrain.engine.metrics import read_metrics
 from soco_pretrain.presets import load_preset
 from soco_pretrain.train.loop import pretrain
-from soco_pretrain.engine.metrics import read_metrics
 
 # Same tiny settings as tests/test_train.py: 64 px views, K = 2, batch 2, data in the main process.
 SMALL = [
-    "data.views.v1_size=64", "data.views.v2_size=64", "data.views.v3_size=32", "data.views.v4_size=48",
-    "data.views.level_bounds=[14, 27, 55]", "data.views.num_proposals=2",
-    "train.workers=0", "train.per_device_batch=2", "train.batch_size=2", "train.log_every=1",
+    "data.views.v1_size=64",
+    "data.views.v2_size=64",
+    "data.views.v3_size=32",
+    "data.views.v4_size=48",
+    "data.views.level_bounds=[14, 27, 55]",
+    "data.views.num_proposals=2",
+    "train.workers=0",
+    "train.per_device_batch=2",
+    "train.batch_size=2",
+    "train.log_every=1",
     "train.checkpoint_every=1000",
 ]
 
@@ -61,12 +68,20 @@ def _write_coco(path, photos, boxes_per_image, extra_images=()):
         images.append({"id": k + 1, "file_name": rel, "width": w, "height": h})
         for box in boxes_per_image(rel, w, h):
             box = dict(box)
-            annotations.append({"id": len(annotations) + 1, "image_id": k + 1, "category_id": 1,
-                                "bbox": box.pop("bbox"), "iscrowd": box.pop("iscrowd", 0)})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": k + 1,
+                    "category_id": 1,
+                    "bbox": box.pop("bbox"),
+                    "iscrowd": box.pop("iscrowd", 0),
+                }
+            )
     for k, name in enumerate(extra_images):
         images.append({"id": 1000 + k, "file_name": name, "width": 10, "height": 10})
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": 1, "name": "thing"}]}))
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]})
+    )
     return path
 
 
@@ -143,10 +158,12 @@ def test_whole_image_mode_has_one_valid_slot_covering_v1(photos):
 
 
 def _gt_boxes(rel, w, h):
-    return [{"bbox": [2.5, 3.0, w * 0.5, h * 0.4]},  # kept
-            {"bbox": [1.0, 1.0, w * 0.9, h * 0.9]},  # kept, fails the paper filter (rel size 0.9)
-            {"bbox": [0.0, 0.0, 5.0, 5.0], "iscrowd": 1},  # skipped: crowd
-            {"bbox": [4.0, 4.0, 0.0, 7.0]}]  # skipped: empty
+    return [
+        {"bbox": [2.5, 3.0, w * 0.5, h * 0.4]},  # kept
+        {"bbox": [1.0, 1.0, w * 0.9, h * 0.9]},  # kept, fails the paper filter (rel size 0.9)
+        {"bbox": [0.0, 0.0, 5.0, 5.0], "iscrowd": 1},  # skipped: crowd
+        {"bbox": [4.0, 4.0, 0.0, 7.0]},
+    ]  # skipped: empty
 
 
 def test_coco_boxes_are_read_xywh_to_corners_crowd_skipped(photos, tmp_path):
@@ -163,8 +180,14 @@ def test_coco_boxes_are_read_xywh_to_corners_crowd_skipped(photos, tmp_path):
 
 def test_coco_mode_samples_use_the_annotation_boxes(photos, tmp_path):
     path = _write_coco(tmp_path / "gt.json", photos, _gt_boxes)
-    cfg = _config("views.proposal_source=coco", f"views.proposal_json={path}", "views.jitter=none",
-                  "views.num_proposals=2", "views.min_visible=0.0", "views.hflip_p=0.0")
+    cfg = _config(
+        "views.proposal_source=coco",
+        f"views.proposal_json={path}",
+        "views.jitter=none",
+        "views.num_proposals=2",
+        "views.min_visible=0.0",
+        "views.hflip_p=0.0",
+    )
     ds = SoCoDataset(photos["images"], None, cfg)
     for i, rel in enumerate(photos["rel"]):
         w, h = photos["sizes"][rel]
@@ -196,12 +219,17 @@ def test_coco_mode_images_without_boxes_error_or_use_the_whole_image(photos, tmp
     assert np.array_equal(ds.raw(0).boxes, [[0, 0, w, h]])
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("{not json", "cannot read the proposal JSON"),
-    ('{"images": []}', "needs 'images' and 'annotations'"),
-    ('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1]}]}',
-     "known 'image_id'"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "cannot read the proposal JSON"),
+        ('{"images": []}', "needs 'images' and 'annotations'"),
+        (
+            '{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1]}]}',
+            "known 'image_id'",
+        ),
+    ],
+)
 def test_bad_box_json_is_a_one_line_error(photos, tmp_path, content, problem):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -210,11 +238,14 @@ def test_bad_box_json_is_a_one_line_error(photos, tmp_path, content, problem):
     assert problem in str(err.value) and "\n" not in str(err.value) and str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("overrides, problem", [
-    ((), "needs a proposal store"),
-    (("views.proposal_source=coco",), "needs views.proposal_json"),
-    (("views.proposal_source=boxes",), "expected one of selective_search, whole_image, random, coco"),
-])
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        ((), "needs a proposal store"),
+        (("views.proposal_source=coco",), "needs views.proposal_json"),
+        (("views.proposal_source=boxes",), "expected one of selective_search, whole_image, random, coco"),
+    ],
+)
 def test_missing_store_or_json_or_unknown_source_is_one_line(photos, overrides, problem):
     # an unknown source is refused by the config's type check (ConfigError) before the dataset sees it
     with pytest.raises((DatasetError, ConfigError)) as err:
@@ -254,8 +285,18 @@ def test_cli_pretrain_needs_proposals_only_for_selective_search(photos, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("soco: error: --proposals STORE is required") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
-    assert main([*base, "--set", "data.views.proposal_source=coco", "--set",
-                 f"data.views.proposal_json={tmp_path / 'none.json'}"]) == 2
+    assert (
+        main(
+            [
+                *base,
+                "--set",
+                "data.views.proposal_source=coco",
+                "--set",
+                f"data.views.proposal_json={tmp_path / 'none.json'}",
+            ]
+        )
+        == 2
+    )
     assert "no such file" in capsys.readouterr().err
     assert main([*base, "--set", "data.views.proposal_source=random", "--max-steps", "1"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]

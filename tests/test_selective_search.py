@@ -123,9 +123,7 @@ def blocky_images(draw):
 @settings(max_examples=40, deadline=None)
 @given(image=blocky_images(), min_size=st.sampled_from([1, 10]), scale=st.sampled_from([100, 500]))
 def test_identical_to_reference_on_random_images(image, min_size, scale):
-    np.testing.assert_array_equal(
-        selective_search(image, scale, 0.9, min_size), reference(image, scale, 0.9, min_size)
-    )
+    np.testing.assert_array_equal(selective_search(image, scale, 0.9, min_size), reference(image, scale, 0.9, min_size))
 
 
 def test_rejects_non_rgb_uint8():

@@ -40,9 +40,13 @@ def test_round_trip(tmp_path):
         assert st.status(i) == status[i] and st.raw_count(i) == raw[i]
     assert [st.rule(i) for i in range(4)] == ["paper", "whole_image", "paper", "failed"]
     m = st.manifest
-    assert m["counts"] == {"images": 4, "ok": 3, "failed": 1, "boxes": 8,
-                           "rules": {"paper": 2, "ratio_only": 0, "min_side": 0, "whole_image": 1,
-                                     "empty": 0, "failed": 1}}
+    assert m["counts"] == {
+        "images": 4,
+        "ok": 3,
+        "failed": 1,
+        "boxes": 8,
+        "rules": {"paper": 2, "ratio_only": 0, "min_side": 0, "whole_image": 1, "empty": 0, "failed": 1},
+    }
     assert m["failures"] == [{"path": "bad.jpg", "reason": "empty file"}] and m["preset"] == "paper"
     assert set(m["files"]) == {"boxes.npy", "offsets.npy", "sizes.npy", "status.npy", "raw_counts.npy", "paths.json"}
     assert st.boxes(-1).shape == (0, 4)

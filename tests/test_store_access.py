@@ -8,8 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from data_fixtures import make_photos, make_store
+
 from soco_pretrain.data.dataset import join_store
 from soco_pretrain.images import list_images
 from soco_pretrain.proposals.filters import RULE_FAILED, RULE_PAPER, RULE_WHOLE_IMAGE
@@ -80,8 +80,9 @@ def test_empty_store_accessors(tmp_path):
 
 def test_dataset_join_reads_status_and_counts_through_the_store(tmp_path):
     rel = make_photos(tmp_path / "imgs", names=("astronaut", "coffee", "chelsea", "rocket"), side=48)
-    store = load(make_store(tmp_path / "s", tmp_path / "imgs", rel[:3], boxes_per_image=2,
-                            failed=(rel[1],), empty=(rel[2],)))
+    store = load(
+        make_store(tmp_path / "s", tmp_path / "imgs", rel[:3], boxes_per_image=2, failed=(rel[1],), empty=(rel[2],))
+    )
     join = join_store(list_images(tmp_path / "imgs"), store)
     images = list_images(tmp_path / "imgs").paths
     by_path = dict(zip(images, join.missing.tolist()))

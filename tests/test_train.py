@@ -16,20 +16,27 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from data_fixtures import make_photos, make_store, random_boxes
+
 from soco_pretrain.cli import PRETRAIN_PRESETS, main
 from soco_pretrain.config import apply_overrides
-from soco_pretrain.presets import PRESETS, PresetError, load_preset
 from soco_pretrain.engine.checkpoint import load_checkpoint
-from soco_pretrain.train.loop import NonFiniteLossError, PretrainError, make_plan, pretrain
 from soco_pretrain.engine.metrics import read_metrics
+from soco_pretrain.presets import PRESETS, PresetError, load_preset
+from soco_pretrain.train.loop import NonFiniteLossError, PretrainError, make_plan, pretrain
 
 # 64 px views, K = 2, data in the main process; level bounds scaled to 64 px as tiny's are to 96.
 SMALL = [
-    "data.views.v1_size=64", "data.views.v2_size=64", "data.views.v3_size=32", "data.views.v4_size=48",
-    "data.views.level_bounds=[14, 27, 55]", "data.views.num_proposals=2",
-    "train.workers=0", "train.per_device_batch=2", "train.batch_size=2", "train.log_every=1",
+    "data.views.v1_size=64",
+    "data.views.v2_size=64",
+    "data.views.v3_size=32",
+    "data.views.v4_size=48",
+    "data.views.level_bounds=[14, 27, 55]",
+    "data.views.num_proposals=2",
+    "train.workers=0",
+    "train.per_device_batch=2",
+    "train.batch_size=2",
+    "train.log_every=1",
     "train.checkpoint_every=1000",
 ]
 
@@ -131,8 +138,13 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     # epoch, so the split after step 1 is mid-epoch (the loader must skip 2 samples) and step 3
     # is in the next epoch. With one image per batch, BatchNorm needs more than one value per
     # channel: V3 at 64 px (at 32 px res5 is 1x1) and K rows per image (repeat-padding).
-    cfg = small_config("train.per_device_batch=1", "train.batch_size=2", "train.epochs=3",
-                       "data.views.v3_size=64", "data.views.pad=repeat")
+    cfg = small_config(
+        "train.per_device_batch=1",
+        "train.batch_size=2",
+        "train.epochs=3",
+        "data.views.v3_size=64",
+        "data.views.pad=repeat",
+    )
     split, straight = tmp_path / "split", tmp_path / "straight"
     first = pretrain(cfg, data["four"], data["store"], split, max_steps=1, progress=False)
     assert first.step == 1 and not first.finished and first.plan.accum == 2
@@ -188,9 +200,27 @@ def test_two_process_ddp_matches_one_process(data, tmp_path):
     pretrain(small_config(*extra), data["images"], data["store"], one, max_steps=1, progress=False)
 
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "soco_pretrain", "pretrain", "--preset", "tiny", "--images", str(data["images"]),
-           "--proposals", str(data["store"]), "--out", str(two), "--max-steps", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "soco_pretrain",
+        "pretrain",
+        "--preset",
+        "tiny",
+        "--images",
+        str(data["images"]),
+        "--proposals",
+        str(data["store"]),
+        "--out",
+        str(two),
+        "--max-steps",
+        "1",
+    ]
     for item in [*SMALL, *extra, "train.per_device_batch=1"]:
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -237,8 +267,15 @@ def _ddp_worker(rank: int, world: int, cfg, images, store, jobs) -> None:
     """One rank: the launcher's variables as torchrun sets them, then ``pretrain`` once per job
     ``(run_dir, max_steps, port)``, one process group each (pretrain joins and leaves it)."""
     torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "TQDM_DISABLE": "1"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "TQDM_DISABLE": "1",
+        }
+    )
     for run_dir, max_steps, port in jobs:
         os.environ["MASTER_PORT"] = str(port)
         pretrain(cfg, images, store, run_dir, max_steps=max_steps, progress=False, device="cpu")
@@ -247,8 +284,9 @@ def _ddp_worker(rank: int, world: int, cfg, images, store, jobs) -> None:
 def _run_ddp(cfg, images, store, jobs, world: int = 2) -> None:
     """``world`` spawned CPU processes (gloo) running ``jobs`` = [(run_dir, max_steps), ...] in order."""
     jobs = [(str(run), steps, _free_port()) for run, steps in jobs]
-    mp.start_processes(_ddp_worker, args=(world, cfg, str(images), str(store), jobs), nprocs=world, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _ddp_worker, args=(world, cfg, str(images), str(store), jobs), nprocs=world, join=True, start_method="spawn"
+    )
 
 
 def _uneven_store(out, image_dir, rel, counts) -> object:
@@ -267,8 +305,16 @@ def _uneven_store(out, image_dir, rel, counts) -> object:
         boxes.append(random_boxes(rng, w, h, counts[i]))
         offsets.append(offsets[-1] + counts[i])
         sizes.append((w, h))
-    return write_store(out, [rel[i] for i in order], np.concatenate(boxes), offsets, sizes,
-                       [RULE_PAPER] * len(rel), [counts[i] for i in order], {"preset": "test"})
+    return write_store(
+        out,
+        [rel[i] for i in order],
+        np.concatenate(boxes),
+        offsets,
+        sizes,
+        [RULE_PAPER] * len(rel),
+        [counts[i] for i in order],
+        {"preset": "test"},
+    )
 
 
 def test_two_process_ddp_with_masked_padding_matches_one_process(data, tmp_path):
@@ -280,8 +326,13 @@ def test_two_process_ddp_with_masked_padding_matches_one_process(data, tmp_path)
     images = tmp_path / "images"
     rel = make_photos(images, ("astronaut", "coffee"), side=96)
     store = _uneven_store(tmp_path / "store", images, rel, [1, 3])
-    extra = ["data.views.pad=mask", "model.loss=released", "data.views.v3_size=64", "train.warmup_epochs=0",
-             "train.epochs=3"]
+    extra = [
+        "data.views.pad=mask",
+        "model.loss=released",
+        "data.views.v3_size=64",
+        "train.warmup_epochs=0",
+        "train.epochs=3",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     pretrain(small_config(*extra), images, store, one, max_steps=1, progress=False, device="cpu")
     _run_ddp(small_config(*extra, "train.per_device_batch=1"), images, store, [(two, 1)])
@@ -313,8 +364,13 @@ def test_two_process_ddp_resume_equals_an_uninterrupted_two_process_run(data, tm
     # rank's loader must skip its share of the epoch's order), resume to step 3 (the next
     # epoch), and compare with 3 uninterrupted steps: weights, LARS buffers and losses bit for
     # bit (gloo on CPU is deterministic). Only rank 0 saves; rank 1 resumes from rank 0's file.
-    cfg = small_config("train.per_device_batch=1", "train.batch_size=2", "train.epochs=3",
-                       "data.views.pad=mask", "data.views.v3_size=64")
+    cfg = small_config(
+        "train.per_device_batch=1",
+        "train.batch_size=2",
+        "train.epochs=3",
+        "data.views.pad=mask",
+        "data.views.v3_size=64",
+    )
     split, straight = tmp_path / "split", tmp_path / "straight"
     _run_ddp(cfg, data["four"], data["store"], [(split, 1), (split, 3), (straight, 3)])
     a = load_checkpoint(split / "checkpoints" / "last.pt")
@@ -332,8 +388,19 @@ def test_two_process_ddp_resume_equals_an_uninterrupted_two_process_run(data, tm
 
 def test_cli_pretrain_smoke(data, tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["pretrain", "--preset", "tiny", "--images", str(data["two"]), "--proposals", str(data["store"]),
-            "--out", str(run), "--max-steps", "2"]
+    args = [
+        "pretrain",
+        "--preset",
+        "tiny",
+        "--images",
+        str(data["two"]),
+        "--proposals",
+        str(data["store"]),
+        "--out",
+        str(run),
+        "--max-steps",
+        "2",
+    ]
     for item in SMALL:
         args += ["--set", item]
     assert main(args) == 0
@@ -350,16 +417,28 @@ def test_cli_pretrain_smoke(data, tmp_path, capsys):
     assert "stopped at step 2/" in out
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing_store", "no such proposal store"),
-    ("bad_set", "unknown key 'train.nope'"),
-    ("bad_value", "train.epochs=many"),
-    ("batch", "must be a multiple of train.per_device_batch"),
-    ("resume", "--resume nowhere.pt"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_store", "no such proposal store"),
+        ("bad_set", "unknown key 'train.nope'"),
+        ("bad_value", "train.epochs=many"),
+        ("batch", "must be a multiple of train.per_device_batch"),
+        ("resume", "--resume nowhere.pt"),
+    ],
+)
 def test_cli_pretrain_bad_input_is_one_line(data, tmp_path, capsys, case, expected):
-    args = ["pretrain", "--preset", "tiny", "--images", str(data["images"]), "--proposals", str(data["store"]),
-            "--out", str(tmp_path / "run")]
+    args = [
+        "pretrain",
+        "--preset",
+        "tiny",
+        "--images",
+        str(data["images"]),
+        "--proposals",
+        str(data["store"]),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     if case == "missing_store":
         args[6] = str(tmp_path / "no-store")
     elif case == "bad_set":

@@ -4,7 +4,8 @@ The main test paints each proposal of a synthetic image with its own colour on a
 (non-overlapping rectangles, random sizes, positions and image aspect), builds the views and
 checks, in every view, that the colour's pixels and the box agree to resampling blur: inside
 the (shrunk) box the pixels are that colour, outside the (expanded) box there is none of it, and
-the colour's extent, area and centre match the box (the last two to a quarter pixel). Crop, squash, resize, flip and V3's downsampling all
+the colour's extent, area and centre match the box (the last two to a quarter pixel). Crop, squash,
+resize, flip and V3's downsampling all
 have to be right for that to hold, over many seeds and every option.
 """
 
@@ -22,7 +23,6 @@ from soco_pretrain.data.boxes import assign_levels, crop_boxes, from_store, resi
 from soco_pretrain.data.views import MAX_REDRAWS, ViewSet, build_views, view_names
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """build_views runs in data-loader workers, where torch uses one thread; on a loaded 2-core
@@ -34,8 +34,19 @@ def one_torch_thread():
 
 
 BACKGROUND = (128, 128, 128)
-PALETTE = np.array([(230, 25, 25), (25, 230, 25), (25, 25, 230), (230, 230, 25), (230, 25, 230),
-                    (25, 230, 230), (10, 10, 10), (245, 245, 245)], dtype=np.uint8)
+PALETTE = np.array(
+    [
+        (230, 25, 25),
+        (25, 230, 25),
+        (25, 25, 230),
+        (230, 230, 25),
+        (230, 25, 230),
+        (25, 230, 230),
+        (10, 10, 10),
+        (245, 245, 245),
+    ],
+    dtype=np.uint8,
+)
 COLOUR_TOL = 60  # RGB distance: a pixel at least ~2/3 this colour (vs grey) after resampling blur
 BLUR = 2.0  # px: how far a resampled edge may move (bilinear, antialiased, up to two resamplings)
 
@@ -60,7 +71,7 @@ def painted_scene(seed: int):
         if all(x1 > b[2] + gap or x2 < b[0] - gap or y1 > b[3] + gap or y2 < b[1] - gap for b in boxes):
             boxes.append([x1, y1, x2, y2])
     for i, (x1, y1, x2, y2) in enumerate(boxes):
-        image[y1:y2 + 1, x1:x2 + 1] = PALETTE[i]
+        image[y1 : y2 + 1, x1 : x2 + 1] = PALETTE[i]
     return image, np.array(boxes, np.int32), PALETTE[: len(boxes)]
 
 
@@ -103,7 +114,9 @@ def check_box_covers_colour(view: np.ndarray, box, colour, where: str) -> bool:
     # 2) inside the box, shrunk by the blur, (almost) every pixel has the colour
     gx = np.arange(view.shape[1]) + 0.5
     gy = np.arange(view.shape[0]) + 0.5
-    inner = ((gy[:, None] > y1 + BLUR) & (gy[:, None] < y2 - BLUR)) & ((gx[None, :] > x1 + BLUR) & (gx[None, :] < x2 - BLUR))
+    inner = ((gy[:, None] > y1 + BLUR) & (gy[:, None] < y2 - BLUR)) & (
+        (gx[None, :] > x1 + BLUR) & (gx[None, :] < x2 - BLUR)
+    )
     assert mask[inner].mean() > 0.97, f"{where}: only {mask[inner].mean():.2f} of box {box} has the colour"
     # 3) the colour's extent (pixel edges) matches the box edges
     extent = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
@@ -415,8 +428,12 @@ def test_views_own_their_pixels():
     image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     cfg = ViewsConfig(crop_scale=(1.0, 1.0), hflip_p=0.0, soco_star=True, v4_size=224)
     for source in ("v1", "original"):
-        vs = build_views(image, np.array([[0.0, 0.0, 50.0, 50.0]]), dataclasses.replace(cfg, v2_source=source),
-                         np.random.default_rng(0))
+        vs = build_views(
+            image,
+            np.array([[0.0, 0.0, 50.0, 50.0]]),
+            dataclasses.replace(cfg, v2_source=source),
+            np.random.default_rng(0),
+        )
         np.testing.assert_array_equal(vs.images[1], image)  # whole-image crop at the same size
         arrays = [image, *vs.images]
         for i in range(len(arrays)):

@@ -126,8 +126,8 @@ def test_proposal_stats_is_the_same_in_small_chunks(made, monkeypatch):
 @pytest.mark.usefixtures("one_thread")  # it pretrains and fine-tunes
 def test_demo_runs_on_small_photos(tmp_path, capsys):
     from soco_pretrain.demo import PHOTOS, run_demo
-    from soco_pretrain.transfer.coco_eval import METRIC_NAMES
     from soco_pretrain.proposals import load
+    from soco_pretrain.transfer.coco_eval import METRIC_NAMES
 
     paths = run_demo(tmp_path / "demo", workers=1, max_side=80, pretrain_steps=2, finetune_iters=1)
     out = capsys.readouterr().out

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from soco_pretrain.config import PretrainConfig, to_dict
+from soco_pretrain.engine.checkpoint import save_checkpoint
 from soco_pretrain.errors import UserError
 from soco_pretrain.model import SoCoModel
-from soco_pretrain.engine.checkpoint import save_checkpoint
 from soco_pretrain.transfer.weights import (
     WeightsError,
     load_weights_file,
@@ -57,7 +57,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _strip(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @pytest.mark.parametrize("arch", ["fpn", "c4"])

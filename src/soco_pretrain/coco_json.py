@@ -89,8 +89,9 @@ def _and(names) -> str:
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
-def read_coco_json(path, *, annotations: str = OPTIONAL, categories: bool = True, sizes: str = REQUIRED,
-                   what: str = "COCO JSON") -> CocoJson:
+def read_coco_json(
+    path, *, annotations: str = OPTIONAL, categories: bool = True, sizes: str = REQUIRED, what: str = "COCO JSON"
+) -> CocoJson:
     """Parse and check the COCO JSON at ``path``; :class:`CocoJsonError` (one line) if unusable.
 
     ``annotations``: ``"required"`` (the list must be there), ``"optional"`` (absent = none) or
@@ -111,16 +112,26 @@ def read_coco_json(path, *, annotations: str = OPTIONAL, categories: bool = True
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CocoJsonError(path, f"cannot read {what}: {exc.__class__.__name__}: {exc}") from None
 
-    required = ["images"] + (["annotations"] if annotations == REQUIRED else []) \
-        + (["categories"] if categories else [])
+    required = (
+        ["images"] + (["annotations"] if annotations == REQUIRED else []) + (["categories"] if categories else [])
+    )
     if not isinstance(data, dict):
-        raise CocoJsonError(path, f"not a COCO instances JSON (needs {_and(required)} list"
-                                  f"{'s' if len(required) > 1 else ''}; the file holds a {type(data).__name__})")
-    problems = [f"no {name!r} list" if name not in data else f"{name!r} is not a list"
-                for name in required if not isinstance(data.get(name), list)]
+        raise CocoJsonError(
+            path,
+            f"not a COCO instances JSON (needs {_and(required)} list"
+            f"{'s' if len(required) > 1 else ''}; the file holds a {type(data).__name__})",
+        )
+    problems = [
+        f"no {name!r} list" if name not in data else f"{name!r} is not a list"
+        for name in required
+        if not isinstance(data.get(name), list)
+    ]
     if problems:
-        raise CocoJsonError(path, f"not a COCO instances JSON (needs {_and(required)} list"
-                                  f"{'s' if len(required) > 1 else ''}): {'; '.join(problems)}")
+        raise CocoJsonError(
+            path,
+            f"not a COCO instances JSON (needs {_and(required)} list"
+            f"{'s' if len(required) > 1 else ''}): {'; '.join(problems)}",
+        )
     ann_list = [] if annotations == IGNORED else data.get("annotations", [])
     if not isinstance(ann_list, list):
         raise CocoJsonError(path, "'annotations' is not a list")
@@ -166,8 +177,9 @@ def read_coco_json(path, *, annotations: str = OPTIONAL, categories: bool = True
         if "image_id" not in a:
             raise CocoJsonError(path, f"annotations[{k}] needs a known 'image_id' (it has none)")
         if not _is_key(a["image_id"]) or a["image_id"] not in image_ids:
-            raise CocoJsonError(path, f"annotations[{k}] needs a known 'image_id' "
-                                      f"(refers to unknown image id {a['image_id']})")
+            raise CocoJsonError(
+                path, f"annotations[{k}] needs a known 'image_id' (refers to unknown image id {a['image_id']})"
+            )
         if categories:
             if "category_id" not in a:
                 raise CocoJsonError(path, f"annotations[{k}] needs 'image_id' and 'category_id'")

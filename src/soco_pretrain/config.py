@@ -68,8 +68,10 @@ _SCALE_PAIR = (lambda v: 0 < v[0] <= v[1] <= 1, "two values 0 < low <= high <= 1
 _POSITIVE_PAIR = (lambda v: 0 < v[0] <= v[1], "two values 0 < low <= high")
 _UNIT_EACH = (lambda v: all(0 <= p <= 1 for p in v), "probabilities in [0, 1]")
 _POSITIVE_EACH = (lambda v: len(v) > 0 and all(p > 0 for p in v), "positive numbers")
-_INCREASING = (lambda v: len(v) > 0 and v[0] > 0 and all(a < b for a, b in zip(v, v[1:])),
-               "increasing positive numbers")
+_INCREASING = (
+    lambda v: len(v) > 0 and v[0] > 0 and all(a < b for a, b in zip(v, v[1:])),
+    "increasing positive numbers",
+)
 
 
 def _at_least(lo):
@@ -151,14 +153,17 @@ class ViewsConfig:
     proposal_json_filter: bool = False
 
     def __post_init__(self):
-        _validate(self, {
-            ("v1_size", "v2_size", "v3_size", "v4_size", "num_proposals"): _AT_LEAST_1,
-            "crop_scale": _SCALE_PAIR,
-            "crop_ratio": _POSITIVE_PAIR,
-            ("hflip_p", "min_visible", "jitter_p"): _UNIT,
-            "jitter_ratio": (lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the box's width and height)"),
-            "level_bounds": _INCREASING,
-        })
+        _validate(
+            self,
+            {
+                ("v1_size", "v2_size", "v3_size", "v4_size", "num_proposals"): _AT_LEAST_1,
+                "crop_scale": _SCALE_PAIR,
+                "crop_ratio": _POSITIVE_PAIR,
+                ("hflip_p", "min_visible", "jitter_p"): _UNIT,
+                "jitter_ratio": (lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the box's width and height)"),
+                "level_bounds": _INCREASING,
+            },
+        )
 
 
 @dataclass
@@ -188,17 +193,22 @@ class AugmentConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def __post_init__(self):
-        _validate(self, {
-            ("colour_jitter_p", "grayscale_p"): _UNIT,
-            ("brightness", "contrast", "saturation"): _AT_LEAST_0,
-            # torchvision's bound: a hue shift is a fraction of the colour wheel
-            "hue": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
-            ("blur_p", "solarize_p"): _UNIT_EACH,
-            "blur_sigma": _POSITIVE_PAIR,
-            "view_params": (lambda v: len(v) >= 3 and all(p in (0, 1) for p in v),
-                            "a list of 0 (BYOL view 1) or 1 (BYOL view 2), one per view (3 or 4)"),
-            "std": _POSITIVE_EACH,
-        })
+        _validate(
+            self,
+            {
+                ("colour_jitter_p", "grayscale_p"): _UNIT,
+                ("brightness", "contrast", "saturation"): _AT_LEAST_0,
+                # torchvision's bound: a hue shift is a fraction of the colour wheel
+                "hue": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
+                ("blur_p", "solarize_p"): _UNIT_EACH,
+                "blur_sigma": _POSITIVE_PAIR,
+                "view_params": (
+                    lambda v: len(v) >= 3 and all(p in (0, 1) for p in v),
+                    "a list of 0 (BYOL view 1) or 1 (BYOL view 2), one per view (3 or 4)",
+                ),
+                "std": _POSITIVE_EACH,
+            },
+        )
 
 
 @dataclass
@@ -235,11 +245,14 @@ class ModelConfig:
     loss: Literal["paper", "released"] = "paper"
 
     def __post_init__(self):
-        _validate(self, {
-            ("roi_size", "head_dim", "proj_hidden", "proj_out"): _AT_LEAST_1,
-            "roi_sampling_ratio": _AT_LEAST_0,
-            "bn_momentum": _UNIT,
-        })
+        _validate(
+            self,
+            {
+                ("roi_size", "head_dim", "proj_hidden", "proj_out"): _AT_LEAST_1,
+                "roi_sampling_ratio": _AT_LEAST_0,
+                "bn_momentum": _UNIT,
+            },
+        )
 
 
 @dataclass
@@ -273,14 +286,17 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _validate(self, {
-            ("epochs", "batch_size", "log_every", "checkpoint_every"): _AT_LEAST_1,
-            ("per_device_batch", "warmup_epochs", "workers", "keep_checkpoints"): _AT_LEAST_0,
-            ("weight_decay", "warmup_start_factor", "final_lr"): _AT_LEAST_0,
-            ("base_lr", "lars_eta"): _POSITIVE,
-            "momentum": _MOMENTUM,
-            "ema_tau": _UNIT,
-        })
+        _validate(
+            self,
+            {
+                ("epochs", "batch_size", "log_every", "checkpoint_every"): _AT_LEAST_1,
+                ("per_device_batch", "warmup_epochs", "workers", "keep_checkpoints"): _AT_LEAST_0,
+                ("weight_decay", "warmup_start_factor", "final_lr"): _AT_LEAST_0,
+                ("base_lr", "lars_eta"): _POSITIVE,
+                "momentum": _MOMENTUM,
+                "ema_tau": _UNIT,
+            },
+        )
 
 
 @dataclass
@@ -304,12 +320,15 @@ class MonitorConfig:
     batch: int = 16
 
     def __post_init__(self):
-        _validate(self, {
-            ("every", "k", "batch"): _AT_LEAST_1,
-            ("size", "min_box"): _AT_LEAST_0,
-            "val_fraction": _OPEN_UNIT,
-            "temperature": _POSITIVE,
-        })
+        _validate(
+            self,
+            {
+                ("every", "k", "batch"): _AT_LEAST_1,
+                ("size", "min_box"): _AT_LEAST_0,
+                "val_fraction": _OPEN_UNIT,
+                "temperature": _POSITIVE,
+            },
+        )
 
 
 @dataclass
@@ -327,8 +346,12 @@ class PretrainConfig:
     def __post_init__(self):
         _validate(self, {"version": _AT_LEAST_1})
         if self.version > CONFIG_VERSION:
-            raise ConfigError.bad("version", self.version, f"written by a newer soco_pretrain (this one reads "
-                                  f"config version {CONFIG_VERSION}); upgrade soco_pretrain to read it")
+            raise ConfigError.bad(
+                "version",
+                self.version,
+                f"written by a newer soco_pretrain (this one reads "
+                f"config version {CONFIG_VERSION}); upgrade soco_pretrain to read it",
+            )
 
 
 # ---------------------------------------------------------------- soco finetune
@@ -373,17 +396,36 @@ class FinetuneOptions:
     progress: bool = True
 
     def __post_init__(self):
-        _validate(self, {
-            ("max_iters", "test_size"): _AT_LEAST_1,
-            ("batch", "max_size", "roi_batch", "rpn_train_proposals", "test_proposals", "detections",
-             "log_every", "checkpoint_every"): _AT_LEAST_1,
-            ("warmup_iters", "precise_bn", "workers", "eval_every", "weight_decay", "weight_decay_norm"): _AT_LEAST_0,
-            "fraction": _FRACTION,
-            ("lr", "gamma"): _POSITIVE,
-            "momentum": _MOMENTUM,
-            "warmup_factor": _FRACTION,
-            "train_sizes": (lambda v: len(v) > 0 and all(s >= 1 for s in v), "positive sizes"),
-        }, optional=("max_iters", "test_size", "lr"))
+        _validate(
+            self,
+            {
+                ("max_iters", "test_size"): _AT_LEAST_1,
+                (
+                    "batch",
+                    "max_size",
+                    "roi_batch",
+                    "rpn_train_proposals",
+                    "test_proposals",
+                    "detections",
+                    "log_every",
+                    "checkpoint_every",
+                ): _AT_LEAST_1,
+                (
+                    "warmup_iters",
+                    "precise_bn",
+                    "workers",
+                    "eval_every",
+                    "weight_decay",
+                    "weight_decay_norm",
+                ): _AT_LEAST_0,
+                "fraction": _FRACTION,
+                ("lr", "gamma"): _POSITIVE,
+                "momentum": _MOMENTUM,
+                "warmup_factor": _FRACTION,
+                "train_sizes": (lambda v: len(v) > 0 and all(s >= 1 for s in v), "positive sizes"),
+            },
+            optional=("max_iters", "test_size", "lr"),
+        )
 
 
 # Named option sets of soco finetune --preset (over the defaults above).
@@ -391,8 +433,15 @@ FINETUNE_PRESETS = {
     "1x": {},  # paper 4.2: the 1x schedule (the defaults)
     "2x": {"schedule": "2x"},  # paper 4.2 / released R_50_FPN_2x: 180k iterations at batch 16
     # README "Fine-tune and measure": what to shrink on a CPU
-    "cpu": {"batch": 2, "train_sizes": [320], "max_size": 512, "roi_batch": 128, "test_proposals": 300,
-            "detections": 50, "precise_bn": 20},
+    "cpu": {
+        "batch": 2,
+        "train_sizes": [320],
+        "max_size": 512,
+        "roi_batch": 128,
+        "test_proposals": 300,
+        "detections": 50,
+        "precise_bn": 20,
+    },
 }
 
 
@@ -425,16 +474,20 @@ class LinearConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _validate(self, {
-            ("epochs", "batch_size", "image_size", "resize_size"): _AT_LEAST_1,
-            ("warmup_epochs", "eval_every", "workers", "weight_decay", "final_lr"): _AT_LEAST_0,
-            "base_lr": _POSITIVE,
-            "momentum": _MOMENTUM,
-            ("warmup_start_factor", "hflip_p"): _UNIT,
-            "crop_scale": _SCALE_PAIR,
-            "crop_ratio": _POSITIVE_PAIR,
-            "std": _POSITIVE_EACH,
-        }, optional=("resize_size", "workers"))
+        _validate(
+            self,
+            {
+                ("epochs", "batch_size", "image_size", "resize_size"): _AT_LEAST_1,
+                ("warmup_epochs", "eval_every", "workers", "weight_decay", "final_lr"): _AT_LEAST_0,
+                "base_lr": _POSITIVE,
+                "momentum": _MOMENTUM,
+                ("warmup_start_factor", "hflip_p"): _UNIT,
+                "crop_scale": _SCALE_PAIR,
+                "crop_ratio": _POSITIVE_PAIR,
+                "std": _POSITIVE_EACH,
+            },
+            optional=("resize_size", "workers"),
+        )
 
     def test_resize(self) -> int:
         return self.resize_size if self.resize_size else round(self.image_size * 256 / 224)
@@ -473,14 +526,18 @@ class KnnOptions:
     progress: bool = True
 
     def __post_init__(self):
-        _validate(self, {
-            ("k", "batch", "precise_images"): _AT_LEAST_1,
-            "size": _at_least(32),
-            "level_bounds": _INCREASING,
-            ("min_box", "workers"): _AT_LEAST_0,
-            "temperature": _POSITIVE,
-            "train_fraction": _FRACTION,
-        }, optional=("size", "level_bounds"))
+        _validate(
+            self,
+            {
+                ("k", "batch", "precise_images"): _AT_LEAST_1,
+                "size": _at_least(32),
+                "level_bounds": _INCREASING,
+                ("min_box", "workers"): _AT_LEAST_0,
+                "temperature": _POSITIVE,
+                "train_fraction": _FRACTION,
+            },
+            optional=("size", "level_bounds"),
+        )
 
 
 KNN_PRESETS = {"default": {}}  # the usual SSL kNN protocol (Wu et al. 2018; evaluate/knn.py)
@@ -512,12 +569,16 @@ class SearchConfig:
         # Tuples survive a JSON round trip as lists; normalise so equality still holds.
         object.__setattr__(self, "ratio", tuple(float(v) for v in self.ratio))
         object.__setattr__(self, "rel_size", tuple(float(v) for v in self.rel_size))
-        _validate(self, {
-            "scale": _POSITIVE,
-            ("sigma", "min_size", "min_box_side", "max_side"): _AT_LEAST_0,
-            "ratio": _POSITIVE_PAIR,
-            "rel_size": (lambda v: 0 <= v[0] <= v[1], "two values 0 <= low <= high"),
-        }, optional=("max_side",))
+        _validate(
+            self,
+            {
+                "scale": _POSITIVE,
+                ("sigma", "min_size", "min_box_side", "max_side"): _AT_LEAST_0,
+                "ratio": _POSITIVE_PAIR,
+                "rel_size": (lambda v: 0 <= v[0] <= v[1], "two values 0 <= low <= high"),
+            },
+            optional=("max_side",),
+        )
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict of every parameter."""
@@ -553,7 +614,7 @@ SEARCH_PRESETS = {
 # ---------------------------------------------------------------- typed dict <-> dataclass
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(cls) -> dict[str, Any]:
     """{field name: resolved annotation} of a config dataclass, in field order."""
     hints = get_type_hints(cls)
@@ -581,8 +642,7 @@ def _kind(value) -> str:
         return "true/false"
     if isinstance(value, (list, tuple)):
         return f"a list of {len(value)}"
-    return {int: "an int", float: "a float", str: "a string", dict: "a mapping"}.get(type(value),
-                                                                                       type(value).__name__)
+    return {int: "an int", float: "a float", str: "a string", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
 def _union_args(tp):
@@ -694,8 +754,11 @@ def _unknown(cls, key: str, name: str, where: str) -> ConfigError:
 
 def _tree(cfg) -> dict:
     """{field: value} of a config, nested configs as dicts (values as they are, tuples kept)."""
-    return {f.name: _tree(getattr(cfg, f.name)) if is_dataclass(getattr(cfg, f.name)) else getattr(cfg, f.name)
-            for f in fields(cfg) if f.init}
+    return {
+        f.name: _tree(getattr(cfg, f.name)) if is_dataclass(getattr(cfg, f.name)) else getattr(cfg, f.name)
+        for f in fields(cfg)
+        if f.init
+    }
 
 
 def _merge(cls, tree: dict, data, label: str, sources: dict, prefix: str = "", where: str = "") -> None:
@@ -718,15 +781,20 @@ def _merge(cls, tree: dict, data, label: str, sources: dict, prefix: str = "", w
 
 def _build(cls, tree: dict, prefix: str = ""):
     types_ = field_types(cls)
-    kwargs = {name: _build(types_[name], value, f"{prefix}{name}.") if _is_config(types_[name]) else value
-              for name, value in tree.items()}
+    kwargs = {
+        name: _build(types_[name], value, f"{prefix}{name}.") if _is_config(types_[name]) else value
+        for name, value in tree.items()
+    }
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         raise exc.located(prefix) from None
     except TypeError:  # a required field missing (SearchConfig)
-        missing = [n for n, f in ((f.name, f) for f in fields(cls))
-                   if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [
+            n
+            for n, f in ((f.name, f) for f in fields(cls))
+            if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         if not missing:
             raise
         raise ConfigError(f"missing {cls.__name__} key(s): {', '.join(prefix + n for n in missing)}") from None
@@ -854,8 +922,9 @@ def field_problem(cls, base, name: str, value) -> str | None:
 
 def load_file(path) -> dict:
     """The mapping of a YAML config file; one-line ConfigError if missing or not a mapping."""
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     p = Path(path)
     if not p.is_file():

@@ -70,8 +70,13 @@ def write_photos(images_dir: Path, max_side: int | None = None) -> list[Path]:
     return written
 
 
-def run_demo(out_dir, workers: int = 1, max_side: int | None = None,
-             pretrain_steps: int = DEMO_PRETRAIN_STEPS, finetune_iters: int = DEMO_FINETUNE_ITERS) -> dict[str, Path]:
+def run_demo(
+    out_dir,
+    workers: int = 1,
+    max_side: int | None = None,
+    pretrain_steps: int = DEMO_PRETRAIN_STEPS,
+    finetune_iters: int = DEMO_FINETUNE_ITERS,
+) -> dict[str, Path]:
     """Run the demo into ``out_dir``: DIR/images, DIR/proposals, DIR/pictures, DIR/views, DIR/run,
     DIR/export, DIR/labelled, DIR/finetune.
 
@@ -117,8 +122,9 @@ def run_demo(out_dir, workers: int = 1, max_side: int | None = None,
         from .train.loop import pretrain
 
         # The schedule's length is the demo's steps (7 photos < batch 8: one step per epoch).
-        cfg = apply_overrides(load_preset("tiny"), [f"train.epochs={pretrain_steps}",
-                                                    f"train.workers={min(workers, 2)}"])
+        cfg = apply_overrides(
+            load_preset("tiny"), [f"train.epochs={pretrain_steps}", f"train.workers={min(workers, 2)}"]
+        )
         pretrain(cfg, images, proposals, run, resume="none")
 
         _step(6, f"plotting the training curves into {run}")
@@ -138,8 +144,11 @@ def run_demo(out_dir, workers: int = 1, max_side: int | None = None,
 
     if pretrain_steps > 0 and finetune_iters > 0:
         labelled = out_dir / "labelled"
-        _step(8, f"fine-tuning Mask R-CNN v2 from it ({finetune_iters} iterations) on shapes painted onto "
-                 f"the photos ({labelled}), COCO AP into {finetune_dir}")
+        _step(
+            8,
+            f"fine-tuning Mask R-CNN v2 from it ({finetune_iters} iterations) on shapes painted onto "
+            f"the photos ({labelled}), COCO AP into {finetune_dir}",
+        )
         from PIL import Image
 
         from .transfer.finetune import finetune
@@ -151,10 +160,26 @@ def run_demo(out_dir, workers: int = 1, max_side: int | None = None,
                 photos[path.stem] = im.convert("RGB")
         coco_json = make_shapes_set(photos, labelled, seed=0)
         size = 160 if not max_side else min(160, max_side)
-        metrics = finetune(export_file, coco_json, labelled / "images", coco_json, labelled / "images", finetune_dir,
-                           max_iters=finetune_iters, batch=2, train_sizes=(size,), max_size=2 * size,
-                           test_size=size, roi_batch=64, test_proposals=100, detections=20, precise_bn=2,
-                           workers=min(workers, 2), log_every=4, resume="none")
+        metrics = finetune(
+            export_file,
+            coco_json,
+            labelled / "images",
+            coco_json,
+            labelled / "images",
+            finetune_dir,
+            max_iters=finetune_iters,
+            batch=2,
+            train_sizes=(size,),
+            max_size=2 * size,
+            test_size=size,
+            roi_batch=64,
+            test_proposals=100,
+            detections=20,
+            precise_bn=2,
+            workers=min(workers, 2),
+            log_every=4,
+            resume="none",
+        )
 
     print()
     print("demo done:")
@@ -163,13 +188,23 @@ def run_demo(out_dir, workers: int = 1, max_side: int | None = None,
     print(f"  pictures:  {pictures}  ({len(written)} files: one per photo, contact_sheet.png, stats.png, stats.json)")
     print(f"  views:     {views}  ({len(views_written)} files: V1, V2, V3 of 3 photos with boxes and levels)")
     if pretrain_steps > 0:
-        print(f"  run:       {run}  (config.yaml, metrics.jsonl, checkpoints/last.pt"
-              + (f", {', '.join(p.name for p in curves)})" if curves else ")"))
+        print(
+            f"  run:       {run}  (config.yaml, metrics.jsonl, checkpoints/last.pt"
+            + (f", {', '.join(p.name for p in curves)})" if curves else ")")
+        )
     if pretrain_steps > 0:
         print(f"  export:    {export_file}  (loads into torchvision maskrcnn_resnet50_fpn_v2 with strict=False)")
     if metrics:
         ap = "  ".join(f"{kind} AP {metrics[kind]['AP']:.1f}" for kind in ("bbox", "segm") if kind in metrics)
-        print(f"  finetune:  {finetune_dir}  (metrics.json: {ap}; a {finetune_iters}-iteration budget, "
-              "so expect about 0)")
-    return {"images": images, "proposals": proposals, "pictures": pictures, "views": views, "run": run,
-            "export": export_file, "finetune": finetune_dir}
+        print(
+            f"  finetune:  {finetune_dir}  (metrics.json: {ap}; a {finetune_iters}-iteration budget, so expect about 0)"
+        )
+    return {
+        "images": images,
+        "proposals": proposals,
+        "pictures": pictures,
+        "views": views,
+        "run": run,
+        "export": export_file,
+        "finetune": finetune_dir,
+    }

@@ -6,7 +6,6 @@ run over a million images can report bad files instead of crashing on the first 
 
 from __future__ import annotations
 
-from .errors import UserError
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .errors import UserError
 
 # Extensions we treat as images when walking a folder (case-insensitive). Our choice: the
 # formats PIL decodes that people actually keep datasets in (ImageNet uses ".JPEG").

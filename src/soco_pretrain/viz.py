@@ -235,8 +235,10 @@ def show_proposals(store, images_source, out_dir, num: int = 8, per_image: int =
             print(f"skipped {exc}")
             continue
         if tuple(size) != tuple(store.image_size(i)):
-            print(f"skipped {path}: image is {size[0]}x{size[1]} but the store has "
-                  f"{store.image_size(i)[0]}x{store.image_size(i)[1]} (changed since the proposals were made?)")
+            print(
+                f"skipped {path}: image is {size[0]}x{size[1]} but the store has "
+                f"{store.image_size(i)[0]}x{store.image_size(i)[1]} (changed since the proposals were made?)"
+            )
             continue
         boxes = np.round(np.asarray(store.boxes(i), dtype=np.float64) / factor).astype(np.int64)
         picture = draw_proposals(image, boxes, per_image, seed=seed + i)
@@ -314,8 +316,9 @@ def _draw_view(image, boxes, levels, valid, proposal_ids, scale, font) -> Image.
     draw = ImageDraw.Draw(picture)
     colours = proposal_colours(proposal_ids)
     placed: list = []
-    for k, (box, ok, pid) in enumerate(zip(np.asarray(boxes).tolist(), np.asarray(valid).tolist(),
-                                           np.asarray(proposal_ids).tolist())):
+    for k, (box, ok, pid) in enumerate(
+        zip(np.asarray(boxes).tolist(), np.asarray(valid).tolist(), np.asarray(proposal_ids).tolist())
+    ):
         if not ok:  # padded slots hold no proposal
             continue
         colour = colours[int(pid)]
@@ -326,8 +329,18 @@ def _draw_view(image, boxes, levels, valid, proposal_ids, scale, font) -> Image.
     return picture
 
 
-def draw_views(images, boxes, levels, valid, proposal_ids, names=None, original=None,
-               original_boxes=None, crops=None, scale: int = VIEW_SCALE) -> Image.Image:
+def draw_views(
+    images,
+    boxes,
+    levels,
+    valid,
+    proposal_ids,
+    names=None,
+    original=None,
+    original_boxes=None,
+    crops=None,
+    scale: int = VIEW_SCALE,
+) -> Image.Image:
     """Each view side by side with its boxes, like the data part of the paper's Figure 1.
 
     ``images``: list of uint8 HxWx3 views; ``boxes[v]``: (K, 4) continuous boxes in view v's
@@ -347,8 +360,9 @@ def draw_views(images, boxes, levels, valid, proposal_ids, names=None, original=
         draw = ImageDraw.Draw(pic)
         colours = proposal_colours(proposal_ids)
         if original_boxes is not None:
-            for box, ok, pid in zip(np.asarray(original_boxes).tolist(), np.asarray(valid).tolist(),
-                                    np.asarray(proposal_ids).tolist()):
+            for box, ok, pid in zip(
+                np.asarray(original_boxes).tolist(), np.asarray(valid).tolist(), np.asarray(proposal_ids).tolist()
+            ):
                 if ok:
                     x1, y1, x2, y2 = (c * factor for c in box)
                     draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colours[int(pid)], width=2)
@@ -394,15 +408,15 @@ def show_views(dataset, out_dir, num: int = 4, seed: int = 0, augment: bool = Fa
         vs = raw.views
         images = vs.images
         if augment:
-            images = [_augmented(img, cfg.augment, cfg.augment.view_params[v], raw.generator)
-                      for v, img in enumerate(images)]
+            images = [
+                _augmented(img, cfg.augment, cfg.augment.view_params[v], raw.generator) for v, img in enumerate(images)
+            ]
         # The K proposals and the crops in the original image's pixels (crops are in V1's).
         h, w = raw.image.shape[:2]
         sx, sy = w / cfg.views.v1_size, h / cfg.views.v1_size
         ids = np.asarray(vs.proposal_ids)
         original_boxes = np.where(ids[:, None] >= 0, raw.boxes[np.maximum(ids, 0)], 0.0)
-        crops = [(names[v], (r[0] * sx, r[1] * sy, r[2] * sx, r[3] * sy))
-                 for v, r in enumerate(vs.crops) if v > 0]
+        crops = [(names[v], (r[0] * sx, r[1] * sy, r[2] * sx, r[3] * sy)) for v, r in enumerate(vs.crops) if v > 0]
         # V3 downsampled from V2 has V2's rectangle: draw it once.
         seen, unique = set(), []
         for name, rect in crops:
@@ -411,8 +425,17 @@ def show_views(dataset, out_dir, num: int = 4, seed: int = 0, augment: bool = Fa
                 seen.add(key)
                 unique.append((name, rect))
         flips = [f"{n}{' flipped' if f else ''}" for n, f in zip(names, vs.flipped)]
-        picture = draw_views(images, vs.boxes, vs.levels, vs.valid, ids, names=flips, original=raw.image,
-                             original_boxes=original_boxes, crops=unique)
+        picture = draw_views(
+            images,
+            vs.boxes,
+            vs.levels,
+            vs.valid,
+            ids,
+            names=flips,
+            original=raw.image,
+            original_boxes=original_boxes,
+            crops=unique,
+        )
         target = out_dir / f"views_{k:02d}_{_safe_name(raw.path)}.png"
         picture.save(target)
         written.append(target)
@@ -489,12 +512,19 @@ def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> lis
         if not len(data):
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
             continue
-        ax.plot(data[:, 0], data[:, 1], color="tab:blue", lw=1, alpha=0.5 if key == "loss" else 1.0,
-                marker="." if len(data) < 30 else None)
+        ax.plot(
+            data[:, 0],
+            data[:, 1],
+            color="tab:blue",
+            lw=1,
+            alpha=0.5 if key == "loss" else 1.0,
+            marker="." if len(data) < 30 else None,
+        )
         if key == "loss" and len(data) >= 20:
             window = max(5, len(data) // 20)
-            ax.plot(data[:, 0], _smooth(data[:, 1], window), color="tab:red", lw=1.5,
-                    label=f"mean of {window} logged steps")
+            ax.plot(
+                data[:, 0], _smooth(data[:, 1], window), color="tab:red", lw=1.5, label=f"mean of {window} logged steps"
+            )
             ax.legend(loc="upper right", fontsize=8)
         if key == "images_per_s":
             wait = series("data_wait")
@@ -505,10 +535,19 @@ def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> lis
                 twin.set_ylim(0, 100)
     if monitored:
         for ax, keys, title, label in (
-                (axes[0, 2], (("knn_top1", "online"), ("knn_target_top1", "target (EMA)")), "object kNN top-1",
-                 "% of val objects"),
-                (axes[1, 2], (("erank_online", "online"), ("erank_target", "target (EMA)")),
-                 "box features: effective rank (1 = collapsed)", "effective rank")):
+            (
+                axes[0, 2],
+                (("knn_top1", "online"), ("knn_target_top1", "target (EMA)")),
+                "object kNN top-1",
+                "% of val objects",
+            ),
+            (
+                axes[1, 2],
+                (("erank_online", "online"), ("erank_target", "target (EMA)")),
+                "box features: effective rank (1 = collapsed)",
+                "effective rank",
+            ),
+        ):
             for (key, name), colour in zip(keys, ("tab:blue", "tab:green")):
                 data = series(key)
                 ax.plot(data[:, 0], data[:, 1], color=colour, marker=".", lw=1, label=name)
@@ -519,8 +558,10 @@ def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> lis
     for ax in axes[-1]:
         ax.set_xlabel("optimiser step")
     last = records[-1]
-    fig.suptitle(f"{Path(run_dir).name}: {len(records)} logged steps, last step {last['step']}"
-                 + (f", epoch {last['epoch']}" if "epoch" in last else ""))
+    fig.suptitle(
+        f"{Path(run_dir).name}: {len(records)} logged steps, last step {last['step']}"
+        + (f", epoch {last['epoch']}" if "epoch" in last else "")
+    )
     fig.tight_layout()
     path = out_dir / "curves.png"
     fig.savefig(path, dpi=100)

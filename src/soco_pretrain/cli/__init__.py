@@ -20,8 +20,7 @@ import sys
 
 from ..errors import SocoError
 from .common import PROG, Formatter, Parser, UsageError, parse_shard, parse_sizes
-from .compare import (FINETUNE_RECIPE_DEFAULTS, KNN_DEFAULTS, _compare_spec, add_compare, cmd_compare,
-                      parse_fractions)
+from .compare import FINETUNE_RECIPE_DEFAULTS, KNN_DEFAULTS, _compare_spec, add_compare, cmd_compare, parse_fractions
 from .demo import add_demo, cmd_demo
 from .export import EXPORT_TARGETS, add_export, cmd_export
 from .finetune import add_finetune, cmd_finetune
@@ -32,14 +31,47 @@ from .proposals import add_proposals, add_proposals_merge, cmd_proposals, cmd_pr
 from .show import SHOW_COMMANDS, add_show, cmd_show_curves, cmd_show_proposals, cmd_show_views
 
 # Re-exported: the commands (main() dispatches through these names) and what callers import.
-__all__ = ["main", "build_parser", "parse_shard", "parse_sizes", "parse_fractions", "PRETRAIN_PRESETS",
-           "EXPORT_TARGETS", "FINETUNE_RECIPE_DEFAULTS", "KNN_DEFAULTS", "SHOW_COMMANDS", "UsageError",
-           "_compare_spec", "cmd_compare", "cmd_config_show", "cmd_demo", "cmd_export", "cmd_finetune", "cmd_knn",
-           "cmd_linear", "cmd_pretrain", "cmd_proposals", "cmd_proposals_merge", "cmd_show_curves",
-           "cmd_show_proposals", "cmd_show_views"]
+__all__ = [
+    "main",
+    "build_parser",
+    "parse_shard",
+    "parse_sizes",
+    "parse_fractions",
+    "PRETRAIN_PRESETS",
+    "EXPORT_TARGETS",
+    "FINETUNE_RECIPE_DEFAULTS",
+    "KNN_DEFAULTS",
+    "SHOW_COMMANDS",
+    "UsageError",
+    "_compare_spec",
+    "cmd_compare",
+    "cmd_config_show",
+    "cmd_demo",
+    "cmd_export",
+    "cmd_finetune",
+    "cmd_knn",
+    "cmd_linear",
+    "cmd_pretrain",
+    "cmd_proposals",
+    "cmd_proposals_merge",
+    "cmd_show_curves",
+    "cmd_show_proposals",
+    "cmd_show_views",
+]
 
-COMMANDS = [add_proposals, add_proposals_merge, add_pretrain, add_config, add_show, add_export, add_linear,
-            add_finetune, add_knn, add_compare, add_demo]
+COMMANDS = [
+    add_proposals,
+    add_proposals_merge,
+    add_pretrain,
+    add_config,
+    add_show,
+    add_export,
+    add_linear,
+    add_finetune,
+    add_knn,
+    add_compare,
+    add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

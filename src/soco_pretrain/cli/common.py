@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import UserError
 
@@ -82,9 +83,7 @@ def parse_shard(text: str) -> tuple[int, int]:
             f"bad shard {text!r}: expected i/N, e.g. 0/4 for the first of 4 shards"
         ) from None
     if n < 1 or not 0 <= i < n:
-        raise argparse.ArgumentTypeError(
-            f"bad shard {text!r}: need 0 <= i < N (shards are numbered 0 to N-1)"
-        )
+        raise argparse.ArgumentTypeError(f"bad shard {text!r}: need 0 <= i < N (shards are numbered 0 to N-1)")
     return i, n
 
 
@@ -136,7 +135,8 @@ def parse_sizes(text: str) -> tuple[int, ...]:
             sizes = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"bad sizes {text!r}: expected PX, PX,PX,... or LO-HI (e.g. 640-800)") from None
+            f"bad sizes {text!r}: expected PX, PX,PX,... or LO-HI (e.g. 640-800)"
+        ) from None
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"bad sizes {text!r}: sizes must be positive")
     return sizes
@@ -273,23 +273,52 @@ def add_option_flags(p, cls, flags: list[Flag], base=None, cli_defaults: dict | 
             p.add_argument(flag.flag, dest=flag.dest, action="store_const", const=True, default=None, help=text)
             continue
         choices = literal_choices(tp)
-        p.add_argument(flag.flag, dest=flag.dest, default=None, choices=choices,
-                       metavar=None if choices else flag.metavar, type=_flag_type(cls, base, flag, tp), help=text)
+        p.add_argument(
+            flag.flag,
+            dest=flag.dest,
+            default=None,
+            choices=choices,
+            metavar=None if choices else flag.metavar,
+            type=_flag_type(cls, base, flag, tp),
+            help=text,
+        )
 
 
 def add_config_arguments(p, presets, what: str, set_example: str, default: str | None = None) -> None:
     """--preset NAME, --config FILE and --set KEY=VALUE for the options of ``what``."""
     names = ", ".join(presets)
-    p.add_argument("--preset", default=default, metavar="NAME",
-                   help=f"named {what} options: {names} (default {default or 'none: the defaults'})")
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help=f"YAML file of {what} options (keys as --set), read over the preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"any {what} option, e.g. {set_example} (repeatable; applied last)")
+    p.add_argument(
+        "--preset",
+        default=default,
+        metavar="NAME",
+        help=f"named {what} options: {names} (default {default or 'none: the defaults'})",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help=f"YAML file of {what} options (keys as --set), read over the preset",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"any {what} option, e.g. {set_example} (repeatable; applied last)",
+    )
 
 
-def resolve_options(cls, args, flags: list[Flag], presets: dict | None, *, base=None, base_label: str = "default",
-                    cli_defaults: dict | None = None):
+def resolve_options(
+    cls,
+    args,
+    flags: list[Flag],
+    presets: dict | None,
+    *,
+    base=None,
+    base_label: str = "default",
+    cli_defaults: dict | None = None,
+):
     """(options, sources): ``cls``'s defaults (or ``base``) < ``cli_defaults`` < --preset <
     --config FILE < the flags given < --set, each value type- and range-checked (ConfigError)."""
     from ..config import load_file, resolve

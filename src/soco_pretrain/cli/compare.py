@@ -13,8 +13,17 @@ import sys
 from pathlib import Path
 
 from ..config import FinetuneOptions, KnnOptions
-from .common import (PROG, UsageError, add_coco_data, add_command, add_option_flags, check_coco_data, fraction,
-                     parse_shard, positive_int)
+from .common import (
+    PROG,
+    UsageError,
+    add_coco_data,
+    add_command,
+    add_option_flags,
+    check_coco_data,
+    fraction,
+    parse_shard,
+    positive_int,
+)
 from .finetune import FINETUNE_RECIPE_FLAGS, FINETUNE_RUN_FLAGS, finetune_cli_defaults
 from .knn import KNN_PROTOCOL_FLAGS
 
@@ -47,10 +56,13 @@ _METRIC_ONLY = {
 def _runtime(args) -> dict:
     """Settings that do not change the results (never recorded): soco finetune's defaults."""
     defaults, cli = FinetuneOptions(), finetune_cli_defaults()
-    return {"workers": cli["workers"] if args.workers is None else args.workers, "device": args.device,
-            "log_every": defaults.log_every if args.log_every is None else args.log_every,
-            "checkpoint_every": defaults.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every,
-            "progress": not args.no_progress}
+    return {
+        "workers": cli["workers"] if args.workers is None else args.workers,
+        "device": args.device,
+        "log_every": defaults.log_every if args.log_every is None else args.log_every,
+        "checkpoint_every": defaults.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every,
+        "progress": not args.no_progress,
+    }
 
 
 def add_compare(subparsers):
@@ -82,35 +94,71 @@ def add_compare(subparsers):
             "soco compare --out cmp/ --report-only   # the report from the arms finished so far",
         ],
     )
-    p.add_argument("--init", action="append", default=[], metavar="INIT",
-                   help="none, PATH or NAME=PATH[,PATH,...] (repeat; the first is the baseline)")
+    p.add_argument(
+        "--init",
+        action="append",
+        default=[],
+        metavar="INIT",
+        help="none, PATH or NAME=PATH[,PATH,...] (repeat; the first is the baseline)",
+    )
     add_coco_data(p, required=False)
     p.add_argument("--out", required=True, metavar="DIR", help="comparison folder (arms, compare.json, report)")
-    p.add_argument("--metric", choices=("finetune", "knn"), default=None,
-                   help="finetune (default: Mask R-CNN COCO AP) or knn (object-level kNN accuracy)")
-    p.add_argument("--fractions", type=parse_fractions, default=None, metavar="F,F,...",
-                   help="label fractions of the training images, e.g. 0.05,0.1,1 (default 1)")
+    p.add_argument(
+        "--metric",
+        choices=("finetune", "knn"),
+        default=None,
+        help="finetune (default: Mask R-CNN COCO AP) or knn (object-level kNN accuracy)",
+    )
+    p.add_argument(
+        "--fractions",
+        type=parse_fractions,
+        default=None,
+        metavar="F,F,...",
+        help="label fractions of the training images, e.g. 0.05,0.1,1 (default 1)",
+    )
     p.add_argument("--seeds", type=positive_int, default=None, metavar="S", help="seeds 0..S-1 per arm (default 3)")
-    p.add_argument("--arm", type=parse_shard, default=None, metavar="i/N",
-                   help="run only arms i, i+N, i+2N, ... (cluster array jobs); the report once all are done")
-    p.add_argument("--devices", default=None, metavar="DEV,DEV,...",
-                   help="one process per device (e.g. cuda:0,cuda:1; logs in OUT/logs), then the report")
+    p.add_argument(
+        "--arm",
+        type=parse_shard,
+        default=None,
+        metavar="i/N",
+        help="run only arms i, i+N, i+2N, ... (cluster array jobs); the report once all are done",
+    )
+    p.add_argument(
+        "--devices",
+        default=None,
+        metavar="DEV,DEV,...",
+        help="one process per device (e.g. cuda:0,cuda:1; logs in OUT/logs), then the report",
+    )
     p.add_argument("--report-only", action="store_true", help="only (re)build the report from the finished arms")
-    p.add_argument("--allow-leak", action="store_true",
-                   help="run even if validation images are in an init's pretraining set")
+    p.add_argument(
+        "--allow-leak", action="store_true", help="run even if validation images are in an init's pretraining set"
+    )
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # --devices children
-    g = p.add_argument_group("fine-tune options (as soco finetune; --soco-weights, --batch, --device and "
-                             "--no-progress also apply to --metric knn)")
-    add_option_flags(g, FinetuneOptions, FINETUNE_RECIPE_FLAGS + FINETUNE_RUN_FLAGS,
-                     cli_defaults=finetune_cli_defaults())
+    g = p.add_argument_group(
+        "fine-tune options (as soco finetune; --soco-weights, --batch, --device and "
+        "--no-progress also apply to --metric knn)"
+    )
+    add_option_flags(
+        g, FinetuneOptions, FINETUNE_RECIPE_FLAGS + FINETUNE_RUN_FLAGS, cli_defaults=finetune_cli_defaults()
+    )
     add_option_flags(p.add_argument_group("kNN options (--metric knn)"), KnnOptions, KNN_PROTOCOL_FLAGS)
     p.set_defaults(func=cmd_compare)
 
 
 def _given_spec_flags(args) -> list[str]:
     """The comparison options given on the command line (they default to None in soco compare)."""
-    names = ["train_json", "train_images", "val_json", "val_images", "metric", "fractions", "seeds",
-             *FINETUNE_RECIPE_DEFAULTS, *KNN_DEFAULTS]
+    names = [
+        "train_json",
+        "train_images",
+        "val_json",
+        "val_images",
+        "metric",
+        "fractions",
+        "seeds",
+        *FINETUNE_RECIPE_DEFAULTS,
+        *KNN_DEFAULTS,
+    ]
     return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
 
 
@@ -121,11 +169,21 @@ def _compare_spec(args, runtime: dict):
     given = _given_spec_flags(args)
     if not args.init:
         if given:
-            raise UsageError(f"{', '.join(given)} given without --init: give every --init too, or none of the "
-                             f"comparison options to reuse {Path(args.out) / 'compare.json'}")
+            raise UsageError(
+                f"{', '.join(given)} given without --init: give every --init too, or none of the "
+                f"comparison options to reuse {Path(args.out) / 'compare.json'}"
+            )
         return read_spec(args.out, runtime)
-    missing = [f for f, v in (("--train-json", args.train_json), ("--train-images", args.train_images),
-                              ("--val-json", args.val_json), ("--val-images", args.val_images)) if v is None]
+    missing = [
+        f
+        for f, v in (
+            ("--train-json", args.train_json),
+            ("--train-images", args.train_images),
+            ("--val-json", args.val_json),
+            ("--val-images", args.val_images),
+        )
+        if v is None
+    ]
     if missing:
         raise UsageError(f"the following arguments are required with --init: {', '.join(missing)}")
     check_coco_data(args)
@@ -149,12 +207,22 @@ def _compare_spec(args, runtime: dict):
             from ..evaluate.knn import common_size
 
             options["size"] = common_size([p for init in inits for p in init.paths if p])
-        options.update(batch=value("batch", FINETUNE_RECIPE_DEFAULTS),
-                       soco_weights=value("soco_weights", FINETUNE_RECIPE_DEFAULTS))
+        options.update(
+            batch=value("batch", FINETUNE_RECIPE_DEFAULTS), soco_weights=value("soco_weights", FINETUNE_RECIPE_DEFAULTS)
+        )
     absolute = os.path.abspath
-    return CompareSpec(tuple(inits), args.fractions or (1.0,), args.seeds or 3, metric, absolute(args.train_json),
-                       absolute(args.train_images), absolute(args.val_json), absolute(args.val_images), options,
-                       runtime)
+    return CompareSpec(
+        tuple(inits),
+        args.fractions or (1.0,),
+        args.seeds or 3,
+        metric,
+        absolute(args.train_json),
+        absolute(args.train_images),
+        absolute(args.val_json),
+        absolute(args.val_images),
+        options,
+        runtime,
+    )
 
 
 def _write_compare_report(spec, out) -> int:
@@ -194,12 +262,21 @@ def cmd_compare(args) -> int:
     if not args.allow_leak:
         check_leaks(spec, progress=runtime["progress"])
     arms = spec.arms()
-    print(f"comparing {len(spec.inits)} init(s) ({', '.join(i.name for i in spec.inits)}; baseline "
-          f"{spec.baseline.name}) x {len(spec.fractions)} fraction(s) x {spec.seeds} seed(s) = {len(arms)} arms, "
-          f"metric {spec.metric}, in {out}", flush=True)
+    print(
+        f"comparing {len(spec.inits)} init(s) ({', '.join(i.name for i in spec.inits)}; baseline "
+        f"{spec.baseline.name}) x {len(spec.fractions)} fraction(s) x {spec.seeds} seed(s) = {len(arms)} arms, "
+        f"metric {spec.metric}, in {out}",
+        flush=True,
+    )
     if devices:
-        runtime_args = ["--workers", str(runtime["workers"]), "--log-every", str(runtime["log_every"]),
-                        "--checkpoint-every", str(runtime["checkpoint_every"])]
+        runtime_args = [
+            "--workers",
+            str(runtime["workers"]),
+            "--log-every",
+            str(runtime["log_every"]),
+            "--checkpoint-every",
+            str(runtime["checkpoint_every"]),
+        ]
         if args.no_progress:
             runtime_args.append("--no-progress")
         statuses = run_devices(out, devices, runtime_args)
@@ -210,8 +287,10 @@ def cmd_compare(args) -> int:
     if args.no_report:
         pass
     elif missing and args.arm is not None:
-        print(f"{len(done)} of {len(arms)} arms finished; the report is written when all are "
-              f"(or now: soco compare --out {args.out} --report-only)")
+        print(
+            f"{len(done)} of {len(arms)} arms finished; the report is written when all are "
+            f"(or now: soco compare --out {args.out} --report-only)"
+        )
     elif done:
         _write_compare_report(spec, out)
     for arm, message in summary.failed:

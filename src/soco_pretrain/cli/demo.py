@@ -32,17 +32,30 @@ def add_demo(subparsers):
     )
     from ..demo import DEMO_FINETUNE_ITERS, DEMO_PRETRAIN_STEPS  # a light module (no torch)
 
-    p.add_argument("--pretrain-steps", type=non_negative_int, default=DEMO_PRETRAIN_STEPS, metavar="N",
-                   help=f"tiny pretraining steps (default {DEMO_PRETRAIN_STEPS}; 0 skips pretraining, "
-                        "export and fine-tune)")
-    p.add_argument("--finetune-iters", type=non_negative_int, default=DEMO_FINETUNE_ITERS, metavar="N",
-                   help=f"Mask R-CNN fine-tune iterations (default {DEMO_FINETUNE_ITERS}; 0 skips the fine-tune)")
+    p.add_argument(
+        "--pretrain-steps",
+        type=non_negative_int,
+        default=DEMO_PRETRAIN_STEPS,
+        metavar="N",
+        help=f"tiny pretraining steps (default {DEMO_PRETRAIN_STEPS}; 0 skips pretraining, export and fine-tune)",
+    )
+    p.add_argument(
+        "--finetune-iters",
+        type=non_negative_int,
+        default=DEMO_FINETUNE_ITERS,
+        metavar="N",
+        help=f"Mask R-CNN fine-tune iterations (default {DEMO_FINETUNE_ITERS}; 0 skips the fine-tune)",
+    )
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     from ..demo import run_demo
 
-    run_demo(Path(args.out), workers=args.workers or default_workers(), pretrain_steps=args.pretrain_steps,
-             finetune_iters=args.finetune_iters)
+    run_demo(
+        Path(args.out),
+        workers=args.workers or default_workers(),
+        pretrain_steps=args.pretrain_steps,
+        finetune_iters=args.finetune_iters,
+    )
     return 0

@@ -32,13 +32,27 @@ def add_export(subparsers):
         ],
     )
     p.add_argument("run", metavar="RUN", help="run folder (uses RUN/checkpoints/last.pt) or a checkpoint file")
-    p.add_argument("--to", required=True, choices=EXPORT_TARGETS, metavar="TARGET",
-                   help=f"detector library: {', '.join(EXPORT_TARGETS)}")
-    p.add_argument("--weights", choices=("online", "target"), default="online", metavar="WHICH",
-                   help="online (default) or target (EMA) network")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=EXPORT_TARGETS,
+        metavar="TARGET",
+        help=f"detector library: {', '.join(EXPORT_TARGETS)}",
+    )
+    p.add_argument(
+        "--weights",
+        choices=("online", "target"),
+        default="online",
+        metavar="WHICH",
+        help="online (default) or target (EMA) network",
+    )
     p.add_argument("-o", "--out", metavar="FILE", required=True, help="output weights file")
-    p.add_argument("--config-out", metavar="FILE", default=None,
-                   help="where to write the fine-tune config (detectron2: default FILE.yaml; mmdet: FILE.py)")
+    p.add_argument(
+        "--config-out",
+        metavar="FILE",
+        default=None,
+        help="where to write the fine-tune config (detectron2: default FILE.yaml; mmdet: FILE.py)",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -49,8 +63,12 @@ def cmd_export(args) -> int:
         raise UsageError("--config-out is for --to detectron2 or mmdet (torchvision needs no config)")
     from ..transfer.export import export
 
-    report = export(args.run, args.to, weights=args.weights, out=Path(args.out),
-                    config_out=Path(args.config_out) if args.config_out else None)
+    report = export(
+        args.run,
+        args.to,
+        weights=args.weights,
+        out=Path(args.out),
+        config_out=Path(args.config_out) if args.config_out else None,
+    )
     print(report.format())
     return 0
-

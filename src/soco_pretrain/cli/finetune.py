@@ -5,50 +5,97 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import (Flag, UsageError, add_coco_data, add_command, add_config_arguments, add_option_flags,
-                     check_coco_data, default_workers, parse_sizes, resolve_options, show_sizes)
+from .common import (
+    Flag,
+    UsageError,
+    add_coco_data,
+    add_command,
+    add_config_arguments,
+    add_option_flags,
+    check_coco_data,
+    default_workers,
+    parse_sizes,
+    resolve_options,
+    show_sizes,
+)
 
 # Options that change the results (part of a soco compare specification) ...
 FINETUNE_RECIPE_FLAGS = [
-    Flag("soco_weights", "--soco-weights", "for a run/checkpoint: the online (as soco export) or target (EMA) "
-         "encoder (default {default})"),
+    Flag(
+        "soco_weights",
+        "--soco-weights",
+        "for a run/checkpoint: the online (as soco export) or target (EMA) encoder (default {default})",
+    ),
     Flag("schedule", "--schedule", "1x: 90k iterations at batch 16, 2x: 180k (default {default})"),
     Flag("max_iters", "--max-iters", "train N iterations instead of --schedule (lr drops at 2/3 and 8/9 of N)", "N"),
     Flag("batch", "--batch", "total batch over all processes (default {default}, paper)", "N"),
     Flag("lr", "--lr", "peak learning rate (default 0.02 x batch / 16)", "LR"),
-    Flag("train_sizes", "--min-size", "training short side(s), one drawn per image: PX, PX,PX,... or LO-HI in "
-         "steps of 32 (default {default}, Detectron2)", "SIZES", parse=parse_sizes, show=show_sizes),
+    Flag(
+        "train_sizes",
+        "--min-size",
+        "training short side(s), one drawn per image: PX, PX,PX,... or LO-HI in "
+        "steps of 32 (default {default}, Detectron2)",
+        "SIZES",
+        parse=parse_sizes,
+        show=show_sizes,
+    ),
     Flag("max_size", "--max-size", "long-side cap (default {default})", "PX"),
     Flag("test_size", "--test-size", "evaluation short side (default: the largest --min-size, 800)", "PX"),
-    Flag("roi_batch", "--roi-batch", "RoIs sampled per training image for the box head (default {default}, "
-         "Detectron2)", "N"),
-    Flag("test_proposals", "--test-proposals", "RPN proposals per image at test time (default {default}, "
-         "Detectron2)", "N"),
+    Flag(
+        "roi_batch",
+        "--roi-batch",
+        "RoIs sampled per training image for the box head (default {default}, Detectron2)",
+        "N",
+    ),
+    Flag(
+        "test_proposals",
+        "--test-proposals",
+        "RPN proposals per image at test time (default {default}, Detectron2)",
+        "N",
+    ),
     Flag("detections", "--detections", "detections kept per image (default {default}, COCO)", "N"),
     Flag("boxes_only", "--boxes-only", "Faster R-CNN and bbox AP even if the data has masks"),
-    Flag("precise_bn", "--precise-bn", "re-estimate BN statistics over N training batches before evaluating "
-         "(default {default}, released config; at most the iterations; 0 = off)", "N"),
-    Flag("precision", "--precision", "fp32 (as Detectron2) or bf16/fp16 autocast (fp16: CUDA only; "
-         "default {default})"),
+    Flag(
+        "precise_bn",
+        "--precise-bn",
+        "re-estimate BN statistics over N training batches before evaluating "
+        "(default {default}, released config; at most the iterations; 0 = off)",
+        "N",
+    ),
+    Flag("precision", "--precision", "fp32 (as Detectron2) or bf16/fp16 autocast (fp16: CUDA only; default {default})"),
 ]
 # ... and options that only change how it runs (soco compare passes them to every arm).
 FINETUNE_RUN_FLAGS = [
     Flag("workers", "--workers", "data-loader processes per device (default {default})", "N"),
     Flag("device", "--device", "default: cuda when available"),
     Flag("log_every", "--log-every", "metrics.jsonl period (default {default})", "N"),
-    Flag("checkpoint_every", "--checkpoint-every", "checkpoint period in iterations (default {default}; always "
-         "one at the end)", "N"),
+    Flag(
+        "checkpoint_every",
+        "--checkpoint-every",
+        "checkpoint period in iterations (default {default}; always one at the end)",
+        "N",
+    ),
     Flag("progress", "--no-progress", "no progress bars", invert=True),
 ]
 FINETUNE_ONLY_FLAGS = [
-    Flag("fraction", "--fraction", "seeded random fraction of the training images, e.g. 0.05 or 0.10 "
-         "(default {default:g})", "F", show=float),
+    Flag(
+        "fraction",
+        "--fraction",
+        "seeded random fraction of the training images, e.g. 0.05 or 0.10 (default {default:g})",
+        "F",
+        show=float,
+    ),
     Flag("seed", "--seed", "seed of the subset, data order, flips and new heads (default {default})"),
     Flag("eval_every", "--eval-every", "also evaluate every N iterations (default {default}: only at the end)", "N"),
-    Flag("eval_only", "--eval-only", "only evaluate: OUT's last checkpoint if any (with --resume auto), "
-         "else --weights"),
-    Flag("resume", "--resume", "auto: continue from OUT/checkpoints/last.pt if any (default); none: start "
-         "over; or a checkpoint file", "auto|none|PATH"),
+    Flag(
+        "eval_only", "--eval-only", "only evaluate: OUT's last checkpoint if any (with --resume auto), else --weights"
+    ),
+    Flag(
+        "resume",
+        "--resume",
+        "auto: continue from OUT/checkpoints/last.pt if any (default); none: start over; or a checkpoint file",
+        "auto|none|PATH",
+    ),
 ]
 FINETUNE_FLAGS = FINETUNE_RECIPE_FLAGS + FINETUNE_RUN_FLAGS + FINETUNE_ONLY_FLAGS
 
@@ -92,9 +139,13 @@ def add_finetune(subparsers):
             "soco finetune --preset cpu --set weight_decay=1e-4 --weights none ... --out ft/wd",
         ],
     )
-    p.add_argument("--weights", required=True, metavar="FILE|RUN|none",
-                   help="torchvision state dict (soco export --to torchvision), soco pretrain run folder or "
-                        "checkpoint, or none (random init baseline)")
+    p.add_argument(
+        "--weights",
+        required=True,
+        metavar="FILE|RUN|none",
+        help="torchvision state dict (soco export --to torchvision), soco pretrain run folder or "
+        "checkpoint, or none (random init baseline)",
+    )
     add_coco_data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics, checkpoints)")
     add_config_arguments(p, FINETUNE_PRESETS, "fine-tune", "weight_decay=1e-4")
@@ -108,8 +159,9 @@ def cmd_finetune(args) -> int:
         raise UsageError(f"--weights {args.weights}: no such file or run folder (or give --weights none)")
     from ..config import FINETUNE_PRESETS, FinetuneOptions
 
-    options, _ = resolve_options(FinetuneOptions, args, FINETUNE_FLAGS, FINETUNE_PRESETS,
-                                 cli_defaults=finetune_cli_defaults())
+    options, _ = resolve_options(
+        FinetuneOptions, args, FINETUNE_FLAGS, FINETUNE_PRESETS, cli_defaults=finetune_cli_defaults()
+    )
     if options.resume not in ("auto", "none") and not Path(options.resume).is_file():
         raise UsageError(f"--resume {options.resume}: expected auto, none or a checkpoint file")
     from ..transfer.finetune import finetune

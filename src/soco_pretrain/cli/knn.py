@@ -5,26 +5,55 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import (Flag, UsageError, add_coco_data, add_command, add_config_arguments, add_option_flags,
-                     check_coco_data, default_workers, resolve_options)
+from .common import (
+    Flag,
+    UsageError,
+    add_coco_data,
+    add_command,
+    add_config_arguments,
+    add_option_flags,
+    check_coco_data,
+    default_workers,
+    resolve_options,
+)
 
 # The kNN protocol (also soco compare --metric knn's options) ...
 KNN_PROTOCOL_FLAGS = [
     Flag("k", "--k", "neighbours (default {default})", "K"),
     Flag("temperature", "--temperature", "vote weight exp(cos/T) (default {default})", "T"),
-    Flag("size", "--size", "square input size (default: the run's data.views.v1_size, else 224; soco compare: "
-         "the first run's, for every init)", "PX"),
-    Flag("min_box", "--min-box", "leave out boxes narrower or lower than this in the original image "
-         "(default {default:g})", "PX", show=float),
-    Flag("bn", "--bn", "precise: BatchNorm statistics re-estimated on the kNN train images; running: the "
-         "weights' own (default {default})"),
+    Flag(
+        "size",
+        "--size",
+        "square input size (default: the run's data.views.v1_size, else 224; soco compare: "
+        "the first run's, for every init)",
+        "PX",
+    ),
+    Flag(
+        "min_box",
+        "--min-box",
+        "leave out boxes narrower or lower than this in the original image (default {default:g})",
+        "PX",
+        show=float,
+    ),
+    Flag(
+        "bn",
+        "--bn",
+        "precise: BatchNorm statistics re-estimated on the kNN train images; running: the "
+        "weights' own (default {default})",
+    ),
 ]
 # ... and the rest of soco knn's options.
 KNN_RUN_FLAGS = [
-    Flag("soco_weights", "--soco-weights", "for a run/checkpoint: the online or target (EMA) encoder "
-         "(default {default})"),
-    Flag("train_fraction", "--fraction", "seeded random fraction of the train images used as neighbours "
-         "(default {default:g})", "F", show=float),
+    Flag(
+        "soco_weights", "--soco-weights", "for a run/checkpoint: the online or target (EMA) encoder (default {default})"
+    ),
+    Flag(
+        "train_fraction",
+        "--fraction",
+        "seeded random fraction of the train images used as neighbours (default {default:g})",
+        "F",
+        show=float,
+    ),
     Flag("seed", "--seed", "seed of random init and of --fraction (default {default})"),
     Flag("batch", "--batch", "images per forward pass (default {default})", "N"),
     Flag("workers", "--workers", "image-decoding processes (default {default})", "N"),
@@ -69,9 +98,13 @@ def add_knn(subparsers):
             ".state_dict(), 'r50.pth')\" && soco knn --weights r50.pth ...   # supervised ResNet-50 (C4 head)",
         ],
     )
-    p.add_argument("--weights", required=True, metavar="RUN|FILE|none",
-                   help="soco pretrain run folder or checkpoint, a torchvision state dict (soco export, "
-                        "Mask R-CNN v2 or ResNet-50 keys), or none (random init, seeded by --seed)")
+    p.add_argument(
+        "--weights",
+        required=True,
+        metavar="RUN|FILE|none",
+        help="soco pretrain run folder or checkpoint, a torchvision state dict (soco export, "
+        "Mask R-CNN v2 or ResNet-50 keys), or none (random init, seeded by --seed)",
+    )
     add_coco_data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (knn.json)")
     add_config_arguments(p, KNN_PRESETS, "kNN", "precise_images=500")

@@ -5,22 +5,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import (Flag, UsageError, add_command, add_config_arguments, add_option_flags, non_negative_int,
-                     require_dir, resolve_options)
+from .common import (
+    Flag,
+    UsageError,
+    add_command,
+    add_config_arguments,
+    add_option_flags,
+    non_negative_int,
+    require_dir,
+    resolve_options,
+)
 
 LINEAR_FLAGS = [
     Flag("epochs", "--epochs", "epochs (default {default}, paper B)", "N"),
     Flag("batch_size", "--batch", "batch size (default {default}, paper B)", "N"),
-    Flag("base_lr", "--lr", "learning rate at batch 256, scaled by batch/256 (default {default:g}, paper B)", "LR",
-         show=float),
-    Flag("schedule", "--schedule", "cosine (released code) or steps (MoCo: x0.1 at 60%% and 80%%) "
-         "(default {default})"),
-    Flag("warmup_epochs", "--warmup-epochs", "linear warm-up from lr/100 (default {default}, released code; "
-         "0 = none)", "N"),
+    Flag(
+        "base_lr",
+        "--lr",
+        "learning rate at batch 256, scaled by batch/256 (default {default:g}, paper B)",
+        "LR",
+        show=float,
+    ),
+    Flag("schedule", "--schedule", "cosine (released code) or steps (MoCo: x0.1 at 60%% and 80%%) (default {default})"),
+    Flag(
+        "warmup_epochs",
+        "--warmup-epochs",
+        "linear warm-up from lr/100 (default {default}, released code; 0 = none)",
+        "N",
+    ),
     Flag("image_size", "--image-size", "crop size (default {default}); the test resize is PX x 256/224", "PX"),
     Flag("workers", "--workers", "data-loader processes (default: usable cores, at most 8)", "N"),
-    Flag("eval_every", "--eval-every", "also evaluate every N epochs into metrics.jsonl (default {default}: only "
-         "at the end)", "N"),
+    Flag(
+        "eval_every",
+        "--eval-every",
+        "also evaluate every N epochs into metrics.jsonl (default {default}: only at the end)",
+        "N",
+    ),
     Flag("seed", "--seed", "random seed (default {default})"),
 ]
 
@@ -53,21 +73,38 @@ def add_linear(subparsers):
             "soco linear --preset moco --weights runs/c4-100ep --train imagenet/train --val imagenet/val --out lin/",
         ],
     )
-    p.add_argument("--weights", required=True, metavar="RUN|CKPT|none",
-                   help="soco pretrain run folder, checkpoint file, ResNet-50 / torchvision-export state "
-                        "dict, or none (random init)")
+    p.add_argument(
+        "--weights",
+        required=True,
+        metavar="RUN|CKPT|none",
+        help="soco pretrain run folder, checkpoint file, ResNet-50 / torchvision-export state "
+        "dict, or none (random init)",
+    )
     p.add_argument("--train", required=True, metavar="DIR", help="training class folder (DIR/CLASS/IMAGE)")
     p.add_argument("--val", required=True, metavar="DIR", help="validation class folder, same class names")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics, checkpoint)")
     add_config_arguments(p, LINEAR_PRESETS, "linear-probe", "'crop_scale=[0.2, 1]'")
-    p.add_argument("--soco-weights", default="online", choices=("online", "target"),
-                   help="which SoCo network: online (default; released main_linear.py, BYOL) or target (EMA)")
+    p.add_argument(
+        "--soco-weights",
+        default="online",
+        choices=("online", "target"),
+        help="which SoCo network: online (default; released main_linear.py, BYOL) or target (EMA)",
+    )
     add_option_flags(p, LinearConfig, LINEAR_FLAGS)
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--max-iters", type=non_negative_int, default=None, metavar="N",
-                   help="stop after N optimiser steps in total (the schedule keeps its length), then evaluate")
-    p.add_argument("--resume", default="auto", choices=("auto", "none"),
-                   help="auto: continue from OUT/checkpoints/last.pt if any (default); none: start over")
+    p.add_argument(
+        "--max-iters",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="stop after N optimiser steps in total (the schedule keeps its length), then evaluate",
+    )
+    p.add_argument(
+        "--resume",
+        default="auto",
+        choices=("auto", "none"),
+        help="auto: continue from OUT/checkpoints/last.pt if any (default); none: start over",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_linear)
 
@@ -82,6 +119,16 @@ def cmd_linear(args) -> int:
     config, _ = resolve_options(LinearConfig, args, LINEAR_FLAGS, LINEAR_PRESETS)
     from ..transfer.linear import linear_probe
 
-    linear_probe(args.weights, args.train, args.val, Path(args.out), config, soco_weights=args.soco_weights,
-                 resume=args.resume, max_iters=args.max_iters, device=args.device, progress=not args.no_progress)
+    linear_probe(
+        args.weights,
+        args.train,
+        args.val,
+        Path(args.out),
+        config,
+        soco_weights=args.soco_weights,
+        resume=args.resume,
+        max_iters=args.max_iters,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     return 0

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import (Parser, UsageError, add_command, missing_subcommand, non_negative_int, positive_int, require_dir,
-                     require_source)
+from .common import (
+    Parser,
+    UsageError,
+    add_command,
+    missing_subcommand,
+    non_negative_int,
+    positive_int,
+    require_dir,
+    require_source,
+)
 
 # Kept in step with soco_pretrain.presets.PRESETS (a test checks); listed here so that
 # `soco --help` imports nothing.
@@ -15,14 +23,28 @@ PRETRAIN_PRESETS = ("fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-
 
 def _add_config_sources(p, preset_required: bool) -> None:
     """--preset, --config FILE and --set of the pretraining config."""
-    p.add_argument("--preset", default=None, choices=PRETRAIN_PRESETS, metavar="NAME",
-                   help=f"training preset: {', '.join(PRETRAIN_PRESETS)}"
-                        + (" (this or --config is required)" if preset_required else " (default: none, the defaults)"))
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="YAML config read over the preset (e.g. a run's RUN/config.yaml; keys as in it)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. train.epochs=200 or data.views.num_proposals=8 (repeatable; "
-                        "applied last)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=PRETRAIN_PRESETS,
+        metavar="NAME",
+        help=f"training preset: {', '.join(PRETRAIN_PRESETS)}"
+        + (" (this or --config is required)" if preset_required else " (default: none, the defaults)"),
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML config read over the preset (e.g. a run's RUN/config.yaml; keys as in it)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. train.epochs=200 or data.views.num_proposals=8 (repeatable; applied last)",
+    )
 
 
 def pretrain_config(args, flags: list[tuple[str, dict]] = ()):
@@ -76,24 +98,51 @@ def add_pretrain(subparsers):
         ],
     )
     _add_config_sources(p, preset_required=True)
-    p.add_argument("--images", metavar="IMAGES", default=None,
-                   help="image folder, list file or COCO-style JSON the proposals were made for (required)")
-    p.add_argument("--proposals", metavar="STORE", default=None,
-                   help="proposal store directory (needed unless data.views.proposal_source is "
-                        "whole_image, random or coco)")
+    p.add_argument(
+        "--images",
+        metavar="IMAGES",
+        default=None,
+        help="image folder, list file or COCO-style JSON the proposals were made for (required)",
+    )
+    p.add_argument(
+        "--proposals",
+        metavar="STORE",
+        default=None,
+        help="proposal store directory (needed unless data.views.proposal_source is whole_image, random or coco)",
+    )
     p.add_argument("--out", metavar="RUN", default=None, help="run directory (config, metrics, checkpoints; required)")
-    p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
-                   help="stop after N optimiser steps in total (the schedule keeps its full length)")
-    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
-                   help="auto: continue from RUN's last checkpoint if any (default); none: start at step 0; "
-                        "or a checkpoint file")
-    p.add_argument("--image-root", metavar="DIR", default=None,
-                   help="folder a COCO JSON's file names are relative to (default: the JSON's folder)")
-    p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
-                   help="data-loader processes per device (sets train.workers)")
+    p.add_argument(
+        "--max-steps",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N optimiser steps in total (the schedule keeps its full length)",
+    )
+    p.add_argument(
+        "--resume",
+        default="auto",
+        metavar="auto|none|PATH",
+        help="auto: continue from RUN's last checkpoint if any (default); none: start at step 0; or a checkpoint file",
+    )
+    p.add_argument(
+        "--image-root",
+        metavar="DIR",
+        default=None,
+        help="folder a COCO JSON's file names are relative to (default: the JSON's folder)",
+    )
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="data-loader processes per device (sets train.workers)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (sets train.compile=true)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config (every key, its value and its source) and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (every key, its value and its source) and exit",
+    )
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -123,15 +172,24 @@ def cmd_pretrain(args) -> int:
     config, _ = pretrain_config(args, flags)
     source = config.data.views.proposal_source
     if source == "selective_search" and args.proposals is None:
-        raise UsageError("--proposals STORE is required with data.views.proposal_source=selective_search "
-                         "(the default; make one with soco proposals), or set data.views.proposal_source="
-                         "whole_image, random or coco")
+        raise UsageError(
+            "--proposals STORE is required with data.views.proposal_source=selective_search "
+            "(the default; make one with soco proposals), or set data.views.proposal_source="
+            "whole_image, random or coco"
+        )
     if source == "coco" and config.data.views.proposal_json and not Path(config.data.views.proposal_json).is_file():
         raise UsageError(f"data.views.proposal_json={config.data.views.proposal_json}: no such file")
     from ..train.loop import pretrain
 
-    pretrain(config, args.images, args.proposals, Path(args.out), max_steps=args.max_steps,
-             resume=args.resume, image_root=args.image_root)
+    pretrain(
+        config,
+        args.images,
+        args.proposals,
+        Path(args.out),
+        max_steps=args.max_steps,
+        resume=args.resume,
+        image_root=args.image_root,
+    )
     return 0
 
 

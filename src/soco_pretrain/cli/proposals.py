@@ -4,13 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import (PROG, Flag, UsageError, add_command, add_config_arguments, add_option_flags, default_workers,
-                     parse_shard, positive_int, require_dir, require_source, resolve_options)
+from .common import (
+    PROG,
+    Flag,
+    UsageError,
+    add_command,
+    add_config_arguments,
+    add_option_flags,
+    default_workers,
+    parse_shard,
+    positive_int,
+    require_dir,
+    require_source,
+    resolve_options,
+)
 
 # Fields of SearchConfig with their own flag (any field: --set KEY=VALUE); defaults from the preset.
 PROPOSALS_FLAGS = [
-    Flag("max_side", "--max-side", "search larger images on a copy resized to this long side (0 = never; "
-         "preset default {default})", "PX"),
+    Flag(
+        "max_side",
+        "--max-side",
+        "search larger images on a copy resized to this long side (0 = never; preset default {default})",
+        "PX",
+    ),
     Flag("scale", "--scale", "override the preset's scale (Felzenszwalb)", "S"),
     Flag("sigma", "--sigma", "override the preset's sigma (Felzenszwalb smoothing)", "S"),
     Flag("min_size", "--min-size", "override the preset's min_size (Felzenszwalb, pixels)", "N"),
@@ -68,8 +84,9 @@ def search_config(args):
 
     if args.preset not in SEARCH_PRESETS:
         raise UsageError(f"unknown preset {args.preset!r} (choose from {', '.join(sorted(SEARCH_PRESETS))})")
-    return resolve_options(SearchConfig, args, PROPOSALS_FLAGS, None, base=SEARCH_PRESETS[args.preset],
-                           base_label=f"preset {args.preset}")
+    return resolve_options(
+        SearchConfig, args, PROPOSALS_FLAGS, None, base=SEARCH_PRESETS[args.preset], base_label=f"preset {args.preset}"
+    )
 
 
 def cmd_proposals(args) -> int:

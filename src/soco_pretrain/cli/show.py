@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import (Parser, UsageError, add_command, missing_subcommand, positive_int, print_written, require_dir,
-                     require_source)
+from .common import (
+    Parser,
+    UsageError,
+    add_command,
+    missing_subcommand,
+    positive_int,
+    print_written,
+    require_dir,
+    require_source,
+)
 
 
 def add_show(subparsers):
@@ -58,13 +66,9 @@ def cmd_show_proposals(args) -> int:
     from ..viz import show_proposals
 
     store = load(args.store)
-    written = show_proposals(
-        store, args.images, Path(args.out), num=args.num, per_image=args.per_image, seed=args.seed
-    )
+    written = show_proposals(store, args.images, Path(args.out), num=args.num, per_image=args.per_image, seed=args.seed)
     print_written(args.out, written)
     return 0
-
-
 
 
 def add_show_views(subparsers):
@@ -88,18 +92,36 @@ def add_show_views(subparsers):
             "--proposals props/ -o pictures/ --augment",
         ],
     )
-    p.add_argument("--images", metavar="IMAGES", required=True,
-                   help="image folder, list file or COCO-style JSON the proposals were made for")
-    p.add_argument("--proposals", metavar="STORE", default=None,
-                   help="proposal store directory (needed with the default views.proposal_source=selective_search)")
+    p.add_argument(
+        "--images",
+        metavar="IMAGES",
+        required=True,
+        help="image folder, list file or COCO-style JSON the proposals were made for",
+    )
+    p.add_argument(
+        "--proposals",
+        metavar="STORE",
+        default=None,
+        help="proposal store directory (needed with the default views.proposal_source=selective_search)",
+    )
     p.add_argument("-o", "--out", metavar="DIR", required=True, help="output directory for the pictures")
-    p.add_argument("--image-root", metavar="DIR", default=None,
-                   help="folder a COCO JSON's file names are relative to (default: the JSON's folder)")
+    p.add_argument(
+        "--image-root",
+        metavar="DIR",
+        default=None,
+        help="folder a COCO JSON's file names are relative to (default: the JSON's folder)",
+    )
     p.add_argument("--num", type=positive_int, default=4, metavar="N", help="images to draw (default 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the images and their views (default 0)")
     p.add_argument("--augment", action="store_true", help="apply the photometric augmentation too")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="data config override, e.g. views.soco_star=true (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data config override, e.g. views.soco_star=true (repeatable)",
+    )
     p.set_defaults(func=cmd_show_views)
 
 
@@ -113,8 +135,10 @@ def cmd_show_views(args) -> int:
 
     config = apply_overrides(DataConfig(seed=args.seed), args.overrides)  # ConfigError: one line, exit 2
     if config.views.proposal_source == "selective_search" and args.proposals is None:
-        raise UsageError("--proposals STORE is required with views.proposal_source=selective_search (the "
-                         "default), or --set views.proposal_source=whole_image|random|coco")
+        raise UsageError(
+            "--proposals STORE is required with views.proposal_source=selective_search (the "
+            "default), or --set views.proposal_source=whole_image|random|coco"
+        )
     from ..data.dataset import SoCoDataset
     from ..viz import show_views
 

@@ -12,7 +12,20 @@ from .loader import SkipLog, augment_batch, make_loader, set_epoch, soco_collate
 from .views import ViewSet, build_views, view_names
 
 __all__ = [
-    "BatchAugment", "augment_cpu", "assign_levels", "from_store", "jitter_boxes", "sample_crop",
-    "DatasetError", "SoCoDataset", "SkipLog", "augment_batch", "make_loader", "set_epoch",
-    "soco_collate", "ViewSet", "build_views", "view_names",
+    "BatchAugment",
+    "augment_cpu",
+    "assign_levels",
+    "from_store",
+    "jitter_boxes",
+    "sample_crop",
+    "DatasetError",
+    "SoCoDataset",
+    "SkipLog",
+    "augment_batch",
+    "make_loader",
+    "set_epoch",
+    "soco_collate",
+    "ViewSet",
+    "build_views",
+    "view_names",
 ]

@@ -56,10 +56,17 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 # Columns of the uniform draws (one row per image): fixed so both paths consume a generator alike.
 _COLUMNS = (
     "jitter",  # 0: colour jitter fires when u < colour_jitter_p
-    "key0", "key1", "key2", "key3",  # 1-4: op order = argsort of 4 uniform keys (uniform permutation)
-    "brightness", "contrast", "saturation", "hue",  # 5-8: factors, ColorJitter's ranges
+    "key0",
+    "key1",
+    "key2",
+    "key3",  # 1-4: op order = argsort of 4 uniform keys (uniform permutation)
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",  # 5-8: factors, ColorJitter's ranges
     "grayscale",  # 9
-    "blur", "sigma",  # 10-11
+    "blur",
+    "sigma",  # 10-11
     "solarize",  # 12
 )
 NUM_DRAWS = len(_COLUMNS)
@@ -79,8 +86,7 @@ def view_param_sets(cfg: AugmentConfig, num_views: int) -> tuple[int, ...]:
     """
     if num_views > len(cfg.view_params):
         raise ValueError(
-            f"augment.view_params={tuple(cfg.view_params)!r} names {len(cfg.view_params)} views, "
-            f"{num_views} needed"
+            f"augment.view_params={tuple(cfg.view_params)!r} names {len(cfg.view_params)} views, {num_views} needed"
         )
     sets = tuple(int(p) for p in cfg.view_params[:num_views])
     for p in sets:
@@ -140,11 +146,12 @@ class AugmentParams:
     sigma: torch.Tensor
     solarize: torch.Tensor
 
-    def to(self, device, non_blocking: bool = True) -> "AugmentParams":
-        return AugmentParams(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                                for f in fields(self)})
+    def to(self, device, non_blocking: bool = True) -> AugmentParams:
+        return AugmentParams(
+            **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+        )
 
-    def slice(self, start: int, stop: int) -> "AugmentParams":
+    def slice(self, start: int, stop: int) -> AugmentParams:
         """Rows ``start:stop`` (views, no copy)."""
         return AugmentParams(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
 
@@ -156,8 +163,9 @@ class AugmentParams:
         return self.jitter.shape[0]
 
 
-def draw_params(n: int, param_set: int, cfg: AugmentConfig, generator: torch.Generator | None = None,
-                device=None) -> AugmentParams:
+def draw_params(
+    n: int, param_set: int, cfg: AugmentConfig, generator: torch.Generator | None = None, device=None
+) -> AugmentParams:
     """Draw the parameters of ``n`` images for BYOL parameter set ``param_set`` with ONE ``torch.rand``.
 
     Drawn where ``generator`` lives (else on ``device``, default CPU) and moved to ``device`` if that
@@ -262,8 +270,9 @@ def _gaussian_weights(sigma: torch.Tensor, k: int) -> torch.Tensor:
     return torch.softmax(x.view(1, k).div(sigma.view(-1, 1)).pow(2).neg(), dim=1)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: tuple[int, int] | None = None,
-                  impl: str = "shift") -> torch.Tensor:
+def gaussian_blur(
+    x: torch.Tensor, sigma: torch.Tensor, kernel_size: tuple[int, int] | None = None, impl: str = "shift"
+) -> torch.Tensor:
     """torchvision's gaussian_blur (reflect padding, its kernel formula) with one sigma per sample.
 
     ``x`` (B, C, H, W) float, ``sigma`` (B,); ``kernel_size`` (kx, ky) defaults to
@@ -302,8 +311,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: tuple[int, 
 # ---------------------------------------------------------------- CPU path (one image)
 
 
-def augment_cpu(img: torch.Tensor, param_set: int, cfg: AugmentConfig,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_cpu(
+    img: torch.Tensor, param_set: int, cfg: AugmentConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Augment one image (uint8 or [0, 1] float, 3xHxW) with BYOL parameter set ``param_set``.
 
     Returns float32 3xHxW, normalised. ``generator`` (CPU) makes it deterministic; None uses the
@@ -380,8 +390,7 @@ class BatchAugment:
         self.blur_impl = blur_impl
         self.cpu_chunk = cpu_chunk
 
-    def __call__(self, imgs: torch.Tensor, param_set: int, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, imgs: torch.Tensor, param_set: int, generator: torch.Generator | None = None) -> torch.Tensor:
         if imgs.ndim != 4 or imgs.shape[1] != 3:
             raise ValueError(f"expected (B, 3, H, W) images, got shape {tuple(imgs.shape)}")
         _check_param_set(param_set)
@@ -393,8 +402,12 @@ class BatchAugment:
             # On the CPU the ops are memory-bound: whole-batch passes over (B, 3, 224, 224) miss the
             # cache and run ~3x slower per image than small chunks (measured). No device to sync.
             n = self.cpu_chunk
-            return torch.cat([normalise(self.apply(x[i:i + n], params.slice(i, i + n), param_set), self.cfg)
-                              for i in range(0, x.shape[0], n)])
+            return torch.cat(
+                [
+                    normalise(self.apply(x[i : i + n], params.slice(i, i + n), param_set), self.cfg)
+                    for i in range(0, x.shape[0], n)
+                ]
+            )
         return normalise(self.apply(x, params, param_set), self.cfg)
 
     def apply(self, x: torch.Tensor, params: AugmentParams, param_set: int | None = None) -> torch.Tensor:
@@ -422,8 +435,11 @@ class BatchAugment:
             if impl == "auto":
                 impl = "conv" if x.device.type == "cuda" else "shift"
             blurred = gaussian_blur(x, params.sigma, impl=impl)
-            x = blurred if param_set is not None and cfg.blur_p[param_set] >= 1 else \
-                torch.where(view(params.blur), blurred, x)
+            x = (
+                blurred
+                if param_set is not None and cfg.blur_p[param_set] >= 1
+                else torch.where(view(params.blur), blurred, x)
+            )
         if param_set is None or cfg.solarize_p[param_set] > 0:
             x = torch.where(view(params.solarize), solarize(x), x)
         return x

@@ -73,8 +73,9 @@ def hflip_boxes(boxes, width: float) -> np.ndarray:
     return out
 
 
-def jitter_boxes(boxes, rng: np.random.Generator, ratio: float = 0.1, p: float = 0.5,
-                 form: str = "paper") -> np.ndarray:
+def jitter_boxes(
+    boxes, rng: np.random.Generator, ratio: float = 0.1, p: float = 0.5, form: str = "paper"
+) -> np.ndarray:
     """Box jitter, applied to each box independently with probability ``p``.
 
     ``form="paper"`` (paper 3.2): centre form with ONE ``r ~ U[-ratio, ratio]`` per box:
@@ -121,9 +122,13 @@ def assign_levels(boxes, bounds: tuple[float, ...] = (48, 96, 192)) -> np.ndarra
     return np.searchsorted(limits, box_area(boxes), side="left").astype(np.int64)
 
 
-def sample_crop(rng: np.random.Generator, width: int, height: int,
-                scale: tuple[float, float] = (0.5, 1.0),
-                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Rect:
+def sample_crop(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Rect:
     """A random crop rectangle by torchvision ``RandomResizedCrop.get_params``'s algorithm
     (area fraction ``U[scale]``, log-uniform aspect ``w/h`` in ``ratio``, 10 tries, then the
     central crop clamped to ``ratio``), drawn from ``rng`` instead of torch's global generator.

@@ -95,8 +95,9 @@ def image_source(images, image_root=None) -> ImageList:
             return read_coco_images(path, image_root)
         source = list_images(path)  # ImageError for a missing source
     if image_root is not None:
-        raise DatasetError(f"{images}: image_root applies to COCO JSON sources only "
-                           "(a folder or list file is its own root)")
+        raise DatasetError(
+            f"{images}: image_root applies to COCO JSON sources only (a folder or list file is its own root)"
+        )
     return source
 
 
@@ -137,8 +138,7 @@ def join_store(images: ImageList, store: ProposalStore) -> Join:
     failed = present & (status[safe] == RULE_FAILED)
     empty = present & ~failed & (counts[safe] == 0)
     missing = ~present | failed | empty
-    reasons = {"not in the store": int((~present).sum()), "failed": int(failed.sum()),
-               "0 boxes": int(empty.sum())}
+    reasons = {"not in the store": int((~present).sum()), "failed": int(failed.sum()), "0 boxes": int(empty.sum())}
     return Join(rows=rows, missing=missing, reasons={k: v for k, v in reasons.items() if v})
 
 
@@ -147,9 +147,11 @@ def _no_proposals_message(images: ImageList, store: ProposalStore, join: Join) -
     named = ", ".join(images.paths[i] for i in idx[:MAX_NAMED])
     more = f" and {len(idx) - MAX_NAMED} more" if len(idx) > MAX_NAMED else ""
     why = ", ".join(f"{k}: {v}" for k, v in join.reasons.items())
-    return (f"{store.directory}: {len(idx)} of {len(images)} images have no proposals ({why}): "
-            f"{named}{more}; make proposals for them "
-            "(soco proposals) or set views.no_proposals=whole_image to use the whole image")
+    return (
+        f"{store.directory}: {len(idx)} of {len(images)} images have no proposals ({why}): "
+        f"{named}{more}; make proposals for them "
+        "(soco proposals) or set views.no_proposals=whole_image to use the whole image"
+    )
 
 
 def _no_boxes_message(images: ImageList, json_path, boxes) -> str:
@@ -157,9 +159,11 @@ def _no_boxes_message(images: ImageList, json_path, boxes) -> str:
     named = ", ".join(images.paths[i] for i in idx[:MAX_NAMED])
     more = f" and {len(idx) - MAX_NAMED} more" if len(idx) > MAX_NAMED else ""
     why = ", ".join(f"{k}: {v}" for k, v in boxes.reasons.items())
-    return (f"{json_path}: {len(idx)} of {len(images)} images have no boxes ({why}): {named}{more}; "
-            "file names must match the image paths, or set views.no_proposals=whole_image "
-            "to use the whole image")
+    return (
+        f"{json_path}: {len(idx)} of {len(images)} images have no boxes ({why}): {named}{more}; "
+        "file names must match the image paths, or set views.no_proposals=whole_image "
+        "to use the whole image"
+    )
 
 
 # ---------------------------------------------------------------- the dataset
@@ -190,17 +194,21 @@ def _check_config(config: DataConfig) -> None:
     if views.no_proposals not in ("error", "whole_image"):
         raise DatasetError(f"views.no_proposals={views.no_proposals!r}: expected error or whole_image")
     if views.proposal_source not in PROPOSAL_SOURCES:
-        raise DatasetError(f"views.proposal_source={views.proposal_source!r}: expected one of "
-                           f"{', '.join(PROPOSAL_SOURCES)}")
+        raise DatasetError(
+            f"views.proposal_source={views.proposal_source!r}: expected one of {', '.join(PROPOSAL_SOURCES)}"
+        )
     if views.proposal_source == "coco" and not views.proposal_json:
-        raise DatasetError("views.proposal_source=coco needs views.proposal_json=PATH (a COCO JSON "
-                           "whose annotations' boxes are the proposals)")
+        raise DatasetError(
+            "views.proposal_source=coco needs views.proposal_json=PATH (a COCO JSON "
+            "whose annotations' boxes are the proposals)"
+        )
     if aug.device not in ("cpu", "gpu", "auto"):  # auto: the training loop resolves it; else cpu
         raise DatasetError(f"augment.device={aug.device!r}: expected auto, cpu or gpu")
     n_views = 4 if views.soco_star else 3
     if len(aug.view_params) < n_views:
-        raise DatasetError(f"augment.view_params={aug.view_params!r} names {len(aug.view_params)} "
-                           f"views; {n_views} are built")
+        raise DatasetError(
+            f"augment.view_params={aug.view_params!r} names {len(aug.view_params)} views; {n_views} are built"
+        )
     if config.max_decode_retries < 0:
         raise DatasetError(f"max_decode_retries={config.max_decode_retries}: must be 0 or more")
 
@@ -243,10 +251,12 @@ class SoCoDataset(torch.utils.data.Dataset):
         n = len(self.images)
         if self.source == "selective_search":
             if proposals is None:
-                raise DatasetError("views.proposal_source=selective_search needs a proposal store "
-                                   "(make one with soco proposals IMAGES -o STORE and pass it, e.g. "
-                                   "--proposals STORE), or choose views.proposal_source=whole_image, "
-                                   "random or coco")
+                raise DatasetError(
+                    "views.proposal_source=selective_search needs a proposal store "
+                    "(make one with soco proposals IMAGES -o STORE and pass it, e.g. "
+                    "--proposals STORE), or choose views.proposal_source=whole_image, "
+                    "random or coco"
+                )
             self.store = proposals if isinstance(proposals, ProposalStore) else load_store(proposals)
             join = join_store(self.images, self.store)
             self.rows = join.rows
@@ -267,8 +277,7 @@ class SoCoDataset(torch.utils.data.Dataset):
         if self.without_proposals and self.config.views.no_proposals == "error":
             raise DatasetError(message, self.without_proposals)
         if self.without_proposals:
-            log.info("%d images without proposals use the whole image as their proposal",
-                     len(self.without_proposals))
+            log.info("%d images without proposals use the whole image as their proposal", len(self.without_proposals))
         self.epoch = 0
         self.num_views = 4 if self.config.views.soco_star else 3
 
@@ -304,15 +313,21 @@ class SoCoDataset(torch.utils.data.Dataset):
         if self.source == "coco":
             jw, jh = (int(v) for v in self.boxes_json.sizes[j])
             if jw and jh and (jw, jh) != (w, h):
-                raise ImageError(path, f"decodes to {w}x{h} but {self.config.views.proposal_json} "
-                                       f"says {jw}x{jh} (boxes of another picture?)")
+                raise ImageError(
+                    path,
+                    f"decodes to {w}x{h} but {self.config.views.proposal_json} "
+                    f"says {jw}x{jh} (boxes of another picture?)",
+                )
             return image, self.boxes_json.of(j)
         row = int(self.rows[j])
         sw, sh = self.store.image_size(row)
         if (sw, sh) != (w, h):
             # Boxes of another picture would be silently wrong: treat as a bad file.
-            raise ImageError(path, f"decodes to {w}x{h} but the proposal store has {sw}x{sh} "
-                                   "(file changed after the proposals were made?)")
+            raise ImageError(
+                path,
+                f"decodes to {w}x{h} but the proposal store has {sw}x{sh} "
+                "(file changed after the proposals were made?)",
+            )
         return image, from_store(self.store.boxes(row))
 
     def raw(self, index: int, epoch: int | None = None) -> RawSample:
@@ -341,17 +356,26 @@ class SoCoDataset(torch.utils.data.Dataset):
                 log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
                 j = (j + 1) % n
         else:
-            raise DatasetError(f"{self.images.root}: {len(skipped)} images in a row from index {index} "
-                               f"failed to decode (last: {skipped[-1][0]}: {skipped[-1][1]}); "
-                               "is the image folder the one the proposals were made from?")
+            raise DatasetError(
+                f"{self.images.root}: {len(skipped)} images in a row from index {index} "
+                f"failed to decode (last: {skipped[-1][0]}: {skipped[-1][1]}); "
+                "is the image folder the one the proposals were made from?"
+            )
         if boxes is None:  # views.proposal_source=random: new boxes every sample (and epoch)
             boxes = random_boxes(rng, image.shape[1], image.shape[0], self.config.views.num_proposals)
         try:
             viewset = build_views(image, boxes, self.config.views, rng)
         except ValueError as exc:  # e.g. every stored box outside the image: name the file
             raise DatasetError(f"{self.images.abspath(j)}: {exc}") from None
-        return RawSample(views=viewset, index=j, path=self.images.paths[j], skipped=skipped,
-                         generator=generator, image=image, boxes=boxes)
+        return RawSample(
+            views=viewset,
+            index=j,
+            path=self.images.paths[j],
+            skipped=skipped,
+            generator=generator,
+            image=image,
+            boxes=boxes,
+        )
 
     def __getitem__(self, key) -> dict:
         """``ds[i]`` (current epoch) or ``ds[(epoch, i)]`` (what the loader's sampler yields)."""
@@ -385,5 +409,7 @@ class SoCoDataset(torch.utils.data.Dataset):
         where = self.store.directory if self.store is not None else self.source
         if self.source == "coco":
             where = f"coco {self.config.views.proposal_json}"
-        return (f"SoCoDataset({len(self)} images from {self.images.root}, proposals {where}, "
-                f"{self.num_views} views, {len(self.without_proposals)} without proposals)")
+        return (
+            f"SoCoDataset({len(self)} images from {self.images.root}, proposals {where}, "
+            f"{self.num_views} views, {len(self.without_proposals)} without proposals)"
+        )

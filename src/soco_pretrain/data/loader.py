@@ -90,10 +90,18 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def make_loader(dataset, batch_size: int, workers: int | None = None, seed: int | None = None,
-                shuffle: bool = True, drop_last: bool = True, distributed: bool | None = None,
-                pin_memory: bool | None = None, persistent_workers: bool | None = None,
-                prefetch_factor: int | None = None) -> DataLoader:
+def make_loader(
+    dataset,
+    batch_size: int,
+    workers: int | None = None,
+    seed: int | None = None,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    distributed: bool | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int | None = None,
+) -> DataLoader:
     """A DataLoader over ``dataset`` (a SoCoDataset) with soco_collate.
 
     ``workers`` default: default_workers(). ``seed`` (default dataset.config.seed) fixes the
@@ -118,10 +126,19 @@ def make_loader(dataset, batch_size: int, workers: int | None = None, seed: int 
     else:
         # Same seeded, epoch-aware shuffle as the distributed case, with one replica.
         base = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
-    return build_loader(dataset, batch_size, sampler=EpochSampler(base), collate_fn=soco_collate, workers=workers,
-                        seed=seed, pin_memory=pin_memory, drop_last=drop_last,
-                        persistent_workers=workers > 0 if persistent_workers is None else persistent_workers,
-                        prefetch_factor=prefetch_factor, worker_init_fn=_seed_worker)
+    return build_loader(
+        dataset,
+        batch_size,
+        sampler=EpochSampler(base),
+        collate_fn=soco_collate,
+        workers=workers,
+        seed=seed,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=workers > 0 if persistent_workers is None else persistent_workers,
+        prefetch_factor=prefetch_factor,
+        worker_init_fn=_seed_worker,
+    )
 
 
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
@@ -141,8 +158,14 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
         loader.dataset.set_epoch(epoch)
 
 
-def augment_batch(batch: dict, augmenter, view_params, generator: torch.Generator | None = None,
-                  device=None, non_blocking: bool = True) -> dict:
+def augment_batch(
+    batch: dict,
+    augmenter,
+    view_params,
+    generator: torch.Generator | None = None,
+    device=None,
+    non_blocking: bool = True,
+) -> dict:
     """The GPU path: move a batch's uint8 views to ``device`` and run ``augmenter``
     (augment.BatchAugment) on each with its BYOL parameter set ``view_params[v]``.
 
@@ -163,5 +186,3 @@ def augment_batch(batch: dict, augmenter, view_params, generator: torch.Generato
         for key in ("valid", "proposal_ids"):
             out[key] = batch[key].to(device, non_blocking=non_blocking)
     return out
-
-

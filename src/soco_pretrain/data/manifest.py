@@ -15,12 +15,12 @@ Manifest layout (version 1)::
 
 from __future__ import annotations
 
-from ..errors import UserError
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..errors import UserError
 from ..files import atomic_write_json
 
 MANIFEST_FILE = "data_manifest.json"
@@ -197,16 +197,20 @@ def record_run_manifest(run_dir, image_paths, root, progress: bool = True) -> di
     path = write_manifest(run_dir, manifest)
     unreadable = len(manifest.get("unreadable", []))
     note = f", {unreadable} unreadable" if unreadable else ""
-    print(f"data manifest: {manifest['count']} images, set hash {manifest['set_hash'][:12]}{note} ({path})",
-          flush=True)
+    print(f"data manifest: {manifest['count']} images, set hash {manifest['set_hash'][:12]}{note} ({path})", flush=True)
     return manifest
 
 
 # ---------------------------------------------------------------- the leak guard
 
 
-def check_no_leak(eval_paths: list[Path], manifests: dict[str, dict], what: str = "evaluation",
-                  workers: int = 8, progress: bool = False) -> None:
+def check_no_leak(
+    eval_paths: list[Path],
+    manifests: dict[str, dict],
+    what: str = "evaluation",
+    workers: int = 8,
+    progress: bool = False,
+) -> None:
     """Raise LeakError if the bytes of any of ``eval_paths`` are in any of ``manifests``
     (label -> manifest, e.g. run folder -> its manifest). Unreadable evaluation files are
     skipped (whoever decodes them reports them)."""
@@ -227,12 +231,16 @@ def check_no_leak(eval_paths: list[Path], manifests: dict[str, dict], what: str 
     n = len(pairs)
     first_eval, _, first_train = pairs[0]
     verb = "image was" if n == 1 else "images were"
-    raise LeakError(f"{n} {what} {verb} in the pretraining set of {where} (by content), "
-                    f"e.g. {first_eval} = {first_train}; pretrain without them or pass --allow-leak", pairs)
+    raise LeakError(
+        f"{n} {what} {verb} in the pretraining set of {where} (by content), "
+        f"e.g. {first_eval} = {first_train}; pretrain without them or pass --allow-leak",
+        pairs,
+    )
 
 
-def check_weights_no_leak(named_weights, eval_paths, what: str = "validation", log=print,
-                          progress: bool = False) -> None:
+def check_weights_no_leak(
+    named_weights, eval_paths, what: str = "validation", log=print, progress: bool = False
+) -> None:
     """The leak guard of ``soco knn`` and ``soco compare``: refuse (LeakError) when an evaluation
     image's bytes are in the data manifest of any weights in ``named_weights`` ((name, path)
     pairs; path None / "none" skipped); one line for weights without a manifest, and one when the
@@ -250,5 +258,7 @@ def check_weights_no_leak(named_weights, eval_paths, what: str = "validation", l
         return
     eval_paths = [Path(p) for p in eval_paths]
     check_no_leak(eval_paths, manifests, what=what, progress=progress)
-    log(f"leak check: none of the {len(eval_paths)} {what} images is in the pretraining data of the "
-        f"{len(manifests)} run(s) with a data manifest (compared by content)")
+    log(
+        f"leak check: none of the {len(eval_paths)} {what} images is in the pretraining data of the "
+        f"{len(manifests)} run(s) with a data manifest (compared by content)"
+    )

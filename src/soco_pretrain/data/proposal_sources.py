@@ -31,9 +31,14 @@ PAPER_REL_SIZE = (0.3, 0.8)
 RANDOM_ROUNDS = 16
 
 
-def random_boxes(rng: np.random.Generator, width: int, height: int, k: int,
-                 ratio: tuple[float, float] = PAPER_RATIO,
-                 rel_size: tuple[float, float] = PAPER_REL_SIZE) -> np.ndarray:
+def random_boxes(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    k: int,
+    ratio: tuple[float, float] = PAPER_RATIO,
+    rel_size: tuple[float, float] = PAPER_REL_SIZE,
+) -> np.ndarray:
     """``k`` random boxes inside a ``width`` x ``height`` image, float64 (k, 4), continuous.
 
     Paper Table 5c only says "randomly generate K bounding boxes"; our choice is boxes that pass
@@ -74,8 +79,13 @@ def passes_paper_filter(boxes: np.ndarray, width: float, height: float) -> np.nd
     positive = (w > 0) & (h > 0)
     r = np.divide(w, h, out=np.zeros_like(w), where=h > 0)
     rel = np.sqrt(np.maximum(w * h, 0.0)) / math.sqrt(float(width) * float(height))
-    return (positive & (r >= PAPER_RATIO[0]) & (r <= PAPER_RATIO[1])
-            & (rel >= PAPER_REL_SIZE[0]) & (rel <= PAPER_REL_SIZE[1]))
+    return (
+        positive
+        & (r >= PAPER_RATIO[0])
+        & (r <= PAPER_RATIO[1])
+        & (rel >= PAPER_REL_SIZE[0])
+        & (rel <= PAPER_REL_SIZE[1])
+    )
 
 
 class BoxFileError(UserError):
@@ -97,7 +107,7 @@ class ImageBoxes:
     reasons: dict = field(default_factory=dict)
 
     def of(self, i: int) -> np.ndarray:
-        return self.boxes[self.offsets[i]:self.offsets[i + 1]]
+        return self.boxes[self.offsets[i] : self.offsets[i + 1]]
 
 
 def read_coco_boxes(json_path, paths: list[str], apply_filter: bool = False) -> ImageBoxes:
@@ -115,8 +125,9 @@ def read_coco_boxes(json_path, paths: list[str], apply_filter: bool = False) -> 
     """
     json_path = Path(json_path)
     try:
-        parsed = read_coco_json(json_path, annotations=REQUIRED, categories=False, sizes=OPTIONAL,
-                                what="the proposal JSON")
+        parsed = read_coco_json(
+            json_path, annotations=REQUIRED, categories=False, sizes=OPTIONAL, what="the proposal JSON"
+        )
     except CocoJsonError as exc:
         raise BoxFileError(str(exc)) from None
     by_name = {}
@@ -147,14 +158,20 @@ def read_coco_boxes(json_path, paths: list[str], apply_filter: bool = False) -> 
             boxes = np.asarray(per_image.get(image_id, []), dtype=np.float64).reshape(-1, 4)
             if apply_filter and len(boxes):
                 if min(size) <= 0:
-                    raise BoxFileError(f"{json_path}: views.proposal_json_filter needs the image size, "
-                                       f"but the entry of {path} has no width/height")
+                    raise BoxFileError(
+                        f"{json_path}: views.proposal_json_filter needs the image size, "
+                        f"but the entry of {path} has no width/height"
+                    )
                 boxes = boxes[passes_paper_filter(boxes, *size)]
             if not len(boxes):
                 reasons["no boxes"] += 1
         missing[i] = not len(boxes)
         chunks.append(boxes)
         offsets.append(offsets[-1] + len(boxes))
-    return ImageBoxes(boxes=np.concatenate(chunks) if chunks else np.zeros((0, 4)),
-                      offsets=np.asarray(offsets, dtype=np.int64), sizes=sizes, missing=missing,
-                      reasons={k: v for k, v in reasons.items() if v})
+    return ImageBoxes(
+        boxes=np.concatenate(chunks) if chunks else np.zeros((0, 4)),
+        offsets=np.asarray(offsets, dtype=np.int64),
+        sizes=sizes,
+        missing=missing,
+        reasons={k: v for k, v in reasons.items() if v},
+    )

@@ -32,8 +32,18 @@ import torch
 import torchvision.transforms.v2.functional as F
 
 from ..config import ViewsConfig
-from .boxes import (Rect, as_boxes, assign_levels, box_area, clip_boxes, crop_boxes, hflip_boxes,
-                    jitter_boxes, resize_boxes, sample_crop)
+from .boxes import (
+    Rect,
+    as_boxes,
+    assign_levels,
+    box_area,
+    clip_boxes,
+    crop_boxes,
+    hflip_boxes,
+    jitter_boxes,
+    resize_boxes,
+    sample_crop,
+)
 
 # Crop re-draws when no proposal is visible in every view: the released code re-draws too (5
 # times); 10 is our choice (twice as many chances). Cheap: only boxes are recomputed.

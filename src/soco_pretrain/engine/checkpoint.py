@@ -12,7 +12,6 @@ types that RNG states need allow-listed: a checkpoint cannot run code when loade
 
 from __future__ import annotations
 
-from ..errors import UserError
 import os
 import random
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..files import atomic_write, fsync_dir
 
 TMP_PREFIX = ".tmp-"  # temporary files start with this; stale ones are removed by CheckpointManager
@@ -160,9 +160,9 @@ class CheckpointManager:
 
     def _point_last_at(self, target: Path) -> None:
         # last.pt becomes the same bytes as the numbered file without writing them twice.
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{LAST}.", dir=self.directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{LAST}.", dir=self.directory)
         os.close(fd)
-        tmp = Path(tmp)
+        tmp = Path(tmp_name)
         try:
             tmp.unlink()
             try:

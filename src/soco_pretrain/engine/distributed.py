@@ -12,7 +12,6 @@ released code crashed converting to SyncBN on one GPU). Backends: nccl on CUDA, 
 
 from __future__ import annotations
 
-from ..errors import RunError
 import os
 import re
 import shutil
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..errors import RunError
 
 DEFAULT_PORT = 29500  # torchrun's default rendezvous port
 
@@ -88,8 +89,8 @@ def parse_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
         if world == 1:
             return LaunchEnv("slurm", rank, world, local)
         addr = env.get("MASTER_ADDR") or _slurm_first_host(env)
-        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else _slurm_port(env)
-        return LaunchEnv("slurm", rank, world, local, addr, port)
+        slurm_port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else _slurm_port(env)
+        return LaunchEnv("slurm", rank, world, local, addr, slurm_port)
     return LaunchEnv("none", 0, 1, 0)
 
 

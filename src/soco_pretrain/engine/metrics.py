@@ -21,9 +21,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -78,11 +78,20 @@ class MetricsLogger:
         """Write one line for optimiser step ``step``; returns the record (None when disabled)."""
         if not self.enabled:
             return None
-        record = {"step": int(step), "epoch": epoch, "loss": loss, "lr": lr, "tau": tau,
-                  "images_per_s": images_per_s, "data_wait": data_wait, **extras}
+        record = {
+            "step": int(step),
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "tau": tau,
+            "images_per_s": images_per_s,
+            "data_wait": data_wait,
+            **extras,
+        }
         # Arguments not given are left out; a non-finite value becomes null.
         record = {k: _plain(v) for k, v in record.items() if v is not None}
         record["time"] = round(time.time(), 3)  # wall clock, for throughput over resumes
+        assert self._file is not None  # enabled and not closed
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
@@ -147,8 +156,15 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                             mininterval=1.0, smoothing=0.05)
+            self._bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+                smoothing=0.05,
+            )
 
     def update(self, step: int, loss=None, lr=None, tau=None, images_per_s=None, data_wait=None) -> None:
         if self._bar is None:
@@ -213,10 +229,24 @@ class Metrics:
     ``reduce``: averages a device tensor over the processes (DDP) before it is read.
     """
 
-    def __init__(self, run_dir, *, total_steps: int, initial: int, log_due: Callable, record: Callable,
-                 base: Callable = lambda trainer: {}, check_every: int = 1, enabled: bool = True,
-                 progress: bool = True, desc: str = "train", where: Callable | None = None, hint: str = "",
-                 reduce: Callable | None = None, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir,
+        *,
+        total_steps: int,
+        initial: int,
+        log_due: Callable,
+        record: Callable,
+        base: Callable = lambda trainer: {},
+        check_every: int = 1,
+        enabled: bool = True,
+        progress: bool = True,
+        desc: str = "train",
+        where: Callable | None = None,
+        hint: str = "",
+        reduce: Callable | None = None,
+        tensorboard: bool = True,
+    ):
         self.logger = MetricsLogger(run_dir, enabled=enabled, tensorboard=tensorboard)
         self.bar = Progress(total_steps, initial=initial, enabled=enabled and progress, desc=desc)
         self.log_due, self.record, self.base = log_due, record, base
@@ -254,8 +284,11 @@ class Metrics:
         self._wait += out.data_wait
         self._read_this_step = False
         checkpoint = getattr(trainer, "checkpointer", None)
-        if (trainer.step % self.check_every == 0 or self.log_due(trainer)
-                or (checkpoint is not None and checkpoint.due(trainer))):
+        if (
+            trainer.step % self.check_every == 0
+            or self.log_due(trainer)
+            or (checkpoint is not None and checkpoint.due(trainer))
+        ):
             self._read(trainer)
 
     def _read(self, trainer) -> None:
@@ -271,7 +304,8 @@ class Metrics:
 
             raise NonFiniteLossError(
                 f"non-finite loss ({value}) {self.where(trainer)}; stopped without saving. Last good "
-                f"checkpoint: {trainer.last_checkpoint or 'none'}.{' ' + self.hint if self.hint else ''}")
+                f"checkpoint: {trainer.last_checkpoint or 'none'}.{' ' + self.hint if self.hint else ''}"
+            )
         self.last_loss, self._read_this_step = value, True
 
     def write(self, trainer) -> None:
@@ -284,14 +318,24 @@ class Metrics:
                 loss = self.last_loss
             elif self._steps and isinstance(trainer.output.loss, (int, float)):
                 loss = self._host_sum / self._steps
-            window = Window(loss=loss, parts={k: v / self._steps for k, v in self._parts.items()},
-                            steps=self._steps, images=self._images, images_per_s=self._images / elapsed,
-                            data_wait=min(1.0, self._wait / elapsed))
+            window = Window(
+                loss=loss,
+                parts={k: v / self._steps for k, v in self._parts.items()},
+                steps=self._steps,
+                images=self._images,
+                images_per_s=self._images / elapsed,
+                data_wait=min(1.0, self._wait / elapsed),
+            )
             self.last_logged = loss
             self.logger.log(trainer.step, **{**self.base(trainer), **self.record(trainer, window), **trainer.record})
-            self.bar.update(trainer.step, loss=self.last_loss if self._read_this_step else None,
-                            lr=scalars.get("lr"), tau=scalars.get("tau"), images_per_s=window.images_per_s,
-                            data_wait=window.data_wait)
+            self.bar.update(
+                trainer.step,
+                loss=self.last_loss if self._read_this_step else None,
+                lr=scalars.get("lr"),
+                tau=scalars.get("tau"),
+                images_per_s=window.images_per_s,
+                data_wait=window.data_wait,
+            )
             self.images_total += self._images
             self._reset()
             self._window_start, self._side_at_start = time.perf_counter(), trainer.side_seconds

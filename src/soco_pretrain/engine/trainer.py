@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -72,8 +72,15 @@ class Trainer:
     repeats a record on resume.
     """
 
-    def __init__(self, run_step: Callable[[int], StepOutput], start_step: int, stop_step: int,
-                 hooks: list[Hook] = (), metrics=None, checkpointer=None):
+    def __init__(
+        self,
+        run_step: Callable[[int], StepOutput],
+        start_step: int,
+        stop_step: int,
+        hooks: Sequence[Hook] = (),
+        metrics=None,
+        checkpointer=None,
+    ):
         self.run_step = run_step
         self.step = int(start_step)
         self.start_step = int(start_step)
@@ -124,6 +131,9 @@ class Trainer:
                 if self.checkpointer is not None:
                     self.checkpointer.after_step(self)
         finally:
+            close = getattr(self.run_step, "close", None)  # e.g. stop the loader's workers
+            if close is not None:
+                close()
             for hook in self.hooks:
                 hook.after_train(self)
             if self.metrics is not None:

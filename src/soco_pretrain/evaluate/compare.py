@@ -25,16 +25,16 @@ checkpoints, an unfinished kNN reruns. ``shard=(i, n)`` runs arms i, i+n, ... on
 
 from __future__ import annotations
 
-from ..errors import NonFiniteLossError, UserError
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from ..errors import NonFiniteLossError, UserError
 from ..files import atomic_write_json
 
 SPEC_FILE = "compare.json"
@@ -98,8 +98,9 @@ def parse_init(text: str, must_exist: bool = True) -> Init:
             paths.append(None)
             continue
         if must_exist and not Path(member).exists():
-            raise CompareError(f"--init {text}: {member}: no such run folder, checkpoint or weights file "
-                               "(or give none)")
+            raise CompareError(
+                f"--init {text}: {member}: no such run folder, checkpoint or weights file (or give none)"
+            )
         paths.append(os.path.abspath(member))
     return Init(name, tuple(paths))
 
@@ -176,8 +177,7 @@ class CompareSpec:
             key = safe_name(init.name)
             if key in names:
                 same = "the same name" if names[key] == init.name else f"the same folder name as {names[key]!r}"
-                raise CompareError(f"--init: two inits have {same} ({init.name!r}); name them, e.g. "
-                                   f"--init NAME=PATH")
+                raise CompareError(f"--init: two inits have {same} ({init.name!r}); name them, e.g. --init NAME=PATH")
             names[key] = init.name
 
     @property
@@ -202,17 +202,30 @@ class CompareSpec:
             "baseline": self.baseline.name,
             "fractions": list(self.fractions),
             "seeds": self.seeds,
-            "data": {"train_json": self.train_json, "train_images": self.train_images,
-                     "val_json": self.val_json, "val_images": self.val_images},
+            "data": {
+                "train_json": self.train_json,
+                "train_images": self.train_images,
+                "val_json": self.val_json,
+                "val_images": self.val_images,
+            },
             "options": dict(self.options),
         }
 
     @classmethod
     def from_json(cls, obj: dict, runtime: dict | None = None) -> CompareSpec:
         data = obj["data"]
-        return cls(tuple(Init.from_json(i) for i in obj["inits"]), tuple(obj["fractions"]), int(obj["seeds"]),
-                   obj["metric"], data["train_json"], data["train_images"], data["val_json"], data["val_images"],
-                   dict(obj.get("options", {})), dict(runtime or {}))
+        return cls(
+            tuple(Init.from_json(i) for i in obj["inits"]),
+            tuple(obj["fractions"]),
+            int(obj["seeds"]),
+            obj["metric"],
+            data["train_json"],
+            data["train_images"],
+            data["val_json"],
+            data["val_images"],
+            dict(obj.get("options", {})),
+            dict(runtime or {}),
+        )
 
 
 def _normalised(obj):
@@ -255,8 +268,10 @@ def prepare_out(spec: CompareSpec, out) -> Path:
         if old != new:
             diffs = _differences(old, new)
             shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
-            raise CompareError(f"{out} holds another comparison ({shown}); use another --out, or rerun "
-                               "with the recorded options (or without --init to reuse them)")
+            raise CompareError(
+                f"{out} holds another comparison ({shown}); use another --out, or rerun "
+                "with the recorded options (or without --init to reuse them)"
+            )
         return path
     atomic_write_json(path, new)
     return path
@@ -321,8 +336,9 @@ def _val_image_paths(spec: CompareSpec) -> list[Path]:
         images = data["images"]
         return [Path(spec.val_images) / im["file_name"] for im in images]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CompareError(f"{spec.val_json}: cannot list the validation images ({type(exc).__name__}: {exc})") \
-            from None
+        raise CompareError(
+            f"{spec.val_json}: cannot list the validation images ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def check_leaks(spec: CompareSpec, log: Callable[[str], None] = print, progress: bool = False) -> None:
@@ -351,17 +367,20 @@ def run_arm(arm: Arm, spec: CompareSpec, out_dir) -> dict:
         options = dict(spec.options)
         if "train_sizes" in options:
             options["train_sizes"] = tuple(options["train_sizes"])
-        extra = {k: runtime[k] for k in ("workers", "device", "log_every", "checkpoint_every", "progress")
-                 if k in runtime}
+        extra = {
+            k: runtime[k] for k in ("workers", "device", "log_every", "checkpoint_every", "progress") if k in runtime
+        }
         opts = FinetuneOptions(**options, **extra, fraction=arm.fraction, seed=arm.seed, resume="auto")
-        return finetune(arm.weights, spec.train_json, spec.train_images, spec.val_json, spec.val_images,
-                        Path(out_dir), opts)
+        return finetune(
+            arm.weights, spec.train_json, spec.train_images, spec.val_json, spec.val_images, Path(out_dir), opts
+        )
     from .knn import KnnOptions, knn_eval
 
     extra = {k: runtime[k] for k in ("workers", "device", "progress") if k in runtime}
     opts = KnnOptions(**spec.options, **extra, seed=arm.seed, train_fraction=arm.fraction, allow_leak=True)
-    return knn_eval(arm.weights, spec.train_json, spec.train_images, spec.val_json, spec.val_images,
-                    Path(out_dir), opts)
+    return knn_eval(
+        arm.weights, spec.train_json, spec.train_images, spec.val_json, spec.val_images, Path(out_dir), opts
+    )
 
 
 @dataclass
@@ -371,9 +390,13 @@ class RunSummary:
     failed: list[tuple[Arm, str]] = field(default_factory=list)
 
 
-def run_compare(spec: CompareSpec, out, shard: tuple[int, int] | None = None,
-                runner: Callable[[Arm, CompareSpec, Path], dict] | None = None,
-                log: Callable[[str], None] = print) -> RunSummary:
+def run_compare(
+    spec: CompareSpec,
+    out,
+    shard: tuple[int, int] | None = None,
+    runner: Callable[[Arm, CompareSpec, Path], dict] | None = None,
+    log: Callable[[str], None] = print,
+) -> RunSummary:
     """Run the arms of ``spec`` (those of ``shard``) that are not finished; one line per arm.
 
     ``runner`` defaults to :func:`run_arm` (looked up at call time, so tests can replace it).
@@ -443,22 +466,37 @@ def parse_devices(text: str) -> list[str]:
     return devices
 
 
-def child_commands(out, devices: list[str], runtime_args: list[str],
-                   environ: dict | None = None) -> list[tuple[list[str], dict, Path]]:
+def child_commands(
+    out, devices: list[str], runtime_args: list[str], environ: dict | None = None
+) -> list[tuple[list[str], dict, Path]]:
     """(argv, environment, log file) of one ``soco compare`` child per device: arms k/D of OUT's
     recorded comparison, no report (the parent writes it), leak check already done."""
     out = Path(out)
     commands = []
     for k, device in enumerate(devices):
         flag, env = device_env(device, environ)
-        argv = [sys.executable, "-m", "soco_pretrain", "compare", "--out", str(out), "--arm", f"{k}/{len(devices)}",
-                "--device", flag, "--allow-leak", "--no-report", *runtime_args]
+        argv = [
+            sys.executable,
+            "-m",
+            "soco_pretrain",
+            "compare",
+            "--out",
+            str(out),
+            "--arm",
+            f"{k}/{len(devices)}",
+            "--device",
+            flag,
+            "--allow-leak",
+            "--no-report",
+            *runtime_args,
+        ]
         commands.append((argv, env, out / "logs" / f"arm{k}of{len(devices)}.log"))
     return commands
 
 
-def run_devices(out, devices: list[str], runtime_args: list[str], log: Callable[[str], None] = print,
-                popen=subprocess.Popen) -> list[int]:
+def run_devices(
+    out, devices: list[str], runtime_args: list[str], log: Callable[[str], None] = print, popen=subprocess.Popen
+) -> list[int]:
     """Start one child per device (output to OUT/logs/), wait for all; returns their exit statuses."""
     commands = child_commands(out, devices, runtime_args)
     children = []

@@ -34,7 +34,6 @@ only):
 
 from __future__ import annotations
 
-from ..errors import UserError
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from ..config import AugmentConfig, KnnOptions, ModelConfig
+from ..errors import UserError
 
 KNN_FILE = "knn.json"
 PAPER_LEVEL_BOUNDS = (48, 96, 192)  # paper 3.3, for 224 px views
@@ -79,9 +79,16 @@ class ObjectSet:
 
     def subset(self, indices) -> ObjectSet:
         idx = list(indices)
-        return ObjectSet(self.source, [self.paths[i] for i in idx], [self.sizes[i] for i in idx],
-                         [self.boxes[i] for i in idx], [self.labels[i] for i in idx], self.categories,
-                         self.cat_ids, dict(self.skipped))
+        return ObjectSet(
+            self.source,
+            [self.paths[i] for i in idx],
+            [self.sizes[i] for i in idx],
+            [self.boxes[i] for i in idx],
+            [self.labels[i] for i in idx],
+            self.categories,
+            self.cat_ids,
+            dict(self.skipped),
+        )
 
 
 def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: ObjectSet | None = None) -> ObjectSet:
@@ -115,14 +122,18 @@ def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: 
                 continue
             box = clip_box(a["bbox"], w, h)
             if box is None:
-                raise KnnError(f"{json_path}: annotation {a.get('id', '?')} box {a['bbox']} lies outside its image "
-                               f"{image['file_name']} ({w}x{h})")
+                raise KnnError(
+                    f"{json_path}: annotation {a.get('id', '?')} box {a['bbox']} lies outside its image "
+                    f"{image['file_name']} ({w}x{h})"
+                )
             if box[2] - box[0] < min_box or box[3] - box[1] < min_box:
                 skipped["small"] += 1
                 continue
             if a["category_id"] not in label_of:
-                raise KnnError(f"{json_path}: annotation {a.get('id', '?')} has category id {a['category_id']}, "
-                               f"unknown to {categories.source if categories else json_path}")
+                raise KnnError(
+                    f"{json_path}: annotation {a.get('id', '?')} has category id {a['category_id']}, "
+                    f"unknown to {categories.source if categories else json_path}"
+                )
             kept_boxes.append(box)
             kept_labels.append(label_of[a["category_id"]])
         if not kept_boxes:
@@ -179,8 +190,11 @@ class _Images(torch.utils.data.Dataset):
             return {"index": i, "error": str(exc)}
         h, w = image.shape[:2]
         if (w, h) != tuple(self.objects.sizes[i]):
-            return {"index": i, "error": f"{path}: image is {w}x{h} but the JSON says "
-                                         f"{self.objects.sizes[i][0]}x{self.objects.sizes[i][1]}"}
+            return {
+                "index": i,
+                "error": f"{path}: image is {w}x{h} but the JSON says "
+                f"{self.objects.sizes[i][0]}x{self.objects.sizes[i][1]}",
+            }
         view = resize_square(image, self.size)
         return {"index": i, "image": torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)}
 
@@ -188,8 +202,9 @@ class _Images(torch.utils.data.Dataset):
 def _batches(objects: ObjectSet, size: int, batch: int, workers: int, limit: int | None = None):
     indices = list(range(len(objects) if limit is None else min(limit, len(objects))))
     dataset = torch.utils.data.Subset(_Images(objects, size), indices)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
-                                         collate_fn=list, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=list, persistent_workers=False
+    )
     yield from loader
 
 
@@ -210,7 +225,12 @@ def _view_inputs(items: list[dict], objects: ObjectSet, size: int, bounds, devic
         view_boxes = resize_boxes(objects.boxes[it["index"]], (w, h), (size, size))
         n = len(view_boxes)
         boxes[b, :n], levels[b, :n], valid[b, :n] = view_boxes, assign_levels(view_boxes, bounds), True
-    return x, torch.from_numpy(boxes).to(device), torch.from_numpy(levels).to(device), torch.from_numpy(valid).to(device)
+    return (
+        x,
+        torch.from_numpy(boxes).to(device),
+        torch.from_numpy(levels).to(device),
+        torch.from_numpy(valid).to(device),
+    )
 
 
 def _objects_forward(encoder, x, boxes, levels, valid) -> torch.Tensor:
@@ -223,8 +243,16 @@ def _objects_forward(encoder, x, boxes, levels, valid) -> torch.Tensor:
 class Embedder:
     """Runs encoders over an ObjectSet's images; decoding failures are counted and listed."""
 
-    def __init__(self, size: int, level_bounds, batch: int = 16, workers: int = 0, device="cpu", progress=False,
-                 cache: bool = False):
+    def __init__(
+        self,
+        size: int,
+        level_bounds,
+        batch: int = 16,
+        workers: int = 0,
+        device="cpu",
+        progress=False,
+        cache: bool = False,
+    ):
         self.size, self.bounds, self.batch, self.workers = int(size), tuple(level_bounds), batch, workers
         self.device, self.progress = torch.device(device), progress
         self.failed: dict[str, str] = {}  # path -> reason
@@ -292,29 +320,39 @@ class Embedder:
                 labels.append(torch.from_numpy(objects.labels[it["index"]]))
                 image_index.append(torch.full((len(objects.labels[it["index"]]),), it["index"], dtype=torch.int64))
         if not labels:
-            raise KnnError(f"{objects.source}: no image could be read (first failure: "
-                           f"{next(iter(self.failed.values()), 'none')})")
+            raise KnnError(
+                f"{objects.source}: no image could be read (first failure: {next(iter(self.failed.values()), 'none')})"
+            )
         return [torch.cat(f) for f in feats], torch.cat(labels), torch.cat(image_index)
 
 
 # ---------------------------------------------------------------- kNN and spread
 
 
-def knn_scores(train_feats, train_labels, val_feats, num_classes: int, k: int = 20, temperature: float = 0.07,
-               train_keys=None, val_keys=None, chunk: int = 1024) -> torch.Tensor:
+def knn_scores(
+    train_feats,
+    train_labels,
+    val_feats,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    train_keys=None,
+    val_keys=None,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """(N_val, C) class scores of the weighted cosine kNN; neighbours with the same key are excluded."""
     train = nn.functional.normalize(train_feats.float(), dim=1)
     val = nn.functional.normalize(val_feats.float(), dim=1)
     k = min(k, train.shape[0])
     scores = torch.zeros(val.shape[0], num_classes)
     for start in range(0, val.shape[0], chunk):
-        sim = val[start:start + chunk] @ train.T
+        sim = val[start : start + chunk] @ train.T
         if train_keys is not None and val_keys is not None:
-            same = val_keys[start:start + chunk, None] == train_keys[None, :]
+            same = val_keys[start : start + chunk, None] == train_keys[None, :]
             sim = sim.masked_fill(same, float("-inf"))
         top, idx = sim.topk(k, dim=1)
         weight = torch.exp(top / temperature)  # exp(-inf) = 0: an excluded neighbour never votes
-        scores[start:start + chunk].scatter_add_(1, train_labels[idx], weight)
+        scores[start : start + chunk].scatter_add_(1, train_labels[idx], weight)
     return scores
 
 
@@ -329,8 +367,7 @@ def effective_rank(feats: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, train_labels: torch.Tensor,
-                categories: list[str]) -> dict:
+def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, train_labels: torch.Tensor, categories: list[str]) -> dict:
     """top1 / top5 / mean per-class top1 (percent), the majority-class rate and a per-category table."""
     top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
     hit1 = top5[:, 0] == labels
@@ -350,9 +387,16 @@ def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, train_labels: torch.
     }
 
 
-def evaluate_encoders(encoders: dict[str, nn.Module], train: ObjectSet, val: ObjectSet, embedder: Embedder,
-                      k: int = 20, temperature: float = 0.07, bn: str = "precise",
-                      precise_images: int = 1000) -> dict[str, dict]:
+def evaluate_encoders(
+    encoders: dict[str, nn.Module],
+    train: ObjectSet,
+    val: ObjectSet,
+    embedder: Embedder,
+    k: int = 20,
+    temperature: float = 0.07,
+    bn: str = "precise",
+    precise_images: int = 1000,
+) -> dict[str, dict]:
     """kNN metrics + effective rank for each named encoder (modified in place when bn=precise)."""
     if bn not in BN_MODES:
         raise KnnError(f"bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
@@ -363,7 +407,9 @@ def evaluate_encoders(encoders: dict[str, nn.Module], train: ObjectSet, val: Obj
     val_feats, val_labels, val_img = embedder.embed(nets, val, "kNN: val objects")
     # Same-file exclusion: image keys shared between the two sets (by resolved path).
     keys: dict[str, int] = {}
-    train_keys = torch.tensor([keys.setdefault(str(Path(train.paths[i]).resolve()), len(keys)) for i in train_img.tolist()])
+    train_keys = torch.tensor(
+        [keys.setdefault(str(Path(train.paths[i]).resolve()), len(keys)) for i in train_img.tolist()]
+    )
     val_keys = torch.tensor([keys.setdefault(str(Path(val.paths[i]).resolve()), len(keys)) for i in val_img.tolist()])
     results = {}
     for name, tf, vf in zip(encoders, train_feats, val_feats):
@@ -391,8 +437,11 @@ def _run_config(weights: Path) -> dict | None:
                 data = yaml.safe_load(path.read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError) as exc:
                 data = None
-                print(f"note: {path} is unreadable ({type(exc).__name__}): kNN uses the default model "
-                      "settings and input size", flush=True)
+                print(
+                    f"note: {path} is unreadable ({type(exc).__name__}): kNN uses the default model "
+                    "settings and input size",
+                    flush=True,
+                )
             return data if isinstance(data, dict) else None
     return None
 
@@ -422,18 +471,21 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
         state, description = plain_state_dict(content, found)
         fpn = any(k.startswith(("backbone.fpn.", "roi_heads.box_head.")) for k in state)
         if fpn:
-            mapped = {("box_head." + k[len("roi_heads.box_head."):] if k.startswith("roi_heads.box_head.") else k): v
-                      for k, v in state.items() if k.startswith(("backbone.", "roi_heads.box_head."))}
+            mapped = {
+                ("box_head." + k[len("roi_heads.box_head.") :] if k.startswith("roi_heads.box_head.") else k): v
+                for k, v in state.items()
+                if k.startswith(("backbone.", "roi_heads.box_head."))
+            }
         else:
-            mapped = {"backbone." + k[len("backbone.body."):]: v for k, v in state.items()
-                      if k.startswith("backbone.body.")}
+            mapped = {
+                "backbone." + k[len("backbone.body.") :]: v for k, v in state.items() if k.startswith("backbone.body.")
+            }
     model_cfg = ModelConfig()
     if run and isinstance(run.get("model"), dict):
         try:
             model_cfg = from_dict(ModelConfig, run["model"])
         except (TypeError, ValueError) as exc:
-            print(f"note: the run's model settings do not load ({exc}); kNN builds the default encoder",
-                  flush=True)
+            print(f"note: the run's model settings do not load ({exc}); kNN builds the default encoder", flush=True)
             model_cfg = ModelConfig()
     model_cfg.arch = "fpn" if fpn else "c4"
     torch.manual_seed(seed)  # whatever the file does not hold (e.g. an FPN for a plain ResNet) is seeded
@@ -441,16 +493,22 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
     own = encoder.state_dict()
     loaded = {k: v for k, v in mapped.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
     if not loaded:
-        raise KnnError(f"{path}: no tensor fits the {model_cfg.arch.upper()} encoder (expected a soco run, "
-                       "soco export --to torchvision, or a torchvision ResNet-50 / Mask R-CNN v2 state dict)")
+        raise KnnError(
+            f"{path}: no tensor fits the {model_cfg.arch.upper()} encoder (expected a soco run, "
+            "soco export --to torchvision, or a torchvision ResNet-50 / Mask R-CNN v2 state dict)"
+        )
     encoder.load_state_dict(loaded, strict=False)
     counts: dict[str, list[int]] = {}
     for key in own:
         module = ".".join(key.split(".")[:2]) if key.startswith("backbone.") else key.split(".")[0]
         counts.setdefault(module, [0, 0])[1] += 1
         counts[module][0] += key in loaded
-    return encoder, {"arch": model_cfg.arch, "description": description, "run": run,
-                     "loaded": {m: f"{a}/{b}" for m, (a, b) in counts.items()}}
+    return encoder, {
+        "arch": model_cfg.arch,
+        "description": description,
+        "run": run,
+        "loaded": {m: f"{a}/{b}" for m, (a, b) in counts.items()},
+    }
 
 
 def resolve_geometry(size: int | None, level_bounds, run: dict | None) -> tuple[int, tuple[float, ...]]:
@@ -521,31 +579,46 @@ def knn_eval(weights, train_json, train_images, val_json, val_images, out, optio
     size, bounds = resolve_geometry(o.size, o.level_bounds, info.get("run"))
     if o.progress:
         loaded = ", ".join(f"{m} {n}" for m, n in info.get("loaded", {}).items())
-        print(f"kNN of {val.num_objects} val objects ({len(val)} images) against {train.num_objects} train objects "
-              f"({len(train)} images): {info['description']}, {info['arch'].upper()} at {size} px"
-              + (f"; loaded {loaded}" if loaded else ""), flush=True)
+        print(
+            f"kNN of {val.num_objects} val objects ({len(val)} images) against {train.num_objects} train objects "
+            f"({len(train)} images): {info['description']}, {info['arch'].upper()} at {size} px"
+            + (f"; loaded {loaded}" if loaded else ""),
+            flush=True,
+        )
     embedder = Embedder(size, bounds, o.batch, o.workers, device, o.progress)
-    result = evaluate_encoders({"encoder": encoder.to(device)}, train, val, embedder, o.k, o.temperature, o.bn,
-                               o.precise_images)["encoder"]
+    result = evaluate_encoders(
+        {"encoder": encoder.to(device)}, train, val, embedder, o.k, o.temperature, o.bn, o.precise_images
+    )["encoder"]
     report = {
-        "weights": str(weights), "description": info["description"], "arch": info["arch"],
-        **{key: result[key] for key in ("top1", "top5", "mean_class_top1", "erank", "majority_top1",
-                                        "majority_class", "dims")},
-        "num_train_objects": train.num_objects, "num_val_objects": val.num_objects,
-        "num_train_images": len(train), "num_val_images": len(val),
+        "weights": str(weights),
+        "description": info["description"],
+        "arch": info["arch"],
+        **{
+            key: result[key]
+            for key in ("top1", "top5", "mean_class_top1", "erank", "majority_top1", "majority_class", "dims")
+        },
+        "num_train_objects": train.num_objects,
+        "num_val_objects": val.num_objects,
+        "num_train_images": len(train),
+        "num_val_images": len(val),
         "skipped": {"train": train.skipped, "val": val.skipped, "unreadable": dict(embedder.failed)},
-        "size": size, "level_bounds": list(bounds),
+        "size": size,
+        "level_bounds": list(bounds),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(o).items()},
-        "loaded": info.get("loaded", {}), "seconds": round(time.perf_counter() - start, 1),
+        "loaded": info.get("loaded", {}),
+        "seconds": round(time.perf_counter() - start, 1),
         "per_class": result["per_class"],
     }
     out = Path(out)
     atomic_write_json(out / KNN_FILE, report)
     if o.progress:
-        print(f"kNN top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}%, mean per-class top-1 "
-              f"{report['mean_class_top1']:.2f}% (majority class '{report['majority_class']}' alone: "
-              f"{report['majority_top1']:.2f}%), effective rank {report['erank']:.1f} of {report['dims']} -> "
-              f"{out / KNN_FILE}", flush=True)
+        print(
+            f"kNN top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}%, mean per-class top-1 "
+            f"{report['mean_class_top1']:.2f}% (majority class '{report['majority_class']}' alone: "
+            f"{report['majority_top1']:.2f}%), effective rank {report['erank']:.1f} of {report['dims']} -> "
+            f"{out / KNN_FILE}",
+            flush=True,
+        )
     return report
 
 
@@ -561,17 +634,28 @@ class ObjectMonitor:
 
     def __init__(self, cfg, device, progress: bool = False):
         m = cfg.monitor
-        if not (isinstance(m.every, int) and m.every >= 1 and 0 < m.val_fraction < 1 and m.k >= 1
-                and m.temperature > 0 and m.batch >= 1 and m.size >= 0):
-            raise KnnError(f"monitor settings: need every >= 1, 0 < val_fraction < 1, k >= 1, temperature > 0, "
-                           f"batch >= 1, size >= 0; got every={m.every}, val_fraction={m.val_fraction}, k={m.k}, "
-                           f"temperature={m.temperature}, batch={m.batch}, size={m.size}")
+        if not (
+            isinstance(m.every, int)
+            and m.every >= 1
+            and 0 < m.val_fraction < 1
+            and m.k >= 1
+            and m.temperature > 0
+            and m.batch >= 1
+            and m.size >= 0
+        ):
+            raise KnnError(
+                f"monitor settings: need every >= 1, 0 < val_fraction < 1, k >= 1, temperature > 0, "
+                f"batch >= 1, size >= 0; got every={m.every}, val_fraction={m.val_fraction}, k={m.k}, "
+                f"temperature={m.temperature}, batch={m.batch}, size={m.size}"
+            )
         self.cfg, self.every = cfg, int(m.every)
         objects = load_objects(m.json, m.images, m.min_box)
         self.train, self.val = split_by_image(objects, m.val_fraction, m.seed)
-        size, bounds = resolve_geometry(m.size or cfg.data.views.v1_size, None,
-                                        {"data": {"views": {"v1_size": cfg.data.views.v1_size,
-                                                            "level_bounds": list(cfg.data.views.level_bounds)}}})
+        size, bounds = resolve_geometry(
+            m.size or cfg.data.views.v1_size,
+            None,
+            {"data": {"views": {"v1_size": cfg.data.views.v1_size, "level_bounds": list(cfg.data.views.level_bounds)}}},
+        )
         self.embedder = Embedder(size, bounds, m.batch, 0, device, progress, cache=True)
         self.k, self.temperature = m.k, m.temperature
         from ..model.encoder import SoCoEncoder
@@ -588,11 +672,18 @@ class ObjectMonitor:
             self.copies[name].load_state_dict(source.state_dict())  # SyncBN or not: the same keys
         results = evaluate_encoders(self.copies, self.train, self.val, self.embedder, self.k, self.temperature)
         online, target = results["online"], results["target"]
-        return {"knn_top1": online["top1"], "knn_top5": online["top5"],
-                "knn_mean_class_top1": online["mean_class_top1"], "knn_target_top1": target["top1"],
-                "erank_online": online["erank"], "erank_target": target["erank"]}
+        return {
+            "knn_top1": online["top1"],
+            "knn_top5": online["top5"],
+            "knn_mean_class_top1": online["mean_class_top1"],
+            "knn_target_top1": target["top1"],
+            "erank_online": online["erank"],
+            "erank_target": target["erank"],
+        }
 
 
 def describe(result: dict) -> str:
-    return (f"kNN top-1 {result['knn_top1']:.1f}% (target {result['knn_target_top1']:.1f}%), effective rank "
-            f"online {result['erank_online']:.1f} / target {result['erank_target']:.1f}")
+    return (
+        f"kNN top-1 {result['knn_top1']:.1f}% (target {result['knn_target_top1']:.1f}%), effective rank "
+        f"online {result['erank_online']:.1f} / target {result['erank_target']:.1f}"
+    )

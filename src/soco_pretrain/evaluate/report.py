@@ -82,8 +82,14 @@ def paired_ci(diffs, confidence: float = CONFIDENCE) -> dict:
     half = None
     if n >= 2:
         half = t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "sd": sd, "n": n, "half_width": half,
-            "low": None if half is None else mean - half, "high": None if half is None else mean + half}
+    return {
+        "mean": mean,
+        "sd": sd,
+        "n": n,
+        "half_width": half,
+        "low": None if half is None else mean - half,
+        "high": None if half is None else mean + half,
+    }
 
 
 # ---------------------------------------------------------------- the summary
@@ -108,8 +114,15 @@ def summarize(spec, done, missing, out=None) -> dict:
     for fraction in spec.fractions:
         for init in spec.inits:
             seeds = [s for s in range(spec.seeds) if (init.name, fraction, s) in per_arm]
-            row = {"init": init.name, "fraction": fraction, "n": len(seeds), "seeds": seeds,
-                   "members": len(init.paths), "metrics": {}, "vs_baseline": None}
+            row = {
+                "init": init.name,
+                "fraction": fraction,
+                "n": len(seeds),
+                "seeds": seeds,
+                "members": len(init.paths),
+                "metrics": {},
+                "vs_baseline": None,
+            }
             for name in names:
                 row["metrics"][name] = mean_sd(per_arm[(init.name, fraction, s)].get(name) for s in seeds)
             if init.name != baseline:
@@ -127,8 +140,13 @@ def summarize(spec, done, missing, out=None) -> dict:
             rows.append(row)
 
     def arm_entry(arm, values=None):
-        entry = {"index": arm.index, "init": arm.init.name, "fraction": arm.fraction, "seed": arm.seed,
-                 "weights": arm.weights}
+        entry = {
+            "index": arm.index,
+            "init": arm.init.name,
+            "fraction": arm.fraction,
+            "seed": arm.seed,
+            "weights": arm.weights,
+        }
         if out is not None:
             entry["folder"] = str(arm.folder(out))
         if values is not None:
@@ -192,33 +210,66 @@ def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> lis
 def format_markdown(report: dict) -> str:
     main, baseline, seeds = report["main_metric"], report["baseline"], report["seeds"]
     lines = [f"# soco compare: {report['metric']}", ""]
-    lines.append(f"{report['description']}. {len(report['inits'])} inits x {len(report['fractions'])} label "
-                 f"fraction(s) x {seeds} seed(s); {report['arms_done']} of {report['arms_total']} arms finished. "
-                 f"mean ± sd over seeds (sd with n-1); diff = paired difference against **{baseline}** on the same "
-                 "(fraction, seed) labelled subset, with a 95% confidence interval from Student's t over the "
-                 "pairs (n/a for one pair).")
+    lines.append(
+        f"{report['description']}. {len(report['inits'])} inits x {len(report['fractions'])} label "
+        f"fraction(s) x {seeds} seed(s); {report['arms_done']} of {report['arms_total']} arms finished. "
+        f"mean ± sd over seeds (sd with n-1); diff = paired difference against **{baseline}** on the same "
+        "(fraction, seed) labelled subset, with a 95% confidence interval from Student's t over the "
+        "pairs (n/a for one pair)."
+    )
     lines.append("")
     rows = report["rows"]
     if not report["metrics"]:
         lines += ["No arm has finished yet.", ""]
     else:
-        lines += _table(["init", "fraction", "n", f"{main} mean ± sd", f"diff vs {baseline} [95% CI]"],
-                        [[r["init"], f"{r['fraction']:g}", str(r["n"]), format_mean_sd(r["metrics"][main]),
-                          format_diff(r["vs_baseline"] and r["vs_baseline"][main], r["n"])] for r in rows], 2)
+        lines += _table(
+            ["init", "fraction", "n", f"{main} mean ± sd", f"diff vs {baseline} [95% CI]"],
+            [
+                [
+                    r["init"],
+                    f"{r['fraction']:g}",
+                    str(r["n"]),
+                    format_mean_sd(r["metrics"][main]),
+                    format_diff(r["vs_baseline"] and r["vs_baseline"][main], r["n"]),
+                ]
+                for r in rows
+            ],
+            2,
+        )
         lines.append("")
         others = [m for m in report["metrics"] if m != main]
         if others:
             lines += ["## All metrics (mean ± sd over seeds)", ""]
-            lines += _table(["init", "fraction", "n", *report["metrics"]],
-                            [[r["init"], f"{r['fraction']:g}", str(r["n"]),
-                              *(format_mean_sd(r["metrics"][m]) for m in report["metrics"])] for r in rows], 2)
+            lines += _table(
+                ["init", "fraction", "n", *report["metrics"]],
+                [
+                    [
+                        r["init"],
+                        f"{r['fraction']:g}",
+                        str(r["n"]),
+                        *(format_mean_sd(r["metrics"][m]) for m in report["metrics"]),
+                    ]
+                    for r in rows
+                ],
+                2,
+            )
             lines.append("")
             if len(report["inits"]) > 1:
                 lines += [f"## Paired differences vs {baseline} [95% CI]", ""]
-                lines += _table(["init", "fraction", "pairs", *report["metrics"]],
-                                [[r["init"], f"{r['fraction']:g}", str(r["vs_baseline"][main]["n"]),
-                                  *(format_diff(r["vs_baseline"][m]) for m in report["metrics"])]
-                                 for r in rows if r["vs_baseline"] is not None], 2)
+                lines += _table(
+                    ["init", "fraction", "pairs", *report["metrics"]],
+                    [
+                        [
+                            r["init"],
+                            f"{r['fraction']:g}",
+                            str(r["vs_baseline"][main]["n"]),
+                            *(format_diff(r["vs_baseline"][m]) for m in report["metrics"]),
+                        ]
+                        for r in rows
+                        if r["vs_baseline"] is not None
+                    ],
+                    2,
+                )
                 lines.append("")
     notes = []
     if report["missing"]:
@@ -227,12 +278,16 @@ def format_markdown(report: dict) -> str:
         notes.append(f"Not finished ({len(report['missing'])} arm(s), left out above): {names}{more}.")
     single = [i["name"] for i in report["inits"] if len(i["paths"]) == 1 and i["paths"][0] is not None]
     if single and seeds > 1:
-        notes.append(f"{', '.join(single)}: one pretraining run for every seed, so the spread covers the labelled "
-                     "subset and the seed of the evaluation, not the pretraining (give NAME=RUN1,RUN2,... for that).")
+        notes.append(
+            f"{', '.join(single)}: one pretraining run for every seed, so the spread covers the labelled "
+            "subset and the seed of the evaluation, not the pretraining (give NAME=RUN1,RUN2,... for that)."
+        )
     if report["metric"] == "finetune":
         notes.append("AP values of -1 (no ground truth of that size in the val set) count as no value.")
-    notes.append("An interval that contains 0 is no evidence of a difference; with few seeds t is large "
-                 "(t(0.975, 1) = 12.71, t(0.975, 2) = 4.30, t(0.975, 4) = 2.78).")
+    notes.append(
+        "An interval that contains 0 is no evidence of a difference; with few seeds t is large "
+        "(t(0.975, 1) = 12.71, t(0.975, 2) = 4.30, t(0.975, 4) = 2.78)."
+    )
     lines += ["Notes:", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
 
@@ -251,8 +306,9 @@ def plot_report(report: dict) -> bytes:
     main = report["main_metric"]
     fractions = sorted(report["fractions"])
     inits = [i["name"] for i in report["inits"]]
-    by_key = {(r["init"], r["fraction"]): r["metrics"].get(main, {"mean": None, "sd": None, "n": 0})
-              for r in report["rows"]}
+    by_key = {
+        (r["init"], r["fraction"]): r["metrics"].get(main, {"mean": None, "sd": None, "n": 0}) for r in report["rows"]
+    }
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     try:
         if len(fractions) == 1:
@@ -260,8 +316,7 @@ def plot_report(report: dict) -> bytes:
             stats = [by_key.get((name, f), {"mean": None, "sd": None}) for name in inits]
             means = [s["mean"] if s["mean"] is not None else 0.0 for s in stats]
             errs = [s["sd"] or 0.0 for s in stats]
-            ax.bar(range(len(inits)), means, yerr=errs, capsize=4,
-                   color=[f"C{j}" for j in range(len(inits))])
+            ax.bar(range(len(inits)), means, yerr=errs, capsize=4, color=[f"C{j}" for j in range(len(inits))])
             ax.set_xticks(range(len(inits)))
             ax.set_xticklabels(inits, rotation=20 if len(inits) > 3 else 0, ha="right" if len(inits) > 3 else "center")
             ax.set_xlabel(f"init (label fraction {f:g})")

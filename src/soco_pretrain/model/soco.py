@@ -208,7 +208,8 @@ class SoCoModel(nn.Module):
         ]
         with torch.no_grad():
             projs = [
-                self.target_projector(self.target_encoder(x, b, lv, valid), rows) for x, b, lv in zip(views, boxes, levels)
+                self.target_projector(self.target_encoder(x, b, lv, valid), rows)
+                for x, b, lv in zip(views, boxes, levels)
             ]
         terms = soco_loss_terms(preds, projs, self.pairs, valid, self.loss_mode)
         loss = sum(terms.values())

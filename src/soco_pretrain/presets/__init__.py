@@ -6,8 +6,9 @@ config.py, each with its source. ``load_preset("fpn-100ep")`` -> PretrainConfig.
 
 from __future__ import annotations
 
-from ..errors import UserError
 from importlib import resources
+
+from ..errors import UserError
 
 # The paper's schedules (section 4.1) and a CPU-sized one for trying the pipeline.
 PRESETS = ("fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-400ep", "tiny")

@@ -10,6 +10,16 @@ from .selective_search import selective_search
 from .store import ProposalStore, StoreError, load
 
 __all__ = [
-    "PRESETS", "RULE_NAMES", "SearchConfig", "filter_boxes", "GenerateError", "GenerateSummary",
-    "generate", "merge", "selective_search", "ProposalStore", "StoreError", "load",
+    "PRESETS",
+    "RULE_NAMES",
+    "SearchConfig",
+    "filter_boxes",
+    "GenerateError",
+    "GenerateSummary",
+    "generate",
+    "merge",
+    "selective_search",
+    "ProposalStore",
+    "StoreError",
+    "load",
 ]

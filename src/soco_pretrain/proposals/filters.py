@@ -12,7 +12,6 @@ import numpy as np
 
 from ..config import SEARCH_PRESETS, SearchConfig
 
-
 # The search configuration and its presets live with every command's config (config.py).
 PRESETS = SEARCH_PRESETS
 

@@ -9,7 +9,6 @@ The store itself is written once at the end (see store.py), then ``OUT.partial``
 
 from __future__ import annotations
 
-from ..errors import UserError
 import json
 import multiprocessing
 import shutil
@@ -23,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..images import ImageError, list_images, load_rgb_bounded
 from .filters import PRESETS, RULE_FAILED, SearchConfig, filter_boxes
 from .selective_search import selective_search
-from .store import (ARRAY_FILES, StoreError, atomic_write_json, load, read_manifest, write_store)
+from .store import ARRAY_FILES, StoreError, atomic_write_json, load, read_manifest, write_store
 
 LOG_NAME = "results.log"
 PARAMS_NAME = "params.json"
@@ -65,8 +65,9 @@ class GenerateSummary:
             lines.append("  store already up to date with these parameters and images: nothing to do")
         else:
             rate = self.processed / self.seconds if self.seconds > 0 else 0.0
-            lines.append(f"  searched {self.processed} now, {self.resumed} resumed; "
-                         f"{self.seconds:.1f} s ({rate:.2f} images/s)")
+            lines.append(
+                f"  searched {self.processed} now, {self.resumed} resumed; {self.seconds:.1f} s ({rate:.2f} images/s)"
+            )
         per = self.boxes / n_ok if n_ok else 0.0
         rules = ", ".join(f"{k} {v}" for k, v in self.rule_counts.items() if v)
         lines.append(f"  boxes: {self.boxes} ({per:.1f} per readable image); rules: {rules or 'none'}")
@@ -181,8 +182,11 @@ def _list_sha256(paths) -> str:
 
 def _run_params(preset: str, config: SearchConfig, shard) -> dict:
     """What must match for a log (or store) to be reused."""
-    return {"preset": preset, "config": config.to_dict(),
-            "shard": None if shard is None else {"index": shard[0], "count": shard[1]}}
+    return {
+        "preset": preset,
+        "config": config.to_dict(),
+        "shard": None if shard is None else {"index": shard[0], "count": shard[1]},
+    }
 
 
 def _param_diff(old: dict, new: dict) -> str:
@@ -209,9 +213,14 @@ def _records_from_store(directory: Path) -> dict:
     out = {}
     for i, p in enumerate(st.paths):
         lo, hi = a["offsets"][i], a["offsets"][i + 1]
-        out[p] = {"path": p, "status": int(a["status"][i]), "size": a["sizes"][i].tolist(),
-                  "raw": int(a["raw_counts"][i]), "boxes": a["boxes"][lo:hi].tolist(),
-                  "reason": failures.get(p)}
+        out[p] = {
+            "path": p,
+            "status": int(a["status"][i]),
+            "size": a["sizes"][i].tolist(),
+            "raw": int(a["raw_counts"][i]),
+            "boxes": a["boxes"][lo:hi].tolist(),
+            "reason": failures.get(p),
+        }
     return out
 
 
@@ -230,8 +239,14 @@ def _arrays_from_records(records: list[dict]):
 def _summary_from_manifest(manifest: dict, store: Path, seconds: float, **kw) -> GenerateSummary:
     counts = manifest["counts"]
     return GenerateSummary(
-        total=counts["images"], failed=[(f["path"], f["reason"]) for f in manifest.get("failures", [])],
-        rule_counts=dict(counts["rules"]), boxes=counts["boxes"], seconds=seconds, store=Path(store), **kw)
+        total=counts["images"],
+        failed=[(f["path"], f["reason"]) for f in manifest.get("failures", [])],
+        rule_counts=dict(counts["rules"]),
+        boxes=counts["boxes"],
+        seconds=seconds,
+        store=Path(store),
+        **kw,
+    )
 
 
 class _Lock:
@@ -260,8 +275,15 @@ class _Lock:
 # ---------------------------------------------------------------- generate
 
 
-def generate(source, out, preset: str = "paper", config_overrides: dict | None = None, workers: int = 1,
-             shard=None, progress: bool = True) -> GenerateSummary:
+def generate(
+    source,
+    out,
+    preset: str = "paper",
+    config_overrides: dict | None = None,
+    workers: int = 1,
+    shard=None,
+    progress: bool = True,
+) -> GenerateSummary:
     """Selective search over every image of ``source`` into the proposals store ``out``.
 
     ``source``: a folder (recursive) or a list file (see images.list_images). ``preset``:
@@ -285,7 +307,7 @@ def generate(source, out, preset: str = "paper", config_overrides: dict | None =
         raise GenerateError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     images = list_images(source)  # raises ImageError for a missing source
-    selected = images.paths if shard is None else images.paths[shard[0]::shard[1]]
+    selected = images.paths if shard is None else images.paths[shard[0] :: shard[1]]
     params = _run_params(preset, config, shard)
 
     # Records already known: an existing store made with the same parameters, then the log.
@@ -294,12 +316,20 @@ def generate(source, out, preset: str = "paper", config_overrides: dict | None =
         manifest = read_manifest(out)
         diff = _param_diff(manifest, params)
         if diff:
-            raise GenerateError(f"{out}: already holds a proposals store made with other parameters "
-                                f"({diff}); choose another output or delete it")
+            raise GenerateError(
+                f"{out}: already holds a proposals store made with other parameters "
+                f"({diff}); choose another output or delete it"
+            )
         if json.loads((out / "paths.json").read_text()) == selected:
-            return _summary_from_manifest(manifest, out, time.perf_counter() - t0, processed=0,
-                                          resumed=len(selected), up_to_date=True,
-                                          ignored=len(images.ignored))
+            return _summary_from_manifest(
+                manifest,
+                out,
+                time.perf_counter() - t0,
+                processed=0,
+                resumed=len(selected),
+                up_to_date=True,
+                ignored=len(images.ignored),
+            )
         known = _records_from_store(out)  # same parameters, other images: reuse what we can
     elif out.exists() and not _is_store_leftover(out):
         raise GenerateError(f"{out}: exists and is not a proposals store; choose another output")
@@ -314,8 +344,10 @@ def generate(source, out, preset: str = "paper", config_overrides: dict | None =
             except ValueError:
                 diff = "unreadable params.json"
             if diff:
-                raise GenerateError(f"{partial}: holds an interrupted run with other parameters "
-                                    f"({diff}); delete it to start over, or rerun with its parameters")
+                raise GenerateError(
+                    f"{partial}: holds an interrupted run with other parameters "
+                    f"({diff}); delete it to start over, or rerun with its parameters"
+                )
         else:
             atomic_write_json(ppath, params)
         log_path = partial / LOG_NAME
@@ -331,27 +363,43 @@ def generate(source, out, preset: str = "paper", config_overrides: dict | None =
             _run_tasks(tasks, workers, progress, log, known, total=len(selected), done=resumed)
 
         records = [known[p] for p in selected]
-        failures = [{"path": r["path"], "reason": r["reason"] or "failed"}
-                    for r in records if r["status"] == RULE_FAILED]
+        failures = [
+            {"path": r["path"], "reason": r["reason"] or "failed"} for r in records if r["status"] == RULE_FAILED
+        ]
         manifest = dict(params)
         manifest.update(
-            source={"root": str(images.root), "listed": len(images.paths),
-                    "list_sha256": _list_sha256(images.paths), "ignored": len(images.ignored)},
-            versions=package_versions(), failures=failures, merged_from=None,
-            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            source={
+                "root": str(images.root),
+                "listed": len(images.paths),
+                "list_sha256": _list_sha256(images.paths),
+                "ignored": len(images.ignored),
+            },
+            versions=package_versions(),
+            failures=failures,
+            merged_from=None,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
         write_store(out, selected, *_arrays_from_records(records), manifest=manifest)
     shutil.rmtree(partial, ignore_errors=True)
     manifest = read_manifest(out)
-    return _summary_from_manifest(manifest, out, time.perf_counter() - t0, processed=len(todo),
-                                  resumed=resumed, ignored=len(images.ignored))
+    return _summary_from_manifest(
+        manifest, out, time.perf_counter() - t0, processed=len(todo), resumed=resumed, ignored=len(images.ignored)
+    )
 
 
 def _run_tasks(tasks, workers, progress, log, known, total, done):
     """Process tasks (in this process or a pool), appending each result to the log."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=done, unit="img", disable=not progress, dynamic_ncols=True,
-               desc="selective search", smoothing=0.1)
+    bar = tqdm(
+        total=total,
+        initial=done,
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+        desc="selective search",
+        smoothing=0.1,
+    )
 
     def record(r):
         log.write(encode_record(r))
@@ -394,11 +442,15 @@ def merge(shard_dirs, out) -> GenerateSummary:
     first = stores[0].manifest
     for st in stores[1:]:
         m = st.manifest
-        if not (m.get("preset") == first.get("preset")
-                and SearchConfig.from_dict(m["config"]) == SearchConfig.from_dict(first["config"])):
-            raise StoreError(f"{st.directory}: made with other parameters than {stores[0].directory} "
-                             f"(preset {m.get('preset')!r} {m['config']} vs "
-                             f"{first.get('preset')!r} {first['config']})")
+        if not (
+            m.get("preset") == first.get("preset")
+            and SearchConfig.from_dict(m["config"]) == SearchConfig.from_dict(first["config"])
+        ):
+            raise StoreError(
+                f"{st.directory}: made with other parameters than {stores[0].directory} "
+                f"(preset {m.get('preset')!r} {m['config']} vs "
+                f"{first.get('preset')!r} {first['config']})"
+            )
     shards = [st.manifest.get("shard") for st in stores]
     if all(shards):
         counts = {s["count"] for s in shards}
@@ -424,22 +476,36 @@ def merge(shard_dirs, out) -> GenerateSummary:
     order = np.array(sorted(range(len(paths)), key=paths.__getitem__), dtype=np.int64)
     cat = {k: np.concatenate([a[k] for a in parts]) for k in ("sizes", "status", "raw_counts")}
     counts = np.concatenate([np.diff(a["offsets"]) for a in parts])
-    starts = np.concatenate([a["offsets"][:-1] + base for a, base in
-                             zip(parts, np.cumsum([0] + [len(a["boxes"]) for a in parts[:-1]]))])
+    starts = np.concatenate(
+        [a["offsets"][:-1] + base for a, base in zip(parts, np.cumsum([0] + [len(a["boxes"]) for a in parts[:-1]]))]
+    )
     all_boxes = np.concatenate([a["boxes"].astype(np.int32) for a in parts])
     offsets = np.zeros(len(paths) + 1, dtype=np.int64)
     np.cumsum(counts[order], out=offsets[1:])
     # Row r of the merged image j comes from starts[order[j]] + (r - offsets[j]).
     rows = np.repeat(starts[order] - offsets[:-1], counts[order]) + np.arange(offsets[-1])
-    failures = sorted((f for st in stores for f in st.manifest.get("failures", [])),
-                      key=lambda f: f["path"])
-    manifest = {"preset": first.get("preset"), "config": first["config"], "shard": None,
-                "source": {k: v for k, v in first.get("source", {}).items() if k != "ignored"},
-                "versions": package_versions(), "failures": failures,
-                "merged_from": [{"store": str(st.directory), "shard": st.manifest.get("shard"),
-                                 "images": len(st)} for st in stores],
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_store(out, [paths[k] for k in order], all_boxes[rows], offsets, cat["sizes"][order],
-                cat["status"][order], cat["raw_counts"][order], manifest=manifest)
+    failures = sorted((f for st in stores for f in st.manifest.get("failures", [])), key=lambda f: f["path"])
+    manifest = {
+        "preset": first.get("preset"),
+        "config": first["config"],
+        "shard": None,
+        "source": {k: v for k, v in first.get("source", {}).items() if k != "ignored"},
+        "versions": package_versions(),
+        "failures": failures,
+        "merged_from": [
+            {"store": str(st.directory), "shard": st.manifest.get("shard"), "images": len(st)} for st in stores
+        ],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_store(
+        out,
+        [paths[k] for k in order],
+        all_boxes[rows],
+        offsets,
+        cat["sizes"][order],
+        cat["status"][order],
+        cat["raw_counts"][order],
+        manifest=manifest,
+    )
     manifest = read_manifest(out)
     return _summary_from_manifest(manifest, out, time.perf_counter() - t0, processed=0, resumed=0)

@@ -25,8 +25,8 @@ and Python pixel loops. This module computes the same thing with numba-compiled 
 
 from __future__ import annotations
 
-import numpy as np
 import numba
+import numpy as np
 from scipy import ndimage as ndi
 from skimage.util import img_as_float
 
@@ -496,9 +496,7 @@ def _group(boxes0, sizes0, hist_c0, hist_t0, imsize):
         for b in range(a + 1, n0):
             if _intersect(boxes, a, b):
                 sim = _similarity(boxes, sizes, hist_c, hist_t, a, b, imsize)
-                links, psim, heap, n_pairs, n_heap = _add_pair(
-                    links, psim, heap, n_pairs, n_heap, head, a, b, sim
-                )
+                links, psim, heap, n_pairs, n_heap = _add_pair(links, psim, heap, n_pairs, n_heap, head, a, b, sim)
 
     n_regions = n0
     touched = np.empty(16, dtype=np.int64)
@@ -547,9 +545,7 @@ def _group(boxes0, sizes0, hist_c0, hist_t0, imsize):
                 continue
             seen[other] = t
             sim = _similarity(boxes, sizes, hist_c, hist_t, t, other, imsize)
-            links, psim, heap, n_pairs, n_heap = _add_pair(
-                links, psim, heap, n_pairs, n_heap, head, t, other, sim
-            )
+            links, psim, heap, n_pairs, n_heap = _add_pair(links, psim, heap, n_pairs, n_heap, head, t, other, sim)
     return boxes[:n_regions]
 
 
@@ -564,9 +560,7 @@ def felzenszwalb_roots(image: np.ndarray, scale: float, sigma: float, min_size: 
     return _felzenszwalb_segments(order, costs, h, w, float(scale), int(min_size)).reshape(h, w)
 
 
-def selective_search(
-    image: np.ndarray, scale: float = 500, sigma: float = 0.9, min_size: int = 10
-) -> np.ndarray:
+def selective_search(image: np.ndarray, scale: float = 500, sigma: float = 0.9, min_size: int = 10) -> np.ndarray:
     """Selective search on an (H, W, 3) uint8 RGB image.
 
     Returns an (n, 4) int32 array of boxes x1, y1, x2, y2 (x2/y2 = last pixel column/row,

@@ -19,13 +19,13 @@ manifest last, so a directory with a manifest is a complete store.
 
 from __future__ import annotations
 
-from ..errors import UserError
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..files import atomic_write_bytes, atomic_write_json
 from .filters import RULE_FAILED, RULE_NAMES
 
@@ -63,8 +63,13 @@ def store_counts(status: np.ndarray, n_boxes: int) -> dict:
     status = np.asarray(status)
     per_rule = {name: int((status == code).sum()) for code, name in RULE_NAMES.items()}
     failed = per_rule["failed"]
-    return {"images": int(len(status)), "ok": int(len(status) - failed), "failed": failed,
-            "boxes": int(n_boxes), "rules": per_rule}
+    return {
+        "images": int(len(status)),
+        "ok": int(len(status) - failed),
+        "failed": failed,
+        "boxes": int(n_boxes),
+        "rules": per_rule,
+    }
 
 
 def write_store(out, paths, boxes, offsets, sizes, status, raw_counts, manifest: dict) -> Path:
@@ -133,8 +138,10 @@ def read_manifest(directory) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{directory}: manifest.json is not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{directory}: store format version {manifest.get('format_version')} "
-                         f"is not supported (this version reads {FORMAT_VERSION})")
+        raise StoreError(
+            f"{directory}: store format version {manifest.get('format_version')} "
+            f"is not supported (this version reads {FORMAT_VERSION})"
+        )
     return manifest
 
 
@@ -152,8 +159,10 @@ class ProposalStore:
                 raise StoreError(f"{self.directory}: {name} is missing")
             want = files.get(name, {})
             if "bytes" in want and p.stat().st_size != want["bytes"]:
-                raise StoreError(f"{self.directory}: {name} has {p.stat().st_size} bytes, "
-                                 f"manifest says {want['bytes']} (truncated or replaced)")
+                raise StoreError(
+                    f"{self.directory}: {name} has {p.stat().st_size} bytes, "
+                    f"manifest says {want['bytes']} (truncated or replaced)"
+                )
             if verify and want.get("sha256") != _sha256_file(p):
                 raise StoreError(f"{self.directory}: {name} does not match its sha256 in manifest.json")
         try:
@@ -188,8 +197,9 @@ class ProposalStore:
                 try:
                     arrays[name] = np.load(self.directory / name, mmap_mode="r", allow_pickle=False)
                 except Exception as exc:
-                    raise StoreError(f"{self.directory}: cannot read {name} "
-                                     f"({exc.__class__.__name__}: {exc})") from None
+                    raise StoreError(
+                        f"{self.directory}: cannot read {name} ({exc.__class__.__name__}: {exc})"
+                    ) from None
             self._arrays = arrays
         return self._arrays
 
@@ -283,7 +293,7 @@ class ProposalStore:
             raise ValueError(f"rows must be >= 1, got {rows}")
         boxes = self._maps()["boxes.npy"]
         for start in range(0, len(boxes), rows):
-            yield np.array(boxes[start:start + rows], dtype=np.int32)
+            yield np.array(boxes[start : start + rows], dtype=np.int32)
 
     def index(self, path) -> int:
         """Position of ``path`` (as stored: relative POSIX path) in the store."""
@@ -293,8 +303,10 @@ class ProposalStore:
         try:
             return self._index[key]
         except KeyError:
-            raise KeyError(f"{key!r} is not in proposals store {self.directory} "
-                           f"({len(self.paths)} images; paths are relative to the image root)") from None
+            raise KeyError(
+                f"{key!r} is not in proposals store {self.directory} "
+                f"({len(self.paths)} images; paths are relative to the image root)"
+            ) from None
 
     def arrays(self) -> dict:
         """All arrays loaded into memory (for merging and tests): name (without .npy) -> array."""

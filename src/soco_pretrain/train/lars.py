@@ -102,14 +102,12 @@ class LARS(torch.optim.Optimizer):
             d_norm = torch.stack(torch._foreach_norm(d))
             # A zero norm (fresh zero-init weight, zero gradient) leaves the step unscaled; the
             # division's inf/nan in the unselected branch never reaches the result.
-            trust = torch.where(
-                (p_norm > 0) & (d_norm > 0), group["eta"] * p_norm / d_norm, torch.ones_like(p_norm)
-            )
+            trust = torch.where((p_norm > 0) & (d_norm > 0), group["eta"] * p_norm / d_norm, torch.ones_like(p_norm))
             d = torch._foreach_mul(d, list(trust.unbind()))
 
         if momentum != 0:
             bufs = []
-            for p, step_dir in zip(params, d):
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     # buf = momentum * 0 + d on the first step.

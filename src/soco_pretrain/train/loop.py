@@ -25,6 +25,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -102,8 +103,9 @@ def resolve_per_device_batch(cfg: PretrainConfig, world_size: int, device) -> tu
     if device.type == "cuda":
         card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     precision = resolve_precision(t.precision, device)
-    batch = auto_per_device_batch(cfg.model.arch, cfg.data.views.soco_star, card_gib, t.batch_size, world_size,
-                                  cfg.data.views.v1_size, precision)
+    batch = auto_per_device_batch(
+        cfg.model.arch, cfg.data.views.soco_star, card_gib, t.batch_size, world_size, cfg.data.views.v1_size, precision
+    )
     where = f"a {card_gib:.0f} GiB card" if card_gib is not None else "the CPU"
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, per_device_batch=batch))
     return cfg, f" (per-device batch {batch}: auto for {where})"
@@ -117,8 +119,10 @@ def resolve_augment_device(cfg: PretrainConfig, device) -> PretrainConfig:
     aug = cfg.data.augment
     if aug.device != "auto":
         return cfg
-    resolved = "gpu" if torch.device(device).type == "cuda" else "cpu"
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=dataclasses.replace(aug, device=resolved)))
+    resolved: Literal["gpu", "cpu"] = "gpu" if torch.device(device).type == "cuda" else "cpu"
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, augment=dataclasses.replace(aug, device=resolved))
+    )
 
 
 def resolve_compile(value, device: torch.device) -> bool:
@@ -144,8 +148,11 @@ def compiled(model):
 
             if state["fn"] is model or not isinstance(exc, BackendCompilerFailed):
                 raise
-            print(f"note: torch.compile failed ({type(exc).__name__}); training without it "
-                  "(--set train.compile=false silences this)", flush=True)
+            print(
+                f"note: torch.compile failed ({type(exc).__name__}); training without it "
+                "(--set train.compile=false silences this)",
+                flush=True,
+            )
             state["fn"] = model
             return model(*args, **kwargs)
 
@@ -164,13 +171,15 @@ def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int
         raise PretrainError(
             f"train.batch_size={t.batch_size} must be a multiple of train.per_device_batch "
             f"({t.per_device_batch}) x world size ({world_size}) = {per_step}; change one of them "
-            f"(e.g. --set train.per_device_batch=...)")
+            f"(e.g. --set train.per_device_batch=...)"
+        )
     accum = t.batch_size // per_step
     steps_per_epoch = micro_batches_per_epoch // accum  # a trailing partial step is dropped
     if steps_per_epoch < 1:
         raise PretrainError(
             f"one optimiser step needs {accum} batches of {t.per_device_batch} images per process but "
-            f"an epoch has only {micro_batches_per_epoch}: lower train.batch_size or add images")
+            f"an epoch has only {micro_batches_per_epoch}: lower train.batch_size or add images"
+        )
     if t.epochs < 1 or t.warmup_epochs < 0:
         raise PretrainError(f"train.epochs={t.epochs} / warmup_epochs={t.warmup_epochs}: need >= 1 / >= 0")
     return Plan(
@@ -229,14 +238,14 @@ class Job:
 
     cfg: PretrainConfig
     plan: Plan
-    dataset: object
-    loader: object
-    core: torch.nn.Module  # the SoCoModel itself: update_target, state_dict
-    model: torch.nn.Module  # core, or its DDP wrapper
-    forward: object  # model, or its compiled forward
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    augmenter: object  # BatchAugment on the device, or None (augmentation in the workers)
+    dataset: Any
+    loader: Any
+    core: Any  # the SoCoModel itself: update_target, state_dict
+    model: Any  # core, or its DDP wrapper
+    forward: Any  # model, or its compiled forward
+    optimizer: Any
+    scaler: Any
+    augmenter: Any  # BatchAugment on the device, or None (augmentation in the workers)
     device: torch.device
     world: int
     rank: int
@@ -261,9 +270,19 @@ def build_job(cfg: PretrainConfig, images, proposals, image_root, dist_info) -> 
     drop_last = len(dataset) >= t.per_device_batch * world
     loader = make_loader(dataset, t.per_device_batch, workers=t.workers, drop_last=drop_last)
     plan = make_plan(cfg, world, len(loader), dev)
-    return Job(cfg=cfg, plan=plan, dataset=dataset, loader=loader, device=dev, world=world, rank=dist_info.rank,
-               is_main=dist_info.is_main, batch_note=batch_note, drop_last=drop_last,
-               **model_parts(cfg, plan, dev, world))
+    return Job(
+        cfg=cfg,
+        plan=plan,
+        dataset=dataset,
+        loader=loader,
+        device=dev,
+        world=world,
+        rank=dist_info.rank,
+        is_main=dist_info.is_main,
+        batch_note=batch_note,
+        drop_last=drop_last,
+        **model_parts(cfg, plan, dev, world),
+    )
 
 
 def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) -> dict:
@@ -275,15 +294,20 @@ def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) 
     t = cfg.train
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     try:
-        core = SoCoModel(cfg).to(dev)
+        core: Any = SoCoModel(cfg).to(dev)
     except ValueError as exc:  # e.g. an unknown model.arch / model.loss, SoCo* with C4
         raise PretrainError(str(exc)) from None
     if dev.type == "cuda" and t.channels_last:
         core = core.to(memory_format=torch.channels_last)
     core = convert_sync_bn(core)  # SyncBN only when world size > 1
-    optimizer = LARS(lars_param_groups(core, t.weight_decay), lr=plan.peak_lr, momentum=t.momentum,
-                     weight_decay=t.weight_decay, eta=t.lars_eta)
-    model = core
+    optimizer = LARS(
+        lars_param_groups(core, t.weight_decay),
+        lr=plan.peak_lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        eta=t.lars_eta,
+    )
+    model: Any = core
     if world > 1:
         # Every parameter gets a gradient every step (pool_boxes keeps FPN levels without boxes in
         # the graph), so DDP need not search for unused ones.
@@ -294,9 +318,15 @@ def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) 
         from ..data import BatchAugment
 
         augmenter = BatchAugment(cfg.data.augment)
-    return {"core": core, "model": model, "forward": compiled(model) if use_compile else model,
-            "optimizer": optimizer, "scaler": torch.amp.GradScaler(dev.type, enabled=plan.precision == "fp16"),
-            "augmenter": augmenter, "use_compile": use_compile}
+    return {
+        "core": core,
+        "model": model,
+        "forward": compiled(model) if use_compile else model,
+        "optimizer": optimizer,
+        "scaler": torch.amp.GradScaler(dev.type, enabled=plan.precision == "fp16"),
+        "augmenter": augmenter,
+        "use_compile": use_compile,
+    }
 
 
 class _RepeatedBatch:
@@ -325,11 +355,29 @@ def job_for_batch(cfg: PretrainConfig, batch: dict, device, total_steps: int = 1
     t = cfg.train
     from .schedule import scaled_lr
 
-    plan = Plan(world_size=1, accum=1, micro_batches_per_epoch=1 << 40, steps_per_epoch=1 << 40,
-                total_steps=total_steps, warmup_steps=0, peak_lr=scaled_lr(t.base_lr, t.per_device_batch),
-                precision=resolve_precision(t.precision, dev))
-    return Job(cfg=cfg, plan=plan, dataset=None, loader=_RepeatedBatch(batch), device=dev, world=1, rank=0,
-               is_main=True, batch_note="", drop_last=True, **model_parts(cfg, plan, dev, 1))
+    plan = Plan(
+        world_size=1,
+        accum=1,
+        micro_batches_per_epoch=1 << 40,
+        steps_per_epoch=1 << 40,
+        total_steps=total_steps,
+        warmup_steps=0,
+        peak_lr=scaled_lr(t.base_lr, t.per_device_batch),
+        precision=resolve_precision(t.precision, dev),
+    )
+    return Job(
+        cfg=cfg,
+        plan=plan,
+        dataset=None,
+        loader=_RepeatedBatch(batch),
+        device=dev,
+        world=1,
+        rank=0,
+        is_main=True,
+        batch_note="",
+        drop_last=True,
+        **model_parts(cfg, plan, dev, 1),
+    )
 
 
 @dataclass
@@ -348,7 +396,7 @@ class PretrainStep:
 
     def __init__(self, job: Job, position: Position, skipped):
         self.job, self.position, self.skipped = job, position, skipped
-        self.batches = None
+        self.batches: Any = None
 
     def __call__(self, step: int) -> StepOutput:
         from ..data import set_epoch
@@ -370,9 +418,16 @@ class PretrainStep:
             generator = None
             if job.augmenter is not None:  # reproducible per (seed, step, micro-batch, rank)
                 generator = torch.Generator(job.device).manual_seed(
-                    ((t.seed * 1_000_003 + step) * plan.accum + micro) * job.world + job.rank)
-            batch = _prepare_batch(batch, job.device, job.device.type == "cuda" and t.channels_last,
-                                   job.augmenter, job.cfg.data.augment.view_params, generator)
+                    ((t.seed * 1_000_003 + step) * plan.accum + micro) * job.world + job.rank
+                )
+            batch = _prepare_batch(
+                batch,
+                job.device,
+                job.device.type == "cuda" and t.channels_last,
+                job.augmenter,
+                job.cfg.data.augment.view_params,
+                generator,
+            )
             last_micro = micro == plan.accum - 1
             sync = job.model.no_sync() if job.world > 1 and not last_micro else contextlib.nullcontext()
             with sync:
@@ -435,8 +490,11 @@ def resume_job(job: Job, manager, resume, position: Position) -> tuple[int, Path
     step, position.epoch, position.in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
     set_rng_state(state["rng"])
     if job.is_main:
-        print(f"resumed from {path} at step {step} (epoch {position.epoch}, {position.in_epoch}/"
-              f"{job.plan.steps_per_epoch} steps into it)", flush=True)
+        print(
+            f"resumed from {path} at step {step} (epoch {position.epoch}, {position.in_epoch}/"
+            f"{job.plan.steps_per_epoch} steps into it)",
+            flush=True,
+        )
         if differs:
             print(f"note: the config differs from the checkpoint's in {', '.join(differs)}", flush=True)
     return step, path
@@ -451,21 +509,28 @@ def announce(job: Job, run_dir: Path, progress: bool) -> None:
     save_config(cfg, run_dir)
     seen = job.dataset.images
     record_run_manifest(run_dir, [seen.abspath(i) for i in range(len(seen))], seen.root, progress)
-    print(f"pretraining {cfg.model.arch}{'*' if cfg.data.views.soco_star else ''} on {len(job.dataset)} "
-          f"images: batch {t.batch_size} = {t.per_device_batch} x {job.world} process(es) x {plan.accum} "
-          f"accumulation, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps ({t.epochs} epochs), "
-          f"lr {plan.peak_lr:g}, {plan.precision} on {job.device}{', torch.compile' if job.use_compile else ''}"
-          f"{job.batch_note}", flush=True)
+    print(
+        f"pretraining {cfg.model.arch}{'*' if cfg.data.views.soco_star else ''} on {len(job.dataset)} "
+        f"images: batch {t.batch_size} = {t.per_device_batch} x {job.world} process(es) x {plan.accum} "
+        f"accumulation, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps ({t.epochs} epochs), "
+        f"lr {plan.peak_lr:g}, {plan.precision} on {job.device}{', torch.compile' if job.use_compile else ''}"
+        f"{job.batch_note}",
+        flush=True,
+    )
     if not job.drop_last:
-        print(f"note: {len(job.dataset)} images are fewer than one batch per process: one batch of "
-              f"{math.ceil(len(job.dataset) / job.world)} per process and epoch", flush=True)
+        print(
+            f"note: {len(job.dataset)} images are fewer than one batch per process: one batch of "
+            f"{math.ceil(len(job.dataset) / job.world)} per process and epoch",
+            flush=True,
+        )
 
 
-def make_trainer(job: Job, run_dir: Path, start: int, stop: int, position: Position, skipped,
-                 resumed_from, progress: bool) -> Trainer:
+def make_trainer(
+    job: Job, run_dir: Path, start: int, stop: int, position: Position, skipped, resumed_from, progress: bool
+) -> Trainer:
     """The engine set up for pretraining: the step, metrics every ``log_every`` steps (guard
     every step on a CPU), checkpoints every ``checkpoint_every`` steps and at the end, the monitor."""
-    from ..engine.checkpoint import CheckpointManager, Checkpointer, rng_state
+    from ..engine.checkpoint import Checkpointer, CheckpointManager, rng_state
     from ..engine.distributed import all_reduce_mean, barrier
     from ..engine.metrics import Metrics
 
@@ -473,30 +538,57 @@ def make_trainer(job: Job, run_dir: Path, start: int, stop: int, position: Posit
     step_fn = PretrainStep(job, position, skipped)
 
     def state() -> dict:
-        return {"model": job.core.state_dict(), "optimizer": job.optimizer.state_dict(), "step": trainer.step,
-                "epoch": position.epoch, "batch_in_epoch": position.in_epoch, "rng": rng_state(),
-                "scaler": job.scaler.state_dict(), "config": to_dict(job.cfg), "world_size": job.world}
+        return {
+            "model": job.core.state_dict(),
+            "optimizer": job.optimizer.state_dict(),
+            "step": trainer.step,
+            "epoch": position.epoch,
+            "batch_in_epoch": position.in_epoch,
+            "rng": rng_state(),
+            "scaler": job.scaler.state_dict(),
+            "config": to_dict(job.cfg),
+            "world_size": job.world,
+        }
 
     hooks: list[Hook] = []  # built before the metrics file and bar: a bad monitor setting fails first
     if job.is_main and job.cfg.monitor.json:
         from ..evaluate.knn import ObjectMonitor
 
         monitor = ObjectMonitor(job.cfg, dev)
-        print(f"monitor: object kNN every {monitor.every} steps on {job.cfg.monitor.json} "
-              f"({monitor.train.num_objects} neighbour / {monitor.val.num_objects} query objects)", flush=True)
+        print(
+            f"monitor: object kNN every {monitor.every} steps on {job.cfg.monitor.json} "
+            f"({monitor.train.num_objects} neighbour / {monitor.val.num_objects} query objects)",
+            flush=True,
+        )
         hooks.append(MonitorHook(monitor, job.core))
     metrics = Metrics(
-        run_dir, total_steps=job.plan.total_steps, initial=start, enabled=job.is_main, progress=progress,
-        desc="pretrain", log_due=lambda tr: tr.every(t.log_every) or tr.is_last,
-        check_every=1 if dev.type == "cpu" else t.log_every, reduce=all_reduce_mean,
+        run_dir,
+        total_steps=job.plan.total_steps,
+        initial=start,
+        enabled=job.is_main,
+        progress=progress,
+        desc="pretrain",
+        log_due=lambda tr: tr.every(t.log_every) or tr.is_last,
+        check_every=1 if dev.type == "cpu" else t.log_every,
+        reduce=all_reduce_mean,
         base=lambda tr: {"epoch": position.epoch},
-        record=lambda tr, w: {"loss": w.loss, "lr": tr.output.scalars["lr"], "tau": tr.output.scalars["tau"],
-                              "images_per_s": round(w.images_per_s, 3), "data_wait": round(w.data_wait, 4)},
+        record=lambda tr, w: {
+            "loss": w.loss,
+            "lr": tr.output.scalars["lr"],
+            "tau": tr.output.scalars["tau"],
+            "images_per_s": round(w.images_per_s, 3),
+            "data_wait": round(w.data_wait, 4),
+        },
         where=lambda tr: f"by step {tr.step} (epoch {position.epoch})",
-        hint="Try a lower train.base_lr or train.precision=fp32.")
-    checkpointer = Checkpointer(CheckpointManager(run_dir, keep=t.keep_checkpoints), state,
-                                due=lambda tr: tr.every(t.checkpoint_every) or tr.is_last,
-                                is_main=job.is_main, barrier=barrier)
+        hint="Try a lower train.base_lr or train.precision=fp32.",
+    )
+    checkpointer = Checkpointer(
+        CheckpointManager(run_dir, keep=t.keep_checkpoints),
+        state,
+        due=lambda tr: tr.every(t.checkpoint_every) or tr.is_last,
+        is_main=job.is_main,
+        barrier=barrier,
+    )
     trainer = Trainer(step_fn, start, stop, hooks, metrics=metrics, checkpointer=checkpointer)
     trainer.last_checkpoint = resumed_from
     return trainer
@@ -505,9 +597,17 @@ def make_trainer(job: Job, run_dir: Path, start: int, stop: int, position: Posit
 # ---------------------------------------------------------------- the entry point
 
 
-def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | None = None,
-             resume: str | Path | None = "auto", image_root=None, progress: bool = True,
-             device: str | None = None) -> Summary:
+def pretrain(
+    cfg: PretrainConfig,
+    images,
+    proposals,
+    run_dir,
+    max_steps: int | None = None,
+    resume: str | Path | None = "auto",
+    image_root=None,
+    progress: bool = True,
+    device: str | None = None,
+) -> Summary:
     """Pretrain SoCo on ``images`` with their ``proposals`` store into ``run_dir``.
 
     ``proposals`` may be None when ``cfg.data.views.proposal_source`` is whole_image, random or
@@ -530,28 +630,37 @@ def pretrain(cfg: PretrainConfig, images, proposals, run_dir, max_steps: int | N
     try:
         job = build_job(cfg, images, proposals, image_root, dist_info)
         position, skipped = Position(), SkipLog()
-        start, resumed_from = resume_job(job, CheckpointManager(run_dir, keep=job.cfg.train.keep_checkpoints),
-                                         resume, position)
+        start, resumed_from = resume_job(
+            job, CheckpointManager(run_dir, keep=job.cfg.train.keep_checkpoints), resume, position
+        )
         stop = job.plan.total_steps if max_steps is None else min(job.plan.total_steps, max_steps)
         if job.is_main:
             announce(job, run_dir, progress)
         trainer = make_trainer(job, run_dir, start, stop, position, skipped, resumed_from, progress)
         wall = time.perf_counter()
         job.model.train()
-        try:
-            trainer.run()
-        finally:
-            trainer.run_step.close()
+        trainer.run()
         seconds = time.perf_counter() - wall
         if job.is_main:
             if len(skipped):
                 print(skipped.summary(), flush=True)
-            print(f"stopped at step {trainer.step}/{job.plan.total_steps} (epoch {position.epoch}); last "
-                  f"checkpoint: {trainer.last_checkpoint}", flush=True)
-        return Summary(run_dir=run_dir, step=trainer.step, start_step=start, total_steps=job.plan.total_steps,
-                       epoch=position.epoch, loss=trainer.metrics.last_logged,
-                       images_per_s=trainer.metrics.images_seen() / max(seconds, 1e-9), seconds=seconds,
-                       checkpoint=trainer.last_checkpoint, finished=trainer.step >= job.plan.total_steps,
-                       plan=job.plan)
+            print(
+                f"stopped at step {trainer.step}/{job.plan.total_steps} (epoch {position.epoch}); last "
+                f"checkpoint: {trainer.last_checkpoint}",
+                flush=True,
+            )
+        return Summary(
+            run_dir=run_dir,
+            step=trainer.step,
+            start_step=start,
+            total_steps=job.plan.total_steps,
+            epoch=position.epoch,
+            loss=trainer.metrics.last_logged,
+            images_per_s=trainer.metrics.images_seen() / max(seconds, 1e-9),
+            seconds=seconds,
+            checkpoint=trainer.last_checkpoint,
+            finished=trainer.step >= job.plan.total_steps,
+            plan=job.plan,
+        )
     finally:
         cleanup()

@@ -41,15 +41,21 @@ def estimate_gib(arch: str, soco_star: bool, batch: int, v1_size: int = 224, pre
     return fixed + per_image * batch
 
 
-def auto_per_device_batch(arch: str, soco_star: bool, card_gib: float | None, batch_size: int, world_size: int,
-                          v1_size: int = 224, precision: str = "bf16") -> int:
+def auto_per_device_batch(
+    arch: str,
+    soco_star: bool,
+    card_gib: float | None,
+    batch_size: int,
+    world_size: int,
+    v1_size: int = 224,
+    precision: str = "bf16",
+) -> int:
     """The per-device batch for ``train.per_device_batch: 0``; ``card_gib`` None means a CPU."""
     per_process = max(1, batch_size // max(1, world_size))
     if card_gib is None:
         choices = [b for b in CANDIDATES if b <= CPU_PER_DEVICE_BATCH]
     else:
-        choices = [b for b in CANDIDATES
-                   if estimate_gib(arch, soco_star, b, v1_size, precision) <= HEADROOM * card_gib]
+        choices = [b for b in CANDIDATES if estimate_gib(arch, soco_star, b, v1_size, precision) <= HEADROOM * card_gib]
     for b in choices:
         if b <= per_process and per_process % b == 0:
             return b

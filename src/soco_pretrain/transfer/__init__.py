@@ -12,10 +12,21 @@ from importlib import import_module
 
 _LAZY = {
     # export.py
-    **{name: ("export", name) for name in (
-        "DEFAULT_WEIGHTS", "TARGETS", "WEIGHTS", "ExportError", "KeyReport", "ModuleCount",
-        "EncoderWeights", "convert", "read_encoder", "resolve_checkpoint",
-    )},
+    **{
+        name: ("export", name)
+        for name in (
+            "DEFAULT_WEIGHTS",
+            "TARGETS",
+            "WEIGHTS",
+            "ExportError",
+            "KeyReport",
+            "ModuleCount",
+            "EncoderWeights",
+            "convert",
+            "read_encoder",
+            "resolve_checkpoint",
+        )
+    },
     "export_weights": ("export", "export"),
     # finetune.py and its parts (coco.py data, coco_eval.py AP, detector.py model + weights, shapes.py)
     **{name: ("finetune", name) for name in ("FinetuneError", "FinetuneOptions")},

@@ -69,9 +69,7 @@ class CocoSet:
     @property
     def has_masks(self) -> bool:
         """True when some non-crowd annotation carries a segmentation (then: Mask R-CNN)."""
-        return any(
-            a.get("segmentation") and not a.get("iscrowd", 0) for anns in self.anns.values() for a in anns
-        )
+        return any(a.get("segmentation") and not a.get("iscrowd", 0) for anns in self.anns.values() for a in anns)
 
     def image_path(self, image: dict) -> Path:
         return self.image_root / image["file_name"]
@@ -165,7 +163,9 @@ def make_target(coco: CocoSet, image: dict, masks: bool) -> dict:
         "labels": torch.tensor(labels, dtype=torch.int64),
     }
     if masks:
-        target["masks"] = torch.from_numpy(np.stack(mask_list)) if mask_list else torch.zeros((0, h, w), dtype=torch.uint8)
+        target["masks"] = (
+            torch.from_numpy(np.stack(mask_list)) if mask_list else torch.zeros((0, h, w), dtype=torch.uint8)
+        )
     return target
 
 
@@ -222,8 +222,13 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         index, flip = key if isinstance(key, tuple) else (key, False)
         info = self.images[index]
-        item = {"image": None, "target": None, "image_id": info["id"], "size": (info["height"], info["width"]),
-                "error": None}
+        item = {
+            "image": None,
+            "target": None,
+            "image_id": info["id"],
+            "size": (info["height"], info["width"]),
+            "error": None,
+        }
         path = self.coco.image_path(info)
         try:
             with _one_thread():
@@ -232,8 +237,10 @@ class CocoDetection(torch.utils.data.Dataset):
             item["error"] = (str(path), exc.reason)
             return item
         if image.shape[:2] != (info["height"], info["width"]):
-            reason = (f"decoded size {image.shape[1]}x{image.shape[0]} differs from the JSON's "
-                      f"{info['width']}x{info['height']}")
+            reason = (
+                f"decoded size {image.shape[1]}x{image.shape[0]} differs from the JSON's "
+                f"{info['width']}x{info['height']}"
+            )
             item["error"] = (str(path), reason)
             return item
         target = make_target(self.coco, info, self.masks) if self.targets else None
@@ -276,8 +283,9 @@ class TrainStream(torch.utils.data.Sampler):
     number of data-loader workers (Detectron2's TrainingSampler is endless in the same way).
     """
 
-    def __init__(self, num_images: int, per_rank_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 start_iter: int = 0):
+    def __init__(
+        self, num_images: int, per_rank_batch: int, rank: int = 0, world: int = 1, seed: int = 0, start_iter: int = 0
+    ):
         if num_images < 1:
             raise ValueError("no training images")
         self.n, self.b, self.rank, self.world = num_images, per_rank_batch, rank, world

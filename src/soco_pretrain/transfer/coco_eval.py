@@ -36,8 +36,12 @@ def to_coco_results(output: dict, image_id: int, label_to_cat: dict[int, int], m
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
     results = []
     for k, (box, score, label) in enumerate(zip(xywh, scores, labels)):
-        result = {"image_id": int(image_id), "category_id": int(label_to_cat[int(label)]),
-                  "bbox": [round(v, 3) for v in box], "score": float(score)}
+        result = {
+            "image_id": int(image_id),
+            "category_id": int(label_to_cat[int(label)]),
+            "bbox": [round(v, 3) for v in box],
+            "score": float(score),
+        }
         if rles is not None:
             rle = rles[k]
             result["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -75,8 +79,11 @@ def _detections(gt, results: list[dict]):
         if results:
             return gt.loadRes(copy.deepcopy(results))
         dt = COCO()
-        dt.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset.get("categories", [])),
-                      "annotations": []}
+        dt.dataset = {
+            "images": list(gt.dataset["images"]),
+            "categories": list(gt.dataset.get("categories", [])),
+            "annotations": [],
+        }
         dt.createIndex()
         return dt
 

@@ -30,8 +30,15 @@ from torch import nn
 from .weights import NETWORKS, WeightsError, load_weights_file, soco_weights_of
 
 # Module groups of the detector reported by load_weights (in this order).
-MODULES = ("backbone.body", "backbone.fpn", "rpn", "roi_heads.box_head", "roi_heads.box_predictor",
-           "roi_heads.mask_head", "roi_heads.mask_predictor")
+MODULES = (
+    "backbone.body",
+    "backbone.fpn",
+    "rpn",
+    "roi_heads.box_head",
+    "roi_heads.box_predictor",
+    "roi_heads.mask_head",
+    "roi_heads.mask_predictor",
+)
 # Which SoCo encoder feeds the detector. "online": what the released converter exports by default
 # (hologerry/SoCo converter_detectron2/convert_detectron2_Head.py, --ema off) and BYOL keeps.
 SOCO_WEIGHTS = NETWORKS  # ("online", "target")
@@ -40,8 +47,9 @@ DEFAULT_SOCO_WEIGHTS = "online"
 # checkpoint reader, transfer/weights.py, and is importable from here as before.
 
 
-def build_detector(num_classes: int, masks: bool = True, train_sizes=(800,), test_size: int = 800,
-                   max_size: int = 1333, **kwargs) -> nn.Module:
+def build_detector(
+    num_classes: int, masks: bool = True, train_sizes=(800,), test_size: int = 800, max_size: int = 1333, **kwargs
+) -> nn.Module:
     """torchvision Mask R-CNN v2 (``masks``) or Faster R-CNN v2 R50-FPN, random init, nothing downloaded.
 
     ``train_sizes``: short sides drawn per training image (torchvision picks one at random per
@@ -55,8 +63,14 @@ def build_detector(num_classes: int, masks: bool = True, train_sizes=(800,), tes
     make = maskrcnn_resnet50_fpn_v2 if masks else fasterrcnn_resnet50_fpn_v2
     # weights=None, weights_backbone=None: torchvision then keeps all 5 stages trainable and
     # uses plain BatchNorm2d everywhere (never FrozenBatchNorm): BN is fine-tuned (paper 4.2).
-    model = make(weights=None, weights_backbone=None, num_classes=num_classes,
-                 min_size=tuple(int(s) for s in train_sizes), max_size=int(max_size), **kwargs)
+    model = make(
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes,
+        min_size=tuple(int(s) for s in train_sizes),
+        max_size=int(max_size),
+        **kwargs,
+    )
     model.test_size = int(test_size)
     return model
 
@@ -99,11 +113,14 @@ class WeightReport:
             note = "" if n == total else ("  (new: trained from scratch)" if n == 0 else "  (partly loaded)")
             lines.append(f"  {name:<26} {n:>4}/{total:<4} loaded{note}")
         if self.mismatched:
-            lines.append(f"  shape mismatch, not loaded: {len(self.mismatched)} ({', '.join(self.mismatched[:3])}"
-                         f"{', ...' if len(self.mismatched) > 3 else ''})")
-        lines.append(f"  unused keys in the file: {len(self.unused)}"
-                     + (f" ({', '.join(self.unused[:3])}{', ...' if len(self.unused) > 3 else ''})"
-                        if self.unused else ""))
+            lines.append(
+                f"  shape mismatch, not loaded: {len(self.mismatched)} ({', '.join(self.mismatched[:3])}"
+                f"{', ...' if len(self.mismatched) > 3 else ''})"
+            )
+        lines.append(
+            f"  unused keys in the file: {len(self.unused)}"
+            + (f" ({', '.join(self.unused[:3])}{', ...' if len(self.unused) > 3 else ''})" if self.unused else "")
+        )
         return "\n".join(lines)
 
 
@@ -122,7 +139,7 @@ def _tensor_dict(obj) -> dict | None:
 
 def _strip_prefix(state: dict, prefix: str) -> dict:
     if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
+        return {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -137,7 +154,7 @@ def soco_to_torchvision(encoder: dict, arch: str) -> dict:
             elif key.startswith("box_head."):
                 out["roi_heads." + key] = value
         elif key.startswith("backbone.") and not key.startswith("backbone.fc."):
-            out["backbone.body." + key[len("backbone."):]] = value
+            out["backbone.body." + key[len("backbone.") :]] = value
     return out
 
 
@@ -189,9 +206,11 @@ def load_weights(model: nn.Module, weights, soco_weights: str = DEFAULT_SOCO_WEI
         else:
             loaded[key] = value
     if not loaded:
-        raise WeightsError(f"{weights}: no tensor matches the detector ({len(state)} keys, e.g. "
-                           f"{', '.join(list(state)[:2]) or 'none'}); expected torchvision Mask R-CNN v2 keys "
-                           "(soco export --to torchvision) or a soco pretrain run")
+        raise WeightsError(
+            f"{weights}: no tensor matches the detector ({len(state)} keys, e.g. "
+            f"{', '.join(list(state)[:2]) or 'none'}); expected torchvision Mask R-CNN v2 keys "
+            "(soco export --to torchvision) or a soco pretrain run"
+        )
     _, unexpected = model.load_state_dict(loaded, strict=False)  # missing: counted per module below
     assert not unexpected, unexpected  # we only pass keys the model has
     counts = {m: 0 for m in totals}

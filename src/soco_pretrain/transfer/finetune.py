@@ -125,16 +125,32 @@ def _to_device(items: list[dict], device: torch.device, with_targets: bool):
 
 
 def _loader(dataset, batch: int, workers: int, device: torch.device, sampler=None, seed: int = 0):
-    return build_loader(dataset, batch, sampler=sampler, collate_fn=collate, workers=workers, seed=seed,
-                        pin_memory=device.type == "cuda")
+    return build_loader(
+        dataset,
+        batch,
+        sampler=sampler,
+        collate_fn=collate,
+        workers=workers,
+        seed=seed,
+        pin_memory=device.type == "cuda",
+    )
 
 
 # ---------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, coco_val, label_to_cat: dict[int, int], masks: bool, device: torch.device,
-             batch: int = 1, workers: int = 0, precision: str = "fp32", progress: bool = False) -> dict:
+def evaluate(
+    model: nn.Module,
+    coco_val,
+    label_to_cat: dict[int, int],
+    masks: bool,
+    device: torch.device,
+    batch: int = 1,
+    workers: int = 0,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> dict:
     """Predict every val image (this process's share) and score them with COCOeval on rank 0.
 
     ``label_to_cat``: the model's labels 1..C -> COCO category ids (of the training JSON).
@@ -246,8 +262,7 @@ class Job:
         return iter(_loader(dataset, per_rank, self.opts.workers, self.device, sampler=stream, seed=seed))
 
 
-def build_job(weights, train_json, train_images, val_json, val_images, out: Path, opts: FinetuneOptions,
-              info) -> Job:
+def build_job(weights, train_json, train_images, val_json, val_images, out: Path, opts: FinetuneOptions, info) -> Job:
     from ..model.soco import convert_sync_bn
 
     dev, world, is_main = info.device, info.world_size, info.is_main
@@ -258,35 +273,64 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
     coco_train, coco_val = load_coco(train_json, train_images), load_coco(val_json, val_images)
     masks = coco_train.has_masks and not opts.boxes_only
     if coco_val.cat_ids != coco_train.cat_ids and is_main:
-        print(f"note: {coco_val.json_path.name} and {coco_train.json_path.name} list different categories; "
-              "labels follow the training JSON", flush=True)
+        print(
+            f"note: {coco_val.json_path.name} and {coco_train.json_path.name} list different categories; "
+            "labels follow the training JSON",
+            flush=True,
+        )
     usable = trainable_images(coco_train, masks)
     if not usable and not opts.eval_only:
-        raise FinetuneError(f"{coco_train.json_path}: no image has a usable annotation "
-                            "(non-crowd, non-empty box" + (", with a mask)" if masks else ")"))
+        raise FinetuneError(
+            f"{coco_train.json_path}: no image has a usable annotation "
+            "(non-crowd, non-empty box" + (", with a mask)" if masks else ")")
+        )
     train_set = select_fraction(usable, opts.fraction, opts.seed) if usable else []
     if is_main and opts.fraction < 1.0:
-        atomic_write_json(out / "train_subset.json", {"fraction": opts.fraction, "seed": opts.seed,
-                                                      "image_ids": [im["id"] for im in train_set]})
+        atomic_write_json(
+            out / "train_subset.json",
+            {"fraction": opts.fraction, "seed": opts.seed, "image_ids": [im["id"] for im in train_set]},
+        )
     torch.manual_seed(opts.seed)  # the same new heads on every rank
     core = build_detector(
-        coco_train.num_classes, masks, opts.train_sizes, opts.test_size or max(opts.train_sizes), opts.max_size,
-        box_batch_size_per_image=opts.roi_batch, rpn_post_nms_top_n_train=opts.rpn_train_proposals,
-        rpn_post_nms_top_n_test=opts.test_proposals, box_detections_per_img=opts.detections)
+        coco_train.num_classes,
+        masks,
+        opts.train_sizes,
+        opts.test_size or max(opts.train_sizes),
+        opts.max_size,
+        box_batch_size_per_image=opts.roi_batch,
+        rpn_post_nms_top_n_train=opts.rpn_train_proposals,
+        rpn_post_nms_top_n_test=opts.test_proposals,
+        box_detections_per_img=opts.detections,
+    )
     report = load_weights(core, weights, opts.soco_weights)
     if is_main:
         print(report.format(), flush=True)
     core = convert_sync_bn(core.to(dev))  # SyncBN only when world size > 1 (paper 4.2)
     plan = make_plan(opts)
-    optimizer = torch.optim.SGD(param_groups(core, opts.weight_decay, opts.weight_decay_norm), lr=plan.lr,
-                                momentum=opts.momentum)
+    optimizer = torch.optim.SGD(
+        param_groups(core, opts.weight_decay, opts.weight_decay_norm), lr=plan.lr, momentum=opts.momentum
+    )
     model = core
     if world > 1:
         model = nn.parallel.DistributedDataParallel(core, device_ids=[dev.index] if dev.type == "cuda" else None)
-    return Job(opts=opts, plan=plan, coco_train=coco_train, coco_val=coco_val, masks=masks, usable=usable,
-               train_set=train_set, core=core, model=model, optimizer=optimizer,
-               scaler=torch.amp.GradScaler(dev.type, enabled=opts.precision == "fp16"), report=report, device=dev,
-               rank=info.rank, world=world, is_main=is_main)
+    return Job(
+        opts=opts,
+        plan=plan,
+        coco_train=coco_train,
+        coco_val=coco_val,
+        masks=masks,
+        usable=usable,
+        train_set=train_set,
+        core=core,
+        model=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(dev.type, enabled=opts.precision == "fp16"),
+        report=report,
+        device=dev,
+        rank=info.rank,
+        world=world,
+        is_main=is_main,
+    )
 
 
 def resume_job(job: Job, manager) -> tuple[int, Path | None]:
@@ -298,10 +342,12 @@ def resume_job(job: Job, manager) -> tuple[int, Path | None]:
         return 0, None
     state = load_checkpoint(path, map_location=job.device)
     if state.get("num_classes") != job.coco_train.num_classes or state.get("masks") != job.masks:
-        raise FinetuneError(f"{path}: made for {state.get('num_classes')} classes "
-                            f"({'masks' if state.get('masks') else 'boxes only'}), this data needs "
-                            f"{job.coco_train.num_classes} ({'masks' if job.masks else 'boxes only'}); "
-                            "use another --out or --resume none")
+        raise FinetuneError(
+            f"{path}: made for {state.get('num_classes')} classes "
+            f"({'masks' if state.get('masks') else 'boxes only'}), this data needs "
+            f"{job.coco_train.num_classes} ({'masks' if job.masks else 'boxes only'}); "
+            "use another --out or --resume none"
+        )
     job.core.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     job.scaler.load_state_dict(state["scaler"])
@@ -343,8 +389,12 @@ class FinetuneStep:
         job.scaler.scale(loss).backward()
         job.scaler.step(job.optimizer)
         job.scaler.update()
-        return StepOutput(loss=value, images=job.opts.batch, parts={k: float(v.detach()) for k, v in losses.items()},
-                          scalars={"lr": lr})
+        return StepOutput(
+            loss=value,
+            images=job.opts.batch,
+            parts={k: float(v.detach()) for k, v in losses.items()},
+            scalars={"lr": lr},
+        )
 
     def close(self) -> None:
         self.batches = None
@@ -382,8 +432,17 @@ def make_evaluator(job: Job):
             n = min(opts.precise_bn, max(job.plan.max_iters, 1))
             if n > 0 and job.train_set and not opts.eval_only:
                 precise_bn(job.core, job.batches(opts.seed * 1_000_003 + at + 1, 0), n, dev, opts.precision)
-            metrics = evaluate(job.core, job.coco_val, job.coco_train.label_to_cat, job.masks, dev,
-                               opts.batch // job.world, opts.workers, opts.precision, progress=opts.progress)
+            metrics = evaluate(
+                job.core,
+                job.coco_val,
+                job.coco_train.label_to_cat,
+                job.masks,
+                dev,
+                opts.batch // job.world,
+                opts.workers,
+                opts.precision,
+                progress=opts.progress,
+            )
         if job.is_main:
             metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
         return metrics
@@ -392,7 +451,7 @@ def make_evaluator(job: Job):
 
 
 def make_trainer(job: Job, out: Path, start: int, resumed_from, skips: SkipLog) -> Trainer:
-    from ..engine.checkpoint import CheckpointManager, Checkpointer, rng_state
+    from ..engine.checkpoint import Checkpointer, CheckpointManager, rng_state
     from ..engine.distributed import barrier
     from ..engine.metrics import Metrics
 
@@ -400,21 +459,53 @@ def make_trainer(job: Job, out: Path, start: int, resumed_from, skips: SkipLog) 
     evaluation = EvalHook(make_evaluator(job), opts.eval_every)
 
     def state() -> dict:
-        return {"model": job.core.state_dict(), "optimizer": job.optimizer.state_dict(),
-                "scaler": job.scaler.state_dict(), "iteration": trainer.step, "step": trainer.step,
-                "rng": rng_state(), "options": asdict(opts), "num_classes": job.coco_train.num_classes,
-                "masks": job.masks, "categories": job.coco_train.cat_ids, "world_size": job.world}
+        return {
+            "model": job.core.state_dict(),
+            "optimizer": job.optimizer.state_dict(),
+            "scaler": job.scaler.state_dict(),
+            "iteration": trainer.step,
+            "step": trainer.step,
+            "rng": rng_state(),
+            "options": asdict(opts),
+            "num_classes": job.coco_train.num_classes,
+            "masks": job.masks,
+            "categories": job.coco_train.cat_ids,
+            "world_size": job.world,
+        }
 
     metrics = Metrics(
-        out, total_steps=job.plan.max_iters, initial=start, enabled=job.is_main, progress=opts.progress,
-        desc="finetune", tensorboard=False, log_due=lambda tr: tr.every(opts.log_every) or evaluation.due(tr),
-        record=lambda tr, w: {"loss": w.loss, "lr": tr.output.scalars["lr"],
-                              "images_per_s": round(w.images_per_s, 3), **w.parts},
-        where=lambda tr: f"in iteration {tr.step}", hint="Try a lower --lr or --precision fp32.")
-    checkpointer = Checkpointer(CheckpointManager(out, keep=1), state, is_main=job.is_main, barrier=barrier,
-                                due=lambda tr: tr.every(opts.checkpoint_every) or evaluation.due(tr))
-    trainer = Trainer(FinetuneStep(job, start, skips), start, job.plan.max_iters, [evaluation], metrics=metrics,
-                      checkpointer=checkpointer)
+        out,
+        total_steps=job.plan.max_iters,
+        initial=start,
+        enabled=job.is_main,
+        progress=opts.progress,
+        desc="finetune",
+        tensorboard=False,
+        log_due=lambda tr: tr.every(opts.log_every) or evaluation.due(tr),
+        record=lambda tr, w: {
+            "loss": w.loss,
+            "lr": tr.output.scalars["lr"],
+            "images_per_s": round(w.images_per_s, 3),
+            **w.parts,
+        },
+        where=lambda tr: f"in iteration {tr.step}",
+        hint="Try a lower --lr or --precision fp32.",
+    )
+    checkpointer = Checkpointer(
+        CheckpointManager(out, keep=1),
+        state,
+        is_main=job.is_main,
+        barrier=barrier,
+        due=lambda tr: tr.every(opts.checkpoint_every) or evaluation.due(tr),
+    )
+    trainer = Trainer(
+        FinetuneStep(job, start, skips),
+        start,
+        job.plan.max_iters,
+        [evaluation],
+        metrics=metrics,
+        checkpointer=checkpointer,
+    )
     trainer.last_checkpoint, trainer.evaluation = resumed_from, evaluation
     return trainer
 
@@ -422,8 +513,9 @@ def make_trainer(job: Job, out: Path, start: int, resumed_from, skips: SkipLog) 
 # ---------------------------------------------------------------- the entry point
 
 
-def finetune(weights, train_json, train_images, val_json, val_images, out, options: FinetuneOptions | None = None,
-             **overrides) -> dict:
+def finetune(
+    weights, train_json, train_images, val_json, val_images, out, options: FinetuneOptions | None = None, **overrides
+) -> dict:
     """Fine-tune from ``weights`` (file, SoCo run folder, or None/"none") and evaluate; returns the
     metrics written to ``out/metrics.json`` (rank 0; {} on other ranks).
 
@@ -443,8 +535,10 @@ def finetune(weights, train_json, train_images, val_json, val_images, out, optio
         if start >= job.plan.max_iters and (out / METRICS_FILE).is_file():
             if job.is_main:
                 stored = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
-                print(f"already finished ({start} iterations); metrics in {out / METRICS_FILE}\n"
-                      f"{format_metrics(stored)}", flush=True)
+                print(
+                    f"already finished ({start} iterations); metrics in {out / METRICS_FILE}\n{format_metrics(stored)}",
+                    flush=True,
+                )
                 return stored
             return {}
         if job.is_main:
@@ -453,12 +547,17 @@ def finetune(weights, train_json, train_images, val_json, val_images, out, optio
         trainer = make_trainer(job, out, start, resumed_from, skips)
         metrics = make_evaluator(job)(start) if start >= job.plan.max_iters else {}  # finished, metrics lost
         job.model.train()
-        try:
-            trainer.run()
-        finally:
-            trainer.run_step.close()
-        return _finish(job, out, weights, trainer.step, trainer.evaluation.metrics or metrics, skips,
-                       trainer.seconds, saved=trainer.last_checkpoint)
+        trainer.run()
+        return _finish(
+            job,
+            out,
+            weights,
+            trainer.step,
+            trainer.evaluation.metrics or metrics,
+            skips,
+            trainer.seconds,
+            saved=trainer.last_checkpoint,
+        )
     finally:
         cleanup()
 
@@ -480,15 +579,27 @@ def _options(options: FinetuneOptions | None, overrides: dict) -> FinetuneOption
 
 def _announce(job: Job) -> None:
     opts, plan = job.opts, job.plan
-    print(f"fine-tuning {'Mask' if job.masks else 'Faster'} R-CNN on {len(job.train_set)} images "
-          f"({len(job.usable)} usable, fraction {opts.fraction:g}), {job.coco_train.num_classes - 1} classes: "
-          f"{plan.max_iters} iterations at batch {opts.batch} ({opts.batch // job.world} x {job.world}), lr "
-          f"{plan.lr:g}, drops at {plan.steps[0]} and {plan.steps[1]}, warm-up {plan.warmup_iters}, "
-          f"{opts.precision} on {job.device}", flush=True)
+    print(
+        f"fine-tuning {'Mask' if job.masks else 'Faster'} R-CNN on {len(job.train_set)} images "
+        f"({len(job.usable)} usable, fraction {opts.fraction:g}), {job.coco_train.num_classes - 1} classes: "
+        f"{plan.max_iters} iterations at batch {opts.batch} ({opts.batch // job.world} x {job.world}), lr "
+        f"{plan.lr:g}, drops at {plan.steps[0]} and {plan.steps[1]}, warm-up {plan.warmup_iters}, "
+        f"{opts.precision} on {job.device}",
+        flush=True,
+    )
 
 
-def _finish(job: Job, out: Path, weights, iteration: int, metrics: dict, skips: SkipLog | None, seconds: float,
-            saved=None, eval_only: bool = False) -> dict:
+def _finish(
+    job: Job,
+    out: Path,
+    weights,
+    iteration: int,
+    metrics: dict,
+    skips: SkipLog | None,
+    seconds: float,
+    saved=None,
+    eval_only: bool = False,
+) -> dict:
     """Rank 0: OUT/metrics.json (atomic) and the AP block, printed once."""
     if not job.is_main:
         return {}
@@ -496,15 +607,28 @@ def _finish(job: Job, out: Path, weights, iteration: int, metrics: dict, skips: 
     if eval_only:
         metrics.update(iterations=iteration, weights=str(weights or "none"), seconds=0.0)
     else:
-        metrics.update(iterations=iteration, max_iters=job.plan.max_iters, weights=str(weights or "none"),
-                       soco_weights=opts.soco_weights, train_images=len(job.train_set), fraction=opts.fraction,
-                       seed=opts.seed, batch=opts.batch, seconds=round(seconds, 2),
-                       skipped_train_images=sorted(skips.reasons),
-                       weights_loaded={m: list(c) for m, c in job.report.modules.items()})
+        metrics.update(
+            iterations=iteration,
+            max_iters=job.plan.max_iters,
+            weights=str(weights or "none"),
+            soco_weights=opts.soco_weights,
+            train_images=len(job.train_set),
+            fraction=opts.fraction,
+            seed=opts.seed,
+            batch=opts.batch,
+            seconds=round(seconds, 2),
+            skipped_train_images=sorted(skips.reasons),
+            weights_loaded={m: list(c) for m, c in job.report.modules.items()},
+        )
     atomic_write_json(out / METRICS_FILE, metrics)
     if skips is not None and skips.reasons:
         print(skips.summary("training: skipped images"), flush=True)
-    head = "" if eval_only else (f"finished {iteration} iterations in {seconds:.0f} s; checkpoint {saved}; "
-                                 f"metrics in {out / METRICS_FILE}\n")
+    head = (
+        ""
+        if eval_only
+        else (
+            f"finished {iteration} iterations in {seconds:.0f} s; checkpoint {saved}; metrics in {out / METRICS_FILE}\n"
+        )
+    )
     print(f"{head}{format_metrics(metrics)}", flush=True)
     return metrics

@@ -101,8 +101,9 @@ def _backbone_state(path: Path, soco_weights: str) -> tuple[dict, dict]:
         state = load_checkpoint(path)
     except CheckpointError as exc:
         cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "unreadable"
-        raise LinearError(f"{path}: not a readable checkpoint "
-                          f"(torch.load(weights_only=True) failed: {cause})") from None
+        raise LinearError(
+            f"{path}: not a readable checkpoint (torch.load(weights_only=True) failed: {cause})"
+        ) from None
     if not isinstance(state, dict):
         raise LinearError(f"{path}: not a checkpoint or state dict")
     reference = _resnet_keys()
@@ -127,12 +128,15 @@ def _backbone_state(path: Path, soco_weights: str) -> tuple[dict, dict]:
             break
     else:
         absent = [k for k in reference if prefixes[0] + k not in model]
-        raise LinearError(f"{path}: no complete ResNet-50 under {prefixes[0] or '(no prefix)'}* "
-                          f"({len(absent)} of {len(reference)} tensors missing, e.g. {prefixes[0]}{absent[0]})")
+        raise LinearError(
+            f"{path}: no complete ResNet-50 under {prefixes[0] or '(no prefix)'}* "
+            f"({len(absent)} of {len(reference)} tensors missing, e.g. {prefixes[0]}{absent[0]})"
+        )
     for key, shape in reference.items():
         if tuple(found[key].shape) != tuple(shape):
-            raise LinearError(f"{path}: {prefix}{key} has shape {tuple(found[key].shape)}, "
-                              f"ResNet-50's is {tuple(shape)}")
+            raise LinearError(
+                f"{path}: {prefix}{key} has shape {tuple(found[key].shape)}, ResNet-50's is {tuple(shape)}"
+            )
     source["prefix"] = prefix
     return found, source
 
@@ -192,7 +196,7 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: LinearConfig) 
         start = cfg.warmup_start_factor * peak
         return start + (peak - start) * step / warmup
     drops = sum(step >= round(m * total_steps) for m in STEP_MILESTONES)
-    return peak * 0.1 ** drops
+    return peak * 0.1**drops
 
 
 # ---------------------------------------------------------------- data
@@ -214,8 +218,10 @@ def scan_class_folder(root, what: str = "train") -> tuple[list[str], list[tuple[
             empty.append(name)
         samples += [(f"{name}/{p}", label) for p in found.paths]
     if empty and what == "train":  # a class without training images cannot be learned
-        raise LinearError(f"{root}: {len(empty)} class folders have no images: {', '.join(empty[:5])}"
-                          f"{' ...' if len(empty) > 5 else ''}")
+        raise LinearError(
+            f"{root}: {len(empty)} class folders have no images: {', '.join(empty[:5])}"
+            f"{' ...' if len(empty) > 5 else ''}"
+        )
     if not samples:
         raise LinearError(f"{root}: no images in the {what} class folders")
     return classes, samples
@@ -254,8 +260,12 @@ class ClassFolderDataset(torch.utils.data.Dataset):
         if self.train:
             rng = np.random.default_rng([cfg.seed, int(epoch), int(index)])
             x0, y0, x1, y1 = (int(v) for v in sample_crop(rng, t.shape[2], t.shape[1], cfg.crop_scale, cfg.crop_ratio))
-            t = F.resize(t[:, y0:y1, x0:x1].contiguous(), [cfg.image_size] * 2,
-                         interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+            t = F.resize(
+                t[:, y0:y1, x0:x1].contiguous(),
+                [cfg.image_size] * 2,
+                interpolation=F.InterpolationMode.BILINEAR,
+                antialias=True,
+            )
             if rng.random() < cfg.hflip_p:
                 t = t.flip(2)
         else:
@@ -277,16 +287,18 @@ def _collate(items: list[dict]) -> dict:
 
 def _loader(dataset, keys: list, batch_size: int, workers: int, device: torch.device):
     # keys are (epoch, index) pairs in the order to serve; batches never mix epochs.
-    return build_loader(dataset, batch_size, sampler=keys, collate_fn=_collate, workers=workers,
-                        pin_memory=device.type == "cuda")
+    return build_loader(
+        dataset, batch_size, sampler=keys, collate_fn=_collate, workers=workers, pin_memory=device.type == "cuda"
+    )
 
 
 # ---------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(backbone, classifier, dataset, cfg: LinearConfig, device, workers: int, skipped: SkipLog,
-             progress: bool = False) -> dict:
+def evaluate(
+    backbone, classifier, dataset, cfg: LinearConfig, device, workers: int, skipped: SkipLog, progress: bool = False
+) -> dict:
     """Top-1 and top-k (k = min(5, classes)) accuracy in percent over the decodable images."""
     from tqdm import tqdm
 
@@ -354,21 +366,34 @@ def build_job(weights, train_dir, val_dir, cfg: LinearConfig, soco_weights: str,
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
-        raise LinearError(f"{val_dir}: the val class folders differ from the train ones "
-                          f"(missing in val: {', '.join(only_train[:5]) or '-'}; "
-                          f"not in train: {', '.join(only_val[:5]) or '-'})")
+        raise LinearError(
+            f"{val_dir}: the val class folders differ from the train ones "
+            f"(missing in val: {', '.join(only_train[:5]) or '-'}; "
+            f"not in train: {', '.join(only_val[:5]) or '-'})"
+        )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)  # the random-init baseline and the classifier's init
     backbone, source = load_backbone(weights, soco_weights)
     classifier = make_classifier(len(classes)).to(dev)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.base_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        classifier.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     train_set = ClassFolderDataset(train_dir, train_samples, cfg, train=True)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    return Job(cfg=cfg, classes=classes, train_set=train_set, val_set=ClassFolderDataset(val_dir, val_samples, cfg,
-               train=False), backbone=freeze(backbone).to(dev), classifier=classifier, optimizer=optimizer,
-               source=source, device=dev, workers=_default_workers() if cfg.workers is None else int(cfg.workers),
-               steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch)
+    return Job(
+        cfg=cfg,
+        classes=classes,
+        train_set=train_set,
+        val_set=ClassFolderDataset(val_dir, val_samples, cfg, train=False),
+        backbone=freeze(backbone).to(dev),
+        classifier=classifier,
+        optimizer=optimizer,
+        source=source,
+        device=dev,
+        workers=_default_workers() if cfg.workers is None else int(cfg.workers),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=cfg.epochs * steps_per_epoch,
+    )
 
 
 @dataclass
@@ -398,7 +423,7 @@ class LinearStep:
             st.epoch, st.in_epoch, self.batches = st.epoch + 1, 0, None
         if self.batches is None:  # per-epoch order; a resumed run skips the batches done
             order = np.random.default_rng([cfg.seed, st.epoch]).permutation(len(job.train_set))
-            keys = [(st.epoch, int(i)) for i in order[st.in_epoch * cfg.batch_size:]]
+            keys = [(st.epoch, int(i)) for i in order[st.in_epoch * cfg.batch_size :]]
             self.batches = iter(_loader(job.train_set, keys, cfg.batch_size, job.workers, job.device))
         batch = next(self.batches)
         lr = lr_at(step, job.total_steps, job.steps_per_epoch, cfg)
@@ -440,23 +465,44 @@ class ValidationHook(Hook):
         if not (trainer.is_last or (every and epoch_end and (self.state.epoch + 1) % every == 0)):
             return
         with trainer.side_work():
-            self.result = evaluate(job.backbone, job.classifier, job.val_set, job.cfg, job.device, job.workers,
-                                   self.skipped, progress=self.progress and trainer.is_last)
+            self.result = evaluate(
+                job.backbone,
+                job.classifier,
+                job.val_set,
+                job.cfg,
+                job.device,
+                job.workers,
+                self.skipped,
+                progress=self.progress and trainer.is_last,
+            )
         trainer.record.update(val_top1=self.result["top1"], val_top5=self.result["top5"])
 
 
 def _epoch_record(state: EpochState, steps_per_epoch: int, trainer, window) -> dict:
-    record = {"lr": trainer.output.scalars["lr"],
-              "train_loss": state.loss_sum / state.seen if state.seen else None,
-              "train_top1": 100.0 * state.correct / state.seen if state.seen else None,
-              "images_per_s": round(window.images_per_s, 2), "epoch_done": state.epoch_done(steps_per_epoch)}
+    record = {
+        "lr": trainer.output.scalars["lr"],
+        "train_loss": state.loss_sum / state.seen if state.seen else None,
+        "train_top1": 100.0 * state.correct / state.seen if state.seen else None,
+        "images_per_s": round(window.images_per_s, 2),
+        "epoch_done": state.epoch_done(steps_per_epoch),
+    }
     state.loss_sum, state.correct, state.seen = 0.0, 0, 0  # the next record's window starts here
     return record
 
 
-def linear_probe(weights, train_dir, val_dir, out_dir, config: LinearConfig | None = None,
-                 soco_weights: str = "online", resume: str = "auto", max_iters: int | None = None,
-                 device: str | None = None, progress: bool = True, **overrides) -> dict:
+def linear_probe(
+    weights,
+    train_dir,
+    val_dir,
+    out_dir,
+    config: LinearConfig | None = None,
+    soco_weights: str = "online",
+    resume: str = "auto",
+    max_iters: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    **overrides,
+) -> dict:
     """Train and evaluate the linear probe; returns what ``OUT/metrics.json`` holds.
 
     ``weights``: a SoCo run folder or checkpoint, a ResNet-50 state dict, or "none".
@@ -481,14 +527,12 @@ def linear_probe(weights, train_dir, val_dir, out_dir, config: LinearConfig | No
     trainer = _make_trainer(job, out, start, stop, state, skipped, progress)
     trainer.last_checkpoint = resumed_from
     wall = time.perf_counter()
-    try:
-        trainer.run()
-    finally:
-        trainer.run_step.close()
+    trainer.run()
     result = trainer.validation.result
     if result is None:  # resumed a finished run: evaluate its classifier again
-        result = evaluate(job.backbone, job.classifier, job.val_set, cfg, job.device, job.workers, skipped,
-                          progress=progress)
+        result = evaluate(
+            job.backbone, job.classifier, job.val_set, cfg, job.device, job.workers, skipped, progress=progress
+        )
     return _write_summary(job, out, trainer.step, result, skipped, time.perf_counter() - wall)
 
 
@@ -505,8 +549,11 @@ def _resume(job: Job, out: Path, resume: str, state: EpochState, skipped: SkipLo
         saved = load_checkpoint(path, map_location=job.device)
     except CheckpointError as exc:
         raise LinearError(f"{exc}; delete it or use --resume none") from None
-    if saved.get("classes") != job.classes or saved.get("source", {}).get("weights") != job.source["weights"] \
-            or saved.get("source", {}).get("soco_weights") != job.source.get("soco_weights"):
+    if (
+        saved.get("classes") != job.classes
+        or saved.get("source", {}).get("weights") != job.source["weights"]
+        or saved.get("source", {}).get("soco_weights") != job.source.get("soco_weights")
+    ):
         raise LinearError(f"{path}: made with other weights or classes; use another --out or --resume none")
     job.classifier.load_state_dict(saved["classifier"])
     job.optimizer.load_state_dict(saved["optimizer"])
@@ -516,27 +563,50 @@ def _resume(job: Job, out: Path, resume: str, state: EpochState, skipped: SkipLo
     return int(saved["step"]), path
 
 
-def _make_trainer(job: Job, out: Path, start: int, stop: int, state: EpochState, skipped: SkipLog,
-                  progress: bool) -> Trainer:
+def _make_trainer(
+    job: Job, out: Path, start: int, stop: int, state: EpochState, skipped: SkipLog, progress: bool
+) -> Trainer:
     """Records, validation and checkpoints at every epoch's end and at the last step."""
-    from ..engine.checkpoint import CheckpointManager, Checkpointer
+    from ..engine.checkpoint import Checkpointer, CheckpointManager
     from ..engine.metrics import Metrics
 
     def record_due(trainer) -> bool:
         return trainer.is_last or state.epoch_done(job.steps_per_epoch)
 
     def checkpoint() -> dict:
-        return {"classifier": job.classifier.state_dict(), "optimizer": job.optimizer.state_dict(),
-                "step": trainer.step, "epoch": state.epoch, "batch_in_epoch": state.in_epoch, "classes": job.classes,
-                "source": job.source, "config": asdict(job.cfg), "skipped": dict(skipped.reasons)}
+        return {
+            "classifier": job.classifier.state_dict(),
+            "optimizer": job.optimizer.state_dict(),
+            "step": trainer.step,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.in_epoch,
+            "classes": job.classes,
+            "source": job.source,
+            "config": asdict(job.cfg),
+            "skipped": dict(skipped.reasons),
+        }
 
-    metrics = Metrics(out, total_steps=stop, initial=start, desc="linear probe", tensorboard=False,
-                      progress=progress, log_due=record_due, base=lambda tr: {"epoch": state.epoch},
-                      record=lambda tr, w: _epoch_record(state, job.steps_per_epoch, tr, w),
-                      hint="Try a lower --lr.")
+    metrics = Metrics(
+        out,
+        total_steps=stop,
+        initial=start,
+        desc="linear probe",
+        tensorboard=False,
+        progress=progress,
+        log_due=record_due,
+        base=lambda tr: {"epoch": state.epoch},
+        record=lambda tr, w: _epoch_record(state, job.steps_per_epoch, tr, w),
+        hint="Try a lower --lr.",
+    )
     validation = ValidationHook(job, state, skipped, progress)
-    trainer = Trainer(LinearStep(job, state, skipped), start, stop, [validation], metrics=metrics,
-                      checkpointer=Checkpointer(CheckpointManager(out, keep=0), checkpoint, due=record_due))
+    trainer = Trainer(
+        LinearStep(job, state, skipped),
+        start,
+        stop,
+        [validation],
+        metrics=metrics,
+        checkpointer=Checkpointer(CheckpointManager(out, keep=0), checkpoint, due=record_due),
+    )
     trainer.validation = validation
     return trainer
 
@@ -566,7 +636,10 @@ def _write_summary(job: Job, out: Path, step: int, result: dict, skipped: SkipLo
         "config": asdict(cfg),
     }
     atomic_write_json(out / METRICS_JSON, summary)
-    print(f"linear probe: top-1 {summary['top1']:.2f} %, top-{result['top5_k']} {summary['top5']:.2f} % "
-          f"on {result['evaluated_images']} val images ({len(job.classes)} classes); "
-          f"{len(listed)} unreadable files skipped; {out / METRICS_JSON}", flush=True)
+    print(
+        f"linear probe: top-1 {summary['top1']:.2f} %, top-{result['top5_k']} {summary['top5']:.2f} % "
+        f"on {result['evaluated_images']} val images ({len(job.classes)} classes); "
+        f"{len(listed)} unreadable files skipped; {out / METRICS_JSON}",
+        flush=True,
+    )
     return summary

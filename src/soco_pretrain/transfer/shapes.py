@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-CATEGORIES = [{"id": 3, "name": "box", "supercategory": "shape"},
-              {"id": 7, "name": "disc", "supercategory": "shape"}]
+CATEGORIES = [{"id": 3, "name": "box", "supercategory": "shape"}, {"id": 7, "name": "disc", "supercategory": "shape"}]
 
 
 def _polygon(kind: str, x: float, y: float, w: float, h: float, points: int = 20) -> list[float]:
@@ -31,8 +30,14 @@ def _polygon(kind: str, x: float, y: float, w: float, h: float, points: int = 20
     return out
 
 
-def make_shapes_set(photos: dict, out_dir, json_name: str = "instances.json", objects: tuple[int, int] = (2, 3),
-                    crowd: bool = True, seed: int = 0) -> Path:
+def make_shapes_set(
+    photos: dict,
+    out_dir,
+    json_name: str = "instances.json",
+    objects: tuple[int, int] = (2, 3),
+    crowd: bool = True,
+    seed: int = 0,
+) -> Path:
     """Write ``out_dir/images/NAME.png`` (photos with shapes) and ``out_dir/json_name``; returns the JSON path.
 
     ``photos``: name -> PIL image or (H, W[, 3]) array (grey photos become RGB when painted).
@@ -56,21 +61,37 @@ def make_shapes_set(photos: dict, out_dir, json_name: str = "instances.json", ob
             poly = [round(v, 2) for v in _polygon(kind, x, y, w, h)]
             draw.polygon(poly, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
             rle = mask_util.merge(mask_util.frPyObjects([poly], H, W))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": 3 if kind == "box" else 7, "bbox": [round(x, 2), round(y, 2),
-                                                                                 round(w, 2), round(h, 2)],
-                                "segmentation": [poly], "area": float(mask_util.area(rle)), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 3 if kind == "box" else 7,
+                    "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)],
+                    "segmentation": [poly],
+                    "area": float(mask_util.area(rle)),
+                    "iscrowd": 0,
+                }
+            )
         if crowd and image_id == 1:  # a crowd region in the bottom-right corner
             mask = np.zeros((H, W), np.uint8)
-            mask[H * 3 // 4:, W * 3 // 4:] = 1
+            mask[H * 3 // 4 :, W * 3 // 4 :] = 1
             rle = mask_util.encode(np.asfortranarray(mask))
             x0, y0, w0, h0 = (float(v) for v in mask_util.toBbox(rle))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 3,
-                                "bbox": [x0, y0, w0, h0], "area": float(mask_util.area(rle)), "iscrowd": 1,
-                                "segmentation": {"size": [H, W], "counts": rle["counts"].decode("ascii")}})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 3,
+                    "bbox": [x0, y0, w0, h0],
+                    "area": float(mask_util.area(rle)),
+                    "iscrowd": 1,
+                    "segmentation": {"size": [H, W], "counts": rle["counts"].decode("ascii")},
+                }
+            )
         im.save(out_dir / "images" / f"{name}.png")
         images.append({"id": image_id, "file_name": f"{name}.png", "width": W, "height": H})
     path = out_dir / json_name
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}),
-                    encoding="utf-8")
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}), encoding="utf-8"
+    )
     return path

@@ -67,8 +67,10 @@ def resolve_checkpoint(source) -> Path:
     if path.is_dir():
         found = CheckpointManager(path).latest()  # the one run-folder lookup (pretraining's resume too)
         if found is None:
-            raise WeightsError(f"{path}: no checkpoint in {path / 'checkpoints'} (expected last.pt or step_N.pt; "
-                               "is it a soco pretrain run folder?)")
+            raise WeightsError(
+                f"{path}: no checkpoint in {path / 'checkpoints'} (expected last.pt or step_N.pt; "
+                "is it a soco pretrain run folder?)"
+            )
         return found
     if path.is_file():
         return path
@@ -100,8 +102,10 @@ def soco_weights_of(content, path) -> SocoWeights | None:
     model = content.get("model") if isinstance(content, dict) else None
     if not isinstance(model, dict) or not any(str(k).startswith(tuple(PREFIXES.values())) for k in model):
         return None
-    networks = {which: {k[len(prefix):]: v for k, v in model.items() if str(k).startswith(prefix)}
-                for which, prefix in PREFIXES.items()}
+    networks = {
+        which: {k[len(prefix) :]: v for k, v in model.items() if str(k).startswith(prefix)}
+        for which, prefix in PREFIXES.items()
+    }
     config = content.get("config") if isinstance(content.get("config"), dict) else None
     arch = None
     if config is not None and isinstance(config.get("model"), dict):
@@ -112,8 +116,15 @@ def soco_weights_of(content, path) -> SocoWeights | None:
     if arch not in ARCHS:
         raise WeightsError(f"{path}: unknown model.arch {arch!r} (soco knows {', '.join(ARCHS)})")
     step = content.get("step")
-    return SocoWeights(Path(path), arch, networks["online"], networks["target"],
-                       int(step) if isinstance(step, int) else None, config, model)
+    return SocoWeights(
+        Path(path),
+        arch,
+        networks["online"],
+        networks["target"],
+        int(step) if isinstance(step, int) else None,
+        config,
+        model,
+    )
 
 
 def read_soco_checkpoint(source) -> SocoWeights:

@@ -79,9 +79,27 @@ EXPORTERS: dict[str, Exporter] = {e.name: e for e in (TorchvisionExporter(), Det
 TARGETS = tuple(EXPORTERS)  # ("torchvision", "detectron2", "mmdet")
 
 __all__ = [
-    "ARCHS", "DEFAULT_WEIGHTS", "DETECTRON2_VERSION", "EXPORTERS", "FINETUNE_WEIGHT_DECAY", "MMDET_VERSION",
-    "PIXEL_MEAN", "PIXEL_STD", "TARGETS", "WEIGHTS", "EncoderWeights", "ExportError", "Exporter", "KeyReport",
-    "ModuleCount", "Written", "convert", "export", "read_encoder", "render_template", "resolve_checkpoint",
+    "ARCHS",
+    "DEFAULT_WEIGHTS",
+    "DETECTRON2_VERSION",
+    "EXPORTERS",
+    "FINETUNE_WEIGHT_DECAY",
+    "MMDET_VERSION",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "TARGETS",
+    "WEIGHTS",
+    "EncoderWeights",
+    "ExportError",
+    "Exporter",
+    "KeyReport",
+    "ModuleCount",
+    "Written",
+    "convert",
+    "export",
+    "read_encoder",
+    "render_template",
+    "resolve_checkpoint",
 ]
 
 
@@ -127,8 +145,11 @@ def export(
     source_weights = read_encoder(source, weights)
     found = manifest_for_weights(source_weights.checkpoint)  # the run's data manifest, if any
     manifest = found[1] if found is not None else None
-    stamp = {} if manifest is None else {"data_manifest_hash": manifest.get("set_hash"),
-                                         "data_manifest_count": manifest.get("count")}
+    stamp = (
+        {}
+        if manifest is None
+        else {"data_manifest_hash": manifest.get("set_hash"), "data_manifest_count": manifest.get("count")}
+    )
     state, mapping, groups, dropped = exporter.convert(source_weights.state, source_weights.arch)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     written = exporter.write(state, source_weights, out, exporter.config_path(out, config_out), stamp)

@@ -58,15 +58,19 @@ class KeyReport:
         """A small table for the console: one row per detector module, then per checkpoint module."""
         step = "" if self.step is None else f", step {self.step}"
         lines = [
-            (f"exported the {self.weights} network ({PREFIXES[self.weights]}*) of {self.checkpoint} "
-             f"(arch {self.arch}{step}) for {self.target}"),
+            (
+                f"exported the {self.weights} network ({PREFIXES[self.weights]}*) of {self.checkpoint} "
+                f"(arch {self.arch}{step}) for {self.target}"
+            ),
             f"wrote {self.out}: {self.layout}",
         ]
         if self.config_out is not None:
             lines.append(f"wrote {self.config_out}: config for a Mask R-CNN fine-tune from these weights")
         if self.manifest_hash is not None:
-            lines.append(f"wrote {self.manifest_out}: data manifest of the run, {self.manifest_count} images, "
-                         f"set hash {self.manifest_hash[:12]}")
+            lines.append(
+                f"wrote {self.manifest_out}: data manifest of the run, {self.manifest_count} images, "
+                f"set hash {self.manifest_hash[:12]}"
+            )
         rows = [(f"detector: {r.module}", r.loaded, r.missing, None, r.note) for r in self.detector]
         rows += [(f"checkpoint: {r.module}", None, None, r.unused, r.note) for r in self.checkpoint_unused]
         total = ("total", self.loaded, self.missing, self.unused, "")
@@ -81,8 +85,10 @@ class KeyReport:
         lines += ["", f"{'module':<{width}}{'loaded':>9}{'missing':>9}{'unused':>9}", rule]
         lines += [line(*r) for r in rows]
         lines += [rule, line(*total), ""]
-        lines.append("missing = detector keys SoCo does not pretrain (the detector initialises them); "
-                     "unused = checkpoint keys not exported")
+        lines.append(
+            "missing = detector keys SoCo does not pretrain (the detector initialises them); "
+            "unused = checkpoint keys not exported"
+        )
         lines += self.notes
         return "\n".join(lines)
 

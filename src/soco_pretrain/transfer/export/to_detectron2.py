@@ -45,7 +45,7 @@ def _resnet(key: str) -> str | None:
 
 def _fpn(key: str):
     if key.startswith("backbone.body."):
-        name = _resnet(key[len("backbone.body."):])
+        name = _resnet(key[len("backbone.body.") :])
         return None if name is None else (f"backbone.bottom_up.{name}", "backbone.bottom_up")
     # torchvision FPN: inner_blocks[i] (1x1 lateral) and layer_blocks[i] (3x3 output) act on
     # C(i+2) -> P(i+2); Detectron2 names them by that stage: fpn_lateral{i+2}, fpn_output{i+2}.
@@ -64,7 +64,7 @@ def _fpn(key: str):
 def _c4(key: str):
     if not key.startswith("backbone."):
         return None
-    name = _resnet(key[len("backbone."):])
+    name = _resnet(key[len("backbone.") :])
     if name is None:
         return None
     if name.startswith("res5."):  # Res5ROIHeads owns res5
@@ -88,11 +88,18 @@ def not_pretrained(arch: str) -> dict[str, list[str]]:
     deconv, predictor)."""
     mask_convs = 4 if arch == "fpn" else 0
     return {
-        "proposal_generator.rpn_head": [k for n in ("conv", "objectness_logits", "anchor_deltas")
-                                        for k in _layer(f"proposal_generator.rpn_head.{n}")],
-        "roi_heads.box_predictor": [k for n in ("cls_score", "bbox_pred") for k in _layer(f"roi_heads.box_predictor.{n}")],
-        "roi_heads.mask_head": ([k for i in range(1, mask_convs + 1) for k in _normed(f"roi_heads.mask_head.mask_fcn{i}")]
-                                + [k for n in ("deconv", "predictor") for k in _layer(f"roi_heads.mask_head.{n}")]),
+        "proposal_generator.rpn_head": [
+            k
+            for n in ("conv", "objectness_logits", "anchor_deltas")
+            for k in _layer(f"proposal_generator.rpn_head.{n}")
+        ],
+        "roi_heads.box_predictor": [
+            k for n in ("cls_score", "bbox_pred") for k in _layer(f"roi_heads.box_predictor.{n}")
+        ],
+        "roi_heads.mask_head": (
+            [k for i in range(1, mask_convs + 1) for k in _normed(f"roi_heads.mask_head.mask_fcn{i}")]
+            + [k for n in ("deconv", "predictor") for k in _layer(f"roi_heads.mask_head.{n}")]
+        ),
     }
 
 
@@ -111,16 +118,23 @@ class Detectron2Exporter(Exporter):
         atomic_write(out, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
         atomic_write_text(config_out, self.config(source, out.resolve()))
         return Written(
-            layout=(f"Detectron2 pickle, names of Detectron2 {DETECTRON2_VERSION} Mask R-CNN "
-                    f"R50-{source.arch.upper()} (load with MODEL.WEIGHTS)"),
+            layout=(
+                f"Detectron2 pickle, names of Detectron2 {DETECTRON2_VERSION} Mask R-CNN "
+                f"R50-{source.arch.upper()} (load with MODEL.WEIGHTS)"
+            ),
             missing={module: len(keys) for module, keys in not_pretrained(source.arch).items()},
             config_out=config_out,
-            notes=("num_batches_tracked is left out (Detectron2 checkpoints carry none; "
-                   "Detectron2 may list it as missing: harmless)",),
+            notes=(
+                "num_batches_tracked is left out (Detectron2 checkpoints carry none; "
+                "Detectron2 may list it as missing: harmless)",
+            ),
         )
 
     def config(self, source, weights_path: Path) -> str:
         """A self-contained Detectron2 v0.6 config (Base-RCNN-FPN/C4 settings inlined)."""
-        return render_template(f"detectron2_{source.arch}.yaml.tmpl", **config_values(source),
-                               weights_path=json.dumps(str(weights_path)),
-                               weight_decay_fixed=f"{FINETUNE_WEIGHT_DECAY:.6f}")
+        return render_template(
+            f"detectron2_{source.arch}.yaml.tmpl",
+            **config_values(source),
+            weights_path=json.dumps(str(weights_path)),
+            weight_decay_fixed=f"{FINETUNE_WEIGHT_DECAY:.6f}",
+        )

@@ -22,7 +22,7 @@ _NORM = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 def _fpn(key: str):
     if key.startswith("backbone.body."):  # mmdet ResNet: conv1, bn1, layerN.i.convK/bnK/downsample.{0,1}
-        return f"backbone.{key[len('backbone.body.'):]}", "backbone"
+        return f"backbone.{key[len('backbone.body.') :]}", "backbone"
     if m := re.fullmatch(rf"backbone\.fpn\.(inner|layer)_blocks\.([0-3])\.(?:0\.weight|1\.{BN_ALL})", key):
         kind = "lateral_convs" if m[1] == "inner" else "fpn_convs"
         name = f"neck.{kind}.{m[2]}"  # ConvModule: .conv, .bn
@@ -37,7 +37,7 @@ def _fpn(key: str):
 
 def _c4(key: str):
     if key.startswith("backbone.layer4."):  # mmdet ResLayer(stage=3) registers it as layer4
-        return f"roi_head.shared_head.{key[len('backbone.'):]}", "roi_head.shared_head"
+        return f"roi_head.shared_head.{key[len('backbone.') :]}", "roi_head.shared_head"
     if key.startswith("backbone."):
         return key, "backbone"
     return None
@@ -60,8 +60,10 @@ def not_pretrained(arch: str) -> dict[str, list[str]]:
     return {
         "rpn_head": [k for n in ("rpn_conv", "rpn_cls", "rpn_reg") for k in _layer(f"rpn_head.{n}")],
         "roi_head.bbox_head": [k for n in ("fc_cls", "fc_reg") for k in _layer(f"roi_head.bbox_head.{n}")],
-        "roi_head.mask_head": ([k for i in range(mask_convs) for k in _conv_module(f"roi_head.mask_head.convs.{i}")]
-                               + [k for n in ("upsample", "conv_logits") for k in _layer(f"roi_head.mask_head.{n}")]),
+        "roi_head.mask_head": (
+            [k for i in range(mask_convs) for k in _conv_module(f"roi_head.mask_head.convs.{i}")]
+            + [k for n in ("upsample", "conv_logits") for k in _layer(f"roi_head.mask_head.{n}")]
+        ),
     }
 
 
@@ -83,13 +85,19 @@ class MmdetExporter(Exporter):
         atomic_write(out, lambda f: torch.save({"state_dict": state, "meta": meta}, f))
         atomic_write_text(config_out, self.config(source, out.resolve()))
         return Written(
-            layout=(f"MMDetection checkpoint {{'state_dict', 'meta'}}, names of MMDetection {MMDET_VERSION} "
-                    f"Mask R-CNN R50-{source.arch.upper()}"),
+            layout=(
+                f"MMDetection checkpoint {{'state_dict', 'meta'}}, names of MMDetection {MMDET_VERSION} "
+                f"Mask R-CNN R50-{source.arch.upper()}"
+            ),
             missing={module: len(keys) for module, keys in not_pretrained(source.arch).items()},
             config_out=config_out,
         )
 
     def config(self, source, weights_path: Path) -> str:
         """An MMDetection 3.x config inheriting the model zoo's Mask R-CNN R50-FPN or R50-C4 1x."""
-        return render_template(f"mmdet_{source.arch}.py.tmpl", **config_values(source),
-                               weights_path=repr(str(weights_path)), weight_decay=str(FINETUNE_WEIGHT_DECAY))
+        return render_template(
+            f"mmdet_{source.arch}.py.tmpl",
+            **config_values(source),
+            weights_path=repr(str(weights_path)),
+            weight_decay=str(FINETUNE_WEIGHT_DECAY),
+        )

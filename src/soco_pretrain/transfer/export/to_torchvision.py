@@ -28,7 +28,7 @@ def _fpn(key: str):
 
 def _c4(key: str):
     if key.startswith("backbone."):
-        return key[len("backbone."):], "resnet50"
+        return key[len("backbone.") :], "resnet50"
     return None
 
 
@@ -63,9 +63,10 @@ class TorchvisionExporter(Exporter):
         missing = missing_keys(source.arch, set(state))
         atomic_write(out, lambda f: torch.save(state, f))  # a plain state dict: no room for the stamp
         if source.arch == "fpn":
-            layout = ("state dict for torchvision maskrcnn_resnet50_fpn_v2 "
-                      "(load_state_dict(..., strict=False))")
+            layout = "state dict for torchvision maskrcnn_resnet50_fpn_v2 (load_state_dict(..., strict=False))"
         else:
-            layout = ("state dict of torchvision resnet50 keys (conv1, bn1, layer1-4; no fc): the C4 "
-                      "backbone, res5 included (load into torchvision.models.resnet50 with strict=False)")
+            layout = (
+                "state dict of torchvision resnet50 keys (conv1, bn1, layer1-4; no fc): the C4 "
+                "backbone, res5 included (load into torchvision.models.resnet50 with strict=False)"
+            )
         return Written(layout, missing)
