@@ -289,7 +289,7 @@ def _run_ddp(cfg, images, store, jobs, world: int = 2) -> None:
     )
 
 
-def _uneven_store(out, image_dir, rel, counts) -> object:
+def _uneven_store(out, image_dir, rel, counts):
     """A proposal store for the images ``rel`` with ``counts[i]`` random boxes for image i."""
     from PIL import Image
 

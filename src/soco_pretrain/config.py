@@ -723,7 +723,7 @@ def _convert(value, tp) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
+            return True, value  # an int is a valid float (kept as written: stored files stay as they were)
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-5 as a string
             return True, float(value)
         return False, None
@@ -869,7 +869,10 @@ def _set(cls, tree: dict, item: str, label: str, sources: dict) -> None:
         elif _is_config(tp):
             _merge(tp, node.setdefault(part, {}), _text_value(text, dict), label, sources, sub + ".", f"--set {item}: ")
         else:
-            node[part] = _coerce(_text_value(text, tp), tp, sub, "--set ", text)
+            value = _coerce(_text_value(text, tp), tp, sub, "--set ", text)
+            if tp is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # --set x=1 on a float field gives 1.0 (files keep what they hold)
+            node[part] = value
             sources[sub] = label
 
 
