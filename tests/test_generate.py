@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -326,3 +327,23 @@ def test_resume_after_kill_9(photo_dir, one_run, tmp_path):
     summary = generate(photo_dir, out, progress=False)
     assert summary.resumed == done and summary.processed == 5 - done
     assert_same_store(one_run[0], out)
+
+
+def test_first_run_says_it_compiles(photo_dir, tmp_path, monkeypatch, capsys):
+    selective_search = importlib.import_module("soco_pretrain.proposals.selective_search")  # the module
+    monkeypatch.setattr(selective_search, "kernels_cached", lambda: False)  # a machine's first run
+    generate(photo_dir, tmp_path / "cold", progress=False, workers=1)
+    assert "compiling selective search (first run only" in capsys.readouterr().out
+    monkeypatch.setattr(selective_search, "kernels_cached", lambda: True)
+    generate(photo_dir, tmp_path / "warm", progress=False, workers=1)
+    assert "compiling" not in capsys.readouterr().out
+
+
+def test_kernels_cached_sees_numba_cache_files(tmp_path, monkeypatch):
+    selective_search = importlib.import_module("soco_pretrain.proposals.selective_search")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(selective_search, "__file__", str(tmp_path / "pkg" / "selective_search.py"))
+    assert not selective_search.kernels_cached()
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "selective_search._bilinear-246.py311.nbi").write_bytes(b"")
+    assert selective_search.kernels_cached()

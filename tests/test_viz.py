@@ -149,3 +149,16 @@ def test_demo_runs_on_small_photos(tmp_path, capsys):
         assert metrics[kind]["AP"] >= 0 and metrics[kind]["AP50"] >= 0
     # The summary line reports the numbers of metrics.json, not others.
     assert f"bbox AP {metrics['bbox']['AP']:.1f}  segm AP {metrics['segm']['AP']:.1f}" in out
+
+
+def test_proposal_pictures_carry_a_title_strip():
+    from soco_pretrain.viz import _titled
+
+    picture = Image.new("RGB", (320, 200), (10, 200, 30))
+    titled = _titled(picture, "a/b.jpg: 3 of 17 boxes shown")
+    strip = titled.height - picture.height
+    assert titled.width == 320 and 12 < strip < 60
+    pixels = np.asarray(titled)
+    assert (pixels[strip:] == np.asarray(picture)).all()  # the picture itself is untouched, below the strip
+    top = pixels[:strip]
+    assert (top == 0).all(axis=2).any() and (top == 255).all(axis=2).mean() > 0.5  # black text on white

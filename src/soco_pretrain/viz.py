@@ -9,7 +9,6 @@ image, proposal size).
 from __future__ import annotations
 
 import colorsys
-import json
 import math
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .files import atomic_write_json
 from .proposals.filters import RULE_FAILED, RULE_NAMES
 
 # Long side of the drawn pictures: big photos are shown on a resized copy.
@@ -186,6 +186,17 @@ def _plot_stats(stats: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _titled(picture: Image.Image, text: str) -> Image.Image:
+    """``picture`` under a white strip holding ``text`` (the file and how many boxes are drawn)."""
+    font = _font(max(12, min(24, picture.width // 40)))
+    probe = ImageDraw.Draw(picture).textbbox((0, 0), text, font=font)
+    strip = probe[3] - probe[1] + 10
+    out = Image.new("RGB", (picture.width, picture.height + strip), "white")
+    out.paste(picture, (0, strip))
+    ImageDraw.Draw(out).text((5, 4), text, fill="black", font=font)
+    return out
+
+
 def _contact_sheet(pictures: list[tuple[str, Image.Image]], path: Path) -> None:
     cols = max(1, math.ceil(math.sqrt(len(pictures))))
     rows = max(1, math.ceil(len(pictures) / cols))
@@ -241,11 +252,12 @@ def show_proposals(store, images_source, out_dir, num: int = 8, per_image: int =
             )
             continue
         boxes = np.round(np.asarray(store.boxes(i), dtype=np.float64) / factor).astype(np.int64)
-        picture = draw_proposals(image, boxes, per_image, seed=seed + i)
+        caption = f"{rel}: {min(len(boxes), per_image)} of {len(boxes)} boxes shown"
+        picture = _titled(draw_proposals(image, boxes, per_image, seed=seed + i), caption)
         target = out_dir / f"proposals_{k:02d}_{_safe_name(rel)}.png"
         picture.save(target)
         written.append(target)
-        drawn.append((rel, picture))
+        drawn.append((caption, picture))
 
     if drawn:
         sheet = out_dir / "contact_sheet.png"
@@ -258,7 +270,7 @@ def show_proposals(store, images_source, out_dir, num: int = 8, per_image: int =
     written.append(plot)
     numbers = out_dir / "stats.json"
     public = {k: v for k, v in stats.items() if not k.startswith("_")}
-    numbers.write_text(json.dumps(public, indent=2) + "\n")
+    atomic_write_json(numbers, public)
     written.append(numbers)
     return written
 

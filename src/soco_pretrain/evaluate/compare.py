@@ -331,14 +331,12 @@ def collect(spec: CompareSpec, out) -> tuple[list[tuple[Arm, dict]], list[Arm]]:
 
 
 def _val_image_paths(spec: CompareSpec) -> list[Path]:
-    try:
-        data = json.loads(Path(spec.val_json).read_text(encoding="utf-8"))
-        images = data["images"]
-        return [Path(spec.val_images) / im["file_name"] for im in images]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CompareError(
-            f"{spec.val_json}: cannot list the validation images ({type(exc).__name__}: {exc})"
-        ) from None
+    from ..coco_json import read_coco_json
+
+    data = read_coco_json(
+        spec.val_json, annotations="ignored", categories=False, sizes="ignored", what="validation JSON"
+    )
+    return [Path(spec.val_images) / im["file_name"] for im in data.images]
 
 
 def check_leaks(spec: CompareSpec, log: Callable[[str], None] = print, progress: bool = False) -> None:

@@ -407,6 +407,10 @@ def _run_tasks(tasks, workers, progress, log, known, total, done):
         known[r["path"]] = r
         bar.update(1)
 
+    from .selective_search import kernels_cached
+
+    if tasks and not kernels_cached():
+        bar.write("compiling selective search (first run only, 15-45 s; cached for later runs)")
     try:
         if workers == 1 or len(tasks) <= 1:
             for t in tasks:

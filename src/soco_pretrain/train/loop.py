@@ -483,7 +483,8 @@ def resume_job(job: Job, manager, resume, position: Position) -> tuple[int, Path
     if path is None:
         return 0, None
     state = load_checkpoint(path, map_location=job.device)
-    differs = _config_differences(state.get("config", {}), to_dict(job.cfg))
+    # A checkpoint written before the config had a version holds version 1's keys without it.
+    differs = _config_differences({"version": 1, **state.get("config", {})}, to_dict(job.cfg))
     job.core.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     job.scaler.load_state_dict(state["scaler"])
@@ -500,7 +501,7 @@ def resume_job(job: Job, manager, resume, position: Position) -> tuple[int, Path
     return step, path
 
 
-def announce(job: Job, run_dir: Path, progress: bool) -> None:
+def announce(job: Job, run_dir: Path, progress: bool, stop: int) -> None:
     """Rank 0: RUN/config.yaml, the data manifest (the leak guard's input; reused on resume) and
     the start-up line with the derived numbers."""
     from ..data.manifest import record_run_manifest
@@ -517,6 +518,12 @@ def announce(job: Job, run_dir: Path, progress: bool) -> None:
         f"{job.batch_note}",
         flush=True,
     )
+    if stop < plan.total_steps:
+        print(
+            f"stopping after step {stop} (max_steps): the progress bar counts to it, the lr and tau "
+            f"schedules keep their {plan.total_steps} steps so a rerun without it continues",
+            flush=True,
+        )
     if not job.drop_last:
         print(
             f"note: {len(job.dataset)} images are fewer than one batch per process: one batch of "
@@ -563,7 +570,7 @@ def make_trainer(
         hooks.append(MonitorHook(monitor, job.core))
     metrics = Metrics(
         run_dir,
-        total_steps=job.plan.total_steps,
+        total_steps=stop,  # the bar and its ETA end where this invocation stops
         initial=start,
         enabled=job.is_main,
         progress=progress,
@@ -635,7 +642,7 @@ def pretrain(
         )
         stop = job.plan.total_steps if max_steps is None else min(job.plan.total_steps, max_steps)
         if job.is_main:
-            announce(job, run_dir, progress)
+            announce(job, run_dir, progress, stop)
         trainer = make_trainer(job, run_dir, start, stop, position, skipped, resumed_from, progress)
         wall = time.perf_counter()
         job.model.train()
