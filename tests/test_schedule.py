@@ -8,8 +8,8 @@ import math
 import pytest
 
 from soco_pretrain.config import TrainConfig
+from soco_pretrain.engine.schedule import lr_at, scaled_lr, tau_at
 from soco_pretrain.engine.trainer import set_lr
-from soco_pretrain.train.schedule import lr_at, scaled_lr, tau_at
 
 
 def test_scaled_lr_linear_rule():

@@ -30,6 +30,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from .errors import UserError
 
+CONFIG_FILE = "config.yaml"  # RUN/config.yaml: a run's resolved pretraining config
 CONFIG_VERSION = 1  # PretrainConfig.version this code writes; files without the key are version 1
 
 

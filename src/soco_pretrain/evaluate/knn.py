@@ -428,7 +428,7 @@ def _run_config(weights: Path) -> dict | None:
     """The resolved config of the soco pretrain run that ``weights`` (folder or checkpoint) belongs to."""
     import yaml
 
-    from ..train.loop import CONFIG_FILE
+    from ..config import CONFIG_FILE
 
     for folder in (weights, weights.parent.parent):
         path = folder / CONFIG_FILE

@@ -1,9 +1,9 @@
 """Stage 4: pretraining.
 
 ``loop`` (``pretrain()``: the job, the step and the hooks on the engine), ``lars`` (LARS
-optimiser and its parameter groups), ``schedule`` (learning rate and EMA momentum per step),
-``memory`` (the automatic per-device batch). The loop machinery every stage shares -- trainer,
-checkpoints, metrics, distributed set-up -- lives in :mod:`soco_pretrain.engine`. Names are
+optimiser and its parameter groups), ``memory`` (the automatic per-device batch). The loop
+machinery every stage shares -- trainer, checkpoints, metrics, schedules, distributed set-up --
+lives in :mod:`soco_pretrain.engine`. Names are
 imported lazily so ``soco show curves`` does not pay for torch.
 """
 
@@ -13,7 +13,6 @@ import importlib
 
 _EXPORTS = {
     "lars": ["LARS", "lars_param_groups"],
-    "schedule": ["lr_at", "tau_at", "scaled_lr"],
     "loop": ["pretrain", "PretrainError", "Summary"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

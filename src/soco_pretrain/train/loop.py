@@ -29,11 +29,10 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import PretrainConfig, to_dict
+from ..config import CONFIG_FILE, PretrainConfig, to_dict
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
 from ..errors import NonFiniteLossError, UserError  # noqa: F401 - NonFiniteLossError: raised by the engine for pretrain()
 
-CONFIG_FILE = "config.yaml"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -161,7 +160,7 @@ def compiled(model):
 
 def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int, device) -> Plan:
     """Accumulation, steps per epoch, schedule lengths and the peak lr for this job."""
-    from .schedule import scaled_lr
+    from ..engine.schedule import scaled_lr
 
     if cfg.train.per_device_batch == 0:  # auto (the loop resolves it first; callers may not)
         cfg, _ = resolve_per_device_batch(cfg, world_size, device)
@@ -353,7 +352,7 @@ def job_for_batch(cfg: PretrainConfig, batch: dict, device, total_steps: int = 1
     cfg, _ = resolve_per_device_batch(cfg, 1, dev)
     cfg = resolve_augment_device(cfg, dev)
     t = cfg.train
-    from .schedule import scaled_lr
+    from ..engine.schedule import scaled_lr
 
     plan = Plan(
         world_size=1,
@@ -400,7 +399,7 @@ class PretrainStep:
 
     def __call__(self, step: int) -> StepOutput:
         from ..data import set_epoch
-        from .schedule import lr_at, tau_at
+        from ..engine.schedule import lr_at, tau_at
 
         job, pos, plan, t = self.job, self.position, self.job.plan, self.job.cfg.train
         if pos.in_epoch >= plan.steps_per_epoch:  # the epoch is complete: next one

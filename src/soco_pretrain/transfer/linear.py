@@ -185,8 +185,8 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: LinearConfig) 
     "cosine": half a cosine to ``final_lr`` at ``total_steps`` (released code); "steps": the peak,
     x0.1 from 60 % and again from 80 % of ``total_steps`` (MoCo). peak = base_lr x batch / 256.
     """
-    from ..train.schedule import lr_at as warmup_cosine
-    from ..train.schedule import scaled_lr
+    from ..engine.schedule import lr_at as warmup_cosine
+    from ..engine.schedule import scaled_lr
 
     peak = scaled_lr(cfg.base_lr, cfg.batch_size)
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total_steps)
@@ -613,7 +613,7 @@ def _make_trainer(
 
 def _write_summary(job: Job, out: Path, step: int, result: dict, skipped: SkipLog, seconds: float) -> dict:
     """OUT/metrics.json (atomic) and the one-line result."""
-    from ..train.schedule import scaled_lr
+    from ..engine.schedule import scaled_lr
 
     cfg, listed = job.cfg, skipped.files
     summary = {
