@@ -35,7 +35,7 @@ smoke)
                   --set train.per_device_batch=2 --set train.batch_size=2 --set train.workers=0
                   --set data.views.v1_size=64 --set data.views.v2_size=64 --set data.views.v3_size=32
                   --set "data.views.level_bounds=[14, 27, 55]" --max-steps 2)
-    FT_SET=(--batch 1 --min-size 128 --max-size 160 --roi-batch 32 --test-proposals 50 --detections 10
+    FT_SET=(--batch 1 --train-sizes 128 --max-size 160 --roi-batch 32 --test-proposals 50 --detections 10
             --precise-bn 0 --workers 0)
     KNN_SET=(--size 64 --workers 0)
     ;;
@@ -44,7 +44,7 @@ cpu)
     # step on 2 cores, so 3 sources x 3 seeds of a 541-image set take about an hour.
     PRETRAIN_SEEDS=${PRETRAIN_SEEDS:-3}; SEEDS=${SEEDS:-3}; FT_ITERS=${FT_ITERS:-0}; DEVICE=${DEVICE:-cpu}
     PRETRAIN_SET=(--preset tiny --set train.epochs="${EPOCHS:-1}" --set train.warmup_epochs=0 --workers 1)
-    FT_SET=(--batch 2 --min-size 288 --max-size 480 --roi-batch 128 --workers 1)
+    FT_SET=(--batch 2 --train-sizes 288 --max-size 480 --roi-batch 128 --workers 1)
     KNN_SET=(--workers 1)
     ;;
 gpu)
@@ -57,7 +57,7 @@ gpu)
                   --set train.base_lr="${BASE_LR:-8.0}" --set train.checkpoint_every=1000000
                   --set train.workers="${WORKERS:-14}" --set data.views.no_proposals=whole_image)
     # Short fine-tunes at reduced sizes (bf16): the same budget for every init.
-    FT_SET=(--batch 8 --min-size 512-640 --max-size 1066 --test-size 640 --precision bf16 --precise-bn 50
+    FT_SET=(--batch 8 --train-sizes 512-640 --max-size 1066 --test-size 640 --precision bf16 --precise-bn 50
             --workers "${WORKERS:-14}")
     KNN_SET=(--workers "${WORKERS:-14}")
     ;;

@@ -517,6 +517,48 @@ def test_generated_flags_match_the_dataclass_defaults(command, option_inputs):
             assert flag.help.format(default=flag.show(getattr(base, flag.field))) == helps[flag.dest]
 
 
+# ---------------------------------------------------------------- one grammar: -o/--out, renamed flags
+
+
+@pytest.mark.parametrize("spelling", ["-o", "--out"])
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "knn", "linear", "compare", "export", "proposals"])
+def test_every_writing_command_takes_o_and_out(command, spelling, option_inputs):
+    from soco_pretrain.cli import build_parser
+
+    argv = {
+        "compare": ["compare", "--init", "none"],
+        "export": ["export", "run", "--to", "torchvision"],
+    }.get(command) or [a for a in option_inputs[command] if a not in ("-o", "--out")][:-1]
+    args = build_parser().parse_args([*map(str, argv), spelling, "somewhere"])
+    assert args.out == "somewhere"
+
+
+@pytest.mark.parametrize(
+    "argv, old, new",
+    [
+        (["finetune", "--min-size", "320"], "--min-size", "--train-sizes"),
+        (["compare", "--min-size=320"], "--min-size", "--train-sizes"),
+        (["linear", "--max-iters", "5"], "--max-iters", "--max-steps"),
+        (["export", "run", "--weights", "target"], "--weights", "--soco-weights"),
+    ],
+)
+def test_renamed_flags_are_a_one_line_error_naming_the_new_one(argv, old, new, capsys):
+    status, _, err = call(argv, capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"soco: error: {old} was renamed {new}"), err
+
+
+def test_renamed_flags_set_what_the_old_ones_did(option_inputs):
+    from soco_pretrain.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert _resolved("finetune", [*option_inputs["finetune"], "--train-sizes", "320"])[0].train_sizes == (320,)
+    assert parse([*map(str, option_inputs["linear"]), "--max-steps", "0"]).max_steps == 0
+    assert parse(["export", "run", "--to", "mmdet", "--soco-weights", "target", "-o", "w"]).soco_weights == "target"
+    # soco proposals --min-size keeps its own meaning: a region size of the search
+    assert parse([*map(str, option_inputs["proposals"]), "--min-size", "50"]).min_size == 50
+
+
 def test_layers_preset_file_flag_set(option_inputs, tmp_path):
     path = tmp_path / "ft.yaml"
     path.write_text("batch: 4\nmax_size: 600\nweight_decay: 1e-5\n")

@@ -213,21 +213,16 @@ def test_resolve_layers_and_sources():
 def test_choices_are_those_of_the_code_that_reads_them():
     from soco_pretrain.config import field_types, literal_choices
     from soco_pretrain.data.proposal_sources import PROPOSAL_SOURCES
-    from soco_pretrain.data.views import _CHOICES
     from soco_pretrain.evaluate.knn import BN_MODES
     from soco_pretrain.model.loss import MODES
     from soco_pretrain.train.loop import PRECISIONS
     from soco_pretrain.transfer import finetune, linear
     from soco_pretrain.transfer.detector import DEFAULT_SOCO_WEIGHTS
 
-    for name, allowed in _CHOICES.items():
-        assert set(literal_choices(field_types(ViewsConfig)[name])) == set(allowed), name
     assert set(literal_choices(field_types(ViewsConfig)["proposal_source"])) == set(PROPOSAL_SOURCES)
     assert set(literal_choices(field_types(ModelConfig)["loss"])) == set(MODES)
     assert set(literal_choices(field_types(TrainConfig)["precision"])) == set(PRECISIONS)
-    assert set(literal_choices(field_types(FinetuneOptions)["precision"])) == set(finetune.PRECISIONS)
     assert set(literal_choices(field_types(FinetuneOptions)["schedule"])) == set(finetune.SCHEDULES)
-    assert set(literal_choices(field_types(LinearConfig)["schedule"])) == set(linear.SCHEDULES)
     assert set(literal_choices(field_types(KnnOptions)["bn"])) == set(BN_MODES)
     assert FinetuneOptions().soco_weights == KnnOptions().soco_weights == DEFAULT_SOCO_WEIGHTS
     # the option classes moved here are still importable from their old modules

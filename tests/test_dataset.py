@@ -15,6 +15,7 @@ from data_fixtures import PHOTOS, corrupt, make_photos, make_store
 from soco_pretrain.config import AugmentConfig, DataConfig, ViewsConfig
 from soco_pretrain.data.boxes import from_store
 from soco_pretrain.data.dataset import DatasetError, SoCoDataset, read_coco_images
+from soco_pretrain.errors import UserError
 from soco_pretrain.images import ImageError, list_images
 from soco_pretrain.proposals.store import load
 
@@ -304,18 +305,22 @@ def test_too_many_failures_is_a_clear_error(broken):
 
 
 @pytest.mark.parametrize(
-    "cfg, problem",
+    "make, problem",
     [
-        (DataConfig(augment=AugmentConfig(device="tpu")), "augment.device"),
-        (DataConfig(views=ViewsConfig(no_proposals="skip")), "views.no_proposals"),
-        (DataConfig(views=ViewsConfig(pad="zeros")), "views.pad"),
-        (DataConfig(views=ViewsConfig(soco_star=True), augment=AugmentConfig(view_params=(0, 1, 1))), "view_params"),
+        (lambda: DataConfig(augment=AugmentConfig(device="tpu")), 'device="tpu": must be one of auto, cpu, gpu'),
+        (lambda: DataConfig(views=ViewsConfig(no_proposals="skip")), 'no_proposals="skip": must be one of'),
+        (lambda: DataConfig(views=ViewsConfig(pad="zeros")), 'pad="zeros": must be one of mask, repeat'),
+        (
+            lambda: DataConfig(views=ViewsConfig(soco_star=True), augment=AugmentConfig(view_params=(0, 1, 1))),
+            r"augment.view_params=\[0, 1, 1\]: names 3 views; 4 are built",
+        ),
+        (lambda: DataConfig(views=ViewsConfig(proposal_source="coco")), "needs views.proposal_json"),
     ],
 )
-def test_bad_config_is_a_one_line_error(data, cfg, problem):
-    images, store = data
-    with pytest.raises(DatasetError, match=problem):
-        SoCoDataset(images, store, cfg)
+def test_bad_config_is_a_one_line_error_before_any_data_is_read(make, problem):
+    with pytest.raises(UserError, match=problem) as info:
+        make()
+    assert "\n" not in str(info.value)
 
 
 def test_index_out_of_range(data):

@@ -12,6 +12,7 @@ from soco_pretrain.errors import NonFiniteLossError, RunError, SocoError, UserEr
 
 STAGE_ERRORS = [
     ("soco_pretrain.images", "ImageError", UserError),
+    ("soco_pretrain.coco_json", "CocoJsonError", UserError),
     ("soco_pretrain.proposals.store", "StoreError", UserError),
     ("soco_pretrain.proposals.generate", "GenerateError", UserError),
     ("soco_pretrain.presets", "PresetError", UserError),

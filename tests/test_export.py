@@ -440,7 +440,7 @@ def test_cli_export_end_to_end(fpn_run, tmp_path, capsys):
             str(run),
             "--to",
             "detectron2",
-            "--weights",
+            "--soco-weights",
             "target",
             "-o",
             str(out),
@@ -497,7 +497,7 @@ def _bad_inputs(root: Path, run: Path) -> dict[str, tuple[list[str], str]]:
             "unknown model.arch 'vit'",
         ),
         "unknown target": ([ok, "--to", "onnx", "-o", str(root / "x")], "invalid choice"),
-        "bad weights": ([ok, "--to", "mmdet", "--weights", "ema", "-o", str(root / "x")], "invalid choice"),
+        "bad weights": ([ok, "--to", "mmdet", "--soco-weights", "ema", "-o", str(root / "x")], "invalid choice"),
         "config for torchvision": (
             [ok, "--to", "torchvision", "-o", str(root / "x.pth"), "--config-out", str(root / "c.yaml")],
             "--config-out",

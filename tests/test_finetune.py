@@ -348,7 +348,7 @@ def test_boxes_only_data_trains_faster_rcnn_via_the_cli(data, tmp_path, capsys):
             "1",
             "--batch",
             "1",
-            "--min-size",
+            "--train-sizes",
             "128",
             "--max-size",
             "160",
@@ -444,7 +444,7 @@ def test_non_finite_loss_stops_with_one_line(data, tmp_path, monkeypatch, capsys
             "2",
             "--batch",
             "1",
-            "--min-size",
+            "--train-sizes",
             "64",
             "--max-size",
             "80",
@@ -502,7 +502,7 @@ def test_bad_inputs_are_one_line_errors(data, soco_run, tmp_path, capsys):
         load_coco(data["train_json"], tmp_path / "no-such-folder")
     (tmp_path / "junk.pth").write_bytes(b"junk")
     args = [a if a != "none" else str(tmp_path / "junk.pth") for a in base]
-    assert main([*args, "--train-json", str(data["train_json"]), "--min-size", "64", "--max-size", "80"]) == 2
+    assert main([*args, "--train-json", str(data["train_json"]), "--train-sizes", "64", "--max-size", "80"]) == 2
     assert "junk.pth" in _error(capsys)
     with pytest.raises(SystemExit) as exit_info:  # argparse
         main([*base, "--train-json", str(data["train_json"]), "--fraction", "1.5"])

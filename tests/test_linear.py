@@ -280,7 +280,7 @@ def test_cli_linear_smoke(folders, tmp_path, capsys):
         "0",
         "--device",
         "cpu",
-        "--max-iters",
+        "--max-steps",
         "1",
         "--no-progress",
     ]

@@ -28,23 +28,19 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from .errors import PathError
 
 # How a reader treats the ``annotations`` list and the images' ``width`` / ``height``.
 REQUIRED, OPTIONAL, IGNORED = "required", "optional", "ignored"
 MODES = (REQUIRED, OPTIONAL, IGNORED)
 
 
-class CocoJsonError(UserError):
+class CocoJsonError(PathError):
     """A COCO JSON that cannot be used; ``str()`` is one line ``PATH: PROBLEM``."""
 
-    def __init__(self, path, problem: str):
-        self.path = str(path)
-        self.problem = " ".join(str(problem).split())  # keep it on one line
-        super().__init__(f"{self.path}: {self.problem}")
-
-    def __reduce__(self):  # picklable across worker processes
-        return (type(self), (self.path, self.problem))
+    @property
+    def problem(self) -> str:
+        return self.reason
 
 
 @dataclass

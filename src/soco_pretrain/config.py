@@ -79,10 +79,40 @@ def _at_least(lo):
     return (lambda v: v >= lo, f"at least {lo}")
 
 
+@functools.cache
+def field_types(cls) -> dict[str, Any]:
+    """{field name: resolved annotation} of a config dataclass, in field order."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if f.init}
+
+
+def _union_args(tp):
+    return get_args(tp) if get_origin(tp) in (Union, types.UnionType) else None
+
+
+def literal_choices(tp) -> tuple | None:
+    """The choices of a Literal (or Optional Literal) annotation, else None."""
+    args = _union_args(tp)
+    if args is not None:
+        inner = [a for a in args if a is not type(None)]
+        return literal_choices(inner[0]) if len(inner) == 1 else None
+    return get_args(tp) if get_origin(tp) is Literal else None
+
+
 def _validate(obj, rules: dict, optional: tuple[str, ...] = ()) -> None:
     """Check ``obj``'s fields against ``rules`` ({name or names: rule}); the first failing one
     raises a one-line ConfigError naming the field (its parent's path is added by the caller).
-    Fields in ``optional`` may also be None."""
+    Fields in ``optional`` may also be None. Every ``Literal`` field is checked against its
+    choices too, so a Python caller gets the same one-line error as ``--set``."""
+    for name, tp in field_types(type(obj)).items():
+        choices = literal_choices(tp)
+        value = getattr(obj, name)
+        if choices is None or value is None or value in choices:
+            continue
+        if isinstance(value, bool) and str(value).lower() in choices:  # compile=True -> "true"
+            object.__setattr__(obj, name, str(value).lower())
+            continue
+        raise ConfigError.bad(name, value, f"must be one of {', '.join(map(str, choices))}")
     for names, (test, text) in rules.items():
         for name in (names,) if isinstance(names, str) else names:
             value = getattr(obj, name)
@@ -221,6 +251,19 @@ class DataConfig:
 
     def __post_init__(self):
         _validate(self, {"max_decode_retries": _AT_LEAST_0})
+        # Rules across the two sections (each section checks its own fields).
+        views, aug = self.views, self.augment
+        n_views = 4 if views.soco_star else 3
+        if len(aug.view_params) < n_views:
+            raise ConfigError.bad(
+                "augment.view_params", aug.view_params, f"names {len(aug.view_params)} views; {n_views} are built"
+            )
+        if views.proposal_source == "coco" and not views.proposal_json:
+            raise ConfigError.bad(
+                "views.proposal_source",
+                "coco",
+                "needs views.proposal_json=PATH (a COCO JSON whose boxes are the proposals)",
+            )
 
 
 @dataclass
@@ -615,13 +658,6 @@ SEARCH_PRESETS = {
 # ---------------------------------------------------------------- typed dict <-> dataclass
 
 
-@functools.cache
-def field_types(cls) -> dict[str, Any]:
-    """{field name: resolved annotation} of a config dataclass, in field order."""
-    hints = get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls) if f.init}
-
-
 def _is_config(tp) -> bool:
     return isinstance(tp, type) and is_dataclass(tp)
 
@@ -644,19 +680,6 @@ def _kind(value) -> str:
     if isinstance(value, (list, tuple)):
         return f"a list of {len(value)}"
     return {int: "an int", float: "a float", str: "a string", dict: "a mapping"}.get(type(value), type(value).__name__)
-
-
-def _union_args(tp):
-    return get_args(tp) if get_origin(tp) in (Union, types.UnionType) else None
-
-
-def literal_choices(tp) -> tuple | None:
-    """The choices of a Literal (or Optional Literal) annotation, else None."""
-    args = _union_args(tp)
-    if args is not None:
-        inner = [a for a in args if a is not type(None)]
-        return literal_choices(inner[0]) if len(inner) == 1 else None
-    return get_args(tp) if get_origin(tp) is Literal else None
 
 
 def describe(tp) -> str:

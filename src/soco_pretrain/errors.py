@@ -31,6 +31,19 @@ class UserError(SocoError, ValueError):
     exit_code = 2
 
 
+class PathError(UserError):
+    """A file that cannot be used: ``str()`` is one line ``PATH: REASON``; ``path`` and ``reason``
+    are kept, and it pickles (loader workers raise it in another process)."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())  # keep it on one line
+        super().__init__(f"{self.path}: {self.reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason))
+
+
 class RunError(SocoError, RuntimeError):
     """The run failed for a reason other than its input (non-finite loss, distributed set-up)."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import UserError
+from .errors import PathError
 
 # Extensions we treat as images when walking a folder (case-insensitive). Our choice: the
 # formats PIL decodes that people actually keep datasets in (ImageNet uses ".JPEG").
@@ -27,16 +27,8 @@ Image.MAX_IMAGE_PIXELS = None
 # ImageFile.LOAD_TRUNCATED_IMAGES at its default (False) and _decode reports such files.
 
 
-class ImageError(UserError):
+class ImageError(PathError):
     """An image that cannot be listed or decoded; ``str()`` is one line ``PATH: REASON``."""
-
-    def __init__(self, path, reason: str):
-        self.path = str(path)
-        self.reason = " ".join(str(reason).split())  # keep it on one line
-        super().__init__(f"{self.path}: {self.reason}")
-
-    def __reduce__(self):  # picklable across worker processes
-        return (ImageError, (self.path, self.reason))
 
 
 @dataclass

@@ -182,6 +182,98 @@ def print_written(out, written) -> None:
         print(f"  {path}")
 
 
+# ---------------------------------------------------------------- arguments several commands share
+
+
+def add_out(p, metavar: str, help: str, *, required: bool = True, default: str | None = None) -> None:
+    """-o/--out: where a command writes (every command that writes has it)."""
+    p.add_argument("-o", "--out", metavar=metavar, required=required, default=default, help=help)
+
+
+def add_workers(p) -> None:
+    """--workers N: parallel processes, default the usable cores (soco proposals, soco demo)."""
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"parallel processes (default: number of CPU cores, {default_workers()} here)",
+    )
+
+
+def add_max_steps(p, *, allow_zero: bool = False, then: str = "") -> None:
+    """--max-steps N: an early stop; the schedule keeps its length (soco pretrain, soco linear)."""
+    p.add_argument(
+        "--max-steps",
+        type=non_negative_int if allow_zero else positive_int,
+        default=None,
+        metavar="N",
+        help=f"stop after N optimiser steps in total (the schedule keeps its full length){then}",
+    )
+
+
+def add_image_root(p) -> None:
+    p.add_argument(
+        "--image-root",
+        metavar="DIR",
+        default=None,
+        help="folder a COCO JSON's file names are relative to (default: the JSON's folder)",
+    )
+
+
+def check_view_inputs(args) -> None:
+    """--images, and --proposals and --image-root where given (soco pretrain, soco show views)."""
+    require_source(args.images)
+    if args.proposals is not None:
+        require_dir(args.proposals, "proposal store")
+    if args.image_root is not None:
+        require_dir(args.image_root, "image root")
+
+
+def add_weights_data_out(p, metavar: str, help: str, out_help: str, coco: bool = True) -> None:
+    """--weights (pretrained weights or none), the COCO data flags (``coco``) and -o/--out DIR."""
+    p.add_argument("--weights", required=True, metavar=metavar, help=help)
+    if coco:
+        add_coco_data(p)
+    add_out(p, "DIR", out_help)
+
+
+def check_weights(args) -> None:
+    """--weights: none or an existing run folder, checkpoint or weights file."""
+    if args.weights.lower() != "none" and not Path(args.weights).exists():
+        raise UsageError(
+            f"--weights {args.weights}: no such run folder, checkpoint or weights file (or give --weights none)"
+        )
+
+
+def checked_coco_paths(args) -> tuple:
+    """The checked --weights and COCO data: (train_json, train_images, val_json, val_images, out)."""
+    check_coco_data(args)
+    check_weights(args)
+    return args.train_json, args.train_images, args.val_json, args.val_images, Path(args.out)
+
+
+def check_resume(value: str) -> None:
+    """--resume: auto, none or an existing checkpoint file."""
+    if value not in ("auto", "none") and not Path(value).is_file():
+        raise UsageError(f"--resume {value}: expected auto, none or a checkpoint file")
+
+
+class Renamed(argparse.Action):
+    """A flag's old spelling: a one-line error naming the new one (exit 2), never a silent other meaning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed {self.const}")
+
+
+def add_renamed(p, renamed: dict[str, str]) -> None:
+    """Old flag spellings (hidden from --help) -> their new names."""
+    for old, new in renamed.items():
+        dest = "renamed_" + old.lstrip("-").replace("-", "_")
+        hidden = argparse.SUPPRESS  # not in --help and, unless given, not on the namespace
+        p.add_argument(old, dest=dest, action=Renamed, nargs="?", const=new, default=hidden, help=hidden)
+
+
 def add_coco_data(p, required: bool = True) -> None:
     """--train-json, --train-images, --val-json, --val-images (COCO-format data)."""
     p.add_argument("--train-json", required=required, metavar="JSON", help="COCO instances JSON for training")
@@ -284,28 +376,23 @@ def add_option_flags(p, cls, flags: list[Flag], base=None, cli_defaults: dict | 
         )
 
 
+def add_config_sources(p, preset_help, config_help, set_help, *, choices=None, default=None) -> None:
+    """--preset NAME and --config FILE (each where its help is given) and --set KEY=VALUE."""
+    if preset_help is not None:
+        p.add_argument("--preset", default=default, choices=choices, metavar="NAME", help=preset_help)
+    if config_help is not None:
+        p.add_argument("--config", default=None, metavar="FILE", help=config_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
 def add_config_arguments(p, presets, what: str, set_example: str, default: str | None = None) -> None:
     """--preset NAME, --config FILE and --set KEY=VALUE for the options of ``what``."""
-    names = ", ".join(presets)
-    p.add_argument(
-        "--preset",
+    add_config_sources(
+        p,
+        f"named {what} options: {', '.join(presets)} (default {default or 'none: the defaults'})",
+        f"YAML file of {what} options (keys as --set), read over the preset",
+        f"any {what} option, e.g. {set_example} (repeatable; applied last)",
         default=default,
-        metavar="NAME",
-        help=f"named {what} options: {names} (default {default or 'none: the defaults'})",
-    )
-    p.add_argument(
-        "--config",
-        default=None,
-        metavar="FILE",
-        help=f"YAML file of {what} options (keys as --set), read over the preset",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"any {what} option, e.g. {set_example} (repeatable; applied last)",
     )
 
 

@@ -19,12 +19,14 @@ from .common import (
     add_coco_data,
     add_command,
     add_option_flags,
+    add_out,
+    add_renamed,
     check_coco_data,
     fraction,
     parse_shard,
     positive_int,
 )
-from .finetune import FINETUNE_RECIPE_FLAGS, FINETUNE_RUN_FLAGS, finetune_cli_defaults
+from .finetune import FINETUNE_RECIPE_FLAGS, FINETUNE_RENAMED, FINETUNE_RUN_FLAGS, finetune_cli_defaults
 from .knn import KNN_PROTOCOL_FLAGS
 
 
@@ -102,7 +104,7 @@ def add_compare(subparsers):
         help="none, PATH or NAME=PATH[,PATH,...] (repeat; the first is the baseline)",
     )
     add_coco_data(p, required=False)
-    p.add_argument("--out", required=True, metavar="DIR", help="comparison folder (arms, compare.json, report)")
+    add_out(p, "DIR", "comparison folder (arms, compare.json, report)")
     p.add_argument(
         "--metric",
         choices=("finetune", "knn"),
@@ -143,6 +145,7 @@ def add_compare(subparsers):
         g, FinetuneOptions, FINETUNE_RECIPE_FLAGS + FINETUNE_RUN_FLAGS, cli_defaults=finetune_cli_defaults()
     )
     add_option_flags(p.add_argument_group("kNN options (--metric knn)"), KnnOptions, KNN_PROTOCOL_FLAGS)
+    add_renamed(p, FINETUNE_RENAMED)
     p.set_defaults(func=cmd_compare)
 
 
@@ -199,8 +202,8 @@ def _compare_spec(args, runtime: dict):
 
     if metric == "finetune":
         f = FINETUNE_RECIPE_DEFAULTS
-        options = {name: value(name, f) for name in f if name != "min_size"}
-        options["train_sizes"] = list(value("min_size", f))
+        options = {name: value(name, f) for name in f}
+        options["train_sizes"] = list(options["train_sizes"])
     else:
         options = {name: value(name, KNN_DEFAULTS) for name in KNN_DEFAULTS}
         if options["size"] is None:  # one input size for every arm: the first run's V1 size, else 224

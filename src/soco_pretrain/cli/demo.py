@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_command, default_workers, non_negative_int, positive_int
+from .common import add_command, add_out, add_workers, default_workers, non_negative_int
 
 
 def add_demo(subparsers):
@@ -22,14 +22,8 @@ def add_demo(subparsers):
         ),
         examples=["soco demo", "soco demo -o /tmp/soco-demo --workers 2"],
     )
-    p.add_argument("-o", "--out", metavar="DIR", default="soco-demo", help="output directory (default ./soco-demo)")
-    p.add_argument(
-        "--workers",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help=f"parallel processes (default: number of CPU cores, {default_workers()} here)",
-    )
+    add_out(p, "DIR", "output directory (default ./soco-demo)", required=False, default="soco-demo")
+    add_workers(p)
     from ..demo import DEMO_FINETUNE_ITERS, DEMO_PRETRAIN_STEPS  # a light module (no torch)
 
     p.add_argument(

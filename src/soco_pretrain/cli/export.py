@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import UsageError, add_command
+from .common import UsageError, add_command, add_out, add_renamed
 
 EXPORT_TARGETS = ("torchvision", "detectron2", "mmdet")  # = transfer.export.TARGETS (no torch import here)
 
@@ -20,15 +20,16 @@ def add_export(subparsers):
             "  torchvision  state dict for maskrcnn_resnet50_fpn_v2 (C4 runs: resnet50 keys)\n"
             "  detectron2   pickle with Detectron2 v0.6 names + a ready config FILE.yaml\n"
             "  mmdet        {state_dict, meta} with MMDetection v3.3.0 names + a config FILE.py\n"
-            "The projector and predictor are never exported (paper 4.2). --weights online (default,\n"
-            "as BYOL and the released SoCo converters) or target (the EMA network). Prints which keys\n"
-            "were loaded, which the detector must initialise (missing) and which were left (unused)."
+            "The projector and predictor are never exported (paper 4.2). --soco-weights online\n"
+            "(default, as BYOL and the released SoCo converters) or target (the EMA network). Prints\n"
+            "which keys were loaded, which the detector must initialise (missing) and which were\n"
+            "left (unused)."
         ),
         examples=[
             "soco export runs/fpn100 --to torchvision -o soco_r50fpn.pth",
             "soco export runs/fpn100 --to detectron2 -o soco_r50fpn.pkl   # + soco_r50fpn.yaml",
             "soco export runs/fpn100/checkpoints/step_00005000.pt --to mmdet -o soco_mmdet.pth",
-            "soco export runs/c4-100ep --to torchvision --weights target -o soco_r50_c4.pth",
+            "soco export runs/c4-100ep --to torchvision --soco-weights target -o soco_r50_c4.pth",
         ],
     )
     p.add_argument("run", metavar="RUN", help="run folder (uses RUN/checkpoints/last.pt) or a checkpoint file")
@@ -40,13 +41,13 @@ def add_export(subparsers):
         help=f"detector library: {', '.join(EXPORT_TARGETS)}",
     )
     p.add_argument(
-        "--weights",
+        "--soco-weights",
         choices=("online", "target"),
         default="online",
-        metavar="WHICH",
-        help="online (default) or target (EMA) network",
+        help="which SoCo network: online (default) or target (EMA)",
     )
-    p.add_argument("-o", "--out", metavar="FILE", required=True, help="output weights file")
+    add_renamed(p, {"--weights": "--soco-weights"})
+    add_out(p, "FILE", "output weights file")
     p.add_argument(
         "--config-out",
         metavar="FILE",
@@ -66,7 +67,7 @@ def cmd_export(args) -> int:
     report = export(
         args.run,
         args.to,
-        weights=args.weights,
+        weights=args.soco_weights,
         out=Path(args.out),
         config_out=Path(args.config_out) if args.config_out else None,
     )

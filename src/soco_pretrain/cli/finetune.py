@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .common import (
     Flag,
-    UsageError,
-    add_coco_data,
     add_command,
     add_config_arguments,
     add_option_flags,
-    check_coco_data,
+    add_renamed,
+    add_weights_data_out,
+    check_resume,
+    checked_coco_paths,
     default_workers,
     parse_sizes,
     resolve_options,
@@ -27,12 +26,18 @@ FINETUNE_RECIPE_FLAGS = [
         "for a run/checkpoint: the online (as soco export) or target (EMA) encoder (default {default})",
     ),
     Flag("schedule", "--schedule", "1x: 90k iterations at batch 16, 2x: 180k (default {default})"),
-    Flag("max_iters", "--max-iters", "train N iterations instead of --schedule (lr drops at 2/3 and 8/9 of N)", "N"),
+    Flag(
+        "max_iters",
+        "--max-iters",
+        "schedule length: train N iterations in all, in place of --schedule (warm-up and lr drops "
+        "at 2/3 and 8/9 of N follow it; not an early stop)",
+        "N",
+    ),
     Flag("batch", "--batch", "total batch over all processes (default {default}, paper)", "N"),
     Flag("lr", "--lr", "peak learning rate (default 0.02 x batch / 16)", "LR"),
     Flag(
         "train_sizes",
-        "--min-size",
+        "--train-sizes",
         "training short side(s), one drawn per image: PX, PX,PX,... or LO-HI in "
         "steps of 32 (default {default}, Detectron2)",
         "SIZES",
@@ -40,7 +45,7 @@ FINETUNE_RECIPE_FLAGS = [
         show=show_sizes,
     ),
     Flag("max_size", "--max-size", "long-side cap (default {default})", "PX"),
-    Flag("test_size", "--test-size", "evaluation short side (default: the largest --min-size, 800)", "PX"),
+    Flag("test_size", "--test-size", "evaluation short side (default: the largest --train-sizes, 800)", "PX"),
     Flag(
         "roi_batch",
         "--roi-batch",
@@ -98,6 +103,8 @@ FINETUNE_ONLY_FLAGS = [
     ),
 ]
 FINETUNE_FLAGS = FINETUNE_RECIPE_FLAGS + FINETUNE_RUN_FLAGS + FINETUNE_ONLY_FLAGS
+# Old spellings of the recipe flags (also in soco compare): a one-line error naming the new one.
+FINETUNE_RENAMED = {"--min-size": "--train-sizes"}
 
 
 def finetune_cli_defaults() -> dict:
@@ -123,7 +130,7 @@ def add_finetune(subparsers):
             "(2x = 180k; both scaled by 16/batch). --fraction takes a seeded random subset of the\n"
             "training images (paper 4.5 Mini COCO). BN layers are trained (SyncBN under torchrun).\n"
             "Rerunning the same command resumes from OUT/checkpoints/last.pt. For a CPU, shrink\n"
-            "--min-size/--max-size, --batch, --roi-batch, --test-proposals and --detections\n"
+            "--train-sizes/--max-size, --batch, --roi-batch, --test-proposals and --detections\n"
             "(--preset cpu). Options: the defaults, --preset, --config FILE, the flags, then --set\n"
             "(any FinetuneOptions field, e.g. weight_decay, warmup_iters, rpn_train_proposals)."
         ),
@@ -134,38 +141,33 @@ def add_finetune(subparsers):
             "torchrun --nproc-per-node 8 -m soco_pretrain finetune --weights runs/fpn100 --fraction 0.05 "
             "--train-json ... --train-images ... --val-json ... --val-images ... --out ft/mini5",
             "soco finetune --weights none --train-json t.json --train-images imgs --val-json v.json "
-            "--val-images imgs --out ft/scratch --max-iters 200 --batch 2 --min-size 320 --max-size 512 "
+            "--val-images imgs -o ft/scratch --max-iters 200 --batch 2 --train-sizes 320 --max-size 512 "
             "--roi-batch 128   # CPU-sized",
             "soco finetune --preset cpu --set weight_decay=1e-4 --weights none ... --out ft/wd",
         ],
     )
-    p.add_argument(
-        "--weights",
-        required=True,
-        metavar="FILE|RUN|none",
-        help="torchvision state dict (soco export --to torchvision), soco pretrain run folder or "
+    add_weights_data_out(
+        p,
+        "FILE|RUN|none",
+        "torchvision state dict (soco export --to torchvision), soco pretrain run folder or "
         "checkpoint, or none (random init baseline)",
+        "output folder (metrics, checkpoints)",
     )
-    add_coco_data(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics, checkpoints)")
     add_config_arguments(p, FINETUNE_PRESETS, "fine-tune", "weight_decay=1e-4")
     add_option_flags(p, FinetuneOptions, FINETUNE_FLAGS, cli_defaults=finetune_cli_defaults())
+    add_renamed(p, FINETUNE_RENAMED)
     p.set_defaults(func=cmd_finetune)
 
 
 def cmd_finetune(args) -> int:
-    check_coco_data(args)
-    if args.weights.lower() != "none" and not Path(args.weights).exists():
-        raise UsageError(f"--weights {args.weights}: no such file or run folder (or give --weights none)")
+    paths = checked_coco_paths(args)
     from ..config import FINETUNE_PRESETS, FinetuneOptions
 
     options, _ = resolve_options(
         FinetuneOptions, args, FINETUNE_FLAGS, FINETUNE_PRESETS, cli_defaults=finetune_cli_defaults()
     )
-    if options.resume not in ("auto", "none") and not Path(options.resume).is_file():
-        raise UsageError(f"--resume {options.resume}: expected auto, none or a checkpoint file")
+    check_resume(options.resume)
     from ..transfer.finetune import finetune
 
-    weights = None if args.weights.lower() == "none" else args.weights
-    finetune(weights, args.train_json, args.train_images, args.val_json, args.val_images, Path(args.out), options)
+    finetune(None if args.weights.lower() == "none" else args.weights, *paths, options)
     return 0

@@ -3,16 +3,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .common import (
     Flag,
-    UsageError,
-    add_coco_data,
     add_command,
     add_config_arguments,
     add_option_flags,
-    check_coco_data,
+    add_weights_data_out,
+    checked_coco_paths,
     default_workers,
     resolve_options,
 )
@@ -98,28 +95,24 @@ def add_knn(subparsers):
             ".state_dict(), 'r50.pth')\" && soco knn --weights r50.pth ...   # supervised ResNet-50 (C4 head)",
         ],
     )
-    p.add_argument(
-        "--weights",
-        required=True,
-        metavar="RUN|FILE|none",
-        help="soco pretrain run folder or checkpoint, a torchvision state dict (soco export, "
+    add_weights_data_out(
+        p,
+        "RUN|FILE|none",
+        "soco pretrain run folder or checkpoint, a torchvision state dict (soco export, "
         "Mask R-CNN v2 or ResNet-50 keys), or none (random init, seeded by --seed)",
+        "output folder (knn.json)",
     )
-    add_coco_data(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (knn.json)")
     add_config_arguments(p, KNN_PRESETS, "kNN", "precise_images=500")
     add_option_flags(p, KnnOptions, KNN_FLAGS, cli_defaults=knn_cli_defaults())
     p.set_defaults(func=cmd_knn)
 
 
 def cmd_knn(args) -> int:
-    check_coco_data(args)
-    if args.weights.lower() != "none" and not Path(args.weights).exists():
-        raise UsageError(f"--weights {args.weights}: no such file or run folder (or give --weights none)")
+    paths = checked_coco_paths(args)
     from ..config import KNN_PRESETS, KnnOptions
 
     options, _ = resolve_options(KnnOptions, args, KNN_FLAGS, KNN_PRESETS, cli_defaults=knn_cli_defaults())
     from ..evaluate.knn import knn_eval
 
-    knn_eval(args.weights, args.train_json, args.train_images, args.val_json, args.val_images, Path(args.out), options)
+    knn_eval(args.weights, *paths, options)
     return 0

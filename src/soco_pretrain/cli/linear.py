@@ -7,11 +7,13 @@ from pathlib import Path
 
 from .common import (
     Flag,
-    UsageError,
     add_command,
     add_config_arguments,
+    add_max_steps,
     add_option_flags,
-    non_negative_int,
+    add_renamed,
+    add_weights_data_out,
+    check_weights,
     require_dir,
     resolve_options,
 )
@@ -43,6 +45,7 @@ LINEAR_FLAGS = [
     ),
     Flag("seed", "--seed", "random seed (default {default})"),
 ]
+LINEAR_RENAMED = {"--max-iters": "--max-steps"}  # old spelling: a one-line error naming the new one
 
 
 def add_linear(subparsers):
@@ -65,7 +68,7 @@ def add_linear(subparsers):
             "LinearConfig field, e.g. crop_scale, weight_decay)."
         ),
         examples=[
-            "soco linear --weights runs/c4-100ep --train imagenet/train --val imagenet/val --out runs/c4-linear",
+            "soco linear --weights runs/c4-100ep --train imagenet/train --val imagenet/val -o runs/c4-linear",
             "soco linear --weights runs/fpn100 --soco-weights target --train imagenet/train --val imagenet/val "
             "--out runs/fpn100-linear-ema",
             "soco linear --weights none --train shapes/train --val shapes/val --out runs/random-linear "
@@ -73,16 +76,15 @@ def add_linear(subparsers):
             "soco linear --preset moco --weights runs/c4-100ep --train imagenet/train --val imagenet/val --out lin/",
         ],
     )
-    p.add_argument(
-        "--weights",
-        required=True,
-        metavar="RUN|CKPT|none",
-        help="soco pretrain run folder, checkpoint file, ResNet-50 / torchvision-export state "
-        "dict, or none (random init)",
+    add_weights_data_out(
+        p,
+        "RUN|CKPT|none",
+        "soco pretrain run folder, checkpoint file, ResNet-50 / torchvision-export state dict, or none (random init)",
+        "output folder (metrics, checkpoint)",
+        coco=False,
     )
     p.add_argument("--train", required=True, metavar="DIR", help="training class folder (DIR/CLASS/IMAGE)")
     p.add_argument("--val", required=True, metavar="DIR", help="validation class folder, same class names")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics, checkpoint)")
     add_config_arguments(p, LINEAR_PRESETS, "linear-probe", "'crop_scale=[0.2, 1]'")
     p.add_argument(
         "--soco-weights",
@@ -92,13 +94,8 @@ def add_linear(subparsers):
     )
     add_option_flags(p, LinearConfig, LINEAR_FLAGS)
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument(
-        "--max-iters",
-        type=non_negative_int,
-        default=None,
-        metavar="N",
-        help="stop after N optimiser steps in total (the schedule keeps its length), then evaluate",
-    )
+    add_max_steps(p, allow_zero=True, then=", then evaluate")
+    add_renamed(p, LINEAR_RENAMED)
     p.add_argument(
         "--resume",
         default="auto",
@@ -112,8 +109,7 @@ def add_linear(subparsers):
 def cmd_linear(args) -> int:
     require_dir(args.train, "training class folder")
     require_dir(args.val, "validation class folder")
-    if args.weights.lower() != "none" and not Path(args.weights).exists():
-        raise UsageError(f"--weights {args.weights}: no such run folder or checkpoint (or give --weights none)")
+    check_weights(args)
     from ..config import LINEAR_PRESETS, LinearConfig
 
     config, _ = resolve_options(LinearConfig, args, LINEAR_FLAGS, LINEAR_PRESETS)
@@ -127,7 +123,7 @@ def cmd_linear(args) -> int:
         config,
         soco_weights=args.soco_weights,
         resume=args.resume,
-        max_iters=args.max_iters,
+        max_iters=args.max_steps,
         device=args.device,
         progress=not args.no_progress,
     )

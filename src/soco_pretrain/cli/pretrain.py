@@ -9,11 +9,14 @@ from .common import (
     Parser,
     UsageError,
     add_command,
+    add_config_sources,
+    add_image_root,
+    add_max_steps,
+    add_out,
+    check_resume,
+    check_view_inputs,
     missing_subcommand,
     non_negative_int,
-    positive_int,
-    require_dir,
-    require_source,
 )
 
 # Kept in step with soco_pretrain.presets.PRESETS (a test checks); listed here so that
@@ -23,27 +26,13 @@ PRETRAIN_PRESETS = ("fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-
 
 def _add_config_sources(p, preset_required: bool) -> None:
     """--preset, --config FILE and --set of the pretraining config."""
-    p.add_argument(
-        "--preset",
-        default=None,
-        choices=PRETRAIN_PRESETS,
-        metavar="NAME",
-        help=f"training preset: {', '.join(PRETRAIN_PRESETS)}"
+    add_config_sources(
+        p,
+        f"training preset: {', '.join(PRETRAIN_PRESETS)}"
         + (" (this or --config is required)" if preset_required else " (default: none, the defaults)"),
-    )
-    p.add_argument(
-        "--config",
-        default=None,
-        metavar="FILE",
-        help="YAML config read over the preset (e.g. a run's RUN/config.yaml; keys as in it)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. train.epochs=200 or data.views.num_proposals=8 (repeatable; applied last)",
+        "YAML config read over the preset (e.g. a run's RUN/config.yaml; keys as in it)",
+        "config override, e.g. train.epochs=200 or data.views.num_proposals=8 (repeatable; applied last)",
+        choices=PRETRAIN_PRESETS,
     )
 
 
@@ -71,7 +60,7 @@ def add_pretrain(subparsers):
         subparsers,
         "pretrain",
         help="SoCo pretraining from a preset (one CPU/GPU, or torchrun/srun for many)",
-        usage="soco pretrain (--preset NAME | --config FILE) --images IMAGES --out RUN [options]",
+        usage="soco pretrain (--preset NAME | --config FILE) --images IMAGES -o RUN [options]",
         description=(
             "Pretrain SoCo (paper section 4.1) on IMAGES with their proposal store into RUN:\n"
             "RUN/config.yaml (the resolved config), RUN/metrics.jsonl, RUN/checkpoints/last.pt\n"
@@ -110,26 +99,15 @@ def add_pretrain(subparsers):
         default=None,
         help="proposal store directory (needed unless data.views.proposal_source is whole_image, random or coco)",
     )
-    p.add_argument("--out", metavar="RUN", default=None, help="run directory (config, metrics, checkpoints; required)")
-    p.add_argument(
-        "--max-steps",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="stop after N optimiser steps in total (the schedule keeps its full length)",
-    )
+    add_out(p, "RUN", "run directory (config, metrics, checkpoints; required)", required=False)
+    add_max_steps(p)
     p.add_argument(
         "--resume",
         default="auto",
         metavar="auto|none|PATH",
         help="auto: continue from RUN's last checkpoint if any (default); none: start at step 0; or a checkpoint file",
     )
-    p.add_argument(
-        "--image-root",
-        metavar="DIR",
-        default=None,
-        help="folder a COCO JSON's file names are relative to (default: the JSON's folder)",
-    )
+    add_image_root(p)
     p.add_argument(
         "--workers",
         type=non_negative_int,
@@ -162,13 +140,8 @@ def cmd_pretrain(args) -> int:
     missing = [flag for flag, value in (("--images", args.images), ("--out", args.out)) if value is None]
     if missing:
         raise UsageError(f"the following arguments are required: {', '.join(missing)}")
-    require_source(args.images)
-    if args.proposals is not None:
-        require_dir(args.proposals, "proposal store")
-    if args.image_root is not None:
-        require_dir(args.image_root, "image root")
-    if args.resume not in ("auto", "none") and not Path(args.resume).is_file():
-        raise UsageError(f"--resume {args.resume}: expected auto, none or a checkpoint file")
+    check_view_inputs(args)
+    check_resume(args.resume)
     config, _ = pretrain_config(args, flags)
     source = config.data.views.proposal_source
     if source == "selective_search" and args.proposals is None:

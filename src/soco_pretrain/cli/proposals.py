@@ -11,9 +11,10 @@ from .common import (
     add_command,
     add_config_arguments,
     add_option_flags,
+    add_out,
+    add_workers,
     default_workers,
     parse_shard,
-    positive_int,
     require_dir,
     require_source,
     resolve_options,
@@ -57,15 +58,9 @@ def add_proposals(subparsers):
         ],
     )
     p.add_argument("images", metavar="IMAGES", help="image folder or text file listing images")
-    p.add_argument("-o", "--out", metavar="STORE", required=True, help="output store directory")
+    add_out(p, "STORE", "output store directory")
     add_config_arguments(p, SEARCH_PRESETS, "search/filter", "min_box_side=32", default="paper")
-    p.add_argument(
-        "--workers",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help=f"parallel processes (default: number of CPU cores, {default_workers()} here)",
-    )
+    add_workers(p)
     p.add_argument(
         "--shard",
         type=parse_shard,
@@ -126,7 +121,7 @@ def add_proposals_merge(subparsers):
         ],
     )
     p.add_argument("shards", metavar="SHARD", nargs="+", help="shard store directories")
-    p.add_argument("-o", "--out", metavar="STORE", required=True, help="merged store directory")
+    add_out(p, "STORE", "merged store directory")
     p.set_defaults(func=cmd_proposals_merge)
 
 

@@ -8,6 +8,10 @@ from .common import (
     Parser,
     UsageError,
     add_command,
+    add_config_sources,
+    add_image_root,
+    add_out,
+    check_view_inputs,
     missing_subcommand,
     positive_int,
     print_written,
@@ -52,7 +56,7 @@ def add_show_proposals(subparsers):
     )
     p.add_argument("store", metavar="STORE", help="proposal store directory")
     p.add_argument("--images", metavar="IMAGES", required=True, help="the image folder or list the store was made from")
-    p.add_argument("-o", "--out", metavar="DIR", required=True, help="output directory for the pictures")
+    add_out(p, "DIR", "output directory for the pictures")
     p.add_argument("--num", type=positive_int, default=8, metavar="N", help="images to draw (default 8)")
     p.add_argument("--per-image", type=positive_int, default=10, metavar="K", help="boxes per image (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the sample (default 0)")
@@ -104,33 +108,17 @@ def add_show_views(subparsers):
         default=None,
         help="proposal store directory (needed with the default views.proposal_source=selective_search)",
     )
-    p.add_argument("-o", "--out", metavar="DIR", required=True, help="output directory for the pictures")
-    p.add_argument(
-        "--image-root",
-        metavar="DIR",
-        default=None,
-        help="folder a COCO JSON's file names are relative to (default: the JSON's folder)",
-    )
+    add_out(p, "DIR", "output directory for the pictures")
+    add_image_root(p)
     p.add_argument("--num", type=positive_int, default=4, metavar="N", help="images to draw (default 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the images and their views (default 0)")
     p.add_argument("--augment", action="store_true", help="apply the photometric augmentation too")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="data config override, e.g. views.soco_star=true (repeatable)",
-    )
+    add_config_sources(p, None, None, "data config override, e.g. views.soco_star=true (repeatable)")
     p.set_defaults(func=cmd_show_views)
 
 
 def cmd_show_views(args) -> int:
-    require_source(args.images)
-    if args.proposals is not None:
-        require_dir(args.proposals, "proposal store")
-    if args.image_root is not None:
-        require_dir(args.image_root, "image root")
+    check_view_inputs(args)
     from ..config import DataConfig, apply_overrides
 
     config = apply_overrides(DataConfig(seed=args.seed), args.overrides)  # ConfigError: one line, exit 2
@@ -164,7 +152,7 @@ def add_show_curves(subparsers):
         ],
     )
     p.add_argument("run", metavar="RUN", help="run folder given to soco pretrain --out")
-    p.add_argument("-o", "--out", metavar="DIR", default=None, help="output directory (default: RUN)")
+    add_out(p, "DIR", "output directory (default: RUN)", required=False)
     p.set_defaults(func=cmd_show_curves)
 
 

@@ -44,7 +44,7 @@ from ..images import ImageError, ImageList, list_images, load_rgb
 from ..proposals.filters import RULE_FAILED
 from ..proposals.store import ProposalStore
 from ..proposals.store import load as load_store
-from .proposal_sources import PROPOSAL_SOURCES, BoxFileError, random_boxes, read_coco_boxes
+from .proposal_sources import BoxFileError, random_boxes, read_coco_boxes
 
 log = logging.getLogger("soco_pretrain.data")
 
@@ -183,36 +183,6 @@ class RawSample:
     boxes: np.ndarray  # the image's proposals, continuous original pixels
 
 
-def _check_config(config: DataConfig) -> None:
-    from .views import check_config
-
-    views, aug = config.views, config.augment
-    try:
-        check_config(views)
-    except ValueError as exc:
-        raise DatasetError(str(exc)) from None
-    if views.no_proposals not in ("error", "whole_image"):
-        raise DatasetError(f"views.no_proposals={views.no_proposals!r}: expected error or whole_image")
-    if views.proposal_source not in PROPOSAL_SOURCES:
-        raise DatasetError(
-            f"views.proposal_source={views.proposal_source!r}: expected one of {', '.join(PROPOSAL_SOURCES)}"
-        )
-    if views.proposal_source == "coco" and not views.proposal_json:
-        raise DatasetError(
-            "views.proposal_source=coco needs views.proposal_json=PATH (a COCO JSON "
-            "whose annotations' boxes are the proposals)"
-        )
-    if aug.device not in ("cpu", "gpu", "auto"):  # auto: the training loop resolves it; else cpu
-        raise DatasetError(f"augment.device={aug.device!r}: expected auto, cpu or gpu")
-    n_views = 4 if views.soco_star else 3
-    if len(aug.view_params) < n_views:
-        raise DatasetError(
-            f"augment.view_params={aug.view_params!r} names {len(aug.view_params)} views; {n_views} are built"
-        )
-    if config.max_decode_retries < 0:
-        raise DatasetError(f"max_decode_retries={config.max_decode_retries}: must be 0 or more")
-
-
 @contextlib.contextmanager
 def _one_thread():
     """Run with one torch thread, as loader workers do: float reductions (contrast's mean, blur)
@@ -242,7 +212,6 @@ class SoCoDataset(torch.utils.data.Dataset):
 
     def __init__(self, images, proposals=None, config: DataConfig | None = None, image_root=None):
         self.config = config if config is not None else DataConfig()
-        _check_config(self.config)
         self.images = image_source(images, image_root)
         if len(self.images) == 0:
             raise DatasetError(f"{self.images.root}: no images found")

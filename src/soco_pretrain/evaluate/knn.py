@@ -542,22 +542,6 @@ def common_size(weights_paths) -> int:
 # ---------------------------------------------------------------- soco knn
 
 
-def _check_options(o: KnnOptions) -> None:
-    problems = []
-    if o.k < 1:
-        problems.append(f"k must be >= 1 (got {o.k})")
-    if not o.temperature > 0:
-        problems.append(f"temperature must be > 0 (got {o.temperature})")
-    if not 0 < o.train_fraction <= 1:
-        problems.append(f"train fraction must be in (0, 1] (got {o.train_fraction})")
-    if o.bn not in BN_MODES:
-        problems.append(f"bn must be one of {', '.join(BN_MODES)} (got {o.bn!r})")
-    if o.batch < 1 or o.min_box < 0:
-        problems.append("batch must be >= 1 and min_box >= 0")
-    if problems:
-        raise KnnError("; ".join(problems))
-
-
 def knn_eval(weights, train_json, train_images, val_json, val_images, out, options: KnnOptions | None = None) -> dict:
     """Object kNN of ``val_json``'s objects against ``train_json``'s with the encoder of ``weights``;
     writes ``out/knn.json`` and returns it (metrics in percent, see the module docstring)."""
@@ -565,8 +549,7 @@ def knn_eval(weights, train_json, train_images, val_json, val_images, out, optio
 
     from ..files import atomic_write_json
 
-    o = options or KnnOptions()
-    _check_options(o)
+    o = options or KnnOptions()  # checked by KnnOptions itself
     start = time.perf_counter()
     device = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train = fraction_of(load_objects(train_json, train_images, o.min_box), o.train_fraction, o.seed)

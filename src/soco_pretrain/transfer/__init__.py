@@ -1,5 +1,6 @@
-"""Stage 5: transfer. ``export.py`` (torchvision / Detectron2 / MMDetection weights + key report),
-``finetune.py`` (Mask R-CNN fine-tune with COCO AP), ``linear.py`` (linear probe).
+"""Stage 5: transfer. ``weights.py`` (the one reader of SoCo checkpoints and run folders),
+``export/`` (torchvision / Detectron2 / MMDetection weights + key report, one module per
+target), ``finetune.py`` (Mask R-CNN fine-tune with COCO AP), ``linear.py`` (linear probe).
 
 Names are imported lazily (``soco_pretrain.transfer.export`` pulls in torch) so that importing
 the package stays cheap. Add a module's public names to ``_LAZY`` as name -> (module, attribute).
@@ -11,7 +12,7 @@ from __future__ import annotations
 from importlib import import_module
 
 _LAZY = {
-    # export.py
+    # export/
     **{
         name: ("export", name)
         for name in (
@@ -28,6 +29,8 @@ _LAZY = {
         )
     },
     "export_weights": ("export", "export"),
+    # weights.py (the one checkpoint reader)
+    **{name: ("weights", name) for name in ("SocoWeights", "read_soco_checkpoint")},
     # finetune.py and its parts (coco.py data, coco_eval.py AP, detector.py model + weights, shapes.py)
     **{name: ("finetune", name) for name in ("FinetuneError", "FinetuneOptions")},
     "run_finetune": ("finetune", "finetune"),  # the submodule is named finetune

@@ -50,7 +50,6 @@ from .detector import build_detector, eval_sizes, load_weights
 
 SCHEDULES = {"1x": 90_000, "2x": 180_000}  # iterations at batch 16 (Detectron2)
 REFERENCE_BATCH = 16  # paper 4.2: batch 16, lr 0.02
-PRECISIONS = ("fp32", "bf16", "fp16")
 METRICS_FILE = "metrics.json"
 
 
@@ -569,10 +568,6 @@ def _options(options: FinetuneOptions | None, overrides: dict) -> FinetuneOption
         if unknown:
             raise TypeError(f"finetune() got unknown option(s): {', '.join(unknown)}")
         opts = FinetuneOptions(**{**asdict(opts), **overrides})
-    if opts.precision not in PRECISIONS:
-        raise FinetuneError(f"precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
-    if not 0.0 < opts.fraction <= 1.0:
-        raise FinetuneError(f"fraction must be in (0, 1], got {opts.fraction}")
     make_plan(opts)  # schedule and batch errors before any data is read
     return opts
 

@@ -56,7 +56,6 @@ from ..errors import UserError
 from ..files import atomic_write_json
 from ..images import ImageError, list_images, load_rgb
 
-SCHEDULES = ("cosine", "steps")
 SOCO_WEIGHTS = ("online", "target")
 FEATURE_DIM = 2048  # ResNet-50 pooled features
 METRICS_JSON = "metrics.json"
@@ -326,16 +325,6 @@ def evaluate(
 # ---------------------------------------------------------------- the probe
 
 
-def _check_config(cfg: LinearConfig) -> None:
-    if cfg.schedule not in SCHEDULES:
-        raise LinearError(f"unknown schedule {cfg.schedule!r} (choose {' or '.join(SCHEDULES)})")
-    for name in ("epochs", "batch_size", "image_size"):
-        if getattr(cfg, name) < 1:
-            raise LinearError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.warmup_epochs < 0 or cfg.eval_every < 0:
-        raise LinearError("warmup_epochs and eval_every must be >= 0")
-
-
 def _default_workers() -> int:
     from ..data.loader import default_workers
 
@@ -513,8 +502,7 @@ def linear_probe(
     schedule keeps its length), then evaluate. ``device``: "cpu" / "cuda" (default: CUDA if
     available). Raises LinearError (one line) for bad input.
     """
-    cfg = replace(config or LinearConfig(), **overrides)
-    _check_config(cfg)
+    cfg = replace(config or LinearConfig(), **overrides)  # checked by LinearConfig itself
     if resume not in ("auto", "none"):
         raise LinearError(f"resume={resume!r}: expected auto or none")
     if max_iters is not None and max_iters < 0:
