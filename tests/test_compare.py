@@ -609,6 +609,11 @@ def test_device_children(tmp_path):
         (["--init", "none", "--metric", "knn", "--max-iters", "5"], "--max-iters: not an option of --metric knn"),
         (["--init", "none", "--devices", "cuda:0", "--arm", "0/2"], "exclude each other"),
         (["--init", "none", "--devices", "tpu:0"], "bad device"),
+        (["--init", "none", "--set", "workers=2"], "workers is not a finetune recipe option"),
+        (["--init", "none", "--metric", "knn", "--set", "k=many"], "--set k=many: expected int"),
+        (["--init", "none", "--metric", "knn", "--set", "bn=off"], "--set bn=off: expected one of precise, running"),
+        (["--init", "none", "--preset", "nope"], "--preset nope: not a finetune preset"),
+        (["--set", "k=5"], "--set given without --init"),
     ],
 )
 def test_bad_input_is_one_line(extra, message, data, fake_runner, capsys):
@@ -662,3 +667,22 @@ def test_cli_defaults_are_the_metrics_own(data):
                 continue
             expected = getattr(defaults, key)
             assert (list(expected) if isinstance(expected, tuple) else expected) == value, key
+
+
+def test_preset_config_and_set_feed_the_recorded_recipe(data, tmp_path):
+    """--preset < --config FILE < the flags < --set, as in soco finetune / soco knn."""
+    from soco_pretrain import cli
+    from soco_pretrain.config import FINETUNE_PRESETS
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("weight_decay: 1e-4\nmomentum: 0.8\n")
+    base = ["compare", "--init", "none", *map(str, data["args"]), "--out", str(tmp_path / "cmp")]
+    args = cli.build_parser().parse_args([*base, "--preset", "cpu", "--config", str(recipe), "--set", "momentum=0.6"])
+    options = cli._compare_spec(args, {}).options
+    assert options["weight_decay"] == 1e-4 and options["momentum"] == 0.6  # file, then --set over it
+    for key, value in FINETUNE_PRESETS["cpu"].items():
+        if key in options and key not in ("weight_decay", "momentum"):
+            assert options[key] == (list(value) if isinstance(value, tuple) else value), key
+    args = cli.build_parser().parse_args([*base, "--metric", "knn", "--k", "7", "--set", "temperature=0.2"])
+    options = cli._compare_spec(args, {}).options
+    assert options["k"] == 7 and options["temperature"] == 0.2

@@ -1,8 +1,9 @@
 """``soco compare``: several initialisations under one budget, over label fractions and seeds.
 
 The fine-tune and kNN options are soco finetune's and soco knn's flags (generated from
-FinetuneOptions / KnnOptions); here they default to None so that a comparison records only what
-was given and fills the rest from those dataclasses' defaults.
+FinetuneOptions / KnnOptions) plus ``--preset``/``--config``/``--set`` of the chosen metric;
+they resolve as in those commands (defaults < preset < file < flags < --set), and the resolved
+recipe is what the comparison records.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import FinetuneOptions, KnnOptions
+from ..config import FINETUNE_PRESETS, KNN_PRESETS, FinetuneOptions, KnnOptions
 from .common import (
     PROG,
     UsageError,
     add_coco_data,
     add_command,
+    add_config_sources,
     add_option_flags,
     add_out,
     add_renamed,
@@ -25,6 +27,7 @@ from .common import (
     fraction,
     parse_shard,
     positive_int,
+    resolve_options,
 )
 from .finetune import FINETUNE_RECIPE_FLAGS, FINETUNE_RENAMED, FINETUNE_RUN_FLAGS, finetune_cli_defaults
 from .knn import KNN_PROTOCOL_FLAGS
@@ -145,6 +148,12 @@ def add_compare(subparsers):
         g, FinetuneOptions, FINETUNE_RECIPE_FLAGS + FINETUNE_RUN_FLAGS, cli_defaults=finetune_cli_defaults()
     )
     add_option_flags(p.add_argument_group("kNN options (--metric knn)"), KnnOptions, KNN_PROTOCOL_FLAGS)
+    add_config_sources(
+        p.add_argument_group("the metric's recipe as in soco finetune / soco knn"),
+        f"named options of the metric: finetune {', '.join(FINETUNE_PRESETS)}; knn {', '.join(KNN_PRESETS)}",
+        "YAML file of the metric's options (keys as --set), read over the preset",
+        "any recipe option of the metric, e.g. weight_decay=1e-4 (finetune) or k=50 (knn); repeatable",
+    )
     add_renamed(p, FINETUNE_RENAMED)
     p.set_defaults(func=cmd_compare)
 
@@ -162,7 +171,47 @@ def _given_spec_flags(args) -> list[str]:
         *FINETUNE_RECIPE_DEFAULTS,
         *KNN_DEFAULTS,
     ]
-    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
+    return given + [flag for flag, dest in _SOURCES if getattr(args, dest, None)]
+
+
+_SOURCES = (("--preset", "preset"), ("--config", "config"), ("--set", "overrides"))
+
+
+# Options that set how an arm runs, or that the arm itself sets: never part of a recipe.
+_NOT_RECIPE = {"fraction", "seed", "train_fraction", "resume", "eval_only", "eval_every", "allow_leak", "workers",
+               "device", "progress", "log_every", "checkpoint_every"}  # fmt: skip
+
+
+def _recipe(args, metric: str) -> dict:
+    """The metric's resolved recipe, as soco finetune / soco knn resolve it. It records the flag
+    options plus what --preset, --config and --set name (so a comparison made without them keeps
+    the specification it always had)."""
+    from dataclasses import fields
+
+    from ..config import load_file
+
+    if metric == "finetune":
+        cls, flags, presets, names = FinetuneOptions, FINETUNE_RECIPE_FLAGS, FINETUNE_PRESETS, FINETUNE_RECIPE_DEFAULTS
+        cli_defaults = None
+    else:  # --batch and --soco-weights are the shared flags; the recorded batch defaults to fine-tuning's
+        shared = [flag for flag in FINETUNE_RECIPE_FLAGS if flag.dest in ("batch", "soco_weights")]
+        cls, flags, presets = KnnOptions, KNN_PROTOCOL_FLAGS + shared, KNN_PRESETS
+        names = {**KNN_DEFAULTS, "batch": None, "soco_weights": None}
+        cli_defaults = {flag.field: FINETUNE_RECIPE_DEFAULTS[flag.dest] for flag in shared}
+    allowed = {f.name for f in fields(cls)} - _NOT_RECIPE
+    if args.preset is not None and args.preset not in presets:
+        raise UsageError(f"--preset {args.preset}: not a {metric} preset (choose from {', '.join(presets)})")
+    named = list(presets.get(args.preset, {})) + list(load_file(args.config) if args.config else [])
+    named += [item.split("=", 1)[0].strip() for item in args.overrides or []]
+    for key in named:
+        if key not in allowed:
+            raise UsageError(
+                f"{key} is not a {metric} recipe option of soco compare (a run setting, set by the arm, or "
+                f"unknown; recipe options: {', '.join(sorted(allowed))})"
+            )
+    resolved, _ = resolve_options(cls, args, flags, presets, cli_defaults=cli_defaults)
+    return {name: getattr(resolved, name) for name in [*names, *named]}
 
 
 def _compare_spec(args, runtime: dict):
@@ -196,23 +245,13 @@ def _compare_spec(args, runtime: dict):
         raise UsageError(f"{', '.join(wrong)}: not an option of --metric {metric}")
     inits = [parse_init(text, must_exist=not args.report_only) for text in args.init]
 
-    def value(name, defaults):
-        v = getattr(args, name)
-        return defaults[name] if v is None else v
-
+    options = _recipe(args, metric)
     if metric == "finetune":
-        f = FINETUNE_RECIPE_DEFAULTS
-        options = {name: value(name, f) for name in f}
         options["train_sizes"] = list(options["train_sizes"])
-    else:
-        options = {name: value(name, KNN_DEFAULTS) for name in KNN_DEFAULTS}
-        if options["size"] is None:  # one input size for every arm: the first run's V1 size, else 224
-            from ..evaluate.knn import common_size
+    elif options["size"] is None:  # one input size for every arm: the first run's V1 size, else 224
+        from ..evaluate.knn import common_size
 
-            options["size"] = common_size([p for init in inits for p in init.paths if p])
-        options.update(
-            batch=value("batch", FINETUNE_RECIPE_DEFAULTS), soco_weights=value("soco_weights", FINETUNE_RECIPE_DEFAULTS)
-        )
+        options["size"] = common_size([p for init in inits for p in init.paths if p])
     absolute = os.path.abspath
     return CompareSpec(
         tuple(inits),

@@ -600,6 +600,33 @@ def make_trainer(
     return trainer
 
 
+def _summarise(
+    job: Job, run_dir: Path, trainer: Trainer, start: int, position: Position, skipped, seconds: float
+) -> Summary:
+    """Rank 0 prints the skipped files and where the run stopped; every rank returns the Summary."""
+    if job.is_main:
+        if len(skipped):
+            print(skipped.summary(), flush=True)
+        print(
+            f"stopped at step {trainer.step}/{job.plan.total_steps} (epoch {position.epoch}); last "
+            f"checkpoint: {trainer.last_checkpoint}",
+            flush=True,
+        )
+    return Summary(
+        run_dir=run_dir,
+        step=trainer.step,
+        start_step=start,
+        total_steps=job.plan.total_steps,
+        epoch=position.epoch,
+        loss=trainer.metrics.last_logged,
+        images_per_s=trainer.metrics.images_seen() / max(seconds, 1e-9),
+        seconds=seconds,
+        checkpoint=trainer.last_checkpoint,
+        finished=trainer.step >= job.plan.total_steps,
+        plan=job.plan,
+    )
+
+
 # ---------------------------------------------------------------- the entry point
 
 
@@ -646,27 +673,6 @@ def pretrain(
         wall = time.perf_counter()
         job.model.train()
         trainer.run()
-        seconds = time.perf_counter() - wall
-        if job.is_main:
-            if len(skipped):
-                print(skipped.summary(), flush=True)
-            print(
-                f"stopped at step {trainer.step}/{job.plan.total_steps} (epoch {position.epoch}); last "
-                f"checkpoint: {trainer.last_checkpoint}",
-                flush=True,
-            )
-        return Summary(
-            run_dir=run_dir,
-            step=trainer.step,
-            start_step=start,
-            total_steps=job.plan.total_steps,
-            epoch=position.epoch,
-            loss=trainer.metrics.last_logged,
-            images_per_s=trainer.metrics.images_seen() / max(seconds, 1e-9),
-            seconds=seconds,
-            checkpoint=trainer.last_checkpoint,
-            finished=trainer.step >= job.plan.total_steps,
-            plan=job.plan,
-        )
+        return _summarise(job, run_dir, trainer, start, position, skipped, time.perf_counter() - wall)
     finally:
         cleanup()
