@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import cpu_model, peak_rss_mib  # noqa: E402
-from train_step import MODELS, synthetic_batch, view_sizes  # noqa: E402
+from train_step import MODELS, step_config, synthetic_batch, view_sizes  # noqa: E402
 
 from soco_pretrain.config import apply_overrides  # noqa: E402
 from soco_pretrain.engine.skips import SkipLog  # noqa: E402
@@ -117,22 +117,8 @@ def build_step(name: str, batch_size: int, variant: str, precision: str, size: i
     channels_last and compile settings), without accumulation. ``cudagraph`` swaps the job's
     forward for ``torch.compile(mode="reduce-overhead")``, which ``soco pretrain`` does not offer yet."""
     preset, n_views = MODELS[name]
-    sizes = view_sizes(size)
     channels_last = variant != "eager"
-    cfg = apply_overrides(
-        load_preset(preset),
-        [
-            f"data.views.v1_size={sizes[0]}",
-            f"data.views.v2_size={sizes[1]}",
-            f"data.views.v3_size={sizes[2]}",
-            f"data.views.v4_size={sizes[3]}",
-            f"train.precision={precision}",
-            f"train.per_device_batch={batch_size}",
-            f"train.channels_last={str(channels_last).lower()}",
-            f"train.compile={str(variant == 'compile').lower()}",
-            "data.augment.device=cpu",
-        ],
-    )
+    cfg = step_config(preset, size, batch_size, precision, channels_last, variant == "compile")
     batch = synthetic_batch(batch_size, size, k, n_views, cfg.data.views.level_bounds)
     batch = {
         key: ([t.to(device) for t in v] if isinstance(v, list) else v.to(device)) if key != "skipped" else v

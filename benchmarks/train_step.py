@@ -49,7 +49,7 @@ def view_sizes(size: int) -> list[int]:
 
 
 def synthetic_batch(batch: int, size: int, k: int, n_views: int, bounds, seed: int = 0) -> dict:
-    """Random views and boxes shaped like the stage-2 batch contract."""
+    """Random views and boxes shaped like data.loader.soco_collate's batch."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     views, boxes, levels = [], [], []
@@ -70,6 +70,22 @@ def synthetic_batch(batch: int, size: int, k: int, n_views: int, bounds, seed: i
     }
 
 
+def step_config(preset: str, size: int, batch: int, precision: str, channels_last: bool, compile: bool):
+    """The preset's config for a step on a prepared batch of ``batch`` images at ``size`` px."""
+    sizes = view_sizes(size)
+    return apply_overrides(
+        load_preset(preset),
+        [
+            *(f"data.views.v{i + 1}_size={s}" for i, s in enumerate(sizes)),
+            f"train.precision={precision}",
+            f"train.per_device_batch={batch}",
+            f"train.channels_last={str(channels_last).lower()}",
+            f"train.compile={str(compile).lower()}",
+            "data.augment.device=cpu",  # a prepared batch: no on-device augmentation to time
+        ],
+    )
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -79,20 +95,7 @@ def bench_model(name: str, args, device) -> dict:
     preset, n_views = MODELS[name]
     sizes = view_sizes(args.size)
     channels_last = device.type == "cuda" and not args.no_channels_last
-    cfg = apply_overrides(
-        load_preset(preset),
-        [
-            f"data.views.v1_size={sizes[0]}",
-            f"data.views.v2_size={sizes[1]}",
-            f"data.views.v3_size={sizes[2]}",
-            f"data.views.v4_size={sizes[3]}",
-            f"train.precision={args.precision}",
-            f"train.per_device_batch={args.batch}",
-            f"train.channels_last={str(channels_last).lower()}",
-            f"train.compile={str(args.compile).lower()}",
-            "data.augment.device=cpu",
-        ],
-    )  # a prepared batch: no on-device augmentation to time
+    cfg = step_config(preset, args.size, args.batch, args.precision, channels_last, args.compile)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -64,3 +64,29 @@ def corrupt(path: Path) -> None:
     """Replace an image with the first half of its PNG bytes (a truncated file)."""
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+
+
+# A tiny pretraining setting for the tests: 64 px views, K = 2, batch 2, data in the main process,
+# level bounds scaled to 64 px as the tiny preset's are to 96. Each optimiser step of the full
+# R50-FPN model then takes about a second on one CPU thread.
+SMALL_PRETRAIN = [
+    "data.views.v1_size=64",
+    "data.views.v2_size=64",
+    "data.views.v3_size=32",
+    "data.views.v4_size=48",
+    "data.views.level_bounds=[14, 27, 55]",
+    "data.views.num_proposals=2",
+    "train.workers=0",
+    "train.per_device_batch=2",
+    "train.batch_size=2",
+    "train.log_every=1",
+    "train.checkpoint_every=1000",
+]
+
+
+def small_pretrain_config(*extra: str):
+    """The tiny preset with SMALL_PRETRAIN and ``extra`` overrides applied (in that order)."""
+    from soco_pretrain.config import apply_overrides
+    from soco_pretrain.presets import load_preset
+
+    return apply_overrides(load_preset("tiny"), [*SMALL_PRETRAIN, *extra])

@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from data_fixtures import make_photos, make_store
+from data_fixtures import make_photos, make_store, small_pretrain_config
 
-from soco_pretrain.config import PretrainConfig, apply_overrides, from_dict, to_dict
+from soco_pretrain.config import PretrainConfig, from_dict, to_dict
 from soco_pretrain.engine.checkpoint import load_checkpoint
 from soco_pretrain.errors import UserError
-from soco_pretrain.presets import load_preset
 from soco_pretrain.train.loop import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,18 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PREVIOUS_CHECKPOINT_KEYS = {
     "model", "optimizer", "step", "epoch", "batch_in_epoch", "rng", "scaler", "config", "world_size"
 }  # fmt: skip
-SMALL = [
-    "data.views.v1_size=64",
-    "data.views.v2_size=64",
-    "data.views.v3_size=32",
-    "data.views.v4_size=48",
-    "data.views.level_bounds=[14, 27, 55]",
-    "data.views.num_proposals=2",
-    "train.workers=0",
-    "train.per_device_batch=2",
-    "train.batch_size=2",
-    "train.log_every=1",
-]
 
 
 def _as_previous_format(run) -> None:
@@ -55,7 +42,7 @@ def test_a_previous_format_run_resumes_and_exports(tmp_path, capsys):
     store = make_store(tmp_path / "store", tmp_path / "images", rel, boxes_per_image=6)
     listed = tmp_path / "two.txt"
     listed.write_text("".join(f"{tmp_path / 'images' / p}\n" for p in rel))
-    cfg = apply_overrides(load_preset("tiny"), SMALL)
+    cfg = small_pretrain_config()
     run = tmp_path / "run"
     pretrain(cfg, listed, store, run, max_steps=1, progress=False)
     _as_previous_format(run)

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import make_photos
+from data_fixtures import make_photos, small_pretrain_config
 from PIL import Image
 
-from soco_pretrain.config import apply_overrides
 from soco_pretrain.data.manifest import (
     MANIFEST_FILE,
     LeakError,
@@ -26,7 +25,6 @@ from soco_pretrain.data.manifest import (
     record_run_manifest,
     write_manifest,
 )
-from soco_pretrain.presets import load_preset
 from soco_pretrain.train.loop import pretrain
 from soco_pretrain.transfer.export import export
 
@@ -191,21 +189,6 @@ def test_manifest_for_weights(train_val, tmp_path):
 
 # ---------------------------------------------------------------- a real run and its export
 
-SMALL = [
-    "data.views.v1_size=64",
-    "data.views.v2_size=64",
-    "data.views.v3_size=32",
-    "data.views.v4_size=48",
-    "data.views.level_bounds=[14, 27, 55]",
-    "data.views.num_proposals=2",
-    "data.views.proposal_source=whole_image",  # no proposal store needed
-    "train.workers=0",
-    "train.per_device_batch=2",
-    "train.batch_size=2",
-    "train.log_every=1",
-    "train.checkpoint_every=1000",
-]
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -213,7 +196,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("manifest_run")
     rel = make_photos(root / "images", names=("astronaut", "coffee"), side=64)
     run = root / "run"
-    cfg = apply_overrides(load_preset("tiny"), SMALL)
+    cfg = small_pretrain_config("data.views.proposal_source=whole_image")  # no proposal store needed
     pretrain(cfg, root / "images", None, run, max_steps=1, progress=False)
     return run, root / "images", rel, cfg
 

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from data_fixtures import make_photos, make_store
+from data_fixtures import SMALL_PRETRAIN, make_photos, make_store
 from PIL import Image
 
 from soco_pretrain.cli import main
@@ -25,20 +25,7 @@ from soco_pretrain.engine.metrics import read_metrics
 from soco_pretrain.presets import load_preset
 from soco_pretrain.train.loop import pretrain
 
-# Same tiny settings as tests/test_train.py: 64 px views, K = 2, batch 2, data in the main process.
-SMALL = [
-    "data.views.v1_size=64",
-    "data.views.v2_size=64",
-    "data.views.v3_size=32",
-    "data.views.v4_size=48",
-    "data.views.level_bounds=[14, 27, 55]",
-    "data.views.num_proposals=2",
-    "train.workers=0",
-    "train.per_device_batch=2",
-    "train.batch_size=2",
-    "train.log_every=1",
-    "train.checkpoint_every=1000",
-]
+SMALL = SMALL_PRETRAIN  # tests/data_fixtures.py
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

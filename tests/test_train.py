@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from data_fixtures import make_photos, make_store, random_boxes
+from data_fixtures import SMALL_PRETRAIN, make_photos, make_store, random_boxes, small_pretrain_config
 
 from soco_pretrain.cli import PRETRAIN_PRESETS, main
 from soco_pretrain.config import apply_overrides
@@ -25,27 +25,13 @@ from soco_pretrain.engine.metrics import read_metrics
 from soco_pretrain.presets import PRESETS, PresetError, load_preset
 from soco_pretrain.train.loop import NonFiniteLossError, PretrainError, make_plan, pretrain
 
-# 64 px views, K = 2, data in the main process; level bounds scaled to 64 px as tiny's are to 96.
-SMALL = [
-    "data.views.v1_size=64",
-    "data.views.v2_size=64",
-    "data.views.v3_size=32",
-    "data.views.v4_size=48",
-    "data.views.level_bounds=[14, 27, 55]",
-    "data.views.num_proposals=2",
-    "train.workers=0",
-    "train.per_device_batch=2",
-    "train.batch_size=2",
-    "train.log_every=1",
-    "train.checkpoint_every=1000",
-]
+SMALL = SMALL_PRETRAIN  # tests/data_fixtures.py
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def small_config(*extra):
-    return apply_overrides(load_preset("tiny"), [*SMALL, *extra])
+small_config = small_pretrain_config  # tests/data_fixtures.py
 
 
 @pytest.fixture(scope="module")
@@ -231,28 +217,36 @@ def test_two_process_ddp_matches_one_process(data, tmp_path):
     # The forward on the same global batch (each rank its share of the sampler's order).
     assert _losses(two) == pytest.approx(_losses(one), abs=1e-4)
 
-    # The weights after the step, compared through the update (weights - initial weights). At
-    # initialisation this loss's gradient is a small difference of large terms: float32 alone is
-    # ~0.5% off float64 here (and later steps amplify it), hence one step and a loose tolerance.
+    # The weights after the step, compared through the update (_same_update).
     a = load_checkpoint(one / "checkpoints" / "last.pt")
     b = load_checkpoint(two / "checkpoints" / "last.pt")
     assert b["world_size"] == 2 and a["world_size"] == 1
+    _same_update(a["model"], b["model"], small_config(*extra), per_tensor=True)
+
+
+def _same_update(a: dict, b: dict, cfg, per_tensor: bool) -> None:
+    """The one-process and two-process weights after a step agree through the update (weights -
+    initial weights): overall within 2 %, and with ``per_tensor`` each moved tensor within 5 % and
+    the EMA targets close. At initialisation this loss's gradient is a small difference of large
+    terms (float32 alone is ~0.5 % off float64 here), hence one step and a loose tolerance."""
     from soco_pretrain.model import SoCoModel
 
     torch.manual_seed(0)
-    init = SoCoModel(small_config(*extra)).state_dict()
+    init = SoCoModel(cfg).state_dict()
     moved, off = 0.0, 0.0
-    for key, x in a["model"].items():
-        y = b["model"][key]
+    for key, x in a.items():
+        y = b[key]
         if not x.is_floating_point():
             assert torch.equal(x, y), key
         elif key.startswith("target_"):
-            torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-4)  # EMA of nearly equal weights
-        else:
+            if per_tensor:
+                torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-4)  # EMA of nearly equal weights
+        elif per_tensor or "running_" not in key:
+            assert torch.isfinite(y).all(), key
             update, diff = (x - init[key]).double(), (x - y).double()
             moved += update.square().sum().item()
             off += diff.square().sum().item()
-            if "running_" not in key and update.norm() > 1e-3:
+            if per_tensor and "running_" not in key and update.norm() > 1e-3:
                 assert diff.norm() <= 0.05 * update.norm(), key
     assert moved > 0 and (off / moved) ** 0.5 < 0.02, (off / moved) ** 0.5
 
@@ -341,21 +335,7 @@ def test_two_process_ddp_with_masked_padding_matches_one_process(data, tmp_path)
     a = load_checkpoint(one / "checkpoints" / "last.pt")
     b = load_checkpoint(two / "checkpoints" / "last.pt")
     assert b["world_size"] == 2 and a["world_size"] == 1
-    # The weights after the step, compared through the update (as the repeat-padding test does).
-    from soco_pretrain.model import SoCoModel
-
-    torch.manual_seed(0)
-    init = SoCoModel(small_config(*extra)).state_dict()
-    moved, off = 0.0, 0.0
-    for key, x in a["model"].items():
-        y = b["model"][key]
-        if not x.is_floating_point():
-            assert torch.equal(x, y), key
-        elif not key.startswith("target_") and "running_" not in key:
-            assert torch.isfinite(y).all(), key
-            moved += (x - init[key]).double().square().sum().item()
-            off += (x - y).double().square().sum().item()
-    assert moved > 0 and (off / moved) ** 0.5 < 0.02, (off / moved) ** 0.5
+    _same_update(a["model"], b["model"], small_config(*extra), per_tensor=False)  # overall, as masked padding allows
 
 
 @pytest.mark.slow  # about 60 s: 6 DDP steps of R50-FPN and 3 process-group starts on 2 cores

@@ -136,7 +136,8 @@ def convert_sync_bn(model: nn.Module) -> nn.Module:
 class SoCoModel(nn.Module):
     """``model(batch) -> (loss, stats)``; ``model.update_target(tau)`` after each optimiser step.
 
-    batch: the stage-2 contract (``views``, ``boxes``, ``levels`` lists per view, ``valid`` (B, K));
+    batch: a collated batch (data.loader.soco_collate: ``views``, ``boxes``, ``levels`` lists per
+    view, ``valid`` (B, K));
     extra views (e.g. V3 for C4) are ignored. stats: detached tensors (no host sync): ``loss``,
     one term per pair (``loss_12``, ``loss_13``, ...) and ``proposals`` (valid proposals in the batch).
     """
