@@ -306,6 +306,7 @@ def test_finetune_end_to_end_writes_metrics_and_resumes(data, soco_run, tmp_path
     metrics = finetune(run, *_run_args(data), out, max_iters=2, precise_bn=1, **TINY)
     printed = capsys.readouterr().out
     assert "backbone.body" in printed and "roi_heads.box_head" in printed  # the key report
+    assert printed.count("bbox  AP") == 1 and printed.count("segm  AP") == 1  # the AP block, once
     written = json.loads((out / "metrics.json").read_text())
     assert written == json.loads(json.dumps(metrics))
     _check_metrics(written, ("bbox", "segm"))
@@ -316,7 +317,9 @@ def test_finetune_end_to_end_writes_metrics_and_resumes(data, soco_run, tmp_path
     assert state["iteration"] == 2 and state["masks"] and state["num_classes"] == 3
     # rerun: resumes at the end and returns the metrics without training again
     again = finetune(run, *_run_args(data), out, max_iters=2, precise_bn=1, **TINY)
-    assert again == written and "already finished" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert again == written and "already finished" in printed
+    assert f"bbox  AP {written['bbox']['AP']:.1f}" in printed  # the stored result, printed again
     # --eval-only scores the saved model again: the same numbers (its BN statistics were saved after precise BN)
     scored = finetune(run, *_run_args(data), tmp_path / "ft", eval_only=True, **TINY)
     assert scored["bbox"] == written["bbox"] and scored["segm"] == written["segm"]
