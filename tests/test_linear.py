@@ -231,7 +231,7 @@ def test_probe_learns_linearly_separable_classes(tmp_path):
 def test_resume_equals_an_uninterrupted_run(folders, tmp_path):
     kwargs = dict(device="cpu", progress=False, **{**TINY, "image_size": 32})  # 2 steps per epoch
     straight = linear_probe("none", folders / "train", folders / "val", tmp_path / "a", **kwargs)
-    first = linear_probe("none", folders / "train", folders / "val", tmp_path / "b", max_iters=1, **kwargs)
+    first = linear_probe("none", folders / "train", folders / "val", tmp_path / "b", max_steps=1, **kwargs)
     assert first["step"] == 1 and not first["finished"]
     second = linear_probe("none", folders / "train", folders / "val", tmp_path / "b", **kwargs)
     assert second["step"] == straight["step"] and second["top1"] == straight["top1"]

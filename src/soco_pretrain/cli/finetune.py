@@ -9,6 +9,7 @@ from .common import (
     add_config_arguments,
     add_option_flags,
     add_renamed,
+    add_run_folder_flags,
     add_weights_data_out,
     check_resume,
     checked_coco_paths,
@@ -156,6 +157,7 @@ def add_finetune(subparsers):
     add_config_arguments(p, FINETUNE_PRESETS, "fine-tune", "weight_decay=1e-4")
     add_option_flags(p, FinetuneOptions, FINETUNE_FLAGS, cli_defaults=finetune_cli_defaults())
     add_renamed(p, FINETUNE_RENAMED)
+    add_run_folder_flags(p)
     p.set_defaults(func=cmd_finetune)
 
 
@@ -169,5 +171,6 @@ def cmd_finetune(args) -> int:
     check_resume(options.resume)
     from ..transfer.finetune import finetune
 
-    finetune(None if args.weights.lower() == "none" else args.weights, *paths, options)
+    weights = None if args.weights.lower() == "none" else args.weights
+    finetune(weights, *paths, options, overwrite=args.overwrite, accept_changes=args.accept_changes)
     return 0

@@ -12,6 +12,7 @@ from .common import (
     add_max_steps,
     add_option_flags,
     add_renamed,
+    add_run_folder_flags,
     add_weights_data_out,
     check_weights,
     require_dir,
@@ -103,6 +104,7 @@ def add_linear(subparsers):
         help="auto: continue from OUT/checkpoints/last.pt if any (default); none: start over",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_folder_flags(p, accept_changes=False)  # a changed start is refused: use another --out
     p.set_defaults(func=cmd_linear)
 
 
@@ -123,7 +125,8 @@ def cmd_linear(args) -> int:
         config,
         soco_weights=args.soco_weights,
         resume=args.resume,
-        max_iters=args.max_steps,
+        max_steps=args.max_steps,
+        overwrite=args.overwrite,
         device=args.device,
         progress=not args.no_progress,
     )

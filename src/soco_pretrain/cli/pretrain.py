@@ -13,6 +13,7 @@ from .common import (
     add_image_root,
     add_max_steps,
     add_out,
+    add_run_folder_flags,
     check_resume,
     check_view_inputs,
     missing_subcommand,
@@ -107,6 +108,7 @@ def add_pretrain(subparsers):
         metavar="auto|none|PATH",
         help="auto: continue from RUN's last checkpoint if any (default); none: start at step 0; or a checkpoint file",
     )
+    add_run_folder_flags(p)
     add_image_root(p)
     p.add_argument(
         "--workers",
@@ -162,6 +164,8 @@ def cmd_pretrain(args) -> int:
         max_steps=args.max_steps,
         resume=args.resume,
         image_root=args.image_root,
+        overwrite=args.overwrite,
+        accept_changes=args.accept_changes,
     )
     return 0
 

@@ -474,16 +474,36 @@ class MonitorHook(Hook):
             trainer.record.update(self._measure(trainer))
 
 
-def resume_job(job: Job, manager, resume, position: Position) -> tuple[int, Path | None]:
-    """Load the checkpoint ``resume`` names (if any) into the job; returns (step, its path)."""
+# Settings a resumed run may change freely: how it runs and reports, not what it trains. Any
+# other difference from the checkpoint's config (model, data, schedule) needs accept_changes.
+RESUME_FREE = ("version", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.workers",
+               "train.compile", "train.per_device_batch", "train.channels_last", "train.precision",
+               "data.augment.device", "monitor.")  # fmt: skip
+
+
+def resume_job(job: Job, manager, resume, position: Position, accept_changes: bool = False) -> tuple[int, Path | None]:
+    """Load the checkpoint ``resume`` names (if any) into the job; returns (step, its path).
+
+    A checkpoint made with other training settings (anything outside RESUME_FREE) is refused in
+    one line naming them, unless ``accept_changes``; another world size is allowed (the total
+    batch is kept by accumulation) and said in one line."""
     from ..engine.checkpoint import load_checkpoint, set_rng_state
+    from ..runfolder import RunFolderError
 
     path = manager.resume_from(resume)
     if path is None:
         return 0, None
     state = load_checkpoint(path, map_location=job.device)
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "config"} <= set(state):
+        raise PretrainError(f"{path}: not a soco pretrain checkpoint (a fine-tune checkpoint or an export?)")
     # A checkpoint written before the config had a version holds version 1's keys without it.
     differs = _config_differences({"version": 1, **state.get("config", {})}, to_dict(job.cfg))
+    changed = [key for key in differs if not key.startswith(RESUME_FREE)]
+    if changed and not accept_changes:
+        raise RunFolderError(
+            f"{path}: made with other settings ({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
+            "resume with the run's own (RUN/config.yaml), give another --out, or add --accept-changes"
+        )
     job.core.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     job.scaler.load_state_dict(state["scaler"])
@@ -497,6 +517,13 @@ def resume_job(job: Job, manager, resume, position: Position) -> tuple[int, Path
         )
         if differs:
             print(f"note: the config differs from the checkpoint's in {', '.join(differs)}", flush=True)
+        saved_world = state.get("world_size")
+        if saved_world not in (None, job.world):
+            print(
+                f"note: resumed on {job.world} process(es), the checkpoint ran on {saved_world}: the total batch "
+                "is kept; the rest of this epoch's order is dealt anew over the processes",
+                flush=True,
+            )
     return step, path
 
 
@@ -640,6 +667,8 @@ def pretrain(
     image_root=None,
     progress: bool = True,
     device: str | None = None,
+    overwrite: bool = False,
+    accept_changes: bool = False,
 ) -> Summary:
     """Pretrain SoCo on ``images`` with their ``proposals`` store into ``run_dir``.
 
@@ -650,29 +679,43 @@ def pretrain(
     schedules keep their full length, so a later run can continue). ``resume``: "auto" (the
     run's latest checkpoint if any), "none" (start at step 0) or a checkpoint path.
     ``device``: "cpu" or "cuda" to force one (default CUDA when available). Launch under torchrun
-    or srun for several processes. Raises PretrainError (bad config), NonFiniteLossError.
+    or srun for several processes. The run folder is locked for the run (runfolder.locked);
+    ``overwrite`` lets ``resume="none"`` move an earlier run aside, ``accept_changes`` lets a
+    resume continue with other settings than the checkpoint's. Raises PretrainError (bad config),
+    RunFolderError, NonFiniteLossError.
     """
-    from ..engine.checkpoint import CheckpointManager
     from ..engine.distributed import cleanup, init_distributed
-    from ..engine.skips import SkipLog
+    from ..runfolder import locked, start_fresh
 
     run_dir = Path(run_dir)
     if max_steps is not None and max_steps < 0:
         raise PretrainError(f"max_steps must be >= 0, got {max_steps}")
     dist_info = init_distributed(device)
     try:
-        job = build_job(cfg, images, proposals, image_root, dist_info)
-        position, skipped = Position(), SkipLog()
-        start, resumed_from = resume_job(
-            job, CheckpointManager(run_dir, keep=job.cfg.train.keep_checkpoints), resume, position
-        )
-        stop = job.plan.total_steps if max_steps is None else min(job.plan.total_steps, max_steps)
-        if job.is_main:
-            announce(job, run_dir, progress, stop)
-        trainer = make_trainer(job, run_dir, start, stop, position, skipped, resumed_from, progress)
-        wall = time.perf_counter()
-        job.model.train()
-        trainer.run()
-        return _summarise(job, run_dir, trainer, start, position, skipped, time.perf_counter() - wall)
+        with locked(run_dir, "pretrain", enabled=dist_info.is_main):
+            if resume in (None, "none") and dist_info.is_main:
+                start_fresh(run_dir, overwrite, "pretrain")
+            return _pretrain(cfg, images, proposals, run_dir, max_steps, resume, image_root, progress, dist_info,
+                             accept_changes)  # fmt: skip
     finally:
         cleanup()
+
+
+def _pretrain(cfg, images, proposals, run_dir: Path, max_steps, resume, image_root, progress, dist_info,
+              accept_changes: bool) -> Summary:  # fmt: skip
+    """pretrain() inside its process group and run-folder lock."""
+    from ..engine.checkpoint import CheckpointManager
+    from ..engine.skips import SkipLog
+
+    job = build_job(cfg, images, proposals, image_root, dist_info)
+    position, skipped = Position(), SkipLog()
+    manager = CheckpointManager(run_dir, keep=job.cfg.train.keep_checkpoints)
+    start, resumed_from = resume_job(job, manager, resume, position, accept_changes)
+    stop = job.plan.total_steps if max_steps is None else min(job.plan.total_steps, max_steps)
+    if job.is_main:
+        announce(job, run_dir, progress, stop)
+    trainer = make_trainer(job, run_dir, start, stop, position, skipped, resumed_from, progress)
+    wall = time.perf_counter()
+    job.model.train()
+    trainer.run()
+    return _summarise(job, run_dir, trainer, start, position, skipped, time.perf_counter() - wall)

@@ -332,14 +332,36 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
     )
 
 
-def resume_job(job: Job, manager) -> tuple[int, Path | None]:
-    """Load ``--resume``'s checkpoint (if any) into the job; returns (iteration, its path)."""
+def start_record(weights) -> dict:
+    """What a fine-tune starts from: the weights' absolute path (a run folder: its checkpoint file)
+    and their sha256, recorded in every checkpoint and checked when the run resumes."""
+    from ..runfolder import file_digest
+    from .weights import resolve_checkpoint
+
+    if weights is None or str(weights).lower() == "none":
+        return {"weights": "none", "sha256": None}
+    path = resolve_checkpoint(weights).resolve()
+    return {"weights": str(path), "sha256": file_digest(path)}
+
+
+def resume_job(job: Job, manager, accept_changes: bool = False) -> tuple[int, Path | None]:
+    """Load ``--resume``'s checkpoint (if any) into the job; returns (iteration, its path). A
+    checkpoint of a fine-tune from other weights is refused unless ``accept_changes``."""
     from ..engine.checkpoint import load_checkpoint, set_rng_state
 
     path = manager.resume_from(job.opts.resume)
     if path is None:
         return 0, None
     state = load_checkpoint(path, map_location=job.device)
+    if not isinstance(state, dict) or not {"model", "optimizer", "iteration"} <= set(state):
+        raise FinetuneError(f"{path}: not a soco finetune checkpoint (a pretraining checkpoint or an export?)")
+    began, now = state.get("start"), getattr(job, "start", None)
+    if began is not None and now is not None and began != now and not accept_changes:
+        raise FinetuneError(
+            f"{path}: this fine-tune started from {began['weights']} (sha256 {str(began['sha256'])[:12]}), not "
+            f"{now['weights']} (sha256 {str(now['sha256'])[:12]}); give another --out, --resume none --overwrite, "
+            "or --accept-changes"
+        )
     if state.get("num_classes") != job.coco_train.num_classes or state.get("masks") != job.masks:
         raise FinetuneError(
             f"{path}: made for {state.get('num_classes')} classes "
@@ -470,6 +492,7 @@ def make_trainer(job: Job, out: Path, start: int, resumed_from, skips: SkipLog) 
             "masks": job.masks,
             "categories": job.coco_train.cat_ids,
             "world_size": job.world,
+            "start": getattr(job, "start", None),  # the starting weights (start_record)
         }
 
     metrics = Metrics(
@@ -513,22 +536,42 @@ def make_trainer(job: Job, out: Path, start: int, resumed_from, skips: SkipLog) 
 
 
 def finetune(
-    weights, train_json, train_images, val_json, val_images, out, options: FinetuneOptions | None = None, **overrides
+    weights,
+    train_json,
+    train_images,
+    val_json,
+    val_images,
+    out,
+    options: FinetuneOptions | None = None,
+    *,
+    overwrite: bool = False,
+    accept_changes: bool = False,
+    **overrides,
 ) -> dict:
     """Fine-tune from ``weights`` (file, SoCo run folder, or None/"none") and evaluate; returns the
     metrics written to ``out/metrics.json`` (rank 0; {} on other ranks).
 
-    ``options`` (or keyword ``overrides`` of its fields) set the recipe. Raises FinetuneError,
-    CocoError, WeightsError, CheckpointError, NonFiniteLossError.
+    ``options`` (or keyword ``overrides`` of its fields) set the recipe. The output folder is
+    locked for the run; ``overwrite`` lets ``resume="none"`` move an earlier run aside;
+    ``accept_changes`` resumes a run that started from other weights. Raises FinetuneError,
+    CocoError, WeightsError, CheckpointError, RunFolderError, NonFiniteLossError.
     """
+    import contextlib
+
     from ..engine.checkpoint import CheckpointManager
     from ..engine.distributed import cleanup, init_distributed
+    from ..runfolder import locked, start_fresh
 
     opts, out = _options(options, overrides), Path(out)
     info = init_distributed(opts.device)
+    folder = contextlib.ExitStack()
     try:
+        folder.enter_context(locked(out, "finetune", enabled=info.is_main))
+        if opts.resume == "none" and info.is_main and not opts.eval_only:
+            start_fresh(out, overwrite, "finetune")
         job = build_job(weights, train_json, train_images, val_json, val_images, out, opts, info)
-        start, resumed_from = resume_job(job, CheckpointManager(out, keep=1))
+        job.start = start_record(weights)  # type: ignore[attr-defined]
+        start, resumed_from = resume_job(job, CheckpointManager(out, keep=1), accept_changes)
         if opts.eval_only:
             return _finish(job, out, weights, start, make_evaluator(job)(start), None, 0.0, eval_only=True)
         if start >= job.plan.max_iters and (out / METRICS_FILE).is_file():
@@ -558,6 +601,7 @@ def finetune(
             saved=trainer.last_checkpoint,
         )
     finally:
+        folder.close()
         cleanup()
 
 

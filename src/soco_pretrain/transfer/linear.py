@@ -487,9 +487,10 @@ def linear_probe(
     config: LinearConfig | None = None,
     soco_weights: str = "online",
     resume: str = "auto",
-    max_iters: int | None = None,
+    max_steps: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
     **overrides,
 ) -> dict:
     """Train and evaluate the linear probe; returns what ``OUT/metrics.json`` holds.
@@ -498,20 +499,32 @@ def linear_probe(
     ``train_dir`` / ``val_dir``: class folders (ROOT/CLASS/IMAGE), the same class names in both.
     ``config``: LinearConfig (paper B defaults); ``overrides``: its fields by name (e.g.
     ``epochs=2``). ``resume``: "auto" continues from OUT/checkpoints/last.pt when present,
-    "none" starts over. ``max_iters``: stop after this many optimiser steps in total (the
+    "none" starts over (a folder holding another run's checkpoint needs ``overwrite``, which
+    moves that run aside). ``max_steps``: stop after this many optimiser steps in total (the
     schedule keeps its length), then evaluate. ``device``: "cpu" / "cuda" (default: CUDA if
-    available). Raises LinearError (one line) for bad input.
+    available). The output folder is locked for the run. Raises LinearError (one line) for bad
+    input, RunFolderError.
     """
     cfg = replace(config or LinearConfig(), **overrides)  # checked by LinearConfig itself
     if resume not in ("auto", "none"):
         raise LinearError(f"resume={resume!r}: expected auto or none")
-    if max_iters is not None and max_iters < 0:
-        raise LinearError(f"max_iters must be >= 0, got {max_iters}")
+    if max_steps is not None and max_steps < 0:
+        raise LinearError(f"max_steps must be >= 0, got {max_steps}")
+    from ..runfolder import locked, start_fresh
+
     out = Path(out_dir)
+    with locked(out, "linear"):
+        if resume == "none":
+            start_fresh(out, overwrite, "linear probe")
+        return _linear_probe(weights, train_dir, val_dir, out, cfg, soco_weights, resume, max_steps, device, progress)
+
+
+def _linear_probe(weights, train_dir, val_dir, out: Path, cfg, soco_weights, resume, max_steps, device, progress):
+    """linear_probe() inside its run-folder lock."""
     job = build_job(weights, train_dir, val_dir, cfg, soco_weights, device)
     state, skipped = EpochState(), SkipLog(warn=True)
     start, resumed_from = _resume(job, out, resume, state, skipped)
-    stop = job.total_steps if max_iters is None else min(job.total_steps, max_iters)
+    stop = job.total_steps if max_steps is None else min(job.total_steps, max_steps)
     trainer = _make_trainer(job, out, start, stop, state, skipped, progress)
     trainer.last_checkpoint = resumed_from
     wall = time.perf_counter()
@@ -527,8 +540,8 @@ def linear_probe(
 def _resume(job: Job, out: Path, resume: str, state: EpochState, skipped: SkipLog) -> tuple[int, Path | None]:
     from ..engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 
-    if resume == "none":
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh start: no stale epochs in the log
+    if resume == "none":  # a fresh start (start_fresh moved an earlier run aside): no stale epochs in the log
+        (out / "metrics.jsonl").unlink(missing_ok=True)
         return 0, None
     path = CheckpointManager(out, keep=0).resume_from("auto")
     if path is None:

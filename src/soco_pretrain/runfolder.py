@@ -1,0 +1,94 @@
+"""Run folders of the training commands (``soco pretrain``, ``finetune``, ``linear``): one run at a
+time in a folder, and never two runs mixed in one.
+
+- :func:`locked`: an exclusive lock on ``RUN/.lock`` for the run's life (``flock``, released by
+  the kernel if the process dies); a second command on the same folder stops with one line.
+- :func:`start_fresh`: ``--resume none`` on a folder that holds checkpoints refuses unless
+  ``overwrite``; then the old run is moved aside to ``RUN.old-N`` (never deleted) and a line says
+  where.
+- :func:`file_digest`: the sha256 of a weights file (or of a run folder's newest checkpoint), so a
+  resumed fine-tune can check it starts from the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+LOCK_FILE = ".lock"
+
+
+class RunFolderError(UserError):
+    """A run folder that cannot be used as asked (busy, or holding another run); one line."""
+
+
+@contextlib.contextmanager
+def locked(run_dir, command: str, enabled: bool = True):
+    """Hold ``RUN/.lock`` exclusively while the block runs (``enabled=False``: other ranks)."""
+    if not enabled:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            pass
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunFolderError(
+                f"{run_dir}: another soco run is using this folder now ({holder}); wait for it to finish "
+                "or give another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"soco {command}, pid {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def holds_checkpoints(run_dir) -> bool:
+    folder = Path(run_dir) / "checkpoints"
+    return folder.is_dir() and any(p.suffix == ".pt" for p in folder.iterdir())
+
+
+def start_fresh(run_dir, overwrite: bool, command: str) -> Path | None:
+    """Before a run that starts over (``--resume none``): refuse a folder holding another run's
+    checkpoints unless ``overwrite``; with it, move that run aside and return where it went."""
+    run_dir = Path(run_dir)
+    if not holds_checkpoints(run_dir):
+        return None
+    if not overwrite:
+        raise RunFolderError(
+            f"{run_dir}: holds a {command} run's checkpoints; --resume none would mix two runs. Resume it "
+            "(--resume auto), give another --out, or add --overwrite to move the old run aside"
+        )
+    n = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.old-{n}")).exists():
+        n += 1
+    aside.mkdir()
+    for entry in run_dir.iterdir():
+        if entry.name != LOCK_FILE:  # the lock stays with the folder this run holds
+            entry.rename(aside / entry.name)
+    print(f"moved the previous run in {run_dir} aside to {aside} (--overwrite)", flush=True)
+    return aside
+
+
+def file_digest(path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
