@@ -56,3 +56,17 @@ def test_exit_codes_and_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_demo", fail_with(KeyError("a bug")))
     with pytest.raises(KeyError):  # not a soco error: a bug keeps its traceback
         main(["demo", "--out", "x"])
+
+
+def test_an_error_from_a_loader_worker_keeps_only_its_own_message():
+    """DataLoader workers re-raise with the worker's traceback in the message; one line is the cause."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        raise UserError("data.views.v1_size=0: must be at least 1")
+    except UserError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(UserError) as info:
+        wrapped.reraise()
+    assert "Original Traceback" in str(info.value)  # what torch hands back
+    assert info.value.one_line() == "data.views.v1_size=0: must be at least 1"

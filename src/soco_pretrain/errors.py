@@ -20,8 +20,19 @@ class SocoError(Exception):
     exit_code = 1
 
     def one_line(self) -> str:
-        text = str(self).strip() or type(self).__name__
-        return " ".join(text.split())
+        return one_line(self)
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line. An error re-raised from a DataLoader worker carries the
+    worker's whole traceback ("Caught X in DataLoader worker process 0. Original Traceback ...");
+    only its own message, the traceback's last line without the class name, is kept."""
+    text = str(exc).strip() or type(exc).__name__
+    if "Original Traceback (most recent call last):" in text:
+        last = text.splitlines()[-1].strip()
+        head, sep, message = last.partition(": ")
+        text = message if sep and " " not in head else last
+    return " ".join(text.split())
 
 
 class UserError(SocoError, ValueError):

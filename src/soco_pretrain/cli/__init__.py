@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import SocoError
+from ..errors import SocoError, one_line
 from .common import PROG, Formatter, Parser, UsageError, parse_shard, parse_sizes
 from .compare import FINETUNE_RECIPE_DEFAULTS, KNN_DEFAULTS, _compare_spec, add_compare, cmd_compare, parse_fractions
 from .demo import add_demo, cmd_demo
@@ -134,10 +134,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
     except (FileNotFoundError, NotADirectoryError) as exc:  # a path the user gave
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
