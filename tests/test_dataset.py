@@ -189,8 +189,7 @@ def test_missing_proposals_error_counts_and_names_them(partial):
         SoCoDataset(images, store, config())
     message = str(exc.value)
     assert "\n" not in message
-    assert "4 of 6 images have no proposals" in message
-    assert "not in the store: 2" in message and "failed: 1" in message and "0 boxes: 1" in message
+    assert "4 of 6 images have no proposals (not in store: 2, failed: 1, empty: 1)" in message
     assert all(p in message for p in paths[:4]) and "views.no_proposals=whole_image" in message
     assert sorted(exc.value.paths) == sorted(paths[:4])
 
@@ -206,9 +205,35 @@ def test_missing_proposals_error_lists_the_first_few(tmp_path):
     assert len(exc.value.paths) == 9
 
 
-def test_whole_image_option_uses_the_image_as_the_single_proposal(partial):
+def test_most_images_not_in_the_store_is_refused_whatever_no_proposals(tmp_path):
+    # A store made from other images: with no_proposals=whole_image, training would silently
+    # run on whole images only. Refused; whole-image training is views.proposal_source=whole_image.
+    images = tmp_path / "images"
+    paths = sorted(make_photos(images, PHOTOS[:3], side=80))
+    store = make_store(tmp_path / "store", images, paths[:1])  # 2 of 3 images are not in it
+    for no_proposals in ("error", "whole_image"):
+        with pytest.raises(DatasetError) as exc:
+            SoCoDataset(images, store, config(no_proposals=no_proposals))
+        message = str(exc.value)
+        assert (
+            "\n" not in message and "2 of 3 images have no proposals (not in store: 2, failed: 0, empty: 0)" in message
+        )
+        assert "make a store for these images" in message and "views.proposal_source=whole_image" in message
+        assert sorted(exc.value.paths) == paths[1:]
+    assert len(SoCoDataset(images, store, config(proposal_source="whole_image"))) == 3
+    # One of 3 not in the store (not most) is still served with whole_image.
+    store = make_store(tmp_path / "store2", images, paths[:1] + paths[2:])
+    assert len(SoCoDataset(images, store, config(no_proposals="whole_image"))) == 3
+
+
+def test_whole_image_option_uses_the_image_as_the_single_proposal(partial, capsys):
     images, store, paths = partial
     ds = SoCoDataset(images, store, config(no_proposals="whole_image", jitter="none"))
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "have no proposals" in line] == [
+        "4 of 6 images have no proposals (not in store: 2, failed: 1, empty: 1): "
+        "they use the whole image (views.no_proposals=whole_image)"
+    ]
     assert sorted(ds.without_proposals) == sorted(paths[:4])
     for i in range(len(ds)):
         s = ds[i]

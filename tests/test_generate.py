@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import BAD_KINDS, small_photo
 from PIL import Image
+from png_bomb import png_bomb
 
 from soco_pretrain.images import list_images
 from soco_pretrain.proposals import PRESETS, generate, load, merge
@@ -347,3 +348,149 @@ def test_kernels_cached_sees_numba_cache_files(tmp_path, monkeypatch):
     (tmp_path / "deep").mkdir()
     (tmp_path / "deep" / "selective_search._bilinear-246.py311.nbi").write_bytes(b"")
     assert selective_search.kernels_cached()
+
+
+# ---------------------------------------------------------------- failures made visible
+
+TINY = {"max_side": 48}  # tiny searches: these tests are about bookkeeping, not boxes
+
+gen_module = importlib.import_module("soco_pretrain.proposals.generate")  # the module, not the function
+
+
+def tiny_photos(root: Path, *rels: str) -> Path:
+    for rel in rels:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        small_photo("astronaut", 40).save(root / rel)
+    return root
+
+
+def test_unreadable_folder_is_warned_counted_and_listed(tmp_path, monkeypatch, capsys):
+    root = tiny_photos(tmp_path / "imgs", "ok/a.png", "locked/b.png")
+    real = os.scandir
+
+    def scandir(path="."):  # as a chmod 000 folder (tests may run as root, which reads anything)
+        if isinstance(path, (str, os.PathLike)) and Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    summary = generate(root, tmp_path / "store", config_overrides=TINY, progress=False)
+    err = capsys.readouterr().err.splitlines()
+    warnings = [line for line in err if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(root.resolve() / "locked") in warnings[0] and "permission denied" in warnings[0]
+    assert not summary.ok and summary.failed == [] and summary.total == 1
+    assert summary.unreadable == [("locked", "cannot list folder: permission denied")]
+    text = summary.format()
+    assert "1 unreadable folder(s)" in text.splitlines()[0]
+    assert "    locked: cannot list folder: permission denied" in text
+    manifest = load(tmp_path / "store").manifest
+    assert manifest["source"]["unreadable"] == [{"path": "locked", "reason": "cannot list folder: permission denied"}]
+    rerun = generate(root, tmp_path / "store", config_overrides=TINY, progress=False)  # still reported
+    assert rerun.up_to_date and not rerun.ok and rerun.unreadable == summary.unreadable
+
+
+def test_failed_images_are_retried_only_with_retry_failed(tmp_path):
+    root = tiny_photos(tmp_path / "imgs", "a/x.png", "b/y.png")
+    lst = tmp_path / "list.txt"
+    lst.write_text("imgs/a/x.png\nimgs/b/y.png\n")
+    (root / "b").rename(tmp_path / "away")  # the folder is gone during the run ...
+    first = generate(lst, tmp_path / "store", config_overrides=TINY, progress=False)
+    assert [p for p, _ in first.failed] == ["imgs/b/y.png"] and "file not found" in first.failed[0][1]
+    assert "1 image(s) failed (kept as failed when rerun; --retry-failed retries them):" in first.format()
+    (tmp_path / "away").rename(root / "b")  # ... and restored later
+    again = generate(lst, tmp_path / "store", config_overrides=TINY, progress=False)
+    assert again.up_to_date and len(again.failed) == 1 and "--retry-failed retries them" in again.format()
+    retry = generate(lst, tmp_path / "store", config_overrides=TINY, progress=False, retry_failed=True)
+    assert retry.ok and (retry.processed, retry.retried, retry.resumed) == (1, 1, 1)
+    assert "1 failed ones retried" in retry.format() and "--retry-failed" not in retry.format()
+    st = load(tmp_path / "store")
+    assert st.rule(st.index("imgs/b/y.png")) != "failed" and st.image_size(st.index("imgs/b/y.png")) == (40, 40)
+    done = generate(lst, tmp_path / "store", config_overrides=TINY, progress=False, retry_failed=True)
+    assert done.up_to_date and done.processed == 0  # nothing failed: nothing to retry
+
+
+def test_empty_folder_or_list_is_a_one_line_error(tmp_path, capsys):
+    from soco_pretrain.cli import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GenerateError, match=f"{tmp_path / 'empty'}: no images found"):
+        generate(tmp_path / "empty", tmp_path / "store", progress=False)
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(GenerateError, match=r"no images found \(1 non-image file\(s\) skipped; image extensions: "):
+        generate(tmp_path / "empty", tmp_path / "store", progress=False)
+    (tmp_path / "none.txt").write_text("# nothing listed\n")
+    with pytest.raises(GenerateError, match="none.txt: no images found .the list file names no image path"):
+        generate(tmp_path / "none.txt", tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()
+    assert main(["proposals", str(tmp_path / "empty"), "-o", str(tmp_path / "store"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("soco: error:") and str(tmp_path / "empty") in err[0]
+
+
+def test_merge_refuses_a_folder_that_is_not_a_store(photo_dir, tmp_path, capsys):
+    from soco_pretrain.cli import main
+
+    root = tiny_photos(tmp_path / "imgs", "a.png", "b.png")
+    shards = [tmp_path / "s0", tmp_path / "s1"]
+    for i, d in enumerate(shards):
+        generate(root, d, shard=(i, 2), config_overrides=TINY, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("mine")
+    with pytest.raises(StoreError, match="mine: exists and is not a proposals store"):
+        merge(shards, tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["thesis.tex"]
+    status = main(["proposals", "merge", *map(str, shards), "-o", str(tmp_path / "mine")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "not a proposals store" in err[0]
+    merge(shards, tmp_path / "merged")
+    assert merge(shards, tmp_path / "merged").total == 2  # an existing store is replaced
+
+
+def test_decompression_bomb_is_one_failure_not_a_crash(tmp_path):
+    root = tiny_photos(tmp_path / "imgs", "ok.png")
+    png_bomb(root / "bomb.png")  # 20000x20000 pixels, about 50 KB
+    summary = generate(root, tmp_path / "store", config_overrides=TINY, progress=False)
+    assert [p for p, _ in summary.failed] == ["bomb.png"] and summary.total == 2
+    assert "20000x20000 pixels exceeds the limit of 178956970 decoded pixels" in summary.failed[0][1]
+    assert "\n" not in summary.failed[0][1]
+    st = load(tmp_path / "store")
+    assert st.rule(st.index("ok.png")) != "failed"
+    # The bound travels with each task: a lower one fails an ordinary 40x40 photo, too.
+    record = process_image(("ok.png", str(root / "ok.png"), PRESETS["paper"].with_overrides(TINY), 1000))
+    assert record["status"] == 255 and "40x40 pixels exceeds the limit of 1000" in record["reason"]
+
+
+def test_workers_are_capped_by_available_memory(tmp_path, monkeypatch, capsys):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:    2097152 kB\n")  # 2 GiB
+    assert gen_module.memory_capped_workers(16, 1000, meminfo) == (
+        5,
+        "workers: 5 instead of 16 (one per core): 2.0 GiB available memory / about 400 MiB per worker "
+        "at max_side 1000; --workers N overrides",
+    )
+    assert gen_module.memory_capped_workers(4, 1000, meminfo) == (4, None)
+    assert gen_module.memory_capped_workers(4, 2000, meminfo)[0] == 1  # 4x the pixels per worker
+    assert gen_module.memory_capped_workers(8, 1000, tmp_path / "none") == (8, None)  # not Linux: as asked
+    # Through the CLI: only the default (one worker per core) is capped, with one line.
+    from soco_pretrain.cli import main
+
+    root = tiny_photos(tmp_path / "imgs", "a.png")
+    meminfo.write_text("MemAvailable:     409600 kB\n")  # 400 MiB: one worker
+    monkeypatch.setattr(gen_module, "MEMINFO", str(meminfo))
+    monkeypatch.setattr("soco_pretrain.cli.proposals.default_workers", lambda: 4)
+    argv = ["proposals", str(root), "-o", str(tmp_path / "s"), "--no-progress", "--max-side", "48"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("workers: 1 instead of 4 (one per core)")
+    assert main([*argv, "--workers", "2"]) == 0
+    assert "instead of" not in capsys.readouterr().out
+
+
+def test_cli_max_pixels_default_is_the_library_default(capsys):
+    from soco_pretrain.cli import main
+    from soco_pretrain.images import DEFAULT_MAX_PIXELS
+
+    with pytest.raises(SystemExit):
+        main(["proposals", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default {DEFAULT_MAX_PIXELS}, PIL's own limit" in text and "--retry-failed" in text

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import BAD_KINDS, small_photo
 from PIL import Image
+from png_bomb import png_bomb
 
-from soco_pretrain.images import ImageError, bounded_size, list_images, load_rgb, load_rgb_bounded
+from soco_pretrain.images import DEFAULT_MAX_PIXELS, ImageError, bounded_size, list_images, load_rgb, load_rgb_bounded
 
 
 def test_list_folder_recursive_sorted_skips_hidden_and_non_images(photo_dir):
@@ -38,6 +39,32 @@ def test_list_file_relative_absolute_comments_duplicates(tmp_path, photo_dir):
     assert images.root == tmp_path.resolve()
     assert images.paths == sorted(["sub/a.png", "sub/b.jpg", "sub/c.png", outside.as_posix()])
     assert images.abspath(images.paths.index(outside.as_posix())) == outside
+
+
+def deny_listing(monkeypatch, *names):
+    """os.scandir of a folder with one of these names fails as on a chmod 000 folder (tests may
+    run as root, which reads any folder)."""
+    import os
+
+    real = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, (str, os.PathLike)) and Path(path).name in names:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_subfolder_is_reported_not_silently_omitted(tmp_path, monkeypatch):
+    for sub in ("ok", "locked"):
+        (tmp_path / sub).mkdir()
+        small_photo("camera", 16).save(tmp_path / sub / "x.png")
+    deny_listing(monkeypatch, "locked")
+    images = list_images(tmp_path)
+    assert images.paths == ["ok/x.png"]
+    assert images.unreadable == [("locked", "cannot list folder: permission denied")]
+    assert list_images(tmp_path / "ok").unreadable == []
 
 
 def test_missing_source_raises_image_error(tmp_path, photo_dir):
@@ -140,3 +167,37 @@ def test_bounded_load_of_huge_jpeg_uses_little_memory(huge_jpeg):
     )
     out = subprocess.run([sys.executable, "-c", code, str(huge_jpeg)], capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) < 120 * 1024  # KiB: no full-size decode happened
+
+
+def test_decompression_bomb_fails_from_the_header_in_little_memory(tmp_path):
+    bomb = png_bomb(tmp_path / "bomb.png")  # 20000x20000 (400 M pixels) in about 50 KB
+    assert bomb.stat().st_size < 100_000
+    for load in (lambda p: load_rgb(p), lambda p: load_rgb_bounded(p, 1000)):
+        with pytest.raises(ImageError, match="20000x20000 pixels exceeds the limit of 178956970") as info:
+            load(bomb)
+        assert "\n" not in str(info.value) and info.value.path == str(bomb)
+    # Checked before decoding: a fresh process stays small (a decode would take over 1.2 GB).
+    code = (
+        "import sys; from soco_pretrain.images import ImageError, load_rgb_bounded\n"
+        "try:\n    load_rgb_bounded(sys.argv[1], 1000)\nexcept ImageError:\n    pass\n"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) < 150 * 1024  # KiB
+    assert DEFAULT_MAX_PIXELS == 2 * 89_478_485  # PIL's own error threshold
+
+
+def test_pixel_bound_counts_the_reduced_decode_of_a_big_jpeg(huge_jpeg, tmp_path):
+    # 4000x3000 = 12 M pixels; with max_side 1000 the JPEG decodes at 1/4 scale (0.75 M pixels).
+    arr, orig, _ = load_rgb_bounded(huge_jpeg, 1000, max_pixels=1_000_000)
+    assert arr.shape == (750, 1000, 3) and orig == (4000, 3000)
+    with pytest.raises(ImageError, match="4000x3000 pixels exceeds"):
+        load_rgb(huge_jpeg, max_pixels=1_000_000)
+    with pytest.raises(ImageError, match="4000x3000 pixels, 2000x1500 after JPEG reduction exceeds"):
+        load_rgb_bounded(huge_jpeg, 2000, max_pixels=1_000_000)
+    png = tmp_path / "big.png"  # PNG has no reduced decode: its full size counts
+    Image.new("RGB", (1200, 1000)).save(png)
+    with pytest.raises(ImageError, match="1200x1000 pixels exceeds"):
+        load_rgb_bounded(png, 100, max_pixels=1_000_000)
+    assert load_rgb_bounded(png, 100, max_pixels=None)[0].shape == (83, 100, 3)
+    assert load_rgb_bounded(png, 100, max_pixels=0)[1] == (1200, 1000)

@@ -9,8 +9,10 @@ import pickle
 import numpy as np
 import pytest
 
+from soco_pretrain.cli import main
+from soco_pretrain.proposals import store as store_module
 from soco_pretrain.proposals.filters import RULE_FAILED, RULE_PAPER, RULE_WHOLE_IMAGE
-from soco_pretrain.proposals.store import StoreError, load, write_store
+from soco_pretrain.proposals.store import StoreError, load, verify_store, write_store
 
 
 def make_store(directory, max_coord=500, manifest=None):
@@ -123,9 +125,13 @@ def test_missing_and_corrupt_stores_give_one_line_errors(tmp_path):
     flipped = bytearray(data)
     flipped[-1] ^= 1
     (d / "boxes.npy").write_bytes(bytes(flipped))
-    load(d)  # same size: only the checksum can tell
-    with pytest.raises(StoreError, match="sha256"):
+    # Same size: only the checksum can tell; a small file is hashed in full on every open.
+    with pytest.raises(StoreError, match="boxes.npy does not match its checksum") as info:
+        load(d)
+    assert str(d) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(StoreError, match="boxes.npy does not match its sha256"):
         load(d, verify=True)
+    (d / "boxes.npy").write_bytes(data)
 
     (d / "sizes.npy").unlink()
     with pytest.raises(StoreError, match="sizes.npy is missing"):
@@ -138,3 +144,67 @@ def test_rewrite_replaces_store(tmp_path):
     write_store(d, ["only.jpg"], [[1, 2, 3, 4]], [0, 1], [[10, 10]], [0], [1], {})
     st = load(d, verify=True)
     assert st.paths == ["only.jpg"] and st.boxes(0).tolist() == [[1, 2, 3, 4]]
+
+
+def big_store(directory, monkeypatch, rows=20_000):
+    """A store whose boxes.npy (160 KB) counts as big: sampled blocks of 1 KiB are recorded."""
+    monkeypatch.setattr(store_module, "QUICK_FULL_BYTES", 64 << 10)
+    monkeypatch.setattr(store_module, "SAMPLE_BLOCK", 1 << 10)
+    monkeypatch.setattr(store_module, "SAMPLE_BLOCKS", 8)
+    boxes = np.random.default_rng(0).integers(0, 1000, (rows, 4))
+    write_store(directory, ["a.jpg"], boxes, [0, rows], [[1000, 1000]], [RULE_PAPER], [rows], {})
+    return directory / "boxes.npy"
+
+
+def test_big_file_overwritten_at_the_same_size_is_caught_on_open(tmp_path, monkeypatch):
+    boxes = big_store(tmp_path / "s", monkeypatch)
+    entry = json.loads((tmp_path / "s" / "manifest.json").read_text())["files"]["boxes.npy"]
+    assert entry["sample"] == [1 << 10, 8] and "sample_sha256" in entry and entry["bytes"] > 64 << 10
+    assert "sample" not in json.loads((tmp_path / "s" / "manifest.json").read_text())["files"]["offsets.npy"]
+    data = boxes.read_bytes()
+    load(tmp_path / "s")
+    # Another store's boxes of the same size (the same header, other values): caught.
+    other = bytearray(data)
+    other[128:] = np.random.default_rng(1).integers(0, 1000, (len(data) - 128) // 2).astype(np.int16).tobytes()
+    boxes.write_bytes(bytes(other))
+    with pytest.raises(StoreError, match="boxes.npy does not match its checksum"):
+        load(tmp_path / "s")
+    # One byte between the sampled blocks: only the full check sees it (the documented trade-off).
+    between = bytearray(data)
+    between[len(data) // 2 + 5000] ^= 1
+    boxes.write_bytes(bytes(between))
+    load(tmp_path / "s")
+    with pytest.raises(StoreError, match="boxes.npy does not match its sha256"):
+        verify_store(tmp_path / "s")
+
+
+def test_store_without_sampled_hashes_is_hashed_in_full_on_open(tmp_path, monkeypatch):
+    boxes = big_store(tmp_path / "s", monkeypatch)
+    mpath = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    for entry in manifest["files"].values():  # as written before sampled hashes existed
+        entry.pop("sample", None), entry.pop("sample_sha256", None)
+    mpath.write_text(json.dumps(manifest))
+    load(tmp_path / "s")
+    data = bytearray(boxes.read_bytes())
+    data[len(data) // 2 + 5000] ^= 1
+    boxes.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="boxes.npy does not match its checksum"):
+        load(tmp_path / "s")
+
+
+def test_soco_proposals_verify(tmp_path, capsys):
+    d = tmp_path / "s"
+    make_store(d)
+    assert verify_store(d) == 6
+    assert main(["proposals", "verify", str(d)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("ok: 6 files verified")
+    data = bytearray((d / "status.npy").read_bytes())
+    data[-1] ^= 1
+    (d / "status.npy").write_bytes(bytes(data))
+    assert main(["proposals", "verify", str(d)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("soco: error:") and "status.npy" in err[0] and str(d) in err[0]
+    assert main(["proposals", "verify", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -20,9 +20,15 @@ from .errors import PathError
 # formats PIL decodes that people actually keep datasets in (ImageNet uses ".JPEG").
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 
-# Big photos are legitimate here; their cost is bounded by the caller's max_side instead
-# (load_rgb_bounded decodes JPEGs at reduced size), so PIL's bomb check only gets in the way.
+# PIL's own bomb check is off: it counts the header's pixels, so it would refuse a legitimate
+# big JPEG that load_rgb_bounded decodes at 1/2 to 1/8 scale. Our bound (max_pixels below) counts
+# the pixels that will actually be decoded, after that reduction, and is checked from the header
+# before decoding.
 Image.MAX_IMAGE_PIXELS = None
+# Default bound on decoded pixels: PIL's own error threshold (2 x its MAX_IMAGE_PIXELS of
+# 89,478,485, about 13,400 x 13,400). A decode at the bound costs about 540 MB as RGB. A
+# 20000x20000 PNG of 1.2 MB on disk would take over 3 GB in a worker; it becomes one failure.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
 # A truncated file is a failure to report, never silently padded with grey: we leave PIL's
 # ImageFile.LOAD_TRUNCATED_IMAGES at its default (False) and _decode reports such files.
 
@@ -39,6 +45,9 @@ class ImageList:
     root: Path
     paths: list[str]
     ignored: list[str] = field(default_factory=list)
+    # Folders under root that could not be listed (relative POSIX path, reason): their images
+    # are missing from ``paths``, so callers report them instead of silently omitting them.
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def abspath(self, i: int) -> Path:
         """Absolute path of image ``i``."""
@@ -53,10 +62,20 @@ def _is_hidden(name: str) -> bool:
 
 
 def _walk_folder(root: Path) -> ImageList:
-    paths, ignored = [], []
+    paths, ignored, unreadable = [], [], []
+
+    def onerror(exc: OSError):  # os.walk skips a folder it cannot list unless told so here
+        where = Path(exc.filename) if exc.filename else root
+        try:
+            rel = where.relative_to(root).as_posix()
+        except ValueError:
+            rel = where.as_posix()
+        why = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+        unreadable.append((rel, f"cannot list folder: {why}"))
+
     seen_dirs = set()
     # followlinks: datasets are often folders of symlinks; seen_dirs breaks symlink cycles.
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
             dirnames[:] = []
@@ -72,7 +91,7 @@ def _walk_folder(root: Path) -> ImageList:
                 paths.append(rel)
             else:
                 ignored.append(rel)
-    return ImageList(root=root, paths=sorted(paths), ignored=sorted(ignored))
+    return ImageList(root=root, paths=sorted(paths), ignored=sorted(ignored), unreadable=sorted(unreadable))
 
 
 def _read_list_file(list_file: Path) -> ImageList:
@@ -100,6 +119,7 @@ def list_images(source) -> ImageList:
 
     A list file has one path per line, relative to the list file's folder or absolute; blank
     lines and lines starting with ``#`` are skipped and duplicates collapse to one entry.
+    Subfolders that cannot be listed (permissions, I/O errors) are returned in ``unreadable``.
     """
     source = Path(source)
     if source.is_dir():
@@ -152,15 +172,35 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _decode(path: Path, im: Image.Image, size: tuple[int, int] | None) -> np.ndarray:
-    """Decode ``im`` to RGB uint8, optionally resized to ``size`` = (width, height)."""
+def _too_many_pixels(path: Path, im: Image.Image, header: tuple[int, int], max_pixels: int | None):
+    """ImageError if decoding ``im`` (its size after any draft reduction) exceeds ``max_pixels``."""
+    if max_pixels and im.width * im.height > max_pixels:
+        w, h = header
+        reduced = f", {im.width}x{im.height} after JPEG reduction" if (im.width, im.height) != header else ""
+        raise ImageError(
+            path,
+            f"{w}x{h} pixels{reduced} exceeds the limit of {max_pixels} decoded pixels "
+            "(a decompression bomb? soco proposals --max-pixels sets the limit)",
+        )
+
+
+def _decode(
+    path: Path, im: Image.Image, size: tuple[int, int] | None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode ``im`` to RGB uint8, optionally resized to ``size`` = (width, height).
+
+    ``max_pixels`` bounds the pixels decoded, checked from the header before decoding.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            header = (im.width, im.height)
             if size is not None and im.format == "JPEG":
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale (never below `size`): a 4000x3000
                 # photo then costs a quarter or less of the memory and time. Deterministic.
+                # draft() only configures the decoder (im.size becomes the reduced size).
                 im.draft("RGB", size)
+            _too_many_pixels(path, im, header, max_pixels)
             im.load()
             if im.width == 0 or im.height == 0:
                 raise ImageError(path, "zero-size image")
@@ -182,14 +222,14 @@ def _decode(path: Path, im: Image.Image, size: tuple[int, int] | None) -> np.nda
     return np.ascontiguousarray(arr)
 
 
-def load_rgb(path) -> np.ndarray:
+def load_rgb(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file to an (H, W, 3) uint8 RGB array (no EXIF rotation).
 
     Raises :class:`ImageError` (and nothing else) for missing, unreadable, empty, truncated or
-    non-image files.
+    non-image files, and for images of more than ``max_pixels`` pixels (None/0: no bound).
     """
     path = Path(path)
-    return _decode(path, _open(path), None)
+    return _decode(path, _open(path), None, max_pixels)
 
 
 def bounded_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -202,17 +242,18 @@ def bounded_size(width: int, height: int, max_side: int | None) -> tuple[int, in
     return max(1, round(width * max_side / height)), max_side
 
 
-def load_rgb_bounded(path, max_side: int | None):
+def load_rgb_bounded(path, max_side: int | None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """Decode like :func:`load_rgb`, shrinking images whose long side exceeds ``max_side``.
 
     Returns ``(image, (orig_width, orig_height), factor)`` where ``factor`` =
-    original long side / returned long side (1.0 when not resized).
+    original long side / returned long side (1.0 when not resized). ``max_pixels`` bounds the
+    pixels actually decoded: a big JPEG decoded at reduced scale counts its reduced size.
     """
     path = Path(path)
     im = _open(path)
     orig = (im.width, im.height)
     size = bounded_size(*orig, max_side)
     if size == orig:
-        return _decode(path, im, None), orig, 1.0
-    arr = _decode(path, im, size)
+        return _decode(path, im, None, max_pixels), orig, 1.0
+    arr = _decode(path, im, size, max_pixels)
     return arr, orig, max(orig) / max(size)

@@ -142,15 +142,33 @@ def join_store(images: ImageList, store: ProposalStore) -> Join:
     return Join(rows=rows, missing=missing, reasons={k: v for k, v in reasons.items() if v})
 
 
-def _no_proposals_message(images: ImageList, store: ProposalStore, join: Join) -> str:
-    idx = join.without_proposals
-    named = ", ".join(images.paths[i] for i in idx[:MAX_NAMED])
-    more = f" and {len(idx) - MAX_NAMED} more" if len(idx) > MAX_NAMED else ""
-    why = ", ".join(f"{k}: {v}" for k, v in join.reasons.items())
+def _no_proposals_count(images: ImageList, join: Join) -> str:
+    """'N of M images have no proposals (not in store: a, failed: b, empty: c)'."""
+    r = join.reasons
     return (
-        f"{store.directory}: {len(idx)} of {len(images)} images have no proposals ({why}): "
-        f"{named}{more}; make proposals for them "
-        "(soco proposals) or set views.no_proposals=whole_image to use the whole image"
+        f"{len(join.without_proposals)} of {len(images)} images have no proposals "
+        f"(not in store: {r.get('not in the store', 0)}, failed: {r.get('failed', 0)}, empty: {r.get('0 boxes', 0)})"
+    )
+
+
+def _named(images: ImageList, idx) -> str:
+    named = ", ".join(images.paths[i] for i in idx[:MAX_NAMED])
+    return named + (f" and {len(idx) - MAX_NAMED} more" if len(idx) > MAX_NAMED else "")
+
+
+def _no_proposals_message(images: ImageList, store: ProposalStore, join: Join) -> str:
+    return (
+        f"{store.directory}: {_no_proposals_count(images, join)}: {_named(images, join.without_proposals)}; "
+        "make proposals for them (soco proposals) or set views.no_proposals=whole_image to use the whole image"
+    )
+
+
+def _other_images_message(images: ImageList, store: ProposalStore, join: Join) -> str:
+    return (
+        f"{store.directory}: {_no_proposals_count(images, join)}: {_named(images, join.without_proposals)}; "
+        f"most images are not in this store (was it made from other images than {images.root}?): "
+        "make a store for these images (soco proposals IMAGES -o STORE) "
+        "or use views.proposal_source=whole_image"
     )
 
 
@@ -207,7 +225,8 @@ class SoCoDataset(torch.utils.data.Dataset):
     None (or ignored) when ``config.views.proposal_source`` is not "selective_search".
     ``config``: DataConfig (default: the paper's settings). See the module docstring for the
     sample fields. Raises DatasetError (a ValueError) listing the images without proposals
-    unless ``config.views.no_proposals == "whole_image"``.
+    unless ``config.views.no_proposals == "whole_image"`` (then prints one line counting them),
+    and whatever that option when most images (over half) are not in the store at all.
     """
 
     def __init__(self, images, proposals=None, config: DataConfig | None = None, image_root=None):
@@ -230,11 +249,20 @@ class SoCoDataset(torch.utils.data.Dataset):
             join = join_store(self.images, self.store)
             self.rows = join.rows
             missing = join.missing
+            # A store of other images would otherwise train on whole images only (with
+            # no_proposals=whole_image): refused whatever that option; whole-image training
+            # is asked for with views.proposal_source=whole_image.
+            if 2 * join.reasons.get("not in the store", 0) > n:
+                raise DatasetError(
+                    _other_images_message(self.images, self.store, join),
+                    [self.images.paths[i] for i in join.without_proposals],
+                )
             message = _no_proposals_message(self.images, self.store, join) if join.missing.any() else ""
+            counted = _no_proposals_count(self.images, join) if join.missing.any() else ""
         else:
             if proposals is not None:
                 log.info("views.proposal_source=%s: the proposal store %s is not used", self.source, proposals)
-            missing, message = np.zeros(n, dtype=bool), ""
+            missing, message, counted = np.zeros(n, dtype=bool), "", ""
             if self.source == "coco":
                 self.boxes_json = self._read_boxes_json()
                 missing = self.boxes_json.missing
@@ -245,7 +273,9 @@ class SoCoDataset(torch.utils.data.Dataset):
         self.without_proposals = [self.images.paths[i] for i in np.flatnonzero(missing)]
         if self.without_proposals and self.config.views.no_proposals == "error":
             raise DatasetError(message, self.without_proposals)
-        if self.without_proposals:
+        if counted:  # the store's images without proposals, served as the whole image: say so
+            print(f"{counted}: they use the whole image (views.no_proposals=whole_image)", flush=True)
+        elif self.without_proposals:
             log.info("%d images without proposals use the whole image as their proposal", len(self.without_proposals))
         self.epoch = 0
         self.num_views = 4 if self.config.views.soco_star else 3

@@ -1,13 +1,14 @@
 """Stage 1: selective-search proposals, filtered and stored for training.
 
 ``generate`` runs the search over a folder of images into a store, ``merge`` joins shard
-stores, ``load`` opens a store (memory-mapped, picklable) for the data loader.
+stores, ``load`` opens a store (memory-mapped, picklable) for the data loader and
+``verify_store`` checks every file of a store against its manifest's sha256.
 """
 
 from .filters import PRESETS, RULE_NAMES, SearchConfig, filter_boxes
 from .generate import GenerateError, GenerateSummary, generate, merge
 from .selective_search import selective_search
-from .store import ProposalStore, StoreError, load
+from .store import ProposalStore, StoreError, load, verify_store
 
 __all__ = [
     "PRESETS",
@@ -22,4 +23,5 @@ __all__ = [
     "ProposalStore",
     "StoreError",
     "load",
+    "verify_store",
 ]

@@ -13,17 +13,18 @@ import json
 import multiprocessing
 import shutil
 import struct
+import sys
 import time
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from ..images import ImageError, list_images, load_rgb_bounded
+from ..images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, list_images, load_rgb_bounded
 from .filters import PRESETS, RULE_FAILED, SearchConfig, filter_boxes
 from .selective_search import selective_search
 from .store import ARRAY_FILES, StoreError, atomic_write_json, load, read_manifest, write_store
@@ -32,6 +33,14 @@ LOG_NAME = "results.log"
 PARAMS_NAME = "params.json"
 STORE_FILES = (*ARRAY_FILES, "paths.json", "manifest.json")
 _HEADER = struct.Struct("<II")  # payload length, crc32 of payload
+
+# Peak memory of one search worker at the default max_side (1000 px), measured as VmHWM of a
+# fresh process running process_image (numba kernels cached): 245 MiB for a 1000x750 PNG and for
+# 4000x3000 JPEG/PNG searched at 1000 px, 272 MiB for a 1000x1000 PNG (either preset). We budget
+# 400 MiB (the README's "under 400 MB" for a 4000x3000 JPEG), room for images that segment
+# into more regions; for other max_side values we assume it scales with the searched pixels.
+WORKER_PEAK_BYTES = 400 << 20
+MEMINFO = "/proc/meminfo"
 
 
 class GenerateError(UserError):
@@ -52,29 +61,40 @@ class GenerateSummary:
     store: Path
     up_to_date: bool = False  # the store already held exactly this run: nothing was done
     ignored: int = 0  # non-image files skipped in the folder
+    unreadable: list = field(default_factory=list)  # [(folder, reason)]: folders that could not be listed
+    retried: int = 0  # failed images searched again (retry_failed=True), part of processed
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.unreadable
 
     def format(self) -> str:
         """Multi-line human summary listing every failure by path and reason."""
         n_ok = self.total - len(self.failed)
-        lines = [f"proposals: {self.total} images ({n_ok} ok, {len(self.failed)} failed) -> {self.store}"]
+        folders = f", {len(self.unreadable)} unreadable folder(s)" if self.unreadable else ""
+        lines = [f"proposals: {self.total} images ({n_ok} ok, {len(self.failed)} failed{folders}) -> {self.store}"]
         if self.up_to_date:
             lines.append("  store already up to date with these parameters and images: nothing to do")
         else:
             rate = self.processed / self.seconds if self.seconds > 0 else 0.0
+            retried = f" ({self.retried} failed ones retried)" if self.retried else ""
             lines.append(
-                f"  searched {self.processed} now, {self.resumed} resumed; {self.seconds:.1f} s ({rate:.2f} images/s)"
+                f"  searched {self.processed} now{retried}, {self.resumed} resumed; "
+                f"{self.seconds:.1f} s ({rate:.2f} images/s)"
             )
         per = self.boxes / n_ok if n_ok else 0.0
         rules = ", ".join(f"{k} {v}" for k, v in self.rule_counts.items() if v)
         lines.append(f"  boxes: {self.boxes} ({per:.1f} per readable image); rules: {rules or 'none'}")
         if self.ignored:
             lines.append(f"  skipped {self.ignored} non-image file(s) in the folder")
+        if self.unreadable:
+            lines.append(f"  {len(self.unreadable)} folder(s) could not be listed (their images are not in the store):")
+            lines.extend(f"    {path}: {reason}" for path, reason in self.unreadable)
         if self.failed:
-            lines.append(f"  {len(self.failed)} image(s) failed:")
+            # A rerun keeps failed images as failed (the store is "up to date"); say how to retry.
+            lines.append(
+                f"  {len(self.failed)} image(s) failed (kept as failed when rerun; --retry-failed retries them):"
+            )
             lines.extend(f"    {path}: {reason}" for path, reason in self.failed)
         return "\n".join(lines)
 
@@ -104,11 +124,13 @@ def scale_boxes(boxes: np.ndarray, searched: tuple[int, int], original: tuple[in
 
 
 def process_image(task) -> dict:
-    """Search + filter one image; never raises. ``task`` = (rel_path, abs_path, config)."""
-    rel, abspath, config = task
+    """Search + filter one image; never raises. ``task`` = (rel_path, abs_path, config[, max_pixels])
+    where ``max_pixels`` bounds the pixels decoded (default images.DEFAULT_MAX_PIXELS)."""
+    rel, abspath, config = task[:3]
+    max_pixels = task[3] if len(task) > 3 else DEFAULT_MAX_PIXELS
     record = {"path": rel, "status": RULE_FAILED, "size": [0, 0], "raw": 0, "boxes": [], "reason": None}
     try:
-        image, (w, h), _ = load_rgb_bounded(abspath, config.max_side)
+        image, (w, h), _ = load_rgb_bounded(abspath, config.max_side, max_pixels)
     except ImageError as exc:
         record["reason"] = exc.reason
         return record
@@ -174,6 +196,49 @@ def package_versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def _mem_available(meminfo) -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where it cannot be read: not Linux)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_capped_workers(workers: int, max_side: int | None, meminfo=None) -> tuple[int, str | None]:
+    """``workers`` capped so their peaks fit in MemAvailable: (count, one-line note or None).
+
+    Per worker WORKER_PEAK_BYTES at max_side 1000, scaled by the searched pixels for other
+    max_side values (no max_side: budgeted as a 4000 px long side). Never below 1.
+    """
+    available = _mem_available(MEMINFO if meminfo is None else meminfo)
+    if available is None:
+        return workers, None
+    side = max_side or 4000
+    per_worker = int(WORKER_PEAK_BYTES * max(1.0, (side / 1000) ** 2))
+    fit = max(1, available // per_worker)
+    if fit >= workers:
+        return workers, None
+    return fit, (
+        f"workers: {fit} instead of {workers} (one per core): {available / 2**30:.1f} GiB available "
+        f"memory / about {per_worker >> 20} MiB per worker at max_side {max_side}; --workers N overrides"
+    )
+
+
+def _no_images_message(source, images) -> str:
+    source = Path(source)
+    if images.unreadable:
+        folder, reason = images.unreadable[0]
+        return f"{source}: no images found ({folder}: {reason})"
+    if source.is_file():
+        return f"{source}: no images found (the list file names no image path)"
+    skipped = f"{len(images.ignored)} non-image file(s) skipped; " if images.ignored else ""
+    return f"{source}: no images found ({skipped}image extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})"
 
 
 def _list_sha256(paths) -> str:
@@ -283,13 +348,19 @@ def generate(
     workers: int = 1,
     shard=None,
     progress: bool = True,
+    retry_failed: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> GenerateSummary:
     """Selective search over every image of ``source`` into the proposals store ``out``.
 
     ``source``: a folder (recursive) or a list file (see images.list_images). ``preset``:
     "paper" or "released" (filters.PRESETS), ``config_overrides`` replaces SearchConfig fields.
     ``shard=(i, n)`` takes every n-th image from i (0-based) of the sorted list; merge the
-    shard stores with :func:`merge`. Unreadable images are recorded as failures, never raised.
+    shard stores with :func:`merge`. Unreadable images are recorded as failures, never raised;
+    a rerun keeps them as failed unless ``retry_failed`` (then they are searched again).
+    Folders that cannot be listed are warned about (one line each) and reported in the summary.
+    ``max_pixels``: images decoding to more pixels fail (decompression bombs; None/0: no bound).
+    A source without any image is a GenerateError.
     """
     t0 = time.perf_counter()
     if preset not in PRESETS:
@@ -307,8 +378,13 @@ def generate(
         raise GenerateError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     images = list_images(source)  # raises ImageError for a missing source
+    if not images.paths:
+        raise GenerateError(_no_images_message(source, images))
+    for folder, reason in images.unreadable:
+        print(f"warning: {images.root / folder}: {reason}; its images are skipped", file=sys.stderr, flush=True)
     selected = images.paths if shard is None else images.paths[shard[0] :: shard[1]]
     params = _run_params(preset, config, shard)
+    extra = {"ignored": len(images.ignored), "unreadable": list(images.unreadable)}
 
     # Records already known: an existing store made with the same parameters, then the log.
     known = {}
@@ -320,17 +396,12 @@ def generate(
                 f"{out}: already holds a proposals store made with other parameters "
                 f"({diff}); choose another output or delete it"
             )
-        if json.loads((out / "paths.json").read_text()) == selected:
+        same_images = json.loads((out / "paths.json").read_text()) == selected
+        if same_images and not (retry_failed and manifest["counts"]["failed"]):
             return _summary_from_manifest(
-                manifest,
-                out,
-                time.perf_counter() - t0,
-                processed=0,
-                resumed=len(selected),
-                up_to_date=True,
-                ignored=len(images.ignored),
+                manifest, out, time.perf_counter() - t0, processed=0, resumed=len(selected), up_to_date=True, **extra
             )
-        known = _records_from_store(out)  # same parameters, other images: reuse what we can
+        known = _records_from_store(out)  # same parameters, other images (or retries): reuse what we can
     elif out.exists() and not _is_store_leftover(out):
         raise GenerateError(f"{out}: exists and is not a proposals store; choose another output")
 
@@ -353,13 +424,19 @@ def generate(
         log_path = partial / LOG_NAME
         logged, valid_end = read_log(log_path)
         known.update((r["path"], r) for r in logged)
+        retried = 0
+        if retry_failed:  # failed images (e.g. a folder missing during the run) are searched again
+            again = [p for p in selected if p in known and known[p]["status"] == RULE_FAILED]
+            for p in again:
+                del known[p]
+            retried = len(again)
         wanted = set(selected)
         resumed = sum(1 for p in known if p in wanted)
         todo = [p for p in selected if p not in known]
 
         with open(log_path, "ab") as log:
             log.truncate(valid_end)  # drop a torn tail before appending after it
-            tasks = [(p, str(images.root / p), config) for p in todo]
+            tasks = [(p, str(images.root / p), config, max_pixels) for p in todo]
             _run_tasks(tasks, workers, progress, log, known, total=len(selected), done=resumed)
 
         records = [known[p] for p in selected]
@@ -373,6 +450,7 @@ def generate(
                 "listed": len(images.paths),
                 "list_sha256": _list_sha256(images.paths),
                 "ignored": len(images.ignored),
+                "unreadable": [{"path": p, "reason": r} for p, r in images.unreadable],
             },
             versions=package_versions(),
             failures=failures,
@@ -383,7 +461,7 @@ def generate(
     shutil.rmtree(partial, ignore_errors=True)
     manifest = read_manifest(out)
     return _summary_from_manifest(
-        manifest, out, time.perf_counter() - t0, processed=len(todo), resumed=resumed, ignored=len(images.ignored)
+        manifest, out, time.perf_counter() - t0, processed=len(todo), resumed=resumed, retried=retried, **extra
     )
 
 
@@ -442,6 +520,9 @@ def merge(shard_dirs, out) -> GenerateSummary:
     out = Path(out)
     if any(out.resolve() == d.resolve() for d in shard_dirs):
         raise StoreError(f"{out}: the merge output must not be one of the shards")
+    # As generate: never write into a folder of other files (an existing store is replaced).
+    if out.exists() and not (out / "manifest.json").is_file() and not _is_store_leftover(out):
+        raise StoreError(f"{out}: exists and is not a proposals store; choose another merge output")
     stores = [load(d) for d in shard_dirs]
     first = stores[0].manifest
     for st in stores[1:]:
