@@ -197,7 +197,8 @@ def add_workers(p) -> None:
         type=positive_int,
         default=None,
         metavar="N",
-        help=f"parallel processes (default: number of CPU cores, {default_workers()} here)",
+        help=f"parallel processes (default: the CPU cores, {default_workers()} here; soco proposals also caps them by "
+        "the memory available)",
     )
 
 
