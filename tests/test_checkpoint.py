@@ -1,7 +1,11 @@
-"""Checkpoints: atomic writes survive a crash, round trips with RNG states, retention, latest()."""
+"""Checkpoints: atomic writes survive a crash, round trips with RNG states, checksums, last.pt as
+an independent copy, retention (and what it spares), latest() and its fallback."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
 import random
 
 import numpy as np
@@ -18,6 +22,7 @@ from soco_pretrain.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from soco_pretrain.files import WriteError
 from soco_pretrain.train.lars import LARS, lars_param_groups
 
 
@@ -76,14 +81,16 @@ def test_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     def crashing_save(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")  # some bytes reach the temp file, then the disk fills up
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(WriteError, match="No space") as info:
         save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert str(info.value).startswith(f"{path}: cannot write") and "\n" not in str(info.value)
     monkeypatch.setattr(torch, "save", real_save)
     assert load_checkpoint(path)["step"] == 1
     assert temps(tmp_path) == []
+    # The old checksum file went first: the intact old checkpoint loads (unverified).
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
@@ -102,7 +109,14 @@ def test_retention_keeps_last_and_keep_numbered(tmp_path):
     for step in [10, 20, 30, 40]:
         assert manager.save({"step": step, "w": torch.full((2,), float(step))}) == manager.last
     directory = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in directory.iterdir()) == ["last.pt", "step_00000030.pt", "step_00000040.pt"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "last.pt",
+        "last.pt.sha256",
+        "step_00000030.pt",
+        "step_00000030.pt.sha256",
+        "step_00000040.pt",
+        "step_00000040.pt.sha256",
+    ]
     assert manager.latest() == directory / "last.pt"
     assert load_checkpoint(manager.latest())["step"] == 40
     assert [p.name for p in manager.numbered()] == ["step_00000030.pt", "step_00000040.pt"]
@@ -117,7 +131,7 @@ def test_keep_zero_writes_only_last(tmp_path):
     manager = CheckpointManager(tmp_path, keep=0)
     manager.save({"step": 5})
     manager.save({"step": 6})
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "last.pt.sha256"]
     assert load_checkpoint(manager.latest())["step"] == 6
 
 
@@ -134,14 +148,202 @@ def test_stale_temp_files_are_removed_by_the_writer_not_by_readers(tmp_path):
     assert load_checkpoint(writer.latest())["step"] == 1
 
 
-def test_link_fallback_copies(tmp_path, monkeypatch):
-    def no_links(*args):
-        raise OSError("hard links not supported")
+# ---------------------------------------------------------------- last.pt, checksums, fallback
 
-    monkeypatch.setattr(ckpt.os, "link", no_links)
+
+def flip_a_tensor_byte(path):
+    # A bit flip inside tensor data: torch.load still succeeds and returns a wrong value.
+    data = bytearray(path.read_bytes())
+    at = data.find(bytes(4 * 64))  # the zeros of small_tensor_state's tensor
+    data[at + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def small_tensor_state(step):
+    return {"step": step, "w": torch.zeros(256)}
+
+
+def test_last_is_an_independent_copy(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.save(small_tensor_state(10))
+    numbered = manager.numbered()[-1]
+    assert not os.path.samestat(os.stat(manager.last), os.stat(numbered))  # not a hard link
+    assert manager.last.read_bytes() == numbered.read_bytes()
+    with open(manager.last, "r+b") as f:  # truncating last.pt in place...
+        f.truncate(100)
+    assert load_checkpoint(numbered)["step"] == 10  # ...leaves the numbered checkpoint intact
+
+
+def test_copy_without_copy_file_range(tmp_path, monkeypatch):
+    def refused(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "copy_file_range", refused, raising=False)
     manager = CheckpointManager(tmp_path, keep=1)
-    manager.save({"step": 1})
-    manager.save({"step": 2})
+    manager.save(small_tensor_state(1))
+    manager.save(small_tensor_state(2))
+    assert manager.last.read_bytes() == manager.numbered()[-1].read_bytes()
+    assert not os.path.samestat(os.stat(manager.last), os.stat(manager.numbered()[-1]))
     assert load_checkpoint(manager.last)["step"] == 2
     assert [p.name for p in manager.numbered()] == ["step_00000002.pt"]
     assert temps(tmp_path) == []
+
+
+def test_checksum_is_written_and_verified_on_load(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", small_tensor_state(3))
+    side = tmp_path / "c.pt.sha256"
+    assert side.read_text() == f"{hashlib.sha256(path.read_bytes()).hexdigest()}  c.pt\n"  # sha256sum -c format
+    flip_a_tensor_byte(path)
+    with pytest.raises(CheckpointError, match=r"c\.pt: damaged") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    side.unlink()  # a checkpoint written before checksums existed loads unverified
+    assert load_checkpoint(path)["step"] == 3
+
+
+def test_a_malformed_checksum_file_is_a_one_line_error(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", small_tensor_state(3))
+    (tmp_path / "c.pt.sha256").write_text("not a digest\n")
+    with pytest.raises(CheckpointError, match=r"c\.pt\.sha256: not a sha256 checksum file"):
+        load_checkpoint(path)
+
+
+def test_latest_verifies_once_then_load_reuses_it(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, keep=1)
+    manager.save(small_tensor_state(5))
+    calls = []
+    real = ckpt._sha256_of
+    monkeypatch.setattr(ckpt, "_sha256_of", lambda f: calls.append(1) or real(f))
+    found = manager.latest()
+    assert load_checkpoint(found)["step"] == 5
+    assert len(calls) == 1
+
+
+def test_a_file_replaced_while_it_is_verified_is_read_again(tmp_path, monkeypatch):
+    # soco export reads last.pt while the run saves a new one: the old bytes and the new checksum
+    # are no damage; the load retries on the new file.
+    path = save_checkpoint(tmp_path / "last.pt", small_tensor_state(1))
+    real = ckpt._recorded_digest
+    replaced = []
+
+    def writer_runs_meanwhile(p):
+        if not replaced:
+            replaced.append(1)
+            save_checkpoint(path, small_tensor_state(2))
+        return real(p)
+
+    monkeypatch.setattr(ckpt, "_recorded_digest", writer_runs_meanwhile)
+    assert load_checkpoint(path)["step"] == 2
+
+
+def test_latest_prefers_a_numbered_file_saved_after_last(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=3)
+    manager.save(small_tensor_state(10))
+    manager.save(small_tensor_state(20))
+    # A crash between a save's two writes: step 30 written, last.pt still step 20.
+    newer = save_checkpoint(manager.directory / "step_00000030.pt", small_tensor_state(30))
+    later = os.stat(manager.last).st_mtime_ns + 10**9
+    os.utime(newer, ns=(later, later))
+    assert manager.latest() == newer
+    assert manager.resume_from("auto") == newer
+
+
+def test_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
+    manager = CheckpointManager(tmp_path, keep=3)
+    for step in [10, 20]:
+        manager.save(small_tensor_state(step))
+    directory = manager.directory
+    flip_a_tensor_byte(manager.last)
+    assert manager.latest() == directory / "step_00000020.pt"  # the copy of last.pt
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "last.pt: damaged" in err[0] and "using " + str(directory / "step_00000020.pt") in err[0]
+    # The same copy truncated: both newest fail; step 10 is used, one line for each skipped file.
+    with open(directory / "step_00000020.pt", "r+b") as f:
+        f.truncate(50)
+    assert manager.resume_from("auto") == directory / "step_00000010.pt"
+    assert load_checkpoint(directory / "step_00000010.pt")["step"] == 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(str(directory / "step_00000010.pt") in line for line in err)
+    assert "step_00000020.pt: damaged" in err[1]
+
+
+def test_without_checksums_a_truncated_file_is_skipped(tmp_path, capsys):
+    # Runs written before checksum files existed: a truncated zip is still noticed cheaply.
+    manager = CheckpointManager(tmp_path, keep=3)
+    for step in [10, 20]:
+        manager.save(small_tensor_state(step))
+    for side in manager.directory.glob("*.sha256"):
+        side.unlink()
+    with open(manager.last, "r+b") as f:
+        f.truncate(200)
+    assert manager.latest() == manager.directory / "step_00000020.pt"
+    assert "last.pt: not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_when_nothing_is_intact_latest_names_the_newest_and_loading_it_fails(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=0)
+    manager.save(small_tensor_state(1))
+    flip_a_tensor_byte(manager.last)
+    assert manager.latest() == manager.last
+    with pytest.raises(CheckpointError, match="last.pt: damaged"):
+        load_checkpoint(manager.latest())
+
+
+def test_an_old_run_with_a_hard_linked_last_still_loads_and_saves(tmp_path):
+    # Before last.pt became a copy it was a hard link to the newest numbered file, with no checksums.
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    numbered = directory / "step_00000004.pt"
+    torch.save(small_tensor_state(4), numbered)
+    os.link(numbered, directory / "last.pt")
+    manager = CheckpointManager(tmp_path, keep=2)
+    assert manager.latest() == directory / "last.pt"
+    assert load_checkpoint(manager.latest())["step"] == 4
+    manager.save(small_tensor_state(6))
+    assert load_checkpoint(numbered)["step"] == 4  # replacing last.pt left the linked file alone
+    assert load_checkpoint(manager.last)["step"] == 6
+    assert manager.last.stat().st_nlink == 1 and (directory / "last.pt.sha256").is_file()
+
+
+def test_a_crash_before_the_checksum_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.pt", small_tensor_state(1))
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "_write_checksum", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, small_tensor_state(2))
+    assert load_checkpoint(path)["step"] == 2  # never the new file beside the old file's checksum
+
+
+# ---------------------------------------------------------------- retention spares
+
+
+def test_retention_spares_the_checkpoint_a_run_resumed_from(tmp_path):
+    first = CheckpointManager(tmp_path, keep=1)
+    for step in [10, 20, 30]:
+        first.save(small_tensor_state(step))
+    old = first.directory / "step_00000010.pt"
+    save_checkpoint(old, small_tensor_state(10))  # e.g. copied back from a backup
+    # --resume step_00000010.pt: the loop resumes through one manager and saves through another.
+    assert CheckpointManager(tmp_path, keep=1).resume_from(str(old)) == old
+    saver = CheckpointManager(tmp_path, keep=1)
+    for step in [11, 12]:
+        saver.save(small_tensor_state(step))
+    names = sorted(p.name for p in saver.numbered())
+    # The resumed-from file stays; the new run keeps its newest; step 30 (of the abandoned run,
+    # beyond this one's step) is not counted and does not push out step 12.
+    assert names == ["step_00000010.pt", "step_00000012.pt", "step_00000030.pt"]
+    assert saver.latest() == saver.last and load_checkpoint(saver.last)["step"] == 12
+    assert not (saver.directory / "step_00000011.pt.sha256").exists()
+
+
+def test_protect_by_argument(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=1)
+    manager.save(small_tensor_state(1))
+    kept = manager.numbered()[0]
+    other = CheckpointManager(tmp_path, keep=1, protect=kept)
+    other.save(small_tensor_state(2))
+    other.save(small_tensor_state(3))
+    assert [p.name for p in other.numbered()] == ["step_00000001.pt", "step_00000003.pt"]

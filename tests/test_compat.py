@@ -40,7 +40,7 @@ def _as_previous_format(run) -> None:
 def test_a_previous_format_run_resumes_and_exports(tmp_path, capsys):
     rel = make_photos(tmp_path / "images", side=96)[:2]
     store = make_store(tmp_path / "store", tmp_path / "images", rel, boxes_per_image=6)
-    listed = tmp_path / "two.txt"
+    listed = tmp_path / "images" / "two.txt"  # beside the images, so paths match the store's
     listed.write_text("".join(f"{tmp_path / 'images' / p}\n" for p in rel))
     cfg = small_pretrain_config()
     run = tmp_path / "run"

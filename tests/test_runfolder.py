@@ -21,7 +21,7 @@ def two_photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("runfolder")
     rel = make_photos(root / "images", side=96)[:2]
     store = make_store(root / "store", root / "images", rel, boxes_per_image=6)
-    listed = root / "two.txt"
+    listed = root / "images" / "two.txt"  # beside the images, so paths match the store's
     listed.write_text("".join(f"{root / 'images' / p}\n" for p in rel))
     return listed, store
 

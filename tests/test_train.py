@@ -40,9 +40,9 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
     rel = make_photos(root / "images", side=96)
     store = make_store(root / "store", root / "images", rel, boxes_per_image=6)
-    two = root / "two.txt"
+    two = root / "images" / "two.txt"  # beside the images: list paths relative to the store's root
     two.write_text("\n".join(str(root / "images" / p) for p in rel[:2]) + "\n")
-    four = root / "four.txt"
+    four = root / "images" / "four.txt"
     four.write_text("\n".join(str(root / "images" / p) for p in rel[:4]) + "\n")
     return {"images": root / "images", "store": store, "two": two, "four": four}
 
@@ -172,7 +172,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_00000002.pt"]
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.endswith(".sha256"))
+    assert saved == ["last.pt", "step_00000002.pt"]
 
 
 def test_two_process_ddp_matches_one_process(data, tmp_path):
@@ -433,3 +434,34 @@ def test_cli_pretrain_bad_input_is_one_line(data, tmp_path, capsys, case, expect
     err = capsys.readouterr().err
     assert err.startswith("soco: error: ") and err.count("\n") == 1 and expected in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_step_the_grad_scaler_skips_moves_neither_network(data, monkeypatch):
+    # fp16 needs CUDA; on the CPU a real GradScaler with an infinite scale makes every gradient
+    # non-finite, as an fp16 overflow does: GradScaler.step then skips the optimiser, and the EMA
+    # update of the target must be skipped with it (the schedules still advance: PretrainStep).
+    from soco_pretrain.engine.distributed import init_distributed
+    from soco_pretrain.engine.skips import SkipLog
+    from soco_pretrain.train.loop import Position, PretrainStep, build_job
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = small_config("train.warmup_epochs=0", "train.epochs=3")
+    job = build_job(cfg, data["images"], data["store"], None, init_distributed(device="cpu"))
+    job.model.train()
+    step = PretrainStep(job, Position(), SkipLog())
+    step(0)  # a normal step: the online network moves, the target only part of the way
+    assert step.stepped
+    before = {k: v.clone() for k, v in job.core.state_dict().items()}
+    assert not torch.equal(before["target_projector.linear1.weight"], before["projector.linear1.weight"])
+    momentum = [s["momentum_buffer"].clone() for s in job.optimizer.state.values()]
+    assert momentum
+
+    job.scaler = torch.amp.GradScaler("cpu", init_scale=float("inf"))
+    out = step(1)
+    assert not step.stepped and torch.isfinite(sum(out.loss)).item()
+    after = job.core.state_dict()
+    for key, value in before.items():
+        if key.rsplit(".", 1)[-1] not in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(after[key], value), key  # online and target weights as they were
+    assert all(torch.equal(s["momentum_buffer"], m) for s, m in zip(job.optimizer.state.values(), momentum))

@@ -1,43 +1,191 @@
-"""Checkpoints: atomic writes, safe loading, RNG capture and retention.
+"""Checkpoints: atomic writes, checksums, safe loading, RNG capture and retention.
 
 A checkpoint is one ``torch.save`` dict. The training loop fills these keys: ``model`` (online
 and target state dicts), ``optimizer``, ``step``, ``epoch``, ``batch_in_epoch``, ``rng``
 (:func:`rng_state`), ``scaler``, ``config`` (plain dict), ``world_size``.
 
-Writes go to a temporary file in the same folder, are fsynced, then renamed over the target
-(``os.replace`` is atomic on POSIX and Windows), so a crash or a full disk mid-write leaves the
-previous checkpoint intact. Loading uses ``torch.load(weights_only=True)`` with the few numpy
-types that RNG states need allow-listed: a checkpoint cannot run code when loaded.
+Writes go through ``files.atomic_write`` (temporary file, fsync, ``os.replace``), so a crash or
+a full disk mid-write leaves the previous checkpoint intact. Each checkpoint ``X.pt`` gets a
+checksum file ``X.pt.sha256`` (``sha256sum`` format: ``sha256sum -c X.pt.sha256`` checks it by
+hand), written after the checkpoint; :func:`load_checkpoint` verifies it when present (files
+written before checksums existed load unverified). Loading uses
+``torch.load(weights_only=True)`` with the few numpy types that RNG states need allow-listed: a
+checkpoint cannot run code when loaded.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import random
 import re
 import shutil
-import tempfile
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from ..files import atomic_write, fsync_dir
+from ..files import WriteError, atomic_write
 
 TMP_PREFIX = ".tmp-"  # temporary files start with this; stale ones are removed by CheckpointManager
 LAST = "last.pt"
+CHECKSUM_SUFFIX = ".sha256"
 _NUMBERED = re.compile(r"^step_(\d+)\.pt$")
+_NUMBERED_CHECKSUM = re.compile(r"^step_\d+\.pt\.sha256$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+# copy_file_range refusals that mean "not here" (old kernel, other file system, seccomp): copy by hand.
+_NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
 
 
 class CheckpointError(UserError):
-    """A checkpoint that cannot be read; the message names the file."""
+    """A checkpoint that cannot be read, or whose bytes differ from its checksum file; the
+    message names the file."""
+
+
+def checksum_path(path) -> Path:
+    """The checksum file of checkpoint ``path``: ``PATH.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
 
 
 def save_checkpoint(path, state: dict) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file + fsync + ``os.replace``); returns the path."""
+    """Write ``state`` to ``path`` atomically, then its checksum file; returns the path."""
     path = Path(path)
-    return atomic_write(path, lambda f: torch.save(state, f), prefix=f"{TMP_PREFIX}{path.name}.", durable=True)
+    _write_with_checksum(path, lambda f: torch.save(state, f))
+    return path
+
+
+class _Hashing:
+    """A write-only file object that hashes what passes through (``torch.save`` needs only
+    ``write`` and ``flush``): the checksum costs no second read of the checkpoint."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_with_checksum(path: Path, write) -> str:
+    # The old checksum file goes first: a crash before the new one is written leaves a checkpoint
+    # that loads unverified, never a good checkpoint next to a stale checksum.
+    _drop_checksum(path)
+    digest = hashlib.sha256()
+    atomic_write(path, lambda f: write(_Hashing(f, digest)), prefix=f"{TMP_PREFIX}{path.name}.", durable=True)
+    _write_checksum(path, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def _drop_checksum(path: Path) -> None:
+    try:
+        checksum_path(path).unlink(missing_ok=True)
+    except OSError as exc:
+        raise WriteError(checksum_path(path), exc.strerror or str(exc)) from exc
+
+
+def _write_checksum(path: Path, hexdigest: str) -> None:
+    side = checksum_path(path)
+    line = f"{hexdigest}  {path.name}\n".encode("ascii")
+    atomic_write(side, lambda f: f.write(line), prefix=f"{TMP_PREFIX}{side.name}.", durable=True)
+
+
+def _recorded_digest(path: Path) -> str | None:
+    """The digest ``PATH.sha256`` records, None when there is no checksum file."""
+    side = checksum_path(path)
+    try:
+        words = side.read_bytes().split()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CheckpointError(f"{side}: unreadable checksum file ({exc.strerror or exc})") from exc
+    token = words[0].decode("ascii", "replace").lower() if words else ""
+    if not _SHA256.match(token):
+        raise CheckpointError(f"{side}: not a sha256 checksum file (expected '<64 hex digits>  {path.name}')")
+    return token
+
+
+def _sha256_of(f) -> str:
+    digest, buffer = hashlib.sha256(), bytearray(_CHUNK)
+    view = memoryview(buffer)
+    while n := f.readinto(buffer):
+        digest.update(view[:n])
+    return digest.hexdigest()
+
+
+# Files verified in this process: (device, inode, size, mtime) -> digest. latest() verifies the
+# file it picks and load_checkpoint then finds it here, so a checkpoint is hashed once, not twice.
+_verified: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _open_verified(path: Path):
+    """``path`` opened for reading (offset 0) after checking it against its checksum file.
+
+    Raises CheckpointError on a mismatch, OSError if it cannot be opened. The file is opened
+    before the checksum is read and kept open for loading: a writer replacing ``path`` meanwhile
+    (``soco export`` while the run trains) cannot mix one version's bytes with another's
+    checksum, and a mismatch caused by such a replacement is retried on the new file.
+    """
+    for attempt in range(3):
+        f = open(path, "rb")
+        try:
+            st = os.fstat(f.fileno())
+            expected = _recorded_digest(path)
+            if expected is None or _verified.get(os.path.abspath(path)) == (_identity(st), expected):
+                return f
+            actual = _sha256_of(f)
+            if actual == expected:
+                _verified[os.path.abspath(path)] = (_identity(st), expected)
+                f.seek(0)
+                return f
+            if attempt < 2 and _replaced(path, st):
+                f.close()
+                continue
+            raise CheckpointError(
+                f"{path}: damaged (its sha256 is {actual[:16]}..., {checksum_path(path).name} recorded "
+                f"{expected[:16]}... when it was written)"
+            )
+        except BaseException:
+            f.close()
+            raise
+    raise AssertionError("unreachable")
+
+
+def _replaced(path: Path, st: os.stat_result) -> bool:
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
+
+
+def verify_checkpoint(path) -> None:
+    """Cheap integrity check of a checkpoint file: its checksum when it has one (one read), else
+    that it is a complete zip archive (what ``torch.save`` writes; a truncated file is not).
+
+    Raises CheckpointError (one line naming the file) or OSError (cannot open it).
+    """
+    path = Path(path)
+    with _open_verified(path) as f:
+        if _recorded_digest(path) is not None:
+            return
+        try:
+            with zipfile.ZipFile(f) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch.save file)") from exc
 
 
 def _numpy_safe_globals() -> list:
@@ -51,16 +199,24 @@ def _numpy_safe_globals() -> list:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors on ``map_location``)."""
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors on ``map_location``).
+
+    Its checksum file, if any, is verified first (CheckpointError naming the file on a mismatch).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # any unreadable file becomes one clear line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from exc
+        f = _open_verified(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.strerror or exc})") from exc
+    with f:
+        try:
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                return torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as exc:  # any unreadable file becomes one clear line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from exc
 
 
 # ---------------------------------------------------------------- RNG states
@@ -96,20 +252,45 @@ def _as_tuples(value):
 # ---------------------------------------------------------------- retention
 
 
+# Checkpoints a run resumed from (real paths), for the rest of this process: the loops build one
+# manager to resume and another to save, and retention must spare the file either way.
+_protected: set[str] = set()
+
+
+def _step_of(path: Path) -> int:
+    m = _NUMBERED.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
 class CheckpointManager:
     """Checkpoints of one run in ``RUN/checkpoints``: ``last.pt`` plus ``keep`` numbered ones.
 
-    ``save(state)`` writes ``step_{N:08d}.pt`` (N = ``state["step"]``) and makes ``last.pt`` the
-    same file (a hard link, or a copy where links are unsupported), then deletes the oldest
-    numbered files beyond ``keep``. With ``keep=0`` only ``last.pt`` is written. Default
-    ``keep=3`` comes from TrainConfig.keep_checkpoints (our choice). Only rank 0 should save.
+    ``save(state)`` writes ``step_{N:08d}.pt`` (N = ``state["step"]``), then ``last.pt`` as an
+    independent copy of it (damage to one leaves the other), each with its ``.sha256`` checksum
+    file, then deletes the oldest numbered files beyond ``keep``. With ``keep=0`` only
+    ``last.pt`` is written. Default ``keep=3`` comes from TrainConfig.keep_checkpoints (our
+    choice). Only rank 0 should save.
+
+    Retention never deletes a protected checkpoint (:meth:`protect`; :meth:`resume_from`
+    protects the file it returns), and counts only numbered files up to the step being saved:
+    after resuming from an older checkpoint, the later ones of the abandoned run stay until the
+    run passes their step, and never push out the files the resumed run writes.
     """
 
-    def __init__(self, run_dir, keep: int = 3):
+    def __init__(self, run_dir, keep: int = 3, protect=None):
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep}")
         self.directory = Path(run_dir) / "checkpoints"
         self.keep = keep
+        if protect is not None:
+            self.protect(protect)
         # Stale temporary files are removed by the writer's first save, not here: readers (export,
         # knn, finetune --weights RUN) also build a manager, and the run may still be training.
         self._cleaned = False
@@ -117,6 +298,12 @@ class CheckpointManager:
     @property
     def last(self) -> Path:
         return self.directory / LAST
+
+    @staticmethod
+    def protect(path) -> None:
+        """Never delete checkpoint ``path`` in retention, by any manager of this process (a run
+        protects the file it resumed from; :meth:`resume_from` does so itself)."""
+        _protected.add(os.path.realpath(path))
 
     def numbered(self) -> list[Path]:
         """Numbered checkpoints, oldest (lowest step) first."""
@@ -126,23 +313,81 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
-        """``last.pt`` if present, else the highest numbered checkpoint, else None."""
-        if self.last.is_file():
-            return self.last
-        numbered = self.numbered()
-        return numbered[-1] if numbered else None
+        """The newest intact checkpoint, None when there is none.
+
+        Candidates, newest first: numbered files written after ``last.pt`` (a crash between the two
+        writes of a save), ``last.pt``, the numbered file it copies, then the others by step. Each
+        is checked by :func:`verify_checkpoint` (its checksum: one read, not repeated by the load
+        that follows); a damaged one is skipped with a one-line warning naming it and the file
+        used instead. When none is intact the newest is returned: loading it raises the error.
+        """
+        candidates = self._candidates()
+        skipped: list[str] = []
+        for path in candidates:
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as exc:
+                skipped.append(str(exc))
+                continue
+            except OSError as exc:  # vanished or unreadable since it was listed
+                skipped.append(f"{path}: {exc.strerror or exc}")
+                continue
+            for problem in skipped:
+                print(f"soco: warning: {problem}; using {path} instead", file=sys.stderr, flush=True)
+            return path
+        return candidates[0] if candidates else None
+
+    def _candidates(self) -> list[Path]:
+        newest_first = self.numbered()[::-1]
+        last_stat = _stat(self.last)
+        if last_stat is None:
+            return newest_first
+        twin = self._copy_of_last(newest_first, last_stat)
+        # Written after last.pt: a save stopped between its numbered file and last.pt. With a twin,
+        # only higher steps count (mtimes of a folder copied without -p say nothing).
+        newer = []
+        for path in newest_first:
+            st = _stat(path)
+            later = st is not None and st.st_mtime_ns > last_stat.st_mtime_ns
+            if later and (twin is None or _step_of(path) > _step_of(twin)):
+                newer.append(path)
+        rest = [p for p in newest_first if p not in newer and p != twin]
+        return newer + [self.last] + ([twin] if twin is not None else []) + rest
+
+    def _copy_of_last(self, numbered: list[Path], last_stat: os.stat_result) -> Path | None:
+        """The numbered file ``last.pt`` is a copy of (same checksum) or a hard link to (runs
+        written before last.pt became a copy), None if neither."""
+        try:
+            digest = _recorded_digest(self.last)
+        except CheckpointError:
+            digest = None
+        for path in numbered:
+            st = _stat(path)
+            if st is not None and os.path.samestat(st, last_stat):
+                return path
+            if digest is not None:
+                try:
+                    if _recorded_digest(path) == digest:
+                        return path
+                except CheckpointError:
+                    pass
+        return None
 
     def resume_from(self, resume) -> Path | None:
         """The checkpoint a ``--resume`` value names: None/"none" -> None (start fresh), "auto" ->
-        :meth:`latest` (None when there is none), else that file (CheckpointError if missing)."""
+        :meth:`latest` (None when there is none), else that file (CheckpointError if missing).
+        The file returned is protected from retention (:meth:`protect`)."""
         if resume in (None, "none"):
             return None
         if resume == "auto":
-            return self.latest()
-        path = Path(resume)
-        if not path.is_file():
-            raise CheckpointError(f"--resume {resume}: no such checkpoint file")
-        return path
+            found = self.latest()
+        else:
+            found = Path(resume)
+            if not found.is_file():
+                raise CheckpointError(f"--resume {resume}: no such checkpoint file")
+        if found is not None:
+            self.protect(found)
+        return found
 
     def save(self, state: dict, step: int | None = None) -> Path:
         """Write ``state`` for ``step`` (default ``state["step"]``); returns ``last.pt``'s path."""
@@ -152,34 +397,51 @@ class CheckpointManager:
         if self.keep == 0:
             return save_checkpoint(self.last, state)
         step = int(state["step"] if step is None else step)
-        target = save_checkpoint(self.directory / f"step_{step:08d}.pt", state)
-        self._point_last_at(target)
-        for old in self.numbered()[: -self.keep]:
-            old.unlink(missing_ok=True)
+        target = self.directory / f"step_{step:08d}.pt"
+        digest = _write_with_checksum(target, lambda f: torch.save(state, f))
+        # last.pt: a copy, not a hard link, so truncating or overwriting it cannot touch the
+        # numbered file; same bytes, so the same checksum (a bad copy fails it, and latest()
+        # then falls back to the numbered file).
+        _drop_checksum(self.last)
+        atomic_write(self.last, lambda f: _copy_into(target, f), prefix=f"{TMP_PREFIX}{LAST}.", durable=True)
+        _write_checksum(self.last, digest)
+        self._prune(step)
         return self.last
 
-    def _point_last_at(self, target: Path) -> None:
-        # last.pt becomes the same bytes as the numbered file without writing them twice.
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{LAST}.", dir=self.directory)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            tmp.unlink()
-            try:
-                os.link(target, tmp)
-            except OSError:  # file systems without hard links
-                shutil.copyfile(target, tmp)
-            os.replace(tmp, self.last)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(self.directory)
+    def _prune(self, step: int) -> None:
+        kept = [p for p in self.numbered() if _step_of(p) <= step and os.path.realpath(p) not in _protected]
+        for old in kept[: -self.keep]:
+            old.unlink(missing_ok=True)
+            checksum_path(old).unlink(missing_ok=True)
+        # A checksum file whose checkpoint is gone (a crash between the two unlinks above).
+        for side in self.directory.iterdir():
+            if _NUMBERED_CHECKSUM.match(side.name) and not side.with_name(side.name[: -len(CHECKSUM_SUFFIX)]).exists():
+                side.unlink(missing_ok=True)
 
     def _remove_stale_temps(self) -> None:
         # Left by a process killed mid-write (SIGKILL, power loss); never a valid checkpoint.
         if self.directory.is_dir():
             for p in self.directory.glob(f"{TMP_PREFIX}*"):
                 p.unlink(missing_ok=True)
+
+
+def _copy_into(source: Path, f) -> None:
+    """Append ``source``'s bytes to the open file ``f`` (empty so far): in the kernel where it
+    can (``copy_file_range``; a reflink on btrfs/XFS), else by reads and writes."""
+    with open(source, "rb") as src:
+        size, done = os.fstat(src.fileno()).st_size, 0
+        copy_range = getattr(os, "copy_file_range", None)
+        if copy_range is not None:
+            try:
+                while done < size and (n := copy_range(src.fileno(), f.fileno(), size - done)) > 0:
+                    done += n
+            except OSError as exc:
+                if done or exc.errno not in _NO_KERNEL_COPY:
+                    raise
+        if done == 0:
+            shutil.copyfileobj(src, f, _CHUNK)
+        elif done < size:
+            raise OSError(errno.EIO, f"{source} shrank while being copied")
 
 
 class Checkpointer:
