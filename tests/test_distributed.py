@@ -202,3 +202,38 @@ def test_two_process_gloo_all_reduce_mean(launcher):
         (0, "gloo", True, True, [0.5, 6.0], 1.5),
         (1, "gloo", False, False, [0.5, 6.0], 1.5),
     ]
+
+
+def test_cleanup_leaves_a_process_group_it_did_not_create(clean_env, tmp_path):
+    # A caller's own process group (world size 1 here, file:// rendezvous) survives a library
+    # run's init_distributed / cleanup (what pretrain and finetune do), and stays usable.
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        info = init_distributed(device="cpu")
+        assert not info.owns_group
+        cleanup()
+        assert dist.is_initialized()
+        x = torch.tensor([2.0])
+        dist.all_reduce(x)
+        assert x.item() == 2.0
+    finally:
+        dist.destroy_process_group()
+    cleanup()  # nothing left: safe
+
+
+def _owner_worker(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(
+        {"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    info = init_distributed(device="cpu")
+    again = init_distributed(device="cpu")  # joins the same group: still ours
+    cleanup()
+    results.put((rank, info.owns_group, again.owns_group, dist.is_initialized()))
+
+
+def test_cleanup_destroys_the_group_init_distributed_created():
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_owner_worker, args=(2, free_port(), results), nprocs=2, join=True, start_method="spawn")
+    assert sorted(results.get() for _ in range(2)) == [(0, True, True, False), (1, True, True, False)]

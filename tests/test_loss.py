@@ -131,3 +131,53 @@ def test_errors_and_dtype():
     assert out.dtype == torch.float32
     assert out.item() == pytest.approx(-4.0, abs=1e-5)
     assert cosine(torch.zeros(1, 3), torch.ones(1, 3)).item() == 0.0  # zero vector: no NaN
+
+
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_sum_over_micro_batches_divided_by_their_units_is_the_batch_mean(mode):
+    # The global batch's loss (eq. 5 summed over pairs, averaged over the loss units: valid
+    # proposals, or images for released) from any split into micro-batches: sums and units add.
+    from soco_pretrain.model.loss import full_count, loss_count
+
+    valid = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    preds, projs = _views(3, valid.numel(), seed=9), _views(3, valid.numel(), seed=10)
+    whole = soco_loss(preds, projs, FPN_PAIRS, valid, mode)
+    for split in ([4], [1, 1, 1, 1], [1, 3], [2, 2]):
+        total, units, start = 0.0, 0, 0
+        for n in split:
+            rows = slice(start * 3, (start + n) * 3)
+            part = valid[start : start + n]
+            total += soco_loss([p[rows] for p in preds], [z[rows] for z in projs], FPN_PAIRS, part, mode, "sum")
+            units += int(loss_count(part, mode))
+            start += n
+        assert units == (6 if mode == "paper" else 4)
+        assert (total / units).item() == pytest.approx(whole.item(), abs=1e-5), split
+    # The per-micro-batch means this replaces weigh the units of small micro-batches more.
+    means = [
+        soco_loss(
+            [p[i * 3 : i * 3 + 3] for p in preds],
+            [z[i * 3 : i * 3 + 3] for z in projs],
+            FPN_PAIRS,
+            valid[i : i + 1],
+            mode,
+        )
+        for i in range(4)
+    ]
+    if mode == "paper":
+        assert abs(sum(m.item() for m in means) / 4 - whole.item()) > 0.05
+    assert full_count(mode, 4, 3) == (12 if mode == "paper" else 4)
+    assert int(loss_count(torch.ones(4, 3, dtype=torch.bool), mode)) == full_count(mode, 4, 3)
+
+
+def test_sum_reduction_terms_and_errors():
+    valid = torch.tensor([[True, True], [True, False]])
+    preds, projs = _views(3, 4, seed=11), _views(3, 4, seed=12)
+    sums = soco_loss_terms(preds, projs, FPN_PAIRS, valid, "paper", reduction="sum")
+    means = soco_loss_terms(preds, projs, FPN_PAIRS, valid, "paper")
+    for key in means:
+        assert (sums[key] / 3).item() == pytest.approx(means[key].item(), abs=1e-6)
+    assert soco_loss(preds[:2], projs[:2], C4_PAIRS, reduction="sum").item() == pytest.approx(
+        4 * soco_loss(preds[:2], projs[:2], C4_PAIRS).item(), abs=1e-5
+    )  # no mask: every row is a unit
+    with pytest.raises(ValueError, match="reduction"):
+        soco_loss(preds, projs, FPN_PAIRS, valid, "paper", reduction="none")

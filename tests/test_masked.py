@@ -149,3 +149,22 @@ def test_synced_masked_batch_norm_matches_one_process_on_the_valid_rows(tmp_path
     for b_ref, b0, b1 in zip(mlp.buffers(), r0["stats"], r1["stats"]):
         torch.testing.assert_close(b0, b_ref, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(b1, b_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_an_unknown_module_holding_batch_norm_is_refused():
+    # A module run_masked has no masked forward for (e.g. a changed torchvision box head) would
+    # let the padded rows into its BatchNorm statistics: a one-line error instead.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            return self.bn(self.fc(x))
+
+    x = torch.randn(7, 5)
+    with pytest.raises(TypeError, match="no masked forward for Block, which holds a BatchNorm1d") as info:
+        run_masked(nn.Sequential(nn.Linear(5, 5), Block()), x, MASK)
+    assert "\n" not in str(info.value)
+    run_masked(Block(), x, None)  # no mask: the plain forward
+    assert run_masked(nn.Linear(5, 5), x, MASK).shape == x.shape  # no BatchNorm inside: called as is

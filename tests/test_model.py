@@ -209,7 +209,7 @@ def test_c4_model_forward_backward_uses_two_views():
     loss, stats = model(_batch(sizes=(64, 64, 32)))  # V3 present in the batch, ignored
     loss.backward()
     assert torch.isfinite(loss) and -4.0 <= loss.item() <= 4.0
-    assert set(stats) == {"loss", "loss_12", "proposals"}
+    assert set(stats) == {"loss", "loss_12", "proposals", "count"}
     assert model.encoder.backbone.layer4[0].conv1.weight.grad is not None
 
 
@@ -305,8 +305,8 @@ def test_forward_backward_gradients_only_online_and_padded_slots_never_in_batchn
         for name in state:  # running statistics (BatchNorm buffers) included
             torch.testing.assert_close(other_state[name], state[name], rtol=1e-5, atol=1e-6, msg=name)
     assert torch.isfinite(loss) and -8.0 <= loss.item() <= 8.0
-    assert set(stats) == {"loss", "loss_12", "loss_13", "proposals"}
-    assert stats["proposals"].item() == n_valid and not stats["loss"].requires_grad
+    assert set(stats) == {"loss", "loss_12", "loss_13", "proposals", "count"}
+    assert stats["proposals"].item() == stats["count"].item() == n_valid and not stats["loss"].requires_grad
     torch.testing.assert_close(stats["loss"], stats["loss_12"] + stats["loss_13"])
     online = list(m.encoder.named_parameters(prefix="encoder")) + list(m.predictor.named_parameters(prefix="predictor"))
     for name, _ in online:
@@ -320,7 +320,7 @@ def test_soco_star_forward_four_views():
     model = SoCoModel(_cfg(soco_star=True, proj_hidden=64))
     with torch.no_grad():
         loss, stats = model(_batch(sizes=(64, 64, 32, 48)))
-    assert set(stats) == {"loss", "loss_12", "loss_13", "loss_14", "proposals"}
+    assert set(stats) == {"loss", "loss_12", "loss_13", "loss_14", "proposals", "count"}
     assert torch.isfinite(loss) and -12.0 <= loss.item() <= 12.0
 
 
@@ -390,3 +390,26 @@ def test_convert_sync_bn_on_cpu_matches_one_process_on_the_whole_batch(tmp_path)
     for b_ref, b0, b1 in zip(net.buffers(), r0["stats2"], r1["stats2"]):
         torch.testing.assert_close(b0, b_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(b1, b_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, count", [("paper", 5), ("released", B)])
+def test_forward_sum_reduction_is_the_mean_times_the_loss_units(fpn_model, mode, count):
+    # reduction="sum": loss and terms summed over the batch's loss units (valid proposals, or
+    # images for released); the training step divides by the units of the global batch.
+    m = fpn_model
+    snapshot = {k: v.clone() for k, v in m.state_dict().items()}
+    m.train()
+    m.loss_mode = mode
+    try:
+        batch = _batch()
+        with torch.no_grad():
+            mean, mean_stats = m(batch)
+            m.load_state_dict(snapshot)  # the same BatchNorm running statistics for both
+            total, stats = m(batch, reduction="sum")
+    finally:
+        m.loss_mode = "paper"
+        m.load_state_dict(snapshot)
+    assert stats["count"].item() == mean_stats["count"].item() == count
+    torch.testing.assert_close(total / count, mean, rtol=1e-5, atol=1e-6)
+    for key in ("loss_12", "loss_13"):
+        torch.testing.assert_close(stats[key] / count, mean_stats[key], rtol=1e-5, atol=1e-6)

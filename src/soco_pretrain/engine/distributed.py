@@ -8,6 +8,10 @@
 
 With one process there is no process group at all and the model keeps plain BatchNorm (the
 released code crashed converting to SyncBN on one GPU). Backends: nccl on CUDA, gloo on CPU.
+
+Ownership: :func:`cleanup` destroys only the process group :func:`init_distributed` created. A
+group that already existed (a caller's own ``init_process_group``, e.g. a notebook or a test
+harness calling ``pretrain``) is joined as it is and left alone: its creator destroys it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from ..errors import RunError
 
 DEFAULT_PORT = 29500  # torchrun's default rendezvous port
 
+_created: list = []  # the default process group init_distributed created (at most one), for cleanup
+
 
 class DistributedError(RunError):
     """A launch environment we cannot use; the message says what to set."""
@@ -42,6 +48,7 @@ class DistInfo:
     is_main: bool
     launcher: str = "none"  # "torchrun" | "slurm" | "none"
     backend: str | None = None  # None: no process group (world size 1)
+    owns_group: bool = False  # init_distributed created the process group (cleanup destroys it)
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,9 @@ def init_distributed(device: str | None = None, env: Mapping[str, str] | None = 
 
     ``device``: "cuda" or "cpu" to force one (default: CUDA when available). One process: no
     process group, device cuda:0/cpu. Several: ``init_process_group`` (nccl on CUDA, gloo on
-    CPU) with this process on ``cuda:LOCAL_RANK``. Calling it again returns the same answer.
+    CPU) with this process on ``cuda:LOCAL_RANK``, unless a process group exists already (it is
+    used as it is). Calling it again returns the same answer. ``owns_group``: this call or an
+    earlier one created the group, which :func:`cleanup` then destroys (and only then).
     """
     launch = parse_launch_env(env)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
@@ -190,16 +199,31 @@ def init_distributed(device: str | None = None, env: Mapping[str, str] | None = 
             rank=launch.rank,
             world_size=launch.world_size,
         )
-    return DistInfo(launch.rank, launch.world_size, launch.local_rank, dev, launch.rank == 0, launch.launcher, backend)
+        _created[:] = [_default_group()]
+    owns = bool(_created) and _created[0] is _default_group()
+    return DistInfo(
+        launch.rank, launch.world_size, launch.local_rank, dev, launch.rank == 0, launch.launcher, backend, owns
+    )
 
 
 def _url_host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr  # IPv6 literal
 
 
+def _default_group():
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
 def cleanup() -> None:
-    """Destroy the process group if there is one (safe to call always)."""
-    if dist.is_available() and dist.is_initialized():
+    """Destroy the process group if :func:`init_distributed` created it (safe to call always).
+
+    A group created elsewhere (before ``init_distributed`` joined it, or after ours was destroyed)
+    stays initialised: its creator destroys it.
+    """
+    group = _default_group()
+    owned = bool(_created) and group is not None and _created[0] is group
+    _created.clear()
+    if owned:
         dist.destroy_process_group()
 
 
@@ -227,6 +251,18 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().clone() if tensor.is_floating_point() else tensor.detach().double()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.div_(world)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over all processes (a new tensor; the input itself when world size is 1).
+
+    Asynchronous on the device like any collective: no host sync unless the caller reads it.
+    """
+    if get_world_size() == 1:
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
 
 
 def barrier() -> None:

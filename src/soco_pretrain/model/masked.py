@@ -84,7 +84,9 @@ def run_masked(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) ->
 
     Handles what the heads are made of: BatchNorm layers, ``nn.Sequential`` chains (torchvision's
     box head: Conv2dNormActivation blocks, Flatten, Linear, ReLU) and torchvision ``Bottleneck``
-    blocks (the C4 head, res5); any other module is called as is (it must hold no BatchNorm).
+    blocks (the C4 head, res5); any other module is called as is if it holds no BatchNorm, and
+    raises ``TypeError`` if it does: its own forward would let the padded rows into the statistics
+    (e.g. after a change of torchvision's box head), so it needs a masked forward here first.
     """
     if mask is None:
         return module(x)
@@ -96,6 +98,12 @@ def run_masked(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) ->
         return x
     if _is_bottleneck(module):
         return _bottleneck(module, x, mask)
+    inner = next((m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    if inner is not None:
+        raise TypeError(
+            f"run_masked: no masked forward for {type(module).__name__}, which holds a "
+            f"{type(inner).__name__}: its padded rows would enter the BatchNorm statistics"
+        )
     return module(x)
 
 

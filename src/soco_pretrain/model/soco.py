@@ -29,7 +29,7 @@ from torch import nn
 from ..config import PretrainConfig
 from .encoder import SoCoEncoder
 from .heads import MLP
-from .loss import MODES, soco_loss_terms
+from .loss import MODES, loss_count, soco_loss_terms
 
 
 def num_views(cfg: PretrainConfig) -> int:
@@ -139,7 +139,13 @@ class SoCoModel(nn.Module):
     batch: a collated batch (data.loader.soco_collate: ``views``, ``boxes``, ``levels`` lists per
     view, ``valid`` (B, K));
     extra views (e.g. V3 for C4) are ignored. stats: detached tensors (no host sync): ``loss``,
-    one term per pair (``loss_12``, ``loss_13``, ...) and ``proposals`` (valid proposals in the batch).
+    one term per pair (``loss_12``, ``loss_13``, ...), ``proposals`` (valid proposals in the batch)
+    and ``count`` (the batch's loss units: valid proposals for ``model.loss=paper``, images for
+    ``released``; model/loss.py).
+
+    ``model(batch, reduction="sum")``: ``loss`` and the terms are sums over the batch's loss units
+    instead of means (mean = sum / count); the training step adds sums and counts over its
+    micro-batches and processes, so the loss is the mean over the global batch (train/loop.py).
     """
 
     def __init__(self, cfg: PretrainConfig):
@@ -196,7 +202,7 @@ class SoCoModel(nn.Module):
         levels = [batch["levels"][v].to(device, non_blocking=True) for v in range(self.num_views)]
         return views, boxes, levels, batch["valid"].to(device, non_blocking=True)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: dict, reduction: str = "mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         views, boxes, levels, valid = self._inputs(batch)
         # One encoder pass per view: views differ in size (224, 112, 192), and BatchNorm statistics
         # stay per view as in the released code.
@@ -212,7 +218,12 @@ class SoCoModel(nn.Module):
                 self.target_projector(self.target_encoder(x, b, lv, valid), rows)
                 for x, b, lv in zip(views, boxes, levels)
             ]
-        terms = soco_loss_terms(preds, projs, self.pairs, valid, self.loss_mode)
+        terms = soco_loss_terms(preds, projs, self.pairs, valid, self.loss_mode, reduction=reduction)
         loss = sum(terms.values())
-        stats = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "proposals": valid.sum()}
+        stats = {
+            "loss": loss.detach(),
+            **{k: v.detach() for k, v in terms.items()},
+            "proposals": valid.sum(),
+            "count": loss_count(valid, self.loss_mode),
+        }
         return loss, stats

@@ -387,19 +387,57 @@ class Position:
     in_epoch: int = 0
 
 
+def _scale_gradients(module: torch.nn.Module, factor: torch.Tensor) -> None:
+    """Multiply every gradient of ``module`` by ``factor`` (a device scalar: no host sync)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor)
+
+
 class PretrainStep:
-    """One optimiser step (paper 4.1): ``accum`` micro-batches on every process, gradients summed
-    (loss / accum), then the lr of this step (warm-up + cosine), LARS, and the EMA update of the
-    target with tau(step) after the optimiser update (BYOL and the paper; the released code
-    updates before the target forward). No host-device sync: the loss stays on the device."""
+    """One optimiser step (paper 4.1): ``accum`` micro-batches on every process, gradients summed,
+    then the lr of this step (warm-up + cosine), LARS, and the EMA update of the target with
+    tau(step) after the optimiser update (BYOL and the paper; the released code updates before
+    the target forward). No host-device sync of ours: the loss stays on the device.
+
+    The loss is the mean over the loss units (valid proposals; images for ``model.loss=released``;
+    model/loss.py) of the *global* batch, every micro-batch of every process, whatever the split
+    (tests/test_loss_split.py). A micro-batch's units are known only once it is loaded, so rather
+    than holding all ``accum`` micro-batches first, each one backpropagates its loss *sum* divided
+    by a fixed nominal count (``accum`` fully valid micro-batches: the magnitude of a mean, for
+    fp16's range; the same on every process), and after the last one the units of the step are
+    summed over micro-batches and processes (one all-reduce of a scalar) and the gradients, which
+    DDP has averaged over the W processes, are multiplied by W x nominal / global count. With
+    every slot valid (``data.views.pad=repeat``; ``released`` with full batches) that factor is
+    exactly 1: the previous step (loss / accum per micro-batch, DDP's mean over processes). The
+    logged loss is each process's sum x W / global count, which the metrics average over the
+    processes: the global mean.
+
+    A step the fp16 grad scaler skips (inf/NaN gradients: ``GradScaler.step`` does not call
+    ``optimizer.step``, deciding on the host, a sync the scaler makes anyway) leaves the target
+    as it is: a post-step hook on the optimiser (``Optimizer.register_step_post_hook``, run only
+    when ``optimizer.step`` runs; LARS does not take the scaler's fused path, where it always
+    would) tells the step whether the online network moved, with no device read of ours. The
+    lr and tau schedules still advance: they are functions of the trainer's step counter, which
+    also counts the batches consumed and is what checkpoints and a resume restore; not advancing
+    them would need a second, device-side counter read on the host every step. A skip loses one
+    step of the schedule, as in torch's AMP recipe (``scheduler.step()`` after a skipped step).
+    """
 
     def __init__(self, job: Job, position: Position, skipped):
         self.job, self.position, self.skipped = job, position, skipped
         self.batches: Any = None
+        self.stepped = False  # the optimiser ran in this step (False: skipped by the grad scaler)
+        job.optimizer.register_step_post_hook(self._mark_stepped)
+
+    def _mark_stepped(self, optimizer, args, kwargs) -> None:
+        self.stepped = True
 
     def __call__(self, step: int) -> StepOutput:
         from ..data import set_epoch
+        from ..engine.distributed import all_reduce_sum
         from ..engine.schedule import lr_at, tau_at
+        from ..model.loss import full_count
 
         job, pos, plan, t = self.job, self.position, self.job.plan, self.job.cfg.train
         if pos.in_epoch >= plan.steps_per_epoch:  # the epoch is complete: next one
@@ -407,7 +445,10 @@ class PretrainStep:
         if self.batches is None:  # a resumed run skips the batches of this epoch it has done
             set_epoch(job.loader, pos.epoch, skip_batches=pos.in_epoch * plan.accum)
             self.batches = iter(job.loader)
-        terms, images, wait = [], 0, 0.0
+        images, wait = 0, 0.0
+        nominal = plan.accum * full_count(job.cfg.model.loss, t.per_device_batch, job.cfg.data.views.num_proposals)
+        loss_sum = torch.zeros((), device=job.device)  # this process's loss sum over the step
+        count = torch.zeros((), device=job.device)  # and its loss units
         for micro in range(plan.accum):
             wait_start = time.perf_counter()
             batch = next(self.batches)
@@ -431,19 +472,26 @@ class PretrainStep:
             sync = job.model.no_sync() if job.world > 1 and not last_micro else contextlib.nullcontext()
             with sync:
                 with autocast(job.device, plan.precision):
-                    loss, _ = job.forward(batch)
-                job.scaler.scale(loss / plan.accum).backward()
-            terms.append(loss.detach().float() / plan.accum)
+                    loss, stats = job.forward(batch, reduction="sum")
+                job.scaler.scale(loss / nominal).backward()
+            # New tensors, not the forward's outputs (a CUDA-graph replay reuses those).
+            loss_sum = loss_sum + loss.detach().float()
+            count = count + stats["count"]
+        count = all_reduce_sum(count).clamp(min=1)  # the loss units of the global batch
+        _scale_gradients(job.core, (job.world * nominal) / count)
         lr = lr_at(step, plan.total_steps, plan.warmup_steps, plan.peak_lr, t.warmup_start_factor, t.final_lr)
         set_lr(job.optimizer, lr)
+        self.stepped = False
         job.scaler.step(job.optimizer)
         job.scaler.update()
         job.optimizer.zero_grad(set_to_none=True)
         tau = tau_at(step, plan.total_steps, t.ema_tau)
-        job.core.update_target(tau)
+        if self.stepped:  # not a step the grad scaler skipped: the online network moved
+            job.core.update_target(tau)
         pos.in_epoch += 1
         if pos.in_epoch >= plan.steps_per_epoch:
             self.close()
+        terms = [loss_sum * (job.world / count)]  # averaged over processes by the metrics: the global mean
         return StepOutput(loss=terms, images=images, data_wait=wait, scalars={"lr": lr, "tau": tau})
 
     def close(self) -> None:
