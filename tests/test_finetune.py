@@ -350,6 +350,8 @@ def test_boxes_only_data_trains_faster_rcnn_via_the_cli(data, tmp_path, capsys):
             "--max-iters",
             "1",
             "--batch",
+            "2",
+            "--per-device-batch",  # two passes of one image (gradient accumulation) in the real detector
             "1",
             "--train-sizes",
             "128",
@@ -374,7 +376,9 @@ def test_boxes_only_data_trains_faster_rcnn_via_the_cli(data, tmp_path, capsys):
     assert "segm" not in metrics
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert not state["masks"] and not any("mask" in k for k in state["model"])
-    assert "Faster R-CNN" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Faster R-CNN" in printed and "at batch 2 (1 x 1 process(es) x 2 accumulation)" in printed
+    assert metrics["per_device_batch"] == 1 and metrics["batch"] == 2
 
 
 def test_resume_continues_exactly(data, tmp_path, monkeypatch):
@@ -520,3 +524,193 @@ def test_undecodable_or_resized_images_are_reported_not_fatal(data, tmp_path):
     assert missing["image"] is None and missing["error"][0].endswith("missing.png")
     assert "file not found" in missing["error"][1]
     assert resized["image"] is None and "differs from the JSON" in resized["error"][1]
+
+
+# ---------------------------------------------------------------- data checked before training
+
+
+def _cli(data, out, **paths) -> list[str]:
+    given = {**dict(zip(("train_json", "train_images", "val_json", "val_images"), _run_args(data))), **paths}
+    return [
+        "finetune",
+        "--weights",
+        "none",
+        *(a for key, value in given.items() for a in (f"--{key.replace('_', '-')}", str(value))),
+        "--out",
+        str(out),
+        "--max-iters",
+        "1",
+        "--batch",
+        "1",
+        "--train-sizes",
+        "64",
+        "--max-size",
+        "80",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+
+
+def test_missing_or_undecodable_images_stop_before_training(data, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import soco_pretrain.transfer.finetune as ft
+
+    def never(*args, **kwargs):
+        raise AssertionError("the detector was built: the data were not checked first")
+
+    monkeypatch.setattr(ft, "build_detector", never)
+    # --val-images pointing at the training photos: none of the val JSON's files is there
+    assert main(_cli(data, tmp_path / "a", val_images=data["train_images"])) == 2
+    err = _error(capsys)
+    assert "2 of 2 images" in err and "--val-images" in err and "rocket.png" in err and "coins.png" in err
+    # a training folder that lacks one of the JSON's images
+    partial = tmp_path / "partial"
+    shutil.copytree(data["train_images"], partial)
+    (partial / "coffee.png").unlink()
+    assert main(_cli(data, tmp_path / "b", train_images=partial)) == 2
+    err = _error(capsys)
+    assert "1 of 4 images" in err and "--train-images" in err and "coffee.png" in err
+    # every file present, but the first val image does not decode
+    broken = tmp_path / "broken"
+    shutil.copytree(data["val_images"], broken)
+    (broken / "rocket.png").write_bytes(b"not a png")
+    assert main(_cli(data, tmp_path / "c", val_images=broken)) == 2
+    err = _error(capsys)
+    assert "rocket.png" in err and "--val-images" in err
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "c" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------- the checkpoint is saved before evaluating
+
+
+def test_final_checkpoint_survives_a_failing_evaluation(data, tmp_path, monkeypatch):
+    import soco_pretrain.transfer.finetune as ft
+
+    opts = dict(
+        {**TINY, "batch": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
+        max_iters=1,
+        precise_bn=1,
+        seed=2,
+    )
+    full_metrics = finetune(None, *_run_args(data), tmp_path / "full", **opts)
+    real = ft.evaluate
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(ft, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        finetune(None, *_run_args(data), tmp_path / "split", **opts)
+    saved = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert saved["iteration"] == 1 and not (tmp_path / "split" / "metrics.json").exists()
+    # the rerun trains nothing more, evaluates the saved weights and saves them again with the
+    # precise-BN statistics: the same checkpoint and metrics as the run that evaluated in one go
+    monkeypatch.setattr(ft, "evaluate", real)
+    monkeypatch.setattr(ft, "lr_at", lambda *a, **k: pytest.fail("trained again"))
+    split_metrics = finetune(None, *_run_args(data), tmp_path / "split", **opts)
+    assert split_metrics["iterations"] == 1 and split_metrics["bbox"] == full_metrics["bbox"]
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    for key in full["model"]:
+        assert torch.equal(full["model"][key], split["model"][key]), key
+
+
+# ---------------------------------------------------------------- per-device batch and accumulation
+
+
+class TinyDetector(torch.nn.Module):
+    """Stands in for Mask R-CNN where a loss must be a mean over images: Mask R-CNN's is not (its BN
+    statistics, padding and RoI sampling are per forward pass), so only this tells whether
+    accumulation adds up exactly to the whole batch. No detections at evaluation."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 4)
+        self.transform, self.test_size = SimpleNamespace(min_size=(64,)), 64
+
+    def forward(self, images, targets=None):
+        if not self.training:
+            return [
+                {
+                    "boxes": torch.zeros(0, 4),
+                    "labels": torch.zeros(0, dtype=torch.int64),
+                    "scores": torch.zeros(0),
+                    "masks": torch.zeros(0, 1, *im.shape[-2:]),
+                }
+                for im in images
+            ]
+        losses = []
+        for im, target in zip(images, targets):
+            pred = self.head(torch.tanh(self.conv(im[None])).mean((2, 3)))
+            losses.append((pred - target["boxes"].mean(0, keepdim=True) / 100).pow(2).sum())
+        return {"loss_box": torch.stack(losses).mean(), "loss_weights": 1e-3 * self.head.weight.pow(2).sum()}
+
+
+def test_accumulation_equals_the_whole_batch_and_resumes_exactly(data, tmp_path, monkeypatch, capsys):
+    import soco_pretrain.transfer.finetune as ft
+
+    monkeypatch.setattr(ft, "build_detector", TinyDetector)
+    opts = dict(TINY, batch=4, max_iters=3, precise_bn=0, seed=3, lr=0.5, warmup_iters=0)
+    whole = finetune(None, *_run_args(data), tmp_path / "whole", per_device_batch=4, **opts)
+    assert "(4 x 1 process(es) x 1 accumulation)" in capsys.readouterr().out
+    finetune(None, *_run_args(data), tmp_path / "accum", per_device_batch=1, **opts)
+    assert "(1 x 1 process(es) x 4 accumulation)" in capsys.readouterr().out
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "accum" / "checkpoints" / "last.pt")
+    torch.manual_seed(3)
+    initial = TinyDetector().state_dict()  # as build_job makes it (seeded)
+    for key, value in a["model"].items():
+        assert not torch.allclose(value, initial[key]), key  # trained
+        assert torch.allclose(value, b["model"][key], rtol=1e-5, atol=1e-6), key
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.allclose(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"], atol=1e-6)
+    assert whole["per_device_batch"] == 4
+    # interrupted after iteration 1 with accumulation, then resumed: bit for bit the uninterrupted run
+    real = ft.lr_at
+
+    def interrupted(iteration, plan):
+        if iteration == 1:
+            raise KeyboardInterrupt
+        return real(iteration, plan)
+
+    monkeypatch.setattr(ft, "lr_at", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(None, *_run_args(data), tmp_path / "split", per_device_batch=2, checkpoint_every=1, **opts)
+    monkeypatch.setattr(ft, "lr_at", real)
+    finetune(None, *_run_args(data), tmp_path / "split", per_device_batch=2, checkpoint_every=1, **opts)
+    finetune(None, *_run_args(data), tmp_path / "two", per_device_batch=2, **opts)
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    assert split["iteration"] == two["iteration"] == 3
+    for key, value in two["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+
+
+def test_per_device_batch_must_divide_and_auto_follows_the_memory(data, tmp_path, monkeypatch, capsys):
+    import soco_pretrain.transfer.finetune as ft
+    from soco_pretrain.train import memory
+    from soco_pretrain.transfer.finetune import FinetuneError, resolve_per_device_batch
+
+    with pytest.raises(FinetuneError, match="does not divide"):
+        finetune(None, *_run_args(data), tmp_path / "x", **{**TINY, "batch": 4, "per_device_batch": 3})
+    cpu = torch.device("cpu")
+    defaults = FinetuneOptions()  # batch 16 at 640-800 px, long side <= 1333
+    monkeypatch.setattr(memory, "cpu_available_gib", lambda: 22.0)  # a 24 GB machine
+    chosen, note = resolve_per_device_batch(defaults, 1, cpu)
+    assert chosen < 16 and 16 % chosen == 0 and f"per-device batch {chosen} (auto" in note and "22.0 GiB" in note
+    assert memory.finetune_estimate_gib(chosen, 800, 1333) <= 22.0 * memory.FINETUNE_HEADROOM
+    assert memory.finetune_estimate_gib(16, 800, 1333) > 22.0  # the whole batch at once would not fit
+    monkeypatch.setattr(memory, "cpu_available_gib", lambda: 1000.0)
+    assert resolve_per_device_batch(defaults, 1, cpu)[0] == 16
+    assert resolve_per_device_batch(FinetuneOptions(per_device_batch=8), 2, cpu) == (8, "")
+    # the run prints the choice once and trains with it (one image per pass when memory is short)
+    monkeypatch.setattr(memory, "cpu_available_gib", lambda: 3.0)
+    monkeypatch.setattr(ft, "build_detector", TinyDetector)
+    metrics = finetune(None, *_run_args(data), tmp_path / "auto", **dict(TINY, max_iters=1, precise_bn=0))
+    printed = capsys.readouterr().out
+    assert printed.count("per-device batch 1 (auto: 3.0 GiB available") == 1 and metrics["per_device_batch"] == 1

@@ -145,3 +145,57 @@ def test_augment_device_auto_means_gpu_on_cuda_and_workers_elsewhere():
     fixed = apply_overrides(cfg, ["data.augment.device=cpu"])
     assert resolve_augment_device(fixed, torch.device("cuda")) is fixed
     assert cfg.data.augment.device == "auto"  # the input config is not modified
+
+
+# ---------------------------------------------------------------- soco finetune (Mask R-CNN)
+
+# CPU peaks (VmHWM) measured for memory.py's finetune section: (batch, padded short, padded long, GiB).
+FINETUNE_MEASURED = [(1, 320, 544, 2.18), (2, 320, 544, 3.09), (1, 800, 1344, 4.62), (2, 800, 1344, 6.99)]
+FINETUNE_CHECK = (2, 640, 1088, 5.63)  # not fitted on
+
+
+def test_finetune_estimate_bounds_the_measured_peaks_closely():
+    from soco_pretrain.train.memory import finetune_peak_gib
+
+    for batch, short, long, gib in [*FINETUNE_MEASURED, FINETUNE_CHECK]:
+        estimate = finetune_peak_gib(batch, short * long / 1e6)
+        assert gib <= estimate <= gib + 0.35, (batch, short, long, estimate)
+
+
+def test_finetune_auto_batch_divides_the_batch_and_fits():
+    from soco_pretrain.train.memory import FINETUNE_HEADROOM, auto_finetune_batch, finetune_estimate_gib
+
+    previous = 0
+    for gib in [2.0 + 4 * i for i in range(40)]:  # 2 .. 158 GiB
+        b = auto_finetune_batch(16, gib, 800, 1333)
+        assert 16 % b == 0 and b >= previous
+        assert finetune_estimate_gib(b, 800, 1333) <= FINETUNE_HEADROOM * gib or b == 1
+        bigger = [d for d in (2, 4, 8, 16) if d > b]
+        assert not bigger or finetune_estimate_gib(bigger[0], 800, 1333) > FINETUNE_HEADROOM * gib
+        previous = b
+    assert previous == 16
+    assert auto_finetune_batch(12, 40.0, 800, 1333) in (1, 2, 3, 4, 6, 12)  # any divisor, not only powers of 2
+    # the default recipe on a 24 GB machine (about 22 GiB available) splits 16 into 4 x 4
+    assert auto_finetune_batch(16, 22.0, 800, 1333) == 4
+    assert auto_finetune_batch(16, 0.5, 800, 1333) == 1  # nothing fits: one, never zero
+    assert auto_finetune_batch(2, 22.0, 128, 160) == 2  # the tests' tiny images
+    # CUDA adds the context: never a larger batch than the CPU figure on the same memory
+    assert all(
+        auto_finetune_batch(16, g, 800, 1333, cuda=True) <= auto_finetune_batch(16, g, 800, 1333) for g in (8, 24, 80)
+    )
+
+
+def test_cpu_available_memory_is_capped_by_the_cgroup(tmp_path):
+    from soco_pretrain.train.memory import cpu_available_gib
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20971520 kB\n")  # 20 GiB
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert cpu_available_gib(str(meminfo), str(cgroup)) == pytest.approx(20.0)
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text(f"{2**30}\n")
+    assert cpu_available_gib(str(meminfo), str(cgroup)) == pytest.approx(20.0)  # no limit
+    (cgroup / "memory.max").write_text(f"{8 * 2**30}\n")
+    assert cpu_available_gib(str(meminfo), str(cgroup)) == pytest.approx(7.0)  # 8 GiB limit, 1 used
+    assert cpu_available_gib(str(tmp_path / "none"), str(tmp_path / "none")) is None

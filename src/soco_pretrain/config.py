@@ -438,6 +438,9 @@ class FinetuneOptions:
     resume: str = "auto"  # auto | none | checkpoint path
     device: Literal["cpu", "cuda"] | None = None  # default: CUDA when available
     progress: bool = True
+    # images per forward pass on each process; 0 = auto: the largest divisor of batch / processes
+    # that fits the device's memory (train/memory.py), gradient accumulation makes up the batch
+    per_device_batch: int = 0
 
     def __post_init__(self):
         _validate(
@@ -461,6 +464,7 @@ class FinetuneOptions:
                     "eval_every",
                     "weight_decay",
                     "weight_decay_norm",
+                    "per_device_batch",
                 ): _AT_LEAST_0,
                 "fraction": _FRACTION,
                 ("lr", "gamma"): _POSITIVE,

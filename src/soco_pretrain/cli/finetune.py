@@ -73,6 +73,13 @@ FINETUNE_RECIPE_FLAGS = [
 # ... and options that only change how it runs (soco compare passes them to every arm).
 FINETUNE_RUN_FLAGS = [
     Flag("workers", "--workers", "data-loader processes per device (default {default})", "N"),
+    Flag(
+        "per_device_batch",
+        "--per-device-batch",
+        "images per forward pass on each process, gradient accumulation makes up --batch "
+        "(default {default}: auto, the largest that fits the memory)",
+        "N",
+    ),
     Flag("device", "--device", "default: cuda when available"),
     Flag("log_every", "--log-every", "metrics.jsonl period (default {default})", "N"),
     Flag(

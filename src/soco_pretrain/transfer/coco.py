@@ -17,8 +17,11 @@ A COCO "instances" JSON (``images``, ``annotations``, ``categories``) is read on
 
 Bad input: a missing or unreadable JSON, or one that is not COCO instances, is a one-line
 :class:`CocoError` (the checks are :mod:`soco_pretrain.coco_json`'s, shared with the other
-readers of COCO JSON). An image that fails to decode (``images.load_rgb``'s ImageError) or whose
-size differs from the JSON's is skipped where it is met, and reported by path.
+readers of COCO JSON). :func:`check_images` runs before any training: every image the JSON lists
+must exist under the image folder and the first few must decode (a wrong ``--val-images`` stops
+at once, not after the whole schedule). Past that, an image that fails to decode
+(``images.load_rgb``'s ImageError) or whose size differs from the JSON's is skipped where it is
+met, and reported by path.
 """
 
 from __future__ import annotations
@@ -99,6 +102,47 @@ def load_coco(json_path, image_root) -> CocoSet:
         categories=sorted(parsed.categories, key=lambda c: c["id"]),
         data=parsed.data,
     )
+
+
+CHECK_DECODE = 3  # images of each set decoded before training (our choice: catches a wrong folder cheaply)
+LISTED_MISSING = 3  # missing file names quoted in the error
+
+
+def check_images(coco: CocoSet, flag: str = "", images: list[dict] | None = None, decode: int = CHECK_DECODE) -> None:
+    """Every image of ``images`` (default: all the JSON lists) exists under ``coco.image_root``
+    and the first ``decode`` of them decode; else one-line CocoError. ``flag`` names the folder's
+    command-line option in the message.
+
+    Each folder is listed once (``os.scandir``), so a COCO-sized set costs a directory read, not
+    one ``stat`` per image.
+    """
+    import os
+
+    images = coco.images if images is None else images
+    where = f"{coco.image_root}" + (f" ({flag})" if flag else "")
+    listed: dict[Path, set[str]] = {}
+    missing = []
+    for image in images:
+        path = coco.image_path(image)
+        folder = path.parent
+        if folder not in listed:
+            try:
+                with os.scandir(folder) as entries:
+                    listed[folder] = {e.name for e in entries if e.is_file()}  # follows symlinks
+            except OSError:
+                listed[folder] = set()
+        if path.name not in listed[folder]:
+            missing.append(image["file_name"])
+    if missing:
+        shown = ", ".join(missing[:LISTED_MISSING]) + (" ..." if len(missing) > LISTED_MISSING else "")
+        raise CocoError(
+            f"{coco.json_path}: {len(missing)} of {len(images)} images it lists are not in {where}: {shown}"
+        )
+    for image in images[:decode]:
+        try:
+            load_rgb(coco.image_path(image))
+        except ImageError as exc:
+            raise CocoError(f"{coco.json_path}: image {image['file_name']} in {where}: {exc.reason}") from None
 
 
 # ---------------------------------------------------------------- targets

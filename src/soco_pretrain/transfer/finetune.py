@@ -19,6 +19,12 @@ The recipe (defaults; :class:`FinetuneOptions`):
 - BatchNorm in training mode everywhere (fine-tuned, paper 4.2); SyncBN when the world size > 1.
 - Before each evaluation BN statistics are re-estimated over ``precise_bn`` training batches
   (released config TEST.PRECISE_BN.ENABLED, Detectron2's 200 iterations).
+- The total batch is ``per_device_batch`` images per forward pass x processes x accumulation
+  steps; ``per_device_batch`` 0 (auto) takes the largest that fits the device's memory
+  (train/memory.py, measured on a CPU), so the recipe (lr, schedule) never depends on the machine.
+  Detectron2 runs 2 images per GPU on 8 GPUs; BatchNorm statistics are per forward pass.
+- Before the model is built, every image the run reads must exist and the first few of each set
+  must decode (:func:`.coco.check_images`).
 
 Engine as ``soco pretrain``: one process or torchrun/srun (DDP, rank 0 logs, saves and scores
 the gathered predictions), ``OUT/checkpoints/last.pt`` (atomic) every ``checkpoint_every``
@@ -44,7 +50,15 @@ from ..engine.skips import SkipLog
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
 from ..errors import UserError
 from ..files import atomic_write_json
-from .coco import CocoDetection, TrainStream, collate, load_coco, select_fraction, trainable_images
+from .coco import (
+    CocoDetection,
+    TrainStream,
+    check_images,
+    collate,
+    load_coco,
+    select_fraction,
+    trainable_images,
+)
 from .coco_eval import coco_evaluate, format_metrics, to_coco_results
 from .detector import build_detector, eval_sizes, load_weights
 
@@ -252,13 +266,63 @@ class Job:
     rank: int
     world: int
     is_main: bool
+    per_device: int = 0  # images per forward pass (resolve_per_device_batch); 0: batch / world
+    accum: int = 1  # forward/backward passes per iteration on each process
+
+    def __post_init__(self):
+        if self.per_device == 0:
+            self.per_device = self.opts.batch // self.world
+        self.accum = self.opts.batch // (self.world * self.per_device)
 
     def batches(self, seed: int, start: int):
-        """This process's batches from iteration ``start`` of the stream seeded ``seed``."""
+        """This process's micro-batches (``per_device`` images each, ``accum`` per iteration) from
+        iteration ``start`` of the stream seeded ``seed``: an iteration's images do not depend on
+        the split, so accumulation and a resume see exactly the images of an unsplit run."""
         per_rank = self.opts.batch // self.world
         stream = TrainStream(len(self.train_set), per_rank, self.rank, self.world, seed, start)
         dataset = CocoDetection(self.coco_train, self.train_set, self.masks)
-        return iter(_loader(dataset, per_rank, self.opts.workers, self.device, sampler=stream, seed=seed))
+        return iter(_loader(dataset, self.per_device, self.opts.workers, self.device, sampler=stream, seed=seed))
+
+
+def resolve_per_device_batch(opts: FinetuneOptions, world: int, device: torch.device) -> tuple[int, str]:
+    """``per_device_batch`` (0: auto, the largest divisor of batch / world whose estimated peak
+    memory fits the device: train/memory.py) and, for auto, a line saying what was chosen."""
+    import os
+
+    from ..train import memory
+
+    per_process = opts.batch // world
+    if opts.per_device_batch:
+        if per_process % opts.per_device_batch:
+            raise FinetuneError(
+                f"per_device_batch {opts.per_device_batch} does not divide the batch per process "
+                f"({opts.batch} / {world} = {per_process})"
+            )
+        return opts.per_device_batch, ""
+    short, cuda = max(opts.train_sizes), device.type == "cuda"
+    if cuda:
+        available = torch.cuda.get_device_properties(device).total_memory / 2**30
+        where = f"the {available:.0f} GiB card"
+    else:
+        free = memory.cpu_available_gib()
+        if free is None:  # no /proc/meminfo: keep the recipe's split
+            return per_process, f"per-device batch {per_process} (auto: the available memory is unknown)"
+        shared = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes on this machine
+        available = free / shared
+        where = f"{available:.1f} GiB available" + (f" to each of {shared} processes" if shared > 1 else "")
+    chosen = memory.auto_finetune_batch(per_process, available, short, opts.max_size, cuda)
+    if world > 1:  # every process must take the same number of micro-batches: the smallest choice
+        import torch.distributed as dist
+
+        smallest = torch.tensor([chosen], device=device if cuda else "cpu")  # NCCL reduces CUDA tensors
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        chosen = int(smallest.item())
+    estimate = memory.finetune_estimate_gib(chosen, short, opts.max_size, cuda)
+    note = (
+        f"per-device batch {chosen} (auto: {where}, about {estimate:.1f} GiB estimated at {short} px; "
+        f"{per_process // chosen} accumulation step(s) keep the batch at {opts.batch}; --per-device-batch sets it)"
+    )
+    return chosen, note
 
 
 def build_job(weights, train_json, train_images, val_json, val_images, out: Path, opts: FinetuneOptions, info) -> Job:
@@ -269,6 +333,7 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
         raise FinetuneError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if opts.batch % world:
         raise FinetuneError(f"batch {opts.batch} is not divisible by the {world} processes")
+    per_device, note = resolve_per_device_batch(opts, world, dev)
     coco_train, coco_val = load_coco(train_json, train_images), load_coco(val_json, val_images)
     masks = coco_train.has_masks and not opts.boxes_only
     if coco_val.cat_ids != coco_train.cat_ids and is_main:
@@ -289,6 +354,13 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
             out / "train_subset.json",
             {"fraction": opts.fraction, "seed": opts.seed, "image_ids": [im["id"] for im in train_set]},
         )
+    # Every image the run will read exists and the first few decode, before the model is built
+    # (a wrong --val-images would otherwise surface only at the evaluation after training).
+    if not opts.eval_only:
+        check_images(coco_train, "--train-images", train_set)
+    check_images(coco_val, "--val-images")
+    if is_main and note:
+        print(note, flush=True)
     torch.manual_seed(opts.seed)  # the same new heads on every rank
     core = build_detector(
         coco_train.num_classes,
@@ -329,6 +401,7 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
         rank=info.rank,
         world=world,
         is_main=is_main,
+        per_device=per_device,
     )
 
 
@@ -379,8 +452,14 @@ def resume_job(job: Job, manager, accept_changes: bool = False) -> tuple[int, Pa
 
 
 class FinetuneStep:
-    """One SGD iteration of the detector: this process's share of the batch, Detectron2's
-    WarmupMultiStepLR, the summed losses (averaged over the processes for the guard and the log)."""
+    """One SGD iteration of the detector: this process's share of the batch in ``job.accum``
+    micro-batches of ``job.per_device`` images (gradients of loss / accum summed; DDP synchronises
+    only the last backward), Detectron2's WarmupMultiStepLR, the summed losses (averaged over the
+    micro-batches and the processes for the guard and the log).
+
+    With accumulation the update is that of the whole batch up to what is computed per forward
+    pass: BatchNorm statistics, padding to the largest image and the RPN / RoI sampling's
+    normalisation are per micro-batch (as they are per GPU in Detectron2)."""
 
     def __init__(self, job: Job, start: int, skips: SkipLog):
         self.job, self.skips = job, skips
@@ -388,34 +467,40 @@ class FinetuneStep:
         self.last_good = None
 
     def __call__(self, iteration: int) -> StepOutput:
+        import contextlib
+
         from ..engine.distributed import all_reduce_mean
 
         job = self.job
-        items = next(self.batches)
-        self.skips.update(item["error"] for item in items if item["error"] is not None)
-        images, targets = _to_device(items, job.device, with_targets=True)
-        if images:
-            self.last_good = (images, targets)
-        elif self.last_good is None:
-            raise FinetuneError("every image of the first batch failed to decode (see the warnings)")
-        else:
-            images, targets = self.last_good  # keeps every rank stepping together
-        lr = lr_at(iteration, job.plan)
-        set_lr(job.optimizer, lr)
-        with autocast(job.device, job.opts.precision):
-            losses = job.model(images, targets)
-        loss = sum(losses.values())
-        value = all_reduce_mean(loss.detach().float()).item()
         job.optimizer.zero_grad(set_to_none=True)
-        job.scaler.scale(loss).backward()
+        total, parts, lr = None, {}, None
+        for micro in range(job.accum):
+            items = next(self.batches)
+            self.skips.update(item["error"] for item in items if item["error"] is not None)
+            images, targets = _to_device(items, job.device, with_targets=True)
+            if images:
+                self.last_good = (images, targets)
+            elif self.last_good is None:
+                raise FinetuneError("every image of the first batch failed to decode (see the warnings)")
+            else:
+                images, targets = self.last_good  # keeps every rank stepping together
+            if lr is None:
+                lr = lr_at(iteration, job.plan)
+                set_lr(job.optimizer, lr)
+            last = micro == job.accum - 1
+            with job.model.no_sync() if job.world > 1 and not last else contextlib.nullcontext():
+                with autocast(job.device, job.opts.precision):
+                    losses = job.model(images, targets)
+                loss = sum(losses.values())
+                job.scaler.scale(loss / job.accum).backward()
+            part = loss.detach().float() / job.accum
+            total = part if total is None else total + part
+            for k, v in losses.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) / job.accum
+        value = all_reduce_mean(total).item()
         job.scaler.step(job.optimizer)
         job.scaler.update()
-        return StepOutput(
-            loss=value,
-            images=job.opts.batch,
-            parts={k: float(v.detach()) for k, v in losses.items()},
-            scalars={"lr": lr},
-        )
+        return StepOutput(loss=value, images=job.opts.batch, parts=parts, scalars={"lr": lr})
 
     def close(self) -> None:
         self.batches = None
@@ -423,7 +508,9 @@ class FinetuneStep:
 
 class EvalHook(Hook):
     """Precise BN then COCO evaluation every ``eval_every`` iterations and at the end (Detectron2's
-    order; the checkpointer saves after it, with the re-estimated statistics)."""
+    order; the checkpointer saves after it, with the re-estimated statistics). At the last
+    iteration the checkpoint is also saved before evaluating, so an evaluation that fails loses no
+    training: the rerun finds the finished checkpoint and evaluates it again (:func:`finetune`)."""
 
     def __init__(self, evaluate_at, every: int):
         self.evaluate_at, self.every = evaluate_at, every
@@ -435,6 +522,8 @@ class EvalHook(Hook):
     def after_step(self, trainer) -> None:
         if not self.due(trainer):
             return
+        if trainer.is_last and trainer.checkpointer is not None:
+            trainer.checkpointer.after_step(trainer)  # due at the last step (make_trainer)
         with trainer.side_work():
             self.metrics = self.evaluate_at(trainer.step)
         trainer.record.update({f"{t}_{k}": v for t in ("bbox", "segm") for k, v in self.metrics.get(t, {}).items()})
@@ -459,7 +548,7 @@ def make_evaluator(job: Job):
                 job.coco_train.label_to_cat,
                 job.masks,
                 dev,
-                opts.batch // job.world,
+                job.per_device,
                 opts.workers,
                 opts.precision,
                 progress=opts.progress,
@@ -587,7 +676,7 @@ def finetune(
             _announce(job)
         skips = SkipLog(warn=True)
         trainer = make_trainer(job, out, start, resumed_from, skips)
-        metrics = make_evaluator(job)(start) if start >= job.plan.max_iters else {}  # finished, metrics lost
+        metrics = _evaluate_finished(job, trainer) if start >= job.plan.max_iters else {}  # finished, metrics lost
         job.model.train()
         trainer.run()
         return _finish(
@@ -616,12 +705,23 @@ def _options(options: FinetuneOptions | None, overrides: dict) -> FinetuneOption
     return opts
 
 
+def _evaluate_finished(job: Job, trainer: Trainer) -> dict:
+    """A finished run whose evaluation did not complete (its checkpoint is saved before evaluating,
+    EvalHook): evaluate it, then save it again with the precise-BN statistics, as a run that
+    evaluated in one go has."""
+    metrics = make_evaluator(job)(trainer.step)
+    if trainer.checkpointer is not None:
+        trainer.checkpointer.after_step(trainer)  # due: the step is the last
+    return metrics
+
+
 def _announce(job: Job) -> None:
     opts, plan = job.opts, job.plan
     print(
         f"fine-tuning {'Mask' if job.masks else 'Faster'} R-CNN on {len(job.train_set)} images "
         f"({len(job.usable)} usable, fraction {opts.fraction:g}), {job.coco_train.num_classes - 1} classes: "
-        f"{plan.max_iters} iterations at batch {opts.batch} ({opts.batch // job.world} x {job.world}), lr "
+        f"{plan.max_iters} iterations at batch {opts.batch} ({job.per_device} x {job.world} process(es) x "
+        f"{job.accum} accumulation), lr "
         f"{plan.lr:g}, drops at {plan.steps[0]} and {plan.steps[1]}, warm-up {plan.warmup_iters}, "
         f"{opts.precision} on {job.device}",
         flush=True,
@@ -655,6 +755,7 @@ def _finish(
             fraction=opts.fraction,
             seed=opts.seed,
             batch=opts.batch,
+            per_device_batch=job.per_device,
             seconds=round(seconds, 2),
             skipped_train_images=sorted(skips.reasons),
             weights_loaded={m: list(c) for m, c in job.report.modules.items()},
