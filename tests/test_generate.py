@@ -494,3 +494,14 @@ def test_cli_max_pixels_default_is_the_library_default(capsys):
         main(["proposals", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"default {DEFAULT_MAX_PIXELS}, PIL's own limit" in text and "--retry-failed" in text
+
+
+def test_a_second_run_on_the_same_output_stops_in_one_line(photo_dir, tmp_path):
+    from soco_pretrain.runfolder import RunFolderError, locked
+
+    out = tmp_path / "store"
+    partial = tmp_path / "store.partial"
+    with locked(partial, "proposals", lock_name="lock"):  # a run in progress holds the log
+        with pytest.raises(RunFolderError, match="another soco run is using this folder now .soco proposals"):
+            generate(photo_dir, out, progress=False)
+    assert not out.exists()

@@ -2,7 +2,8 @@
 time in a folder, and never two runs mixed in one.
 
 - :func:`locked`: an exclusive lock on ``RUN/.lock`` for the run's life (``flock``, released by
-  the kernel if the process dies); a second command on the same folder stops with one line.
+  the kernel if the process dies); a second command on the same folder stops with one line
+  (``soco proposals`` holds the same lock on ``OUT.partial``).
 - :func:`start_fresh`: ``--resume none`` on a folder that holds checkpoints refuses unless
   ``overwrite``; then the old run is moved aside to ``RUN.old-N`` (never deleted) and a line says
   where.
@@ -27,14 +28,15 @@ class RunFolderError(UserError):
 
 
 @contextlib.contextmanager
-def locked(run_dir, command: str, enabled: bool = True):
-    """Hold ``RUN/.lock`` exclusively while the block runs (``enabled=False``: other ranks)."""
+def locked(run_dir, command: str, enabled: bool = True, lock_name: str = LOCK_FILE):
+    """Hold ``RUN/.lock`` (``lock_name``) exclusively while the block runs (``enabled=False``:
+    other ranks). Also the proposals' lock on ``OUT.partial``."""
     if not enabled:
         yield
         return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
+    handle = open(run_dir / lock_name, "a+")  # noqa: SIM115 - held for the whole run
     try:
         try:
             import fcntl

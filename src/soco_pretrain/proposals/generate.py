@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, list_images, load_rgb_bounded
+from ..runfolder import locked
 from .filters import PRESETS, RULE_FAILED, SearchConfig, filter_boxes
 from .selective_search import selective_search
 from .store import ARRAY_FILES, StoreError, atomic_write_json, load, read_manifest, write_store
@@ -314,29 +315,6 @@ def _summary_from_manifest(manifest: dict, store: Path, seconds: float, **kw) ->
     )
 
 
-class _Lock:
-    """Exclusive lock on OUT.partial so two runs never append to one log."""
-
-    def __init__(self, path: Path):
-        self.path, self.f = path, None
-
-    def __enter__(self):
-        self.f = open(self.path, "a+")
-        try:
-            import fcntl
-
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not POSIX: no lock
-            pass
-        except OSError:
-            self.f.close()
-            raise GenerateError(f"{self.path.parent}: another run is writing this output now") from None
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 # ---------------------------------------------------------------- generate
 
 
@@ -407,7 +385,7 @@ def generate(
 
     partial = Path(str(out) + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    with _Lock(partial / "lock"):
+    with locked(partial, "proposals", lock_name="lock"):  # two runs never append to one log
         ppath = partial / PARAMS_NAME
         if ppath.exists():
             try:
