@@ -142,6 +142,13 @@ def join_store(images: ImageList, store: ProposalStore) -> Join:
     return Join(rows=rows, missing=missing, reasons={k: v for k, v in reasons.items() if v})
 
 
+def _is_rank_zero() -> bool:
+    """One process says it (every rank builds the same dataset under DDP)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def _no_proposals_count(images: ImageList, join: Join) -> str:
     """'N of M images have no proposals (not in store: a, failed: b, empty: c)'."""
     r = join.reasons
@@ -273,7 +280,7 @@ class SoCoDataset(torch.utils.data.Dataset):
         self.without_proposals = [self.images.paths[i] for i in np.flatnonzero(missing)]
         if self.without_proposals and self.config.views.no_proposals == "error":
             raise DatasetError(message, self.without_proposals)
-        if counted:  # the store's images without proposals, served as the whole image: say so
+        if counted and _is_rank_zero():  # the store's images without proposals, served as the whole image
             print(f"{counted}: they use the whole image (views.no_proposals=whole_image)", flush=True)
         elif self.without_proposals:
             log.info("%d images without proposals use the whole image as their proposal", len(self.without_proposals))
