@@ -28,9 +28,9 @@ def _as_previous_format(run) -> None:
     state = load_checkpoint(path)
     assert set(state) == PREVIOUS_CHECKPOINT_KEYS  # the layout itself is unchanged
     state["config"].pop("version")
-    for numbered in (run / "checkpoints").glob("step_*.pt"):
-        numbered.unlink()
-    path.unlink()  # last.pt was a hard link to the numbered file: write a file of its own
+    for newer in [*(run / "checkpoints").glob("step_*.pt"), *(run / "checkpoints").glob("*.sha256")]:
+        newer.unlink()  # the previous code wrote no checksum files
+    path.unlink()  # write it anew, as the previous code's checkpoint
     torch.save(state, path)
     config = yaml.safe_load((run / "config.yaml").read_text())
     config.pop("version")

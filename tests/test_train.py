@@ -312,6 +312,7 @@ def _uneven_store(out, image_dir, rel, counts):
     )
 
 
+@pytest.mark.slow  # about 30 s; masked padding across a split is in the default run (test_loss_split)
 def test_two_process_ddp_with_masked_padding_matches_one_process(data, tmp_path):
     # pad=mask with K = 2 on two images holding 1 and 3 proposals: one image's second slot is
     # padding (valid=False), so the two ranks (one image each) have different numbers of valid
