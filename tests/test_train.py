@@ -163,7 +163,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
 
     monkeypatch.setattr(soco, "soco_loss_terms", poisoned)
     run = tmp_path / "run"
-    cfg = small_config("train.epochs=10", "train.checkpoint_every=2")
+    cfg = small_config("train.epochs=10", "train.checkpoint_every=2", "train.keep_checkpoints=3")
     with pytest.raises(NonFiniteLossError) as info:
         pretrain(cfg, data["two"], data["store"], run, progress=False)
     message = str(info.value)
