@@ -273,6 +273,21 @@ class ModelConfig:
     # "fpn": ResNet-50 + FPN (P2-P5) + RoIAlign 7x7 on each box's assigned level + 4conv1fc head;
     # "c4": RoIAlign 14x14 on C4 (stride 16), res5 as the head, global average pooling.
     arch: Literal["fpn", "c4"] = "fpn"
+    # torchvision ResNet / ResNeXt (model/backbones.py); the paper pretrains ResNet-50 (4.1).
+    # c4 needs a bottleneck one (res5 is the R-CNN head; Detectron2 and MMDetection build it
+    # from bottleneck blocks).
+    backbone: Literal[
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    ] = "resnet50"  # fmt: skip
+    # Warm start (soco pretrain --init FILE): weights loaded into the online and target networks
+    # before step 0 of a fresh run (transfer/warm_start.py): a torchvision ResNet or detection
+    # state dict, a Detectron2 / MMDetection checkpoint, a safetensors export, a soco run or
+    # export. None = random init (the paper). A resumed run takes its weights from the checkpoint.
+    init: str | None = None
+    # Load an init file whose backbone does not match completely (what matches loads, the rest
+    # keeps its random init); without it such a file is refused.
+    init_partial: bool = False
     roi_size: int = 7  # FPN: 7x7 as the Mask R-CNN box head (paper 4.1); C4 uses 14 (paper, Detectron2 C4)
     # Our choice: 2 sampling points per bin as torchvision's MultiScaleRoIAlign in Mask R-CNN v2
     # (the paper does not say); aligned=True (half-pixel correct, Detectron2's ROIAlignV2).
@@ -297,6 +312,10 @@ class ModelConfig:
                 "bn_momentum": _UNIT,
             },
         )
+        if self.arch == "c4" and self.backbone in ("resnet18", "resnet34"):
+            raise ConfigError.bad(
+                "backbone", self.backbone, "has basic blocks; model.arch=c4 needs a bottleneck ResNet (resnet50 or larger)"
+            )
 
 
 @dataclass
@@ -328,6 +347,12 @@ class TrainConfig:
     checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # numbered checkpoints kept besides last.pt (0: only last.pt)
     seed: int = 0
+    # Parts of the online network kept as they start (our extension for warm starts; the paper
+    # trains everything): none | stem (conv1 + bn1) | backbone (the whole ResNet before the
+    # RoIAlign: for c4 res2-res4, res5 being the head) | backbone+fpn (fpn only). Frozen
+    # parameters get no gradient and no optimiser state; their BatchNorms run in eval mode (the
+    # running statistics they start with), in the target network too.
+    freeze: Literal["none", "stem", "backbone", "backbone+fpn"] = "none"
 
     def __post_init__(self):
         _validate(
@@ -389,6 +414,8 @@ class PretrainConfig:
 
     def __post_init__(self):
         _validate(self, {"version": _AT_LEAST_1})
+        if self.train.freeze == "backbone+fpn" and self.model.arch != "fpn":
+            raise ConfigError.bad("train.freeze", self.train.freeze, "needs model.arch=fpn (c4 has no FPN)")
         if self.version > CONFIG_VERSION:
             raise ConfigError.bad(
                 "version",

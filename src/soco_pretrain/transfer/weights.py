@@ -52,6 +52,13 @@ class SocoWeights:
     config: dict | None  # the run's resolved config as saved in the checkpoint, if any
     model: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # the whole "model" entry
 
+    @property
+    def backbone(self) -> str:
+        """The run's ``model.backbone`` (``resnet50``, the paper's, when the config predates the key)."""
+        model = (self.config or {}).get("model")
+        name = model.get("backbone") if isinstance(model, dict) else None
+        return str(name) if name else "resnet50"
+
     def network(self, which: str) -> dict[str, torch.Tensor]:
         """The ``online`` or ``target`` encoder."""
         if which not in NETWORKS:

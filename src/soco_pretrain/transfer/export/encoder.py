@@ -23,6 +23,8 @@ class EncoderWeights:
     checkpoint: Path
     step: int | None
     unused: dict[str, int]  # checkpoint "model" keys not in this encoder, per top-level module
+    backbone: str = "resnet50"  # the run's model.backbone (model/backbones.py)
+    config: dict | None = None  # the run's resolved config as saved in the checkpoint, if any
 
 
 def resolve_checkpoint(source) -> Path:
@@ -51,23 +53,26 @@ def read_encoder(source, weights: str = DEFAULT_WEIGHTS) -> EncoderWeights:
     encoder = found.network(weights)
     if not encoder:
         raise ExportError(f"{found.path}: has no {weights} network ({prefix}* keys)")
-    _check_encoder(encoder, found.arch, found.path, prefix)
+    _check_encoder(encoder, found.arch, found.path, prefix, found.backbone)
     unused = Counter(k.split(".", 1)[0] for k in found.model if not k.startswith(prefix))
-    return EncoderWeights(encoder, found.arch, weights, found.path, found.step, dict(unused))
+    return EncoderWeights(
+        encoder, found.arch, weights, found.path, found.step, dict(unused), found.backbone, found.config
+    )
 
 
-def _reference_shapes(arch: str) -> dict[str, torch.Size]:
-    """Key -> shape of the encoder the detectors expect (default ModelConfig), built on 'meta'."""
+def _reference_shapes(arch: str, backbone: str = "resnet50") -> dict[str, torch.Size]:
+    """Key -> shape of the encoder the detectors expect (ModelConfig defaults but ``arch`` and
+    ``backbone``), built on 'meta'."""
     from ...config import ModelConfig
     from ...model.encoder import SoCoEncoder
 
     with torch.device("meta"):
-        encoder = SoCoEncoder(ModelConfig(arch=arch))
+        encoder = SoCoEncoder(ModelConfig(arch=arch, backbone=backbone))
     return {k: v.shape for k, v in encoder.state_dict().items()}
 
 
-def _check_encoder(encoder: dict, arch: str, path: Path, prefix: str) -> None:
-    reference = _reference_shapes(arch)
+def _check_encoder(encoder: dict, arch: str, path: Path, prefix: str, backbone: str = "resnet50") -> None:
+    reference = _reference_shapes(arch, backbone)
     absent = [k for k in reference if k not in encoder]
     extra = [k for k in encoder if k not in reference]
     if absent or extra:
