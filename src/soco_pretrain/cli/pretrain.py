@@ -22,7 +22,7 @@ from .common import (
 
 # Kept in step with soco_pretrain.presets.PRESETS (a test checks); listed here so that
 # `soco --help` imports nothing.
-PRETRAIN_PRESETS = ("fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-400ep", "tiny")
+PRETRAIN_PRESETS = ("fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-400ep", "tiny", "fpn-head-warm", "fpn-warm")
 
 
 def _add_config_sources(p, preset_required: bool) -> None:
@@ -85,6 +85,8 @@ def add_pretrain(subparsers):
             "soco pretrain --preset fpn-100ep --images imagenet/train --out runs/random "
             "--set data.views.proposal_source=random --set data.views.num_proposals=1   # Table 5c, no store",
             "soco pretrain --config runs/tiny/config.yaml --set train.epochs=100 --print-config",
+            "soco pretrain --preset fpn-head-warm --init resnet50_imagenet.pth --images photos/ --proposals props/ "
+            "--out runs/warm   # frozen supervised backbone, FPN + head pretrained",
         ],
     )
     _add_config_sources(p, preset_required=True)
@@ -119,6 +121,18 @@ def add_pretrain(subparsers):
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (sets train.compile=true)")
     p.add_argument(
+        "--init",
+        metavar="FILE",
+        default=None,
+        help="warm start: weights loaded before step 0 (torchvision ResNet or detection state dict, "
+        "safetensors, Detectron2 .pkl, MMDetection, soco run/export; sets model.init)",
+    )
+    p.add_argument(
+        "--init-partial",
+        action="store_true",
+        help="load what matches of an --init file whose backbone does not match completely (sets model.init_partial)",
+    )
+    p.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved config (every key, its value and its source) and exit",
@@ -134,6 +148,12 @@ def cmd_pretrain(args) -> int:
         flags.append(("--workers", {"train": {"workers": args.workers}}))
     if args.compile:
         flags.append(("--compile", {"train": {"compile": "true"}}))
+    if args.init is not None:
+        if not Path(args.init).exists():
+            raise UsageError(f"--init {args.init}: no such file or run folder")
+        flags.append(("--init", {"model": {"init": str(Path(args.init).resolve())}}))
+    if args.init_partial:
+        flags.append(("--init-partial", {"model": {"init_partial": True}}))
     if args.print_config:
         from ..config import format_sources
 

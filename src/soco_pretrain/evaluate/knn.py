@@ -453,33 +453,23 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
     run (if any), loaded tensors per module."""
     from ..config import from_dict
     from ..model.encoder import SoCoEncoder
-    from ..transfer.detector import plain_state_dict
-    from ..transfer.weights import load_weights_file, soco_weights_of
+    from ..transfer.weights import detector_state, detector_to_encoder, load_any_weights, soco_weights_of
 
     if weights is None or str(weights).lower() == "none":
         torch.manual_seed(seed)
         return SoCoEncoder(ModelConfig()), {"arch": "fpn", "description": f"random init (seed {seed})", "run": None}
     path = Path(weights)
-    # The one checkpoint reader (transfer/weights.py): WeightsError (one line) for files that are not weights.
-    found, content = load_weights_file(path)
+    # The one weights reader (transfer/weights.py): WeightsError (one line) for files that are not weights.
+    found, content = load_any_weights(path)
     soco = soco_weights_of(content, found)
     run = _run_config(path) if path.exists() else None
     if soco is not None:  # a soco pretrain run: its encoder's keys are SoCoEncoder's already
         mapped, fpn = soco.network(soco_weights), soco.arch == "fpn"
         description = f"SoCo checkpoint {found}, {soco_weights} encoder"
-    else:  # torchvision keys (soco export --to torchvision, a ResNet-50 or Mask R-CNN v2 state dict)
-        state, description = plain_state_dict(content, found)
+    else:  # any other format, as detector keys: FPN when it has an FPN or box head, else C4
+        state, description = detector_state(content, found)
         fpn = any(k.startswith(("backbone.fpn.", "roi_heads.box_head.")) for k in state)
-        if fpn:
-            mapped = {
-                ("box_head." + k[len("roi_heads.box_head.") :] if k.startswith("roi_heads.box_head.") else k): v
-                for k, v in state.items()
-                if k.startswith(("backbone.", "roi_heads.box_head."))
-            }
-        else:
-            mapped = {
-                "backbone." + k[len("backbone.body.") :]: v for k, v in state.items() if k.startswith("backbone.body.")
-            }
+        mapped = detector_to_encoder(state, "fpn" if fpn else "c4")
     model_cfg = ModelConfig()
     if run and isinstance(run.get("model"), dict):
         try:

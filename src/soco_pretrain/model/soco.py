@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import PretrainConfig
 from .encoder import SoCoEncoder
+from .freeze import freeze, frozen_parts, keep_frozen_in_eval
 from .heads import MLP
 from .loss import MODES, loss_count, soco_loss_terms
 
@@ -165,6 +166,15 @@ class SoCoModel(nn.Module):
         self.target_projector = copy.deepcopy(self.projector)
         for p in self.target_parameters():
             p.requires_grad_(False)
+        # train.freeze (model/freeze.py): the same parts of both encoders, kept in eval mode
+        parts = frozen_parts(m.arch, cfg.train.freeze)
+        self.frozen = [f"{net}.{name}" for net in ("encoder", "target_encoder") for name in parts]
+        freeze(self, self.frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        keep_frozen_in_eval(self, self.frozen)  # frozen BatchNorms keep their running statistics
+        return self
 
     # ------------------------------------------------------------ online / target bookkeeping
 
@@ -182,12 +192,15 @@ class SoCoModel(nn.Module):
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
-        """target <- tau * target + (1 - tau) * online (parameters); BN buffers copied from online."""
+        """target <- tau * target + (1 - tau) * online (trainable parameters; frozen ones are
+        equal in both and skipped); BN buffers copied from online."""
         online, target = [], []
         online_buf, target_buf = [], []
         for o, t in self._pairs_of_modules():
-            online += [p.detach() for p in o.parameters()]
-            target += list(t.parameters())
+            for po, pt in zip(o.parameters(), t.parameters()):
+                if po.requires_grad:  # frozen parts are equal in both networks and stay so
+                    online.append(po.detach())
+                    target.append(pt)
             online_buf += list(o.buffers())
             target_buf += list(t.buffers())
         torch._foreach_lerp_(target, online, 1.0 - float(tau))

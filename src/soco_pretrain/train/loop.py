@@ -575,6 +575,18 @@ def resume_job(job: Job, manager, resume, position: Position, accept_changes: bo
     return step, path
 
 
+def warm_start(job: Job, init, run_dir: Path) -> None:
+    """Load the checked init weights into both networks (every rank; DDP broadcast its initial
+    weights already); rank 0 prints the key report and saves it as RUN/init_report.json."""
+    from ..files import atomic_write_json
+    from ..transfer.warm_start import REPORT_FILE, apply_init
+
+    apply_init(job.core, init)
+    if job.is_main:
+        print(init.format(), flush=True)
+        atomic_write_json(Path(run_dir) / REPORT_FILE, init.to_json())
+
+
 def announce(job: Job, run_dir: Path, progress: bool, stop: int) -> None:
     """Rank 0: RUN/config.yaml, the data manifest (the leak guard's input; reused on resume) and
     the start-up line with the derived numbers."""
@@ -738,19 +750,39 @@ def pretrain(
     run_dir = Path(run_dir)
     if max_steps is not None and max_steps < 0:
         raise PretrainError(f"max_steps must be >= 0, got {max_steps}")
+    init = prepare_warm_start(cfg, run_dir, resume)  # a bad --init file fails before anything is written
     dist_info = init_distributed(device)
     try:
         with locked(run_dir, "pretrain", enabled=dist_info.is_main):
             if resume in (None, "none") and dist_info.is_main:
                 start_fresh(run_dir, overwrite, "pretrain")
             return _pretrain(cfg, images, proposals, run_dir, max_steps, resume, image_root, progress, dist_info,
-                             accept_changes)  # fmt: skip
+                             accept_changes, init)  # fmt: skip
     finally:
         cleanup()
 
 
+def prepare_warm_start(cfg: PretrainConfig, run_dir: Path, resume):
+    """The checked ``model.init`` file of a run that starts at step 0 (transfer/warm_start.py), or
+    None (no init, or a run that resumes and takes its weights from the checkpoint). A frozen part
+    needs an init: freezing random weights is refused."""
+    from ..engine.checkpoint import CheckpointManager
+    from ..transfer.warm_start import prepare_init
+
+    m, t = cfg.model, cfg.train
+    if t.freeze != "none" and not m.init:
+        raise PretrainError(
+            f"train.freeze={t.freeze} would keep random weights fixed: give --init FILE (e.g. a supervised "
+            "torchvision ResNet state dict) or --set train.freeze=none"
+        )
+    if not m.init:
+        return None
+    fresh = resume in (None, "none") or (resume == "auto" and CheckpointManager(run_dir).latest() is None)
+    return prepare_init(m.init, m) if fresh else None
+
+
 def _pretrain(cfg, images, proposals, run_dir: Path, max_steps, resume, image_root, progress, dist_info,
-              accept_changes: bool) -> Summary:  # fmt: skip
+              accept_changes: bool, init=None) -> Summary:  # fmt: skip
     """pretrain() inside its process group and run-folder lock."""
     from ..engine.checkpoint import CheckpointManager
     from ..engine.skips import SkipLog
@@ -759,6 +791,8 @@ def _pretrain(cfg, images, proposals, run_dir: Path, max_steps, resume, image_ro
     position, skipped = Position(), SkipLog()
     manager = CheckpointManager(run_dir, keep=job.cfg.train.keep_checkpoints)
     start, resumed_from = resume_job(job, manager, resume, position, accept_changes)
+    if init is not None and resumed_from is None:
+        warm_start(job, init, run_dir)
     stop = job.plan.total_steps if max_steps is None else min(job.plan.total_steps, max_steps)
     if job.is_main:
         announce(job, run_dir, progress, stop)

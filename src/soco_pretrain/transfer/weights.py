@@ -142,3 +142,223 @@ def read_soco_checkpoint(source) -> SocoWeights:
     if found is None:
         raise WeightsError(f"{path}: not a SoCo checkpoint (no 'model' entry with encoder.* weights)")
     return found
+
+
+# ---------------------------------------------------------------- other formats, one key layout
+#
+# Every reader that is not export wants the same thing from a weights file: its tensors under
+# torchvision Mask R-CNN v2 names ("detector keys": backbone.body.*, backbone.fpn.*,
+# roi_heads.box_head.*, ...). ``detector_state`` gives them for every format soco reads: a SoCo
+# checkpoint or run, a torchvision detection or ResNet state dict (soco export --to torchvision,
+# --to torchvision-backbone), a safetensors file (soco export --to safetensors), a Detectron2
+# checkpoint (.pkl of numpy arrays, or a .pth) and an MMDetection one, both with the names soco
+# export writes (model-zoo detection checkpoints use the same ones). Readers then map detector
+# keys onto their module: the fine-tune detector takes them as they are, the encoder (warm start,
+# kNN) through ``detector_to_encoder``.
+
+SAFE_PICKLE_GLOBALS = {  # what a Detectron2 .pkl of float arrays holds (numpy 1.x and 2.x paths)
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),  # arrays in pickle protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+}
+
+
+def _load_pickle(path: Path):
+    """A plain pickle (Detectron2's .pkl) read with only numpy arrays and dicts allowed: a weights
+    file cannot run code (torch.load(weights_only=True) does not read plain pickles)."""
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in SAFE_PICKLE_GLOBALS or (module.startswith("numpy") and name.endswith("DType")):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights file")
+
+    with open(path, "rb") as f:
+        return Restricted(f, encoding="latin1").load()
+
+
+def _load_any(path: Path, what: str):
+    """torch checkpoints (zip or legacy), safetensors files and plain pickles of arrays."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    if path.suffix == ".pkl":  # Detectron2's format: a plain pickle, never a torch checkpoint
+        return _pickle_or_error(path, what)
+    try:
+        return _load(path, what)
+    except WeightsError:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] != b"\x80":  # not a pickle either (pickle protocol >= 2 starts with PROTO)
+            raise
+        return _pickle_or_error(path, what)
+
+
+def _pickle_or_error(path: Path, what: str):
+    try:
+        return _load_pickle(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable pickle is one line
+        raise WeightsError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None
+
+
+def load_any_weights(source) -> tuple[Path, object]:
+    """``(path, content)`` of a run folder or weights file in any format soco reads."""
+    path = resolve_checkpoint(source)
+    return path, _load_any(path, "weights file")
+
+
+def _tensor_dict(obj) -> dict | None:
+    """``obj`` as {str: tensor} (numpy arrays become tensors), or None if it is not one."""
+    import numpy as np
+
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj):
+        return None
+    if not all(torch.is_tensor(v) or isinstance(v, np.ndarray) for v in obj.values()):
+        return None
+    return {k: v if torch.is_tensor(v) else torch.from_numpy(np.ascontiguousarray(v)) for k, v in obj.items()}
+
+
+def encoder_to_detector(encoder: dict, arch: str) -> dict:
+    """A SoCo encoder state dict -> detector keys (FPN: backbone.* as is, box_head.* ->
+    roi_heads.box_head.*; C4: backbone.X -> backbone.body.X, fc dropped)."""
+    out = {}
+    for key, value in encoder.items():
+        if arch == "fpn":
+            if key.startswith("backbone."):
+                out[key] = value
+            elif key.startswith("box_head."):
+                out["roi_heads." + key] = value
+        elif key.startswith("backbone.") and not key.startswith("backbone.fc."):
+            out["backbone.body." + key[len("backbone.") :]] = value
+    return out
+
+
+def detector_to_encoder(state: dict, arch: str) -> dict:
+    """Detector keys -> SoCo encoder keys of ``arch`` (the inverse of :func:`encoder_to_detector`;
+    keys the encoder has no place for are left out)."""
+    out = {}
+    for key, value in state.items():
+        if arch == "fpn":
+            if key.startswith(("backbone.body.", "backbone.fpn.")):
+                out[key] = value
+            elif key.startswith("roi_heads.box_head."):
+                out[key[len("roi_heads.") :]] = value
+        elif key.startswith("backbone.body."):
+            out["backbone." + key[len("backbone.body.") :]] = value
+    return out
+
+
+def _resnet_keys(max_blocks: int = 64) -> list[str]:
+    """Every torchvision ResNet/ResNeXt key up to ``max_blocks`` blocks per stage (152 has 36)."""
+    norm = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = ["conv1.weight"] + [f"bn1.{n}" for n in norm]
+    for layer in range(1, 5):
+        for block in range(max_blocks):
+            p = f"layer{layer}.{block}."
+            for i in (1, 2, 3):
+                keys += [f"{p}conv{i}.weight"] + [f"{p}bn{i}.{n}" for n in norm]
+            keys += [f"{p}downsample.0.weight"] + [f"{p}downsample.1.{n}" for n in norm]
+    return keys
+
+
+_INVERSES: dict = {}
+
+
+def _inverse(target: str, arch: str) -> dict[str, str]:
+    """Exported name -> encoder key of ``soco export --to target`` for ``arch`` (any backbone)."""
+    if (target, arch) not in _INVERSES:
+        from ..config import ModelConfig
+        from ..model.encoder import SoCoEncoder
+        from .export import EXPORTERS
+
+        body = _resnet_keys()
+        if arch == "fpn":
+            with torch.device("meta"):  # the FPN and box-head keys do not depend on the backbone
+                heads = [
+                    k for k in SoCoEncoder(ModelConfig(arch="fpn")).state_dict() if not k.startswith("backbone.body.")
+                ]
+            candidates = [f"backbone.body.{k}" for k in body] + heads
+        else:
+            candidates = [f"backbone.{k}" for k in body]
+        mapper = EXPORTERS[target].mappers[arch]
+        found = {}
+        for key in candidates:
+            mapped = mapper(key)
+            if mapped is not None:
+                found[mapped[0]] = key
+        _INVERSES[(target, arch)] = found
+    return _INVERSES[(target, arch)]
+
+
+def _from_exported(state: dict, target: str) -> tuple[dict, str]:
+    """A state dict in ``target``'s names (detectron2, mmdet) -> detector keys; the arch whose
+    names cover more of the file wins (Detectron2/MMDetection FPN and C4 name the ResNet apart)."""
+    best = None
+    for arch in ARCHS:
+        inverse = _inverse(target, arch)
+        hits = sum(k in inverse for k in state)
+        if best is None or hits > best[0]:
+            best = (hits, arch, inverse)
+    assert best is not None
+    _, arch, inverse = best
+    encoder = {inverse[k]: v for k, v in state.items() if k in inverse}
+    return encoder_to_detector(encoder, arch), arch
+
+
+def _layout(state: dict) -> str:
+    """Which library's names a state dict uses: soco/torchvision detector keys, a plain
+    torchvision ResNet, Detectron2 or MMDetection."""
+    keys = list(state)
+    if any(k.startswith(("backbone.bottom_up.", "backbone.res2.", "backbone.stem.", "roi_heads.res5.")) for k in keys):
+        return "detectron2"
+    if any(k.startswith(("neck.", "roi_head.")) for k in keys) or "backbone.conv1.weight" in state:
+        return "mmdet"
+    if "conv1.weight" in state and not any(k.startswith("backbone.") for k in keys):
+        return "resnet"
+    return "torchvision"
+
+
+LAYOUT_NAMES = {
+    "torchvision": "torchvision detection state dict",
+    "resnet": "torchvision ResNet state dict",
+    "detectron2": "Detectron2 checkpoint",
+    "mmdet": "MMDetection checkpoint",
+}
+
+
+def detector_state(content, path, soco_weights: str = "online") -> tuple[dict, str]:
+    """(detector-keyed state dict, description) of a loaded weights file of any format (see the
+    section comment); :class:`WeightsError` when it holds no tensors soco can place."""
+    soco = soco_weights_of(content, path)
+    if soco is not None:
+        encoder = soco.network(soco_weights)
+        return encoder_to_detector(encoder, soco.arch), f"SoCo checkpoint {path}, {soco_weights} encoder"
+    state = _tensor_dict(content)
+    for key in ("model", "state_dict"):
+        if state is None and isinstance(content, dict):
+            state = _tensor_dict(content.get(key))
+    if state is None:
+        raise WeightsError(f"{path}: neither a state dict of tensors nor a SoCo checkpoint")
+    if all(k.startswith("module.") for k in state):  # saved from a DataParallel/DDP wrapper
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    layout = _layout(state)
+    if layout == "resnet":
+        # the classifier has no place in a detector: kept under its own name, reported unused
+        body = {(k if k.startswith("fc.") else f"backbone.body.{k}"): v for k, v in state.items()}
+        return body, f"torchvision ResNet state dict {path}, into backbone.body"
+    if layout in ("detectron2", "mmdet"):
+        mapped, arch = _from_exported(state, layout)
+        return mapped, f"{LAYOUT_NAMES[layout]} {path} ({arch} names)"
+    return state, f"torchvision state dict {path}"

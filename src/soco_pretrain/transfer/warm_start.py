@@ -1,0 +1,206 @@
+"""Warm start: ``soco pretrain --init FILE`` loads weights users already have before step 0.
+
+The file is read by the one weights reader (``transfer/weights.py``: a torchvision ResNet or
+detection state dict, a safetensors export, a Detectron2 or MMDetection checkpoint, a soco run or
+checkpoint; its online encoder) as torchvision detector keys, then mapped onto the SoCo encoder
+of the run (``detector_to_encoder``). What loads: the ResNet body always, the FPN and the box
+head where the file has them with the same layout (torchvision's v1 detectors have an FPN without
+BatchNorm and a two-fc box head: those parts start from scratch, and the report says so). The
+projector and predictor always start from scratch (no other library has them).
+
+The body must load completely: a file whose ResNet misses keys or differs in shape (R18 weights
+into an R50 run) is refused in one line naming the modules and, where it can tell, the backbone
+the file holds, unless ``model.init_partial`` (``--init-partial``) asks to load what matches.
+The online and target networks start equal (the target is a copy of the online encoder, as at a
+random start). ``num_batches_tracked`` counters are not required (Detectron2 files have none).
+
+The check runs before anything is written (``prepare_init``, on the meta device); the load
+(``apply_init``) after the model is built. The report is printed and saved as
+``RUN/init_report.json`` with the file's sha256.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import UserError
+
+REPORT_FILE = "init_report.json"
+
+
+class InitError(UserError):
+    """An ``--init`` file that cannot start this run (unreadable, other architecture); one line."""
+
+
+def _modules(arch: str) -> tuple[str, ...]:
+    """Encoder module groups of the report, the body first."""
+    return ("backbone.body", "backbone.fpn", "box_head") if arch == "fpn" else ("backbone",)
+
+
+def _group(key: str, arch: str) -> str:
+    for name in _modules(arch):
+        if key.startswith(name + "."):
+            return name
+    return key.split(".")[0]
+
+
+def _required(key: str) -> bool:
+    return not key.endswith("num_batches_tracked")
+
+
+@dataclass
+class InitReport:
+    """What the warm start loads: per encoder module (loaded, total) tensors, the rest."""
+
+    path: Path
+    description: str  # the format, as the reader describes it
+    arch: str
+    backbone: str
+    modules: dict[str, tuple[int, int]] = field(default_factory=dict)
+    mismatched: list[str] = field(default_factory=list)  # same key, another shape
+    unused: list[str] = field(default_factory=list)  # keys of the file the encoder has no place for
+    sha256: str = ""
+    state: dict = field(default_factory=dict, repr=False)  # encoder key -> tensor, what loads
+
+    @property
+    def body(self) -> str:
+        return _modules(self.arch)[0]
+
+    def missing_modules(self) -> list[str]:
+        return [m for m, (n, total) in self.modules.items() if n < total]
+
+    def format(self) -> str:
+        lines = [f"init: {self.description}"]
+        for name, (n, total) in self.modules.items():
+            note = "" if n == total else ("  (random init)" if n == 0 else "  (partly loaded)")
+            lines.append(f"  {name:<16} {n:>4}/{total:<4} loaded{note}")
+        lines.append("  projector, predictor: random init (trained by SoCo)")
+        if self.mismatched:
+            lines.append(f"  shape mismatch, not loaded: {len(self.mismatched)} ({_first(self.mismatched)})")
+        lines.append(f"  unused keys in the file: {len(self.unused)}" + (f" ({_first(self.unused)})" if self.unused else ""))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path.resolve()),
+            "sha256": self.sha256,
+            "format": self.description,
+            "arch": self.arch,
+            "backbone": self.backbone,
+            "modules": {m: {"loaded": n, "total": t} for m, (n, t) in self.modules.items()},
+            "shape_mismatch": self.mismatched,
+            "unused": self.unused,
+        }
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _encoder_shapes(model_cfg) -> dict[str, torch.Size]:
+    from ..model.encoder import SoCoEncoder
+
+    with torch.device("meta"):  # names and shapes only
+        return {k: v.shape for k, v in SoCoEncoder(model_cfg).state_dict().items()}
+
+
+def guess_backbone(body: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision backbone whose keys and shapes equal ``body`` (ResNet keys), if any."""
+    from ..model.backbones import BACKBONES, build_resnet
+
+    wanted = {k: tuple(v.shape) for k, v in body.items() if _required(k) and not k.startswith("fc.")}
+    for name in BACKBONES:
+        with torch.device("meta"):
+            own = {k: tuple(v.shape) for k, v in build_resnet(name).state_dict().items()}
+        if {k: s for k, s in own.items() if _required(k) and not k.startswith("fc.")} == wanted:
+            return name
+    return None
+
+
+def prepare_init(path, model_cfg) -> InitReport:
+    """Read ``path`` and match it against the encoder of ``model_cfg`` (nothing is built for real,
+    nothing written). Raises :class:`InitError` for a file that cannot start the run."""
+    from ..runfolder import file_digest
+    from .weights import WeightsError, detector_state, detector_to_encoder, load_any_weights
+
+    arch = model_cfg.arch
+    try:
+        found, content = load_any_weights(path)
+        state, description = detector_state(content, found, "online")
+    except WeightsError as exc:
+        raise InitError(f"--init {exc}") from None
+    mapped = detector_to_encoder(state, arch)
+    placed = set(mapped)
+    shapes = _encoder_shapes(model_cfg)
+    report = InitReport(Path(found), description, arch, model_cfg.backbone)
+    report.unused = [k for k in state if not _maps_into(k, arch, placed)]
+    counts: dict[str, list[int]] = {m: [0, 0] for m in _modules(arch)}
+    for key, shape in shapes.items():
+        if not _required(key):
+            continue
+        group = _group(key, arch)
+        counts.setdefault(group, [0, 0])[1] += 1
+        if key not in mapped:
+            continue
+        if tuple(mapped[key].shape) != tuple(shape):
+            report.mismatched.append(key)
+            continue
+        counts[group][0] += 1
+        report.state[key] = mapped[key]
+    for key in mapped:  # num_batches_tracked loads when the file has it
+        if not _required(key) and key in shapes and tuple(mapped[key].shape) == tuple(shapes[key]):
+            report.state[key] = mapped[key]
+    report.modules = {m: (n, t) for m, (n, t) in counts.items()}
+    _refuse_unless_complete(report, mapped, model_cfg)
+    report.sha256 = file_digest(found) if found.is_file() else ""
+    return report
+
+
+def _maps_into(key: str, arch: str, placed: set) -> bool:
+    from .weights import detector_to_encoder
+
+    return bool(set(detector_to_encoder({key: None}, arch)) & placed)
+
+
+def _refuse_unless_complete(report: InitReport, mapped: dict, model_cfg) -> None:
+    loaded = sum(n for n, _ in report.modules.values())
+    body_n, body_total = report.modules[report.body]
+    if body_n == body_total:
+        return
+    prefix = "backbone.body." if report.arch == "fpn" else "backbone."
+    body = {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}
+    guess = guess_backbone(body) if body else None
+    holds = f"; the file holds {guess} weights (set model.backbone={guess})" if guess and guess != report.backbone else ""
+    what = f"{report.path}: {report.body} {body_n}/{body_total} tensors match this run's {report.backbone}{holds}"
+    if loaded == 0:
+        raise InitError(f"--init {what}; nothing in the file fits this encoder ({report.description})")
+    if not model_cfg.init_partial:
+        parts = _unloaded_parts(report, prefix)
+        raise InitError(f"--init {what}; not loaded: {parts} (--init-partial loads what matches)")
+
+
+def _unloaded_parts(report: InitReport, prefix: str) -> str:
+    """The body's stages (conv1, layer1 ...) with tensors that did not load, and how many."""
+    from collections import Counter
+
+    shapes = _encoder_shapes(ModelConfig(arch=report.arch, backbone=report.backbone))
+    missing = Counter(
+        k[len(prefix) :].split(".")[0]
+        for k in shapes
+        if k.startswith(prefix) and _required(k) and k not in report.state
+    )
+    return ", ".join(f"{report.body}.{part} ({n} tensors)" for part, n in missing.items())
+
+
+def apply_init(core, report: InitReport) -> None:
+    """Load the matched tensors into the online encoder of ``core`` (a SoCoModel) and make the
+    target encoder its copy."""
+    own = core.encoder.state_dict()
+    with torch.no_grad():
+        for key, value in report.state.items():
+            own[key].copy_(value.to(own[key].dtype))
+    core.target_encoder.load_state_dict(core.encoder.state_dict())

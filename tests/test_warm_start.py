@@ -1,0 +1,272 @@
+"""Warm start (``soco pretrain --init FILE``): every format loads into the encoder it should,
+partial or foreign files are refused in one line before anything is written.
+
+The files are made here: random torchvision models' state dicts (``weights=None``), a SoCo
+checkpoint written with the real model's keys, and its Detectron2 / MMDetection exports. The
+oracle for "what loaded" is the source model's own tensors, compared by torchvision name.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from data_fixtures import make_photos, make_store
+
+from soco_pretrain.cli import main
+from soco_pretrain.config import ModelConfig, PretrainConfig, to_dict
+from soco_pretrain.engine.checkpoint import save_checkpoint
+from soco_pretrain.model import SoCoModel
+from soco_pretrain.transfer.warm_start import InitError, apply_init, guess_backbone, prepare_init
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _seeded(build, seed: int):
+    torch.manual_seed(seed)
+    model = build()
+    with torch.no_grad():  # distinct, non-default running statistics: a load of BN buffers shows
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("init")
+    made = {}
+    resnet = _seeded(lambda: torchvision.models.resnet50(weights=None), 1)
+    torch.save(resnet.state_dict(), root / "r50.pth")
+    made["resnet"] = (root / "r50.pth", resnet.state_dict())
+    det = _seeded(lambda: torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None), 2)
+    torch.save({"model": det.state_dict()}, root / "maskrcnn_v2.pth")  # under "model", as torchvision's references
+    made["detection"] = (root / "maskrcnn_v2.pth", det.state_dict())
+    r18 = _seeded(lambda: torchvision.models.resnet18(weights=None), 3)
+    torch.save(r18.state_dict(), root / "r18.pth")
+    made["r18"] = (root / "r18.pth", r18.state_dict())
+    partial = {k: v for k, v in resnet.state_dict().items() if not k.startswith("layer4.")}
+    torch.save(partial, root / "no_layer4.pth")
+    made["partial"] = (root / "no_layer4.pth", partial)
+    (root / "corrupt.pth").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    made["corrupt"] = (root / "corrupt.pth", None)
+    return made
+
+
+@pytest.fixture(scope="module")
+def soco_run(tmp_path_factory):
+    """A SoCo FPN checkpoint with seeded random online weights (the target differs)."""
+    run = tmp_path_factory.mktemp("soco_run")
+    cfg = PretrainConfig()
+    torch.manual_seed(4)
+    model = SoCoModel(cfg)
+    with torch.no_grad():
+        for p in model.target_parameters():
+            p.add_(1.0)
+    save_checkpoint(run / "checkpoints" / "last.pt", {"model": model.state_dict(), "step": 3, "config": to_dict(cfg)})
+    return run, {k[len("encoder.") :]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+
+
+def _fresh(arch="fpn", **train):
+    cfg = PretrainConfig()
+    cfg.model.arch = arch
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    torch.manual_seed(0)
+    return SoCoModel(cfg)
+
+
+def _count(state, prefix: str) -> int:
+    """Tensors of ``state`` under ``prefix`` that a load must fill (not the fc, not BN counters)."""
+    return sum(1 for k in state if k.startswith(prefix) and not k.startswith("fc.") and "num_batches" not in k)
+
+
+R50 = _count(torchvision.models.resnet50(weights=None).state_dict(), "")  # 265: torchvision's own keys
+
+
+def _equal(a, b) -> bool:
+    return a.shape == b.shape and torch.equal(a.float(), b.float())
+
+
+def test_torchvision_resnet_fills_the_fpn_body(files):
+    path, source = files["resnet"]
+    report = prepare_init(path, ModelConfig(arch="fpn"))
+    assert report.modules["backbone.body"] == (R50, R50)  # every tensor but the BN counters
+    assert report.modules["backbone.fpn"][0] == 0 and report.modules["box_head"][0] == 0
+    assert report.unused == ["fc.weight", "fc.bias"]
+    model = _fresh()
+    fpn_before = {k: v.clone() for k, v in model.encoder.backbone.fpn.state_dict().items()}
+    apply_init(model, report)
+    body = model.encoder.backbone.body.state_dict()
+    assert all(_equal(body[k], v) for k, v in source.items() if not k.startswith("fc."))
+    assert all(_equal(model.encoder.backbone.fpn.state_dict()[k], v) for k, v in fpn_before.items())
+    # the target starts as a copy of the online encoder
+    target = model.target_encoder.state_dict()
+    assert all(_equal(target[k], v) for k, v in model.encoder.state_dict().items())
+    text = report.format()
+    assert f"backbone.body     {R50}/{R50}" in text and "box_head" in text and "random init" in text
+
+
+def test_torchvision_resnet_into_c4(files):
+    path, source = files["resnet"]
+    report = prepare_init(path, ModelConfig(arch="c4"))
+    assert report.modules == {"backbone": (R50, R50)}
+    model = _fresh("c4")
+    apply_init(model, report)
+    own = model.encoder.backbone.state_dict()
+    assert all(_equal(own[k], v) for k, v in source.items() if not k.startswith("fc."))
+
+
+def test_torchvision_detection_model_fills_body_fpn_and_box_head(files):
+    path, source = files["detection"]
+    report = prepare_init(path, ModelConfig(arch="fpn"))
+    fpn, head = _count(source, "backbone.fpn."), _count(source, "roi_heads.box_head.")
+    assert report.modules == {"backbone.body": (R50, R50), "backbone.fpn": (fpn, fpn), "box_head": (head, head)}
+    assert any(k.startswith("rpn.") for k in report.unused) and any(k.startswith("roi_heads.mask") for k in report.unused)
+    model = _fresh()
+    apply_init(model, report)
+    own = model.encoder.state_dict()
+    for key, value in source.items():
+        if key.startswith("backbone."):
+            assert _equal(own[key], value), key
+        elif key.startswith("roi_heads.box_head."):
+            assert _equal(own[key[len("roi_heads.") :]], value), key
+
+
+def test_soco_run_and_its_detectron2_and_mmdet_exports_load_the_online_encoder(soco_run, tmp_path):
+    run, online = soco_run
+    from soco_pretrain.transfer.export import export
+
+    sources = {"run": run}
+    for target, name in (("detectron2", "d2.pkl"), ("mmdet", "mm.pth")):
+        export(run, target, out=tmp_path / name)
+        sources[target] = tmp_path / name
+    for kind, path in sources.items():
+        report = prepare_init(path, ModelConfig(arch="fpn"))
+        fpn, head = _count(online, "backbone.fpn."), _count(online, "box_head.")
+        assert report.modules == {"backbone.body": (R50, R50), "backbone.fpn": (fpn, fpn), "box_head": (head, head)}, kind
+        model = _fresh()
+        apply_init(model, report)
+        own = model.encoder.state_dict()
+        for key, value in online.items():
+            if not key.endswith("num_batches_tracked"):
+                assert _equal(own[key], value), (kind, key)
+    assert "Detectron2 checkpoint" in prepare_init(sources["detectron2"], ModelConfig()).description
+
+
+def test_a_file_of_another_backbone_is_refused_naming_it(files):
+    path, _ = files["r18"]
+    with pytest.raises(InitError) as err:
+        prepare_init(path, ModelConfig(arch="fpn"))
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert "resnet18" in message and "model.backbone=resnet18" in message and "--init-partial" in message
+    assert guess_backbone(torch.load(path)) == "resnet18"
+
+
+def test_a_partial_file_is_refused_unless_init_partial(files):
+    path, source = files["partial"]
+    with pytest.raises(InitError) as err:
+        prepare_init(path, ModelConfig(arch="fpn"))
+    assert "layer4" in str(err.value) and "\n" not in str(err.value)
+    report = prepare_init(path, ModelConfig(arch="fpn", init_partial=True))
+    n, total = report.modules["backbone.body"]
+    assert n == total - sum(1 for k in files["resnet"][1] if k.startswith("layer4.") and "num_batches" not in k)
+    model = _fresh()
+    apply_init(model, report)
+    own = model.encoder.backbone.body.state_dict()
+    assert all(_equal(own[k], v) for k, v in source.items() if not k.startswith("fc."))
+    random_layer4 = _fresh().encoder.backbone.body.layer4.state_dict()  # what the file lacks keeps its init
+    assert all(_equal(model.encoder.backbone.body.layer4.state_dict()[k], v) for k, v in random_layer4.items())
+
+
+def test_a_corrupt_file_is_one_line(files):
+    path, _ = files["corrupt"]
+    with pytest.raises(InitError) as err:
+        prepare_init(path, ModelConfig())
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- through soco pretrain
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warm_data")
+    rel = make_photos(root / "images", ("astronaut", "coffee"), side=96)
+    return root / "images", make_store(root / "store", root / "images", rel, boxes_per_image=4)
+
+
+def _pretrain_argv(data, out, *extra):
+    from data_fixtures import SMALL_PRETRAIN
+
+    images, store = data
+    sets = [x for s in SMALL_PRETRAIN for x in ("--set", s)]
+    return ["pretrain", "--preset", "tiny", "--images", str(images), "--proposals", str(store), "-o", str(out),
+            *sets, "--max-steps", "1", *extra]  # fmt: skip
+
+
+def test_cli_init_loads_reports_and_records(data, files, tmp_path, capsys):
+    path, source = files["resnet"]
+    out = tmp_path / "run"
+    assert main(_pretrain_argv(data, out, "--init", str(path), "--set", "train.freeze=backbone")) == 0
+    printed = capsys.readouterr().out
+    assert "init: torchvision ResNet state dict" in printed and f"backbone.body     {R50}/{R50}" in printed
+    saved = json.loads((out / "init_report.json").read_text())
+    assert saved["modules"]["backbone.body"] == {"loaded": R50, "total": R50}
+    import hashlib
+
+    assert saved["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    from soco_pretrain.transfer.weights import read_soco_checkpoint
+
+    found = read_soco_checkpoint(out)
+    assert found.config["model"]["init"] == str(path.resolve()) and found.config["train"]["freeze"] == "backbone"
+    # frozen backbone: after a step both networks still hold the file's ResNet exactly
+    for network in (found.online, found.target):
+        for key, value in source.items():
+            if not key.startswith("fc."):
+                assert _equal(network[f"backbone.body.{key}"], value), key
+    # a rerun resumes from the checkpoint and does not read the file again
+    path_moved = path.with_suffix(".moved")
+    path.rename(path_moved)
+    try:
+        assert main(_pretrain_argv(data, out, "--init", str(path), "--set", "train.freeze=backbone")) == 2
+        assert "no such file" in capsys.readouterr().err  # the flag itself names a missing file
+    finally:
+        path_moved.rename(path)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("r18", "resnet18"),
+        ("corrupt", "corrupt.pth"),
+        ("missing", "no such file"),
+    ],
+)
+def test_cli_bad_init_is_one_line_and_writes_nothing(data, files, tmp_path, capsys, case, expected):
+    path = tmp_path / "nothing.pth" if case == "missing" else files[case][0]
+    out = tmp_path / "run"
+    assert main(_pretrain_argv(data, out, "--init", str(path))) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_freezing_without_init_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_pretrain_argv(data, out, "--set", "train.freeze=backbone")) == 2
+    err = capsys.readouterr().err
+    assert "train.freeze=backbone" in err and "--init" in err and not out.exists()
+
+
+def test_warm_presets_resolve():
+    from soco_pretrain.presets import load_preset
+
+    head, full = load_preset("fpn-head-warm"), load_preset("fpn-warm")
+    assert head.train.freeze == "backbone" and head.train.epochs == 12 and head.model.arch == "fpn"
+    assert head.train.base_lr == 1.0  # the paper's: the trained parts start random
+    assert full.train.freeze == "none" and full.train.base_lr == 0.1  # a tenth: the backbone starts trained
