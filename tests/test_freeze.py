@@ -1,0 +1,103 @@
+"""``train.freeze``: frozen parts stay bit-identical through real training steps (online and
+target), their BatchNorm statistics do not move, the optimiser holds nothing of them, and what
+is not frozen trains.
+
+Each case runs ``soco pretrain``'s own step (``PretrainStep`` on ``job_for_batch``) twice on a
+synthetic batch of 64 px views.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import small_pretrain_config
+
+from soco_pretrain.engine.skips import SkipLog
+from soco_pretrain.model.freeze import frozen_parts
+from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _batch(cfg, n_views: int, batch: int = 2, k: int = 2) -> dict:
+    """Random views and boxes shaped like the loader's collated batch (all slots valid)."""
+    from soco_pretrain.data.boxes import assign_levels
+
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    v = cfg.data.views
+    views, boxes, levels = [], [], []
+    for size in (v.v1_size, v.v2_size, v.v3_size, v.v4_size)[:n_views]:
+        views.append(torch.randn(batch, 3, size, size, generator=gen))
+        wh = rng.uniform(12, size, (batch, k, 2))
+        xy = rng.uniform(0, 1, (batch, k, 2)) * (size - wh)
+        b = np.concatenate([xy, xy + wh], axis=2).astype(np.float32)
+        boxes.append(torch.from_numpy(b))
+        levels.append(torch.from_numpy(assign_levels(b.reshape(-1, 4), v.level_bounds).reshape(batch, k)))
+    return {"views": views, "boxes": boxes, "levels": levels, "valid": torch.ones(batch, k, dtype=torch.bool),
+            "index": torch.arange(batch), "skipped": []}  # fmt: skip
+
+
+def _snapshot(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+CASES = [("fpn", "stem"), ("fpn", "backbone"), ("fpn", "backbone+fpn"), ("c4", "backbone")]
+
+
+@pytest.mark.parametrize("arch, mode", CASES)
+def test_frozen_parts_do_not_move_and_the_rest_trains(arch, mode):
+    extra = ["model.arch=c4", "data.views.v1_size=64"] if arch == "c4" else []
+    cfg = small_pretrain_config(*extra, f"train.freeze={mode}", "train.warmup_epochs=0")
+    batch = _batch(cfg, 2 if arch == "c4" else 3)
+    job = job_for_batch(cfg, batch, "cpu", total_steps=10)
+    core = job.core
+    names = frozen_parts(arch, mode)
+    assert names and core.frozen == [f"{net}.{n}" for net in ("encoder", "target_encoder") for n in names]
+    before = {net: {n: _snapshot(getattr(core, net).get_submodule(n)) for n in names}
+              for net in ("encoder", "target_encoder")}  # fmt: skip
+    trainable_before = _snapshot(core.encoder.box_head if arch == "fpn" else core.encoder.backbone.layer4)
+    step = PretrainStep(job, Position(), SkipLog())
+    job.model.train()
+    for i in range(2):
+        step(i)
+
+    # frozen: every tensor (weights and BN running statistics, counters included) bit-identical,
+    # in both networks, and the BatchNorms still in eval mode after model.train()
+    for net, parts in before.items():
+        for name, state in parts.items():
+            module = getattr(core, net).get_submodule(name)
+            now = module.state_dict()
+            assert all(torch.equal(now[k], v) for k, v in state.items()), (net, name)
+            assert not module.training and not any(m.training for m in module.modules())
+            assert not any(p.requires_grad for p in module.parameters())
+    # the optimiser holds no frozen tensor, neither in its groups nor in its state
+    frozen_ids = {id(p) for n in names for p in core.encoder.get_submodule(n).parameters()}
+    grouped = {id(p) for g in job.optimizer.param_groups for p in g["params"]}
+    assert frozen_ids and not frozen_ids & grouped
+    assert not frozen_ids & {id(p) for p in job.optimizer.state}
+    # what is not frozen has moved (the head, and the projector)
+    after = (core.encoder.box_head if arch == "fpn" else core.encoder.backbone.layer4).state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in trainable_before.items() if v.is_floating_point())
+    assert len(grouped) == sum(1 for p in core.online_parameters() if p.requires_grad)
+
+
+def test_no_gradient_reaches_a_frozen_backbone():
+    """A frozen backbone is outside the graph: after backward its parameters have no .grad and
+    the FPN's do (the backward stops at the FPN's inputs)."""
+    cfg = small_pretrain_config("train.freeze=backbone")
+    job = job_for_batch(cfg, _batch(cfg, 3), "cpu")
+    job.model.train()
+    loss, _ = job.core(_batch(cfg, 3))
+    loss.backward()
+    body, fpn = job.core.encoder.backbone.body, job.core.encoder.backbone.fpn
+    assert all(p.grad is None for p in body.parameters())
+    assert all(p.grad is not None for p in fpn.parameters())
+
+
+def test_unfrozen_model_is_unchanged_by_the_option():
+    cfg = small_pretrain_config()
+    job = job_for_batch(cfg, _batch(cfg, 3), "cpu")
+    assert job.core.frozen == []
+    assert all(p.requires_grad for p in job.core.online_parameters())
