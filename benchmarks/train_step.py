@@ -16,6 +16,7 @@ VmHWM, reset before each row where Linux allows).
     python benchmarks/train_step.py                       # CPU: batch 2, 224 px views
     python benchmarks/train_step.py --size 96 --batch 8   # the tiny preset's views
     python benchmarks/train_step.py --device cuda         # GPU: batch 64, bf16, channels_last
+    python benchmarks/train_step.py --models FPN --freeze none,stem,backbone,backbone+fpn  # warm starts
 
 Views: V1 and V2 at --size, V3 at size/2, V4 at size x 192/224 (the paper's proportions).
 """
@@ -70,7 +71,9 @@ def synthetic_batch(batch: int, size: int, k: int, n_views: int, bounds, seed: i
     }
 
 
-def step_config(preset: str, size: int, batch: int, precision: str, channels_last: bool, compile: bool):
+def step_config(
+    preset: str, size: int, batch: int, precision: str, channels_last: bool, compile: bool, freeze: str = "none"
+):
     """The preset's config for a step on a prepared batch of ``batch`` images at ``size`` px."""
     sizes = view_sizes(size)
     return apply_overrides(
@@ -82,6 +85,7 @@ def step_config(preset: str, size: int, batch: int, precision: str, channels_las
             f"train.channels_last={str(channels_last).lower()}",
             f"train.compile={str(compile).lower()}",
             "data.augment.device=cpu",  # a prepared batch: no on-device augmentation to time
+            f"train.freeze={freeze}",
         ],
     )
 
@@ -91,11 +95,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_model(name: str, args, device) -> dict:
+def bench_model(name: str, args, device, freeze: str = "none") -> dict:
     preset, n_views = MODELS[name]
     sizes = view_sizes(args.size)
     channels_last = device.type == "cuda" and not args.no_channels_last
-    cfg = step_config(preset, args.size, args.batch, args.precision, channels_last, args.compile)
+    cfg = step_config(preset, args.size, args.batch, args.precision, channels_last, args.compile, freeze)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -143,7 +147,8 @@ def bench_model(name: str, args, device) -> dict:
     flops = counter.get_total_flops() / args.batch
     step_s = float(np.median(times))
     return {
-        "name": name,
+        "name": name if freeze == "none" else f"{name}, freeze {freeze}",
+        "model": name,
         "views": "+".join(str(s) for s in sizes[:n_views]),
         "precision": precision,
         "images_per_s": args.batch / step_s,
@@ -155,13 +160,16 @@ def bench_model(name: str, args, device) -> dict:
 
 def table(rows: list[dict], args) -> str:
     lines = [
-        "| step | views (px) | batch | precision | images/s | ms/step | GFLOP/image (fwd+bwd) | peak memory |",
-        "|---|---|---:|---|---:|---:|---:|---|",
+        "| step | views (px) | batch | precision | images/s | x first row of the model | ms/step "
+        "| GFLOP/image (fwd+bwd) | peak memory |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
+    first: dict = {}
     for r in rows:
+        base = first.setdefault(r["model"], r["images_per_s"])
         lines.append(
             f"| {r['name']} | {r['views']} | {args.batch} | {r['precision']} | {r['images_per_s']:.2f} | "
-            f"{r['ms']:.0f} | {r['gflop']:.1f} | {r['memory']} |"
+            f"{r['images_per_s'] / base:.2f} | {r['ms']:.0f} | {r['gflop']:.1f} | {r['memory']} |"
         )
     return "\n".join(lines)
 
@@ -189,6 +197,12 @@ def main() -> None:
     parser.add_argument("--no-channels-last", action="store_true", help="GPU: keep NCHW")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (timed steps only)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument(
+        "--freeze",
+        default="none",
+        help="comma-separated train.freeze modes, one row each per model (none, stem, backbone, backbone+fpn; "
+        "FLOPs count the forward + the backward that runs)",
+    )
     args = parser.parse_args()
     device = torch.device(
         "cuda"
@@ -205,8 +219,11 @@ def main() -> None:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name not in MODELS:
             sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-        rows.append(bench_model(name, args, device))
+        for freeze in [f.strip() for f in args.freeze.split(",") if f.strip()]:
+            if freeze == "backbone+fpn" and name == "C4":
+                continue  # C4 has no FPN
+            print(f"benchmarking {name}, freeze {freeze} ...", file=sys.stderr, flush=True)
+            rows.append(bench_model(name, args, device, freeze))
     print(
         f"\nSoCo training step on {device.type.upper()} (synthetic batch, K={args.k}; forward online + target, "
         f"loss, backward, LARS, EMA; median of {args.steps} steps after {args.warmup} warm-up):\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -125,7 +126,9 @@ def test_torchvision_detection_model_fills_body_fpn_and_box_head(files):
     report = prepare_init(path, ModelConfig(arch="fpn"))
     fpn, head = _count(source, "backbone.fpn."), _count(source, "roi_heads.box_head.")
     assert report.modules == {"backbone.body": (R50, R50), "backbone.fpn": (fpn, fpn), "box_head": (head, head)}
-    assert any(k.startswith("rpn.") for k in report.unused) and any(k.startswith("roi_heads.mask") for k in report.unused)
+    assert any(k.startswith("rpn.") for k in report.unused) and any(
+        k.startswith("roi_heads.mask") for k in report.unused
+    )
     model = _fresh()
     apply_init(model, report)
     own = model.encoder.state_dict()
@@ -147,7 +150,9 @@ def test_soco_run_and_its_detectron2_and_mmdet_exports_load_the_online_encoder(s
     for kind, path in sources.items():
         report = prepare_init(path, ModelConfig(arch="fpn"))
         fpn, head = _count(online, "backbone.fpn."), _count(online, "box_head.")
-        assert report.modules == {"backbone.body": (R50, R50), "backbone.fpn": (fpn, fpn), "box_head": (head, head)}, kind
+        assert report.modules == {"backbone.body": (R50, R50), "backbone.fpn": (fpn, fpn), "box_head": (head, head)}, (
+            kind
+        )
         model = _fresh()
         apply_init(model, report)
         own = model.encoder.state_dict()
@@ -270,3 +275,28 @@ def test_warm_presets_resolve():
     assert head.train.freeze == "backbone" and head.train.epochs == 12 and head.model.arch == "fpn"
     assert head.train.base_lr == 1.0  # the paper's: the trained parts start random
     assert full.train.freeze == "none" and full.train.base_lr == 0.1  # a tenth: the backbone starts trained
+
+
+def test_a_model_zoo_fpn_and_two_fc_head_start_from_scratch(soco_run, tmp_path):
+    """Detectron2's model-zoo R50-FPN has an FPN without norm (conv + bias) and a two-fc box head:
+    some shapes match soco's, the layout does not, so only the body loads (with a note each)."""
+    import pickle
+
+    from soco_pretrain.transfer.export import export
+
+    run, online = soco_run
+    export(run, "detectron2", out=tmp_path / "d2.pkl")
+    with open(tmp_path / "d2.pkl", "rb") as f:
+        content = pickle.load(f)
+    model = {k: v for k, v in content["model"].items() if not (k.startswith("backbone.fpn_") and ".norm." in k)}
+    model = {k: v for k, v in model.items() if not k.startswith("roi_heads.box_head.conv")}
+    for k in [k for k in model if k.startswith("backbone.fpn_")]:
+        model[k.replace(".weight", ".bias")] = np.zeros(256, np.float32)
+    model["roi_heads.box_head.fc2.weight"] = np.zeros((1024, 1024), np.float32)
+    with open(tmp_path / "zoo.pkl", "wb") as f:
+        pickle.dump({"model": model, "__author__": "test"}, f)
+    report = prepare_init(tmp_path / "zoo.pkl", ModelConfig(arch="fpn"))
+    fpn, head = _count(online, "backbone.fpn."), _count(online, "box_head.")
+    assert report.modules == {"backbone.body": (R50, R50), "backbone.fpn": (0, fpn), "box_head": (0, head)}
+    assert not any(k.startswith(("backbone.fpn.", "box_head.")) for k in report.state)
+    assert len(report.notes) == 2 and "another layout" in report.format()

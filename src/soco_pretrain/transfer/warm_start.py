@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
 from ..errors import UserError
 
 REPORT_FILE = "init_report.json"
@@ -64,6 +63,7 @@ class InitReport:
     mismatched: list[str] = field(default_factory=list)  # same key, another shape
     unused: list[str] = field(default_factory=list)  # keys of the file the encoder has no place for
     sha256: str = ""
+    notes: list[str] = field(default_factory=list)
     state: dict = field(default_factory=dict, repr=False)  # encoder key -> tensor, what loads
 
     @property
@@ -79,9 +79,12 @@ class InitReport:
             note = "" if n == total else ("  (random init)" if n == 0 else "  (partly loaded)")
             lines.append(f"  {name:<16} {n:>4}/{total:<4} loaded{note}")
         lines.append("  projector, predictor: random init (trained by SoCo)")
+        lines += [f"  note: {note}" for note in self.notes]
         if self.mismatched:
             lines.append(f"  shape mismatch, not loaded: {len(self.mismatched)} ({_first(self.mismatched)})")
-        lines.append(f"  unused keys in the file: {len(self.unused)}" + (f" ({_first(self.unused)})" if self.unused else ""))
+        lines.append(
+            f"  unused keys in the file: {len(self.unused)}" + (f" ({_first(self.unused)})" if self.unused else "")
+        )
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -94,6 +97,7 @@ class InitReport:
             "modules": {m: {"loaded": n, "total": t} for m, (n, t) in self.modules.items()},
             "shape_mismatch": self.mismatched,
             "unused": self.unused,
+            "notes": self.notes,
         }
 
 
@@ -155,9 +159,22 @@ def prepare_init(path, model_cfg) -> InitReport:
         if not _required(key) and key in shapes and tuple(mapped[key].shape) == tuple(shapes[key]):
             report.state[key] = mapped[key]
     report.modules = {m: (n, t) for m, (n, t) in counts.items()}
-    _refuse_unless_complete(report, mapped, model_cfg)
+    _drop_incomplete_heads(report, arch)
+    _refuse_unless_complete(report, mapped, model_cfg, shapes)
     report.sha256 = file_digest(found) if found.is_file() else ""
     return report
+
+
+def _drop_incomplete_heads(report: InitReport, arch: str) -> None:
+    """The FPN and the box head load whole or not at all: a model zoo's FPN without BatchNorm or
+    two-fc box head matches some shapes of soco's (a 1x1 lateral conv, an fc on 256x7x7 inputs)
+    but computes something else there, so those parts start from scratch, with a note."""
+    for name in _modules(arch)[1:]:
+        n, total = report.modules.get(name, (0, 0))
+        if 0 < n < total:
+            report.state = {k: v for k, v in report.state.items() if _group(k, arch) != name}
+            report.modules[name] = (0, total)
+            report.notes.append(f"{name}: only {n} of {total} tensors match (another layout): random init")
 
 
 def _maps_into(key: str, arch: str, placed: set) -> bool:
@@ -166,7 +183,7 @@ def _maps_into(key: str, arch: str, placed: set) -> bool:
     return bool(set(detector_to_encoder({key: None}, arch)) & placed)
 
 
-def _refuse_unless_complete(report: InitReport, mapped: dict, model_cfg) -> None:
+def _refuse_unless_complete(report: InitReport, mapped: dict, model_cfg, shapes: dict) -> None:
     loaded = sum(n for n, _ in report.modules.values())
     body_n, body_total = report.modules[report.body]
     if body_n == body_total:
@@ -174,20 +191,21 @@ def _refuse_unless_complete(report: InitReport, mapped: dict, model_cfg) -> None
     prefix = "backbone.body." if report.arch == "fpn" else "backbone."
     body = {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}
     guess = guess_backbone(body) if body else None
-    holds = f"; the file holds {guess} weights (set model.backbone={guess})" if guess and guess != report.backbone else ""
+    holds = (
+        f"; the file holds {guess} weights (set model.backbone={guess})" if guess and guess != report.backbone else ""
+    )
     what = f"{report.path}: {report.body} {body_n}/{body_total} tensors match this run's {report.backbone}{holds}"
     if loaded == 0:
         raise InitError(f"--init {what}; nothing in the file fits this encoder ({report.description})")
     if not model_cfg.init_partial:
-        parts = _unloaded_parts(report, prefix)
+        parts = _unloaded_parts(report, prefix, shapes)
         raise InitError(f"--init {what}; not loaded: {parts} (--init-partial loads what matches)")
 
 
-def _unloaded_parts(report: InitReport, prefix: str) -> str:
+def _unloaded_parts(report: InitReport, prefix: str, shapes: dict) -> str:
     """The body's stages (conv1, layer1 ...) with tensors that did not load, and how many."""
     from collections import Counter
 
-    shapes = _encoder_shapes(ModelConfig(arch=report.arch, backbone=report.backbone))
     missing = Counter(
         k[len(prefix) :].split(".")[0]
         for k in shapes
