@@ -199,3 +199,88 @@ def test_cpu_available_memory_is_capped_by_the_cgroup(tmp_path):
     (cgroup / "memory.max").write_text(f"{8 * 2**30}\n")
     assert cpu_available_gib(str(meminfo), str(cgroup)) == pytest.approx(7.0)  # 8 GiB limit, 1 used
     assert cpu_available_gib(str(tmp_path / "none"), str(tmp_path / "none")) is None
+
+
+# ---------------------------------------------------------------- other backbones
+
+# Saved activations per image (MiB, fp32, views 224/224/112, K = 4) printed by
+# `python benchmarks/backbone_memory.py` (memory.py's BACKBONE_MEMORY comment).
+BACKBONE_MEASURED = {
+    "fpn": {
+        "resnet18": 83.9,
+        "resnet34": 105.6,
+        "resnet50": 220.9,
+        "resnet101": 308.6,
+        "resnet152": 417.2,
+        "resnext50_32x4d": 277.5,
+        "resnext101_32x8d": 565.9,
+        "resnext101_64x4d": 566.2,
+    },
+    "c4": {
+        "resnet50": 216.4,
+        "resnet101": 294.5,
+        "resnet152": 390.9,
+        "resnext50_32x4d": 283.7,
+        "resnext101_32x8d": 574.7,
+        "resnext101_64x4d": 574.7,
+    },
+}
+
+
+def test_backbone_factors_are_the_measured_ratios_for_every_backbone():
+    from soco_pretrain.model.backbones import BACKBONES
+    from soco_pretrain.train.memory import BACKBONE_MEMORY
+
+    assert set(BACKBONE_MEMORY["fpn"]) == set(BACKBONES)  # every backbone, c4 the bottleneck ones
+    assert set(BACKBONE_MEMORY["c4"]) == {name for name, b in BACKBONES.items() if b.bottleneck}
+    for arch, measured in BACKBONE_MEASURED.items():
+        for name, mib in measured.items():
+            assert BACKBONE_MEMORY[arch][name] == pytest.approx(mib / measured["resnet50"], abs=0.006), (arch, name)
+
+
+def test_resnet50_estimates_are_unchanged_by_the_backbone_factor():
+    for arch, star, b, _ in MEASURED:
+        assert estimate_gib(arch, star, b, backbone="resnet50") == estimate_gib(arch, star, b)
+        for gib in CARDS.values():
+            r50 = auto_per_device_batch(arch, star, gib, 2048, 1, backbone="resnet50")
+            assert r50 == auto_per_device_batch(arch, star, gib, 2048, 1)
+
+
+@pytest.mark.parametrize("arch", ["fpn", "c4"])
+def test_a_backbone_with_more_memory_per_image_never_gets_a_larger_batch(arch):
+    from soco_pretrain.train.memory import BACKBONE_MEMORY
+
+    for gib in [1.0 + 2.5 * i for i in range(80)]:
+        by_factor = sorted(BACKBONE_MEMORY[arch], key=BACKBONE_MEMORY[arch].get)
+        batches = [auto_per_device_batch(arch, False, gib, 2048, 1, backbone=n) for n in by_factor]
+        assert batches == sorted(batches, reverse=True), (gib, batches)
+        for name, b in zip(by_factor, batches):
+            assert estimate_gib(arch, False, b, backbone=name) <= HEADROOM * gib or b == 1
+    # an 80 GB card: FPN R50 512 (0.127 GiB/image), X101-32x8d 128 (x2.56), R18 1024 (x0.38)
+    if arch == "fpn":
+        chosen = {
+            n: auto_per_device_batch("fpn", False, CARDS[80], 2048, 1, backbone=n) for n in BACKBONE_MEMORY["fpn"]
+        }
+        assert chosen == {
+            "resnet18": 1024,
+            "resnet34": 1024,
+            "resnet50": 512,
+            "resnet101": 256,
+            "resnet152": 256,
+            "resnext50_32x4d": 256,
+            "resnext101_32x8d": 128,
+            "resnext101_64x4d": 128,
+        }
+
+
+def test_the_run_backbone_reaches_the_choice(monkeypatch):
+    class Props:
+        total_memory = int(80 * 2**30)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    for name in ("resnet50", "resnext101_32x8d", "resnet18"):
+        cfg = apply_overrides(load_preset("fpn-100ep"), [f"model.backbone={name}"])
+        resolved, _ = resolve_per_device_batch(cfg, 1, torch.device("cuda"))
+        expected = auto_per_device_batch("fpn", False, 80.0, 2048, 1, precision="bf16", backbone=name)
+        assert resolved.train.per_device_batch == expected
+    assert expected > auto_per_device_batch("fpn", False, 80.0, 2048, 1, backbone="resnext101_32x8d")

@@ -314,7 +314,9 @@ class ModelConfig:
         )
         if self.arch == "c4" and self.backbone in ("resnet18", "resnet34"):
             raise ConfigError.bad(
-                "backbone", self.backbone, "has basic blocks; model.arch=c4 needs a bottleneck ResNet (resnet50 or larger)"
+                "backbone",
+                self.backbone,
+                "has basic blocks; model.arch=c4 needs a bottleneck ResNet (resnet50 or larger)",
             )
 
 
@@ -452,6 +454,13 @@ class FinetuneOptions:
     test_proposals: int = 1000  # ... at test time (Detectron2 POST_NMS_TOPK_TEST)
     detections: int = 100  # detections per image (Detectron2 TEST.DETECTIONS_PER_IMAGE)
     boxes_only: bool = False  # Faster R-CNN even when the data has masks
+    # The detector's ResNet (model/backbones.py). None: the weights' own (a SoCo run's
+    # model.backbone, else read from the weights' shapes), resnet50 for --weights none; a value
+    # that contradicts the weights is refused (transfer/detector.py detector_backbone).
+    backbone: Literal[
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    ] | None = None  # fmt: skip
     # which SoCo encoder a run/checkpoint provides (= transfer.detector.DEFAULT_SOCO_WEIGHTS, as
     # soco export; a test checks)
     soco_weights: Literal["online", "target"] = "online"

@@ -92,6 +92,12 @@ FINETUNE_RUN_FLAGS = [
 ]
 FINETUNE_ONLY_FLAGS = [
     Flag(
+        "backbone",
+        "--backbone",
+        "the detector's ResNet (default: the weights' own; resnet50 for --weights none); refused "
+        "when it contradicts the weights",
+    ),
+    Flag(
         "fraction",
         "--fraction",
         "seeded random fraction of the training images, e.g. 0.05 or 0.10 (default {default:g})",
@@ -128,9 +134,9 @@ def add_finetune(subparsers):
     p = add_command(
         subparsers,
         "finetune",
-        help="fine-tune Mask R-CNN (torchvision R50-FPN v2) from SoCo weights and report COCO AP",
+        help="fine-tune Mask R-CNN (torchvision v2, R50-FPN or the weights' backbone) and report COCO AP",
         description=(
-            "Fine-tune torchvision's Mask R-CNN v2 (R50-FPN, 4conv1fc BN box head; Faster R-CNN when\n"
+            "Fine-tune torchvision's Mask R-CNN v2 (ResNet-FPN, 4conv1fc BN box head; Faster R-CNN when\n"
             "the training JSON has no masks, or with --boxes-only) on a COCO-format set, then evaluate\n"
             "bbox (and segm) AP with pycocotools into OUT/metrics.json. Recipe of paper 4.2: SGD\n"
             "momentum 0.9, lr 0.02 at batch 16 scaled linearly, linear warm-up 1000 iterations, x0.1\n"
@@ -139,7 +145,8 @@ def add_finetune(subparsers):
             "training images (paper 4.5 Mini COCO). BN layers are trained (SyncBN under torchrun).\n"
             "Rerunning the same command resumes from OUT/checkpoints/last.pt. For a CPU, shrink\n"
             "--train-sizes/--max-size, --batch, --roi-batch, --test-proposals and --detections\n"
-            "(--preset cpu). Options: the defaults, --preset, --config FILE, the flags, then --set\n"
+            "(--preset cpu). The ResNet is the weights' own (R50 for --weights none; --backbone).\n"
+            "Options: the defaults, --preset, --config FILE, the flags, then --set\n"
             "(any FinetuneOptions field, e.g. weight_decay, warmup_iters, rpn_train_proposals)."
         ),
         examples=[

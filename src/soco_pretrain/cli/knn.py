@@ -99,7 +99,7 @@ def add_knn(subparsers):
         p,
         "RUN|FILE|none",
         "soco pretrain run folder or checkpoint, a torchvision state dict (soco export, "
-        "Mask R-CNN v2 or ResNet-50 keys), or none (random init, seeded by --seed)",
+        "Mask R-CNN v2 or ResNet keys, any backbone), or none (random init, seeded by --seed)",
         "output folder (knn.json)",
     )
     add_config_arguments(p, KNN_PRESETS, "kNN", "precise_images=500")

@@ -55,18 +55,18 @@ def add_linear(subparsers):
     p = add_command(
         subparsers,
         "linear",
-        help="linear probe: a linear classifier on the frozen pretrained ResNet-50 (top-1/top-5)",
+        help="linear probe: a linear classifier on the frozen pretrained ResNet (top-1/top-5)",
         description=(
-            "Train a linear classifier on the frozen ResNet-50 of WEIGHTS (paper appendix B:\n"
-            "backbone and BN statistics fixed; SGD lr 30 x batch/256, momentum 0.9, weight decay 0,\n"
-            "batch 256, 100 epochs, cosine after a 5-epoch warm-up as the released code; train:\n"
-            "random resized crop 224 + flip; test: shorter side 256, centre crop 224). TRAIN and\n"
-            "VAL are class folders (ROOT/CLASS/IMAGE, as torchvision ImageFolder) with the same\n"
-            "class names. Writes OUT/metrics.json (top1, top5), OUT/metrics.jsonl (per epoch) and\n"
-            "OUT/checkpoints/last.pt; rerunning the same command resumes. Unreadable images are\n"
-            "skipped and listed in metrics.json. --image-size etc. shrink it for a CPU (--preset\n"
-            "cpu). Recipe: the defaults, --preset, --config FILE, the flags, then --set (any\n"
-            "LinearConfig field, e.g. crop_scale, weight_decay)."
+            "Train a linear classifier on the frozen ResNet of WEIGHTS (its own backbone; ResNet-50\n"
+            "for none) as paper appendix B: backbone and BN statistics fixed; SGD lr 30 x batch/256,\n"
+            "momentum 0.9, weight decay 0, batch 256, 100 epochs, cosine after a 5-epoch warm-up as\n"
+            "the released code; train: random resized crop 224 + flip; test: shorter side 256,\n"
+            "centre crop 224. TRAIN and VAL are class folders (ROOT/CLASS/IMAGE, as torchvision\n"
+            "ImageFolder) with the same class names. Writes OUT/metrics.json (top1, top5),\n"
+            "OUT/metrics.jsonl (per epoch) and OUT/checkpoints/last.pt; rerunning the same command\n"
+            "resumes. Unreadable images are skipped and listed in metrics.json. --image-size etc.\n"
+            "shrink it for a CPU (--preset cpu). Recipe: the defaults, --preset, --config FILE, the\n"
+            "flags, then --set (any LinearConfig field, e.g. crop_scale, weight_decay)."
         ),
         examples=[
             "soco linear --weights runs/c4-100ep --train imagenet/train --val imagenet/val -o runs/c4-linear",
@@ -80,7 +80,8 @@ def add_linear(subparsers):
     add_weights_data_out(
         p,
         "RUN|CKPT|none",
-        "soco pretrain run folder, checkpoint file, ResNet-50 / torchvision-export state dict, or none (random init)",
+        "soco pretrain run folder, checkpoint file, torchvision ResNet / torchvision-export state dict, or none "
+        "(random-init ResNet-50)",
         "output folder (metrics, checkpoint)",
         coco=False,
     )

@@ -452,6 +452,7 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
     alone: C4, the res5 head on C4 features). info: arch, description, size / level bounds of the
     run (if any), loaded tensors per module."""
     from ..config import from_dict
+    from ..model.backbones import backbone_of_state
     from ..model.encoder import SoCoEncoder
     from ..transfer.weights import detector_state, detector_to_encoder, load_any_weights, soco_weights_of
 
@@ -478,6 +479,13 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
             print(f"note: the run's model settings do not load ({exc}); kNN builds the default encoder", flush=True)
             model_cfg = ModelConfig()
     model_cfg.arch = "fpn" if fpn else "c4"
+    if soco is not None:  # the checkpoint's own backbone, even away from its run folder
+        model_cfg.backbone = soco.backbone  # a model.backbone value
+    else:  # the backbone the ResNet's shapes name (model/backbones.py); default ResNet-50
+        try:
+            model_cfg.backbone = backbone_of_state(state, "backbone.body.") or model_cfg.backbone
+        except ValueError as exc:
+            raise KnnError(f"{path}: {exc}") from None
     torch.manual_seed(seed)  # whatever the file does not hold (e.g. an FPN for a plain ResNet) is seeded
     encoder = SoCoEncoder(model_cfg)
     own = encoder.state_dict()

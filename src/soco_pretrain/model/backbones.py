@@ -79,3 +79,30 @@ def stage_channels(resnet: nn.Module) -> tuple[int, int, int, int]:
         norm = last.bn3 if hasattr(last, "bn3") else last.bn2
         out.append(int(norm.num_features))
     return (out[0], out[1], out[2], out[3])
+
+
+def backbone_of_state(state: dict, prefix: str = "") -> str | None:
+    """The :data:`BACKBONES` name whose torchvision ResNet ``state`` holds under ``prefix``, read
+    from the tensors: blocks per stage (depth), block kind (a ``conv3`` is a bottleneck) and the
+    first 3x3 conv's groups and width (ResNeXt). None when ``state`` has no ResNet there;
+    ``ValueError`` (one line) for a ResNet of no known shape."""
+    blocks = []
+    for layer in range(1, 5):
+        n = 0
+        while f"{prefix}layer{layer}.{n}.conv1.weight" in state:
+            n += 1
+        blocks.append(n)
+    if not all(blocks):
+        return None
+    bottleneck = f"{prefix}layer1.0.conv3.weight" in state
+    width, per_group = (int(d) for d in state[f"{prefix}layer1.0.conv2.weight"].shape[:2])
+    groups = width // max(1, per_group)
+    depth = sum(blocks) * (3 if bottleneck else 2) + 2  # + stem conv and fc: 50 = 16 x 3 + 2
+    for b in BACKBONES.values():
+        # torchvision: layer1's 3x3 has width_per_group x groups channels (64 for plain ResNets)
+        if (b.depth, b.bottleneck, b.groups, b.width_per_group * b.groups) == (depth, bottleneck, groups, width):
+            return b.name
+    raise ValueError(
+        f"a ResNet of {depth} layers ({'x'.join(map(str, blocks))} blocks, {groups} groups of width "
+        f"{per_group}) is none of the known backbones ({', '.join(BACKBONES)})"
+    )

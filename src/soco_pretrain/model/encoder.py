@@ -1,17 +1,22 @@
 """Object-level encoder: image -> per-proposal feature (paper section 3.3 eq. 1, section 4.1).
 
 Built from the very modules torchvision uses for ``maskrcnn_resnet50_fpn_v2`` so pretrained
-weights load into torchvision's Mask R-CNN v2 with no key mapping:
+weights load into torchvision's Mask R-CNN v2 with no key mapping. The ResNet is
+``model.backbone`` (``model/backbones.py``: torchvision's ResNet-18 ... 152 and ResNeXt; the
+paper's is ResNet-50); every channel count below is read from the built module, never written
+out (C5 = 2048 for bottleneck ResNets, 512 for ResNet-18/34).
 
-- ``arch="fpn"``: ``self.backbone`` is torchvision's ``BackboneWithFPN`` (ResNet-50 body, every
-  stage trainable, plain BatchNorm2d; FPN with BatchNorm). Its P6 ("pool") output is computed by
-  the module but never used (paper: "we do not use P6"); keeping the module keeps the keys.
+- ``arch="fpn"``: ``self.backbone`` is torchvision's ``BackboneWithFPN`` (the ResNet body, every
+  stage trainable, plain BatchNorm2d; FPN with BatchNorm, its in-channels derived by torchvision's
+  ``_resnet_fpn_extractor`` from the ResNet). Its P6 ("pool") output is computed by the module
+  but never used (paper: "we do not use P6"); keeping the module keeps the keys.
   ``self.box_head`` is ``FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], BatchNorm2d)``, the v2
   box head (4 conv + 1 fc). Each box is pooled with RoIAlign 7x7 from its one assigned level
   (P2..P5, strides 4, 8, 16, 32), then goes through the head: (N, 1024).
-- ``arch="c4"``: ``self.backbone`` is a torchvision ResNet-50 (``fc`` dropped); RoIAlign 14x14 on
+- ``arch="c4"``: ``self.backbone`` is the torchvision ResNet (``fc`` dropped); RoIAlign 14x14 on
   C4 (output of ``layer3``, stride 16), ``layer4`` (res5) as the head, global average pooling:
-  (N, 2048). Keys are torchvision ``resnet50`` keys (minus ``fc``), ready for a linear probe.
+  (N, C5 channels). Keys are the torchvision ResNet's (minus ``fc``), ready for a linear probe.
+  Needs a bottleneck backbone (config.py refuses ResNet-18/34).
 
 Every slot (B x K per view, padded ones too) is pooled and sent through the head, so shapes are
 static and the step never waits on the host; the head's BatchNorms take their statistics from the
@@ -19,7 +24,7 @@ valid slots only (``masked.py``), so padded boxes never enter a BatchNorm.
 
 Choices where the paper is silent (the released code hologerry/SoCo followed):
 - ResNet init: conv weights ~ N(0, sqrt(2 / (k*k*out))) (Kaiming normal, fan-out), BN weight 1,
-  bias 0, and the last BN of each bottleneck zero-initialised (``model.zero_init_residual``).
+  bias 0, and the last BN of each residual block zero-initialised (``model.zero_init_residual``).
   torchvision's ResNet does exactly this.
 - FPN convs: Kaiming normal (fan-out, ReLU), as mmcv's ConvModule in the released code
   (torchvision's own FPN uses Kaiming uniform a=1). No conv bias (a BN follows).
@@ -36,7 +41,6 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
-from torchvision.models import resnet50
 from torchvision.models.detection.backbone_utils import (
     BackboneWithFPN,
     _resnet_fpn_extractor,
@@ -45,6 +49,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import roi_align
 
 from ..config import ModelConfig
+from .backbones import build_resnet, stage_channels
 from .masked import run_masked
 
 FPN_STRIDES = (4, 8, 16, 32)  # P2..P5 (paper 3.3)
@@ -58,19 +63,21 @@ C4_ROI_SIZE = 14
 # ---------------------------------------------------------------- building blocks
 
 
-def build_resnet50(cfg: ModelConfig) -> nn.Module:
-    """torchvision ResNet-50, random init, trainable BatchNorm2d (never FrozenBatchNorm)."""
-    return resnet50(weights=None, norm_layer=nn.BatchNorm2d, zero_init_residual=cfg.zero_init_residual)
+def build_body(cfg: ModelConfig) -> nn.Module:
+    """The run's torchvision ResNet (``model.backbone``), random init, trainable BatchNorm2d."""
+    return build_resnet(cfg.backbone, cfg.zero_init_residual)
 
 
 def build_fpn_backbone(cfg: ModelConfig) -> BackboneWithFPN:
-    """The ``backbone`` of torchvision's maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).
+    """The ``backbone`` of torchvision's maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None),
+    around the run's ResNet.
 
-    Same call as torchvision (5 trainable stages, FPN with BatchNorm2d, LastLevelMaxPool), so the
-    state-dict keys equal that model's ``backbone.*`` keys. FPN convs are then re-initialised as the
-    released code (mmcv ConvModule: Kaiming normal, fan-out).
+    Same call as torchvision (5 trainable stages, FPN with BatchNorm2d, LastLevelMaxPool; the FPN's
+    in-channels come from the ResNet), so for ResNet-50 the state-dict keys equal that model's
+    ``backbone.*`` keys. FPN convs are then re-initialised as the released code (mmcv ConvModule:
+    Kaiming normal, fan-out).
     """
-    backbone = _resnet_fpn_extractor(build_resnet50(cfg), 5, norm_layer=nn.BatchNorm2d)
+    backbone = _resnet_fpn_extractor(build_body(cfg), 5, norm_layer=nn.BatchNorm2d)
     for m in backbone.fpn.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -154,7 +161,8 @@ class SoCoEncoder(nn.Module):
 
     ``forward(images (B,3,H,W), boxes (B,K,4), levels (B,K), valid (B,K)) -> (B*K, out_dim)``,
     rows in row-major (b, k) order; rows of padded slots are finite and meaningless (BatchNorm
-    statistics come from the valid slots only). ``out_dim`` is 1024 (FPN) or 2048 (C4).
+    statistics come from the valid slots only). ``out_dim`` is ``model.head_dim`` (1024, FPN) or the
+    ResNet's C5 channels (C4: 2048 for a bottleneck ResNet).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -170,11 +178,11 @@ class SoCoEncoder(nn.Module):
             self.strides = FPN_STRIDES
             self.out_dim = cfg.head_dim
         else:
-            self.backbone = build_resnet50(cfg)
-            self.backbone.fc = nn.Identity()  # no parameters: keys = resnet50's without fc
+            self.backbone = build_body(cfg)
+            self.backbone.fc = nn.Identity()  # no parameters: keys = the torchvision ResNet's without fc
             self.roi_size = C4_ROI_SIZE
             self.strides = (C4_STRIDE,)
-            self.out_dim = 2048
+            self.out_dim = stage_channels(self.backbone)[3]  # res5's output, globally pooled
         set_bn_momentum(self, cfg.bn_momentum)
 
     def features(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:

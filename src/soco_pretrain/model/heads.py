@@ -2,9 +2,9 @@
 
 "Both the projection network and prediction network are 2-layer MLPs which consist of a linear
 layer with output size 4096 followed by batch normalization, rectified linear units, and a final
-linear layer with output dimension 256." Projector input: 1024 (FPN box head) or 2048 (C4 res5);
-predictor input: 256. Module names follow the released code (linear1, bn1, relu1, linear2);
-initialisation is PyTorch's default, as there (the paper is silent).
+linear layer with output dimension 256." Projector input: 1024 (FPN box head) or res5's channels
+(C4: 2048 for ResNet-50); predictor input: 256. Module names follow the released code (linear1,
+bn1, relu1, linear2); initialisation is PyTorch's default, as there (the paper is silent).
 """
 
 from __future__ import annotations

@@ -103,7 +103,14 @@ def resolve_per_device_batch(cfg: PretrainConfig, world_size: int, device) -> tu
         card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     precision = resolve_precision(t.precision, device)
     batch = auto_per_device_batch(
-        cfg.model.arch, cfg.data.views.soco_star, card_gib, t.batch_size, world_size, cfg.data.views.v1_size, precision
+        cfg.model.arch,
+        cfg.data.views.soco_star,
+        card_gib,
+        t.batch_size,
+        world_size,
+        cfg.data.views.v1_size,
+        precision,
+        backbone=cfg.model.backbone,
     )
     where = f"a {card_gib:.0f} GiB card" if card_gib is not None else "the CPU"
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, per_device_batch=batch))

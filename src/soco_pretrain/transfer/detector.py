@@ -1,33 +1,36 @@
 """The fine-tune detector (torchvision Mask R-CNN v2 / Faster R-CNN v2) and loading weights into it.
 
-``build_detector`` makes torchvision's ``maskrcnn_resnet50_fpn_v2`` (or, for box-only data,
-``fasterrcnn_resnet50_fpn_v2``) with no downloaded weights: ResNet-50 + FPN with BatchNorm, 5
-trainable stages, RPN with 2 convs, 4conv1fc box head with BatchNorm, 4-conv mask head with
-BatchNorm -- the R50-FPN "4conv1fc BN head" Mask R-CNN of the released fine-tune configs
-(hologerry/SoCo detectron2_configs/R_50_FPN_1x.yaml). Input normalisation is torchvision's
-ImageNet mean/std on RGB in [0, 1], i.e. the released configs' PIXEL_MEAN/STD in RGB.
+``build_detector`` makes torchvision's ``maskrcnn_resnet50_fpn_v2`` layout (or, for box-only
+data, ``fasterrcnn_resnet50_fpn_v2``'s) with no downloaded weights around any backbone of
+``model/backbones.py`` (ResNet-50 by default): ResNet + FPN with BatchNorm, 5 trainable stages,
+RPN with 2 convs, 4conv1fc box head with BatchNorm, 4-conv mask head with BatchNorm -- the
+R50-FPN "4conv1fc BN head" Mask R-CNN of the released fine-tune configs
+(hologerry/SoCo detectron2_configs/R_50_FPN_1x.yaml). For ResNet-50 it is exactly torchvision's
+model (same keys, shapes and, under one seed, initial values). ``detector_backbone`` picks the
+backbone for a fine-tune: the weights' own, refusing a contradicting request in one line. Input
+normalisation is torchvision's ImageNet mean/std on RGB in [0, 1], i.e. the released configs'
+PIXEL_MEAN/STD in RGB.
 
-``load_weights`` accepts
+``load_weights`` accepts every format of the one weights reader (``transfer/weights.py``
+``detector_state``), all mapped to torchvision detector keys:
 - a torchvision-format state dict file (``soco export --to torchvision``: ``backbone.*`` and
   ``roi_heads.box_head.*``; a whole detector's state dict works too; a plain torchvision
-  ``resnet50`` state dict, as exported from a C4 run, goes into ``backbone.body``),
+  ResNet state dict, as exported from a C4 run or ``--to torchvision-backbone``, goes into
+  ``backbone.body``), a safetensors export, a Detectron2 or MMDetection checkpoint,
 - a SoCo run folder or checkpoint ``.pt``: the encoder (online ``encoder.*`` or EMA
   ``target_encoder.*``) is mapped ``backbone.*`` -> ``backbone.*`` and ``box_head.*`` ->
-  ``roi_heads.box_head.*`` (arch "fpn"), or for arch "c4" the ResNet-50 ``backbone.*`` ->
+  ``roi_heads.box_head.*`` (arch "fpn"), or for arch "c4" the ResNet ``backbone.*`` ->
   ``backbone.body.*`` (the FPN and box head then start from scratch),
 and prints a key report per module. Weights of which nothing loads are refused.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
 from torch import nn
 
-from .weights import NETWORKS, WeightsError, load_weights_file, soco_weights_of
+from .weights import NETWORKS, WeightsError, detector_state, load_any_weights
 
 # Module groups of the detector reported by load_weights (in this order).
 MODULES = (
@@ -48,31 +51,102 @@ DEFAULT_SOCO_WEIGHTS = "online"
 
 
 def build_detector(
-    num_classes: int, masks: bool = True, train_sizes=(800,), test_size: int = 800, max_size: int = 1333, **kwargs
+    num_classes: int,
+    masks: bool = True,
+    train_sizes=(800,),
+    test_size: int = 800,
+    max_size: int = 1333,
+    backbone: str = "resnet50",
+    **kwargs,
 ) -> nn.Module:
-    """torchvision Mask R-CNN v2 (``masks``) or Faster R-CNN v2 R50-FPN, random init, nothing downloaded.
+    """torchvision Mask R-CNN v2 (``masks``) or Faster R-CNN v2 with ``backbone`` + FPN, random
+    init, nothing downloaded.
 
-    ``train_sizes``: short sides drawn per training image (torchvision picks one at random per
-    image, Detectron2's ResizeShortestEdge "choice"); ``test_size`` the evaluation short side;
-    ``max_size`` the long-side cap. Set ``model.transform.min_size`` to ``(test_size,)`` for
-    evaluation with :func:`eval_sizes`. ``kwargs`` go to torchvision's MaskRCNN/FasterRCNN
-    (e.g. ``box_batch_size_per_image``, ``rpn_post_nms_top_n_test``, ``box_detections_per_img``).
+    ``backbone``: a ``model.backbone`` name (``model/backbones.py``). ``train_sizes``: short sides
+    drawn per training image (torchvision picks one at random per image, Detectron2's
+    ResizeShortestEdge "choice"); ``test_size`` the evaluation short side; ``max_size`` the
+    long-side cap. Set ``model.transform.min_size`` to ``(test_size,)`` for evaluation with
+    :func:`eval_sizes`. ``kwargs`` go to torchvision's MaskRCNN/FasterRCNN (e.g.
+    ``box_batch_size_per_image``, ``rpn_post_nms_top_n_test``, ``box_detections_per_img``).
     """
-    from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2, maskrcnn_resnet50_fpn_v2
+    from torchvision.models.detection.faster_rcnn import FasterRCNN, RPNHead, _default_anchorgen
+    from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads
 
-    make = maskrcnn_resnet50_fpn_v2 if masks else fasterrcnn_resnet50_fpn_v2
-    # weights=None, weights_backbone=None: torchvision then keeps all 5 stages trainable and
-    # uses plain BatchNorm2d everywhere (never FrozenBatchNorm): BN is fine-tuned (paper 4.2).
+    # The modules and the order of maskrcnn_resnet50_fpn_v2 / fasterrcnn_resnet50_fpn_v2
+    # (torchvision models/detection/mask_rcnn.py, faster_rcnn.py), so that R50 draws the same
+    # initial values under one seed.
+    body = fpn_backbone(backbone)
+    anchors = _default_anchorgen()
+    rpn_head = RPNHead(body.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
+    heads = {"rpn_anchor_generator": anchors, "rpn_head": rpn_head, "box_head": v2_box_head(body.out_channels)}
+    if masks:
+        heads["mask_head"] = MaskRCNNHeads(body.out_channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d)
+    make = MaskRCNN if masks else FasterRCNN
     model = make(
-        weights=None,
-        weights_backbone=None,
+        body,
         num_classes=num_classes,
         min_size=tuple(int(s) for s in train_sizes),
         max_size=int(max_size),
+        **heads,
         **kwargs,
     )
     model.test_size = int(test_size)
     return model
+
+
+def fpn_backbone(backbone: str) -> nn.Module:
+    """``backbone`` + FPN as torchvision's v2 detectors build it for ResNet-50 with
+    ``weights_backbone=None``: all 5 stages trainable, plain BatchNorm2d everywhere (never
+    FrozenBatchNorm: BN is fine-tuned, paper 4.2), torchvision's init (zero_init_residual off),
+    FPN in-channels from the ResNet."""
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    from ..model.backbones import build_resnet
+
+    return _resnet_fpn_extractor(build_resnet(backbone, zero_init_residual=False), 5, norm_layer=nn.BatchNorm2d)
+
+
+def v2_box_head(channels: int) -> nn.Module:
+    """The v2 box head: 4 x (conv3x3-BN-ReLU) + fc(1024), torchvision's FastRCNNConvFCHead."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+
+    return FastRCNNConvFCHead((channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d)
+
+
+def weights_backbone(weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> str | None:
+    """The backbone ``weights`` were made with: a SoCo run's ``model.backbone``; for any other
+    format the one whose shapes its ResNet body (``backbone.body.*``) has. None for ``none`` and
+    for weights without a ResNet body; :class:`WeightsError` for a ResNet of no known shape."""
+    from ..model.backbones import backbone_of_state
+    from .weights import soco_weights_of
+
+    if weights is None or str(weights) == "none":
+        return None
+    path, content = load_any_weights(weights)
+    soco = soco_weights_of(content, path)
+    if soco is not None:
+        return soco.backbone
+    state, _ = detector_state(content, path, soco_weights)
+    try:
+        return backbone_of_state(state, "backbone.body.")
+    except ValueError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
+
+
+def detector_backbone(weights, requested: str | None = None, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> str:
+    """The backbone to build the fine-tune detector with: the weights' own
+    (:func:`weights_backbone`), else ``requested``, else ResNet-50. :class:`WeightsError` (one
+    line) when ``requested`` contradicts the weights: a detector half loaded from weights of
+    another backbone would train mostly from scratch without saying so."""
+    from ..model.backbones import DEFAULT_BACKBONE, backbone_info
+
+    found = weights_backbone(weights, soco_weights)
+    if found is not None and requested is not None and found != requested:
+        raise WeightsError(
+            f"{weights}: weights of a {backbone_info(found).label} ({found}), not of the requested "
+            f"{backbone_info(requested).label} ({requested}); drop --backbone or give {requested} weights"
+        )
+    return found or requested or DEFAULT_BACKBONE
 
 
 class eval_sizes:
@@ -131,58 +205,11 @@ def _module_of(key: str) -> str:
     return key.split(".")[0]
 
 
-def _tensor_dict(obj) -> dict | None:
-    if isinstance(obj, dict) and obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
-        return obj
-    return None
-
-
-def _strip_prefix(state: dict, prefix: str) -> dict:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def soco_to_torchvision(encoder: dict, arch: str) -> dict:
-    """A SoCo encoder state dict (``SoCoWeights.network(...)``) -> torchvision detector keys
-    (see module docstring)."""
-    out = OrderedDict()
-    for key, value in encoder.items():
-        if arch == "fpn":
-            if key.startswith("backbone."):
-                out[key] = value
-            elif key.startswith("box_head."):
-                out["roi_heads." + key] = value
-        elif key.startswith("backbone.") and not key.startswith("backbone.fc."):
-            out["backbone.body." + key[len("backbone.") :]] = value
-    return out
-
-
-def plain_state_dict(content, path: Path) -> tuple[dict, str]:
-    """(torchvision-keyed state dict, description) of a loaded file that is not a SoCo checkpoint:
-    a state dict of tensors, or one under ``model`` / ``state_dict``."""
-    state = _tensor_dict(content)
-    for key in ("model", "state_dict"):
-        if state is None and isinstance(content, dict):
-            state = _tensor_dict(content.get(key))
-    if state is None:
-        raise WeightsError(f"{path}: neither a state dict of tensors nor a SoCo checkpoint")
-    state = _strip_prefix(state, "module.")
-    if "conv1.weight" in state and not any(k.startswith("backbone.") for k in state):
-        # a torchvision resnet50 state dict (soco export of a C4 run): the detector's ResNet body
-        body = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
-        return body, f"torchvision resnet50 state dict {path}, into backbone.body"
-    return state, f"torchvision state dict {path}"
-
-
 def read_weights(weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> tuple[dict, str]:
-    """(torchvision-keyed state dict, description) from a file or SoCo run folder."""
-    path, content = load_weights_file(weights)  # the one reader: run-folder lookup, safe load
-    soco = soco_weights_of(content, path)
-    if soco is not None:
-        encoder = soco.network(soco_weights)
-        return soco_to_torchvision(encoder, soco.arch), f"SoCo checkpoint {path}, {soco_weights} encoder"
-    return plain_state_dict(content, path)
+    """(torchvision-keyed state dict, description) from a file or SoCo run folder, in any format
+    the one reader knows (transfer/weights.py: SoCo, torchvision, safetensors, Detectron2, MMDetection)."""
+    path, content = load_any_weights(weights)
+    return detector_state(content, path, soco_weights)
 
 
 def load_weights(model: nn.Module, weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> WeightReport:

@@ -1,8 +1,11 @@
-"""``soco finetune``: Mask R-CNN (torchvision, R50-FPN v2) fine-tune with COCO AP (paper section 4.2).
+"""``soco finetune``: Mask R-CNN (torchvision v2, R50-FPN by default) fine-tune with COCO AP (paper section 4.2).
 
 ``finetune(weights, train_json, train_images, val_json, val_images, out, ...) -> metrics`` trains
 the detector of :mod:`.detector` from SoCo weights (or from scratch: ``weights="none"``) on a
 COCO-format set and evaluates it with pycocotools (:mod:`.coco_eval`) into ``OUT/metrics.json``.
+The detector's ResNet is the weights' own (a SoCo run's ``model.backbone``, else read from the
+weights' shapes; ``backbone`` option for ``none``, refused when it contradicts the weights); it
+is recorded in every checkpoint and a resume with another one is refused.
 
 The recipe (defaults; :class:`FinetuneOptions`):
 - SGD, momentum 0.9, weight decay 2.5e-5 (paper 4.2 / released configs), none on BatchNorm
@@ -60,7 +63,7 @@ from .coco import (
     trainable_images,
 )
 from .coco_eval import coco_evaluate, format_metrics, to_coco_results
-from .detector import build_detector, eval_sizes, load_weights
+from .detector import build_detector, detector_backbone, eval_sizes, load_weights
 
 SCHEDULES = {"1x": 90_000, "2x": 180_000}  # iterations at batch 16 (Detectron2)
 REFERENCE_BATCH = 16  # paper 4.2: batch 16, lr 0.02
@@ -268,6 +271,7 @@ class Job:
     is_main: bool
     per_device: int = 0  # images per forward pass (resolve_per_device_batch); 0: batch / world
     accum: int = 1  # forward/backward passes per iteration on each process
+    backbone: str = "resnet50"  # the detector's ResNet (detector_backbone: the weights' own)
 
     def __post_init__(self):
         if self.per_device == 0:
@@ -361,6 +365,8 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
     check_images(coco_val, "--val-images")
     if is_main and note:
         print(note, flush=True)
+    # the weights' backbone; a contradicting --backbone is one line, never a half-loaded detector
+    backbone = detector_backbone(weights, opts.backbone, opts.soco_weights)
     torch.manual_seed(opts.seed)  # the same new heads on every rank
     core = build_detector(
         coco_train.num_classes,
@@ -372,6 +378,7 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
         rpn_post_nms_top_n_train=opts.rpn_train_proposals,
         rpn_post_nms_top_n_test=opts.test_proposals,
         box_detections_per_img=opts.detections,
+        backbone=backbone,
     )
     report = load_weights(core, weights, opts.soco_weights)
     if is_main:
@@ -402,6 +409,7 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
         world=world,
         is_main=is_main,
         per_device=per_device,
+        backbone=backbone,
     )
 
 
@@ -434,6 +442,12 @@ def resume_job(job: Job, manager, accept_changes: bool = False) -> tuple[int, Pa
             f"{path}: this fine-tune started from {began['weights']} (sha256 {str(began['sha256'])[:12]}), not "
             f"{now['weights']} (sha256 {str(now['sha256'])[:12]}); give another --out, --resume none --overwrite, "
             "or --accept-changes"
+        )
+    made_with = state.get("backbone", "resnet50")  # checkpoints from before the key: ResNet-50
+    if made_with != job.backbone:
+        raise FinetuneError(
+            f"{path}: a fine-tune of a {made_with} detector, this run builds {job.backbone} "
+            f"(--backbone {made_with} with --weights none, or another --out)"
         )
     if state.get("num_classes") != job.coco_train.num_classes or state.get("masks") != job.masks:
         raise FinetuneError(
@@ -582,6 +596,7 @@ def make_trainer(job: Job, out: Path, start: int, resumed_from, skips: SkipLog) 
             "categories": job.coco_train.cat_ids,
             "world_size": job.world,
             "start": getattr(job, "start", None),  # the starting weights (start_record)
+            "backbone": job.backbone,  # checked on resume (resume_job)
         }
 
     metrics = Metrics(
@@ -718,7 +733,8 @@ def _evaluate_finished(job: Job, trainer: Trainer) -> dict:
 def _announce(job: Job) -> None:
     opts, plan = job.opts, job.plan
     print(
-        f"fine-tuning {'Mask' if job.masks else 'Faster'} R-CNN on {len(job.train_set)} images "
+        f"fine-tuning {'Mask' if job.masks else 'Faster'} R-CNN ({_label(job.backbone)}-FPN) on "
+        f"{len(job.train_set)} images "
         f"({len(job.usable)} usable, fraction {opts.fraction:g}), {job.coco_train.num_classes - 1} classes: "
         f"{plan.max_iters} iterations at batch {opts.batch} ({job.per_device} x {job.world} process(es) x "
         f"{job.accum} accumulation), lr "
@@ -726,6 +742,12 @@ def _announce(job: Job) -> None:
         f"{opts.precision} on {job.device}",
         flush=True,
     )
+
+
+def _label(backbone: str) -> str:
+    from ..model.backbones import backbone_info
+
+    return backbone_info(backbone).label
 
 
 def _finish(
@@ -751,6 +773,7 @@ def _finish(
             max_iters=job.plan.max_iters,
             weights=str(weights or "none"),
             soco_weights=opts.soco_weights,
+            backbone=job.backbone,
             train_images=len(job.train_set),
             fraction=opts.fraction,
             seed=opts.seed,

@@ -1,7 +1,9 @@
 """Linear probe (paper appendix B): a linear classifier on frozen ResNet-50 features.
 
 ``linear_probe(weights, train_dir, val_dir, out_dir) -> dict`` trains ``Linear(2048, classes)``
-on the global-average-pooled output of a frozen ResNet-50 and writes ``OUT/metrics.json``
+on the global-average-pooled output of a frozen ResNet-50 (or the weights' own backbone: a SoCo
+run's ``model.backbone``, else the one a state dict's shapes name, ``model/backbones.py``; the
+classifier takes its C5 channels) and writes ``OUT/metrics.json``
 (top-1 / top-5 on the validation folder), ``OUT/metrics.jsonl`` (one line per epoch) and
 ``OUT/checkpoints/last.pt`` (``resume="auto"`` continues from it).
 
@@ -28,7 +30,7 @@ Which SoCo network: ``soco_weights="online"`` by default -- the released ``main_
 evaluates its online encoder, and as ``soco export`` does. ``"target"`` takes the EMA network.
 For ``model.arch=fpn`` the ResNet is ``encoder.backbone.body.*``; for ``c4`` ``encoder.backbone.*``.
 A torchvision export (``soco export --to torchvision``: ``backbone.body.*`` or plain ResNet keys)
-or any plain ResNet-50 state dict loads too; ``"none"`` is the random-init baseline.
+or any plain torchvision ResNet / ResNeXt state dict loads too; ``"none"`` is the random-init baseline.
 
 Speed: the backbone runs in eval mode under ``torch.no_grad`` (BN statistics frozen, no
 activations kept), only the classifier gets gradients. Randomness is per sample
@@ -61,7 +63,7 @@ from ..files import atomic_write_json
 from ..images import ImageError, list_images, load_rgb
 
 SOCO_WEIGHTS = ("online", "target")
-FEATURE_DIM = 2048  # ResNet-50 pooled features
+FEATURE_DIM = 2048  # ResNet-50 pooled features (other backbones: feature_dim)
 METRICS_JSON = "metrics.json"
 CHECKPOINT = "last.pt"
 # MoCo's step schedule (main_lincls.py: --schedule 60 80 of 100 epochs, x0.1 each).
@@ -88,16 +90,40 @@ def _resolve_weights(weights) -> Path | None:
         raise LinearError(str(exc)) from None
 
 
-def _resnet_keys() -> dict[str, torch.Size]:
-    from torchvision.models import resnet50
+def _resnet_keys(backbone: str = "resnet50") -> dict[str, torch.Size]:
+    from ..model.backbones import build_resnet
 
     with torch.device("meta"):
-        model = resnet50(weights=None)
+        model = build_resnet(backbone)
     return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
+def _title(backbone: str) -> str:
+    """ResNet-50, ResNeXt-101 32x8d: the backbone's name in messages."""
+    from ..model.backbones import backbone_info
+
+    b = backbone_info(backbone)
+    return f"ResNet-{b.depth}" if b.groups == 1 else f"ResNeXt-{b.depth} {b.groups}x{b.width_per_group}d"
+
+
+def _found_backbone(model: dict, prefixes: list[str]) -> str:
+    """The backbone a plain state dict holds under the first prefix that has a whole one (by its
+    shapes, model/backbones.py); ResNet-50 when none does (the key check then says what lacks)."""
+    from ..model.backbones import backbone_of_state
+
+    for prefix in prefixes:
+        try:
+            found = backbone_of_state(model, prefix)
+        except ValueError:
+            continue
+        if found is not None:
+            return found
+    return "resnet50"
+
+
 def _backbone_state(path: Path, soco_weights: str) -> tuple[dict, dict]:
-    """The ResNet-50 tensors of a checkpoint file (torchvision resnet50 names) and what they were."""
+    """The ResNet tensors of a checkpoint file (torchvision names) and what they were (with
+    ``backbone``: the torchvision name of the ResNet)."""
     from ..engine.checkpoint import CheckpointError, load_checkpoint
 
     try:
@@ -109,7 +135,6 @@ def _backbone_state(path: Path, soco_weights: str) -> tuple[dict, dict]:
         ) from None
     if not isinstance(state, dict):
         raise LinearError(f"{path}: not a checkpoint or state dict")
-    reference = _resnet_keys()
     model = state.get("model")
     from .weights import PREFIXES, WeightsError, soco_weights_of
 
@@ -121,10 +146,13 @@ def _backbone_state(path: Path, soco_weights: str) -> tuple[dict, dict]:
         model = soco.model
         prefixes = [PREFIXES[soco_weights] + ("backbone.body." if soco.arch == "fpn" else "backbone.")]
         source = {"kind": "soco", "arch": soco.arch, "soco_weights": soco_weights, "step": soco.step}
-    else:  # a plain state dict: torchvision detection export (backbone.body.*) or ResNet-50 keys
+        backbone = soco.backbone
+    else:  # a plain state dict: torchvision detection export (backbone.body.*) or ResNet keys
         model = state.get("state_dict", state) if isinstance(state.get("state_dict"), dict) else state
         prefixes = ["backbone.body.", "", "backbone.", "module."]
         source = {"kind": "state_dict"}
+        backbone = _found_backbone(model, prefixes)
+    reference, title = _resnet_keys(backbone), _title(backbone)
     for prefix in prefixes:
         found = {k: model[prefix + k] for k in reference if prefix + k in model}
         if len(found) == len(reference):
@@ -132,32 +160,34 @@ def _backbone_state(path: Path, soco_weights: str) -> tuple[dict, dict]:
     else:
         absent = [k for k in reference if prefixes[0] + k not in model]
         raise LinearError(
-            f"{path}: no complete ResNet-50 under {prefixes[0] or '(no prefix)'}* "
+            f"{path}: no complete {title} under {prefixes[0] or '(no prefix)'}* "
             f"({len(absent)} of {len(reference)} tensors missing, e.g. {prefixes[0]}{absent[0]})"
         )
     for key, shape in reference.items():
         if tuple(found[key].shape) != tuple(shape):
-            raise LinearError(
-                f"{path}: {prefix}{key} has shape {tuple(found[key].shape)}, ResNet-50's is {tuple(shape)}"
-            )
+            raise LinearError(f"{path}: {prefix}{key} has shape {tuple(found[key].shape)}, {title}'s is {tuple(shape)}")
     source["prefix"] = prefix
+    source["backbone"] = backbone
     return found, source
 
 
 def load_backbone(weights, soco_weights: str = "online") -> tuple[nn.Module, dict]:
-    """A torchvision ResNet-50 with ``fc = Identity`` (2048-d pooled features), loaded from
-    ``weights`` (run folder, SoCo checkpoint, ResNet-50 / torchvision-export state dict, or
-    "none" = torchvision's random init, seeded by the caller). Returns (model, description)."""
-    from torchvision.models import resnet50
+    """A torchvision ResNet with ``fc = Identity`` (pooled C5 features: 2048-d for ResNet-50),
+    loaded from ``weights`` (run folder, SoCo checkpoint, ResNet / torchvision-export state dict:
+    its own backbone; or "none" = torchvision's random-init ResNet-50, seeded by the caller).
+    Returns (model, description); ``feature_dim(model)`` is the classifier's input size."""
+    import torchvision
 
     if soco_weights not in SOCO_WEIGHTS:
         raise LinearError(f"unknown --soco-weights {soco_weights!r} (choose online or target)")
     path = _resolve_weights(weights)
-    model = resnet50(weights=None)
-    model.fc = nn.Identity()
     if path is None:
+        model = torchvision.models.resnet50(weights=None)
+        model.fc = nn.Identity()
         return model, {"weights": "none", "kind": "random_init"}
     state, source = _backbone_state(path, soco_weights)
+    model = getattr(torchvision.models, source["backbone"])(weights=None)  # torchvision's init, as for none
+    model.fc = nn.Identity()
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not missing and not unexpected, (missing, unexpected)  # _backbone_state checked the keys
     return model, {"weights": str(path), **source}
@@ -170,9 +200,16 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def make_classifier(num_classes: int) -> nn.Linear:
-    """Linear(2048, classes): weights N(0, 0.01), bias 0 (MoCo main_lincls.py; our choice)."""
-    fc = nn.Linear(FEATURE_DIM, num_classes)
+def feature_dim(model: nn.Module) -> int:
+    """The pooled features' size of a torchvision ResNet: its C5 channels (2048 for ResNet-50)."""
+    from ..model.backbones import stage_channels
+
+    return stage_channels(model)[3]
+
+
+def make_classifier(num_classes: int, features: int = FEATURE_DIM) -> nn.Linear:
+    """Linear(features, classes): weights N(0, 0.01), bias 0 (MoCo main_lincls.py; our choice)."""
+    fc = nn.Linear(features, num_classes)
     nn.init.normal_(fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(fc.bias)
     return fc
@@ -367,7 +404,7 @@ def build_job(weights, train_dir, val_dir, cfg: LinearConfig, soco_weights: str,
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)  # the random-init baseline and the classifier's init
     backbone, source = load_backbone(weights, soco_weights)
-    classifier = make_classifier(len(classes)).to(dev)
+    classifier = make_classifier(len(classes), feature_dim(backbone)).to(dev)
     optimizer = torch.optim.SGD(
         classifier.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -499,7 +536,7 @@ def linear_probe(
 ) -> dict:
     """Train and evaluate the linear probe; returns what ``OUT/metrics.json`` holds.
 
-    ``weights``: a SoCo run folder or checkpoint, a ResNet-50 state dict, or "none".
+    ``weights``: a SoCo run folder or checkpoint, a torchvision ResNet state dict, or "none".
     ``train_dir`` / ``val_dir``: class folders (ROOT/CLASS/IMAGE), the same class names in both.
     ``config``: LinearConfig (paper B defaults); ``overrides``: its fields by name (e.g.
     ``epochs=2``). ``resume``: "auto" continues from OUT/checkpoints/last.pt when present,

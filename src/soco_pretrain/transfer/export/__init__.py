@@ -1,9 +1,12 @@
-"""Export SoCo weights to the detectors people use: torchvision, Detectron2, MMDetection.
+"""Export SoCo weights to the detectors people use (torchvision, Detectron2, MMDetection) and as
+safetensors or a bare ResNet (torchvision / timm).
 
 ``export(RUN or checkpoint, to=..., weights=..., out=FILE) -> KeyReport``. What is exported is
 the pretrained encoder (paper 4.2: "all the pretrained weights except for projection and
-prediction are loaded"): for ``model.arch=fpn`` the ResNet-50, the FPN and the 4conv1fc box head;
-for ``c4`` the ResNet-50 (res5 being the C4 detector's box head).
+prediction are loaded"): for ``model.arch=fpn`` the ResNet (``model.backbone``, ResNet-50 by
+default; model/backbones.py), the FPN and the 4conv1fc box head; for ``c4`` the ResNet (res5
+being the C4 detector's box head). Pairs a target library cannot build are refused in one line
+(README "Backbones").
 
 Which network (``--weights``): **online** by default. The paper does not say; BYOL, which SoCo
 follows, keeps the online encoder at the end of training, and the released SoCo converters
@@ -17,10 +20,10 @@ object per target (``EXPORTERS``) holds its key mappers per arch and writes its 
 lists are written out independently in tests/test_export.py:
 
 - torchvision (``to_torchvision.py``), arch fpn: a plain state dict with ``torchvision.models.
-  detection.maskrcnn_resnet50_fpn_v2`` names (``backbone.body.*``, ``backbone.fpn.*``,
+  detection.maskrcnn_resnet50_fpn_v2`` names, whatever the backbone (``backbone.body.*``, ``backbone.fpn.*``,
   ``roi_heads.box_head.*``); ``load_state_dict(strict=False)`` leaves missing only what SoCo
   does not pretrain (``rpn.*``, ``roi_heads.box_predictor.*``, ``roi_heads.mask_head.*``,
-  ``roi_heads.mask_predictor.*``). Arch c4: plain ``torchvision.models.resnet50`` keys
+  ``roi_heads.mask_predictor.*``). Arch c4: plain ``torchvision.models.<backbone>`` keys
   (``conv1``, ``bn1``, ``layer1``..``layer4``; only ``fc`` missing) -- torchvision has no C4 Mask
   R-CNN, so this is the backbone for a linear probe or a hand-built C4 detector.
 - Detectron2 (``to_detectron2.py``, names of Detectron2 v0.6): a pickle ``{"model": {name:
@@ -38,11 +41,21 @@ lists are written out independently in tests/test_export.py:
   ``roi_head.bbox_head.shared_convs.i.conv/bn``, ``roi_head.bbox_head.shared_fcs.0``. C4:
   ``backbone.*`` (stages 1-3) and ``roi_head.shared_head.layer4.*`` (mmdet's ResLayer shared
   head). A config (``FILE.py``, from ``templates/mmdet_{fpn,c4}.py.tmpl``) is written beside it.
+- safetensors (``to_safetensors.py``): the torchvision export's tensors under the same names (its
+  mappers), in a safetensors file whose metadata (str -> str) holds ``format`` ("soco-pretrain"),
+  ``arch``, ``backbone``, ``weights``, ``step``, ``soco_pretrain_version``, ``config`` (the run's
+  config as JSON), ``recipe`` (one line), ``data_manifest_hash`` / ``data_manifest_count`` (runs
+  with a manifest) and ``license`` (``step`` and ``config`` when the checkpoint records them); a
+  model card ``NAME.MODEL_CARD.md`` is written beside it.
+- torchvision-backbone, alias timm (``to_backbone.py``): the ResNet alone, ``torchvision.models.
+  <backbone>`` keys (FPN: the body ``backbone.body.X`` -> ``X``; C4: ``backbone.X``, res5
+  included), a plain state dict that leaves only ``fc`` missing; timm's ResNet/ResNeXt names are
+  the same (checked in that module's docstring).
 
 When the run has a data manifest (``RUN/data_manifest.json``), it is copied beside the export
 as ``FILE.manifest.json`` (the leak guard of fine-tuning finds it there) and its ``set_hash`` and
-count go into the detectron2 payload / mmdet ``meta`` as ``data_manifest_hash`` and
-``data_manifest_count``; the torchvision file stays a plain state dict.
+count go into the detectron2 payload / mmdet ``meta`` / safetensors metadata as
+``data_manifest_hash`` and ``data_manifest_count``; the torchvision files stay plain state dicts.
 
 Every file is written atomically (``soco_pretrain.files``: temporary file + ``os.replace``).
 """
@@ -71,12 +84,18 @@ from .common import (
 )
 from .encoder import EncoderWeights, read_encoder, resolve_checkpoint
 from .report import KeyReport, ModuleCount, detector_rows, unused_rows
+from .to_backbone import BackboneExporter
 from .to_detectron2 import Detectron2Exporter
 from .to_mmdet import MmdetExporter
+from .to_safetensors import SafetensorsExporter, card_path
 from .to_torchvision import TorchvisionExporter
 
-EXPORTERS: dict[str, Exporter] = {e.name: e for e in (TorchvisionExporter(), Detectron2Exporter(), MmdetExporter())}
-TARGETS = tuple(EXPORTERS)  # ("torchvision", "detectron2", "mmdet")
+EXPORTERS: dict[str, Exporter] = {
+    e.name: e
+    for e in (TorchvisionExporter(), Detectron2Exporter(), MmdetExporter(), SafetensorsExporter(), BackboneExporter())
+}
+EXPORTERS["timm"] = EXPORTERS["torchvision-backbone"]  # timm's ResNet names are torchvision's (to_backbone.py)
+TARGETS = tuple(EXPORTERS)  # torchvision, detectron2, mmdet, safetensors, torchvision-backbone, timm
 
 __all__ = [
     "ARCHS",
@@ -95,6 +114,7 @@ __all__ = [
     "KeyReport",
     "ModuleCount",
     "Written",
+    "card_path",
     "convert",
     "export",
     "read_encoder",
@@ -125,10 +145,10 @@ def export(
     out=None,
     config_out=None,
 ) -> KeyReport:
-    """Export a SoCo run folder or checkpoint to ``out`` for ``to`` (torchvision, detectron2, mmdet).
+    """Export a SoCo run folder or checkpoint to ``out`` for ``to`` (one of :data:`TARGETS`).
 
     ``weights``: ``online`` (default; BYOL and the released converters) or ``target`` (EMA).
-    ``config_out`` (detectron2: ``out`` with ``.yaml``; mmdet: ``.py``; torchvision: none) is a
+    ``config_out`` (detectron2: ``out`` with ``.yaml``; mmdet: ``.py``; the others: none) is a
     ready fine-tune config pointing at ``out``. Returns the :class:`KeyReport`.
     """
     exporter = _exporter(to)

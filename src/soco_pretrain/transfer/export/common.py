@@ -108,3 +108,19 @@ def config_values(source) -> dict:
         "detectron2_version": DETECTRON2_VERSION,
         "mmdet_version": MMDET_VERSION,
     }
+
+
+def unsupported(target: str, backbone: str, arch: str, why: str) -> ExportError:
+    """The one-line error for a backbone/arch pair ``target`` has no model for (README "Backbones")."""
+    from ...model.backbones import backbone_info
+
+    label = backbone_info(backbone).label
+    return ExportError(f"no {target} export of {label}-{arch.upper()} ({backbone}, model.arch={arch}): {why}")
+
+
+def resnet_channels(backbone: str) -> tuple[int, int, int, int]:
+    """C2..C5 channels of ``backbone``, read from the module (built on 'meta': no memory)."""
+    from ...model.backbones import build_resnet, stage_channels
+
+    with torch.device("meta"):
+        return stage_channels(build_resnet(backbone))

@@ -1,10 +1,17 @@
 """Detectron2 (names of Detectron2 v0.6): a pickle of float32 arrays and a ready config.
 
-Names: detectron2/modeling/backbone/resnet.py (``stem.conv1``, ``res2..res5``, ``convK`` /
-``shortcut`` with ``.norm``), backbone/fpn.py (``fpn_lateral{s}`` / ``fpn_output{s}`` on stage
+Names: detectron2/modeling/backbone/resnet.py (``stem.conv1``, ``res2..res5``; BottleneckBlock
+``conv1..3``, BasicBlock (R18/34) ``conv1..2``, both with ``shortcut`` where the channels change,
+every conv with ``.norm``), backbone/fpn.py (``fpn_lateral{s}`` / ``fpn_output{s}`` on stage
 s = 2..5), roi_heads/box_head.py (FastRCNNConvFCHead ``conv1..4``, ``fc1``) and
 roi_heads/roi_heads.py (Res5ROIHeads owns ``res5``). Norms carry no ``num_batches_tracked``, as
 Detectron2's model-zoo pickles (momentum BatchNorm never reads it).
+
+Every backbone: ``build_resnet_backbone`` takes MODEL.RESNETS.DEPTH 18..152, NUM_GROUPS and
+WIDTH_PER_GROUP (ResNeXt: bottleneck width = groups x width, doubled per stage, as torchvision's),
+RES2_OUT_CHANNELS (64 for R18/34, which it asserts; 256 for bottlenecks) and STRIDE_IN_1X1 False
+(torchvision strides in the 3x3). C4 needs a bottleneck backbone (Res5ROIHeads builds res5 from
+BottleneckBlock), which the config already requires.
 """
 
 from __future__ import annotations
@@ -15,7 +22,18 @@ import re
 from pathlib import Path
 
 from ...files import atomic_write, atomic_write_text
-from .common import BN, DETECTRON2_VERSION, FINETUNE_WEIGHT_DECAY, Exporter, Written, config_values, render_template
+from ...model.backbones import backbone_info
+from .common import (
+    BN,
+    DETECTRON2_VERSION,
+    FINETUNE_WEIGHT_DECAY,
+    Exporter,
+    Written,
+    config_values,
+    render_template,
+    resnet_channels,
+    unsupported,
+)
 
 _NORM = ("weight", "bias", "running_mean", "running_var")
 
@@ -103,12 +121,31 @@ def not_pretrained(arch: str) -> dict[str, list[str]]:
     }
 
 
+def check_pair(backbone: str, arch: str) -> None:
+    """:class:`ExportError` (one line) for a pair Detectron2 has no model for."""
+    if arch == "c4" and not backbone_info(backbone).bottleneck:
+        raise unsupported("detectron2", backbone, arch, "Res5ROIHeads builds res5 from bottleneck blocks only")
+
+
+def resnet_values(backbone: str) -> dict:
+    """MODEL.RESNETS settings of ``backbone`` (build_resnet_backbone's keys) for the templates."""
+    info = backbone_info(backbone)
+    return {
+        "label": info.label,
+        "depth": info.depth,
+        "num_groups": info.groups,
+        "width_per_group": info.width_per_group,
+        "res2_out_channels": resnet_channels(backbone)[0],
+    }
+
+
 class Detectron2Exporter(Exporter):
     name = "detectron2"
     mappers = {"fpn": _fpn, "c4": _c4}
     config_suffix = ".yaml"
 
     def write(self, state: dict, source, out: Path, config_out: Path | None, stamp: dict) -> Written:
+        check_pair(source.backbone, source.arch)  # before anything is written
         payload = {
             "model": {k: v.numpy() for k, v in state.items()},
             "__author__": "soco-pretrain",
@@ -120,7 +157,7 @@ class Detectron2Exporter(Exporter):
         return Written(
             layout=(
                 f"Detectron2 pickle, names of Detectron2 {DETECTRON2_VERSION} Mask R-CNN "
-                f"R50-{source.arch.upper()} (load with MODEL.WEIGHTS)"
+                f"{backbone_info(source.backbone).label}-{source.arch.upper()} (load with MODEL.WEIGHTS)"
             ),
             missing={module: len(keys) for module, keys in not_pretrained(source.arch).items()},
             config_out=config_out,
@@ -135,6 +172,7 @@ class Detectron2Exporter(Exporter):
         return render_template(
             f"detectron2_{source.arch}.yaml.tmpl",
             **config_values(source),
+            **resnet_values(source.backbone),
             weights_path=json.dumps(str(weights_path)),
             weight_decay_fixed=f"{FINETUNE_WEIGHT_DECAY:.6f}",
         )

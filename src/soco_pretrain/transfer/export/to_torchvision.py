@@ -1,8 +1,11 @@
-"""torchvision: a plain state dict, ``maskrcnn_resnet50_fpn_v2`` names (fpn) or ``resnet50`` names (c4).
+"""torchvision: a plain state dict, Mask R-CNN v2 names (fpn) or the ResNet's own names (c4).
 
 ``SoCoEncoder`` is built from torchvision's own modules (model/encoder.py), so the FPN names are
-the detector's as they are (``backbone.*``; the box head under ``roi_heads.``); the C4 encoder's
-``backbone.*`` is a ResNet-50 without ``fc``.
+the detector's as they are (``backbone.*``; the box head under ``roi_heads.``): those of
+``maskrcnn_resnet50_fpn_v2`` for ResNet-50 and of the same layout around any other backbone
+(``transfer.detector.build_detector(..., backbone=NAME)``); the names do not depend on the
+backbone beyond its ResNet body. The C4 encoder's ``backbone.*`` is ``torchvision.models.NAME``
+without ``fc``. Every backbone/arch pair the config allows exports.
 """
 
 from __future__ import annotations
@@ -28,20 +31,18 @@ def _fpn(key: str):
 
 def _c4(key: str):
     if key.startswith("backbone."):
-        return key[len("backbone.") :], "resnet50"
+        return key[len("backbone.") :], "resnet"
     return None
 
 
-def missing_keys(arch: str, exported: set[str]) -> dict[str, int]:
-    """Keys of the real torchvision model that the export does not hold, per module."""
-    from torchvision.models import resnet50
-    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+def missing_keys(arch: str, exported: set[str], backbone: str = "resnet50") -> dict[str, int]:
+    """Keys of the real torchvision model (Mask R-CNN v2 around ``backbone``, or the bare
+    ``backbone`` for c4) that the export does not hold, per module."""
+    from ...model.backbones import build_resnet
+    from ..detector import build_detector
 
     with torch.device("meta"):  # names and shapes only: no memory, no init cost
-        if arch == "fpn":
-            model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)
-        else:
-            model = resnet50(weights=None)
+        model = build_detector(91, backbone=backbone) if arch == "fpn" else build_resnet(backbone)
     keys = model.state_dict()
     unexpected = sorted(exported - set(keys))
     if unexpected:  # a mapping bug, never the user's input
@@ -60,13 +61,24 @@ class TorchvisionExporter(Exporter):
     config_suffix = None  # torchvision has no config files
 
     def write(self, state: dict, source, out: Path, config_out: Path | None, stamp: dict) -> Written:
-        missing = missing_keys(source.arch, set(state))
+        missing = missing_keys(source.arch, set(state), source.backbone)
         atomic_write(out, lambda f: torch.save(state, f))  # a plain state dict: no room for the stamp
-        if source.arch == "fpn":
-            layout = "state dict for torchvision maskrcnn_resnet50_fpn_v2 (load_state_dict(..., strict=False))"
-        else:
-            layout = (
-                "state dict of torchvision resnet50 keys (conv1, bn1, layer1-4; no fc): the C4 "
-                "backbone, res5 included (load into torchvision.models.resnet50 with strict=False)"
-            )
-        return Written(layout, missing)
+        return Written(layout(source.arch, source.backbone), missing)
+
+
+def layout(arch: str, backbone: str) -> str:
+    """The report's one-line description of a torchvision export of ``backbone`` in ``arch``."""
+    from ...model.backbones import backbone_info
+
+    if arch == "c4":
+        return (
+            f"state dict of torchvision {backbone} keys (conv1, bn1, layer1-4; no fc): the C4 "
+            f"backbone, res5 included (load into torchvision.models.{backbone} with strict=False)"
+        )
+    build = (
+        "maskrcnn_resnet50_fpn_v2"
+        if backbone == "resnet50"
+        else f"soco_pretrain.transfer.detector.build_detector(N, backbone={backbone!r})"
+    )
+    label = backbone_info(backbone).label
+    return f"state dict for torchvision Mask R-CNN v2 {label}-FPN ({build}; load_state_dict(..., strict=False))"
