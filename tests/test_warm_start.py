@@ -20,7 +20,7 @@ from soco_pretrain.cli import main
 from soco_pretrain.config import ModelConfig, PretrainConfig, to_dict
 from soco_pretrain.engine.checkpoint import save_checkpoint
 from soco_pretrain.model import SoCoModel
-from soco_pretrain.transfer.warm_start import InitError, apply_init, guess_backbone, prepare_init
+from soco_pretrain.transfer.warm_start import InitError, apply_init, prepare_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,7 +169,6 @@ def test_a_file_of_another_backbone_is_refused_naming_it(files):
     message = str(err.value)
     assert "\n" not in message and str(path) in message
     assert "resnet18" in message and "model.backbone=resnet18" in message and "--init-partial" in message
-    assert guess_backbone(torch.load(path)) == "resnet18"
 
 
 def test_a_partial_file_is_refused_unless_init_partial(files):
@@ -300,3 +299,14 @@ def test_a_model_zoo_fpn_and_two_fc_head_start_from_scratch(soco_run, tmp_path):
     assert report.modules == {"backbone.body": (R50, R50), "backbone.fpn": (0, fpn), "box_head": (0, head)}
     assert not any(k.startswith(("backbone.fpn.", "box_head.")) for k in report.state)
     assert len(report.notes) == 2 and "another layout" in report.format()
+
+
+@pytest.mark.parametrize("backbone, arch", [("resnet18", "fpn"), ("resnext50_32x4d", "c4")])
+def test_other_backbones_warm_start_from_their_own_torchvision_weights(tmp_path, backbone, arch):
+    source = _seeded(lambda: getattr(torchvision.models, backbone)(weights=None), 5).state_dict()
+    torch.save(source, tmp_path / "w.pth")
+    report = prepare_init(tmp_path / "w.pth", ModelConfig(arch=arch, backbone=backbone))
+    body = _count(source, "")
+    assert report.modules[report.body] == (body, body)
+    with pytest.raises(InitError, match=f"holds {backbone} weights"):  # into the default R50 run
+        prepare_init(tmp_path / "w.pth", ModelConfig(arch=arch))

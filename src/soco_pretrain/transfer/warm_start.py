@@ -112,19 +112,6 @@ def _encoder_shapes(model_cfg) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in SoCoEncoder(model_cfg).state_dict().items()}
 
 
-def guess_backbone(body: dict[str, torch.Tensor]) -> str | None:
-    """The torchvision backbone whose keys and shapes equal ``body`` (ResNet keys), if any."""
-    from ..model.backbones import BACKBONES, build_resnet
-
-    wanted = {k: tuple(v.shape) for k, v in body.items() if _required(k) and not k.startswith("fc.")}
-    for name in BACKBONES:
-        with torch.device("meta"):
-            own = {k: tuple(v.shape) for k, v in build_resnet(name).state_dict().items()}
-        if {k: s for k, s in own.items() if _required(k) and not k.startswith("fc.")} == wanted:
-            return name
-    return None
-
-
 def prepare_init(path, model_cfg) -> InitReport:
     """Read ``path`` and match it against the encoder of ``model_cfg`` (nothing is built for real,
     nothing written). Raises :class:`InitError` for a file that cannot start the run."""
@@ -184,13 +171,18 @@ def _maps_into(key: str, arch: str, placed: set) -> bool:
 
 
 def _refuse_unless_complete(report: InitReport, mapped: dict, model_cfg, shapes: dict) -> None:
+    from ..model.backbones import backbone_of_state
+
     loaded = sum(n for n, _ in report.modules.values())
     body_n, body_total = report.modules[report.body]
     if body_n == body_total:
         return
     prefix = "backbone.body." if report.arch == "fpn" else "backbone."
     body = {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}
-    guess = guess_backbone(body) if body else None
+    try:  # the one reading of a ResNet's shape (model/backbones.py)
+        guess = backbone_of_state(body) if body else None
+    except ValueError:  # a ResNet of no known shape: the message says what did not load
+        guess = None
     holds = (
         f"; the file holds {guess} weights (set model.backbone={guess})" if guess and guess != report.backbone else ""
     )

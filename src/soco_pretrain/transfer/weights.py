@@ -54,10 +54,21 @@ class SocoWeights:
 
     @property
     def backbone(self) -> str:
-        """The run's ``model.backbone`` (``resnet50``, the paper's, when the config predates the key)."""
+        """The run's ``model.backbone``; without a config, the one the encoder's shapes name
+        (``resnet50``, the paper's, when they name none)."""
+        from ..model.backbones import backbone_of_state
+
         model = (self.config or {}).get("model")
         name = model.get("backbone") if isinstance(model, dict) else None
-        return str(name) if name else "resnet50"
+        if name:
+            return str(name)
+        try:
+            found = backbone_of_state(
+                self.online or self.target, "backbone.body." if self.arch == "fpn" else "backbone."
+            )
+        except ValueError:
+            found = None
+        return found or "resnet50"
 
     def network(self, which: str) -> dict[str, torch.Tensor]:
         """The ``online`` or ``target`` encoder."""
