@@ -48,7 +48,8 @@ CASES = [("fpn", "stem"), ("fpn", "backbone"), ("fpn", "backbone+fpn"), ("c4", "
 
 @pytest.mark.parametrize("arch, mode", CASES)
 def test_frozen_parts_do_not_move_and_the_rest_trains(arch, mode):
-    extra = ["model.arch=c4", "data.views.v1_size=64"] if arch == "c4" else []
+    # ResNet-18 for FPN (freezing does not depend on the backbone; R18 is cheap); C4 needs a bottleneck one
+    extra = ["model.arch=c4"] if arch == "c4" else ["model.backbone=resnet18"]
     cfg = small_pretrain_config(*extra, f"train.freeze={mode}", "train.warmup_epochs=0")
     batch = _batch(cfg, 2 if arch == "c4" else 3)
     job = job_for_batch(cfg, batch, "cpu", total_steps=10)
@@ -86,7 +87,7 @@ def test_frozen_parts_do_not_move_and_the_rest_trains(arch, mode):
 def test_no_gradient_reaches_a_frozen_backbone():
     """A frozen backbone is outside the graph: after backward its parameters have no .grad and
     the FPN's do (the backward stops at the FPN's inputs)."""
-    cfg = small_pretrain_config("train.freeze=backbone")
+    cfg = small_pretrain_config("train.freeze=backbone", "model.backbone=resnet18")
     job = job_for_batch(cfg, _batch(cfg, 3), "cpu")
     job.model.train()
     loss, _ = job.core(_batch(cfg, 3))
@@ -97,7 +98,7 @@ def test_no_gradient_reaches_a_frozen_backbone():
 
 
 def test_unfrozen_model_is_unchanged_by_the_option():
-    cfg = small_pretrain_config()
+    cfg = small_pretrain_config("model.backbone=resnet18")
     job = job_for_batch(cfg, _batch(cfg, 3), "cpu")
     assert job.core.frozen == []
     assert all(p.requires_grad for p in job.core.online_parameters())

@@ -24,6 +24,10 @@ from soco_pretrain.transfer.warm_start import InitError, apply_init, prepare_ini
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# The runs and most files use ResNet-18 (the formats do not depend on the backbone; R18 is
+# cheap); the torchvision detection file is the real maskrcnn_resnet50_fpn_v2.
+BACKBONE = "resnet18"
+
 
 def _seeded(build, seed: int):
     torch.manual_seed(seed)
@@ -40,15 +44,15 @@ def _seeded(build, seed: int):
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("init")
     made = {}
-    resnet = _seeded(lambda: torchvision.models.resnet50(weights=None), 1)
-    torch.save(resnet.state_dict(), root / "r50.pth")
-    made["resnet"] = (root / "r50.pth", resnet.state_dict())
+    resnet = _seeded(lambda: getattr(torchvision.models, BACKBONE)(weights=None), 1)
+    torch.save(resnet.state_dict(), root / "resnet.pth")
+    made["resnet"] = (root / "resnet.pth", resnet.state_dict())
     det = _seeded(lambda: torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None), 2)
     torch.save({"model": det.state_dict()}, root / "maskrcnn_v2.pth")  # under "model", as torchvision's references
     made["detection"] = (root / "maskrcnn_v2.pth", det.state_dict())
-    r18 = _seeded(lambda: torchvision.models.resnet18(weights=None), 3)
-    torch.save(r18.state_dict(), root / "r18.pth")
-    made["r18"] = (root / "r18.pth", r18.state_dict())
+    r34 = _seeded(lambda: torchvision.models.resnet34(weights=None), 3)  # another backbone than the runs'
+    torch.save(r34.state_dict(), root / "r34.pth")
+    made["r34"] = (root / "r34.pth", r34.state_dict())
     partial = {k: v for k, v in resnet.state_dict().items() if not k.startswith("layer4.")}
     torch.save(partial, root / "no_layer4.pth")
     made["partial"] = (root / "no_layer4.pth", partial)
@@ -62,6 +66,7 @@ def soco_run(tmp_path_factory):
     """A SoCo FPN checkpoint with seeded random online weights (the target differs)."""
     run = tmp_path_factory.mktemp("soco_run")
     cfg = PretrainConfig()
+    cfg.model.backbone = BACKBONE
     torch.manual_seed(4)
     model = SoCoModel(cfg)
     with torch.no_grad():
@@ -71,11 +76,9 @@ def soco_run(tmp_path_factory):
     return run, {k[len("encoder.") :]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
 
 
-def _fresh(arch="fpn", **train):
+def _fresh(arch="fpn", backbone=BACKBONE):
     cfg = PretrainConfig()
-    cfg.model.arch = arch
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
+    cfg.model.arch, cfg.model.backbone = arch, backbone
     torch.manual_seed(0)
     return SoCoModel(cfg)
 
@@ -86,6 +89,7 @@ def _count(state, prefix: str) -> int:
 
 
 R50 = _count(torchvision.models.resnet50(weights=None).state_dict(), "")  # 265: torchvision's own keys
+BODY = _count(getattr(torchvision.models, BACKBONE)(weights=None).state_dict(), "")
 
 
 def _equal(a, b) -> bool:
@@ -94,8 +98,8 @@ def _equal(a, b) -> bool:
 
 def test_torchvision_resnet_fills_the_fpn_body(files):
     path, source = files["resnet"]
-    report = prepare_init(path, ModelConfig(arch="fpn"))
-    assert report.modules["backbone.body"] == (R50, R50)  # every tensor but the BN counters
+    report = prepare_init(path, ModelConfig(arch="fpn", backbone=BACKBONE))
+    assert report.modules["backbone.body"] == (BODY, BODY)  # every tensor but the BN counters
     assert report.modules["backbone.fpn"][0] == 0 and report.modules["box_head"][0] == 0
     assert report.unused == ["fc.weight", "fc.bias"]
     model = _fresh()
@@ -108,17 +112,7 @@ def test_torchvision_resnet_fills_the_fpn_body(files):
     target = model.target_encoder.state_dict()
     assert all(_equal(target[k], v) for k, v in model.encoder.state_dict().items())
     text = report.format()
-    assert f"backbone.body     {R50}/{R50}" in text and "box_head" in text and "random init" in text
-
-
-def test_torchvision_resnet_into_c4(files):
-    path, source = files["resnet"]
-    report = prepare_init(path, ModelConfig(arch="c4"))
-    assert report.modules == {"backbone": (R50, R50)}
-    model = _fresh("c4")
-    apply_init(model, report)
-    own = model.encoder.backbone.state_dict()
-    assert all(_equal(own[k], v) for k, v in source.items() if not k.startswith("fc."))
+    assert f"backbone.body     {BODY}/{BODY}" in text and "box_head" in text and "random init" in text
 
 
 def test_torchvision_detection_model_fills_body_fpn_and_box_head(files):
@@ -129,7 +123,7 @@ def test_torchvision_detection_model_fills_body_fpn_and_box_head(files):
     assert any(k.startswith("rpn.") for k in report.unused) and any(
         k.startswith("roi_heads.mask") for k in report.unused
     )
-    model = _fresh()
+    model = _fresh(backbone="resnet50")
     apply_init(model, report)
     own = model.encoder.state_dict()
     for key, value in source.items():
@@ -148,35 +142,37 @@ def test_soco_run_and_its_detectron2_and_mmdet_exports_load_the_online_encoder(s
         export(run, target, out=tmp_path / name)
         sources[target] = tmp_path / name
     for kind, path in sources.items():
-        report = prepare_init(path, ModelConfig(arch="fpn"))
+        report = prepare_init(path, ModelConfig(arch="fpn", backbone=BACKBONE))
         fpn, head = _count(online, "backbone.fpn."), _count(online, "box_head.")
-        assert report.modules == {"backbone.body": (R50, R50), "backbone.fpn": (fpn, fpn), "box_head": (head, head)}, (
-            kind
-        )
+        assert report.modules == {
+            "backbone.body": (BODY, BODY),
+            "backbone.fpn": (fpn, fpn),
+            "box_head": (head, head),
+        }, kind
         model = _fresh()
         apply_init(model, report)
         own = model.encoder.state_dict()
         for key, value in online.items():
             if not key.endswith("num_batches_tracked"):
                 assert _equal(own[key], value), (kind, key)
-    assert "Detectron2 checkpoint" in prepare_init(sources["detectron2"], ModelConfig()).description
+    assert "Detectron2 checkpoint" in prepare_init(sources["detectron2"], ModelConfig(backbone=BACKBONE)).description
 
 
 def test_a_file_of_another_backbone_is_refused_naming_it(files):
-    path, _ = files["r18"]
+    path, _ = files["r34"]
     with pytest.raises(InitError) as err:
-        prepare_init(path, ModelConfig(arch="fpn"))
+        prepare_init(path, ModelConfig(arch="fpn", backbone=BACKBONE))
     message = str(err.value)
     assert "\n" not in message and str(path) in message
-    assert "resnet18" in message and "model.backbone=resnet18" in message and "--init-partial" in message
+    assert "resnet34" in message and "model.backbone=resnet34" in message and "--init-partial" in message
 
 
 def test_a_partial_file_is_refused_unless_init_partial(files):
     path, source = files["partial"]
     with pytest.raises(InitError) as err:
-        prepare_init(path, ModelConfig(arch="fpn"))
+        prepare_init(path, ModelConfig(arch="fpn", backbone=BACKBONE))
     assert "layer4" in str(err.value) and "\n" not in str(err.value)
-    report = prepare_init(path, ModelConfig(arch="fpn", init_partial=True))
+    report = prepare_init(path, ModelConfig(arch="fpn", backbone=BACKBONE, init_partial=True))
     n, total = report.modules["backbone.body"]
     assert n == total - sum(1 for k in files["resnet"][1] if k.startswith("layer4.") and "num_batches" not in k)
     model = _fresh()
@@ -208,7 +204,7 @@ def _pretrain_argv(data, out, *extra):
     from data_fixtures import SMALL_PRETRAIN
 
     images, store = data
-    sets = [x for s in SMALL_PRETRAIN for x in ("--set", s)]
+    sets = [x for s in (*SMALL_PRETRAIN, f"model.backbone={BACKBONE}") for x in ("--set", s)]
     return ["pretrain", "--preset", "tiny", "--images", str(images), "--proposals", str(store), "-o", str(out),
             *sets, "--max-steps", "1", *extra]  # fmt: skip
 
@@ -218,9 +214,9 @@ def test_cli_init_loads_reports_and_records(data, files, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_pretrain_argv(data, out, "--init", str(path), "--set", "train.freeze=backbone")) == 0
     printed = capsys.readouterr().out
-    assert "init: torchvision ResNet state dict" in printed and f"backbone.body     {R50}/{R50}" in printed
+    assert "init: torchvision ResNet state dict" in printed and f"backbone.body     {BODY}/{BODY}" in printed
     saved = json.loads((out / "init_report.json").read_text())
-    assert saved["modules"]["backbone.body"] == {"loaded": R50, "total": R50}
+    assert saved["modules"]["backbone.body"] == {"loaded": BODY, "total": BODY}
     import hashlib
 
     assert saved["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -246,7 +242,7 @@ def test_cli_init_loads_reports_and_records(data, files, tmp_path, capsys):
 @pytest.mark.parametrize(
     "case, expected",
     [
-        ("r18", "resnet18"),
+        ("r34", "resnet34"),
         ("corrupt", "corrupt.pth"),
         ("missing", "no such file"),
     ],
@@ -277,7 +273,7 @@ def test_warm_presets_resolve():
 
 
 def test_a_model_zoo_fpn_and_two_fc_head_start_from_scratch(soco_run, tmp_path):
-    """Detectron2's model-zoo R50-FPN has an FPN without norm (conv + bias) and a two-fc box head:
+    """Detectron2's model-zoo R-FPN has an FPN without norm (conv + bias) and a two-fc box head:
     some shapes match soco's, the layout does not, so only the body loads (with a note each)."""
     import pickle
 
@@ -294,19 +290,26 @@ def test_a_model_zoo_fpn_and_two_fc_head_start_from_scratch(soco_run, tmp_path):
     model["roi_heads.box_head.fc2.weight"] = np.zeros((1024, 1024), np.float32)
     with open(tmp_path / "zoo.pkl", "wb") as f:
         pickle.dump({"model": model, "__author__": "test"}, f)
-    report = prepare_init(tmp_path / "zoo.pkl", ModelConfig(arch="fpn"))
+    report = prepare_init(tmp_path / "zoo.pkl", ModelConfig(arch="fpn", backbone=BACKBONE))
     fpn, head = _count(online, "backbone.fpn."), _count(online, "box_head.")
-    assert report.modules == {"backbone.body": (R50, R50), "backbone.fpn": (0, fpn), "box_head": (0, head)}
+    assert report.modules == {"backbone.body": (BODY, BODY), "backbone.fpn": (0, fpn), "box_head": (0, head)}
     assert not any(k.startswith(("backbone.fpn.", "box_head.")) for k in report.state)
     assert len(report.notes) == 2 and "another layout" in report.format()
 
 
-@pytest.mark.parametrize("backbone, arch", [("resnet18", "fpn"), ("resnext50_32x4d", "c4")])
-def test_other_backbones_warm_start_from_their_own_torchvision_weights(tmp_path, backbone, arch):
+@pytest.mark.parametrize(
+    "backbone, arch, other",
+    [("resnet34", "fpn", "resnet50"), ("resnet50", "c4", "resnet101"), ("resnext50_32x4d", "c4", "resnet50")],
+)
+def test_other_backbones_warm_start_from_their_own_torchvision_weights(tmp_path, backbone, arch, other):
     source = _seeded(lambda: getattr(torchvision.models, backbone)(weights=None), 5).state_dict()
     torch.save(source, tmp_path / "w.pth")
     report = prepare_init(tmp_path / "w.pth", ModelConfig(arch=arch, backbone=backbone))
     body = _count(source, "")
     assert report.modules[report.body] == (body, body)
-    with pytest.raises(InitError, match=f"holds {backbone} weights"):  # into the default R50 run
-        prepare_init(tmp_path / "w.pth", ModelConfig(arch=arch))
+    model = _fresh(arch, backbone)
+    apply_init(model, report)
+    own = model.encoder.get_submodule(report.body).state_dict()
+    assert all(_equal(own[k], v) for k, v in source.items() if not k.startswith("fc."))
+    with pytest.raises(InitError, match=f"holds {backbone} weights"):  # into a run of another backbone
+        prepare_init(tmp_path / "w.pth", ModelConfig(arch=arch, backbone=other))

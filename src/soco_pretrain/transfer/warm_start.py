@@ -125,8 +125,8 @@ def prepare_init(path, model_cfg) -> InitReport:
     except WeightsError as exc:
         raise InitError(f"--init {exc}") from None
     mapped = detector_to_encoder(state, arch)
-    placed = set(mapped)
     shapes = _encoder_shapes(model_cfg)
+    placed = set(mapped) & set(shapes)  # file tensors the encoder has a slot for
     report = InitReport(Path(found), description, arch, model_cfg.backbone)
     report.unused = [k for k in state if not _maps_into(k, arch, placed)]
     counts: dict[str, list[int]] = {m: [0, 0] for m in _modules(arch)}
@@ -147,7 +147,7 @@ def prepare_init(path, model_cfg) -> InitReport:
             report.state[key] = mapped[key]
     report.modules = {m: (n, t) for m, (n, t) in counts.items()}
     _drop_incomplete_heads(report, arch)
-    _refuse_unless_complete(report, mapped, model_cfg, shapes)
+    _refuse_unless_complete(report, state, model_cfg, shapes)
     report.sha256 = file_digest(found) if found.is_file() else ""
     return report
 
@@ -170,15 +170,20 @@ def _maps_into(key: str, arch: str, placed: set) -> bool:
     return bool(set(detector_to_encoder({key: None}, arch)) & placed)
 
 
-def _refuse_unless_complete(report: InitReport, mapped: dict, model_cfg, shapes: dict) -> None:
+def _refuse_unless_complete(report: InitReport, state: dict, model_cfg, shapes: dict) -> None:
+    """InitError unless the ResNet body loads completely and the file has no other ResNet
+    tensors (``state``: the file in detector keys), or ``init_partial`` allows it."""
     from ..model.backbones import backbone_of_state
 
     loaded = sum(n for n, _ in report.modules.values())
     body_n, body_total = report.modules[report.body]
-    if body_n == body_total:
+    # ResNet tensors the run has no place for: a deeper ResNet of the same block kind (R34 into
+    # R18) fills every slot of the smaller one with the wrong blocks
+    extra = [k for k in report.unused if k.startswith("backbone.body.")]
+    if body_n == body_total and not extra:
         return
     prefix = "backbone.body." if report.arch == "fpn" else "backbone."
-    body = {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}
+    body = {k[len("backbone.body.") :]: v for k, v in state.items() if k.startswith("backbone.body.")}
     try:  # the one reading of a ResNet's shape (model/backbones.py)
         guess = backbone_of_state(body) if body else None
     except ValueError:  # a ResNet of no known shape: the message says what did not load
@@ -187,11 +192,14 @@ def _refuse_unless_complete(report: InitReport, mapped: dict, model_cfg, shapes:
         f"; the file holds {guess} weights (set model.backbone={guess})" if guess and guess != report.backbone else ""
     )
     what = f"{report.path}: {report.body} {body_n}/{body_total} tensors match this run's {report.backbone}{holds}"
+    if extra:
+        what += f", and {len(extra)} ResNet tensors of the file have no place in it"
     if loaded == 0:
         raise InitError(f"--init {what}; nothing in the file fits this encoder ({report.description})")
     if not model_cfg.init_partial:
         parts = _unloaded_parts(report, prefix, shapes)
-        raise InitError(f"--init {what}; not loaded: {parts} (--init-partial loads what matches)")
+        parts = f"not loaded: {parts}" if parts else "every slot filled from another ResNet's blocks"
+        raise InitError(f"--init {what}; {parts} (--init-partial loads what matches)")
 
 
 def _unloaded_parts(report: InitReport, prefix: str, shapes: dict) -> str:
