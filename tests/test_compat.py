@@ -37,6 +37,7 @@ def _as_previous_format(run) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
+@pytest.mark.slow  # ~17 s; the reader's no-config and old-layout cases are in tests/test_weights.py
 def test_a_previous_format_run_resumes_and_exports(tmp_path, capsys):
     rel = make_photos(tmp_path / "images", side=96)[:2]
     store = make_store(tmp_path / "store", tmp_path / "images", rel, boxes_per_image=6)

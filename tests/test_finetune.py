@@ -585,6 +585,7 @@ def test_missing_or_undecodable_images_stop_before_training(data, tmp_path, monk
 # ---------------------------------------------------------------- the checkpoint is saved before evaluating
 
 
+@pytest.mark.slow  # ~25 s: a whole fine-tune; in the slow set to keep the default run under 10 minutes
 def test_final_checkpoint_survives_a_failing_evaluation(data, tmp_path, monkeypatch):
     import soco_pretrain.transfer.finetune as ft
 

@@ -43,7 +43,13 @@ def _snapshot(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-CASES = [("fpn", "stem"), ("fpn", "backbone"), ("fpn", "backbone+fpn"), ("c4", "backbone")]
+# stem and backbone+fpn in the slow set (-m slow): the same mechanism on other submodules
+CASES = [
+    pytest.param("fpn", "stem", marks=pytest.mark.slow),
+    ("fpn", "backbone"),
+    pytest.param("fpn", "backbone+fpn", marks=pytest.mark.slow),
+    ("c4", "backbone"),
+]
 
 
 @pytest.mark.parametrize("arch, mode", CASES)

@@ -302,6 +302,7 @@ def monitored_run(coloured, tmp_path_factory):
     return run, pool, cfg
 
 
+@pytest.mark.slow  # ~20 s of pretraining with the monitor; test_monitor_leaves_training_unchanged runs by default
 def test_monitor_logs_knn_and_rank_from_step_0_across_a_resume(monitored_run):
     from soco_pretrain.engine.metrics import read_metrics
 
