@@ -313,3 +313,25 @@ def test_other_backbones_warm_start_from_their_own_torchvision_weights(tmp_path,
     assert all(_equal(own[k], v) for k, v in source.items() if not k.startswith("fc."))
     with pytest.raises(InitError, match=f"holds {backbone} weights"):  # into a run of another backbone
         prepare_init(tmp_path / "w.pth", ModelConfig(arch=arch, backbone=other))
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        ("model.backbone=resnet9", "one of resnet18"),  # an unknown backbone name
+        ("model.backbone=resnet18", None),  # basic blocks are fine for FPN ...
+    ],
+)
+def test_unknown_backbone_is_one_line_and_writes_nothing(data, tmp_path, capsys, setting, expected):
+    out = tmp_path / "run"
+    argv = ["config", "show", "--preset", "tiny", "--set", setting]
+    assert main(argv) == (2 if expected else 0)
+    err = capsys.readouterr().err.strip()
+    if expected:
+        assert expected in err and "model.backbone" in err and len(err.splitlines()) == 1
+        assert main(_pretrain_argv(data, out, "--set", setting)) == 2 and not out.exists()
+
+
+def test_c4_with_basic_blocks_is_refused(capsys):
+    assert main(["config", "show", "--preset", "c4-100ep", "--set", "model.backbone=resnet18"]) == 2
+    assert "bottleneck" in capsys.readouterr().err
