@@ -50,7 +50,7 @@ from soco_pretrain.transfer.weights import WeightsError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAIRS = [(n, a) for n in BACKBONES for a in ("fpn", "c4") if a == "fpn" or n not in ("resnet18", "resnet34")]
-QUICK_TRAIN = {("resnet18", "fpn"), ("resnext50_32x4d", "fpn"), ("resnext50_32x4d", "c4")}
+QUICK_TRAIN = {("resnet18", "fpn"), ("resnext50_32x4d", "c4")}  # basic blocks; grouped bottlenecks
 # torchvision Mask R-CNN v2 modules SoCo does not pretrain (the detector initialises them)
 DETECTOR_ONLY = ("rpn.", "roi_heads.box_predictor.", "roi_heads.mask_head.", "roi_heads.mask_predictor.")
 C5 = {"resnet18": 512, "resnet34": 512}  # basic blocks; every bottleneck ResNet/ResNeXt: 2048

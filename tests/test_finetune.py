@@ -300,6 +300,7 @@ def _check_metrics(metrics: dict, iou_types):
             assert isinstance(value, float) and (value == -1.0 or 0.0 <= value <= 100.0)
 
 
+@pytest.mark.slow  # 10-minute budget: a CLI fine-tune twice (test_resume_continues_exactly covers resume)
 def test_finetune_end_to_end_writes_metrics_and_resumes(data, soco_run, tmp_path, capsys):
     run, _ = soco_run
     out = tmp_path / "ft"
@@ -325,6 +326,7 @@ def test_finetune_end_to_end_writes_metrics_and_resumes(data, soco_run, tmp_path
     assert scored["bbox"] == written["bbox"] and scored["segm"] == written["segm"]
 
 
+@pytest.mark.slow  # 10-minute budget: the Faster R-CNN layout is checked in tests/test_backbones.py
 def test_boxes_only_data_trains_faster_rcnn_via_the_cli(data, tmp_path, capsys):
     raw = json.loads(Path(data["train_json"]).read_text())
     for a in raw["annotations"]:

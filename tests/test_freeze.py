@@ -43,12 +43,12 @@ def _snapshot(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-# stem and backbone+fpn in the slow set (-m slow): the same mechanism on other submodules
+# fpn/backbone by default; the others with -m slow: the same mechanism on other submodules
 CASES = [
     pytest.param("fpn", "stem", marks=pytest.mark.slow),
     ("fpn", "backbone"),
     pytest.param("fpn", "backbone+fpn", marks=pytest.mark.slow),
-    ("c4", "backbone"),
+    pytest.param("c4", "backbone", marks=pytest.mark.slow),
 ]
 
 

@@ -65,6 +65,7 @@ def test_start_fresh_numbers_the_folders_it_moves_aside(tmp_path):
     assert start_fresh(tmp_path / "empty", overwrite=False, command="test") is None  # nothing to protect
 
 
+@pytest.mark.slow  # 10-minute budget of the default run: two pretraining runs
 def test_resume_with_other_training_settings_is_refused_unless_accepted(tmp_path, two_photos):
     listed, store = two_photos
     run = tmp_path / "run"

@@ -176,6 +176,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     assert saved == ["last.pt", "step_00000002.pt"]
 
 
+@pytest.mark.slow  # 10-minute budget: 2 gloo processes (tests/test_distributed.py runs real 2-process groups)
 def test_two_process_ddp_matches_one_process(data, tmp_path):
     # Same total batch of 2: one process x 2 images vs two gloo processes (torchrun, through the
     # CLI) x 1 image; SyncBN makes the BatchNorm statistics those of the whole batch. Repeat-padding
