@@ -105,15 +105,29 @@ def recipe_line(source) -> str:
     return ", ".join(parts)
 
 
+def shareable(value):
+    """``value`` (a saved config) with every absolute path replaced by its file name: a shipped
+    file should not carry the layout of the machine it was trained on (``model.init``,
+    ``data.views.proposal_json``, ``monitor.json`` ...)."""
+    if isinstance(value, dict):
+        return {k: shareable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shareable(v) for v in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        return Path(value).name
+    return value
+
+
 def file_metadata(source, stamp: dict) -> dict[str, str]:
-    """The safetensors header metadata (every value a string); ``step``, ``config`` and the
-    ``data_manifest_*`` keys only when the checkpoint / run records them."""
+    """The safetensors header metadata (every value a string); ``step``, ``config`` (absolute
+    paths cut to file names) and the ``data_manifest_*`` keys only when the checkpoint / run
+    records them."""
     meta = {"format": FORMAT, "arch": source.arch, "backbone": source.backbone, "weights": source.weights}
     if source.step is not None:
         meta["step"] = str(source.step)
     meta["soco_pretrain_version"] = __version__
     if source.config is not None:
-        meta["config"] = json.dumps(source.config, sort_keys=True, default=str)
+        meta["config"] = json.dumps(shareable(source.config), sort_keys=True, default=str)
     meta["recipe"] = recipe_line(source)
     meta.update({key: str(value) for key, value in stamp.items() if value is not None})
     meta["license"] = LICENSE_NOTE
