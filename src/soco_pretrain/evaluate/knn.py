@@ -454,14 +454,14 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
     from ..config import from_dict
     from ..model.backbones import backbone_of_state
     from ..model.encoder import SoCoEncoder
-    from ..transfer.weights import detector_state, detector_to_encoder, load_any_weights, soco_weights_of
+    from ..transfer.weights import detector_state, detector_to_encoder, load_weights_file, soco_weights_of
 
     if weights is None or str(weights).lower() == "none":
         torch.manual_seed(seed)
         return SoCoEncoder(ModelConfig()), {"arch": "fpn", "description": f"random init (seed {seed})", "run": None}
     path = Path(weights)
     # The one weights reader (transfer/weights.py): WeightsError (one line) for files that are not weights.
-    found, content = load_any_weights(path)
+    found, content = load_weights_file(path)
     soco = soco_weights_of(content, found)
     run = _run_config(path) if path.exists() else None
     if soco is not None:  # a soco pretrain run: its encoder's keys are SoCoEncoder's already

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .weights import NETWORKS, WeightsError, detector_state, load_any_weights
+from .weights import NETWORKS, WeightsError, detector_state, load_weights_file
 
 # Module groups of the detector reported by load_weights (in this order).
 MODULES = (
@@ -122,7 +122,7 @@ def weights_backbone(weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> str |
 
     if weights is None or str(weights) == "none":
         return None
-    path, content = load_any_weights(weights)
+    path, content = load_weights_file(weights)
     soco = soco_weights_of(content, path)
     if soco is not None:
         return soco.backbone
@@ -208,7 +208,7 @@ def _module_of(key: str) -> str:
 def read_weights(weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> tuple[dict, str]:
     """(torchvision-keyed state dict, description) from a file or SoCo run folder, in any format
     the one reader knows (transfer/weights.py: SoCo, torchvision, safetensors, Detectron2, MMDetection)."""
-    path, content = load_any_weights(weights)
+    path, content = load_weights_file(weights)
     return detector_state(content, path, soco_weights)
 
 

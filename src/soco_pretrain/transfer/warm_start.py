@@ -116,11 +116,11 @@ def prepare_init(path, model_cfg) -> InitReport:
     """Read ``path`` and match it against the encoder of ``model_cfg`` (nothing is built for real,
     nothing written). Raises :class:`InitError` for a file that cannot start the run."""
     from ..runfolder import file_digest
-    from .weights import WeightsError, detector_state, detector_to_encoder, load_any_weights
+    from .weights import WeightsError, detector_state, detector_to_encoder, load_weights_file
 
     arch = model_cfg.arch
     try:
-        found, content = load_any_weights(path)
+        found, content = load_weights_file(path)
         state, description = detector_state(content, found, "online")
     except WeightsError as exc:
         raise InitError(f"--init {exc}") from None

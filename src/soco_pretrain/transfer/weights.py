@@ -106,9 +106,10 @@ def _load(path: Path, what: str):
 
 
 def load_weights_file(source) -> tuple[Path, object]:
-    """``(checkpoint path, what torch.load returned)`` for a run folder or a weights file."""
+    """``(path, content)`` of a run folder or weights file in any format soco reads: torch
+    checkpoints and state dicts, safetensors files, plain pickles of arrays (Detectron2)."""
     path = resolve_checkpoint(source)
-    return path, _load(path, "readable checkpoint")
+    return path, _load_any(path, "readable checkpoint")
 
 
 def soco_weights_of(content, path) -> SocoWeights | None:
@@ -222,12 +223,6 @@ def _pickle_or_error(path: Path, what: str):
         return _load_pickle(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable pickle is one line
         raise WeightsError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None
-
-
-def load_any_weights(source) -> tuple[Path, object]:
-    """``(path, content)`` of a run folder or weights file in any format soco reads."""
-    path = resolve_checkpoint(source)
-    return path, _load_any(path, "weights file")
 
 
 def _tensor_dict(obj) -> dict | None:
