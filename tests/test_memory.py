@@ -7,8 +7,9 @@ import torch
 
 from soco_pretrain.config import apply_overrides
 from soco_pretrain.presets import load_preset
-from soco_pretrain.train.loop import PretrainError, make_plan, resolve_compile, resolve_per_device_batch
+from soco_pretrain.train.loop import make_plan, resolve_per_device_batch
 from soco_pretrain.train.memory import HEADROOM, auto_per_device_batch, estimate_gib
+from soco_pretrain.train.speed import SpeedSettingError, resolve_compile
 
 CARDS = {24: 23.6, 48: 45.0, 80: 79.6, 141: 139.8}  # nominal GB -> GiB torch reports (4090, L40S, H100, H200)
 KINDS = [("fpn", False), ("c4", False), ("fpn", True)]
@@ -131,7 +132,7 @@ def test_compile_is_auto_on_cuda_only_and_overrides_parse():
     assert apply_overrides(cfg, ["train.compile=true"]).train.compile == "true"
     assert resolve_compile(apply_overrides(cfg, ["train.compile=false"]).train.compile, torch.device("cuda")) is False
     assert resolve_compile(True, torch.device("cpu"))  # an older run's config.yaml holds a bool
-    with pytest.raises(PretrainError, match="train.compile"):
+    with pytest.raises(SpeedSettingError, match="train.compile"):
         resolve_compile("sometimes", torch.device("cpu"))
 
 

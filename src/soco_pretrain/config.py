@@ -344,6 +344,19 @@ class TrainConfig:
     # auto: torch.compile on CUDA (benchmarks/gpu.py: 1.5x images/s for FPN on an H200), not on
     # CPUs; true | false force it.
     compile: Literal["auto", "true", "false"] = "auto"
+    # torch.compile mode: "default" (measured above); "reduce-overhead" also captures the compiled
+    # step's kernels as CUDA graphs (one launch per graph instead of thousands: the eager step's
+    # host time exceeded its device time); "max-autotune" tunes the matmuls/convs too (long compile).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # cuDNN autotuning (cudnn.benchmark): every step has the same shapes, so tuning once pays.
+    # auto: on for CUDA; true | false force it.
+    cudnn_benchmark: Literal["auto", "true", "false"] = "auto"
+    # TF32 tensor cores for the fp32 matmuls and convolutions on CUDA (the fp32 parts under autocast,
+    # and train.precision=fp32): 10-bit mantissa products, fp32 accumulation. false: full fp32.
+    tf32: bool = True
+    # On CUDA, the next batch is copied and (data.augment.device=gpu) augmented on a side stream
+    # while the current step runs; false: on the default stream when the step asks for it.
+    prefetch: bool = True
     workers: int = 8  # data-loader processes per device
     log_every: int = 10  # optimiser steps between metrics lines
     checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)

@@ -32,6 +32,7 @@ import torch
 from ..config import CONFIG_FILE, PretrainConfig, to_dict
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
 from ..errors import NonFiniteLossError, UserError  # noqa: F401 - NonFiniteLossError: raised by the engine for pretrain()
+from .speed import Speed, apply_speed, compiled, mark_step_begin, resolve_speed
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -131,40 +132,6 @@ def resolve_augment_device(cfg: PretrainConfig, device) -> PretrainConfig:
     )
 
 
-def resolve_compile(value, device: torch.device) -> bool:
-    """``train.compile``: auto (on for CUDA, where benchmarks/gpu.py measured 1.5x images/s for
-    the FPN step; off on CPUs, where compiling costs minutes for little) | true | false."""
-    text = str(value).lower()
-    if text not in ("auto", "true", "false"):
-        raise PretrainError(f"train.compile={value!r}: expected auto, true or false")
-    return text == "true" or (text == "auto" and torch.device(device).type == "cuda")
-
-
-def compiled(model):
-    """torch.compile(model), falling back to eager (with a one-line note) if compiling fails,
-    e.g. where no compiler toolchain is installed: a slower run beats no run."""
-    fast = torch.compile(model)
-    state = {"fn": fast}
-
-    def forward(*args, **kwargs):
-        try:
-            return state["fn"](*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - only compiler failures fall back; the rest re-raise
-            from torch._dynamo.exc import BackendCompilerFailed
-
-            if state["fn"] is model or not isinstance(exc, BackendCompilerFailed):
-                raise
-            print(
-                f"note: torch.compile failed ({type(exc).__name__}); training without it "
-                "(--set train.compile=false silences this)",
-                flush=True,
-            )
-            state["fn"] = model
-            return model(*args, **kwargs)
-
-    return forward
-
-
 def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int, device) -> Plan:
     """Accumulation, steps per epoch, schedule lengths and the peak lr for this job."""
     from ..engine.schedule import scaled_lr
@@ -235,6 +202,80 @@ def _prepare_batch(batch: dict, device: torch.device, channels_last: bool, augme
     return batch
 
 
+class BatchFeed:
+    """The step's batches, moved to the device and (``data.augment.device=gpu``) augmented there.
+
+    With ``lookahead`` the step asks for the next micro-batch as soon as its backward pass is
+    launched (``prefetch``): the loader is read and the copy and augmentation kernels are queued
+    while the device still runs the step, on a side CUDA stream when ``stream`` is given, so they
+    overlap its compute; the step's stream waits for that stream only when it takes the batch.
+    Without lookahead a batch is read and prepared when the step asks for it (``take``).
+
+    Results do not depend on it: a batch's augmentation is seeded by its (step, micro-batch) slot,
+    which the prefetch knows ahead, and a prefetched batch that no step takes (the run stops) is
+    dropped; a resumed run re-reads it (the loader skips only the batches of steps done).
+    """
+
+    def __init__(self, job: Job, lookahead: bool, stream=None):
+        self.job, self.lookahead, self.stream = job, lookahead, stream
+        self.pending: tuple | None = None  # (slot, raw batch, prepared batch, seconds waited)
+
+    def generator(self, step: int, micro: int):
+        job, t = self.job, self.job.cfg.train
+        if job.augmenter is None:
+            return None
+        seed = ((t.seed * 1_000_003 + step) * job.plan.accum + micro) * job.world + job.rank
+        return torch.Generator(job.device).manual_seed(seed)  # reproducible per (seed, step, micro-batch, rank)
+
+    def _read(self, batches, step: int, micro: int) -> tuple:
+        job = self.job
+        started = time.perf_counter()
+        raw = next(batches)
+        waited = time.perf_counter() - started
+        prepared = _prepare_batch(
+            raw,
+            job.device,
+            job.device.type == "cuda" and job.cfg.train.channels_last,
+            job.augmenter,
+            job.cfg.data.augment.view_params,
+            self.generator(step, micro),
+        )
+        return (step, micro), raw, prepared, waited
+
+    def prefetch(self, batches, step: int, micro: int) -> None:
+        """Read and prepare the batch of slot (step, micro) now (lookahead only)."""
+        if not self.lookahead:
+            return
+        if self.stream is None:
+            self.pending = self._read(batches, step, micro)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.job.device))  # e.g. the augmenter's constants
+        with torch.cuda.stream(self.stream):
+            self.pending = self._read(batches, step, micro)
+
+    def take(self, batches, step: int, micro: int) -> tuple[dict, dict, float]:
+        """(raw batch, prepared batch, seconds the host waited for the loader) of slot (step, micro)."""
+        pending, self.pending = self.pending, None
+        if pending is None or pending[0] != (step, micro):
+            pending = self._read(batches, step, micro)
+        elif self.stream is not None:
+            current = torch.cuda.current_stream(self.job.device)
+            current.wait_stream(self.stream)
+            for value in _tensors(pending[2]):  # made on the side stream, freed after use on this one
+                value.record_stream(current)
+        return pending[1], pending[2], pending[3]
+
+    def drop(self) -> None:
+        self.pending = None
+
+
+def _tensors(batch: dict):
+    for value in batch.values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, torch.Tensor) and item.device.type == "cuda":
+                yield item
+
+
 # ---------------------------------------------------------------- the job, the step, the hooks
 
 
@@ -256,7 +297,7 @@ class Job:
     world: int
     rank: int
     is_main: bool
-    use_compile: bool
+    speed: Speed  # compile, cuDNN autotuning, TF32, prefetch (train/speed.py)
     batch_note: str
     drop_last: bool
 
@@ -318,7 +359,8 @@ def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) 
         # Every parameter gets a gradient every step (pool_boxes keeps FPN levels without boxes in
         # the graph), so DDP need not search for unused ones.
         model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[dev.index] if dev.type == "cuda" else None)
-    use_compile = resolve_compile(t.compile, dev)
+    speed = resolve_speed(t, dev)
+    apply_speed(speed)
     augmenter = None
     if cfg.data.augment.device == "gpu":
         from ..data import BatchAugment
@@ -327,11 +369,11 @@ def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) 
     return {
         "core": core,
         "model": model,
-        "forward": compiled(model) if use_compile else model,
+        "forward": compiled(model, speed.compile_mode) if speed.compile else model,
         "optimizer": optimizer,
         "scaler": torch.amp.GradScaler(dev.type, enabled=plan.precision == "fp16"),
         "augmenter": augmenter,
-        "use_compile": use_compile,
+        "speed": speed,
     }
 
 
@@ -434,6 +476,8 @@ class PretrainStep:
     def __init__(self, job: Job, position: Position, skipped):
         self.job, self.position, self.skipped = job, position, skipped
         self.batches: Any = None
+        stream = torch.cuda.Stream(job.device) if job.speed.prefetch and job.device.type == "cuda" else None
+        self.feed = BatchFeed(job, lookahead=job.speed.prefetch, stream=stream)
         self.stepped = False  # the optimiser ran in this step (False: skipped by the grad scaler)
         job.optimizer.register_step_post_hook(self._mark_stepped)
 
@@ -457,30 +501,22 @@ class PretrainStep:
         loss_sum = torch.zeros((), device=job.device)  # this process's loss sum over the step
         count = torch.zeros((), device=job.device)  # and its loss units
         for micro in range(plan.accum):
-            wait_start = time.perf_counter()
-            batch = next(self.batches)
-            wait += time.perf_counter() - wait_start
+            raw, batch, waited = self.feed.take(self.batches, step, micro)
+            wait += waited
             self.skipped.update(batch)  # undecodable files (the dataset warned already)
-            images += len(batch["index"]) * job.world  # every rank's batch is as long
-            generator = None
-            if job.augmenter is not None:  # reproducible per (seed, step, micro-batch, rank)
-                generator = torch.Generator(job.device).manual_seed(
-                    ((t.seed * 1_000_003 + step) * plan.accum + micro) * job.world + job.rank
-                )
-            batch = _prepare_batch(
-                batch,
-                job.device,
-                job.device.type == "cuda" and t.channels_last,
-                job.augmenter,
-                job.cfg.data.augment.view_params,
-                generator,
-            )
+            images += len(raw["index"]) * job.world  # every rank's batch is as long
             last_micro = micro == plan.accum - 1
             sync = job.model.no_sync() if job.world > 1 and not last_micro else contextlib.nullcontext()
             with sync:
+                mark_step_begin(job.speed)
                 with autocast(job.device, plan.precision):
                     loss, stats = job.forward(batch, reduction="sum")
                 job.scaler.scale(loss / nominal).backward()
+            # The next micro-batch of this epoch, read and prepared while the device runs this one.
+            if not last_micro:
+                self.feed.prefetch(self.batches, step, micro + 1)
+            elif pos.in_epoch + 1 < plan.steps_per_epoch:
+                self.feed.prefetch(self.batches, step + 1, 0)
             # New tensors, not the forward's outputs (a CUDA-graph replay reuses those).
             loss_sum = loss_sum + loss.detach().float()
             count = count + stats["count"]
@@ -503,6 +539,7 @@ class PretrainStep:
 
     def close(self) -> None:
         self.batches = None  # stops the workers' prefetch of an unfinished epoch
+        self.feed.drop()
 
 
 class MonitorHook(Hook):
@@ -533,7 +570,8 @@ class MonitorHook(Hook):
 # other difference from the checkpoint's config (model, data, schedule) needs accept_changes.
 RESUME_FREE = ("version", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.workers",
                "train.compile", "train.per_device_batch", "train.channels_last", "train.precision",
-               "data.augment.device", "monitor.")  # fmt: skip
+               "train.cudnn_benchmark", "train.tf32", "train.prefetch", "data.augment.device", "data.decode",
+               "model.roi_pool", "monitor.")  # fmt: skip
 
 
 def resume_job(job: Job, manager, resume, position: Position, accept_changes: bool = False) -> tuple[int, Path | None]:
@@ -600,6 +638,7 @@ def announce(job: Job, run_dir: Path, progress: bool, stop: int) -> None:
     from ..data.manifest import record_run_manifest
 
     cfg, plan, t = job.cfg, job.plan, job.cfg.train
+    speed = f", {job.speed.describe()}" if job.speed.describe() else ""
     save_config(cfg, run_dir)
     seen = job.dataset.images
     record_run_manifest(run_dir, [seen.abspath(i) for i in range(len(seen))], seen.root, progress)
@@ -607,8 +646,7 @@ def announce(job: Job, run_dir: Path, progress: bool, stop: int) -> None:
         f"pretraining {cfg.model.arch}{'*' if cfg.data.views.soco_star else ''} on {len(job.dataset)} "
         f"images: batch {t.batch_size} = {t.per_device_batch} x {job.world} process(es) x {plan.accum} "
         f"accumulation, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps ({t.epochs} epochs), "
-        f"lr {plan.peak_lr:g}, {plan.precision} on {job.device}{', torch.compile' if job.use_compile else ''}"
-        f"{job.batch_note}",
+        f"lr {plan.peak_lr:g}, {plan.precision} on {job.device}{speed}{job.batch_note}",
         flush=True,
     )
     if stop < plan.total_steps:
