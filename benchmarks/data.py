@@ -10,15 +10,22 @@ in this run on the same decoded files, after a warm-up:
 - ours, CPU photometric: ``SoCoDataset[i]`` (decode, views with boxes and levels, augment_cpu);
 - ours, GPU photometric: the workers' part (``augment.device="gpu"``: decode, views, boxes,
   uint8 tensors) + ``soco_collate`` + ``BatchAugment`` on a batch -- on the CPU device here
-  (one thread), and on CUDA as an extra row when a GPU is present.
+  (one thread), and on CUDA as an extra row when a GPU is present;
+- ours, decode on the device (``data.decode="device"``): the workers' part (read the file's
+  bytes, parse its header, draw the geometry, collate; files other than RGB/grey JPEG are still
+  decoded there, the row says how many) + ``render_batch`` (decode_jpeg, crops, resizes, flips)
+  + ``BatchAugment`` -- on the CPU device here, and render_batch on CUDA as an extra row when a
+  GPU is present. Only meaningful on JPEGs: ``--jpeg 90`` re-encodes the images first (every
+  row then reads the same JPEG files; skimage's bundled photos are mostly PNG).
 
 Proposals are generated into a temporary store first (selective search, paper preset; images
 left without proposals use the whole image). Prints a markdown table and the machine.
 
     python benchmarks/data.py                                   # skimage's 7 bundled photos
     python benchmarks/data.py --images /path/to/photos --limit 32
+    python benchmarks/data.py --jpeg 90                         # the photos as JPEG (decode rows)
 
-A default run takes about a minute.
+A default run takes about 70 s.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLA
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -44,6 +52,7 @@ from torchvision.transforms import v2  # noqa: E402
 from soco_pretrain.config import AugmentConfig, DataConfig, ViewsConfig  # noqa: E402
 from soco_pretrain.data.augment import BatchAugment, blur_kernel_size  # noqa: E402
 from soco_pretrain.data.dataset import SoCoDataset  # noqa: E402
+from soco_pretrain.data.decode import render_batch  # noqa: E402
 from soco_pretrain.data.loader import augment_batch, soco_collate  # noqa: E402
 from soco_pretrain.demo import bundled_photo_paths  # noqa: E402
 from soco_pretrain.images import list_images, load_rgb  # noqa: E402
@@ -182,9 +191,33 @@ def make_passes(source, store, paths, batch: int, epochs: int, device: str = "cp
                 split["augment"] += time.perf_counter() - t1
             return split
 
+        dev_cfg = dataclasses.replace(gpu_cfg, decode="device")
+        dev_ds = SoCoDataset(source, store, dev_cfg)
+
+        def device_decode_pass(ds=dev_ds, cfg=dev_cfg, augmenter=augmenter, device=device):
+            split = {"workers": 0.0, "render": 0.0, "augment": 0.0, "in_worker": 0}
+            generator = torch.Generator().manual_seed(0)
+            for epoch, lo in ((e, lo) for e in range(epochs) for lo in range(0, n, batch)):
+                t0 = time.perf_counter()
+                collated = soco_collate([ds[(epoch, i)] for i in range(lo, min(lo + batch, n))])
+                t1 = time.perf_counter()
+                rendered = render_batch(collated, cfg.views, device)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                augment_batch(rendered, augmenter, cfg.augment.view_params, generator, device=device)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                split["workers"] += t1 - t0
+                split["render"] += t2 - t1
+                split["augment"] += time.perf_counter() - t2
+                split["in_worker"] += sum(p is not None for p in collated["pixels"])
+            return split
+
         passes[f"baseline{nv}"] = baseline_pass
         passes[f"cpu{nv}"] = cpu_pass
         passes[f"batched{nv}"] = batched_pass
+        passes[f"device{nv}"] = device_decode_pass
     return passes
 
 
@@ -249,6 +282,49 @@ def rows_from(results: dict, batch: int, cuda: dict | None) -> list[dict]:
                     "device_only": True,
                 }
             )
+        dev = r[f"device{nv}"]
+        split = dev["split"]
+        # in_worker is a count per image of the fastest pass: the share of files decoded in the worker.
+        in_worker = f"; {split['in_worker']:.0%} of files not JPEG, decoded there" if split["in_worker"] else ""
+        rows += [
+            {
+                "pipeline": "soco_pretrain data.decode=device, workers' part "
+                f"(bytes, header, geometry, collate{in_worker})",
+                "views": nv,
+                "photometric": "none (on the device)",
+                "sec": split["workers"],
+                "peak": dev["peak"],
+                "ratio": base / split["workers"],
+            },
+            {
+                "pipeline": f"  render_batch on the CPU device alone, batch {batch} "
+                "(decode_jpeg, crops, resizes, flips)",
+                "views": nv,
+                "photometric": "-",
+                "sec": split["render"],
+                "peak": dev["peak"],
+            },
+            {
+                "pipeline": "  + render_batch + BatchAugment on the CPU device "
+                f"({split['augment'] * 1e3:.1f} ms/image augment)",
+                "views": nv,
+                "photometric": "batched, CPU device",
+                "sec": dev["sec"],
+                "peak": dev["peak"],
+                "ratio": base / dev["sec"],
+            },
+        ]
+        if cuda:
+            rows.append(
+                {
+                    "pipeline": f"  render_batch on CUDA alone, batch {batch} (nvJPEG decode, crops, resizes, flips)",
+                    "views": nv,
+                    "photometric": "-",
+                    "sec": cuda[f"device{nv}"]["split"]["render"],
+                    "peak": None,
+                    "device_only": True,
+                }
+            )
     return rows
 
 
@@ -282,6 +358,31 @@ def machine() -> str:
     )
 
 
+def device_vs_cpu_views(source, store, batch: int) -> str:
+    """Max and mean |CUDA - CPU| of render_batch's uint8 views for the first batch (decode=device,
+    paper views): nvJPEG and CUDA's resize against libjpeg-turbo and the CPU kernel."""
+    views = ViewsConfig(no_proposals="whole_image")
+    cfg = DataConfig(views=views, augment=AugmentConfig(device="gpu"), decode="device")
+    ds = SoCoDataset(source, store, cfg)
+    collated = soco_collate([ds[(0, i)] for i in range(min(batch, len(ds)))])
+    on_cpu = render_batch(collated, cfg.views, "cpu")["views"]
+    on_gpu = render_batch(collated, cfg.views, "cuda")["views"]
+    diffs = [(g.cpu().int() - c.int()).abs() for g, c in zip(on_gpu, on_cpu)]
+    return ", ".join(f"V{v + 1} max {d.max().item()} mean {d.float().mean().item():.3f}" for v, d in enumerate(diffs))
+
+
+def as_jpeg(paths: list, folder: Path, quality: int) -> list[Path]:
+    """The images re-encoded as RGB JPEG of ``quality`` in ``folder`` (same stems)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k, p in enumerate(paths):
+        target = folder / f"{k:04d}_{Path(p).stem}.jpg"
+        with Image.open(p) as im:
+            im.convert("RGB").save(target, "JPEG", quality=quality)
+        out.append(target)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", help="image folder or list file (default: scikit-image's bundled photos)")
@@ -289,6 +390,14 @@ def main() -> None:
     parser.add_argument("--proposals", help="an existing proposal store for --images (default: generate one)")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per row (default 3)")
     parser.add_argument("--batch", type=int, default=32, help="batch size of the batched path (default 32)")
+    parser.add_argument(
+        "--jpeg",
+        type=int,
+        default=None,
+        metavar="QUALITY",
+        help="re-encode the images as JPEG of this quality first (every row reads them; the "
+        "data.decode=device rows need JPEGs to mean anything)",
+    )
     parser.add_argument(
         "--epochs",
         type=int,
@@ -306,7 +415,9 @@ def main() -> None:
             paths = [found.abspath(i) for i in range(len(found))][: args.limit or 32]
         if not paths:
             sys.exit(f"no images found in {args.images}")
-        if args.proposals and args.images and not args.limit:
+        if args.jpeg:
+            paths = as_jpeg(paths, tmp / "jpeg", args.jpeg)
+        if args.proposals and args.images and not args.limit and not args.jpeg:
             source, store = args.images, args.proposals
         else:
             # A list file of absolute paths: the store and the dataset name the images the same way.
@@ -325,16 +436,19 @@ def main() -> None:
         epochs = args.epochs or max(1, round(28 / len(paths)))
         per_pass = epochs * len(paths)
         results = measure(make_passes(source, store, paths, batch, epochs), per_pass, args.seconds)
-        cuda = None
+        cuda, cuda_diff = None, None
         if torch.cuda.is_available():
             gpu = make_passes(source, store, paths, batch, epochs, device="cuda")
-            cuda = measure({k: v for k, v in gpu.items() if k.startswith("batched")}, per_pass, args.seconds)
+            timed = {k: v for k, v in gpu.items() if k.startswith(("batched", "device"))}
+            cuda = measure(timed, per_pass, args.seconds)
+            cuda_diff = device_vs_cpu_views(source, store, batch)
         rows = rows_from(results, batch, cuda)
 
     mean_px = np.mean([w * h for w, h in sizes])
     print(
         f"\nData pipeline per image on one CPU core (torch.set_num_threads(1), no loader workers); "
-        f"{len(paths)} images x {epochs} epochs per pass, mean {mean_px / 1e6:.2f} Mpx, "
+        f"{len(paths)} images x {epochs} epochs per pass, mean {mean_px / 1e6:.2f} Mpx"
+        f"{f', re-encoded as JPEG quality {args.jpeg}' if args.jpeg else ''}, "
         f"{len(ds.without_proposals)} without proposals "
         f"(whole image used); paper view settings; warm-up excluded:\n"
     )
@@ -343,6 +457,8 @@ def main() -> None:
         "\nvs baseline = baseline ms / ours ms for the same number of views (> 1: ours is faster). "
         "Peak RSS: this process during the row's passes. Rows interleaved, fastest pass of each."
     )
+    if cuda_diff is not None:
+        print(f"\nrender_batch on CUDA (nvJPEG, CUDA resize) vs on the CPU, one batch: {cuda_diff}")
     print(f"\nMachine: {machine()}")
 
 

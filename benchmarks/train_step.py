@@ -72,20 +72,31 @@ def synthetic_batch(batch: int, size: int, k: int, n_views: int, bounds, seed: i
 
 
 def step_config(
-    preset: str, size: int, batch: int, precision: str, channels_last: bool, compile: bool, freeze: str = "none"
+    preset: str,
+    size: int,
+    batch: int,
+    precision: str,
+    channels_last: bool | None,
+    compile: bool | None,
+    freeze: str = "none",
+    extra: tuple[str, ...] = (),
 ):
-    """The preset's config for a step on a prepared batch of ``batch`` images at ``size`` px."""
+    """The preset's config for a step on a prepared batch of ``batch`` images at ``size`` px.
+    ``channels_last`` / ``compile`` None keep the preset's (what ``soco pretrain`` resolves);
+    ``extra``: more ``key=value`` overrides."""
     sizes = view_sizes(size)
+    speed = [f"train.channels_last={str(channels_last).lower()}"] if channels_last is not None else []
+    speed += [f"train.compile={str(compile).lower()}"] if compile is not None else []
     return apply_overrides(
         load_preset(preset),
         [
             *(f"data.views.v{i + 1}_size={s}" for i, s in enumerate(sizes)),
             f"train.precision={precision}",
             f"train.per_device_batch={batch}",
-            f"train.channels_last={str(channels_last).lower()}",
-            f"train.compile={str(compile).lower()}",
+            *speed,
             "data.augment.device=cpu",  # a prepared batch: no on-device augmentation to time
             f"train.freeze={freeze}",
+            *extra,
         ],
     )
 

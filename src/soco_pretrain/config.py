@@ -248,11 +248,25 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0  # base seed: same seed, same batches (per-sample RNG from seed, epoch, index)
     max_decode_retries: int = 10  # a sample whose image fails is replaced by the next index
+    # Where JPEGs are decoded. "worker": the loader workers decode (PIL), draw the geometry and
+    # render the uint8 views. "device": workers read the file's bytes and draw the geometry only
+    # (from the header); the training device decodes the JPEGs in one batched
+    # torchvision.io.decode_jpeg call and renders crops, resizes and flips there (data/decode.py;
+    # other files, e.g. PNG or CMYK JPEG, are still decoded in the workers). Needs the photometric
+    # augmentation on the device too (augment.device gpu or auto). Default "worker": the device
+    # path has not been measured on a GPU yet.
+    decode: Literal["worker", "device"] = "worker"
 
     def __post_init__(self):
         _validate(self, {"max_decode_retries": _AT_LEAST_0})
         # Rules across the two sections (each section checks its own fields).
         views, aug = self.views, self.augment
+        if self.decode == "device" and aug.device == "cpu":
+            raise ConfigError.bad(
+                "decode",
+                "device",
+                "needs augment.device=gpu or auto (the workers hold no pixels to augment)",
+            )
         n_views = 4 if views.soco_star else 3
         if len(aug.view_params) < n_views:
             raise ConfigError.bad(
@@ -293,6 +307,11 @@ class ModelConfig:
     # (the paper does not say); aligned=True (half-pixel correct, Detectron2's ROIAlignV2).
     # 0 = adaptive (torchvision's and Detectron2's meaning).
     roi_sampling_ratio: int = 2
+    # How FPN boxes are pooled (same result for boxes inside the image; model/encoder.py):
+    # "per_level": one RoIAlign per level over every slot, each slot keeps its level's (4x the
+    # work, static shapes); "packed": the levels packed into one canvas, ONE RoIAlign (boxes
+    # clamped to their level's map). Default per_level until packed is timed on a GPU.
+    roi_pool: Literal["per_level", "packed"] = "per_level"
     head_dim: int = 1024  # paper 4.1: 4 conv + 1 fc (1024), Mask R-CNN's box head
     proj_hidden: int = 4096  # paper 4.1: Linear(4096)-BN-ReLU-Linear(256), as BYOL
     proj_out: int = 256  # paper 4.1

@@ -232,6 +232,49 @@ def load_rgb(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return _decode(path, _open(path), None, max_pixels)
 
 
+# JPEGs whose bytes torchvision.io.decode_jpeg(mode=RGB) turns into the pixels load_rgb gives
+# (both libjpeg-turbo, no EXIF rotation): RGB (YCbCr) and grey ones. "MPO" is a camera JPEG with
+# extra pictures appended; both decoders read its first (main) picture. CMYK/YCCK JPEGs are
+# left to PIL: the CUDA decoder does not take them.
+DEVICE_DECODABLE = {("JPEG", "RGB"), ("JPEG", "L"), ("MPO", "RGB"), ("MPO", "L")}
+
+
+def load_encoded(
+    path, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray | None, np.ndarray | None, tuple[int, int]]:
+    """The file's bytes for decoding elsewhere, or its pixels, and its (width, height):
+    ``(data, None, size)`` for a JPEG that ``torchvision.io.decode_jpeg`` decodes like
+    :func:`load_rgb` (``DEVICE_DECODABLE``), ``data`` being the whole file as a uint8 1-D array,
+    undecoded; ``(None, image, size)`` for any other image, decoded by :func:`load_rgb`'s code.
+
+    Only the header of a JPEG is parsed here, with load_rgb's checks and messages (missing,
+    empty, not an image, zero size, more than ``max_pixels`` pixels); corrupt data after the
+    header is found by whoever decodes the bytes. Raises :class:`ImageError` only.
+    """
+    path = Path(path)
+    im = _open(path)
+    if (im.format, im.mode) not in DEVICE_DECODABLE:
+        image = _decode(path, im, None, max_pixels)  # _decode closes im
+        return None, image, (image.shape[1], image.shape[0])
+    try:
+        header = (im.width, im.height)
+        if 0 in header:
+            raise ImageError(path, "zero-size image")
+        _too_many_pixels(path, im, header, max_pixels)
+        fp = im.fp  # the file PIL opened: read it whole (one open, one read)
+        fp.seek(0)
+        data = np.frombuffer(bytearray(fp.read()), dtype=np.uint8)  # writable: torch takes it as is
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(path, f"cannot read: {exc.__class__.__name__}: {exc}") from None
+    finally:
+        im.close()
+    if data.size == 0:
+        raise ImageError(path, "empty file")
+    return data, None, header
+
+
 def bounded_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     """(width, height) after shrinking so the long side is at most ``max_side`` (None/0: as is)."""
     long_side = max(width, height)

@@ -17,6 +17,20 @@ path     str: that image's path relative to the image root (as in the proposal s
 skipped  list of (absolute path, reason) of images that failed to decode and were replaced
 ======== ==================================================================================
 
+With ``config.decode == "device"`` the workers decode nothing they can leave to the training
+device: a sample has, instead of ``views``, the image to render there (``decode.render_batch``):
+
+========== ================================================================================
+encoded    uint8 1-D tensor: the JPEG file's bytes (None when ``pixels`` is given)
+pixels     uint8 HxWx3 tensor: an image the device cannot decode (PNG, CMYK JPEG, ...),
+           decoded here as in "worker" mode (None when ``encoded`` is given)
+plan       int32 (V, 8) tensor: the views' render plan (``views.ViewPlan`` rows)
+image_size int64 (2,) tensor: the image's width and height (from its header)
+file       str: the image's absolute path (decode failures on the device name it)
+========== ================================================================================
+
+and the other fields as above (the geometry is drawn from the header, with the same draws).
+
 Images come from a folder (recursive), a list file or a COCO-style JSON (its ``images``
 entries only) and are joined with the proposal store by relative path. Boxes come from that
 store (``views.proposal_source="selective_search"``, the default) or, for the paper's ablations,
@@ -40,7 +54,7 @@ import torch
 from ..coco_json import IGNORED, CocoJsonError, normalised_file_name, read_coco_json
 from ..config import DataConfig
 from ..errors import UserError
-from ..images import ImageError, ImageList, list_images, load_rgb
+from ..images import ImageError, ImageList, list_images, load_encoded, load_rgb
 from ..proposals.filters import RULE_FAILED
 from ..proposals.store import ProposalStore
 from ..proposals.store import load as load_store
@@ -286,6 +300,7 @@ class SoCoDataset(torch.utils.data.Dataset):
             log.info("%d images without proposals use the whole image as their proposal", len(self.without_proposals))
         self.epoch = 0
         self.num_views = 4 if self.config.views.soco_star else 3
+        self.worker_decoded = 0  # data.decode=device: files decoded in this process (PNG, CMYK, ...)
 
     def _read_boxes_json(self):
         views = self.config.views
@@ -307,15 +322,27 @@ class SoCoDataset(torch.utils.data.Dataset):
         """Image ``j`` decoded and its proposals in continuous original pixels (None for random
         boxes: the caller draws them with the sample's rng); ImageError if the file cannot be
         decoded or no longer matches the store or the box JSON."""
-        from .boxes import from_store
-
         path = self.images.abspath(j)
         image = load_rgb(path)
         h, w = image.shape[:2]
+        return image, self._boxes_of(j, path, w, h)
+
+    def _load_encoded(self, j: int):
+        """``data.decode="device"``: image ``j``'s JPEG bytes (header checked, not decoded) or,
+        for a file the device cannot decode, its pixels; then its (width, height) and proposals
+        as in ``_load``. Returns (data or None, image or None, (w, h), boxes)."""
+        path = self.images.abspath(j)
+        data, image, (w, h) = load_encoded(path)
+        return data, image, (w, h), self._boxes_of(j, path, w, h)
+
+    def _boxes_of(self, j: int, path, w: int, h: int) -> np.ndarray | None:
+        """Image ``j``'s proposals for its ``w`` x ``h`` pixels (see ``_load``)."""
+        from .boxes import from_store
+
         if self.whole_image[j]:
-            return image, np.array([[0.0, 0.0, w, h]])
+            return np.array([[0.0, 0.0, w, h]])
         if self.source == "random":
-            return image, None
+            return None
         if self.source == "coco":
             jw, jh = (int(v) for v in self.boxes_json.sizes[j])
             if jw and jh and (jw, jh) != (w, h):
@@ -324,7 +351,7 @@ class SoCoDataset(torch.utils.data.Dataset):
                     f"decodes to {w}x{h} but {self.config.views.proposal_json} "
                     f"says {jw}x{jh} (boxes of another picture?)",
                 )
-            return image, self.boxes_json.of(j)
+            return self.boxes_json.of(j)
         row = int(self.rows[j])
         sw, sh = self.store.image_size(row)
         if (sw, sh) != (w, h):
@@ -334,12 +361,10 @@ class SoCoDataset(torch.utils.data.Dataset):
                 f"decodes to {w}x{h} but the proposal store has {sw}x{sh} "
                 "(file changed after the proposals were made?)",
             )
-        return image, from_store(self.store.boxes(row))
+        return from_store(self.store.boxes(row))
 
-    def raw(self, index: int, epoch: int | None = None) -> RawSample:
-        """Sample ``index`` before conversion to tensors (views as uint8 HxWx3 arrays)."""
-        from .views import build_views
-
+    def _start(self, index: int, epoch: int | None):
+        """The normalised index, the sample's geometry rng and its photometric generator."""
         n = len(self)
         index = int(index)
         if not -n <= index < n:
@@ -350,23 +375,35 @@ class SoCoDataset(torch.utils.data.Dataset):
         # Drawn first, so the photometric stream does not depend on how many numbers the
         # geometry consumed.
         generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        return index, rng, generator
+
+    def _first_loadable(self, index: int, load):
+        """``load(j)`` for j = index, index + 1, ... until one succeeds (max_decode_retries + 1
+        tries). Returns (j, what load returned, [(path, reason) of the files skipped])."""
+        n = len(self)
         skipped = []
         j = index
         for _ in range(self.config.max_decode_retries + 1):
             try:
-                image, boxes = self._load(j)
-                break
+                return j, load(j), skipped
             except ImageError as exc:
                 # Never crash a worker for one bad file: record it, say so, use the next image.
                 skipped.append((exc.path, exc.reason))
                 log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
                 j = (j + 1) % n
-        else:
-            raise DatasetError(
-                f"{self.images.root}: {len(skipped)} images in a row from index {index} "
-                f"failed to decode (last: {skipped[-1][0]}: {skipped[-1][1]}); "
-                "is the image folder the one the proposals were made from?"
-            )
+        raise DatasetError(
+            f"{self.images.root}: {len(skipped)} images in a row from index {index} "
+            f"failed to decode (last: {skipped[-1][0]}: {skipped[-1][1]}); "
+            "is the image folder the one the proposals were made from?"
+        )
+
+    def raw(self, index: int, epoch: int | None = None) -> RawSample:
+        """Sample ``index`` before conversion to tensors (views as uint8 HxWx3 arrays). Always
+        decodes in this process, whatever ``config.decode`` (pictures use it)."""
+        from .views import build_views
+
+        index, rng, generator = self._start(index, epoch)
+        j, (image, boxes), skipped = self._first_loadable(index, self._load)
         if boxes is None:  # views.proposal_source=random: new boxes every sample (and epoch)
             boxes = random_boxes(rng, image.shape[1], image.shape[0], self.config.views.num_proposals)
         try:
@@ -383,10 +420,55 @@ class SoCoDataset(torch.utils.data.Dataset):
             boxes=boxes,
         )
 
+    def planned(self, index: int, epoch: int | None = None) -> dict:
+        """``data.decode="device"``: sample ``index`` with the image undecoded (JPEG bytes) or,
+        for other files, decoded; views left to ``decode.render_batch`` (module docstring).
+
+        The rng draws are raw()'s (the photometric generator first, then the geometry from the
+        header's size), so the boxes, levels and the views rendered from the plan are the ones
+        "worker" mode gives for the same seed, epoch and index."""
+        from .views import plan_array, plan_views
+
+        index, rng, _ = self._start(index, epoch)  # the generator: drawn only to keep the draws
+        j, (data, image, (w, h), boxes), skipped = self._first_loadable(index, self._load_encoded)
+        if boxes is None:  # views.proposal_source=random
+            boxes = random_boxes(rng, w, h, self.config.views.num_proposals)
+        path = self.images.abspath(j)
+        try:
+            viewset = plan_views((w, h), boxes, self.config.views, rng)
+        except ValueError as exc:
+            raise DatasetError(f"{path}: {exc}") from None
+        if image is not None:
+            self._note_worker_decoded(path)
+        return {
+            "encoded": torch.from_numpy(data) if data is not None else None,
+            "pixels": torch.from_numpy(image) if image is not None else None,
+            "plan": torch.from_numpy(plan_array(viewset.plan)),
+            "image_size": torch.tensor([w, h], dtype=torch.int64),
+            "file": str(path),
+            **self._geometry(viewset),
+            "index": j,
+            "path": self.images.paths[j],
+            "skipped": skipped,
+        }
+
+    def _note_worker_decoded(self, path) -> None:
+        """Count the files decoded here under data.decode=device and say it once per process (a
+        line per file would flood a folder of PNGs; batches show them: ``pixels`` not None)."""
+        self.worker_decoded += 1
+        if self.worker_decoded == 1:
+            log.info(
+                "data.decode=device: %s is not an RGB or grey JPEG: such images are decoded in the "
+                "loader workers (this process says it once; they count in batch['pixels'])",
+                path,
+            )
+
     def __getitem__(self, key) -> dict:
         """``ds[i]`` (current epoch) or ``ds[(epoch, i)]`` (what the loader's sampler yields)."""
         epoch, index = key if isinstance(key, tuple) else (None, key)
         with _one_thread():
+            if self.config.decode == "device":
+                return self.planned(index, epoch)
             return self._sample(self.raw(index, epoch))
 
     def _sample(self, raw: RawSample) -> dict:
@@ -402,13 +484,20 @@ class SoCoDataset(torch.utils.data.Dataset):
             views.append(t)
         return {
             "views": views,
+            **self._geometry(vs),
+            "index": raw.index,
+            "path": raw.path,
+            "skipped": raw.skipped,
+        }
+
+    @staticmethod
+    def _geometry(vs) -> dict:
+        """A ViewSet's boxes, levels, valid and proposal_ids as the sample's tensors."""
+        return {
             "boxes": [torch.from_numpy(np.asarray(b, dtype=np.float32)) for b in vs.boxes],
             "levels": [torch.from_numpy(np.asarray(lv, dtype=np.int64)) for lv in vs.levels],
             "valid": torch.from_numpy(np.asarray(vs.valid, dtype=bool)),
             "proposal_ids": torch.from_numpy(np.asarray(vs.proposal_ids, dtype=np.int64)),
-            "index": raw.index,
-            "path": raw.path,
-            "skipped": raw.skipped,
         }
 
     def __repr__(self) -> str:

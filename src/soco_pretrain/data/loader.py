@@ -27,20 +27,35 @@ def soco_collate(samples: list[dict]) -> dict:
     views: list of (B, 3, H, W); boxes: list of (B, K, 4) float32; levels: list of (B, K) int64;
     valid and proposal_ids: (B, K); index: (B,) int64; paths: list of B str; skipped: all the
     samples' (path, reason) pairs, concatenated.
+
+    ``data.decode="device"`` samples (no views): encoded and pixels stay lists of B (a tensor or
+    None each: sizes differ), plan (B, V, 8) int32, image_size (B, 2) int64, files list of B str;
+    ``decode.render_batch`` turns them into views on the training device.
     """
     if not samples:
         raise ValueError("soco_collate: empty batch")
-    num_views = len(samples[0]["views"])
-    return {
-        "views": [torch.stack([s["views"][v] for s in samples]) for v in range(num_views)],
-        "boxes": [torch.stack([s["boxes"][v] for s in samples]) for v in range(num_views)],
-        "levels": [torch.stack([s["levels"][v] for s in samples]) for v in range(num_views)],
-        "valid": torch.stack([s["valid"] for s in samples]),
-        "proposal_ids": torch.stack([s["proposal_ids"] for s in samples]),
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
-        "paths": [s["path"] for s in samples],
-        "skipped": [item for s in samples for item in s["skipped"]],
-    }
+    num_views = len(samples[0]["boxes"])
+    batch: dict = {}
+    if "encoded" in samples[0]:
+        batch["encoded"] = [s["encoded"] for s in samples]
+        batch["pixels"] = [s["pixels"] for s in samples]
+        batch["plan"] = torch.stack([s["plan"] for s in samples])
+        batch["image_size"] = torch.stack([s["image_size"] for s in samples])
+        batch["files"] = [s["file"] for s in samples]
+    else:
+        batch["views"] = [torch.stack([s["views"][v] for s in samples]) for v in range(num_views)]
+    batch.update(
+        {
+            "boxes": [torch.stack([s["boxes"][v] for s in samples]) for v in range(num_views)],
+            "levels": [torch.stack([s["levels"][v] for s in samples]) for v in range(num_views)],
+            "valid": torch.stack([s["valid"] for s in samples]),
+            "proposal_ids": torch.stack([s["proposal_ids"] for s in samples]),
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+            "paths": [s["path"] for s in samples],
+            "skipped": [item for s in samples for item in s["skipped"]],
+        }
+    )
+    return batch
 
 
 class EpochSampler(Sampler):

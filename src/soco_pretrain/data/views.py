@@ -20,12 +20,20 @@ Geometry (defaults from ``ViewsConfig``, each with its source there):
 
 Every random draw comes from ``rng`` (a seeded ``np.random.Generator`` gives identical output),
 in a fixed order: crops (with re-draws), flips, proposal sampling, jitter.
+
+Geometry and pixels are separate steps: ``plan_views(image_size, boxes, cfg, rng)`` draws
+everything and returns the ViewSet without pixels plus its render plan (``ViewSet.plan``: one
+``ViewPlan`` of integers per view), and ``render_views(image, plan, v1_size)`` makes the pixels
+from that plan. ``build_views`` is the two together. The split lets the loader workers draw the
+geometry from the JPEG header alone while the training device decodes and renders
+(``data.decode="device"``, ``decode.py``), with the same draws and the same resampling.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,6 +82,40 @@ class ViewSet:
     crops: list[Rect]
     redraws: int = 0  # extra crop draws needed before some proposal was visible in every view
     fallback: bool = False  # all draws failed: cropped views are the whole V1 (all proposals in)
+    plan: list[ViewPlan] = field(default_factory=list)  # how ``images`` are rendered (render_views)
+
+
+# Where a view's pixels come from (ViewPlan.kind).
+PLAN_V1 = 0  # the whole image squashed to v1_size (V1 itself)
+PLAN_CROP_V1 = 1  # an integer crop of V1's pixels, resized to the view's size
+PLAN_CROP_ORIGINAL = 2  # an integer crop of the original image's pixels, resized
+PLAN_FOLLOWS = 3  # the pixels of view ``follows`` (before its flip), resized (paper's V3 of V2)
+
+
+class ViewPlan(NamedTuple):
+    """How one view's pixels are made: all integers, so it travels as a row of an int tensor
+    (``plan_array``). ``x0, y0, x1, y1``: the crop in the source (kinds 1 and 2; else 0);
+    ``follows``: the parent view (kind 3; else -1); ``flipped``: 0 or 1, an exact flip after the
+    resampling; ``size``: the view's side."""
+
+    kind: int
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    follows: int
+    flipped: int
+    size: int
+
+
+def plan_array(plan: list[ViewPlan]) -> np.ndarray:
+    """A render plan as an int32 (V, 8) array (columns in ViewPlan's field order)."""
+    return np.asarray(plan, dtype=np.int32).reshape(len(plan), len(ViewPlan._fields))
+
+
+def plan_from_array(rows) -> list[ViewPlan]:
+    """The inverse of ``plan_array`` (rows: an array, a tensor's ``tolist()`` or lists)."""
+    return [ViewPlan(*(int(v) for v in row)) for row in rows]
 
 
 @dataclass
@@ -102,6 +144,18 @@ def build_views(image: np.ndarray, boxes, cfg: ViewsConfig, rng: np.random.Gener
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"build_views needs a uint8 HxWx3 image, got {image.dtype} {image.shape}")
     height, width = image.shape[:2]
+    viewset = plan_views((width, height), boxes, cfg, rng)
+    viewset.images = render_views(image, viewset.plan, cfg.v1_size)
+    return viewset
+
+
+def plan_views(image_size: tuple[int, int], boxes, cfg: ViewsConfig, rng: np.random.Generator) -> ViewSet:
+    """``build_views`` without the pixels: the ViewSet of an image of ``image_size`` = (width,
+    height) with ``images`` empty and ``plan`` filled (``render_views`` makes the pixels).
+
+    Draws exactly what build_views draws, in the same order, so both give the same geometry
+    for the same rng state."""
+    width, height = (int(v) for v in image_size)
     s1 = cfg.v1_size
     v1_boxes = clip_boxes(resize_boxes(as_boxes(boxes), (width, height), (s1, s1)), s1, s1)
     if not (box_area(v1_boxes) > 0).any():
@@ -113,7 +167,7 @@ def build_views(image: np.ndarray, boxes, cfg: ViewsConfig, rng: np.random.Gener
     ids, valid = _sample_ids(np.flatnonzero(present), cfg, rng)
     view_boxes = _view_boxes(views, v1_boxes, ids, valid, cfg, rng)
     return ViewSet(
-        images=_render(image, views, cfg),
+        images=[],
         boxes=view_boxes,
         levels=[assign_levels(b, cfg.level_bounds) for b in view_boxes],
         valid=valid,
@@ -122,7 +176,20 @@ def build_views(image: np.ndarray, boxes, cfg: ViewsConfig, rng: np.random.Gener
         crops=[v.rect for v in views],
         redraws=redraws,
         fallback=fallback,
+        plan=[_plan_of(view, cfg) for view in views],
     )
+
+
+def _plan_of(view: _View, cfg: ViewsConfig) -> ViewPlan:
+    """A view's render instructions (integers only; see ViewPlan)."""
+    flipped = int(view.flipped)
+    if view.follows is not None:  # paper: V3 is V2 downsampled
+        return ViewPlan(PLAN_FOLLOWS, 0, 0, 0, 0, view.follows, flipped, view.size)
+    if view.src_rect is None:
+        return ViewPlan(PLAN_V1, 0, 0, 0, 0, -1, flipped, view.size)
+    x0, y0, x1, y1 = (int(v) for v in view.src_rect)  # sample_crop's corners are integers
+    kind = PLAN_CROP_V1 if cfg.v2_source == "v1" else PLAN_CROP_ORIGINAL
+    return ViewPlan(kind, x0, y0, x1, y1, -1, flipped, view.size)
 
 
 # ---------------------------------------------------------------- geometry
@@ -220,28 +287,49 @@ def _view_boxes(views, v1_boxes, ids, valid, cfg, rng) -> list[np.ndarray]:
 # ---------------------------------------------------------------- pixels
 
 
-def _render(image: np.ndarray, views: list[_View], cfg: ViewsConfig) -> list[np.ndarray]:
+class PixelOps(NamedTuple):
+    """The pixel operations ``render_views`` needs, for one image layout: ``crop(img, x0, y0,
+    x1, y1)``, ``resize(img, size)``, ``flip`` (horizontal, exact) and ``finish`` (applied to
+    every returned view). NUMPY_OPS' resize always returns a new array (every view owns its
+    pixels: the CPU augmentation works in place); decode.TENSOR_OPS' may return its input (those
+    views are stacked into new tensors)."""
+
+    crop: Any
+    resize: Any
+    flip: Any
+    finish: Any
+
+
+def render_views(image, plan: list[ViewPlan], v1_size: int, ops: PixelOps | None = None) -> list:
     """Each view's pixels: one resampling from its source (an integer crop is a slice), then an
-    exact flip. Arrays stay HxWx3; torch only sees dense HWC memory (its fast uint8 path)."""
-    s1 = cfg.v1_size
-    v1 = resize_square(image, s1)
-    src = v1 if cfg.v2_source == "v1" else image
-    unflipped: list[np.ndarray] = []
-    for view in views:
-        if view.follows is not None:  # paper: V3 is V2 downsampled
-            img = resize_square(unflipped[view.follows], view.size)
-        elif view.src_rect is None:
+    exact flip. ``image`` and the views are uint8 HxWx3 numpy arrays with the default ``ops``;
+    decode.py passes ops for CxHxW tensors on the training device (same steps, same filter)."""
+    ops = ops or NUMPY_OPS
+    v1 = ops.resize(image, v1_size)
+    unflipped: list = []
+    for view in plan:
+        if view.kind == PLAN_FOLLOWS:
+            img = ops.resize(unflipped[view.follows], view.size)
+        elif view.kind == PLAN_V1:
             img = v1
         else:
-            x0, y0, x1, y1 = (int(v) for v in view.src_rect)  # sample_crop's corners are integers
-            img = resize_square(src[y0:y1, x0:x1], view.size)
+            src = v1 if view.kind == PLAN_CROP_V1 else image
+            img = ops.resize(ops.crop(src, view.x0, view.y0, view.x1, view.y1), view.size)
         unflipped.append(img)
-    out = []
-    for img, view in zip(unflipped, views):
-        if view.flipped:
-            img = _as_tensor(img).flip(1).numpy()  # torch: ~20x faster than numpy's [:, ::-1] copy
-        out.append(np.ascontiguousarray(img))
-    return out
+    return [ops.finish(ops.flip(img) if view.flipped else img) for img, view in zip(unflipped, plan)]
+
+
+def _flip_hwc(img: np.ndarray) -> np.ndarray:
+    return _as_tensor(img).flip(1).numpy()  # torch: ~20x faster than numpy's [:, ::-1] copy
+
+
+# Arrays stay HxWx3; torch only sees dense HWC memory (its fast uint8 path).
+NUMPY_OPS = PixelOps(
+    crop=lambda img, x0, y0, x1, y1: img[y0:y1, x0:x1],
+    resize=lambda img, size: resize_square(img, size),
+    flip=_flip_hwc,
+    finish=np.ascontiguousarray,
+)
 
 
 def _as_tensor(arr: np.ndarray) -> torch.Tensor:

@@ -120,13 +120,15 @@ def resolve_per_device_batch(cfg: PretrainConfig, world_size: int, device) -> tu
 
 def resolve_augment_device(cfg: PretrainConfig, device) -> PretrainConfig:
     """``data.augment.device: auto`` -> "gpu" (batched photometric augmentation on the training
-    device) when training on CUDA, "cpu" (in the loader workers) otherwise."""
+    device) when training on CUDA or decoding there (``data.decode=device``: the workers hold no
+    pixels), "cpu" (in the loader workers) otherwise."""
     import dataclasses
 
     aug = cfg.data.augment
     if aug.device != "auto":
         return cfg
-    resolved: Literal["gpu", "cpu"] = "gpu" if torch.device(device).type == "cuda" else "cpu"
+    on_device = torch.device(device).type == "cuda" or cfg.data.decode == "device"
+    resolved: Literal["gpu", "cpu"] = "gpu" if on_device else "cpu"
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, augment=dataclasses.replace(aug, device=resolved))
     )
@@ -188,10 +190,15 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _prepare_batch(batch: dict, device: torch.device, channels_last: bool, augmenter, view_params, generator):
-    """Move the batch to the device; the GPU augmentation path makes uint8 views float there."""
+def _prepare_batch(batch: dict, device: torch.device, channels_last: bool, augmenter, view_params, generator,
+                   views_cfg=None):  # fmt: skip
+    """Move the batch to the device; ``data.decode=device`` decodes and renders its JPEGs there
+    (data/decode.py), the GPU augmentation path makes uint8 views float there."""
+    from ..data.decode import has_encoded, render_batch
     from ..data.loader import augment_batch
 
+    if has_encoded(batch):  # still on the CPU: the render plans are read there, no device sync
+        batch = render_batch(batch, views_cfg, device)
     if augmenter is not None:
         batch = augment_batch(batch, augmenter, view_params, generator, device=device)
     if device.type != "cpu":
@@ -239,6 +246,7 @@ class BatchFeed:
             job.augmenter,
             job.cfg.data.augment.view_params,
             self.generator(step, micro),
+            job.cfg.data.views,
         )
         return (step, micro), raw, prepared, waited
 

@@ -1,0 +1,52 @@
+"""``train/speed.py``: the speed settings ``soco pretrain`` resolves per device, and what it says."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from soco_pretrain.config import ConfigError, TrainConfig
+from soco_pretrain.train.speed import SpeedSettingError, mark_step_begin, resolve_speed
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+def test_cuda_gets_compile_autotuning_tf32_and_prefetch_by_default_a_cpu_none():
+    on_gpu = resolve_speed(TrainConfig(), CUDA)
+    assert (on_gpu.compile, on_gpu.compile_mode, on_gpu.cudnn_benchmark, on_gpu.tf32, on_gpu.prefetch) == (
+        True, "default", True, True, True,
+    )  # fmt: skip
+    assert not on_gpu.cuda_graphs
+    assert on_gpu.describe() == "torch.compile, cudnn.benchmark, TF32, prefetch stream"
+    on_cpu = resolve_speed(TrainConfig(), CPU)
+    assert (on_cpu.compile, on_cpu.cudnn_benchmark, on_cpu.tf32, on_cpu.prefetch) == (False, False, False, False)
+    assert on_cpu.describe() == ""
+
+
+def test_each_setting_can_be_switched_and_cuda_graphs_follow_the_compile_mode():
+    cfg = TrainConfig(compile="true", compile_mode="reduce-overhead", cudnn_benchmark="false", tf32=False,
+                      prefetch=False)  # fmt: skip
+    speed = resolve_speed(cfg, CUDA)
+    assert speed.cuda_graphs and not (speed.cudnn_benchmark or speed.tf32 or speed.prefetch)
+    assert speed.describe() == "torch.compile (reduce-overhead: CUDA graphs)"
+    # compile forced on a CPU: no cuDNN or TF32 there whatever the config says
+    assert resolve_speed(dataclasses.replace(cfg, cudnn_benchmark="true", tf32=True), CPU).describe() == (
+        "torch.compile (reduce-overhead: CUDA graphs)"
+    )
+    # graphs only when compiled: the mode alone does nothing
+    assert not resolve_speed(dataclasses.replace(cfg, compile="false"), CUDA).cuda_graphs
+    mark_step_begin(resolve_speed(dataclasses.replace(cfg, compile="false"), CUDA))  # a no-op without graphs
+
+
+def test_bad_values_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match="compile_mode"):
+        TrainConfig(compile_mode="fastest")
+    with pytest.raises(ConfigError, match="cudnn_benchmark"):
+        TrainConfig(cudnn_benchmark="sometimes")
+    # an older config (not type-checked) with a bad value still fails with the key named
+    old = dataclasses.replace(TrainConfig(), cudnn_benchmark="auto")
+    object.__setattr__(old, "cudnn_benchmark", "maybe")
+    with pytest.raises(SpeedSettingError, match="train.cudnn_benchmark='maybe'"):
+        resolve_speed(old, CUDA)
