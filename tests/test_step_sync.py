@@ -19,7 +19,7 @@ from data_fixtures import small_pretrain_config
 from torch.overrides import TorchFunctionMode
 
 from soco_pretrain.engine.skips import SkipLog
-from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch
+from soco_pretrain.train.loop import BatchFeed, Position, PretrainStep, job_for_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,6 +114,19 @@ def test_the_step_never_reads_the_device():
     with counter:
         float(out.loss[0])
     assert counter.calls and counter.calls[0][0] == "__float__"
+
+
+def test_a_prefetched_batch_asked_for_another_slot_is_the_same_batch_with_that_slots_seed():
+    job = _job(prefetch=True)
+    feed, plain = BatchFeed(job, lookahead=True), BatchFeed(job, lookahead=False)
+    batches = iter(job.loader)
+    feed.prefetch(batches, 7, 0)
+    raw, prepared, _ = feed.take(batches, 8, 0)
+    raw_ref, prepared_ref, _ = plain.take(iter(job.loader), 8, 0)
+    assert raw is raw_ref  # no batch skipped
+    assert all(torch.equal(a, b) for a, b in zip(prepared["views"], prepared_ref["views"]))  # slot (8, 0)'s seed
+    _, other, _ = plain.take(iter(job.loader), 7, 0)
+    assert not torch.equal(other["views"][1], prepared["views"][1])
 
 
 def test_prefetching_the_next_batch_changes_nothing():

@@ -234,10 +234,11 @@ class BatchFeed:
         seed = ((t.seed * 1_000_003 + step) * job.plan.accum + micro) * job.world + job.rank
         return torch.Generator(job.device).manual_seed(seed)  # reproducible per (seed, step, micro-batch, rank)
 
-    def _read(self, batches, step: int, micro: int) -> tuple:
+    def _read(self, batches, step: int, micro: int, raw=None) -> tuple:
+        """(slot, raw batch, prepared batch, seconds waited); ``raw`` given: prepare that one."""
         job = self.job
         started = time.perf_counter()
-        raw = next(batches)
+        raw = next(batches) if raw is None else raw
         waited = time.perf_counter() - started
         prepared = _prepare_batch(
             raw,
@@ -264,8 +265,10 @@ class BatchFeed:
     def take(self, batches, step: int, micro: int) -> tuple[dict, dict, float]:
         """(raw batch, prepared batch, seconds the host waited for the loader) of slot (step, micro)."""
         pending, self.pending = self.pending, None
-        if pending is None or pending[0] != (step, micro):
+        if pending is None:
             pending = self._read(batches, step, micro)
+        elif pending[0] != (step, micro):  # asked for another slot than foreseen: the same batch, its seed
+            pending = self._read(batches, step, micro, raw=pending[1])[:3] + (pending[3],)
         elif self.stream is not None:
             current = torch.cuda.current_stream(self.job.device)
             current.wait_stream(self.stream)
