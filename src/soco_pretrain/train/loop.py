@@ -280,6 +280,17 @@ class BatchFeed:
         self.pending = None
 
 
+# The batch fields the model reads (SoCoModel.forward).
+MODEL_INPUTS = ("views", "boxes", "levels", "valid")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The fields of ``batch`` the model reads, nothing else: a compiled model's guards then see
+    the same dict whatever else the data path carries (paths, render plans, skipped files), so one
+    compiled graph serves every data path and the step benchmarks."""
+    return {key: batch[key] for key in MODEL_INPUTS}
+
+
 def _tensors(batch: dict):
     for value in batch.values():
         for item in value if isinstance(value, (list, tuple)) else (value,):
@@ -521,7 +532,7 @@ class PretrainStep:
             with sync:
                 mark_step_begin(job.speed)
                 with autocast(job.device, plan.precision):
-                    loss, stats = job.forward(batch, reduction="sum")
+                    loss, stats = job.forward(model_inputs(batch), reduction="sum")
                 job.scaler.scale(loss / nominal).backward()
             # The next micro-batch of this epoch, read and prepared while the device runs this one.
             if not last_micro:
