@@ -221,6 +221,12 @@ def make_passes(source, store, paths, batch: int, epochs: int, device: str = "cp
     return passes
 
 
+def _cuda_row(label: str, views: int, photometric: str, sec: float) -> dict:
+    """A table row timed on the GPU alone (no vs-baseline ratio: the baseline is a CPU path)."""
+    return {"pipeline": label, "views": views, "photometric": photometric, "sec": sec, "peak": None,
+            "device_only": True}  # fmt: skip
+
+
 def rows_from(results: dict, batch: int, cuda: dict | None) -> list[dict]:
     r = results
     rows = [
@@ -272,16 +278,8 @@ def rows_from(results: dict, batch: int, cuda: dict | None) -> list[dict]:
             },
         ]
         if cuda:
-            rows.append(
-                {
-                    "pipeline": f"  BatchAugment on CUDA alone, batch {batch}, incl. copy to the GPU",
-                    "views": nv,
-                    "photometric": "batched, CUDA",
-                    "sec": cuda[f"batched{nv}"]["split"]["augment"],
-                    "peak": None,
-                    "device_only": True,
-                }
-            )
+            label = f"  BatchAugment on CUDA alone, batch {batch}, incl. copy to the GPU"
+            rows.append(_cuda_row(label, nv, "batched, CUDA", cuda[f"batched{nv}"]["split"]["augment"]))
         dev = r[f"device{nv}"]
         split = dev["split"]
         # in_worker is a count per image of the fastest pass: the share of files decoded in the worker.
@@ -315,16 +313,8 @@ def rows_from(results: dict, batch: int, cuda: dict | None) -> list[dict]:
             },
         ]
         if cuda:
-            rows.append(
-                {
-                    "pipeline": f"  render_batch on CUDA alone, batch {batch} (nvJPEG decode, crops, resizes, flips)",
-                    "views": nv,
-                    "photometric": "-",
-                    "sec": cuda[f"device{nv}"]["split"]["render"],
-                    "peak": None,
-                    "device_only": True,
-                }
-            )
+            label = f"  render_batch on CUDA alone, batch {batch} (nvJPEG decode, crops, resizes, flips)"
+            rows.append(_cuda_row(label, nv, "-", cuda[f"device{nv}"]["split"]["render"]))
     return rows
 
 
