@@ -111,6 +111,12 @@ def test_backbone_of_state_names_every_backbone_and_refuses_unknown_ones():
         wide = torchvision.models.wide_resnet50_2().state_dict()  # bottlenecks of width 128: none of ours
     with pytest.raises(ValueError, match="none of the known backbones"):
         backbone_of_state(wide)
+    # a config-less soco checkpoint holding such a ResNet: one line naming the file, no silent ResNet-50
+    from soco_pretrain.transfer.weights import SocoWeights, WeightsError
+
+    online = {f"backbone.body.{k}": v for k, v in wide.items()}
+    with pytest.raises(WeightsError, match=r"old\.pt: a ResNet of 50 layers .* none of the known backbones"):
+        _ = SocoWeights(path=Path("old.pt"), arch="fpn", online=online, target={}, step=None, config=None).backbone
 
 
 # ---------------------------------------------------------------- training: 2 optimiser steps

@@ -55,7 +55,8 @@ class SocoWeights:
     @property
     def backbone(self) -> str:
         """The run's ``model.backbone``; without a config, the one the encoder's shapes name
-        (``resnet50``, the paper's, when they name none)."""
+        (``resnet50``, the paper's, when the file holds no ResNet tensors at all: loading then
+        names what is missing). A ResNet of no known shape is a WeightsError naming the file."""
         from ..model.backbones import backbone_of_state
 
         model = (self.config or {}).get("model")
@@ -66,8 +67,8 @@ class SocoWeights:
             found = backbone_of_state(
                 self.online or self.target, "backbone.body." if self.arch == "fpn" else "backbone."
             )
-        except ValueError:
-            found = None
+        except ValueError as exc:
+            raise WeightsError(f"{self.path}: {exc}") from None
         return found or "resnet50"
 
     def network(self, which: str) -> dict[str, torch.Tensor]:
