@@ -5,7 +5,7 @@ with ResNet-50 only. What grows with the batch is what the online network keeps 
 pass (the target network runs under no_grad), so the ratio of that to ResNet-50's is the factor
 ``BACKBONE_MEMORY`` scales the per-image part with. Measured here on the CPU: one forward of
 ``SoCoModel`` (online encoder + projector + predictor on every view, the target under no_grad) on
-a synthetic batch (benchmarks/train_step.py's), summing the bytes of every distinct storage
+a synthetic batch (data/synthetic.py), summing the bytes of every distinct storage
 ``torch.autograd.graph.saved_tensors_hooks`` sees, parameters excluded. The per-image figure is
 (bytes at batch 4 - bytes at batch 2) / 2, so nothing that does not grow with the batch counts.
 Saved tensors are the same on any device, so the CPU measures what the GPU keeps (fp32 here;
@@ -22,9 +22,10 @@ import argparse
 import sys
 
 import torch
-from train_step import synthetic_batch, view_sizes  # benchmarks/train_step.py
+from train_step import view_sizes  # benchmarks/train_step.py
 
 from soco_pretrain.config import apply_overrides
+from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.model import SoCoModel
 from soco_pretrain.model.backbones import BACKBONES, backbone_info
 from soco_pretrain.presets import load_preset
@@ -61,7 +62,7 @@ def measure(backbone: str, arch: str, size: int, k: int) -> tuple[float, int]:
     model = SoCoModel(cfg).train()
     per_batch = {}
     for b in (2, 4):
-        batch = synthetic_batch(b, size, k, n_views, cfg.data.views.level_bounds)
+        batch = synthetic_batch(cfg.data.views, b, k, n_views)
         per_batch[b] = saved_bytes(model, batch)
     params = sum(p.numel() for p in model.encoder.parameters())
     return (per_batch[4] - per_batch[2]) / 2 / 2**20, params

@@ -52,9 +52,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import cpu_model, peak_rss_mib  # noqa: E402
-from train_step import MODELS, step_config, synthetic_batch, view_sizes  # noqa: E402
+from train_step import MODELS, step_config, view_sizes  # noqa: E402
 
 from soco_pretrain.config import apply_overrides  # noqa: E402
+from soco_pretrain.data.synthetic import synthetic_batch  # noqa: E402
 from soco_pretrain.engine.skips import SkipLog  # noqa: E402
 from soco_pretrain.presets import load_preset  # noqa: E402
 from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch  # noqa: E402
@@ -152,8 +153,12 @@ def matmul_tflops(device, n: int, repeat: int) -> float:
 
 
 def device_batch(batch: dict, device, channels_last: bool) -> dict:
-    out = {k: ([t.to(device) for t in v] if isinstance(v, list) else v.to(device)) if k != "skipped" else v
-           for k, v in batch.items()}  # fmt: skip
+    """The batch's tensors (and lists of tensors) on ``device``; paths and the like as they are."""
+
+    def move(v):
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+
+    out = {k: [move(t) for t in v] if isinstance(v, list) else move(v) for k, v in batch.items()}
     if channels_last:
         out["views"] = [v.contiguous(memory_format=torch.channels_last) for v in out["views"]]
     return out
@@ -168,7 +173,7 @@ def row_config(name: str, batch_size: int, variant: str, precision: str, size: i
 def build_step(cfg, name: str, batch_size: int, size: int, k: int, device):
     """(step function, job, batch) for ``soco pretrain``'s step under ``cfg`` on a synthetic batch."""
     n_views = MODELS[name][1]
-    batch = synthetic_batch(batch_size, size, k, n_views, cfg.data.views.level_bounds)
+    batch = synthetic_batch(cfg.data.views, batch_size, k, n_views)
     batch = device_batch(batch, device, device.type == "cuda" and cfg.train.channels_last)
     job = job_for_batch(cfg, batch, device)
     run_step = PretrainStep(job, Position(), SkipLog())
@@ -286,7 +291,7 @@ def numerics_check(args, device) -> dict:
     relative to the largest update (the target's EMA included)."""
     size, batch_size = (64, 2) if args.quick else (128, 4)
     cfg = row_config("FPN", batch_size, "eager", "fp32", size, extra=("train.tf32=false",))
-    batch = synthetic_batch(batch_size, size, args.k, 3, cfg.data.views.level_bounds)
+    batch = synthetic_batch(cfg.data.views, batch_size, args.k, 3)
     results = {}
     for dev in (torch.device("cpu"), device):
         job = job_for_batch(cfg, device_batch(batch, dev, False), dev)

@@ -36,7 +36,7 @@ from bench_common import cpu_model, peak_rss_mib, reset_peak_rss  # benchmarks/b
 from torch.utils.flop_counter import FlopCounterMode
 
 from soco_pretrain.config import apply_overrides
-from soco_pretrain.data.boxes import assign_levels
+from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.engine.skips import SkipLog
 from soco_pretrain.presets import load_preset
 from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch
@@ -47,28 +47,6 @@ MODELS = {"FPN": ("fpn-100ep", 3), "C4": ("c4-100ep", 2), "SoCo*": ("fpn-star-40
 
 def view_sizes(size: int) -> list[int]:
     return [size, size, max(32, size // 2), max(32, round(size * 192 / 224))]
-
-
-def synthetic_batch(batch: int, size: int, k: int, n_views: int, bounds, seed: int = 0) -> dict:
-    """Random views and boxes shaped like data.loader.soco_collate's batch."""
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    views, boxes, levels = [], [], []
-    for s in view_sizes(size)[:n_views]:
-        views.append(torch.randn(batch, 3, s, s, generator=gen))
-        wh = rng.uniform(16, s, (batch, k, 2))
-        xy = rng.uniform(0, 1, (batch, k, 2)) * (s - wh)
-        b = np.concatenate([xy, xy + wh], axis=2)
-        boxes.append(torch.from_numpy(b.astype(np.float32)))
-        levels.append(torch.from_numpy(assign_levels(b.reshape(-1, 4), bounds).reshape(batch, k)))
-    return {
-        "views": views,
-        "boxes": boxes,
-        "levels": levels,
-        "valid": torch.ones(batch, k, dtype=torch.bool),
-        "index": torch.arange(batch),
-        "skipped": [],
-    }
 
 
 def step_config(
@@ -116,7 +94,7 @@ def bench_model(name: str, args, device, freeze: str = "none") -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     rss_reset = reset_peak_rss()
-    batch = synthetic_batch(args.batch, args.size, args.k, n_views, cfg.data.views.level_bounds)
+    batch = synthetic_batch(cfg.data.views, args.batch, args.k, n_views)
     batch["views"] = [v.to(device) for v in batch["views"]]
     if channels_last:
         batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]

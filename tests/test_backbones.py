@@ -38,7 +38,7 @@ import yaml
 from data_fixtures import small_pretrain_config
 
 from soco_pretrain.config import ModelConfig
-from soco_pretrain.data.boxes import assign_levels
+from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.engine.skips import SkipLog
 from soco_pretrain.model.backbones import BACKBONES, backbone_of_state
 from soco_pretrain.model.encoder import SoCoEncoder
@@ -122,27 +122,10 @@ def test_backbone_of_state_names_every_backbone_and_refuses_unknown_ones():
 # ---------------------------------------------------------------- training: 2 optimiser steps
 
 
-def _batch(cfg, images: int = 2) -> dict:
-    """A collated batch (data.loader.soco_collate's keys) of random views and valid boxes."""
-    views = cfg.data.views
-    k = views.num_proposals
-    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    out: dict = {"views": [], "boxes": [], "levels": []}
-    for size in (views.v1_size, views.v2_size, views.v3_size):
-        out["views"].append(torch.randn(images, 3, size, size, generator=gen))
-        wh = rng.uniform(8, size, (images, k, 2))
-        xy = rng.uniform(0, 1, (images, k, 2)) * (size - wh)
-        boxes = np.concatenate([xy, xy + wh], axis=2).astype(np.float32)
-        out["boxes"].append(torch.from_numpy(boxes))
-        levels = assign_levels(boxes.reshape(-1, 4), views.level_bounds).reshape(images, k)
-        out["levels"].append(torch.from_numpy(levels))
-    return {**out, "valid": torch.ones(images, k, dtype=torch.bool), "index": torch.arange(images), "skipped": []}
-
-
 def _trained(name: str, arch: str):
     """(job, losses, tensors before) after two optimiser steps of the real step (train/loop.py)."""
     cfg = small_pretrain_config(f"model.backbone={name}", f"model.arch={arch}")
-    job = job_for_batch(cfg, _batch(cfg), "cpu")
+    job = job_for_batch(cfg, synthetic_batch(cfg.data.views, 2, min_box=8), "cpu")
     model = job.core
     body = model.encoder.backbone.body if arch == "fpn" else model.encoder.backbone
     watched = {"conv1": body.conv1.weight, "last": body.layer4[-1].conv1.weight}

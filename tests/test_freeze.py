@@ -8,11 +8,11 @@ synthetic batch of 64 px views.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from data_fixtures import small_pretrain_config
 
+from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.engine.skips import SkipLog
 from soco_pretrain.model.freeze import frozen_parts
 from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch
@@ -20,23 +20,8 @@ from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _batch(cfg, n_views: int, batch: int = 2, k: int = 2) -> dict:
-    """Random views and boxes shaped like the loader's collated batch (all slots valid)."""
-    from soco_pretrain.data.boxes import assign_levels
-
-    rng = np.random.default_rng(0)
-    gen = torch.Generator().manual_seed(0)
-    v = cfg.data.views
-    views, boxes, levels = [], [], []
-    for size in (v.v1_size, v.v2_size, v.v3_size, v.v4_size)[:n_views]:
-        views.append(torch.randn(batch, 3, size, size, generator=gen))
-        wh = rng.uniform(12, size, (batch, k, 2))
-        xy = rng.uniform(0, 1, (batch, k, 2)) * (size - wh)
-        b = np.concatenate([xy, xy + wh], axis=2).astype(np.float32)
-        boxes.append(torch.from_numpy(b))
-        levels.append(torch.from_numpy(assign_levels(b.reshape(-1, 4), v.level_bounds).reshape(batch, k)))
-    return {"views": views, "boxes": boxes, "levels": levels, "valid": torch.ones(batch, k, dtype=torch.bool),
-            "index": torch.arange(batch), "skipped": []}  # fmt: skip
+def _batch(cfg, n_views: int) -> dict:
+    return synthetic_batch(cfg.data.views, 2, k=2, n_views=n_views)
 
 
 def _snapshot(module) -> dict:

@@ -18,6 +18,7 @@ import torch
 from data_fixtures import small_pretrain_config
 from torch.overrides import TorchFunctionMode
 
+from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.engine.skips import SkipLog
 from soco_pretrain.train.loop import BatchFeed, Position, PretrainStep, job_for_batch
 
@@ -50,27 +51,6 @@ class HostReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _batch(cfg, seed: int, batch: int = 2, k: int = 3) -> dict:
-    """A collated batch as the loader gives it for data.augment.device=gpu: uint8 views, boxes
-    assigned to levels, one padded slot per image (pad=mask)."""
-    from soco_pretrain.data.boxes import assign_levels
-
-    g = torch.Generator().manual_seed(seed)
-    v = cfg.data.views
-    views, boxes, levels = [], [], []
-    for size in (v.v1_size, v.v2_size, v.v3_size):
-        views.append(torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8))
-        wh = 12 + torch.rand(batch, k, 2, generator=g) * (size - 12)
-        xy = torch.rand(batch, k, 2, generator=g) * (size - wh)
-        b = torch.cat([xy, xy + wh], dim=2)
-        boxes.append(b)
-        levels.append(torch.from_numpy(assign_levels(b.reshape(-1, 4).numpy(), v.level_bounds).reshape(batch, k)))
-    valid = torch.ones(batch, k, dtype=torch.bool)
-    valid[:, -1] = False
-    return {"views": views, "boxes": boxes, "levels": levels, "valid": valid, "proposal_ids": torch.zeros(batch, k),
-            "index": torch.arange(batch), "paths": ["a"] * batch, "skipped": []}  # fmt: skip
-
-
 class _Batches:
     """A loader of a few distinct batches, restarted every epoch (what set_epoch does)."""
 
@@ -92,7 +72,8 @@ def _job(prefetch: bool, accum: int = 1):
         "train.warmup_epochs=0",
         f"train.batch_size={2 * accum}", "train.per_device_batch=2",
     )  # fmt: skip
-    batches = [_batch(cfg, seed) for seed in range(3)]
+    # as the loader gives them for the on-device augmentation: uint8 views; one padded slot per image
+    batches = [synthetic_batch(cfg.data.views, 2, k=3, seed=seed, uint8=True, padded=1) for seed in range(3)]
     job = job_for_batch(cfg, batches[0], "cpu", total_steps=20)
     job.loader = _Batches(batches)
     job.plan = dataclasses.replace(job.plan, accum=accum, steps_per_epoch=2)  # crosses epochs
