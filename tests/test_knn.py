@@ -277,6 +277,9 @@ SMALL = [
     "train.log_every=2",
     "train.checkpoint_every=1000",
     "train.epochs=1",
+    "model.backbone=resnet18",  # the monitor's plumbing does not depend on the backbone; R18 is cheap
+    "model.head_dim=256",
+    "model.proj_hidden=512",
 ]
 
 
@@ -302,7 +305,6 @@ def monitored_run(coloured, tmp_path_factory):
     return run, pool, cfg
 
 
-@pytest.mark.slow  # ~20 s of pretraining with the monitor (the kNN itself is tested by default)
 def test_monitor_logs_knn_and_rank_from_step_0_across_a_resume(monitored_run):
     from soco_pretrain.engine.metrics import read_metrics
 
@@ -317,7 +319,6 @@ def test_monitor_logs_knn_and_rank_from_step_0_across_a_resume(monitored_run):
     assert records[2]["erank_online"] != records[0]["erank_online"]
 
 
-@pytest.mark.slow  # 10-minute budget of the default run: two pretraining runs, with and without the monitor
 def test_monitor_leaves_training_unchanged(monitored_run, tmp_path):
     """The same 2 steps without the monitor give the same weights (no RNG or BN buffer touched)."""
     from soco_pretrain.config import apply_overrides
