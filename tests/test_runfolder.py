@@ -16,6 +16,12 @@ from soco_pretrain.train.loop import pretrain
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _config(*extra: str):
+    """The tests' small pretraining setting on a ResNet-18 with a small head: what a run folder
+    does does not depend on the network, and these runs are the file's cost."""
+    return small_pretrain_config("model.backbone=resnet18", "model.head_dim=256", "model.proj_hidden=512", *extra)
+
+
 @pytest.fixture(scope="module")
 def two_photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("runfolder")
@@ -31,7 +37,7 @@ def test_a_second_run_on_a_busy_folder_stops_in_one_line(tmp_path, two_photos, c
     run = tmp_path / "run"
     with locked(run, "pretrain"):  # another run holds the folder
         with pytest.raises(RunFolderError, match="another soco run is using this folder now .soco pretrain, pid"):
-            pretrain(small_pretrain_config(), listed, store, run, max_steps=1, progress=False)
+            pretrain(_config(), listed, store, run, max_steps=1, progress=False)
         status = main(["pretrain", "--preset", "tiny", "--images", str(listed), "--proposals", str(store),
                        "--out", str(run), "--max-steps", "1"])  # fmt: skip
         err = capsys.readouterr().err
@@ -42,14 +48,12 @@ def test_a_second_run_on_a_busy_folder_stops_in_one_line(tmp_path, two_photos, c
 def test_resume_none_refuses_then_overwrite_moves_the_old_run_aside(tmp_path, two_photos):
     listed, store = two_photos
     run = tmp_path / "run"
-    pretrain(small_pretrain_config(), listed, store, run, max_steps=1, progress=False)
+    pretrain(_config(), listed, store, run, max_steps=1, progress=False)
     old_weights = file_digest(run / "checkpoints" / "last.pt")
     with pytest.raises(RunFolderError, match="--resume none would mix two runs"):
-        pretrain(small_pretrain_config(), listed, store, run, max_steps=1, resume="none", progress=False)
+        pretrain(_config(), listed, store, run, max_steps=1, resume="none", progress=False)
     assert file_digest(run / "checkpoints" / "last.pt") == old_weights  # untouched
-    summary = pretrain(
-        small_pretrain_config(), listed, store, run, max_steps=1, resume="none", progress=False, overwrite=True
-    )
+    summary = pretrain(_config(), listed, store, run, max_steps=1, resume="none", progress=False, overwrite=True)
     aside = tmp_path / "run.old-1"
     assert summary.start_step == 0 and file_digest(aside / "checkpoints" / "last.pt") == old_weights
     assert [r["step"] for r in read_metrics(run)] == [1] and [r["step"] for r in read_metrics(aside)] == [1]
@@ -65,18 +69,17 @@ def test_start_fresh_numbers_the_folders_it_moves_aside(tmp_path):
     assert start_fresh(tmp_path / "empty", overwrite=False, command="test") is None  # nothing to protect
 
 
-@pytest.mark.slow  # 10-minute budget of the default run: two pretraining runs
 def test_resume_with_other_training_settings_is_refused_unless_accepted(tmp_path, two_photos):
     listed, store = two_photos
     run = tmp_path / "run"
-    pretrain(small_pretrain_config("train.epochs=3"), listed, store, run, max_steps=1, progress=False)
+    pretrain(_config("train.epochs=3"), listed, store, run, max_steps=1, progress=False)
     with pytest.raises(RunFolderError, match=r"made with other settings \(train.epochs\).*--accept-changes"):
-        pretrain(small_pretrain_config("train.epochs=5"), listed, store, run, max_steps=2, progress=False)
+        pretrain(_config("train.epochs=5"), listed, store, run, max_steps=2, progress=False)
     # how a run reports is free to change; what it trains is not, unless accepted
-    free = pretrain(small_pretrain_config("train.epochs=3", "train.log_every=2"), listed, store, run, max_steps=2,
+    free = pretrain(_config("train.epochs=3", "train.log_every=2"), listed, store, run, max_steps=2,
                     progress=False)  # fmt: skip
     assert free.start_step == 1 and free.step == 2
-    accepted = pretrain(small_pretrain_config("train.epochs=5"), listed, store, run, max_steps=3, progress=False,
+    accepted = pretrain(_config("train.epochs=5"), listed, store, run, max_steps=3, progress=False,
                         accept_changes=True)  # fmt: skip
     assert accepted.start_step == 2 and accepted.total_steps == 5
 
@@ -88,7 +91,7 @@ def test_resume_from_a_non_pretraining_checkpoint_is_one_line(tmp_path, two_phot
     from soco_pretrain.train.loop import PretrainError
 
     with pytest.raises(PretrainError, match="not a soco pretrain checkpoint"):
-        pretrain(small_pretrain_config(), listed, store, tmp_path / "run", resume=str(export), progress=False)
+        pretrain(_config(), listed, store, tmp_path / "run", resume=str(export), progress=False)
 
 
 def test_finetune_resume_from_other_weights_is_refused(tmp_path, capsys):
