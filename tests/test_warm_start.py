@@ -263,6 +263,15 @@ def test_freezing_without_init_is_refused(data, tmp_path, capsys):
     assert "train.freeze=backbone" in err and "--init" in err and not out.exists()
 
 
+@pytest.mark.parametrize("preset", ["fpn-warm", "fpn-head-warm"])
+def test_warm_presets_without_init_are_refused(data, tmp_path, capsys, preset):
+    out = tmp_path / "run"
+    assert main(_pretrain_argv(data, out, "--preset", preset)) == 2
+    err = capsys.readouterr().err
+    assert f"--preset {preset} is a warm start" in err and "--init FILE" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_warm_presets_resolve():
     from soco_pretrain.presets import load_preset
 

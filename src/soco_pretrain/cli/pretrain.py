@@ -142,6 +142,11 @@ def add_pretrain(subparsers):
     p.set_defaults(func=cmd_pretrain)
 
 
+# Presets whose recipe starts from trained weights (--init); without them they would train a
+# random network with a warm start's lr and schedule.
+WARM_PRESETS = ("fpn-warm", "fpn-head-warm")
+
+
 def cmd_pretrain(args) -> int:
     if args.preset is None and args.config is None:
         raise UsageError("give --preset NAME or --config FILE (or both: the file is read over the preset)")
@@ -167,6 +172,11 @@ def cmd_pretrain(args) -> int:
     check_view_inputs(args)
     check_resume(args.resume)
     config, _ = pretrain_config(args, flags)
+    if args.preset in WARM_PRESETS and not config.model.init:
+        raise UsageError(
+            f"--preset {args.preset} is a warm start (its lr and schedule assume trained weights): give --init FILE "
+            "(e.g. a supervised torchvision ResNet state dict), or --preset fpn-100ep to train from scratch"
+        )
     source = config.data.views.proposal_source
     if source == "selective_search" and args.proposals is None:
         raise UsageError(
