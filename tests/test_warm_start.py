@@ -344,3 +344,31 @@ def test_unknown_backbone_is_one_line_and_writes_nothing(data, tmp_path, capsys,
 def test_c4_with_basic_blocks_is_refused(capsys):
     assert main(["config", "show", "--preset", "c4-100ep", "--set", "model.backbone=resnet18"]) == 2
     assert "bottleneck" in capsys.readouterr().err
+
+
+def test_a_plain_pickle_loads_only_numpy_arrays(tmp_path):
+    """Detectron2 .pkl files are read by a restricted unpickler (the allowlist it shares with
+    checkpoint loading): arrays of pickle protocols 2, 4 and 5 load; any other global is refused in
+    one line, before it could run."""
+    import os
+    import pickle
+    from collections import OrderedDict
+
+    from soco_pretrain.transfer.weights import WeightsError, load_weights_file
+
+    weights = OrderedDict(w=np.arange(6, dtype=np.float32).reshape(2, 3), n=np.int64(3))
+    for protocol in (2, 4, 5):
+        path = tmp_path / f"ok{protocol}.pkl"
+        path.write_bytes(pickle.dumps({"model": weights}, protocol=protocol))
+        _, content = load_weights_file(path)
+        assert np.array_equal(content["model"]["w"], weights["w"]) and content["model"]["n"] == 3
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "evil.pkl"
+    bad.write_bytes(pickle.dumps({"model": Evil()}))
+    with pytest.raises(WeightsError, match=r"evil\.pkl: not a readable .*(posix|os)\.system is not allowed"):
+        load_weights_file(bad)
+    assert not (tmp_path / "pwned").exists()

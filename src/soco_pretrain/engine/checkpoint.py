@@ -188,10 +188,33 @@ def verify_checkpoint(path) -> None:
             raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch.save file)") from exc
 
 
+# What numpy arrays, scalars and dtypes pickle as (numpy 1.x: numpy.core, 2.x: numpy._core;
+# arrays of pickle protocol 5 through _frombuffer; dtypes by their class on numpy >= 1.25): the one
+# allowlist of both restricted readers, torch.load of our checkpoints (np.random.get_state() in the
+# RNG state) and the plain-pickle weights reader (Detectron2 .pkl, transfer/weights.py).
+NUMPY_PICKLE_GLOBALS = frozenset(
+    [(f"{core}.multiarray", name) for core in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")]
+    + [("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")]
+    + [("numpy", "ndarray"), ("numpy", "dtype")]
+)
+
+
+def numpy_pickle_allowed(module: str, name: str) -> bool:
+    """True for a global a pickle of numpy arrays may name (NUMPY_PICKLE_GLOBALS, numpy's DType classes)."""
+    return (module, name) in NUMPY_PICKLE_GLOBALS or (module.startswith("numpy") and name.endswith("DType"))
+
+
 def _numpy_safe_globals() -> list:
-    # What np.random.get_state() and numpy scalars pickle as (numpy 1.x: numpy.core, 2.x: numpy._core).
-    core = getattr(np, "_core", None) or np.core
-    found = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    """NUMPY_PICKLE_GLOBALS as the objects torch.serialization.safe_globals takes (this numpy's path only:
+    importing numpy.core warns on numpy 2), with numpy's DType classes."""
+    import importlib
+
+    core = "numpy._core" if hasattr(np, "_core") else "numpy.core"
+    found = [
+        getattr(importlib.import_module(module), name)
+        for module, name in sorted(NUMPY_PICKLE_GLOBALS)
+        if not module.startswith("numpy.") or module.startswith(core + ".")
+    ]
     dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes by their class
     if dtypes is not None:
         found += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]

@@ -169,27 +169,19 @@ def read_soco_checkpoint(source) -> SocoWeights:
 # keys onto their module: the fine-tune detector takes them as they are, the encoder (warm start,
 # kNN) through ``detector_to_encoder``.
 
-SAFE_PICKLE_GLOBALS = {  # what a Detectron2 .pkl of float arrays holds (numpy 1.x and 2.x paths)
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"),  # arrays in pickle protocol 5
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("collections", "OrderedDict"),
-}
-
 
 def _load_pickle(path: Path):
     """A plain pickle (Detectron2's .pkl) read with only numpy arrays and dicts allowed: a weights
     file cannot run code (torch.load(weights_only=True) does not read plain pickles)."""
     import pickle
 
+    from ..engine.checkpoint import numpy_pickle_allowed
+
     class Restricted(pickle.Unpickler):
         def find_class(self, module, name):
-            if (module, name) in SAFE_PICKLE_GLOBALS or (module.startswith("numpy") and name.endswith("DType")):
+            # _codecs.encode: how protocol-2 pickles written by Python 3 store bytes (torch allows it too)
+            if numpy_pickle_allowed(module, name) or (module, name) in (("collections", "OrderedDict"),
+                                                                         ("_codecs", "encode")):  # fmt: skip
                 return super().find_class(module, name)
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights file")
 
