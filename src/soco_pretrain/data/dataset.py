@@ -454,10 +454,11 @@ class SoCoDataset(torch.utils.data.Dataset):
 
     def _note_worker_decoded(self, path) -> None:
         """Count the files decoded here under data.decode=device and say it once per process (a
-        line per file would flood a folder of PNGs; batches show them: ``pixels`` not None)."""
+        line per file would flood a folder of PNGs; batches show them: ``pixels`` not None). A
+        warning: nothing configures logging, and a fallback must reach the user's terminal."""
         self.worker_decoded += 1
         if self.worker_decoded == 1:
-            log.info(
+            log.warning(
                 "data.decode=device: %s is not an RGB or grey JPEG: such images are decoded in the "
                 "loader workers (this process says it once; they count in batch['pixels'])",
                 path,

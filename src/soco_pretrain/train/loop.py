@@ -191,7 +191,7 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _prepare_batch(batch: dict, device: torch.device, channels_last: bool, augmenter, view_params, generator,
-                   views_cfg=None):  # fmt: skip
+                   views_cfg):  # fmt: skip
     """Move the batch to the device; ``data.decode=device`` decodes and renders its JPEGs there
     (data/decode.py), the GPU augmentation path makes uint8 views float there."""
     from ..data.decode import has_encoded, render_batch

@@ -72,15 +72,15 @@ def resolve_compile(value, device) -> bool:
 def resolve_speed(train_cfg, device) -> Speed:
     """The settings ``train_cfg`` (a TrainConfig) asks for on ``device``."""
     cuda = torch.device(device).type == "cuda"
-    mode = getattr(train_cfg, "compile_mode", "default")
+    mode = train_cfg.compile_mode
     if mode not in COMPILE_MODES:
         raise SpeedSettingError(f"train.compile_mode={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     return Speed(
         compile=resolve_compile(train_cfg.compile, device),
         compile_mode=mode,
-        cudnn_benchmark=cuda and _tristate("cudnn_benchmark", getattr(train_cfg, "cudnn_benchmark", "auto"), True),
-        tf32=cuda and bool(getattr(train_cfg, "tf32", True)),
-        prefetch=cuda and bool(getattr(train_cfg, "prefetch", True)),
+        cudnn_benchmark=cuda and _tristate("cudnn_benchmark", train_cfg.cudnn_benchmark, True),
+        tf32=cuda and bool(train_cfg.tf32),
+        prefetch=cuda and bool(train_cfg.prefetch),
     )
 
 
