@@ -28,7 +28,7 @@ matmul rate and peak memory, which the memory table compares with ``train/memory
 
     python benchmarks/gpu.py --out results/ --images .gpu_data/images --proposals .gpu_data/proposals \\
         --workers 14 --budget-s 450                      # the prepared run (about 8 minutes)
-    python benchmarks/gpu.py --device cpu --quick --images /tmp/photos   # smoke run of every path on a CPU
+    python benchmarks/gpu.py --device cpu --quick --images photos/     # smoke run of every path on a CPU
 
 Compiled artifacts are cached between rows by torch (Inductor's FX graph cache and AOTAutograd's
 cache, on by default): rows whose graphs match compile much faster than the first.

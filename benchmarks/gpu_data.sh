@@ -19,6 +19,10 @@ soco=${SOCO:-soco}
 mkdir -p "$out/images"
 # (process substitution: head closing the pipe early must not fail the script under pipefail)
 mapfile -t photos < <(find "$src" -maxdepth 1 -type f \( -iname '*.jpg' -o -iname '*.jpeg' \) | sort | head -n "$n")
+if [ "${#photos[@]}" -eq 0 ]; then
+    echo "gpu_data.sh: $src: no .jpg or .jpeg files (the end-to-end rows time JPEG decoding)" >&2
+    exit 2
+fi
 cp -n "${photos[@]}" "$out/images/"
 echo "$(find "$out/images" -type f | wc -l) photos in $out/images ($(du -sh "$out/images" | cut -f1))"
 "$soco" proposals "$out/images" -o "$out/proposals" --no-progress
