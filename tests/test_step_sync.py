@@ -66,11 +66,11 @@ class _Batches:
         return len(self.batches) * 1000
 
 
-def _job(prefetch: bool, accum: int = 1):
+def _job(prefetch: bool, accum: int = 1, *extra: str):
     cfg = small_pretrain_config(
         "model.backbone=resnet18", "model.head_dim=128", "model.proj_hidden=256", "data.augment.device=gpu",
         "train.warmup_epochs=0",
-        f"train.batch_size={2 * accum}", "train.per_device_batch=2",
+        f"train.batch_size={2 * accum}", "train.per_device_batch=2", *extra,
     )  # fmt: skip
     # as the loader gives them for the on-device augmentation: uint8 views; one padded slot per image
     batches = [synthetic_batch(cfg.data.views, 2, k=3, seed=seed, uint8=True, padded=1) for seed in range(3)]
@@ -82,8 +82,9 @@ def _job(prefetch: bool, accum: int = 1):
     return job
 
 
-def test_the_step_never_reads_the_device():
-    job = _job(prefetch=True)
+@pytest.mark.parametrize("extra", [(), ("train.optimizer=sgd", "train.ema_schedule=constant")], ids=["lars", "sgd"])
+def test_the_step_never_reads_the_device(extra):
+    job = _job(True, 1, *extra)
     assert job.augmenter is not None  # the on-device augmentation is part of the counted path
     step = PretrainStep(job, Position(), SkipLog())
     step(0)  # first step: optimiser state is created

@@ -2,8 +2,9 @@
 
 ``step`` counts optimiser steps already taken (0 for the first update); the training loop sets
 the learning rate from :func:`lr_at` before each update and the EMA momentum from
-:func:`tau_at` for the target update after it. Both are pure functions of the step, so a
-resumed run continues exactly where it stopped (the released code restarted the EMA schedule).
+:func:`tau_at` for the target update after it (``train.ema_schedule``: the paper's cosine, or
+constant). Both are pure functions of the step, so a resumed run continues exactly where it
+stopped (the released code restarted the EMA schedule).
 """
 
 from __future__ import annotations
@@ -50,13 +51,23 @@ def lr_at(
     return final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def tau_at(step: int, total_steps: int, tau0: float = 0.99) -> float:
-    """EMA momentum ``1 - (1 - tau0) * (cos(pi * step / total_steps) + 1) / 2``.
+EMA_SCHEDULES = ("cosine", "constant")
 
-    BYOL's schedule (SoCo paper 4.1: tau from 0.99 increased to 1): ``tau0`` at step 0,
-    ``(1 + tau0) / 2`` half-way, 1 at ``total_steps`` (and after).
+
+def tau_at(step: int, total_steps: int, tau0: float = 0.99, schedule: str = "cosine") -> float:
+    """EMA momentum of the target update after optimiser step ``step``.
+
+    ``cosine``: ``1 - (1 - tau0) * (cos(pi * step / total_steps) + 1) / 2``, BYOL's schedule (SoCo
+    paper 4.1: tau from 0.99 increased to 1): ``tau0`` at step 0, ``(1 + tau0) / 2`` half-way, 1 at
+    ``total_steps`` (and after). ``constant``: ``tau0`` at every step (our small-budget option, not
+    the paper's: a short run's cosine would freeze the target early; lightly's BYOL example keeps
+    0.99).
     """
     if total_steps <= 0:
         raise ValueError(f"tau_at: need total_steps > 0, got {total_steps}")
+    if schedule == "constant":
+        return float(tau0)
+    if schedule != "cosine":
+        raise ValueError(f"tau_at: schedule must be one of {', '.join(EMA_SCHEDULES)}, got {schedule!r}")
     progress = min(1.0, max(0, step) / total_steps)
     return 1.0 - (1.0 - tau0) * (math.cos(math.pi * progress) + 1.0) / 2.0

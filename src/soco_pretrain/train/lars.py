@@ -13,6 +13,9 @@ Update, per parameter ``p`` with gradient ``g`` (BYOL's formulation)::
 
 The trust ratios are computed for a whole group at once (``torch._foreach_norm`` + one
 ``torch.where``), so a step launches a handful of kernels per group and never syncs with the host.
+
+:func:`decay_param_groups` (the same weight-decay exclusions without LARS's flag) also builds
+the groups of ``train.optimizer=sgd`` (``torch.optim.SGD``; train/loop.make_optimizer).
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ import torch
 from torch import nn
 
 
-def lars_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split ``model``'s trainable parameters into LARS groups.
+def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split ``model``'s trainable parameters into weight-decay groups (LARS and ``train.optimizer=sgd``).
 
-    Returns ``[{"params": weights, "weight_decay": weight_decay, "lars_exclude": False},
-    {"params": biases_and_norms, "weight_decay": 0.0, "lars_exclude": True}]`` (empty groups are
-    left out). ndim <= 1 catches every bias and every BatchNorm/GroupNorm/LayerNorm affine
-    parameter (the released code's exclusion list). Frozen parameters (``requires_grad=False``,
-    e.g. the EMA target network) and parameters shared between modules are listed once / not at all.
+    Returns ``[{"params": weights, "weight_decay": weight_decay}, {"params": biases_and_norms,
+    "weight_decay": 0.0}]`` (empty groups are left out). ndim <= 1 catches every bias and every
+    BatchNorm/GroupNorm/LayerNorm affine parameter (the released code's exclusion list). Frozen
+    parameters (``requires_grad=False``, e.g. the EMA target network) are not listed, and a
+    parameter shared between modules is listed once.
     """
     decay, exclude, seen = [], [], set()
     for param in model.parameters():
@@ -40,10 +43,21 @@ def lars_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (exclude if param.ndim <= 1 else decay).append(param)
     groups = []
     if decay:
-        groups.append({"params": decay, "weight_decay": float(weight_decay), "lars_exclude": False})
+        groups.append({"params": decay, "weight_decay": float(weight_decay)})
     if exclude:
-        groups.append({"params": exclude, "weight_decay": 0.0, "lars_exclude": True})
+        groups.append({"params": exclude, "weight_decay": 0.0})
     return groups
+
+
+def lars_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """:func:`decay_param_groups` for LARS: the excluded group (biases and norms, no weight decay)
+    also gets no layer-wise adaptation (``lars_exclude``)::
+
+        [{"params": weights, "weight_decay": weight_decay, "lars_exclude": False},
+         {"params": biases_and_norms, "weight_decay": 0.0, "lars_exclude": True}]
+    """
+    # The groups split by ndim, so a group's first parameter tells which one it is.
+    return [{**g, "lars_exclude": g["params"][0].ndim <= 1} for g in decay_param_groups(model, weight_decay)]
 
 
 def _by_device_and_dtype(params: list[torch.Tensor]) -> list[list[int]]:

@@ -4,8 +4,9 @@ One process on a CPU or GPU, or one process per GPU under torchrun / srun (DDP, 
 optimiser step: ``accum`` micro-batches of ``train.per_device_batch`` images on every process
 (accum = batch_size / (per_device_batch x world size), so the total batch is the paper's 2048
 whatever the hardware), gradients averaged, then the lr for this step is set (warm-up + cosine,
-per step), LARS updates the online network, and the target is EMA-updated with tau(step)
-(after the update; BYOL and the paper; the released code updates before the target forward).
+per step), LARS (or SGD: train.optimizer) updates the online network, and the target is
+EMA-updated with tau(step) (after the update; BYOL and the paper; the released code updates
+before the target forward).
 
 No host-device synchronisation inside the step on a GPU: the loss is summed on the device and
 read (``.item()``) once every ``train.log_every`` steps, where the non-finite guard also looks
@@ -29,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import CONFIG_FILE, PretrainConfig, to_dict
+from ..config import CONFIG_FILE, PretrainConfig, TrainConfig, to_dict
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
 from ..errors import NonFiniteLossError, UserError  # noqa: F401 - NonFiniteLossError: raised by the engine for pretrain()
 from .speed import Speed, apply_speed, compiled, mark_step_begin, resolve_speed
@@ -155,15 +156,19 @@ def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int
             f"one optimiser step needs {accum} batches of {t.per_device_batch} images per process but "
             f"an epoch has only {micro_batches_per_epoch}: lower train.batch_size or add images"
         )
-    if t.epochs < 1 or t.warmup_epochs < 0:
-        raise PretrainError(f"train.epochs={t.epochs} / warmup_epochs={t.warmup_epochs}: need >= 1 / >= 0")
+    if t.epochs < 1 or t.warmup_epochs < 0 or (t.warmup_steps is not None and t.warmup_steps < 0):
+        raise PretrainError(
+            f"train.epochs={t.epochs} / warmup_epochs={t.warmup_epochs} / warmup_steps={t.warmup_steps}: "
+            "need >= 1 / >= 0 / >= 0"
+        )
     return Plan(
         world_size=world_size,
         accum=accum,
         micro_batches_per_epoch=micro_batches_per_epoch,
         steps_per_epoch=steps_per_epoch,
         total_steps=t.epochs * steps_per_epoch,
-        warmup_steps=t.warmup_epochs * steps_per_epoch,
+        # train.warmup_steps when set (our small-budget option), else the paper's epochs
+        warmup_steps=t.warmup_epochs * steps_per_epoch if t.warmup_steps is None else t.warmup_steps,
         peak_lr=scaled_lr(t.base_lr, t.batch_size),  # paper 4.1: lr = base_lr x batch / 256
         precision=resolve_precision(t.precision, torch.device(device)),
     )
@@ -354,11 +359,28 @@ def build_job(cfg: PretrainConfig, images, proposals, image_root, dist_info) -> 
     )
 
 
+def make_optimizer(core: torch.nn.Module, t: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """``train.optimizer`` over the trainable parameters of ``core`` (frozen ones are in no group):
+    LARS (the paper's) or SGD (our small-budget option: momentum ``train.momentum``, no Nesterov).
+    Both give biases and normalisation parameters no weight decay (lars.decay_param_groups)."""
+    from .lars import LARS, decay_param_groups, lars_param_groups
+
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(
+            decay_param_groups(core, t.weight_decay), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
+    if t.optimizer != "lars":
+        raise PretrainError(f"train.optimizer={t.optimizer!r}: expected one of lars, sgd")
+    return LARS(
+        lars_param_groups(core, t.weight_decay), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, eta=t.lars_eta
+    )
+
+
 def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) -> dict:
-    """The model (SyncBN, DDP, channels_last, compile as configured), LARS, the grad scaler and the
-    on-device augmenter of a job: the same for training and for the step benchmarks."""
+    """The model (SyncBN, DDP, channels_last, compile as configured), the optimiser (LARS or SGD),
+    the grad scaler and the on-device augmenter of a job: the same for training and for the step
+    benchmarks."""
     from ..model import SoCoModel, convert_sync_bn
-    from .lars import LARS, lars_param_groups
 
     t = cfg.train
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -369,13 +391,7 @@ def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) 
     if dev.type == "cuda" and t.channels_last:
         core = core.to(memory_format=torch.channels_last)
     core = convert_sync_bn(core)  # SyncBN only when world size > 1
-    optimizer = LARS(
-        lars_param_groups(core, t.weight_decay),
-        lr=plan.peak_lr,
-        momentum=t.momentum,
-        weight_decay=t.weight_decay,
-        eta=t.lars_eta,
-    )
+    optimizer = make_optimizer(core, t, plan.peak_lr)
     model: Any = core
     if world > 1:
         # Every parameter gets a gradient every step (pool_boxes keeps FPN levels without boxes in
@@ -418,7 +434,8 @@ class _RepeatedBatch:
 def job_for_batch(cfg: PretrainConfig, batch: dict, device, total_steps: int = 1 << 30) -> Job:
     """A one-process job whose data is ``batch`` (a collated SoCo batch) repeated: what the step
     benchmarks time -- the real step, model, optimiser, precision and compile settings of ``cfg``,
-    without the data pipeline. ``cfg.train.per_device_batch`` must be the batch's size."""
+    without the data pipeline. ``cfg.train.per_device_batch`` must be the batch's size. The lr
+    starts at its peak unless ``train.warmup_steps`` is set (an epoch has no length here)."""
     dev = torch.device(device)
     cfg, _ = resolve_per_device_batch(cfg, 1, dev)
     cfg = resolve_augment_device(cfg, dev)
@@ -431,7 +448,7 @@ def job_for_batch(cfg: PretrainConfig, batch: dict, device, total_steps: int = 1
         micro_batches_per_epoch=1 << 40,
         steps_per_epoch=1 << 40,
         total_steps=total_steps,
-        warmup_steps=0,
+        warmup_steps=t.warmup_steps or 0,  # no epochs here: only a warm-up set in steps applies
         peak_lr=scaled_lr(t.base_lr, t.per_device_batch),
         precision=resolve_precision(t.precision, dev),
     )
@@ -467,9 +484,9 @@ def _scale_gradients(module: torch.nn.Module, factor: torch.Tensor) -> None:
 
 class PretrainStep:
     """One optimiser step (paper 4.1): ``accum`` micro-batches on every process, gradients summed,
-    then the lr of this step (warm-up + cosine), LARS, and the EMA update of the target with
-    tau(step) after the optimiser update (BYOL and the paper; the released code updates before
-    the target forward). No host-device sync of ours: the loss stays on the device.
+    then the lr of this step (warm-up + cosine), LARS (or SGD), and the EMA update of the target
+    with tau(step) after the optimiser update (BYOL and the paper; the released code updates
+    before the target forward). No host-device sync of ours: the loss stays on the device.
 
     The loss is the mean over the loss units (valid proposals; images for ``model.loss=released``;
     model/loss.py) of the *global* batch, every micro-batch of every process, whatever the split
@@ -487,12 +504,13 @@ class PretrainStep:
     A step the fp16 grad scaler skips (inf/NaN gradients: ``GradScaler.step`` does not call
     ``optimizer.step``, deciding on the host, a sync the scaler makes anyway) leaves the target
     as it is: a post-step hook on the optimiser (``Optimizer.register_step_post_hook``, run only
-    when ``optimizer.step`` runs; LARS does not take the scaler's fused path, where it always
-    would) tells the step whether the online network moved, with no device read of ours. The
-    lr and tau schedules still advance: they are functions of the trainer's step counter, which
-    also counts the batches consumed and is what checkpoints and a resume restore; not advancing
-    them would need a second, device-side counter read on the host every step. A skip loses one
-    step of the schedule, as in torch's AMP recipe (``scheduler.step()`` after a skipped step).
+    when ``optimizer.step`` runs; LARS and the unfused SGD do not take the scaler's fused path,
+    where it always would) tells the step whether the online network moved, with no device read
+    of ours. The lr and tau schedules still advance: they are functions of the trainer's step
+    counter, which also counts the batches consumed and is what checkpoints and a resume restore;
+    not advancing them would need a second, device-side counter read on the host every step. A
+    skip loses one step of the schedule, as in torch's AMP recipe (``scheduler.step()`` after a
+    skipped step).
     """
 
     def __init__(self, job: Job, position: Position, skipped):
@@ -550,7 +568,7 @@ class PretrainStep:
         job.scaler.step(job.optimizer)
         job.scaler.update()
         job.optimizer.zero_grad(set_to_none=True)
-        tau = tau_at(step, plan.total_steps, t.ema_tau)
+        tau = tau_at(step, plan.total_steps, t.ema_tau, t.ema_schedule)
         if self.stepped:  # not a step the grad scaler skipped: the online network moved
             job.core.update_target(tau)
         pos.in_epoch += 1
@@ -595,6 +613,22 @@ RESUME_FREE = ("version", "train.log_every", "train.checkpoint_every", "train.ke
                "train.cudnn_benchmark", "train.tf32", "train.prefetch", "data.augment.device", "data.decode",
                "model.roi_pool", "monitor.")  # fmt: skip
 
+# Keys added after checkpoints were first written, with the value a checkpoint without the key
+# trained with: such a checkpoint is compared as if it held it (an older run resumes as before).
+ADDED_KEYS: dict[str, Any] = {"train.optimizer": "lars", "train.ema_schedule": "cosine", "train.warmup_steps": None}
+
+
+def _with_added_keys(config: dict) -> dict:
+    """``config`` (a checkpoint's) with the ADDED_KEYS it lacks set to the value it trained with."""
+    import copy
+
+    config = copy.deepcopy(config)
+    for dotted, value in ADDED_KEYS.items():
+        section, name = dotted.split(".")
+        if isinstance(config.get(section), dict):
+            config[section].setdefault(name, value)
+    return config
+
 
 def resume_job(job: Job, manager, resume, position: Position, accept_changes: bool = False) -> tuple[int, Path | None]:
     """Load the checkpoint ``resume`` names (if any) into the job; returns (step, its path).
@@ -612,7 +646,8 @@ def resume_job(job: Job, manager, resume, position: Position, accept_changes: bo
     if not isinstance(state, dict) or not {"model", "optimizer", "step", "config"} <= set(state):
         raise PretrainError(f"{path}: not a soco pretrain checkpoint (a fine-tune checkpoint or an export?)")
     # A checkpoint written before the config had a version holds version 1's keys without it.
-    differs = _config_differences({"version": 1, **state.get("config", {})}, to_dict(job.cfg))
+    saved = _with_added_keys({"version": 1, **state.get("config", {})})
+    differs = _config_differences(saved, to_dict(job.cfg))
     changed = [key for key in differs if not key.startswith(RESUME_FREE)]
     if changed and not accept_changes:
         raise RunFolderError(
@@ -620,7 +655,10 @@ def resume_job(job: Job, manager, resume, position: Position, accept_changes: bo
             "resume with the run's own (RUN/config.yaml), give another --out, or add --accept-changes"
         )
     job.core.load_state_dict(state["model"])
-    job.optimizer.load_state_dict(state["optimizer"])
+    saved_optimizer = saved.get("train", {}).get("optimizer", "lars")
+    if saved_optimizer == job.cfg.train.optimizer:
+        job.optimizer.load_state_dict(state["optimizer"])
+    # else: an accepted change of train.optimizer; the other optimiser's state does not fit this one
     job.scaler.load_state_dict(state["scaler"])
     step, position.epoch, position.in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
     set_rng_state(state["rng"])
@@ -632,6 +670,12 @@ def resume_job(job: Job, manager, resume, position: Position, accept_changes: bo
         )
         if differs:
             print(f"note: the config differs from the checkpoint's in {', '.join(differs)}", flush=True)
+        if saved_optimizer != job.cfg.train.optimizer:
+            print(
+                f"note: train.optimizer was {saved_optimizer}, now {job.cfg.train.optimizer}: its state "
+                "(momentum) starts afresh",
+                flush=True,
+            )
         saved_world = state.get("world_size")
         if saved_world not in (None, job.world):
             print(
@@ -668,7 +712,9 @@ def announce(job: Job, run_dir: Path, progress: bool, stop: int) -> None:
         f"pretraining {cfg.model.arch}{'*' if cfg.data.views.soco_star else ''} on {len(job.dataset)} "
         f"images: batch {t.batch_size} = {t.per_device_batch} x {job.world} process(es) x {plan.accum} "
         f"accumulation, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps ({t.epochs} epochs), "
-        f"lr {plan.peak_lr:g}, {plan.precision} on {job.device}{speed}{job.batch_note}",
+        f"{t.optimizer} lr {plan.peak_lr:g} after {plan.warmup_steps} warm-up steps, tau {t.ema_tau:g} "
+        f"{'constant' if t.ema_schedule == 'constant' else '-> 1'}, {plan.precision} on {job.device}{speed}"
+        f"{job.batch_note}",
         flush=True,
     )
     if stop < plan.total_steps:
