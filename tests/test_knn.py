@@ -90,15 +90,31 @@ def test_weighted_votes_by_hand():
     labels = torch.tensor([0, 1, 1])
     val = torch.tensor([[2.0, 0.0]])  # cosines 1, 0, 1/sqrt(2)
     scores = knn_scores(train, labels, val, num_classes=2, k=2, temperature=0.5)
-    # k=2 neighbours: train 0 (cos 1, class 0) and train 2 (cos 0.7071, class 1)
-    assert scores[0, 0].item() == pytest.approx(math.exp(1 / 0.5))
-    assert scores[0, 1].item() == pytest.approx(math.exp(0.70710678 / 0.5))
+    # k=2 neighbours: train 0 (cos 1, class 0) and train 2 (cos 0.7071, class 1); votes
+    # exp(cos / T) divided by the nearest one's exp(1 / T)
+    assert scores[0, 0].item() == pytest.approx(1.0)
+    assert scores[0, 1].item() == pytest.approx(math.exp((0.70710678 - 1) / 0.5))
     # the same file is never its own neighbour: excluding train 0 leaves classes 1 and 1
     scores = knn_scores(
         train, labels, val, 2, k=2, temperature=0.5, train_keys=torch.tensor([7, 8, 9]), val_keys=torch.tensor([7])
     )
     assert scores[0, 0].item() == 0.0
-    assert scores[0, 1].item() == pytest.approx(math.exp(0.70710678 / 0.5) + math.exp(0.0))
+    assert scores[0, 1].item() == pytest.approx(1.0 + math.exp((0.0 - 0.70710678) / 0.5))
+
+
+def test_tiny_temperature_still_ranks_by_the_nearest_neighbour():
+    # exp(cos / 0.005) overflows float32 (exp(200)): the votes used to be inf / nan and every
+    # query scored wrong. The nearest neighbour (class 1, cos 0.99) must win over two class-0
+    # neighbours at cos 0.98.
+    train = torch.tensor(
+        [[0.99, math.sqrt(1 - 0.99**2)], [0.98, math.sqrt(1 - 0.98**2)], [0.98, -math.sqrt(1 - 0.98**2)]]
+    )
+    labels = torch.tensor([1, 0, 0])
+    val = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    scores = knn_scores(train, labels, val, num_classes=2, k=3, temperature=0.005)
+    assert torch.isfinite(scores).all()
+    assert scores.argmax(1).tolist() == [1, 1]
+    assert scores[0, 0].item() == pytest.approx(2 * math.exp((0.98 - 0.99) / 0.005), rel=1e-3)
 
 
 def test_metrics_top5_and_mean_per_class():

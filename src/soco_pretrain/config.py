@@ -75,6 +75,20 @@ _INCREASING = (
 )
 
 
+# model.backbone values: the torchvision ResNets / ResNeXts of model/backbones.py (BACKBONES;
+# a test checks the two lists agree).
+BackboneName = Literal[
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+]
+
+
 def _at_least(lo):
     return (lambda v: v >= lo, f"at least {lo}")
 
@@ -290,10 +304,7 @@ class ModelConfig:
     # torchvision ResNet / ResNeXt (model/backbones.py); the paper pretrains ResNet-50 (4.1).
     # c4 needs a bottleneck one (res5 is the R-CNN head; Detectron2 and MMDetection build it
     # from bottleneck blocks).
-    backbone: Literal[
-        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-    ] = "resnet50"  # fmt: skip
+    backbone: BackboneName = "resnet50"
     # Warm start (soco pretrain --init FILE): weights loaded into the online and target networks
     # before step 0 of a fresh run (transfer/warm_start.py): a torchvision ResNet or detection
     # state dict, a Detectron2 / MMDetection checkpoint, a safetensors export, a soco run or
@@ -350,13 +361,24 @@ class TrainConfig:
     per_device_batch: int = 0
     base_lr: float = 1.0  # paper 4.1: lr = 1.0 x batch / 256 (linear scaling)
     warmup_epochs: int = 10  # paper 4.1
+    # Warm-up length in optimiser steps; set (>= 0), it replaces warmup_epochs, so a short run
+    # leaves warm-up when it should. None: warmup_epochs. Our small-budget option, not the paper's.
+    warmup_steps: int | None = None
     weight_decay: float = 1e-5  # paper 4.1
-    momentum: float = 0.9  # LARS momentum, as BYOL / released code (paper silent)
+    # lars: the paper's (4.1). sgd: torch.optim.SGD with train.momentum, no Nesterov, biases and
+    # norm parameters without weight decay (as LARS); lr = base_lr x batch / 256 all the same, so
+    # lower base_lr with it (lightly's small-batch BYOL example: SGD lr 0.06 at batch 256). Our
+    # small-budget option, not the paper's.
+    optimizer: Literal["lars", "sgd"] = "lars"
+    momentum: float = 0.9  # LARS (and SGD) momentum, as BYOL / released code (paper silent)
     lars_eta: float = 0.001  # LARS trust coefficient, released code (paper silent)
     # Released code: warm-up starts at lr/100 and the cosine ends at 1e-6; paper: from 0 to 0.
     warmup_start_factor: float = 0.0
     final_lr: float = 0.0
     ema_tau: float = 0.99  # paper 4.1: tau from 0.99 increased to 1 (cosine, as BYOL)
+    # cosine: the paper's (4.1, BYOL's) ema_tau -> 1 over the run. constant: ema_tau every step
+    # (our small-budget option, not the paper's; lightly's BYOL example keeps 0.99).
+    ema_schedule: Literal["cosine", "constant"] = "cosine"
     # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True  # on GPU
@@ -396,12 +418,13 @@ class TrainConfig:
             self,
             {
                 ("epochs", "batch_size", "log_every", "checkpoint_every"): _AT_LEAST_1,
-                ("per_device_batch", "warmup_epochs", "workers", "keep_checkpoints"): _AT_LEAST_0,
+                ("per_device_batch", "warmup_epochs", "warmup_steps", "workers", "keep_checkpoints"): _AT_LEAST_0,
                 ("weight_decay", "warmup_start_factor", "final_lr"): _AT_LEAST_0,
                 ("base_lr", "lars_eta"): _POSITIVE,
                 "momentum": _MOMENTUM,
                 "ema_tau": _UNIT,
             },
+            optional=("warmup_steps",),
         )
 
 
@@ -424,11 +447,20 @@ class MonitorConfig:
     temperature: float = 0.07
     min_box: float = 32.0  # px in the original image, both sides
     batch: int = 16
+    # The probe, as soco knn's options of the same names (KnnOptions): roi | crop, feature sets
+    # (None: the mode's default), crop context, classes with fewer objects on the neighbour side
+    # left out.
+    objects: Literal["roi", "crop"] = "roi"
+    features: tuple[Literal["c5", "c4", "head"], ...] | None = None
+    context: float = 1.2
+    min_instances: int = 0
 
     def __post_init__(self):
         _validate(
             self,
             {
+                "min_instances": _AT_LEAST_0,
+                "context": _at_least(1.0),
                 ("every", "k", "batch"): _AT_LEAST_1,
                 ("size", "min_box"): _AT_LEAST_0,
                 "val_fraction": _OPEN_UNIT,
@@ -492,10 +524,7 @@ class FinetuneOptions:
     # The detector's ResNet (model/backbones.py). None: the weights' own (a SoCo run's
     # model.backbone, else read from the weights' shapes), resnet50 for --weights none; a value
     # that contradicts the weights is refused (transfer/detector.py detector_backbone).
-    backbone: Literal[
-        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-    ] | None = None  # fmt: skip
+    backbone: BackboneName | None = None
     # which SoCo encoder a run/checkpoint provides (= transfer.detector.DEFAULT_SOCO_WEIGHTS, as
     # soco export; a test checks)
     soco_weights: Literal["online", "target"] = "online"
@@ -643,12 +672,31 @@ class KnnOptions:
     workers: int = 2  # image-decoding processes
     device: Literal["cpu", "cuda"] | None = None  # default: CUDA when available
     progress: bool = True
+    # roi: every box RoIAligned from the whole image resized to `size` (how the detector sees it);
+    # crop: every box cut from the original photo with `context`, padded to a square and resized to
+    # `size` (every object gets the same pixels: the probe for small inputs). evaluate/knn.py.
+    # For --weights none: the ResNet of the random-init encoder (None: resnet50, the paper's); a
+    # value that contradicts the weights' own backbone is refused.
+    backbone: BackboneName | None = None
+    objects: Literal["roi", "crop"] = "roi"
+    # Feature sets, the first one primary (its figures are knn.json's flat ones): c5 / c4 = the
+    # ResNet's globally pooled C5 / C4 (crop only), head = the detector path. None: crop -> c5,head;
+    # roi -> head.
+    features: tuple[Literal["c5", "c4", "head"], ...] | None = None
+    context: float = 1.2  # crop side = the box's longer side x context (our choice: SimpleShot-style probes)
+    min_instances: int = 0  # leave out classes with fewer train objects (counted and listed); 0: keep all
+    centre: bool = True  # subtract the train objects' mean feature before the cosine kNN (SimpleShot's CL2N)
+    # The probe's floors in the same report: a colour-histogram + HOG descriptor (crop only) and
+    # shuffled train labels (must land at the majority class's share).
+    baselines: bool = True
 
     def __post_init__(self):
         _validate(
             self,
             {
                 ("k", "batch", "precise_images"): _AT_LEAST_1,
+                "min_instances": _AT_LEAST_0,
+                "context": _at_least(1.0),
                 "size": _at_least(32),
                 "level_bounds": _INCREASING,
                 ("min_box", "workers"): _AT_LEAST_0,

@@ -549,8 +549,13 @@ def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> lis
         for ax, keys, title, label in (
             (
                 axes[0, 2],
-                (("knn_top1", "online"), ("knn_target_top1", "target (EMA)")),
-                "object kNN top-1",
+                (
+                    ("knn_top1", "kNN top-1, online"),
+                    ("knn_target_top1", "kNN top-1, target (EMA)"),
+                    ("probe_balanced", "logistic balanced acc., online"),
+                    ("probe_target_balanced", "logistic balanced acc., target"),
+                ),
+                "object probe",
                 "% of val objects",
             ),
             (
@@ -560,8 +565,10 @@ def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> lis
                 "effective rank",
             ),
         ):
-            for (key, name), colour in zip(keys, ("tab:blue", "tab:green")):
+            for (key, name), colour in zip(keys, ("tab:blue", "tab:green", "tab:purple", "tab:olive")):
                 data = series(key)
+                if not len(data):  # runs from before the logistic readout
+                    continue
                 ax.plot(data[:, 0], data[:, 1], color=colour, marker=".", lw=1, label=name)
             ax.set_title(title)
             ax.set_ylabel(label)

@@ -33,6 +33,27 @@ KNN_PROTOCOL_FLAGS = [
         show=float,
     ),
     Flag(
+        "objects",
+        "--objects",
+        "roi: each box RoIAligned from the whole resized image (the detector's view); crop: each box cut "
+        "from its photo with --context, squared, resized to --size (default {default})",
+    ),
+    Flag(
+        "features",
+        "--features",
+        "comma list, the first primary: c5 / c4 (pooled ResNet stage, crop only), head (detector path) "
+        "(default: crop c5,head; roi head)",
+        "LIST",
+        parse=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
+    ),
+    Flag("context", "--context", "crop side = box's longer side x this (default {default:g})", "F", show=float),
+    Flag(
+        "min_instances",
+        "--min-instances",
+        "leave out classes with fewer train objects, counted and listed (default {default}: keep all)",
+        "N",
+    ),
+    Flag(
         "bn",
         "--bn",
         "precise: BatchNorm statistics re-estimated on the kNN train images; running: the "

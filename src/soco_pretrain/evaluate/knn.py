@@ -43,6 +43,15 @@ from torch import nn
 
 from ..config import AugmentConfig, KnnOptions, ModelConfig
 from ..errors import UserError
+from .readout import (
+    centre_normalise,
+    class_metrics,
+    handmade_features,
+    keep_frequent,
+    knn_scores,
+    logistic_scores,
+    majority,
+)
 
 KNN_FILE = "knn.json"
 PAPER_LEVEL_BOUNDS = (48, 96, 192)  # paper 3.3, for 224 px views
@@ -110,6 +119,15 @@ def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: 
         cat_names = [names[c] for c in cat_ids]
     else:
         cat_ids, cat_names = categories.cat_ids, categories.categories
+        # Labels are matched by id; an id that names another class in the two files would score
+        # every such object as wrong (or right by accident): refuse, naming the first one.
+        train_names = dict(zip(cat_ids, cat_names))
+        for cid, name in names.items():
+            if cid in train_names and train_names[cid] != name:
+                raise KnnError(
+                    f"{json_path}: category id {cid} is {name!r} here but {train_names[cid]!r} in "
+                    f"{categories.source}: both JSONs must give each id the same class"
+                )
     label_of = {cid: i for i, cid in enumerate(cat_ids)}
     paths, sizes, boxes, labels = [], [], [], []
     skipped = {"crowd": 0, "small": 0, "images_without_objects": 0}
@@ -329,33 +347,6 @@ class Embedder:
 # ---------------------------------------------------------------- kNN and spread
 
 
-def knn_scores(
-    train_feats,
-    train_labels,
-    val_feats,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    train_keys=None,
-    val_keys=None,
-    chunk: int = 1024,
-) -> torch.Tensor:
-    """(N_val, C) class scores of the weighted cosine kNN; neighbours with the same key are excluded."""
-    train = nn.functional.normalize(train_feats.float(), dim=1)
-    val = nn.functional.normalize(val_feats.float(), dim=1)
-    k = min(k, train.shape[0])
-    scores = torch.zeros(val.shape[0], num_classes)
-    for start in range(0, val.shape[0], chunk):
-        sim = val[start : start + chunk] @ train.T
-        if train_keys is not None and val_keys is not None:
-            same = val_keys[start : start + chunk, None] == train_keys[None, :]
-            sim = sim.masked_fill(same, float("-inf"))
-        top, idx = sim.topk(k, dim=1)
-        weight = torch.exp(top / temperature)  # exp(-inf) = 0: an excluded neighbour never votes
-        scores[start : start + chunk].scatter_add_(1, train_labels[idx], weight)
-    return scores
-
-
 def effective_rank(feats: torch.Tensor) -> float:
     """exp(entropy of the normalised singular values) of an (N, D) matrix (Roy and Vetterli 2007)."""
     s = torch.linalg.svdvals(feats.double())
@@ -369,56 +360,177 @@ def effective_rank(feats: torch.Tensor) -> float:
 
 def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, train_labels: torch.Tensor, categories: list[str]) -> dict:
     """top1 / top5 / mean per-class top1 (percent), the majority-class rate and a per-category table."""
-    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    hit1 = top5[:, 0] == labels
-    hit5 = (top5 == labels[:, None]).any(1)
-    per_class = {}
-    for c in labels.unique().tolist():
-        sel = labels == c
-        per_class[categories[c]] = {"count": int(sel.sum()), "top1": round(100.0 * float(hit1[sel].float().mean()), 2)}
-    majority = int(torch.bincount(train_labels, minlength=scores.shape[1]).argmax())
+    result = class_metrics(scores, labels, categories)
+    floor = majority(train_labels, labels, categories)
     return {
-        "top1": round(100.0 * float(hit1.float().mean()), 2),
-        "top5": round(100.0 * float(hit5.float().mean()), 2),
-        "mean_class_top1": round(float(np.mean([v["top1"] for v in per_class.values()])), 2),
-        "majority_class": categories[majority],
-        "majority_top1": round(100.0 * float((labels == majority).float().mean()), 2),
-        "per_class": dict(sorted(per_class.items(), key=lambda kv: -kv[1]["count"])),
+        "top1": result["top1"],
+        "top5": result["top5"],
+        "mean_class_top1": result["balanced"],
+        "majority_class": floor["class"],
+        "majority_top1": floor["top1"],
+        "per_class": result["per_class"],
     }
 
 
-def evaluate_encoders(
-    encoders: dict[str, nn.Module],
-    train: ObjectSet,
-    val: ObjectSet,
-    embedder: Embedder,
-    k: int = 20,
-    temperature: float = 0.07,
-    bn: str = "precise",
-    precise_images: int = 1000,
-) -> dict[str, dict]:
-    """kNN metrics + effective rank for each named encoder (modified in place when bn=precise)."""
-    if bn not in BN_MODES:
-        raise KnnError(f"bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
-    nets = list(encoders.values())
-    if bn == "precise":
-        embedder.precise_bn(nets, train, precise_images)
-    train_feats, train_labels, train_img = embedder.embed(nets, train, "kNN: train objects")
-    val_feats, val_labels, val_img = embedder.embed(nets, val, "kNN: val objects")
-    # Same-file exclusion: image keys shared between the two sets (by resolved path).
-    keys: dict[str, int] = {}
-    train_keys = torch.tensor(
-        [keys.setdefault(str(Path(train.paths[i]).resolve()), len(keys)) for i in train_img.tolist()]
+@dataclass
+class Probe:
+    """How objects are embedded and read out (KnnOptions / MonitorConfig resolved for one set-up)."""
+
+    objects: str = "roi"  # roi: boxes pooled from the whole resized image | crop: each box cut out
+    size: int = PAPER_SIZE
+    level_bounds: tuple[float, ...] = PAPER_LEVEL_BOUNDS
+    features: tuple[str, ...] = ("head",)  # the first is the primary one (flat figures, monitor)
+    context: float = 1.2
+    k: int = 20
+    temperature: float = 0.07
+    bn: str = "precise"
+    precise_images: int = 1000
+    min_instances: int = 0
+    centre: bool = True
+    baselines: bool = False  # hand-made descriptor and shuffled labels (the majority class always)
+    seed: int = 0
+    batch: int = 16
+    workers: int = 0
+
+    @staticmethod
+    def features_for(objects: str, features) -> tuple[str, ...]:
+        """The feature sets of a mode (None: its default), refusing what the mode cannot embed."""
+        from .crops import FEATURES
+
+        if objects not in OBJECT_MODES:
+            raise KnnError(f"objects must be one of {', '.join(OBJECT_MODES)}, got {objects!r}")
+        if not features:
+            return ("c5", "head") if objects == "crop" else ("head",)
+        features = tuple(features)
+        unknown = [f for f in features if f not in FEATURES]
+        if unknown:
+            raise KnnError(
+                f"features: unknown {', '.join(map(repr, unknown))} (expected some of {', '.join(FEATURES)})"
+            )
+        if objects == "roi" and features != ("head",):
+            raise KnnError(
+                "features: --objects roi embeds each box through the detector path only (head); "
+                "c4 / c5 pooling needs --objects crop"
+            )
+        return tuple(dict.fromkeys(features))
+
+
+OBJECT_MODES = ("roi", "crop")
+
+
+class _Embedded:
+    """The labelled objects of one set as features: per encoder {feature: (N, D)}, labels (N,),
+    file keys (N,) for the same-image exclusion, and the crops when the hand-made floor needs them."""
+
+    def __init__(self, feats, labels, image_index, objects: ObjectSet, crops=None):
+        self.feats, self.labels, self.image_index, self.objects, self.crops = feats, labels, image_index, objects, crops
+
+
+def _embed_sets(nets, train: ObjectSet, val: ObjectSet, p: Probe, device, progress: bool, cache: dict | None):
+    """(_Embedded train, _Embedded val, {failed path: reason}, clipped crops) for either mode."""
+    if p.objects == "crop":
+        from .crops import CropEmbedder, CropSet
+
+        sets = []
+        for objects, desc in ((train, "crops: train objects"), (val, "crops: val objects")):
+            key = (objects.source, id(objects), p.size, p.context)
+            crop_set = (cache or {}).get(key) or CropSet(objects, p.size, p.context, p.workers, progress, desc)
+            if cache is not None:
+                cache[key] = crop_set
+            sets.append(crop_set)
+        embedder = CropEmbedder(p.size, p.level_bounds, max(p.batch, 16), device, progress)
+        if p.bn == "precise":
+            # the crops of the first precise_images images (a CropSet keeps the images' order)
+            embedder.precise_bn(nets, sets[0], p.features, int((sets[0].image_index < p.precise_images).sum()))
+        out = []
+        for crop_set, objects in zip(sets, (train, val)):
+            feats = embedder.embed(nets, crop_set, p.features)
+            out.append(_Embedded(feats, crop_set.labels, crop_set.image_index, objects, crop_set.crops))
+        failed = {**sets[0].failed, **sets[1].failed}
+        return out[0], out[1], failed, sets[0].clipped + sets[1].clipped
+    embedder = (cache or {}).get("embedder") or Embedder(p.size, p.level_bounds, p.batch, p.workers, device, progress,
+                                                        cache=cache is not None)  # fmt: skip
+    if cache is not None:
+        cache["embedder"] = embedder
+    if p.bn == "precise":
+        embedder.precise_bn(nets, train, p.precise_images)
+    out = []
+    for objects, desc in ((train, "kNN: train objects"), (val, "kNN: val objects")):
+        feats, labels, image_index = embedder.embed(nets, objects, desc)
+        out.append(_Embedded([{"head": f} for f in feats], labels, image_index, objects))
+    return out[0], out[1], dict(embedder.failed), 0
+
+
+def _readouts(train_x, train_y, val_x, val_y, categories, p: Probe, train_keys, val_keys) -> dict:
+    """kNN (centred + L2 unless p.centre is off) and logistic regression metrics of one feature set."""
+    tx, vx = centre_normalise(train_x, val_x) if p.centre else (train_x, val_x)
+    knn = class_metrics(
+        knn_scores(tx, train_y, vx, len(categories), p.k, p.temperature, train_keys, val_keys), val_y, categories
     )
-    val_keys = torch.tensor([keys.setdefault(str(Path(val.paths[i]).resolve()), len(keys)) for i in val_img.tolist()])
-    results = {}
-    for name, tf, vf in zip(encoders, train_feats, val_feats):
-        scores = knn_scores(tf, train_labels, vf, len(train.categories), k, temperature, train_keys, val_keys)
-        result = knn_metrics(scores, val_labels, train_labels, train.categories)
-        result["erank"] = round(effective_rank(vf), 2)
-        result["dims"] = int(vf.shape[1])
-        results[name] = result
-    return results
+    logistic = class_metrics(logistic_scores(train_x, train_y, val_x, len(categories), p.seed), val_y, categories)
+    return {"knn": knn, "logistic": logistic}
+
+
+def probe_encoders(encoders: dict[str, nn.Module], train: ObjectSet, val: ObjectSet, p: Probe, device="cpu",
+                   progress: bool = False, cache: dict | None = None) -> dict:  # fmt: skip
+    """The probe (module docstring) for each named encoder (modified in place when bn=precise).
+
+    Returns ``{"encoders": {name: {feature: {"knn", "logistic", "erank", "dims"}}}, "majority",
+    "classes": {"kept", "dropped"}, "objects": {...}, "failed", and with p.baselines "handmade"
+    (crop mode) and "shuffled" (the first encoder's primary feature with permuted train labels)}``.
+    ``cache``: a dict kept between calls (the monitor) so images are decoded once."""
+    if p.bn not in BN_MODES:
+        raise KnnError(f"bn must be one of {', '.join(BN_MODES)}, got {p.bn!r}")
+    nets = list(encoders.values())
+    tr, va, failed, clipped = _embed_sets(nets, train, val, p, torch.device(device), progress, cache)
+    train_keep, val_keep, kept, dropped = keep_frequent(tr.labels, va.labels, train.categories, p.min_instances)
+    if len(kept) < 2:
+        raise KnnError(
+            f"{train.source}: only {len(kept)} class(es) have at least {p.min_instances} train objects; "
+            "a probe needs two: lower --min-instances"
+        )
+    # Labels re-indexed over the kept classes; val objects of dropped classes are left out (counted).
+    remap = torch.full((len(train.categories),), -1, dtype=torch.int64)
+    remap[[train.categories.index(n) for n in kept]] = torch.arange(len(kept))
+    train_y, val_y = remap[tr.labels[train_keep]], remap[va.labels[val_keep]]
+    if len(val_y) == 0:
+        raise KnnError(f"{val.source}: no val object of a kept class ({', '.join(kept)})")
+    keys: dict[str, int] = {}  # same-file exclusion: image keys shared between the sets (resolved path)
+
+    def file_keys(emb: _Embedded, keep) -> torch.Tensor:
+        paths = [str(Path(emb.objects.paths[i]).resolve()) for i in emb.image_index[keep].tolist()]
+        return torch.tensor([keys.setdefault(path, len(keys)) for path in paths], dtype=torch.int64)
+
+    train_keys, val_keys = file_keys(tr, train_keep), file_keys(va, val_keep)
+    result: dict = {"encoders": {}}
+    for (name, _), train_feats, val_feats in zip(encoders.items(), tr.feats, va.feats):
+        per_feature = {}
+        for feature in p.features:
+            tx, vx = train_feats[feature][train_keep], val_feats[feature][val_keep]
+            per_feature[feature] = {
+                **_readouts(tx, train_y, vx, val_y, kept, p, train_keys, val_keys),
+                "erank": round(effective_rank(vx), 2),
+                "dims": int(vx.shape[1]),
+            }
+        result["encoders"][name] = per_feature
+    result["majority"] = majority(train_y, val_y, kept)
+    if p.baselines:
+        first = tr.feats[0][p.features[0]][train_keep], va.feats[0][p.features[0]][val_keep]
+        shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(p.seed))]
+        result["shuffled"] = _readouts(first[0], shuffled, first[1], val_y, kept, p, train_keys, val_keys)
+        if tr.crops is not None and va.crops is not None:
+            hand = handmade_features(tr.crops[train_keep]), handmade_features(va.crops[val_keep])
+            result["handmade"] = _readouts(hand[0], train_y, hand[1], val_y, kept, p, train_keys, val_keys)
+    result["classes"] = {"kept": kept, "dropped": dropped}
+    result["objects"] = {
+        "train": int(len(train_y)),
+        "val": int(len(val_y)),
+        "val_of_dropped_classes": int((~val_keep).sum()),
+        "train_of_dropped_classes": int((~train_keep).sum()),
+        "crops_clipped": int(clipped),
+    }
+    result["failed"] = failed
+    return result
 
 
 # ---------------------------------------------------------------- weights -> encoder
@@ -446,7 +558,7 @@ def _run_config(weights: Path) -> dict | None:
     return None
 
 
-def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
+def build_encoder(weights, soco_weights: str = "online", seed: int = 0, backbone: str | None = None):
     """(SoCoEncoder, info) from ``weights``: "none" (random init, seeded), a soco pretrain run
     folder or checkpoint, or a torchvision state dict (Mask R-CNN v2 keys: FPN; a ResNet-50's keys
     alone: C4, the res5 head on C4 features). info: arch, description, size / level bounds of the
@@ -457,8 +569,10 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
     from ..transfer.weights import detector_state, detector_to_encoder, load_weights_file, soco_weights_of
 
     if weights is None or str(weights).lower() == "none":
-        torch.manual_seed(seed)
-        return SoCoEncoder(ModelConfig()), {"arch": "fpn", "description": f"random init (seed {seed})", "run": None}
+        torch.manual_seed(seed)  # soco pretrain's train.seed: the network its run starts from
+        cfg = ModelConfig(backbone=backbone or ModelConfig.backbone)  # type: ignore[arg-type]
+        description = f"random init (seed {seed}, {cfg.backbone})"
+        return SoCoEncoder(cfg), {"arch": "fpn", "description": description, "run": None}
     path = Path(weights)
     # The one weights reader (transfer/weights.py): WeightsError (one line) for files that are not weights.
     found, content = load_weights_file(path)
@@ -486,6 +600,8 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0):
             model_cfg.backbone = backbone_of_state(state, "backbone.body.") or model_cfg.backbone
         except ValueError as exc:
             raise KnnError(f"{path}: {exc}") from None
+    if backbone is not None and backbone != model_cfg.backbone:
+        raise KnnError(f"{path}: holds a {model_cfg.backbone}, not the --set backbone={backbone} asked for")
     torch.manual_seed(seed)  # whatever the file does not hold (e.g. an FPN for a plain ResNet) is seeded
     encoder = SoCoEncoder(model_cfg)
     own = encoder.state_dict()
@@ -556,7 +672,7 @@ def knn_eval(weights, train_json, train_images, val_json, val_images, out, optio
         from ..data.manifest import check_weights_no_leak
 
         check_weights_no_leak([("--weights", weights)], val.paths, "val", lambda line: print(line, flush=True))
-    encoder, info = build_encoder(weights, o.soco_weights, o.seed)
+    encoder, info = build_encoder(weights, o.soco_weights, o.seed, o.backbone)
     size, bounds = resolve_geometry(o.size, o.level_bounds, info.get("run"))
     if o.progress:
         loaded = ", ".join(f"{m} {n}" for m, n in info.get("loaded", {}).items())
@@ -566,41 +682,103 @@ def knn_eval(weights, train_json, train_images, val_json, val_images, out, optio
             + (f"; loaded {loaded}" if loaded else ""),
             flush=True,
         )
-    embedder = Embedder(size, bounds, o.batch, o.workers, device, o.progress)
-    result = evaluate_encoders(
-        {"encoder": encoder.to(device)}, train, val, embedder, o.k, o.temperature, o.bn, o.precise_images
-    )["encoder"]
+    probe = Probe(
+        objects=o.objects,
+        size=size,
+        level_bounds=bounds,
+        features=Probe.features_for(o.objects, o.features),
+        context=o.context,
+        k=o.k,
+        temperature=o.temperature,
+        bn=o.bn,
+        precise_images=o.precise_images,
+        min_instances=o.min_instances,
+        centre=o.centre,
+        baselines=o.baselines,
+        seed=o.seed,
+        batch=o.batch,
+        workers=o.workers,
+    )
+    probed = probe_encoders({"encoder": encoder.to(device)}, train, val, probe, device, o.progress)
+    primary = probed["encoders"]["encoder"][probe.features[0]]
+    knn, logistic = primary["knn"], primary["logistic"]
     report = {
         "weights": str(weights),
         "description": info["description"],
         "arch": info["arch"],
-        **{
-            key: result[key]
-            for key in ("top1", "top5", "mean_class_top1", "erank", "majority_top1", "majority_class", "dims")
+        "objects": probe.objects,
+        "primary_feature": probe.features[0],
+        # the primary feature's figures, flat (soco compare reads these)
+        "top1": knn["top1"],
+        "top5": knn["top5"],
+        "mean_class_top1": knn["balanced"],
+        "logistic_top1": logistic["top1"],
+        "logistic_balanced": logistic["balanced"],
+        "person_auroc": logistic["person_auroc"],
+        "knn_person_auroc": knn["person_auroc"],
+        "erank": primary["erank"],
+        "dims": primary["dims"],
+        "majority_class": probed["majority"]["class"],
+        "majority_top1": probed["majority"]["top1"],
+        "majority_balanced": probed["majority"]["balanced"],
+        "features": {
+            f: {"knn": _brief(v["knn"]), "logistic": _brief(v["logistic"]), "erank": v["erank"], "dims": v["dims"]}
+            for f, v in probed["encoders"]["encoder"].items()
         },
-        "num_train_objects": train.num_objects,
-        "num_val_objects": val.num_objects,
+        "baselines": {
+            name: {r: _brief(probed[name][r]) for r in ("knn", "logistic")}
+            for name in ("handmade", "shuffled")
+            if name in probed
+        },
+        "classes": probed["classes"],
+        "num_train_objects": probed["objects"]["train"],
+        "num_val_objects": probed["objects"]["val"],
         "num_train_images": len(train),
         "num_val_images": len(val),
-        "skipped": {"train": train.skipped, "val": val.skipped, "unreadable": dict(embedder.failed)},
+        "skipped": {
+            "train": train.skipped,
+            "val": val.skipped,
+            "dropped_classes": {
+                "train_objects": probed["objects"]["train_of_dropped_classes"],
+                "val_objects": probed["objects"]["val_of_dropped_classes"],
+            },
+            "unreadable": probed["failed"],
+        },
+        "crops_clipped": probed["objects"]["crops_clipped"],
         "size": size,
         "level_bounds": list(bounds),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(o).items()},
         "loaded": info.get("loaded", {}),
         "seconds": round(time.perf_counter() - start, 1),
-        "per_class": result["per_class"],
+        "per_class": knn["per_class"],
+        "per_class_logistic": logistic["per_class"],
     }
     out = Path(out)
     atomic_write_json(out / KNN_FILE, report)
-    if o.progress:
-        print(
-            f"kNN top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}%, mean per-class top-1 "
-            f"{report['mean_class_top1']:.2f}% (majority class '{report['majority_class']}' alone: "
-            f"{report['majority_top1']:.2f}%), effective rank {report['erank']:.1f} of {report['dims']} -> "
-            f"{out / KNN_FILE}",
-            flush=True,
-        )
+    print(summary_line(report) + f" -> {out / KNN_FILE}", flush=True)
     return report
+
+
+def _brief(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "per_class"}
+
+
+def summary_line(report: dict) -> str:
+    """One line of a knn.json: the primary feature's readouts against the floors."""
+    floors = f"majority class '{report['majority_class']}' {report['majority_top1']:.1f}% top-1"
+    hand = report.get("baselines", {}).get("handmade")
+    if hand:
+        floors += f", hand-made descriptor balanced {hand['logistic']['balanced']:.1f}%"
+    shuffled = report.get("baselines", {}).get("shuffled")
+    if shuffled:
+        floors += f", shuffled labels balanced {shuffled['logistic']['balanced']:.1f}%"
+    auroc = f", person AUROC {report['person_auroc']:.1f}" if report.get("person_auroc") is not None else ""
+    return (
+        f"{report['objects']} probe, {report['primary_feature']} features: balanced accuracy logistic "
+        f"{report['logistic_balanced']:.2f}% / kNN {report['mean_class_top1']:.2f}%, kNN top-1 {report['top1']:.2f}%"
+        f"{auroc}, effective rank {report['erank']:.1f} of {report['dims']} ({floors}; "
+        f"{len(report['classes']['kept'])} classes)"
+    )
 
 
 # ---------------------------------------------------------------- monitor during pretraining
@@ -637,8 +815,20 @@ class ObjectMonitor:
             None,
             {"data": {"views": {"v1_size": cfg.data.views.v1_size, "level_bounds": list(cfg.data.views.level_bounds)}}},
         )
-        self.embedder = Embedder(size, bounds, m.batch, 0, device, progress, cache=True)
-        self.k, self.temperature = m.k, m.temperature
+        self.probe = Probe(
+            objects=m.objects,
+            size=size,
+            level_bounds=bounds,
+            features=Probe.features_for(m.objects, m.features),
+            context=m.context,
+            k=m.k,
+            temperature=m.temperature,
+            min_instances=m.min_instances,
+            seed=m.seed,
+            batch=m.batch,
+        )
+        self.device, self.progress = device, progress
+        self.cache: dict = {}  # decoded images / crops, kept between evaluations
         from ..model.encoder import SoCoEncoder
 
         with torch.random.fork_rng(devices=[]):  # building them must not move the training RNG
@@ -648,16 +838,22 @@ class ObjectMonitor:
         return self.every > 0 and step % self.every == 0
 
     def __call__(self, model) -> dict:
-        """{knn_top1, knn_top5, knn_mean_class_top1, erank_online, erank_target} for a SoCoModel."""
+        """{knn_top1, knn_top5, knn_mean_class_top1, knn_target_top1, probe_balanced (logistic),
+        probe_target_balanced, erank_online, erank_target} for a SoCoModel, from the primary feature."""
         for name, source in (("online", model.encoder), ("target", model.target_encoder)):
             self.copies[name].load_state_dict(source.state_dict())  # SyncBN or not: the same keys
-        results = evaluate_encoders(self.copies, self.train, self.val, self.embedder, self.k, self.temperature)
-        online, target = results["online"], results["target"]
+        with torch.random.fork_rng(devices=[]):  # the probe's seeded parts must not move training's RNG
+            results = probe_encoders(self.copies, self.train, self.val, self.probe, self.device, self.progress,
+                                     self.cache)["encoders"]  # fmt: skip
+        primary = self.probe.features[0]
+        online, target = results["online"][primary], results["target"][primary]
         return {
-            "knn_top1": online["top1"],
-            "knn_top5": online["top5"],
-            "knn_mean_class_top1": online["mean_class_top1"],
-            "knn_target_top1": target["top1"],
+            "knn_top1": online["knn"]["top1"],
+            "knn_top5": online["knn"]["top5"],
+            "knn_mean_class_top1": online["knn"]["balanced"],
+            "knn_target_top1": target["knn"]["top1"],
+            "probe_balanced": online["logistic"]["balanced"],
+            "probe_target_balanced": target["logistic"]["balanced"],
             "erank_online": online["erank"],
             "erank_target": target["erank"],
         }
@@ -665,6 +861,7 @@ class ObjectMonitor:
 
 def describe(result: dict) -> str:
     return (
-        f"kNN top-1 {result['knn_top1']:.1f}% (target {result['knn_target_top1']:.1f}%), effective rank "
+        f"kNN top-1 {result['knn_top1']:.1f}% (target {result['knn_target_top1']:.1f}%), logistic balanced "
+        f"accuracy {result['probe_balanced']:.1f}% (target {result['probe_target_balanced']:.1f}%), effective rank "
         f"online {result['erank_online']:.1f} / target {result['erank_target']:.1f}"
     )
