@@ -1,115 +1,277 @@
-"""Make a supervised ResNet checkpoint where none can be downloaded: a torchvision ResNet trained
-briefly to classify the labelled object crops of a COCO JSON.
+"""A supervised ResNet trained on the labelled object crops of a COCO JSON: the positive control of
+the object probe, and a stand-in for "the weights users already have" where none can be downloaded.
 
-The warm-start comparison (benchmarks/warm_start.sh) needs "the weights users already have", a
-supervised backbone; nothing may be downloaded here, so this script makes one from labels the
-experiment already holds: every usable object of TRAIN_JSON (non-crowd boxes of at least 32 px,
-read by soco's own kNN reader, ``evaluate.knn.load_objects``) is cropped from its photo, resized
-to ``--size`` + 1/8 and classified by a torchvision ResNet (``weights=None``) with SGD
-(momentum 0.9, weight decay 1e-4, cosine lr from ``--lr``; torchvision's ImageNet recipe in
-small), random crops of ``--size`` and flips. It is a weak stand-in for an ImageNet backbone
-(minutes on a CPU, ~1,600 objects), and the README says so. Only TRAIN_JSON's images are used:
-the comparison's kNN queries (VAL_JSON's) are never seen.
+**Positive control.** ``soco knn --objects crop`` must tell pretrained features from random init.
+Before trusting a "no difference" there, check that the probe sees a difference at all: the same
+backbone trained *with labels* for the same number of optimiser steps and the same batch as the
+pretraining, then read by the same probe. If it does not beat random init clearly, the probe is
+broken (or the budget is too small for any learning to show).
 
-    python benchmarks/supervised_crops.py --train-json train.json --images imgs/ -o sup_r50.pth
-    python -c "import torch, torchvision; torchvision.models.resnet50().load_state_dict(torch.load('sup_r50.pth'))"
+What is trained, and how (our choices, torchvision's ImageNet recipe in small):
 
-Writes a plain torchvision state dict (``fc`` included), atomically, and prints the training
-accuracy of the last epoch and the wall time.
+- **Objects**: every usable object of TRAIN_JSON, read by the probe's own reader
+  (``evaluate.knn.load_objects``: non-crowd boxes of at least ``--min-box`` px); with
+  ``--min-instances N`` only the classes with at least N of them (the probe's filter).
+- **Crops**: cut by the probe's own code (``evaluate.crops.CropSet`` -> ``cut_crop``: the box grown
+  by ``--context``, squared, mean-colour fill outside the photo, resized to ``--size``), kept in
+  memory as uint8. Training sees a random resized crop of each square (area 0.6-1, aspect 3/4-4/3,
+  bilinear back to ``--size``) and a horizontal flip; the probe sees the whole square.
+- **Network**: ``model/backbones.build_resnet(--arch)``, the very ResNet soco's encoder builds
+  (random init, trainable BatchNorm2d, zero-init residual), and a linear ``fc`` for the classes.
+  Seeded: the ResNet before step 0 is the one ``soco knn --weights none --seed S --set
+  backbone=ARCH`` reads (the same torch seed, built first).
+- **Optimiser**: SGD, momentum 0.9, weight decay 1e-4 (also on BN and biases, as torchvision),
+  cross-entropy; lr = ``--lr`` x batch / 256, linear warm-up over the first 5% of the steps, then
+  cosine to 0.
+- **Budget**: ``--steps N --batch B`` optimiser steps (a pretraining's budget; the epochs follow),
+  or ``--epochs E`` (E x objects // B steps). Batches are consecutive slices of a stream of seeded
+  permutations of the crops.
+- **Determinism**: torch and numpy seeded from ``--seed``, every random draw from one torch
+  generator: the same seed, inputs and thread count give a bit-identical file on a CPU.
+
+Writes a plain torchvision state dict (``fc`` included), atomically: it loads into
+``torchvision.models.ARCH(num_classes=K)`` and is read by ``soco knn --weights FILE`` as a ResNet
+(``--objects crop --features c5,c4``: the pooled stages). Beside it, ``OUT.json`` (OUT without its
+suffix) holds the figures and the arguments. Ends with one line: steps, images seen, train top-1
+of the last 100 steps, seconds, the file.
+
+    python benchmarks/supervised_crops.py --train-json train.json --images imgs/ --arch resnet18 \\
+        --size 64 --steps 500 --batch 32 -o sup_r18.pth
+    soco knn --weights sup_r18.pth --objects crop --features c5,c4 --size 64 ...
+
+Only TRAIN_JSON's images are used: the probe's queries (VAL_JSON's) are never seen. Bad input
+(a missing JSON or image folder, no usable object, bad options) is one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from collections import deque
+from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
-from PIL import Image
+from torch import nn
+from torch.nn import functional as F
 
+from soco_pretrain.config import AugmentConfig
+from soco_pretrain.data.augment import normalise
+from soco_pretrain.errors import RunError, SocoError, UserError
+from soco_pretrain.evaluate.crops import CropSet
 from soco_pretrain.evaluate.knn import load_objects
-from soco_pretrain.files import atomic_write
-from soco_pretrain.images import load_rgb
+from soco_pretrain.files import atomic_write, atomic_write_json
+from soco_pretrain.model.backbones import BACKBONES, build_resnet
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # torchvision's ImageNet normalisation
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-def crops(json_path, images, size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(uint8 crops (N, 3, S, S) with S = size * 9 / 8, labels (N,), number of classes)."""
-    objects = load_objects(json_path, images)
-    side = size * 9 // 8
-    out, labels = [], []
-    for path, boxes, classes in zip(objects.paths, objects.boxes, objects.labels):
-        photo = Image.fromarray(load_rgb(path))
-        for box, label in zip(boxes, classes):
-            crop = photo.crop(tuple(float(v) for v in box)).resize((side, side), Image.BILINEAR)
-            out.append(torch.from_numpy(np.array(crop)).permute(2, 0, 1))  # a writable copy
-            labels.append(int(label))
-    return torch.stack(out), torch.tensor(labels), len(objects.categories)
+SCALE = (0.6, 1.0)  # random resized crop: fraction of the square's area
+RATIO = (3 / 4, 4 / 3)  # and aspect (torchvision's default)
+WARMUP = 0.05  # fraction of the steps with a linear warm-up
+MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4
+LAST = 100  # train accuracy is reported over the last LAST steps
 
 
-def augment(batch: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Random size x size crops and horizontal flips of uint8 crops -> normalised float."""
+class SupervisedError(UserError):
+    """Bad input or options of this script (one line, exit status 2)."""
+
+
+def load_crops(train_json, images, size: int, context: float, min_box: float, min_instances: int):
+    """(uint8 crops (N, 3, size, size), labels (N,) over the kept classes, kept class names, info)."""
+    objects = load_objects(train_json, images, min_box)
+    crops = CropSet(objects, size, context, workers=0)
+    counts = torch.bincount(crops.labels, minlength=len(objects.categories))
+    kept = counts >= max(1, min_instances)
+    names = [objects.categories[c] for c in range(len(objects.categories)) if kept[c]]
+    if len(names) < 2:
+        raise SupervisedError(
+            f"{train_json}: only {len(names)} class(es) have at least {max(1, min_instances)} usable objects; "
+            "a classifier needs two (lower --min-instances or --min-box)"
+        )
+    remap = torch.full((len(objects.categories),), -1, dtype=torch.int64)
+    remap[kept] = torch.arange(len(names))
+    keep = kept[crops.labels]
+    info = {
+        "images": len(objects) - len(crops.failed),
+        "unreadable_images": len(crops.failed),
+        "skipped": objects.skipped,
+        "crops_clipped": crops.clipped,
+        "dropped_classes": {
+            objects.categories[c]: int(counts[c]) for c in range(len(counts)) if not kept[c] and counts[c] > 0
+        },
+    }
+    return crops.crops[keep], remap[crops.labels[keep]], names, info
+
+
+def random_resized_crops(batch: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Normalised float (n, 3, size, size): a random resized crop (SCALE, RATIO) and a horizontal
+    flip of each uint8 square of ``batch``, every draw from ``gen``."""
     n, _, side, _ = batch.shape
-    x0 = torch.randint(0, side - size + 1, (n,), generator=gen)
-    y0 = torch.randint(0, side - size + 1, (n,), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
-    out = torch.stack([batch[i, :, y0[i] : y0[i] + size, x0[i] : x0[i] + size] for i in range(n)])
-    out = torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
-    return (out.float() / 255 - MEAN) / STD
+    area = torch.empty(n).uniform_(*SCALE, generator=gen) * side * side
+    ratio = torch.exp(torch.empty(n).uniform_(math.log(RATIO[0]), math.log(RATIO[1]), generator=gen))
+    w = torch.sqrt(area * ratio).round().clamp(1, side).long()
+    h = torch.sqrt(area / ratio).round().clamp(1, side).long()
+    x0 = (torch.rand(n, generator=gen) * (side - w + 1)).long()
+    y0 = (torch.rand(n, generator=gen) * (side - h + 1)).long()
+    flip = (torch.rand(n, generator=gen) < 0.5).tolist()
+    out = []
+    for i in range(n):
+        x, y = int(x0[i]), int(y0[i])
+        crop = batch[i : i + 1, :, y : y + int(h[i]), x : x + int(w[i])].float()
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(crop.flip(3) if flip[i] else crop)
+    return normalise(torch.cat(out).div_(255.0), AugmentConfig())  # the probe's normalisation
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def learning_rate(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over the first WARMUP of ``total`` steps (at least one), then cosine to 0."""
+    warmup = max(1, round(WARMUP * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def build_classifier(arch: str, classes: int, seed: int) -> nn.Module:
+    """soco's ResNet ``arch`` (seeded as ``soco knn --weights none --seed``) with an fc for ``classes``."""
+    torch.manual_seed(seed)
+    model = build_resnet(arch)
+    model.fc = nn.Linear(model.fc.in_features, classes)
+    return model
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="supervised_crops.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--train-json", required=True, help="COCO JSON whose labelled objects are the classes")
     parser.add_argument("--images", required=True, help="its image folder")
-    parser.add_argument("-o", "--out", required=True, help="output state dict (.pth)")
-    parser.add_argument("--arch", default="resnet50", help="torchvision ResNet builder (default resnet50)")
-    parser.add_argument("--size", type=int, default=96, help="crop size in px (default 96)")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("-o", "--out", required=True, help="output state dict (.pth); OUT.json is written beside it")
+    parser.add_argument("--arch", default="resnet50", choices=list(BACKBONES),
+                        help="a model.backbone value (default resnet50, as benchmarks/warm_start.sh expects; "
+                        "resnet18 for the CPU experiment)")  # fmt: skip
+    parser.add_argument("--size", type=int, default=96, help="crop side in px, as the probe's --size (default 96)")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--steps", type=int, help="optimiser steps (a pretraining's budget)")
+    budget.add_argument("--epochs", type=int, help="or passes over the crops: epochs x objects // batch steps")
+    parser.add_argument("--batch", type=int, default=32, help="crops per step (default 32)")
     parser.add_argument("--lr", type=float, default=0.1, help="peak lr for batch 256, scaled linearly (0.1)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--context", type=float, default=1.2, help="crop side / box side, as the probe's (1.2)")
+    parser.add_argument("--min-box", type=float, default=32.0, help="smallest box side in px, as the probe's (32)")
+    parser.add_argument(
+        "--min-instances", type=int, default=0, help="train only on classes with at least N objects (default 0: all)"
+    )
+    return parser.parse_args(argv)
 
+
+def check_args(args: argparse.Namespace) -> None:
+    problems = []
+    if args.steps is not None and args.steps < 1:
+        problems.append(f"--steps must be at least 1, got {args.steps}")
+    if args.epochs is not None and args.epochs < 1:
+        problems.append(f"--epochs must be at least 1, got {args.epochs}")
+    if args.batch < 2:
+        problems.append(f"--batch must be at least 2 (BatchNorm), got {args.batch}")
+    if args.size < 32:
+        problems.append(f"--size must be at least 32 px (the probe's smallest), got {args.size}")
+    if not args.lr > 0:
+        problems.append(f"--lr must be positive, got {args.lr}")
+    if args.context < 1:
+        problems.append(f"--context must be at least 1, got {args.context}")
+    if args.min_box < 0 or args.min_instances < 0:
+        problems.append("--min-box and --min-instances must be at least 0")
+    if Path(args.out).suffix == ".json":
+        problems.append(f"-o {args.out}: the state dict's name must not end in .json (OUT.json is written beside it)")
+    if problems:
+        raise SupervisedError("; ".join(problems))
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train, write the state dict and OUT.json; returns OUT.json's content."""
+    check_args(args)
     start = time.perf_counter()
-    images, labels, classes = crops(args.train_json, args.images, args.size)
-    print(f"{len(labels)} object crops of {classes} classes from {args.train_json}", flush=True)
-    torch.manual_seed(args.seed)
+    crops, labels, classes, info = load_crops(
+        args.train_json, args.images, args.size, args.context, args.min_box, args.min_instances
+    )
+    n = len(labels)
+    steps = args.steps if args.steps is not None else args.epochs * max(1, n // args.batch)
+    print(
+        f"{n} object crops of {len(classes)} classes at {args.size} px from {args.train_json} "
+        f"({info['images']} images); {steps} steps of batch {args.batch} = {steps * args.batch / n:.1f} epochs",
+        flush=True,
+    )
+    np.random.seed(args.seed)
+    model = build_classifier(args.arch, len(classes), args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model = getattr(torchvision.models, args.arch)(weights=None, num_classes=classes)
-    lr = args.lr * args.batch / 256
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    steps_per_epoch = len(labels) // args.batch
-    total = args.epochs * steps_per_epoch
+    peak = args.lr * args.batch / 256
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     model.train()
-    step = 0
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(labels), generator=gen)
-        correct = seen = 0
-        for i in range(steps_per_epoch):
-            idx = order[i * args.batch : (i + 1) * args.batch]
-            for group in optimizer.param_groups:  # cosine over the whole run
-                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
-            logits = model(augment(images[idx], args.size, gen))
-            loss = torch.nn.functional.cross_entropy(logits, labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            correct += int((logits.argmax(1) == labels[idx]).sum())
-            seen += len(idx)
-            step += 1
-        print(
-            f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, train top-1 {100 * correct / seen:.1f}%",
-            flush=True,
-        )
+    stream = torch.empty(0, dtype=torch.int64)  # the next indices of consecutive seeded permutations
+    last: deque[tuple[int, int]] = deque(maxlen=LAST)
+    every = max(1, steps // 10)
+    train_start = time.perf_counter()
+    for step in range(steps):
+        while len(stream) < args.batch:
+            stream = torch.cat([stream, torch.randperm(n, generator=gen)])
+        idx, stream = stream[: args.batch], stream[args.batch :]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, peak)
+        logits = model(random_resized_crops(crops[idx], args.size, gen))
+        loss = F.cross_entropy(logits, labels[idx])
+        if not torch.isfinite(loss):
+            raise RunError(f"non-finite loss at step {step + 1}: lower --lr (now {args.lr})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        last.append((int((logits.argmax(1) == labels[idx]).sum()), len(idx)))
+        if (step + 1) % every == 0 or step + 1 == steps:
+            recent = 100 * sum(c for c, _ in last) / sum(s for _, s in last)
+            print(
+                f"step {step + 1}/{steps}: loss {loss.item():.3f}, train top-1 of the last {len(last)} steps "
+                f"{recent:.1f}%, lr {optimizer.param_groups[0]['lr']:.4g}",
+                flush=True,
+            )
+    train_seconds = time.perf_counter() - train_start
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(args.out, lambda f: torch.save(state, f))
-    print(f"wrote {args.out} ({args.arch}, {classes} classes) in {time.perf_counter() - start:.0f} s", flush=True)
+    out = Path(args.out)
+    atomic_write(out, lambda f: torch.save(state, f))
+    report = {
+        "weights": str(out),
+        "arch": args.arch,
+        "steps": steps,
+        "batch": args.batch,
+        "images_seen": steps * args.batch,
+        "epochs": round(steps * args.batch / n, 3),
+        "objects": n,
+        "classes": classes,
+        "last_steps": len(last),
+        "train_top1_last": round(100 * sum(c for c, _ in last) / sum(s for _, s in last), 2),
+        "final_loss": round(float(loss.item()), 4),
+        "seconds": round(time.perf_counter() - start, 1),
+        "seconds_per_step": round(train_seconds / steps, 4),
+        "threads": torch.get_num_threads(),
+        **info,
+        "args": vars(args),
+    }
+    atomic_write_json(out.with_suffix(".json"), report)
+    print(
+        f"{steps} steps of batch {args.batch} ({report['images_seen']} crops seen, {report['epochs']:.1f} epochs), "
+        f"train top-1 of the last {len(last)} steps {report['train_top1_last']:.1f}%, {report['seconds']:.0f} s "
+        f"({report['seconds_per_step']:.2f} s/step) -> {out}",
+        flush=True,
+    )
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except SocoError as exc:
+        print(f"supervised_crops.py: error: {exc.one_line()}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

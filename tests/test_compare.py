@@ -1,13 +1,17 @@
 """soco compare: arms, seed pairing, shards, resume, the specification guard, the paired t interval,
-the report files and one-line errors. Arms run with fake runners (no torch, no training)."""
+the report files, the weights each arm saw and one-line errors. Arms run with fake runners (no
+training); the run folders hold tiny soco checkpoints (a 2-element tensor and a step)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import sys
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -42,9 +46,23 @@ def call(argv, capsys):
     return status, out, err
 
 
+def save_run(run: Path, step: int) -> Path:
+    """A soco checkpoint of ``step`` in run folder ``run`` (weights differ per step); its last.pt."""
+    import torch
+
+    from soco_pretrain.engine.checkpoint import CheckpointManager
+
+    return CheckpointManager(run, keep=1).save({"model": {"encoder.w": torch.full((2,), float(step))}, "step": step})
+
+
+def sha12(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
 @pytest.fixture
 def data(tmp_path):
-    """Two tiny COCO JSONs, an image folder and three run folders (no manifests)."""
+    """Two tiny COCO JSONs, an image folder and three run folders with a step-1 checkpoint each (no
+    manifests)."""
     images = tmp_path / "imgs"
     images.mkdir()
     coco = {
@@ -57,6 +75,7 @@ def data(tmp_path):
     runs = [tmp_path / "runs" / f"ss{i}" for i in range(3)]
     for run in runs:
         run.mkdir(parents=True)
+        save_run(run, 1)
     return {
         "root": tmp_path,
         "images": images,
@@ -556,6 +575,175 @@ def test_leak_guard_refuses_and_allow_leak_skips_it(data, fake_runner, monkeypat
     status, _, err = call([*argv, "--allow-leak"], capsys)
     assert status == 0, err
     assert len(checked) == 1 and len(fake_runner) == 2
+
+
+# ---------------------------------------------------------------- the weights each arm saw
+
+
+def two_init_argv(data, *extra):
+    """none and the run folder ss0, one fraction, two seeds: arms 0..3 = none s0, ss0 s0, none s1, ss0 s1."""
+    return [
+        "compare",
+        "--init",
+        "none",
+        "--init",
+        data["runs"][0],
+        *data["args"],
+        "--seeds",
+        "2",
+        "--max-iters",
+        "4",
+        "--out",
+        data["root"] / "cmp",
+        *extra,
+    ]
+
+
+def test_the_weights_identity_is_recorded_in_each_arm_and_the_report(data, fake_runner, monkeypatch, capsys):
+    hashed = []
+    digest = compare.file_digest
+    monkeypatch.setattr(compare, "file_digest", lambda path: hashed.append(str(path)) or digest(path))
+    last = data["runs"][0] / "checkpoints" / "last.pt"
+    status, stdout, err = call(two_init_argv(data), capsys)
+    assert status == 0, err
+    assert hashed == [str(last)]  # once per invocation, not once per arm
+    sha = hashlib.sha256(last.read_bytes()).hexdigest()
+    assert f"(weights: {data['runs'][0]}: step 1, sha256 {sha[:12]})" in stdout
+    out = data["root"] / "cmp"
+    for seed in (0, 1):
+        result = json.loads((out / "arms" / "ss0" / "f1" / f"s{seed}" / "metrics.json").read_text())
+        assert result["init_weights"] == {"weights": str(data["runs"][0]), "file": str(last), "sha256": sha, "step": 1}
+        assert result["bbox"]["AP"] > 0  # the metric's own result is kept
+        random = json.loads((out / "arms" / "random_init" / "f1" / f"s{seed}" / "metrics.json").read_text())
+        assert random["init_weights"]["random_seed"] == seed and random["init_weights"]["sha256"] is None
+    report = json.loads((out / "report.json").read_text())
+    assert [a["init_weights"]["sha256"] for a in report["arms"] if a["init"] == "ss0"] == [sha, sha]
+    ss0 = next(i for i in report["init_weights"] if i["init"] == "ss0")
+    assert ss0["consistent"] and [(w["sha256"], w["step"], w["arms"]) for w in ss0["weights"]] == [(sha, 1, [1, 3])]
+    assert report["weights_warnings"] == []
+    md = (out / "report.md").read_text()
+    assert f"| ss0 | {last} | step 1, sha256 {sha[:12]} | 2 |" in md
+    assert "| random init | none | random init, seeded by each arm's seed | 2 |" in md
+    hashed.clear()
+    assert call(two_init_argv(data), capsys)[0] == 0 and hashed == [str(last)]  # a rerun checks, hashing once
+
+
+def test_a_checkpoint_that_changed_between_two_invocations_is_refused(data, fake_runner, capsys):
+    out = data["root"] / "cmp"
+    assert call(two_init_argv(data, "--arm", "1/2"), capsys)[0] == 0  # ss0 s0 and ss0 s1 with step 1
+    old = sha12(data["runs"][0] / "checkpoints" / "last.pt")
+    new = sha12(save_run(data["runs"][0], 2))  # the run trained on
+    spec_before = (out / "compare.json").read_text()
+    fake_runner.clear()
+    status, stdout, err = call(two_init_argv(data), capsys)
+    assert status == 2 and err.startswith("soco: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"ss0 (2 arm(s) from step 1, sha256 {old}, now step 2, sha256 {new})" in err
+    assert "--reevaluate ss0" in err
+    assert fake_runner == [] and "arm 1/4" not in stdout  # nothing ran
+    assert (out / "compare.json").read_text() == spec_before
+    # without --init (the recorded comparison) and for one shard: the same refusal
+    status, _, err = call(["compare", "--out", out, "--arm", "0/2"], capsys)
+    assert status == 2 and "--reevaluate ss0" in err and fake_runner == []
+
+
+def test_reevaluate_runs_those_arms_again_and_the_report_shows_the_new_weights(data, fake_runner, capsys):
+    out = data["root"] / "cmp"
+    assert call(two_init_argv(data, "--arm", "1/2"), capsys)[0] == 0
+    new = save_run(data["runs"][0], 2)
+    sha = hashlib.sha256(new.read_bytes()).hexdigest()
+    fake_runner.clear()
+    status, stdout, err = call(two_init_argv(data, "--reevaluate", "ss0"), capsys)
+    assert status == 0, err
+    line = next(x for x in stdout.splitlines() if x.startswith("--reevaluate ss0:"))
+    assert "moved 2 arm(s) computed from step 1" in line and f"again with step 2, sha256 {sha[:12]}" in line
+    assert sorted((n, s) for n, _, s, _, _ in fake_runner) == [
+        (RANDOM_INIT, 0),
+        (RANDOM_INIT, 1),
+        ("ss0", 0),
+        ("ss0", 1),
+    ]
+    assert (out / "arms" / "ss0" / "f1" / "s0.old-1" / "metrics.json").is_file()  # moved aside, not deleted
+    report = json.loads((out / "report.json").read_text())
+    ss0 = next(i for i in report["init_weights"] if i["init"] == "ss0")
+    assert ss0["consistent"] and [(w["sha256"], w["step"]) for w in ss0["weights"]] == [(sha, 2)]
+    assert f"step 2, sha256 {sha[:12]} | 2 |" in (out / "report.md").read_text()
+    fake_runner.clear()
+    status, stdout, _ = call(["compare", "--out", out, "--reevaluate", "all"], capsys)  # nothing left to do
+    assert status == 0 and fake_runner == [] and "every arm of ss0 already used its current weights" in stdout
+    status, _, err = call(["compare", "--out", out, "--reevaluate", "nope"], capsys)
+    assert status == 2 and "--reevaluate nope: no init of this comparison has that name" in err
+
+
+def test_weights_that_change_while_the_comparison_runs_stop_it_before_the_next_arm(data, tmp_path):
+    spec = spec_of([parse_init("none"), parse_init(str(data["runs"][0]))], fractions=(1.0,), seeds=2)
+    prepare_out(spec, tmp_path)
+
+    def runner(arm, spec, out_dir):
+        (out_dir / "metrics.json").write_text(json.dumps(fake_finetune_result(arm)))
+        if arm.index == 1:
+            save_run(data["runs"][0], 2)  # the run saves a checkpoint meanwhile
+
+    with pytest.raises(
+        CompareError, match=r"ss0: its weights changed while this comparison ran \(step 1, .* -> step 2"
+    ):
+        run_compare(spec, tmp_path, runner=runner, log=lambda line: None)
+    done, missing = collect(spec, tmp_path)
+    assert [a.index for a, _ in done] == [0, 1, 2] and [a.index for a in missing] == [3]
+    assert done[1][1]["init_weights"]["step"] == 1  # what that arm started from
+
+
+def test_the_report_says_when_an_init_pooled_different_weights(data, tmp_path):
+    spec = spec_of([parse_init("none"), parse_init(str(data["runs"][0]))], fractions=(1.0,), seeds=2, metric="knn")
+    ids = {
+        1: {"file": "/r/last.pt", "sha256": "a" * 64, "step": 100},
+        3: {"file": "/r/last.pt", "sha256": "b" * 64, "step": 200},
+    }
+    done = [(arm, {"top1": 50.0, "init_weights": ids.get(arm.index)}) for arm in spec.arms()]
+    paths, warnings = compare.write_compare_report(spec, tmp_path, done, [])
+    assert len(warnings) == 1 and "ss0 were computed from different weights" in warnings[0]
+    assert "step 100, sha256 aaaaaaaaaaaa: 1 arm(s); step 200, sha256 bbbbbbbbbbbb: 1 arm(s)" in warnings[0]
+    report = json.loads(paths[0].read_text())
+    assert report["weights_warnings"] == warnings
+    assert not next(i for i in report["init_weights"] if i["init"] == "ss0")["consistent"]
+    md = paths[1].read_text()
+    assert md.startswith("# soco compare: knn\n\n**Warning: the arms of ss0 were computed from different weights")
+    assert "| ss0 | /r/last.pt | **step 200, sha256 bbbbbbbbbbbb** (differs from its other arms) | 1 |" in md
+
+
+def test_a_leak_refusal_does_not_block_the_corrected_rerun(data, fake_runner, capsys):
+    from soco_pretrain.data.manifest import build_manifest, write_manifest
+
+    root, images = data["root"], data["images"]
+    (images / "a.jpg").write_bytes(b"a val photo")
+    (images / "b.jpg").write_bytes(b"another val photo")
+    (root / "pool").mkdir()
+    (root / "pool" / "copy.jpg").write_bytes(b"a val photo")  # a renamed copy in the pretraining data
+    write_manifest(data["runs"][0], build_manifest([root / "pool" / "copy.jpg"], root / "pool", progress=False))
+    fixed = json.loads((root / "val.json").read_text())
+    fixed["images"][0]["file_name"] = "b.jpg"
+    (root / "val_fixed.json").write_text(json.dumps(fixed))
+    argv = two_init_argv(data)
+    status, _, err = call(argv, capsys)
+    assert status == 2 and "pretraining set of" in err and err.count("\n") == 1 and fake_runner == []
+    assert not (root / "cmp").exists()  # nothing written: the refused comparison is not recorded
+    corrected = [str(root / "val_fixed.json") if a == root / "val.json" else a for a in argv]
+    status, stdout, err = call(corrected, capsys)
+    assert status == 0, err
+    assert "leak check: none of the 1 validation images" in stdout and len(fake_runner) == 4
+
+
+def test_messages_only_name_flags_soco_compare_has():
+    """Every --flag that soco compare's code or messages name is one of its own options."""
+    from soco_pretrain import cli
+    from soco_pretrain.cli import compare as cli_compare
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.choices and "compare" in a.choices).choices["compare"]
+    options = {o for action in sub._actions for o in action.option_strings}
+    named = set()
+    for module in (compare, cli_compare):
+        named |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", Path(module.__file__).read_text(encoding="utf-8")))
+    assert named and named - options == set()
 
 
 def test_device_children(tmp_path):

@@ -383,7 +383,7 @@ def test_random_init_of_seed_s_is_where_pretraining_seed_s_starts():
     torch.manual_seed(1)  # what the loop does before building the model (train.seed)
     start = SoCoModel(load_preset("tiny")).encoder.state_dict()
     encoder, info = build_encoder("none", seed=1)
-    assert info["description"] == "random init (seed 1)"
+    assert info["description"] == "random init (seed 1, resnet50)"
     assert all(torch.equal(start[k], v) for k, v in encoder.state_dict().items())
     other, _ = build_encoder("none", seed=2)
     assert not torch.equal(other.state_dict()["box_head.5.weight"], start["box_head.5.weight"])

@@ -58,7 +58,7 @@ def test_presets_load_with_the_paper_settings():
     assert PRETRAIN_PRESETS == PRESETS  # the CLI's copy (kept for a fast --help) matches
     for name in PRESETS:
         cfg = load_preset(name)
-        if name not in ("tiny", "fpn-head-warm", "fpn-warm"):  # the warm starts are our recipes (test_warm_start)
+        if name not in ("tiny", "cpu-small", "fpn-head-warm", "fpn-warm"):  # our recipes (warm starts: test_warm_start)
             assert cfg.train.batch_size == 2048 and cfg.train.base_lr == 1.0 and cfg.train.warmup_epochs == 10
     assert load_preset("fpn-100ep").train.epochs == 100
     assert load_preset("fpn-400ep").train.epochs == 400
@@ -69,6 +69,9 @@ def test_presets_load_with_the_paper_settings():
         assert c4.model.arch == "c4" and c4.train.epochs == epochs and not c4.data.views.soco_star
     tiny = load_preset("tiny")
     assert tiny.model.arch == "fpn" and tiny.data.views.v1_size < 224 and tiny.train.per_device_batch <= 8
+    small = load_preset("cpu-small")  # the CPU experiment: ResNet-18 at 64 px, batch 32, constant EMA
+    assert small.model.backbone == "resnet18" and small.data.views.v1_size == 64 and small.train.batch_size == 32
+    assert small.train.ema_schedule == "constant" and small.train.warmup_steps == 32
     with pytest.raises(PresetError, match="unknown preset 'nope'"):
         load_preset("nope")
 

@@ -87,7 +87,9 @@ def add_compare(subparsers):
             "OUT/arms/INIT/fF/sS; rerunning skips finished arms and resumes the others. OUT/compare.json\n"
             "records the comparison: a rerun with other options is refused; without --init it is\n"
             "reused. Before running, validation images found in an init's pretraining manifest are\n"
-            "refused (--allow-leak to run anyway)."
+            "refused (--allow-leak to run anyway). Every arm records the weights it was computed from\n"
+            "(sha256 of the checkpoint file, soco step); a rerun after an init's weights changed is\n"
+            "refused until --reevaluate NAME evaluates that init's arms again."
         ),
         examples=[
             "soco compare --metric knn --init none --init soco=runs/ss0,runs/ss1,runs/ss2 --train-json train.json "
@@ -97,6 +99,7 @@ def add_compare(subparsers):
             "--devices cuda:0,cuda:1",
             "soco compare --out cmp/ --arm 2/8   # cluster job 2 of 8 (arms 2, 10, 18, ...) of the comparison in cmp/",
             "soco compare --out cmp/ --report-only   # the report from the arms finished so far",
+            "soco compare --out cmp/ --reevaluate soco   # soco's run went on training: its arms again, new weights",
         ],
     )
     p.add_argument(
@@ -138,6 +141,14 @@ def add_compare(subparsers):
     p.add_argument("--report-only", action="store_true", help="only (re)build the report from the finished arms")
     p.add_argument(
         "--allow-leak", action="store_true", help="run even if validation images are in an init's pretraining set"
+    )
+    p.add_argument(
+        "--reevaluate",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="move aside the arms of init NAME computed from other weights than it has now (e.g. its run "
+        "trained on) and evaluate them again (repeat, or all; with --arm: that shard's arms)",
     )
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # --devices children
     g = p.add_argument_group(
@@ -267,16 +278,34 @@ def _compare_spec(args, runtime: dict):
     )
 
 
+def _reevaluate_names(values: list[str], spec) -> list[str]:
+    """The init names ``--reevaluate`` gives (``all``: every init with a weights file), each checked
+    against ``spec``."""
+    from ..evaluate.compare import safe_name
+
+    if any(v.strip().lower() == "all" for v in values):
+        return [init.name for init in spec.inits if any(p is not None for p in init.paths)]
+    names = []
+    for value in values:
+        found = [i.name for i in spec.inits if value in (i.name, safe_name(i.name))]
+        if not found:
+            known = ", ".join(repr(i.name) for i in spec.inits)
+            raise UsageError(f"--reevaluate {value}: no init of this comparison has that name ({known}, or all)")
+        names += [n for n in found if n not in names]
+    return names
+
+
 def _write_compare_report(spec, out) -> int:
     """Write the report from the finished arms; returns how many are missing."""
-    from ..evaluate.compare import collect
-    from ..evaluate.report import write_report
+    from ..evaluate.compare import collect, write_compare_report
 
     done, missing = collect(spec, out)
     if not done:
         raise UsageError(f"{out}: no finished arm yet ({len(missing)} to run)")
-    paths = write_report(spec, out, done, missing)
+    paths, warnings = write_compare_report(spec, out, done, missing)
     print(f"report of {len(done)}/{len(done) + len(missing)} arms: {', '.join(str(p) for p in paths)}")
+    for warning in warnings:
+        print(f"warning: {warning}")
     if missing:
         names = ", ".join(arm.label for arm in missing[:8]) + (" ..." if len(missing) > 8 else "")
         print(f"missing {len(missing)} arm(s): {names}")
@@ -286,11 +315,23 @@ def _write_compare_report(spec, out) -> int:
 def cmd_compare(args) -> int:
     if args.devices and args.arm:
         raise UsageError("--devices and --arm exclude each other (--devices gives each device its own --arm)")
-    if args.report_only and (args.devices or args.arm):
-        raise UsageError("--report-only runs nothing: leave out --devices and --arm")
+    if args.report_only and (args.devices or args.arm or args.reevaluate):
+        raise UsageError("--report-only runs nothing: leave out --devices, --arm and --reevaluate")
     out = Path(args.out)
     runtime = _runtime(args)
-    from ..evaluate.compare import check_leaks, collect, parse_devices, prepare_out, run_compare, run_devices
+    from ..evaluate.compare import (
+        InitWeights,
+        check_leaks,
+        check_out,
+        collect,
+        parse_devices,
+        prepare_out,
+        reevaluate,
+        refuse_stale,
+        run_compare,
+        run_devices,
+        stale_arms,
+    )
 
     spec = _compare_spec(args, runtime)
     if args.report_only:
@@ -299,10 +340,26 @@ def cmd_compare(args) -> int:
         prepare_out(spec, out)  # the same comparison as the one recorded
         _write_compare_report(spec, out)
         return 0
+    again = _reevaluate_names(args.reevaluate, spec)
     devices = parse_devices(args.devices) if args.devices else None
-    prepare_out(spec, out)
+    # Every check before OUT is written to: a refused comparison leaves OUT as it was.
+    check_out(spec, out)
     if not args.allow_leak:
         check_leaks(spec, progress=runtime["progress"])
+    weights = InitWeights()
+    weights.pin(spec)  # each init's file resolved and hashed once
+    stale = stale_arms(spec, out, weights)
+    refuse_stale([s for s in stale if s.arm.init.name not in again])
+    unrecorded = [s.arm for s in stale if s.recorded is None and s.arm.init.name not in again]
+    prepare_out(spec, out)
+    reevaluate(spec, out, again, stale, shard=args.arm, log=lambda line: print(line, flush=True))
+    if unrecorded:
+        names = ", ".join(dict.fromkeys(arm.init.name for arm in unrecorded))
+        print(
+            f"note: {len(unrecorded)} finished arm(s) of {names} have no record of their weights (finished "
+            "before soco compare recorded them); the report says so, --reevaluate NAME evaluates them again",
+            flush=True,
+        )
     arms = spec.arms()
     print(
         f"comparing {len(spec.inits)} init(s) ({', '.join(i.name for i in spec.inits)}; baseline "
@@ -324,7 +381,7 @@ def cmd_compare(args) -> int:
         statuses = run_devices(out, devices, runtime_args)
         missing = _write_compare_report(spec, out) if collect(spec, out)[0] else len(arms)
         return 1 if any(statuses) or missing else 0
-    summary = run_compare(spec, out, shard=args.arm, log=lambda line: print(line, flush=True))
+    summary = run_compare(spec, out, shard=args.arm, log=lambda line: print(line, flush=True), weights=weights)
     done, missing = collect(spec, out)
     if args.no_report:
         pass

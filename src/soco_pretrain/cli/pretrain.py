@@ -23,7 +23,8 @@ from .common import (
 # Kept in step with soco_pretrain.presets.PRESETS (a test checks); listed here so that
 # `soco --help` imports nothing.
 PRETRAIN_PRESETS = (
-    "fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-400ep", "tiny", "fpn-head-warm", "fpn-warm",
+    "fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-400ep", "tiny", "cpu-small",
+    "fpn-head-warm", "fpn-warm",
 )  # fmt: skip
 
 

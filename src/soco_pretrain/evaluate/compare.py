@@ -16,11 +16,22 @@ Layout of OUT::
 
     compare.json                       the specification (refused if a rerun differs)
     arms/<init>/f<fraction>/s<seed>/   one arm: the metric's own folder (metrics.json or knn.json)
+                                       and init_weights.json (the weights it started from)
     logs/                              --devices: one log per child process
-    report.md, report.json, report.png (see :mod:`.report`)
+    report.md, report.json, report.png (see :mod:`.report` and :func:`write_compare_report`)
 
 An arm whose result file exists is skipped; an unfinished fine-tune resumes from its own
 checkpoints, an unfinished kNN reruns. ``shard=(i, n)`` runs arms i, i+n, ... only.
+
+The weights each arm saw (:class:`InitWeights`): a member is resolved as the metrics resolve it
+(a run folder: its newest intact checkpoint) and identified by that file's sha256 and, for a soco
+checkpoint, its step; each file is hashed once per version in a process. An arm records the
+identity in its result file (key ``init_weights``). Before anything runs, a finished arm (or an
+unfinished fine-tune, which would resume) whose recorded weights differ from what its init
+resolves to now is refused (:func:`stale_arms`, :func:`refuse_stale`), unless its init is to be
+re-evaluated (:func:`move_aside`); a file that changes while the comparison runs stops it before
+the next arm of that init. The report shows the weights of every init and says when an init's
+arms were computed from different ones.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,13 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NonFiniteLossError, UserError
-from ..files import atomic_write_json
+from ..files import atomic_write_bytes, atomic_write_json
+from ..runfolder import file_digest
 
 SPEC_FILE = "compare.json"
 SPEC_VERSION = 1
 RANDOM_INIT = "random init"
 METRICS = ("finetune", "knn")
 RESULT_FILES = {"finetune": "metrics.json", "knn": "knn.json"}
+WEIGHTS_KEY = "init_weights"  # an arm's result file: the weights identity it was computed from
+START_FILE = "init_weights.json"  # an arm's folder: the weights identity it started from
 
 
 class CompareError(UserError):
@@ -256,24 +271,32 @@ def read_spec(out, runtime: dict | None = None) -> CompareSpec:
         raise CompareError(f"{path}: not a soco compare specification ({type(exc).__name__}: {exc})") from None
 
 
+def check_out(spec: CompareSpec, out) -> bool:
+    """Whether OUT/compare.json exists; CompareError when it records another comparison. Writes
+    nothing, so a comparison refused before it runs (a leak, changed weights) leaves OUT as it was."""
+    path = Path(out) / SPEC_FILE
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise CompareError(f"{path}: unreadable (not JSON); remove it or use another --out") from None
+    new = _normalised(spec.to_json())
+    if old != new:
+        diffs = _differences(old, new)
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise CompareError(
+            f"{out} holds another comparison ({shown}); use another --out, or rerun "
+            "with the recorded options (or without --init to reuse them)"
+        )
+    return True
+
+
 def prepare_out(spec: CompareSpec, out) -> Path:
     """Write OUT/compare.json, or check that the one there is this ``spec``; CompareError if not."""
     path = Path(out) / SPEC_FILE
-    new = _normalised(spec.to_json())
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            raise CompareError(f"{path}: unreadable (not JSON); remove it or use another --out") from None
-        if old != new:
-            diffs = _differences(old, new)
-            shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
-            raise CompareError(
-                f"{out} holds another comparison ({shown}); use another --out, or rerun "
-                "with the recorded options (or without --init to reuse them)"
-            )
-        return path
-    atomic_write_json(path, new)
+    if not check_out(spec, out):
+        atomic_write_json(path, _normalised(spec.to_json()))
     return path
 
 
@@ -325,6 +348,243 @@ def collect(spec: CompareSpec, out) -> tuple[list[tuple[Arm, dict]], list[Arm]]:
         else:
             done.append((arm, result))
     return done, missing
+
+
+# ---------------------------------------------------------------- the weights each arm saw
+
+
+def random_identity(seed: int) -> dict:
+    """The identity of random-init weights: no file, the arm's seed."""
+    return {"weights": None, "file": None, "sha256": None, "step": None, "random_seed": int(seed)}
+
+
+def describe_weights(identity: dict | None) -> str:
+    """``step 200, sha256 0123456789ab`` (12 hex digits), ``sha256 ...`` for a file that is not a
+    soco checkpoint, ``random init seed 3``, or ``not recorded``."""
+    if not isinstance(identity, dict):
+        return "not recorded"
+    if identity.get("file") is None:
+        return f"random init seed {identity.get('random_seed')}"
+    step = identity.get("step")
+    return (f"step {step}, " if step is not None else "") + f"sha256 {str(identity.get('sha256'))[:12]}"
+
+
+def _weights_key(identity: dict | None) -> tuple | None:
+    if not isinstance(identity, dict):
+        return None
+    if identity.get("file") is None:
+        return ("random", identity.get("random_seed"))
+    return ("file", identity.get("sha256"), identity.get("step"))
+
+
+def same_weights(a: dict | None, b: dict | None) -> bool:
+    """The same weights: the same sha256 and step (wherever the file lies), or the same random seed."""
+    return _weights_key(a) == _weights_key(b)
+
+
+def _soco_step(path: Path) -> int | None:
+    """The step of a soco pretrain checkpoint, None for any other weights file. Only the pickle is
+    read (``torch.load`` with ``mmap``: the tensors stay on disk)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # safetensors, Detectron2 .pkl, ...: no step
+        return None
+    import torch
+
+    from ..engine.checkpoint import _numpy_safe_globals  # the checkpoint reader's own allowlist
+    from ..transfer.weights import soco_weights_of
+
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            content = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        found = soco_weights_of(content, path)
+    except Exception:  # not a checkpoint soco reads this way: its sha256 alone identifies it
+        return None
+    return None if found is None else found.step
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CompareError(f"{path}: cannot read the weights ({exc.strerror or exc})") from None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class InitWeights:
+    """What the members of a comparison's inits resolve to, as identities (:func:`describe_weights`).
+
+    :meth:`now` resolves a member as the metrics do (``transfer.weights.resolve_checkpoint``: a
+    run folder's newest intact checkpoint) and hashes that file (``runfolder.file_digest``) once
+    per version (device, inode, size, mtime) in this process; an unchanged file costs a stat.
+    ``pinned``: the identity each member had when the comparison started (:meth:`pin`); every arm
+    run in this process must see it (:meth:`for_arm`).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[tuple[int, int, int, int], dict]] = {}
+        self.pinned: dict[str, dict] = {}
+
+    def now(self, weights: str | None, seed: int = 0) -> dict:
+        if weights is None:
+            return random_identity(seed)
+        from ..transfer.weights import resolve_checkpoint
+
+        path = Path(resolve_checkpoint(weights))
+        for _ in range(3):
+            before = _stat_key(path)
+            seen = self._seen.get(str(path))
+            if seen is not None and seen[0] == before:
+                return dict(seen[1], weights=str(weights))
+            try:
+                digest = file_digest(path)
+            except OSError as exc:
+                raise CompareError(f"{path}: cannot read the weights ({exc.strerror or exc})") from None
+            identity = {"weights": str(weights), "file": str(path), "sha256": digest, "step": _soco_step(path)}
+            if _stat_key(path) == before:  # not replaced while it was read
+                self._seen[str(path)] = (before, identity)
+                return identity
+        raise CompareError(f"{path}: replaced three times while it was read; try again")
+
+    def pin(self, spec: CompareSpec) -> None:
+        """Resolve and hash every member of every init now (one line on a missing checkpoint)."""
+        for init in spec.inits:
+            for member in init.paths:
+                if member is not None and member not in self.pinned:
+                    self.pinned[member] = self.now(member)
+
+    def for_arm(self, arm: Arm, total: int | None = None) -> dict:
+        """The identity ``arm`` runs with: the pinned one; CompareError when its file changed since."""
+        now = self.now(arm.weights, arm.seed)
+        if arm.weights is None:
+            return now
+        pinned = self.pinned.setdefault(arm.weights, now)
+        if not same_weights(pinned, now):
+            name = arm.init.name
+            raise CompareError(
+                f"{name}: its weights changed while this comparison ran ({describe_weights(pinned)} -> "
+                f"{describe_weights(now)}, {now['file']}); arm {arm.index + 1}{f'/{total}' if total else ''} "
+                f"({arm.label}) was not started and the arms of {name} finished so far used the old weights: "
+                f"rerun with --reevaluate {shlex.quote(name)} to evaluate them again with the new ones, or "
+                "compare a copy of the checkpoint that training does not overwrite (in another --out)"
+            )
+        return dict(pinned, weights=arm.weights)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def recorded_weights(arm: Arm, spec: CompareSpec, out, result: dict | None = None) -> dict | None:
+    """The weights ``arm`` was computed from (finished: its result file's record, else the one it
+    started with) or, for an unfinished fine-tune (it would resume), started from; None if none."""
+    if result is None:
+        result = load_result(arm, spec, out)
+    if result is not None and isinstance(result.get(WEIGHTS_KEY), dict):
+        return result[WEIGHTS_KEY]
+    if result is not None or spec.metric == "finetune":
+        return _read_json(arm.folder(out) / START_FILE)
+    return None
+
+
+@dataclass
+class StaleArm:
+    """An arm whose recorded weights (None: a finished arm without a record) differ from ``now``."""
+
+    arm: Arm
+    recorded: dict | None
+    now: dict
+
+
+def stale_arms(spec: CompareSpec, out, weights: InitWeights) -> list[StaleArm]:
+    """Every arm in OUT (all shards) computed from, or resuming from, other weights than its init's
+    pinned ones (:meth:`InitWeights.pin` first), and finished arms without a record. Random-init
+    arms never are (their identity is their seed)."""
+    found = []
+    for arm in spec.arms():
+        if arm.weights is None:
+            continue
+        result = load_result(arm, spec, out)
+        recorded = recorded_weights(arm, spec, out, result)
+        if recorded is None and result is None:
+            continue
+        now = weights.pinned[arm.weights]
+        if recorded is None or not same_weights(recorded, now):
+            found.append(StaleArm(arm, recorded, now))
+    return found
+
+
+def _grouped(stale: list[StaleArm]) -> dict[str, list[StaleArm]]:
+    groups: dict[str, list[StaleArm]] = {}
+    for item in stale:
+        groups.setdefault(item.arm.init.name, []).append(item)
+    return groups
+
+
+def _texts(identities) -> str:
+    return " / ".join(dict.fromkeys(describe_weights(i) for i in identities))
+
+
+def refuse_stale(stale: list[StaleArm]) -> None:
+    """CompareError (one line) naming each init whose recorded arms have other weights than now,
+    the old and new step / sha256, and the way out (``--reevaluate NAME``)."""
+    groups = _grouped([s for s in stale if s.recorded is not None])
+    if not groups:
+        return
+    parts = [
+        f"{name} ({len(items)} arm(s) from {_texts(s.recorded for s in items)}, now {_texts(s.now for s in items)})"
+        for name, items in groups.items()
+    ]
+    flags = " ".join(f"--reevaluate {shlex.quote(name)}" for name in groups)
+    raise CompareError(
+        f"weights changed since arms of this comparison ran: {'; '.join(parts)}; a report would pool "
+        f"two sets of weights. Add {flags} to move those arms aside and evaluate them again with the "
+        "current weights"
+    )
+
+
+def move_aside(arm: Arm, out) -> Path:
+    """Move ``arm``'s folder aside to ``sS.old-N`` (never deleted; the arm then runs afresh)."""
+    folder = arm.folder(out)
+    n = 1
+    while (aside := folder.with_name(f"{folder.name}.old-{n}")).exists():
+        n += 1
+    folder.rename(aside)
+    return aside
+
+
+def reevaluate(
+    spec: CompareSpec,
+    out,
+    names: list[str],
+    stale: list[StaleArm],
+    shard: tuple[int, int] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """``--reevaluate``: move aside the arms of the inits ``names`` (those of ``shard``) that were
+    computed from other weights than their init's current ones (or have no record), one line per
+    init; returns where they went."""
+    mine = {arm.index for arm in shard_arms(spec.arms(), shard)}
+    groups = _grouped([s for s in stale if s.arm.index in mine])
+    moved = []
+    for name in names:
+        items = groups.get(name, [])
+        if not items:
+            which = f"of {name}" if shard is None else f"of {name} in arms {shard[0]}/{shard[1]}"
+            log(f"--reevaluate {name}: every arm {which} already used its current weights; nothing to discard")
+            continue
+        asides = [move_aside(s.arm, Path(out)) for s in items]
+        moved += asides
+        shown = ", ".join(str(a.relative_to(out)) for a in asides[:3]) + (" ..." if len(asides) > 3 else "")
+        log(
+            f"--reevaluate {name}: moved {len(items)} arm(s) computed from {_texts(s.recorded for s in items)} "
+            f"aside ({shown}); they run again with {_texts(s.now for s in items)}"
+        )
+    return moved
 
 
 # ---------------------------------------------------------------- the leak guard
@@ -394,25 +654,33 @@ def run_compare(
     shard: tuple[int, int] | None = None,
     runner: Callable[[Arm, CompareSpec, Path], dict] | None = None,
     log: Callable[[str], None] = print,
+    weights: InitWeights | None = None,
 ) -> RunSummary:
     """Run the arms of ``spec`` (those of ``shard``) that are not finished; one line per arm.
 
     ``runner`` defaults to :func:`run_arm` (looked up at call time, so tests can replace it).
-    OUT/compare.json must already be written (:func:`prepare_out`).
+    OUT/compare.json must already be written (:func:`prepare_out`). ``weights``: the identities
+    the comparison started with (:meth:`InitWeights.pin`; pinned at first use when not given):
+    each arm writes its identity to START_FILE before it runs and to its result file after; an
+    init whose file changed since stops the run (CompareError) before its next arm.
     """
     out = Path(out)
     arms = spec.arms()
     total = len(arms)
     summary = RunSummary()
+    weights = weights if weights is not None else InitWeights()
     for arm in shard_arms(arms, shard):
         head = f"arm {arm.index + 1}/{total}: {arm.label}"
         if load_result(arm, spec, out) is not None:
             log(f"{head}: done, skipped ({result_path(arm, spec, out)})")
             summary.skipped.append(arm)
             continue
+        identity = weights.for_arm(arm, total)
         folder = arm.folder(out)
-        log(f"{head} -> {folder} (weights: {arm.weights or 'none, random init seeded by ' + str(arm.seed)})")
+        seen = f"{arm.weights}: {describe_weights(identity)}" if arm.weights else f"none, {describe_weights(identity)}"
+        log(f"{head} -> {folder} (weights: {seen})")
         folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / START_FILE, identity)
         run = runner if runner is not None else run_arm
         try:
             run(arm, spec, folder)
@@ -421,8 +689,99 @@ def run_compare(
             log(f"{head}: failed: {message}")
             summary.failed.append((arm, message))
             continue
+        record_weights(arm, spec, out, identity)
         summary.ran.append(arm)
     return summary
+
+
+def record_weights(arm: Arm, spec: CompareSpec, out, identity: dict) -> None:
+    """Add the weights identity to a finished arm's result file (key WEIGHTS_KEY)."""
+    result = load_result(arm, spec, out)
+    if result is not None and result.get(WEIGHTS_KEY) != identity:
+        atomic_write_json(result_path(arm, spec, out), {**result, WEIGHTS_KEY: identity})
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _arm_record(arm: Arm, spec: CompareSpec, out, result: dict) -> dict | None:
+    """A finished arm's weights: its result file's record, else (stopped before that was added,
+    OUT given) the one it started with."""
+    if isinstance(result.get(WEIGHTS_KEY), dict):
+        return result[WEIGHTS_KEY]
+    return recorded_weights(arm, spec, out, result) if out is not None else None
+
+
+def weights_summary(spec: CompareSpec, done: list[tuple[Arm, dict]], out=None) -> tuple[list[dict], list[str]]:
+    """Per init, the weights its finished arms were computed from (one entry per member and
+    identity, with the indices of its arms; ``consistent`` False when one member's arms saw
+    different ones), and one warning per such init."""
+    summary, warnings = [], []
+    for init in spec.inits:
+        groups: dict[tuple, dict] = {}
+        for arm, result in done:
+            if arm.init.name != init.name:
+                continue
+            recorded = _arm_record(arm, spec, out, result)
+            if arm.weights is None:
+                key: tuple = (None,)
+                entry = {"path": None, "file": None, "step": None, "sha256": None}
+                text = "random init, seeded by each arm's seed"
+            else:
+                key = (arm.weights, _weights_key(recorded))
+                entry = {"path": arm.weights, **{k: (recorded or {}).get(k) for k in ("file", "step", "sha256")}}
+                text = describe_weights(recorded)
+            groups.setdefault(key, {**entry, "text": text, "arms": []})["arms"].append(arm.index)
+        entries = list(groups.values())
+        members = [e["path"] for e in entries if e["path"] is not None]
+        mixed = [m for m in dict.fromkeys(members) if members.count(m) > 1]
+        summary.append({"init": init.name, "consistent": not mixed, "weights": entries})
+        if mixed:
+            texts = "; ".join(f"{e['text']}: {len(e['arms'])} arm(s)" for e in entries if e["path"] in mixed)
+            where = f"--out {shlex.quote(str(out))} " if out is not None else ""
+            warnings.append(
+                f"the arms of {init.name} were computed from different weights ({texts}) and the numbers "
+                f"above pool them: soco compare {where}--reevaluate {shlex.quote(init.name)} evaluates the "
+                "arms made from other weights than its current ones again"
+            )
+    return summary, warnings
+
+
+def _weights_markdown(summary: list[dict]) -> list[str]:
+    lines = ["## Weights each init was evaluated with", ""]
+    lines += ["| init | weights file | step, sha256 | arms |", "|---|---|---|---:|"]
+    for item in summary:
+        for e in item["weights"]:
+            file = e["file"] or e["path"] or "none"
+            text = e["text"] if item["consistent"] else f"**{e['text']}** (differs from its other arms)"
+            lines.append(f"| {item['init']} | {file} | {text} | {len(e['arms'])} |")
+    return lines + [""]
+
+
+def write_compare_report(spec: CompareSpec, out, done: list[tuple[Arm, dict]], missing: list[Arm]):
+    """:func:`.report.write_report` plus the weights of every init: report.json gets
+    ``init_weights`` (per init, :func:`weights_summary`; per arm, its record) and
+    ``weights_warnings``; report.md a table of them and, at the top, a warning per init whose arms
+    saw different weights. Returns (paths, warnings)."""
+    from .report import format_markdown, plot_report, summarize
+
+    out = Path(out)
+    report = summarize(spec, done, missing, out)
+    records = {arm.index: _arm_record(arm, spec, out, result) for arm, result in done}
+    for entry in report["arms"]:
+        entry[WEIGHTS_KEY] = records[entry["index"]]
+    summary, warnings = weights_summary(spec, done, out)
+    report[WEIGHTS_KEY], report["weights_warnings"] = summary, warnings
+    title, _, body = format_markdown(report).partition("\n")
+    markdown = title + "\n\n" + "".join(f"**Warning: {w}.**\n\n" for w in warnings) + body.lstrip("\n")
+    table = "\n".join(_weights_markdown(summary))  # before the notes
+    before, notes, after = markdown.rpartition("\nNotes:\n")
+    markdown = f"{before}\n{table}{notes}{after}" if notes else f"{markdown}\n{table}"
+    paths = [out / "report.json", out / "report.md", out / "report.png"]
+    atomic_write_json(paths[0], report)
+    atomic_write_bytes(paths[1], markdown.encode("utf-8"))
+    atomic_write_bytes(paths[2], plot_report(report))
+    return paths, warnings
 
 
 # ---------------------------------------------------------------- several devices

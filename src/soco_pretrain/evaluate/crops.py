@@ -31,9 +31,10 @@ def crop_square(box, width: int, height: int, context: float = 1.2) -> tuple[tup
     (x1, y1, x2, y2 in photo pixels), and whether it reaches outside the ``width`` x ``height`` photo."""
     x1, y1, x2, y2 = (float(v) for v in box)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    side = max(x2 - x1, y2 - y1, 1.0) * context
-    x0 = math.floor(cx - side / 2)
-    y0 = math.floor(cy - side / 2)
+    # Rounded to 9 decimals first: 50 x 1.1 is 55.000000000000007 in floating point, not 56 px.
+    side = round(max(x2 - x1, y2 - y1, 1.0) * context, 9)
+    x0 = math.floor(round(cx - side / 2, 9))
+    y0 = math.floor(round(cy - side / 2, 9))
     n = max(1, math.ceil(side))
     square = (x0, y0, x0 + n, y0 + n)
     clipped = x0 < 0 or y0 < 0 or x0 + n > width or y0 + n > height

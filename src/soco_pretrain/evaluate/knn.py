@@ -481,6 +481,12 @@ def probe_encoders(encoders: dict[str, nn.Module], train: ObjectSet, val: Object
     ``cache``: a dict kept between calls (the monitor) so images are decoded once."""
     if p.bn not in BN_MODES:
         raise KnnError(f"bn must be one of {', '.join(BN_MODES)}, got {p.bn!r}")
+    counts = np.bincount(np.concatenate(train.labels), minlength=len(train.categories))
+    if (counts >= max(1, p.min_instances)).sum() < 2:  # before any image is decoded
+        raise KnnError(
+            f"{train.source}: only {int((counts >= max(1, p.min_instances)).sum())} class(es) have at least "
+            f"{p.min_instances} train objects; a probe needs two: lower --min-instances"
+        )
     nets = list(encoders.values())
     tr, va, failed, clipped = _embed_sets(nets, train, val, p, torch.device(device), progress, cache)
     train_keep, val_keep, kept, dropped = keep_frequent(tr.labels, va.labels, train.categories, p.min_instances)

@@ -10,9 +10,12 @@ from importlib import resources
 
 from ..errors import UserError
 
-# The paper's schedules (section 4.1), a CPU-sized one for trying the pipeline and two warm starts
-# from supervised weights (fpn-head-warm: frozen backbone; fpn-warm: all trainable, lower lr).
-PRESETS = ("fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-400ep", "tiny", "fpn-head-warm", "fpn-warm")
+# The paper's schedules (section 4.1), a CPU-sized one for trying the pipeline, the CPU-budget
+# experiment's (cpu-small: ResNet-18-FPN at 64 px) and two warm starts from supervised weights
+# (fpn-head-warm: frozen backbone; fpn-warm: all trainable, lower lr).
+PRESETS = (
+    "fpn-100ep", "fpn-400ep", "fpn-star-400ep", "c4-100ep", "c4-400ep", "tiny", "cpu-small", "fpn-head-warm", "fpn-warm"
+)  # fmt: skip
 
 
 class PresetError(UserError):

@@ -40,9 +40,12 @@ RECIPE_KEYS = (
     ("model.backbone", "torchvision ResNet / ResNeXt"),
     ("train.epochs", "epochs over the training images"),
     ("train.batch_size", "total batch (images per optimiser step)"),
-    ("train.base_lr", "LARS learning rate per 256 images (lr = base_lr x batch / 256)"),
+    ("train.optimizer", "optimiser: lars (the paper's) or sgd"),
+    ("train.base_lr", "learning rate per 256 images (lr = base_lr x batch / 256)"),
+    ("train.warmup_steps", "warm-up in steps (none: train.warmup_epochs)"),
     ("train.weight_decay", "weight decay"),
     ("train.ema_tau", "starting EMA rate of the target network"),
+    ("train.ema_schedule", "EMA rate schedule: cosine to 1 (the paper's) or constant"),
     ("data.views.v1_size", "view V1 size (px)"),
     ("data.views.v2_size", "view V2 size (px)"),
     ("data.views.v3_size", "view V3 size (px)"),
@@ -52,7 +55,8 @@ RECIPE_KEYS = (
     ("train.freeze", "parts kept as they started"),
     ("model.init", "warm start weights"),
 )
-OPTIONAL_KEYS = ("train.freeze", "model.init")  # newer keys: shown only when the config has them
+# newer keys: shown only when the config has them
+OPTIONAL_KEYS = ("train.freeze", "model.init", "train.optimizer", "train.warmup_steps", "train.ema_schedule")
 MISSING = object()
 _NETWORKS = {
     "online": "the online encoder, which BYOL and the released SoCo converters keep",
