@@ -198,7 +198,8 @@ def test_run_arm_gives_every_init_the_same_subset_seed(monkeypatch, tmp_path, da
         k: int = 20
         allow_leak: bool = False
 
-    def fake_finetune(weights, train_json, train_images, val_json, val_images, out, options):
+    def fake_finetune(weights, train_json, train_images, val_json, val_images, out, options, allow_leak=False):
+        assert allow_leak  # check_leaks ran once for all arms
         seen.append(("finetune", weights, options))
         return {}
 

@@ -515,6 +515,41 @@ def test_bad_inputs_are_one_line_errors(fpn_run, tmp_path, capsys):
     assert not (tmp_path / "x.pth").exists()
 
 
+def test_an_output_that_would_overwrite_training_state_is_refused(tmp_path, capsys):
+    """-o the checkpoint being exported (by its path, a symlink or a hard link) or any file in a
+    run's checkpoints folder: one line, exit 2, nothing written, the checkpoint intact."""
+    import hashlib
+    import os
+
+    cfg = PretrainConfig()
+    cfg.model.backbone = "resnet18"  # the check does not depend on the backbone; R18 is cheap
+    run = tmp_path / "run"
+    last = save_checkpoint(
+        run / "checkpoints" / "last.pt", {"model": SoCoModel(cfg).state_dict(), "config": to_dict(cfg), "step": 1}
+    )
+    loose = tmp_path / "ck.pt"  # a checkpoint file outside any run
+    loose.write_bytes(last.read_bytes())
+    (tmp_path / "sym.pt").symlink_to(loose)
+    os.link(loose, tmp_path / "hard.pt")
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (last, loose)}
+    before = {p: sorted(q.name for q in p.iterdir()) for p in (run / "checkpoints", tmp_path)}
+    exported, inside = "is the checkpoint being exported", "inside the run's checkpoints folder"
+    for source, out, config, words in [
+        (run, last, None, exported),
+        (run / "checkpoints" / "last.pt", run / "checkpoints" / "soco.pth", None, inside),
+        (loose, loose, None, exported),
+        (loose, tmp_path / "sym.pt", None, exported),
+        (loose, tmp_path / "hard.pt", None, exported),
+        (loose, tmp_path / "d2.pkl", last, inside),  # the config file is checked too
+    ]:
+        extra = ["--config-out", str(config)] if config else []
+        status, _, err = call(["export", str(source), "--to", "detectron2", "-o", str(out), *extra], capsys)
+        assert status == 2 and err.startswith("soco: error:") and err.strip().count("\n") == 0, (out, err)
+        assert words in err and str(config or out) in err, (out, err)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (last, loose)} == digests
+    assert {p: sorted(q.name for q in p.iterdir()) for p in (run / "checkpoints", tmp_path)} == before
+
+
 # ---------------------------------------------------------------- the reader and the package data
 
 

@@ -584,6 +584,45 @@ def test_missing_or_undecodable_images_stop_before_training(data, tmp_path, monk
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "c" / "checkpoints").exists()
 
 
+def test_a_val_image_that_was_pretrained_on_is_refused_unless_allow_leak(data, tmp_path, monkeypatch, capsys):
+    """The leak guard of soco knn / compare: a renamed copy of a val photo in the pretraining data
+    of --weights (a run folder, or its export with FILE.manifest.json) stops soco finetune in one
+    line naming both files, before anything is written; --allow-leak goes on."""
+    import shutil
+
+    import soco_pretrain.transfer.finetune as ft
+    from soco_pretrain.data.manifest import build_manifest, write_manifest
+    from soco_pretrain.transfer.export import export
+
+    val = load_coco(data["val_json"], data["val_images"])
+    leaked = val.image_path(val.images[0])
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    shutil.copy(leaked, pool / "holiday.png")
+    cfg = PretrainConfig()
+    cfg.model.backbone = "resnet18"  # the guard does not depend on the backbone; R18 is cheap
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "last.pt", {"model": SoCoModel(cfg).state_dict(), "config": to_dict(cfg)})
+    write_manifest(run, build_manifest([pool / "holiday.png"], pool, progress=False))
+    export(run, "torchvision", out=tmp_path / "soco.pth")  # + soco.pth.manifest.json
+    out = tmp_path / "ft"
+    for weights in (run, tmp_path / "soco.pth"):
+        argv = [a if a != "none" else str(weights) for a in _cli(data, out)]
+        assert main(argv) == 2
+        err = _error(capsys)
+        assert f"e.g. {leaked} = holiday.png" in err and "--allow-leak" in err and not out.exists()
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(ft, "build_detector", reached)  # past the guard: no need to train
+    with pytest.raises(Reached):
+        main([*argv, "--allow-leak"])
+
+
 # ---------------------------------------------------------------- the checkpoint is saved before evaluating
 
 

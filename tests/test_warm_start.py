@@ -9,6 +9,7 @@ oracle for "what loaded" is the source model's own tensors, compared by torchvis
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,7 +235,8 @@ def test_cli_init_loads_reports_and_records(data, files, tmp_path, capsys):
     path.rename(path_moved)
     try:
         assert main(_pretrain_argv(data, out, "--init", str(path), "--set", "train.freeze=backbone")) == 2
-        assert "no such file" in capsys.readouterr().err  # the flag itself names a missing file
+        err = capsys.readouterr().err  # the flag itself names a missing file, and that a resume needs none
+        assert "no such file" in err and "needs no --init" in err
     finally:
         path_moved.rename(path)
 
@@ -261,6 +263,54 @@ def test_freezing_without_init_is_refused(data, tmp_path, capsys):
     assert main(_pretrain_argv(data, out, "--set", "train.freeze=backbone")) == 2
     err = capsys.readouterr().err
     assert "train.freeze=backbone" in err and "--init" in err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "case, flags, part, fits",
+    [
+        ("resnet", ["--set", "train.freeze=backbone+fpn"], "backbone.fpn.", "backbone"),  # no FPN in the file
+        ("partial", ["--init-partial", "--set", "train.freeze=backbone"], "backbone.body.layer4.", "stem"),
+    ],
+)
+def test_freezing_tensors_the_file_does_not_fill_is_refused(data, files, tmp_path, capsys, case, flags, part, fits):
+    """Frozen random weights would stay random for the whole run: one line naming how many and
+    the first few, the largest freeze mode that would work, and nothing written."""
+    out = tmp_path / "run"
+    assert main(_pretrain_argv(data, out, "--init", str(files[case][0]), *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    unfilled = _count(_fresh().encoder.state_dict(), part)
+    assert len(err.splitlines()) == 1 and f"{unfilled} tensors fixed that the file does not hold" in err, err
+    assert f"({part}" in err and f"train.freeze={fits})" in err and not out.exists()
+
+
+def test_a_warm_started_run_resumes_by_the_init_files_sha256(data, files, tmp_path, capsys):
+    """Resume never reads the init file: without --init the recorded one is kept; --init is
+    compared by content (another path with the same bytes is said in one line; other bytes, even
+    at the recorded path, are refused naming both)."""
+    import shutil
+
+    import yaml
+
+    init = tmp_path / "r.pth"
+    shutil.copy(files["resnet"][0], init)
+    out = tmp_path / "run"
+    freeze = ("--set", "train.freeze=backbone")
+    assert main(_pretrain_argv(data, out, "--init", str(init), *freeze)) == 0
+    moved = tmp_path / "moved.pth"
+    init.rename(moved)
+    capsys.readouterr()
+    assert main(_pretrain_argv(data, out, *freeze)) == 0  # resumes, no --init
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "differs" not in printed
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["init"] == str(init.resolve())
+    assert main(_pretrain_argv(data, out, "--init", str(moved), *freeze)) == 0  # same bytes elsewhere
+    assert f"found at another path, {moved.resolve()}" in capsys.readouterr().out
+    shutil.copy(files["partial"][0], init)  # other bytes at the recorded path
+    for other in (init, files["r34"][0]):
+        assert main(_pretrain_argv(data, out, "--init", str(other), *freeze)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--init {Path(other).resolve()} (sha256" in err, err
+        assert f"started from {init.resolve()} (sha256" in err and "resume without --init" in err
 
 
 @pytest.mark.parametrize("preset", ["fpn-warm", "fpn-head-warm"])

@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import re
 import types
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -73,6 +74,11 @@ _INCREASING = (
     lambda v: len(v) > 0 and v[0] > 0 and all(a < b for a, b in zip(v, v[1:])),
     "increasing positive numbers",
 )
+# Every seed field: the tightest range of what the seeds feed. KnnOptions.seed and monitor.seed
+# reach scikit-learn's random_state (numpy's RandomState: 0 <= seed < 2**32); the others
+# torch.manual_seed (< 2**64, room left for the loops' seed * 1_000_003 + step) and numpy's
+# default_rng (no negative seeds). One range for every seed field, so none is a surprise.
+_SEED = (lambda v: 0 <= v < 2**32, f"in [0, {2**32 - 1}] (below 2**32)")
 
 
 # model.backbone values: the torchvision ResNets / ResNeXts of model/backbones.py (BACKBONES;
@@ -121,6 +127,10 @@ def _validate(obj, rules: dict, optional: tuple[str, ...] = ()) -> None:
     for name, tp in field_types(type(obj)).items():
         choices = literal_choices(tp)
         value = getattr(obj, name)
+        # inf (YAML .inf, or 1e400 read as a float) and nan pass every comparison-based rule below
+        # (nan fails them with a misleading text): refused here, for every float and list of floats.
+        if not _finite(value):
+            raise ConfigError.bad(name, value, "must be a finite number (not inf or nan)")
         if choices is None or value is None or value in choices:
             continue
         if isinstance(value, bool) and str(value).lower() in choices:  # compile=True -> "true"
@@ -138,6 +148,15 @@ def _validate(obj, rules: dict, optional: tuple[str, ...] = ()) -> None:
                 ok = False
             if not ok:
                 raise ConfigError.bad(name, value, f"must be {text}")
+
+
+def _finite(value) -> bool:
+    """False for a float that is inf or nan, or a list / tuple holding one."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
 
 
 # ---------------------------------------------------------------- soco pretrain
@@ -272,7 +291,7 @@ class DataConfig:
     decode: Literal["worker", "device"] = "worker"
 
     def __post_init__(self):
-        _validate(self, {"max_decode_retries": _AT_LEAST_0})
+        _validate(self, {"max_decode_retries": _AT_LEAST_0, "seed": _SEED})
         # Rules across the two sections (each section checks its own fields).
         views, aug = self.views, self.augment
         if self.decode == "device" and aug.device == "cpu":
@@ -423,6 +442,7 @@ class TrainConfig:
                 ("base_lr", "lars_eta"): _POSITIVE,
                 "momentum": _MOMENTUM,
                 "ema_tau": _UNIT,
+                "seed": _SEED,
             },
             optional=("warmup_steps",),
         )
@@ -465,6 +485,7 @@ class MonitorConfig:
                 ("size", "min_box"): _AT_LEAST_0,
                 "val_fraction": _OPEN_UNIT,
                 "temperature": _POSITIVE,
+                "seed": _SEED,
             },
         )
 
@@ -571,6 +592,7 @@ class FinetuneOptions:
                 "momentum": _MOMENTUM,
                 "warmup_factor": _FRACTION,
                 "train_sizes": (lambda v: len(v) > 0 and all(s >= 1 for s in v), "positive sizes"),
+                "seed": _SEED,
             },
             optional=("max_iters", "test_size", "lr"),
         )
@@ -633,6 +655,7 @@ class LinearConfig:
                 "crop_scale": _SCALE_PAIR,
                 "crop_ratio": _POSITIVE_PAIR,
                 "std": _POSITIVE_EACH,
+                "seed": _SEED,
             },
             optional=("resize_size", "workers"),
         )
@@ -702,6 +725,7 @@ class KnnOptions:
                 ("min_box", "workers"): _AT_LEAST_0,
                 "temperature": _POSITIVE,
                 "train_fraction": _FRACTION,
+                "seed": _SEED,
             },
             optional=("size", "level_bounds"),
         )

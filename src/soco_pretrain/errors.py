@@ -62,4 +62,5 @@ class RunError(SocoError, RuntimeError):
 
 
 class NonFiniteLossError(RunError):
-    """The loss became NaN or infinite; nothing was saved after it (one line, names the checkpoint)."""
+    """The loss, or the weights about to be checkpointed, became NaN or infinite; nothing was
+    saved after it (one line, names the last good checkpoint)."""

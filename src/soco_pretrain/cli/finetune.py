@@ -172,6 +172,11 @@ def add_finetune(subparsers):
     add_option_flags(p, FinetuneOptions, FINETUNE_FLAGS, cli_defaults=finetune_cli_defaults())
     add_renamed(p, FINETUNE_RENAMED)
     add_run_folder_flags(p)
+    p.add_argument(
+        "--allow-leak",
+        action="store_true",
+        help="fine-tune even if val images are in the pretraining data manifest of --weights (checked by content)",
+    )
     p.set_defaults(func=cmd_finetune)
 
 
@@ -186,5 +191,12 @@ def cmd_finetune(args) -> int:
     from ..transfer.finetune import finetune
 
     weights = None if args.weights.lower() == "none" else args.weights
-    finetune(weights, *paths, options, overwrite=args.overwrite, accept_changes=args.accept_changes)
+    finetune(
+        weights,
+        *paths,
+        options,
+        overwrite=args.overwrite,
+        accept_changes=args.accept_changes,
+        allow_leak=args.allow_leak,
+    )
     return 0

@@ -158,7 +158,12 @@ def cmd_pretrain(args) -> int:
         flags.append(("--compile", {"train": {"compile": "true"}}))
     if args.init is not None:
         if not Path(args.init).exists():
-            raise UsageError(f"--init {args.init}: no such file or run folder")
+            from ..runfolder import holds_checkpoints
+
+            # a rerun of the command that started the run, after its init file moved
+            resumes = args.out is not None and args.resume != "none" and holds_checkpoints(args.out)
+            hint = f" (resuming {args.out} needs no --init: the checkpoint holds the weights)" if resumes else ""
+            raise UsageError(f"--init {args.init}: no such file or run folder{hint}")
         flags.append(("--init", {"model": {"init": str(Path(args.init).resolve())}}))
     if args.init_partial:
         flags.append(("--init-partial", {"model": {"init_partial": True}}))

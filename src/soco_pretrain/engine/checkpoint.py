@@ -10,13 +10,15 @@ checksum file ``X.pt.sha256`` (``sha256sum`` format: ``sha256sum -c X.pt.sha256`
 hand), written after the checkpoint; :func:`load_checkpoint` verifies it when present (files
 written before checksums existed load unverified). Loading uses
 ``torch.load(weights_only=True)`` with the few numpy types that RNG states need allow-listed: a
-checkpoint cannot run code when loaded.
+checkpoint cannot run code when loaded. Weights holding NaN or inf are never written
+(:class:`Checkpointer` stops the run) nor loaded (:func:`load_checkpoint`).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import random
 import re
@@ -45,6 +47,69 @@ _NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, er
 class CheckpointError(UserError):
     """A checkpoint that cannot be read, or whose bytes differ from its checksum file; the
     message names the file."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """A checkpoint or weights file whose weights hold NaN or inf (a diverged run); one line
+    naming the file and the first such tensor. Readers pass it on as it is."""
+
+
+# Where the networks' state dicts are in what soco saves and reads: the training loops'
+# checkpoints ("model"; the linear probe's "classifier"), Detectron2 files ("model") and
+# MMDetection files ("state_dict"); a plain state dict holds its tensors at the top.
+WEIGHT_KEYS = ("model", "classifier", "state_dict")
+
+
+def weight_tensors(content) -> dict:
+    """{name: tensor or numpy array} of the weights in a saved or loaded checkpoint / weights file
+    (WEIGHT_KEYS entries and top-level tensors; optimiser and RNG states are not weights)."""
+    if not isinstance(content, dict):
+        return {}
+    found = {k: v for k, v in content.items() if torch.is_tensor(v) or isinstance(v, np.ndarray)}
+    for key in WEIGHT_KEYS:
+        entry = content.get(key)
+        if isinstance(entry, dict):
+            found.update((k, v) for k, v in entry.items() if torch.is_tensor(v) or isinstance(v, np.ndarray))
+    return found
+
+
+def non_finite(tensors: dict) -> tuple[str, int, int] | None:
+    """(first name, how many, of how many) of the floating-point tensors in ``tensors`` holding
+    NaN or inf; None when all are finite. One fused max-|x| per device (``_foreach_norm`` with
+    ord=inf: exact, no overflow, and it propagates NaN), one host read per device."""
+    names, values = [], []
+    for name, value in tensors.items():
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind != "f":
+                continue
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if value.is_floating_point() and value.numel() > 0:
+            names.append(str(name))
+            values.append(value.detach())
+    by_device: dict[torch.device, list[int]] = {}
+    for i, value in enumerate(values):
+        by_device.setdefault(value.device, []).append(i)
+    bad: list[int] = []
+    with torch.no_grad():
+        for indices in by_device.values():
+            peaks = torch._foreach_norm([values[i] for i in indices], ord=math.inf)
+            finite = torch.stack(peaks).isfinite().cpu()
+            bad += [indices[j] for j in (~finite).nonzero().flatten().tolist()]
+    if not bad:
+        return None
+    return names[min(bad)], len(bad), len(values)
+
+
+def refuse_non_finite(path, content, error: type[Exception] = NonFiniteWeightsError) -> None:
+    """Raise ``error`` (one line naming ``path`` and the first non-finite weight of ``content``)
+    when some weight holds NaN or inf."""
+    found = non_finite(weight_tensors(content))
+    if found is not None:
+        name, count, total = found
+        raise error(
+            f"{path}: {count} of {total} weight tensors hold NaN or inf (first: {name}); the run that "
+            "wrote it diverged: use an earlier checkpoint"
+        )
 
 
 def checksum_path(path) -> Path:
@@ -221,10 +286,12 @@ def _numpy_safe_globals() -> list:
     return found
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", refuse_nan: bool = True) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors on ``map_location``).
 
-    Its checksum file, if any, is verified first (CheckpointError naming the file on a mismatch).
+    Its checksum file, if any, is verified first (CheckpointError naming the file on a mismatch);
+    weights holding NaN or inf are refused (NonFiniteWeightsError naming the file and tensor)
+    unless ``refuse_nan`` is off (a caller that checks them itself).
     """
     path = Path(path)
     if not path.is_file():
@@ -236,10 +303,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     with f:
         try:
             with torch.serialization.safe_globals(_numpy_safe_globals()):
-                return torch.load(f, map_location=map_location, weights_only=True)
+                state = torch.load(f, map_location=map_location, weights_only=True)
         except Exception as exc:  # any unreadable file becomes one clear line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from exc
+    # A resume, an export, kNN, a fine-tune's or the linear probe's weights: none may start from
+    # NaN (a file saved before the writer refused them, or written by another tool).
+    if refuse_nan:
+        refuse_non_finite(path, state)
+    return state
 
 
 # ---------------------------------------------------------------- RNG states
@@ -483,7 +555,17 @@ class Checkpointer:
         if not self.due(trainer):
             return
         with trainer.side_work():
+            state = self.state()
+            # The loss guard reads the loss of the forward pass, before the update: an update that
+            # made the weights NaN passes it. Checked on every process (DDP keeps the weights
+            # equal, so all stop together and none waits at the barrier for rank 0).
+            bad = non_finite(weight_tensors(state))
+            if bad is not None:
+                from .metrics import stop_non_finite
+
+                name, count, total = bad
+                stop_non_finite(trainer, f"non-finite weights ({count} of {total} tensors, first {name})")
             if self.is_main:
-                trainer.last_checkpoint = self.manager.save(self.state(), step=trainer.step)
+                trainer.last_checkpoint = self.manager.save(state, step=trainer.step)
             if self.barrier is not None:
                 self.barrier()

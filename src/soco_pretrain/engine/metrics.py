@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -300,12 +301,7 @@ class Metrics:
         else:
             return
         if not math.isfinite(value):
-            from ..errors import NonFiniteLossError
-
-            raise NonFiniteLossError(
-                f"non-finite loss ({value}) {self.where(trainer)}; stopped without saving. Last good "
-                f"checkpoint: {trainer.last_checkpoint or 'none'}.{' ' + self.hint if self.hint else ''}"
-            )
+            stop_non_finite(trainer, f"non-finite loss ({value})")
         self.last_loss, self._read_this_step = value, True
 
     def write(self, trainer) -> None:
@@ -354,3 +350,18 @@ class Metrics:
     def close(self) -> None:
         self.bar.close()
         self.logger.close()
+
+
+def stop_non_finite(trainer, what: str) -> NoReturn:
+    """Stop the run: ``what`` went non-finite (the loss: :class:`Metrics`; the weights: the
+    checkpointer) and nothing was saved after it. One line naming the last good checkpoint, with
+    the stage's ``where`` and ``hint`` when the trainer has metrics."""
+    from ..errors import NonFiniteLossError
+
+    metrics = trainer.metrics
+    where = metrics.where(trainer) if metrics is not None else f"at step {trainer.step}"
+    hint = metrics.hint if metrics is not None else ""
+    raise NonFiniteLossError(
+        f"{what} {where}; stopped without saving. Last good checkpoint: "
+        f"{trainer.last_checkpoint or 'none'}.{' ' + hint if hint else ''}"
+    )

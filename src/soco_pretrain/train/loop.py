@@ -630,6 +630,39 @@ def _with_added_keys(config: dict) -> dict:
     return config
 
 
+def keep_recorded_init(job: Job, saved: dict, run_dir: Path) -> None:
+    """On resume ``model.init`` is compared by content, not by path: a resume never reads the file
+    (the checkpoint holds the weights), so a warm-started run whose init file moved resumes without
+    ``--init`` or with it at another path holding the same bytes; the recorded init (and
+    ``init_partial``) is kept in the config. An ``--init`` whose sha256 differs from the recorded
+    one (RUN/init_report.json) is refused naming both, even at the recorded path and even with
+    --accept-changes: the config would name weights the run did not start from."""
+    from dataclasses import replace
+
+    from ..transfer.warm_start import InitError, init_sha256, recorded_init_sha256
+
+    model = saved.get("model", {})
+    recorded, given = model.get("init"), job.cfg.model.init
+    if not recorded:
+        return  # a run from scratch: a new --init is a changed setting like any other
+    if given:
+        sha = recorded_init_sha256(run_dir)
+        if sha is None:  # no report to compare with: the paths are compared as any other setting
+            return
+        why = f"this run started from {recorded} (sha256 {sha[:12]}); resume without --init (the checkpoint holds it)"
+        try:
+            digest = init_sha256(given)
+        except InitError as exc:
+            raise InitError(f"{exc}; {why}") from None
+        if digest != sha:
+            raise InitError(f"--init {given} (sha256 {digest[:12]}) is not the file {why}")
+        if given != recorded and job.is_main:
+            print(f"note: the init {recorded} was found at another path, {given} (same sha256 {sha[:12]})", flush=True)
+    job.cfg = replace(
+        job.cfg, model=replace(job.cfg.model, init=recorded, init_partial=model.get("init_partial", False))
+    )
+
+
 def resume_job(job: Job, manager, resume, position: Position, accept_changes: bool = False) -> tuple[int, Path | None]:
     """Load the checkpoint ``resume`` names (if any) into the job; returns (step, its path).
 
@@ -647,6 +680,8 @@ def resume_job(job: Job, manager, resume, position: Position, accept_changes: bo
         raise PretrainError(f"{path}: not a soco pretrain checkpoint (a fine-tune checkpoint or an export?)")
     # A checkpoint written before the config had a version holds version 1's keys without it.
     saved = _with_added_keys({"version": 1, **state.get("config", {})})
+    run_of_checkpoint = path.parent.parent if path.parent.name == "checkpoints" else manager.directory.parent
+    keep_recorded_init(job, saved, run_of_checkpoint)
     differs = _config_differences(saved, to_dict(job.cfg))
     changed = [key for key in differs if not key.startswith(RESUME_FREE)]
     if changed and not accept_changes:
@@ -878,20 +913,22 @@ def pretrain(
 def prepare_warm_start(cfg: PretrainConfig, run_dir: Path, resume):
     """The checked ``model.init`` file of a run that starts at step 0 (transfer/warm_start.py), or
     None (no init, or a run that resumes and takes its weights from the checkpoint). A frozen part
-    needs an init: freezing random weights is refused."""
+    needs an init that fills it: freezing random weights is refused."""
     from ..engine.checkpoint import CheckpointManager
     from ..transfer.warm_start import prepare_init
 
     m, t = cfg.model, cfg.train
-    if t.freeze != "none" and not m.init:
+    if not m.init and t.freeze == "none":
+        return None
+    fresh = resume in (None, "none") or (resume == "auto" and CheckpointManager(run_dir).latest() is None)
+    if not fresh:  # the checkpoint holds the weights; resume_job compares the init by its sha256
+        return None
+    if not m.init:
         raise PretrainError(
             f"train.freeze={t.freeze} would keep random weights fixed: give --init FILE (e.g. a supervised "
             "torchvision ResNet state dict) or --set train.freeze=none"
         )
-    if not m.init:
-        return None
-    fresh = resume in (None, "none") or (resume == "auto" and CheckpointManager(run_dir).latest() is None)
-    return prepare_init(m.init, m) if fresh else None
+    return prepare_init(m.init, m, t.freeze)
 
 
 def _pretrain(cfg, images, proposals, run_dir: Path, max_steps, resume, image_root, progress, dist_info,

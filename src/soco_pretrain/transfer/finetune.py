@@ -28,6 +28,9 @@ The recipe (defaults; :class:`FinetuneOptions`):
   Detectron2 runs 2 images per GPU on 8 GPUs; BatchNorm statistics are per forward pass.
 - Before the model is built, every image the run reads must exist and the first few of each set
   must decode (:func:`.coco.check_images`).
+- Before anything is written, validation images whose bytes are in the pretraining data manifest
+  of ``weights`` (a run folder, its checkpoint, an export's ``FILE.manifest.json``) are refused:
+  the leak guard of ``soco knn`` and ``soco compare`` (data/manifest.py); ``allow_leak`` skips it.
 
 Engine as ``soco pretrain``: one process or torchrun/srun (DDP, rank 0 logs, saves and scores
 the gathered predictions), ``OUT/checkpoints/last.pt`` (atomic) every ``checkpoint_every``
@@ -650,6 +653,7 @@ def finetune(
     *,
     overwrite: bool = False,
     accept_changes: bool = False,
+    allow_leak: bool = False,
     **overrides,
 ) -> dict:
     """Fine-tune from ``weights`` (file, SoCo run folder, or None/"none") and evaluate; returns the
@@ -657,8 +661,9 @@ def finetune(
 
     ``options`` (or keyword ``overrides`` of its fields) set the recipe. The output folder is
     locked for the run; ``overwrite`` lets ``resume="none"`` move an earlier run aside;
-    ``accept_changes`` resumes a run that started from other weights. Raises FinetuneError,
-    CocoError, WeightsError, CheckpointError, RunFolderError, NonFiniteLossError.
+    ``accept_changes`` resumes a run that started from other weights; ``allow_leak`` runs even if
+    validation images are in the weights' pretraining set. Raises FinetuneError, CocoError,
+    WeightsError, CheckpointError, RunFolderError, LeakError, NonFiniteLossError.
     """
     import contextlib
 
@@ -670,6 +675,8 @@ def finetune(
     info = init_distributed(opts.device)
     folder = contextlib.ExitStack()
     try:
+        if not allow_leak:  # every rank: all stop together, before OUT is made
+            _refuse_leaks(weights, val_json, val_images, info.is_main)
         folder.enter_context(locked(out, "finetune", enabled=info.is_main))
         if opts.resume == "none" and info.is_main and not opts.eval_only:
             start_fresh(out, overwrite, "finetune")
@@ -707,6 +714,24 @@ def finetune(
     finally:
         folder.close()
         cleanup()
+
+
+def _refuse_leaks(weights, val_json, val_images, is_main: bool) -> None:
+    """The leak guard of soco knn and soco compare (data/manifest.py): LeakError (one line naming
+    both files) when a validation image's bytes are in the pretraining data manifest of
+    ``weights``; a note when the weights have none."""
+    from ..data.manifest import check_weights_no_leak
+
+    if weights is None:
+        return
+    coco_val = load_coco(val_json, val_images)
+    paths = [coco_val.image_path(image) for image in coco_val.images]
+
+    def log(line: str) -> None:
+        if is_main:
+            print(line, flush=True)
+
+    check_weights_no_leak([("--weights", weights)], paths, "val", log)
 
 
 def _options(options: FinetuneOptions | None, overrides: dict) -> FinetuneOptions:

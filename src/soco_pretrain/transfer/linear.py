@@ -124,10 +124,12 @@ def _found_backbone(model: dict, prefixes: list[str]) -> str:
 def _backbone_state(path: Path, soco_weights: str) -> tuple[dict, dict]:
     """The ResNet tensors of a checkpoint file (torchvision names) and what they were (with
     ``backbone``: the torchvision name of the ResNet)."""
-    from ..engine.checkpoint import CheckpointError, load_checkpoint
+    from ..engine.checkpoint import CheckpointError, NonFiniteWeightsError, load_checkpoint
 
     try:
         state = load_checkpoint(path)
+    except NonFiniteWeightsError as exc:  # one line naming the file and the first NaN tensor
+        raise LinearError(str(exc)) from None
     except CheckpointError as exc:
         cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "unreadable"
         raise LinearError(

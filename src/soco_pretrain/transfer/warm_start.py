@@ -14,6 +14,10 @@ the file holds, unless ``model.init_partial`` (``--init-partial``) asks to load 
 The online and target networks start equal (the target is a copy of the online encoder, as at a
 random start). ``num_batches_tracked`` counters are not required (Detectron2 files have none).
 
+A frozen part (``train.freeze``) must come from the file whole: freezing tensors the file did not
+fill (a plain ResNet file has no FPN; ``--init-partial`` leaves stages random) would keep random
+weights fixed for the whole run, so that is refused too, naming them.
+
 The check runs before anything is written (``prepare_init``, on the meta device); the load
 (``apply_init``) after the model is built. The report is printed and saved as
 ``RUN/init_report.json`` with the file's sha256.
@@ -112,9 +116,10 @@ def _encoder_shapes(model_cfg) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in SoCoEncoder(model_cfg).state_dict().items()}
 
 
-def prepare_init(path, model_cfg) -> InitReport:
+def prepare_init(path, model_cfg, freeze: str = "none") -> InitReport:
     """Read ``path`` and match it against the encoder of ``model_cfg`` (nothing is built for real,
-    nothing written). Raises :class:`InitError` for a file that cannot start the run."""
+    nothing written). Raises :class:`InitError` for a file that cannot start the run, or that
+    does not fill every tensor ``freeze`` (``train.freeze``) keeps fixed."""
     from ..runfolder import file_digest
     from .weights import WeightsError, detector_state, detector_to_encoder, load_weights_file
 
@@ -148,6 +153,7 @@ def prepare_init(path, model_cfg) -> InitReport:
     report.modules = {m: (n, t) for m, (n, t) in counts.items()}
     _drop_incomplete_heads(report, arch)
     _refuse_unless_complete(report, state, model_cfg, shapes)
+    _refuse_frozen_not_loaded(report, shapes, freeze)
     report.sha256 = file_digest(found) if found.is_file() else ""
     return report
 
@@ -202,6 +208,37 @@ def _refuse_unless_complete(report: InitReport, state: dict, model_cfg, shapes: 
         raise InitError(f"--init {what}; {parts} (--init-partial loads what matches)")
 
 
+def _frozen_not_loaded(report: InitReport, shapes: dict, mode: str) -> list[str]:
+    """Encoder tensors ``mode`` freezes that the file does not fill (BN counters not counted)."""
+    from ..model.freeze import frozen_parts
+
+    parts = tuple(f"{name}." for name in frozen_parts(report.arch, mode))
+    return [k for k in shapes if k.startswith(parts) and _required(k) and k not in report.state]
+
+
+def _refuse_frozen_not_loaded(report: InitReport, shapes: dict, mode: str) -> None:
+    """InitError when ``train.freeze=mode`` would keep tensors fixed that the file did not fill:
+    they would stay at their random init for the whole run. Names how many and the first few,
+    and the largest mode whose tensors all come from the file."""
+    from ..model.freeze import FREEZE_MODES
+
+    missing = _frozen_not_loaded(report, shapes, mode)
+    if not missing:
+        return
+    usable = "none"
+    for other in FREEZE_MODES:
+        try:
+            if not _frozen_not_loaded(report, shapes, other):
+                usable = other
+        except ValueError:  # backbone+fpn of a C4 run
+            pass
+    raise InitError(
+        f"--init {report.path}: train.freeze={mode} would keep {len(missing)} tensors fixed that the file "
+        f"does not hold, at their random init ({_first(missing)}); freeze only what loads "
+        f"(train.freeze={usable}) or give a file that holds them"
+    )
+
+
 def _unloaded_parts(report: InitReport, prefix: str, shapes: dict) -> str:
     """The body's stages (conv1, layer1 ...) with tensors that did not load, and how many."""
     from collections import Counter
@@ -212,6 +249,31 @@ def _unloaded_parts(report: InitReport, prefix: str, shapes: dict) -> str:
         if k.startswith(prefix) and _required(k) and k not in report.state
     )
     return ", ".join(f"{report.body}.{part} ({n} tensors)" for part, n in missing.items())
+
+
+def recorded_init_sha256(run_dir) -> str | None:
+    """The sha256 of the init file a run started from (``RUN/init_report.json``), or None."""
+    import json
+
+    try:
+        sha = json.loads((Path(run_dir) / REPORT_FILE).read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):  # no report (a run from scratch), or not readable
+        return None
+    return sha if isinstance(sha, str) and sha else None
+
+
+def init_sha256(source) -> str:
+    """sha256 of the file an ``--init`` value names (a run folder: its newest checkpoint), as
+    :func:`prepare_init` records it; InitError (one line) when there is none."""
+    from ..runfolder import file_digest
+    from .weights import WeightsError, resolve_checkpoint
+
+    try:
+        return file_digest(resolve_checkpoint(source))
+    except WeightsError as exc:
+        raise InitError(f"--init {exc}") from None
+    except OSError as exc:
+        raise InitError(f"--init {source}: cannot read ({exc.strerror or exc})") from None
 
 
 def apply_init(core, report: InitReport) -> None:

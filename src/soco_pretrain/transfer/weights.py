@@ -17,7 +17,8 @@ through:
 
 Readers that also take plain state dicts (the detector, the linear probe, kNN) call
 :func:`load_weights_file` and then :func:`soco_weights_of` on what it returned. Every problem is
-a :class:`WeightsError` of one line that names the file.
+a :class:`WeightsError` of one line that names the file; weights holding NaN or inf (a diverged
+run) are one of them, whatever the format (``engine.checkpoint.refuse_non_finite``).
 """
 
 from __future__ import annotations
@@ -97,10 +98,15 @@ def resolve_checkpoint(source) -> Path:
 
 
 def _load(path: Path, what: str):
+    """A torch file's content; WeightsError if unreadable or if its weights hold NaN or inf."""
+    return _finite(path, _read(path, what))
+
+
+def _read(path: Path, what: str):
     from ..engine.checkpoint import CheckpointError, load_checkpoint
 
     try:
-        return load_checkpoint(path)
+        return load_checkpoint(path, refuse_nan=False)  # _finite checks them, as for the other formats
     except CheckpointError as exc:  # torch's own first line is long and often misleading here
         cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "unreadable"
         raise WeightsError(f"{path}: not a {what} (torch.load(weights_only=True) failed: {cause})") from None
@@ -196,26 +202,38 @@ def _load_any(path: Path, what: str):
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            content = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        return _finite(path, content)
     if path.suffix == ".pkl":  # Detectron2's format: a plain pickle, never a torch checkpoint
         return _pickle_or_error(path, what)
     try:
-        return _load(path, what)
+        content = _read(path, what)
     except WeightsError:
         with open(path, "rb") as f:
             head = f.read(2)
         if head[:1] != b"\x80":  # not a pickle either (pickle protocol >= 2 starts with PROTO)
             raise
         return _pickle_or_error(path, what)
+    return _finite(path, content)
 
 
 def _pickle_or_error(path: Path, what: str):
     try:
-        return _load_pickle(path)
+        content = _load_pickle(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable pickle is one line
         raise WeightsError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None
+    return _finite(path, content)
+
+
+def _finite(path: Path, content):
+    """``content`` if its weights are all finite, else a WeightsError naming the file and the first
+    bad tensor (every format: torch files, safetensors, pickles)."""
+    from ..engine.checkpoint import refuse_non_finite
+
+    refuse_non_finite(path, content, WeightsError)
+    return content
 
 
 def _tensor_dict(obj) -> dict | None:

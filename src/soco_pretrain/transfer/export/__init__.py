@@ -138,6 +138,21 @@ def convert(encoder: dict[str, torch.Tensor], arch: str, to: str):
     return _exporter(to).convert(encoder, arch)
 
 
+def _refuse_clobbering_the_run(path: Path, checkpoint: Path) -> None:
+    """ExportError when writing ``path`` would destroy training state: the checkpoint being
+    exported (by any name: a symlink or hard link is the same file) or any file in a run's
+    checkpoints folder (a resume could take an export for a checkpoint, retention could delete it)."""
+    import os
+
+    from ...runfolder import holds_checkpoints
+
+    if path.exists() and os.path.samefile(path, checkpoint):
+        raise ExportError(f"{path}: is the checkpoint being exported ({checkpoint}); write the export elsewhere")
+    folder = path.resolve().parent
+    if folder.name == "checkpoints" and holds_checkpoints(folder.parent):
+        raise ExportError(f"{path}: is inside the run's checkpoints folder {folder}; write the export elsewhere")
+
+
 def export(
     source,
     to: str,
@@ -163,6 +178,9 @@ def export(
     if config_out is not None and Path(config_out).resolve() == out.resolve():
         raise ExportError(f"{out}: the config file cannot be the weights file")
     source_weights = read_encoder(source, weights)
+    for path in (out, exporter.config_path(out, config_out)):
+        if path is not None:
+            _refuse_clobbering_the_run(path, source_weights.checkpoint)
     found = manifest_for_weights(source_weights.checkpoint)  # the run's data manifest, if any
     manifest = found[1] if found is not None else None
     stamp = (
