@@ -17,6 +17,7 @@ VmHWM, reset before each row where Linux allows).
     python benchmarks/train_step.py --size 96 --batch 8   # the tiny preset's views
     python benchmarks/train_step.py --device cuda         # GPU: batch 64, bf16, channels_last
     python benchmarks/train_step.py --models FPN --freeze none,stem,backbone,backbone+fpn  # warm starts
+    python benchmarks/train_step.py --models R18-FPN --size 64 --batch 32 --roi-pool per_level,packed  # cpu-small
 
 Views: V1 and V2 at --size, V3 at size/2, V4 at size x 192/224 (the paper's proportions).
 """
@@ -42,7 +43,7 @@ from soco_pretrain.presets import load_preset
 from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch
 
 # row name -> (preset, number of views the model uses)
-MODELS = {"FPN": ("fpn-100ep", 3), "C4": ("c4-100ep", 2), "SoCo*": ("fpn-star-400ep", 4)}
+MODELS = {"FPN": ("fpn-100ep", 3), "C4": ("c4-100ep", 2), "SoCo*": ("fpn-star-400ep", 4), "R18-FPN": ("cpu-small", 3)}
 
 
 def view_sizes(size: int) -> list[int]:
@@ -84,11 +85,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_model(name: str, args, device, freeze: str = "none") -> dict:
+def bench_model(name: str, args, device, freeze: str = "none", roi_pool: str | None = None) -> dict:
     preset, n_views = MODELS[name]
     sizes = view_sizes(args.size)
     channels_last = device.type == "cuda" and not args.no_channels_last
-    cfg = step_config(preset, args.size, args.batch, args.precision, channels_last, args.compile, freeze)
+    extra = (f"model.roi_pool={roi_pool}",) if roi_pool else ()
+    cfg = step_config(preset, args.size, args.batch, args.precision, channels_last, args.compile, freeze, extra)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -136,7 +138,9 @@ def bench_model(name: str, args, device, freeze: str = "none") -> dict:
     flops = counter.get_total_flops() / args.batch
     step_s = float(np.median(times))
     return {
-        "name": name if freeze == "none" else f"{name}, freeze {freeze}",
+        "name": name
+        + ("" if freeze == "none" else f", freeze {freeze}")
+        + (f", roi_pool {roi_pool}" if roi_pool else ""),
         "model": name,
         "views": "+".join(str(s) for s in sizes[:n_views]),
         "precision": precision,
@@ -192,6 +196,12 @@ def main() -> None:
         help="comma-separated train.freeze modes, one row each per model (none, stem, backbone, backbone+fpn; "
         "FLOPs count the forward + the backward that runs)",
     )
+    parser.add_argument(
+        "--roi-pool",
+        default="",
+        help="comma-separated model.roi_pool values (per_level, packed), one row each per model (default: the "
+        "preset's)",
+    )
     args = parser.parse_args()
     device = torch.device(
         "cuda"
@@ -211,8 +221,10 @@ def main() -> None:
         for freeze in [f.strip() for f in args.freeze.split(",") if f.strip()]:
             if freeze == "backbone+fpn" and name == "C4":
                 continue  # C4 has no FPN
-            print(f"benchmarking {name}, freeze {freeze} ...", file=sys.stderr, flush=True)
-            rows.append(bench_model(name, args, device, freeze))
+            for roi_pool in [r.strip() for r in args.roi_pool.split(",") if r.strip()] or [None]:
+                print(f"benchmarking {name}, freeze {freeze}, roi_pool {roi_pool or 'preset'} ...", file=sys.stderr,
+                      flush=True)  # fmt: skip
+                rows.append(bench_model(name, args, device, freeze, roi_pool))
     print(
         f"\nSoCo training step on {device.type.upper()} (synthetic batch, K={args.k}; forward online + target, "
         f"loss, backward, LARS, EMA; median of {args.steps} steps after {args.warmup} warm-up):\n"
