@@ -364,9 +364,12 @@ def describe_weights(identity: dict | None) -> str:
     if not isinstance(identity, dict):
         return "not recorded"
     if identity.get("file") is None:
-        return f"random init seed {identity.get('random_seed')}"
-    step = identity.get("step")
-    return (f"step {step}, " if step is not None else "") + f"sha256 {str(identity.get('sha256'))[:12]}"
+        seed = identity.get("random_seed")
+        return "random init, seed not recorded" if seed is None else f"random init seed {seed}"
+    step, digest = identity.get("step"), identity.get("sha256")
+    # a record written by hand or by an older version may lack the digest: say so, not "sha256 None"
+    sha = f"sha256 {digest[:12]}" if isinstance(digest, str) and digest else "sha256 not recorded"
+    return (f"step {step}, " if step is not None else "") + sha
 
 
 def _weights_key(identity: dict | None) -> tuple | None:

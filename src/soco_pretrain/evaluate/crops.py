@@ -66,20 +66,11 @@ class CropImages(torch.utils.data.Dataset):
         return len(self.objects)
 
     def __getitem__(self, i: int) -> dict:
-        from ..images import ImageError, load_rgb
+        from .knn import load_checked
 
-        path = self.objects.paths[i]
-        try:
-            image = load_rgb(path)
-        except ImageError as exc:
-            return {"index": i, "error": str(exc)}
-        h, w = image.shape[:2]
-        if (w, h) != tuple(self.objects.sizes[i]):
-            return {
-                "index": i,
-                "error": f"{path}: image is {w}x{h} but the JSON says "
-                f"{self.objects.sizes[i][0]}x{self.objects.sizes[i][1]}",
-            }
+        image, error = load_checked(self.objects, i)
+        if image is None:
+            return {"index": i, "error": error}
         cut = [cut_crop(image, box, self.size, self.context) for box in self.objects.boxes[i]]
         crops = torch.from_numpy(np.stack([c for c, _ in cut])).permute(0, 3, 1, 2).contiguous()
         return {"index": i, "crops": crops, "clipped": sum(int(c) for _, c in cut)}

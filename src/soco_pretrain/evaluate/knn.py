@@ -188,6 +188,22 @@ def fraction_of(objects: ObjectSet, fraction: float, seed: int) -> ObjectSet:
 # ---------------------------------------------------------------- images -> tensors
 
 
+def load_checked(objects: ObjectSet, i: int) -> tuple[np.ndarray | None, str]:
+    """(RGB uint8 image, "") of image ``i``, or (None, a one-line reason): unreadable, or another
+    size than its JSON says (its boxes would be wrong)."""
+    from ..images import ImageError, load_rgb
+
+    path = objects.paths[i]
+    try:
+        image = load_rgb(path)
+    except ImageError as exc:
+        return None, str(exc)
+    h, w = image.shape[:2]
+    if (w, h) != tuple(objects.sizes[i]):
+        return None, f"{path}: image is {w}x{h} but the JSON says {objects.sizes[i][0]}x{objects.sizes[i][1]}"
+    return image, ""
+
+
 class _Images(torch.utils.data.Dataset):
     """Decoded, resized uint8 images (3, S, S) of an ObjectSet; failures come back as messages."""
 
@@ -199,20 +215,10 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         from ..data.views import resize_square
-        from ..images import ImageError, load_rgb
 
-        path = self.objects.paths[i]
-        try:
-            image = load_rgb(path)
-        except ImageError as exc:
-            return {"index": i, "error": str(exc)}
-        h, w = image.shape[:2]
-        if (w, h) != tuple(self.objects.sizes[i]):
-            return {
-                "index": i,
-                "error": f"{path}: image is {w}x{h} but the JSON says "
-                f"{self.objects.sizes[i][0]}x{self.objects.sizes[i][1]}",
-            }
+        image, error = load_checked(self.objects, i)
+        if image is None:
+            return {"index": i, "error": error}
         view = resize_square(image, self.size)
         return {"index": i, "image": torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)}
 
@@ -392,6 +398,17 @@ class Probe:
     batch: int = 16
     workers: int = 0
 
+    @classmethod
+    def of(cls, options, size: int, level_bounds) -> Probe:
+        """The probe of a KnnOptions or MonitorConfig: the fields they share by name (the monitor has
+        no bn / precise_images / centre / baselines / workers fields and gets these defaults)."""
+        from dataclasses import fields
+
+        given = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
+        given.update(size=size, level_bounds=tuple(level_bounds))
+        given["features"] = cls.features_for(options.objects, options.features)
+        return cls(**given)
+
     @staticmethod
     def features_for(objects: str, features) -> tuple[str, ...]:
         """The feature sets of a mode (None: its default), refusing what the mode cannot embed."""
@@ -476,7 +493,8 @@ def probe_encoders(encoders: dict[str, nn.Module], train: ObjectSet, val: Object
     """The probe (module docstring) for each named encoder (modified in place when bn=precise).
 
     Returns ``{"encoders": {name: {feature: {"knn", "logistic", "erank", "dims"}}}, "majority",
-    "classes": {"kept", "dropped"}, "objects": {...}, "failed", and with p.baselines "handmade"
+    "classes": {"kept", "dropped"}, "objects": {...}, "images": {"train", "val"} (embedded, so
+    unreadable ones are left out), "failed", and with p.baselines "handmade"
     (crop mode) and "shuffled" (the first encoder's primary feature with permuted train labels)}``.
     ``cache``: a dict kept between calls (the monitor) so images are decoded once."""
     if p.bn not in BN_MODES:
@@ -535,6 +553,8 @@ def probe_encoders(encoders: dict[str, nn.Module], train: ObjectSet, val: Object
         "train_of_dropped_classes": int((~train_keep).sum()),
         "crops_clipped": int(clipped),
     }
+    # Images counted as embedded, not as listed: an unreadable one (in ``failed``) adds no object.
+    result["images"] = {"train": len(tr.image_index.unique()), "val": len(va.image_index.unique())}
     result["failed"] = failed
     return result
 
@@ -688,23 +708,7 @@ def knn_eval(weights, train_json, train_images, val_json, val_images, out, optio
             + (f"; loaded {loaded}" if loaded else ""),
             flush=True,
         )
-    probe = Probe(
-        objects=o.objects,
-        size=size,
-        level_bounds=bounds,
-        features=Probe.features_for(o.objects, o.features),
-        context=o.context,
-        k=o.k,
-        temperature=o.temperature,
-        bn=o.bn,
-        precise_images=o.precise_images,
-        min_instances=o.min_instances,
-        centre=o.centre,
-        baselines=o.baselines,
-        seed=o.seed,
-        batch=o.batch,
-        workers=o.workers,
-    )
+    probe = Probe.of(o, size, bounds)
     probed = probe_encoders({"encoder": encoder.to(device)}, train, val, probe, device, o.progress)
     primary = probed["encoders"]["encoder"][probe.features[0]]
     knn, logistic = primary["knn"], primary["logistic"]
@@ -739,8 +743,9 @@ def knn_eval(weights, train_json, train_images, val_json, val_images, out, optio
         "classes": probed["classes"],
         "num_train_objects": probed["objects"]["train"],
         "num_val_objects": probed["objects"]["val"],
-        "num_train_images": len(train),
-        "num_val_images": len(val),
+        # objects and images that were embedded: an unreadable image's are in skipped.unreadable
+        "num_train_images": probed["images"]["train"],
+        "num_val_images": probed["images"]["val"],
         "skipped": {
             "train": train.skipped,
             "val": val.skipped,
@@ -821,18 +826,7 @@ class ObjectMonitor:
             None,
             {"data": {"views": {"v1_size": cfg.data.views.v1_size, "level_bounds": list(cfg.data.views.level_bounds)}}},
         )
-        self.probe = Probe(
-            objects=m.objects,
-            size=size,
-            level_bounds=bounds,
-            features=Probe.features_for(m.objects, m.features),
-            context=m.context,
-            k=m.k,
-            temperature=m.temperature,
-            min_instances=m.min_instances,
-            seed=m.seed,
-            batch=m.batch,
-        )
+        self.probe = Probe.of(m, size, bounds)  # bn precise, centred, no floors: the defaults
         self.device, self.progress = device, progress
         self.cache: dict = {}  # decoded images / crops, kept between evaluations
         from ..model.encoder import SoCoEncoder

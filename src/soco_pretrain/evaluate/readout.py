@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-
 # Logistic regression strengths tried by the cross-validation (inverse L2 weight, scikit-learn's C).
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 1.0)
 
