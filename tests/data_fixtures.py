@@ -13,7 +13,8 @@ import skimage.data
 from PIL import Image
 
 from soco_pretrain.proposals.filters import RULE_FAILED, RULE_PAPER
-from soco_pretrain.proposals.store import write_store
+from soco_pretrain.proposals.generate import file_identity
+from soco_pretrain.proposals.store import digest_row, write_store
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")
 
@@ -41,9 +42,12 @@ def random_boxes(rng, width: int, height: int, n: int) -> np.ndarray:
     return np.stack([x1, y1, x1 + w - 1, y1 + h - 1], axis=1).astype(np.int32)
 
 
-def make_store(out: Path, root: Path, paths, boxes_per_image: int = 6, failed=(), empty=(), seed: int = 0) -> Path:
+def make_store(
+    out: Path, root: Path, paths, boxes_per_image: int = 6, failed=(), empty=(), seed: int = 0, keys: bool = True
+) -> Path:
     """A proposal store for ``paths`` (relative to ``root``): random boxes from each image's size;
-    paths in ``failed`` get the failed status, those in ``empty`` 0 boxes."""
+    paths in ``failed`` get the failed status, those in ``empty`` 0 boxes. ``keys``: record each
+    file's change key as ``soco proposals`` does (False: a store of an older version)."""
     rng = np.random.default_rng(seed)
     paths = sorted(paths)
     all_boxes, offsets, sizes, status = [], [0], [], []
@@ -57,7 +61,14 @@ def make_store(out: Path, root: Path, paths, boxes_per_image: int = 6, failed=()
         sizes.append((0, 0) if p in failed else (w, h))
         status.append(RULE_FAILED if p in failed else RULE_PAPER)
     boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), np.int32)
-    return write_store(out, paths, boxes, offsets, sizes, status, [boxes_per_image] * len(paths), {"preset": "test"})
+    identity = [file_identity(root / p) for p in paths] if keys else []
+    file_keys = {
+        "file_keys": np.array([key for key, _ in identity], dtype=np.int64).reshape(-1, 2),
+        "file_sha256": np.array([digest_row(digest) for _, digest in identity], dtype=np.uint8).reshape(-1, 32),
+    }
+    raw = [boxes_per_image] * len(paths)
+    manifest = {"preset": "test"}
+    return write_store(out, paths, boxes, offsets, sizes, status, raw, manifest, **(file_keys if keys else {}))
 
 
 def corrupt(path: Path) -> None:

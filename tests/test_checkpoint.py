@@ -7,6 +7,9 @@ import errno
 import hashlib
 import os
 import random
+import shutil
+import subprocess
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -22,7 +25,8 @@ from soco_pretrain.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from soco_pretrain.files import WriteError
+from soco_pretrain.errors import one_line
+from soco_pretrain.files import WriteError, human_bytes
 from soco_pretrain.train.lars import LARS, lars_param_groups
 
 
@@ -347,3 +351,116 @@ def test_protect_by_argument(tmp_path):
     other.save(small_tensor_state(2))
     other.save(small_tensor_state(3))
     assert [p.name for p in other.numbered()] == ["step_00000001.pt", "step_00000003.pt"]
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB file system (tmpfs) mounted on a fresh folder; needs root (CI runs as root)."""
+    if os.name != "posix" or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def big_state(step):
+    return {"step": step, "model": {"w": torch.arange(1_000_000, dtype=torch.float32)}}  # 4 MB
+
+
+def assert_step_1_intact(manager):
+    assert sorted(p.name for p in manager.directory.iterdir()) == [
+        "last.pt",
+        "last.pt.sha256",
+        "step_00000001.pt",
+        "step_00000001.pt.sha256",
+    ]  # no temporary left, no step 2
+    assert load_checkpoint(manager.last)["step"] == 1 and manager.latest() == manager.last
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_in_one_line(small_disk):
+    # A real full disk: torch.save's zip writer turns ENOSPC into "RuntimeError: ... unexpected
+    # pos" (a 54-line traceback, exit status 1, before the fix). Refused before writing now.
+    manager = CheckpointManager(small_disk / "run", keep=2)
+    manager.save(small_tensor_state(1))
+    with pytest.raises(WriteError) as info:
+        manager.save(big_state(2))
+    message = one_line(info.value)
+    assert message == str(info.value) and info.value.exit_code == 2
+    assert message.startswith(f"{manager.directory}: cannot write step_00000002.pt and last.pt: ")
+    assert " MiB free, about 8." in message and " MiB needed (ENOSPC" in message
+    assert_step_1_intact(manager)
+
+
+def test_a_full_disk_inside_torch_save_is_one_line(small_disk, monkeypatch):
+    # The estimate said it fits (say another process filled the disk meanwhile): the write itself
+    # fails inside torch.save, and the zip writer's RuntimeError still becomes one WriteError line.
+    manager = CheckpointManager(small_disk / "run", keep=2)
+    manager.save(small_tensor_state(1))
+    monkeypatch.setattr(ckpt, "state_bytes", lambda state: 0)
+    with pytest.raises(WriteError) as info:
+        manager.save(big_state(2))
+    target = manager.directory / "step_00000002.pt"
+    assert str(info.value) == f"{target}: cannot write (ENOSPC: No space left on device)"
+    assert isinstance(info.value.__cause__, OSError) and info.value.exit_code == 2
+    assert_step_1_intact(manager)
+    with pytest.raises(WriteError, match=r"x\.pt: cannot write \(ENOSPC"):
+        save_checkpoint(small_disk / "x.pt", big_state(3))
+    assert not (small_disk / "x.pt").exists() and temps(small_disk) == []
+
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_free_space_is_checked_against_the_state_size(tmp_path, monkeypatch):
+    state = small_tensor_state(1)
+    path = save_checkpoint(tmp_path / "probe.pt", state)
+    # The estimate is a little over what torch.save writes, never under.
+    assert path.stat().st_size <= ckpt.state_bytes(state) <= path.stat().st_size + (1 << 20)
+    asked = []
+
+    def disk_usage(folder):
+        asked.append(str(folder))
+        return Usage(10**12, 0, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    manager = CheckpointManager(tmp_path / "run", keep=2)
+    free = 2 * ckpt.state_bytes(state) - 1  # the numbered file and last.pt: one byte short
+    with pytest.raises(WriteError) as info:
+        manager.save(state)
+    assert str(info.value) == (
+        f"{manager.directory}: cannot write step_00000001.pt and last.pt: {human_bytes(free)} free, about "
+        f"{human_bytes(free + 1)} needed (ENOSPC: free some space or write elsewhere)"
+    )
+    assert asked == [str(tmp_path)]  # the folder does not exist yet: its file system is asked
+    assert not (tmp_path / "run").exists()
+    free += 1
+    manager.save(state)
+    assert load_checkpoint(manager.last)["step"] == 1
+    free = ckpt.state_bytes(state) - 1  # keep=0 writes one file
+    with pytest.raises(WriteError, match=r"cannot write last\.pt: .* free, about .* needed"):
+        CheckpointManager(tmp_path / "run0", keep=0).save(state)
+
+
+def test_a_malformed_pickle_is_named_not_an_unpickler_message(tmp_path):
+    # A zip-less file whose pickle stream is cut: torch.load raises IndexError("list index out of
+    # range") or an UnpicklingError; the user is told what the file is not, not the unpickler's words.
+    import pickle as _pickle
+
+    from soco_pretrain.engine.checkpoint import CheckpointError, load_checkpoint
+
+    path = tmp_path / "cut.pt"
+    path.write_bytes(_pickle.dumps({"model": [1, 2, 3]}, protocol=2)[:-7])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert "list index out of range" not in message and "truncated or malformed" in message

@@ -711,6 +711,17 @@ def test_the_report_says_when_an_init_pooled_different_weights(data, tmp_path):
     assert "| ss0 | /r/last.pt | **step 200, sha256 bbbbbbbbbbbb** (differs from its other arms) | 1 |" in md
 
 
+def test_weights_records_missing_a_field_say_so():
+    """A record written by hand or an older version: never "sha256 None" or "seed None"."""
+    recorded = {"file": "/r/last.pt", "sha256": "c" * 64, "step": 3}
+    assert compare.describe_weights(recorded) == "step 3, sha256 cccccccccccc"
+    assert compare.describe_weights({"file": "/r/last.pt", "sha256": None}) == "sha256 not recorded"
+    assert compare.describe_weights({"file": "/r/last.pt"}) == "sha256 not recorded"
+    assert compare.describe_weights({"file": None, "random_seed": 2}) == "random init seed 2"
+    assert compare.describe_weights({}) == "random init, seed not recorded"
+    assert compare.describe_weights(None) == "not recorded"
+
+
 def test_a_leak_refusal_does_not_block_the_corrected_rerun(data, fake_runner, capsys):
     from soco_pretrain.data.manifest import build_manifest, write_manifest
 

@@ -310,6 +310,53 @@ def test_image_changed_since_the_store_was_made_is_skipped(broken):
     assert "proposal store has" in s["skipped"][0][1]
 
 
+def test_an_image_of_another_size_than_the_store_is_rerouted_with_a_counted_notice(broken, caplog):
+    # A photo replaced under the same name: its stored boxes belong to another picture. With
+    # no_proposals=whole_image it is trained on the whole image, counted and said once.
+    from soco_pretrain.data import SkipLog, soco_collate
+
+    images, store, paths = broken
+    ds = SoCoDataset(images, store, config(no_proposals="whole_image", jitter="none"))
+    with caplog.at_level(logging.WARNING, logger="soco_pretrain.data"):
+        s, again, other = ds[3], ds[(1, 3)], ds[4]
+    assert s["index"] == 3 and s["path"] == paths[3] and s["skipped"] == []  # not replaced by the next image
+    assert s["valid"].tolist() == [True, False, False, False] and s["boxes"][0][0].tolist() == [0, 0, 224, 224]
+    path, reason = s["rerouted"][0]
+    assert len(s["rerouted"]) == 1 and path == str(images / paths[3])
+    assert "decodes to 90x" in reason and "but the proposal store has 120x" in reason
+    assert "rerun soco proposals" in reason
+    assert other["rerouted"] == [] and ds.rerouted == 2
+    said = [r.getMessage() for r in caplog.records if "whole image" in r.getMessage()]
+    assert len(said) == 1 and paths[3] in said[0]  # once per process, however often it is met
+    log = SkipLog()
+    log.update(soco_collate([s, other]))
+    log.update(soco_collate([again]))
+    assert len(log) == 0 and log.rerouted[str(images / paths[3])] == 2
+    line = log.rerouted_line()
+    assert "\n" not in line and line.startswith("1 images decoded to another size than the proposal store records")
+    assert "trained on the whole image 2 times" in line and paths[3] in line
+    assert log.summary().splitlines() == ["skipped images: none", line]
+    # The device-decode path (header sizes) re-routes it the same way.
+    planned = SoCoDataset(images, store, dataclasses.replace(config(no_proposals="whole_image"), decode="device"))[3]
+    assert planned["index"] == 3 and [p for p, _ in planned["rerouted"]] == [str(images / paths[3])]
+
+
+def test_an_older_store_without_file_keys_is_warned_about_once(tmp_path, capsys):
+    images = tmp_path / "images"
+    paths = make_photos(images, PHOTOS[:2], side=80)
+    store = make_store(tmp_path / "store", images, paths, keys=False)
+    SoCoDataset(images, store, config())
+    SoCoDataset(images, store, config())
+    err = [line for line in capsys.readouterr().err.splitlines() if "file keys" in line]
+    assert err == [
+        f"soco: warning: {store}: made by an older soco-pretrain without file keys: a photo replaced since is "
+        f"caught only when its pixel size differs; rerun soco proposals IMAGES -o {store} to check every image "
+        "and record them"
+    ]
+    SoCoDataset(images, make_store(tmp_path / "new", images, paths), config())
+    assert "file keys" not in capsys.readouterr().err
+
+
 def test_consecutive_failures_chain_and_wrap_around(broken):
     images, store, paths = broken
     corrupt(images / paths[5])

@@ -252,6 +252,46 @@ def test_model_card_of_a_c4_run_without_manifest(exports, monkeypatch):
     _run_snippet(code, report.out, monkeypatch)
 
 
+def test_model_card_of_an_unfinished_run_says_where_it_stopped(tmp_path):
+    run, model, config = _make_run(tmp_path, "c4")
+    checkpoint = run / "checkpoints" / "last.pt"
+    cases = [  # (what the checkpoint holds besides model and config, the card's step line)
+        ({"step": 7, "total_steps": 20}, "Step: 7: stopped at step 7 of 20, before the end of its schedule"),
+        ({"step": 20, "total_steps": 20}, "Step: 20 of 20 (the run finished its schedule)"),
+        # written before total_steps was recorded: 100 epochs x 3 steps, from its position (epoch 2, 1 step in)
+        ({"step": 7, "epoch": 2, "batch_in_epoch": 1}, "stopped at step 7 of 300"),
+        ({"step": 2, "epoch": 0, "batch_in_epoch": 2}, "Step: 2 (optimiser steps"),  # first epoch: unknown
+    ]
+    for extra, words in cases:
+        save_checkpoint(checkpoint, {"model": model, "config": config, **extra})
+        report = export(run, "safetensors", out=tmp_path / "w.safetensors")
+        card = (tmp_path / "w.MODEL_CARD.md").read_text()
+        assert words in card, (extra, card.split("## Recipe")[0])
+        recorded = extra["total_steps"] if "total_steps" in extra else {7: 300, 2: None}[extra["step"]]
+        assert _metadata(report.out).get("total_steps") == (None if recorded is None else str(recorded))
+
+
+def test_a_copy_without_its_manifest_says_what_the_metadata_knows(exports, fpn_run, tmp_path):
+    """The leak guard on a safetensors export copied without FILE.manifest.json: the metadata has
+    the set hash and count, not the per-file hashes, and the line says so (not "no data manifest")."""
+    import shutil
+
+    from soco_pretrain.data.manifest import check_weights_no_leak
+
+    copy = tmp_path / "shipped.safetensors"
+    shutil.copy(exports("safetensors", "fpn").out, copy)
+    lines: list[str] = []
+    check_weights_no_leak([("--weights", copy)], [tmp_path / "val.png"], "val", lines.append)
+    set_hash = read_manifest(fpn_run[0])["set_hash"]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    for words in (str(copy), "shipped.safetensors.manifest.json", f"set hash {set_hash[:12]} (2 images)", "per-file"):
+        assert words in lines[0], (words, lines[0])
+    assert "no data manifest" not in lines[0]
+    lines.clear()  # an export of a run without a manifest has nothing in its metadata either
+    check_weights_no_leak([("--weights", exports("safetensors", "c4").out)], [], "val", lines.append)
+    assert len(lines) == 1 and "has no data manifest" in lines[0]
+
+
 # ---------------------------------------------------------------- torchvision-backbone / timm
 
 
@@ -345,6 +385,18 @@ def test_bad_inputs_are_one_line_errors(fpn_run, tmp_path, capsys):
         assert err.startswith("soco: error:") and err.strip().count("\n") == 0, (case, err)
         assert words in err, (case, err)
     assert list((tmp_path / "a_dir").iterdir()) == [] and not (tmp_path / "x").exists()
+    # the extension is how readers tell safetensors from torch / pickle files: a mismatch is refused
+    mismatched = {
+        "safetensors as .pth": (["--to", "safetensors", "-o", str(tmp_path / "w.pth")], "name it e.g. w.safetensors"),
+        "torchvision as .safetensors": (["--to", "torchvision", "-o", str(tmp_path / "w.safetensors")], "w.pth"),
+        "detectron2 as .safetensors": (["--to", "detectron2", "-o", str(tmp_path / "d.safetensors")], "d.pkl"),
+        "timm as .safetensors": (["--to", "timm", "-o", str(tmp_path / "b.safetensors")], "--to safetensors"),
+    }
+    for case, (args, words) in mismatched.items():
+        status, _, err = call(["export", run, *args], capsys)
+        assert status == 2 and err.startswith("soco: error:") and err.strip().count("\n") == 0, (case, err)
+        assert words in err, (case, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir"]  # nothing written, not even a config
     with pytest.raises(ExportError, match="unknown target 'onnx'") as exc:  # the Python API
         export(run, "onnx", out=tmp_path / "x")
     assert "\n" not in str(exc.value) and "safetensors" in str(exc.value)

@@ -10,6 +10,7 @@ import pickle
 import stat
 import subprocess
 import sys
+from collections import namedtuple
 
 import pytest
 
@@ -80,6 +81,62 @@ def test_a_disk_full_inside_the_writer_is_a_write_error(tmp_path):
         atomic_write(path, fills_the_disk)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_torch_saves_zip_writer_failure_is_a_write_error(tmp_path):
+    # What torch.save does on a full disk: the file's OSError is raised inside write_record, then
+    # the zip writer's __exit__ raises a RuntimeError over it (the OSError is only its context).
+    path = tmp_path / "a.pt"
+    path.write_bytes(b"old")
+
+    def like_torch_save(f):
+        try:
+            f.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+
+    with pytest.raises(WriteError) as info:
+        atomic_write(path, like_torch_save)
+    assert str(info.value) == f"{path}: cannot write (ENOSPC: No space left on device)"
+    assert isinstance(info.value.__cause__, OSError)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+
+    def writer_failed(f):  # the C++ writer's own write failing (no Python OSError)
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    with pytest.raises(WriteError, match=r"a\.pt: cannot write \(torch.save's writer failed: Pytorch.* free there\)"):
+        atomic_write(path, writer_failed)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+
+
+def test_other_runtime_errors_pass_through(tmp_path):
+    def bug(f):
+        raise RuntimeError("a bug, not a write failure")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        atomic_write(tmp_path / "a.bin", bug)
+    assert list(tmp_path.iterdir()) == []
+
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_check_free_space_names_the_folder_and_both_sizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda folder: Usage(10**12, 0, 3 << 20))
+    files.check_free_space(tmp_path / "new" / "folder", 3 << 20, "x")  # just fits
+    with pytest.raises(WriteError) as info:
+        files.check_free_space(tmp_path, (3 << 20) + 1, "a.bin")
+    assert str(info.value) == (
+        f"{tmp_path}: cannot write a.bin: 3.0 MiB free, about 3.0 MiB needed "
+        "(ENOSPC: free some space or write elsewhere)"
+    )
+
+    def unknown(folder):
+        raise OSError(errno.ENOSYS, "no statvfs")
+
+    monkeypatch.setattr(files.shutil, "disk_usage", unknown)
+    files.check_free_space(tmp_path, 1 << 60, "a.bin")  # cannot tell: the write itself will
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")

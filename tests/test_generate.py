@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -505,3 +506,76 @@ def test_a_second_run_on_the_same_output_stops_in_one_line(photo_dir, tmp_path):
         with pytest.raises(RunFolderError, match="another soco run is using this folder now .soco proposals"):
             generate(photo_dir, out, progress=False)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- replaced photos
+
+
+def test_a_photo_replaced_under_the_same_name_is_searched_again(tmp_path, capsys):
+    from soco_pretrain.cli import main
+
+    root = tiny_photos(tmp_path / "imgs", "a.png", "b.png", "c.png")
+    out = tmp_path / "store"
+    command = ["proposals", str(root), "-o", str(out), "--workers", "1", "--max-side", "48", "--no-progress"]
+    assert main(command) == 0
+    small_photo("coffee", 30).save(root / "b.png")  # another picture, same name
+    os.utime(root / "c.png", ns=(10**18, 10**18))  # a new time, the same bytes (a copied dataset)
+    capsys.readouterr()
+    assert main(command) == 0
+    out_lines = capsys.readouterr().out.splitlines()
+    assert "  1 image(s) changed since the store was made (other bytes under the same name): searched again" in (
+        out_lines
+    )
+    assert "  1 image(s) have a new file time or size but the same bytes: kept" in out_lines
+    assert any(line.startswith("  searched 1 now, 2 resumed;") for line in out_lines)  # b.png alone
+    st = load(out)
+    b = st.index("b.png")
+    assert st.image_size(b) == Image.open(root / "b.png").size != (40, 40)
+    fresh = generate(root, tmp_path / "fresh", config_overrides=TINY, progress=False)
+    assert fresh.processed == 3
+    assert_same_store(out, tmp_path / "fresh")  # as if the store had been made after the change
+    assert st.file_key(st.index("c.png"))[1] == 10**18  # the new key was recorded ...
+    again = generate(root, out, config_overrides=TINY, progress=False)
+    assert again.up_to_date and again.changed == 0 and again.same_bytes == 0  # ... so nothing to do now
+
+
+def test_rehash_catches_a_replacement_that_kept_size_and_time(tmp_path):
+    # An uncompressed BMP of another picture has the same byte size; the time is set back too.
+    root = tmp_path / "imgs"
+    root.mkdir()
+    small_photo("astronaut", 40).resize((40, 40)).save(root / "a.bmp")
+    small_photo("chelsea", 40).resize((40, 40)).save(root / "b.bmp")
+    out = tmp_path / "store"
+    generate(root, out, config_overrides=TINY, progress=False)
+    before = os.stat(root / "a.bmp")
+    small_photo("coffee", 40).resize((40, 40)).save(root / "a.bmp")
+    os.utime(root / "a.bmp", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(root / "a.bmp").st_size == before.st_size
+    assert generate(root, out, config_overrides=TINY, progress=False).up_to_date  # the key cannot tell
+    summary = generate(root, out, config_overrides=TINY, progress=False, rehash=True)
+    assert (summary.changed, summary.processed, summary.resumed) == (1, 1, 1)
+    assert load(out).file_sha256(0) == hashlib.sha256((root / "a.bmp").read_bytes()).hexdigest()
+
+
+def test_an_older_store_without_file_keys_is_checked_by_pixel_size(tmp_path):
+    from soco_pretrain.proposals.store import write_store
+
+    root = tiny_photos(tmp_path / "imgs", "a.png", "b.png", "c.png")
+    out = tmp_path / "store"
+    generate(root, out, config_overrides=TINY, progress=False)
+    st = load(out)
+    a = st.arrays()
+    manifest = {k: v for k, v in st.manifest.items() if k not in ("counts", "files", "box_dtype")}
+    arrays = [a[k] for k in ARRAYS]
+    write_store(out, st.paths, *arrays, manifest=manifest)  # as an older version wrote it: no keys
+    assert not load(out).has_file_keys
+    small_photo("coffee", 30).save(root / "b.png")  # another size: caught
+    summary = generate(root, out, config_overrides=TINY, progress=False)
+    assert (summary.changed, summary.by_size, summary.processed, summary.resumed) == (1, 2, 1, 2)
+    assert "  2 image(s) had no file key in the store (an older version's): checked by their pixel size" in (
+        summary.format()
+    )
+    st = load(out)
+    assert st.has_file_keys and all(st.file_key(i) is not None for i in range(3))
+    assert st.image_size(st.index("b.png")) == Image.open(root / "b.png").size
+    assert generate(root, out, config_overrides=TINY, progress=False).up_to_date

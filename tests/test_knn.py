@@ -193,6 +193,31 @@ def test_crowd_small_and_split(tmp_path):
     assert [str(p) for p in again[1].paths] == [str(p) for p in val.paths]
 
 
+@pytest.mark.parametrize("objects", ["roi", "crop"])
+def test_unreadable_images_are_listed_and_not_counted(tmp_path, objects):
+    """knn.json's totals are of what was embedded: an unreadable train or val image adds neither
+    its objects nor itself to them, and is listed under skipped.unreadable."""
+    train = make_coloured_set(tmp_path, "train", 8, seed=1)
+    val = make_coloured_set(tmp_path, "val", 6, seed=2)
+    images = tmp_path / "images"
+    for broken in ("train_3.png", "val_1.png"):
+        (images / broken).write_bytes(b"not a png")
+    report = knn_eval("none", train, images, val, images, tmp_path / "o", KnnOptions(**OPTS, objects=objects))
+    assert sorted(Path(p).name for p in report["skipped"]["unreadable"]) == ["train_3.png", "val_1.png"]
+    assert report["num_train_images"] == 7 and report["num_val_images"] == 5
+    assert report["num_train_objects"] == 14 and report["num_val_objects"] == 10  # two objects an image
+    assert sum(c["count"] for c in report["per_class"].values()) == 10
+    assert json.loads((tmp_path / "o" / "knn.json").read_text())["num_val_images"] == 5
+
+
+def test_no_progress_still_prints_the_one_line_result(coloured, tmp_path, capsys):
+    root, train, val, _ = coloured
+    status, out, err = _cli(["--weights", "none", *_data_args(train, val, root / "images", tmp_path / "o")], capsys)
+    assert status == 0, err
+    assert out.count("\n") == 1, out  # --no-progress: no bars and no header, but the result
+    assert out.startswith("roi probe, head features: balanced accuracy") and f"-> {tmp_path / 'o' / 'knn.json'}" in out
+
+
 # ---------------------------------------------------------------- bad input: one line, names the file
 
 
@@ -245,6 +270,7 @@ def test_bad_json_is_one_line(coloured, tmp_path, capsys, problem, expected):
     status, _, err = _cli(["--weights", "none", *_data_args(train, bad, root / "images", tmp_path / "o")], capsys)
     assert status == 2
     assert err.count("\n") == 1 and expected in err and "bad_val.json" in err, err
+    assert not (tmp_path / "o").exists()  # a refused command leaves no folder behind
 
 
 def test_weights_that_are_not_weights(coloured, tmp_path, capsys):
@@ -263,6 +289,7 @@ def test_weights_that_are_not_weights(coloured, tmp_path, capsys):
         ["--weights", str(tmp_path / "missing.pth"), *_data_args(train, val, root / "images", tmp_path / "o")], capsys
     )
     assert status == 2 and "missing.pth" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_torchvision_resnet_state_dict_is_evaluated_as_c4(coloured, tmp_path):

@@ -147,7 +147,7 @@ def test_leak_guard_catches_a_renamed_copy(train_val):
         check_no_leak(val, {"runs/soco": manifest})
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("1 evaluation image was in the pretraining set of runs/soco (by content)")
+    assert message.startswith("1 evaluation image was in the pretraining set of runs/soco (a byte-identical file)")
     assert f"{val[1]} = train/copy.png" in message and "--allow-leak" in message
     assert info.value.pairs == [(str(val[1]), "runs/soco", "train/copy.png")]
     # several, several runs, another word for the images

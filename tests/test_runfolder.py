@@ -111,10 +111,49 @@ def test_finetune_resume_from_other_weights_is_refused(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "r50.pth"
     torch.save(resnet50(weights=None).state_dict(), weights)
-    with pytest.raises(FinetuneError, match=r"started from none .*not .*r50.pth.*--accept-changes"):
+    with pytest.raises(FinetuneError, match=r"started from random init \(--weights none\), not .*r50.pth "
+                       r"\(sha256 [0-9a-f]{12}\).*--accept-changes") as refused:  # fmt: skip
         finetune(weights, *data, out, max_iters=2, **tiny)
+    assert "None" not in str(refused.value)  # random init has no file, so no digest: said, not "sha256 None"
     images = str(tmp_path / "set" / "images")
     argv = ["finetune", "--weights", "none", "--train-json", str(train), "--train-images", images,
             "--val-json", str(train), "--val-images", images, "--out", str(out), "--resume", "none"]  # fmt: skip
     status = main(argv)
     assert status == 2 and "--resume none would mix two runs" in capsys.readouterr().err
+
+
+def test_a_refused_command_leaves_no_folder_it_created(tmp_path):
+    out = tmp_path / "new" / "out"
+    with pytest.raises(RunFolderError, match="bad input"), locked(out, "finetune"):
+        raise RunFolderError("bad input")  # refused after the lock was taken
+    assert not (tmp_path / "new").exists()  # neither OUT nor the parent it made
+    kept = tmp_path / "kept"  # a folder that was there: kept, without the lock it got
+    kept.mkdir()
+    with pytest.raises(RunFolderError), locked(kept, "finetune"):
+        raise RunFolderError("bad input")
+    assert kept.is_dir() and list(kept.iterdir()) == []
+    with pytest.raises(RunFolderError), locked(out, "finetune"):  # a run that wrote something keeps it all
+        (out / "metrics.jsonl").write_text("{}\n")
+        raise RunFolderError("stopped")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.jsonl"]
+    with locked(tmp_path / "done", "finetune"):  # a run that ends normally keeps its lock file
+        pass
+    assert [p.name for p in (tmp_path / "done").iterdir()] == [".lock"]
+
+
+def test_finetune_refused_for_bad_weights_leaves_no_out(tmp_path, capsys):
+    from conftest import small_photo
+
+    from soco_pretrain.transfer.shapes import make_shapes_set
+
+    train = make_shapes_set({"coffee": small_photo("coffee", 96)}, tmp_path / "set", seed=0)
+    notes = tmp_path / "notes.pth"
+    notes.write_text("not weights")
+    images = str(tmp_path / "set" / "images")
+    out = tmp_path / "ft"
+    argv = ["finetune", "--weights", str(notes), "--train-json", str(train), "--train-images", images,
+            "--val-json", str(train), "--val-images", images, "--out", str(out), "--fraction", "0.5"]  # fmt: skip
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2 and "notes.pth" in err and err.count("\n") == 1, err
+    assert not out.exists()  # the lock was taken, then the weights were refused: nothing left

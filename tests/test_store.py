@@ -208,3 +208,34 @@ def test_soco_proposals_verify(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("soco: error:") and "status.npy" in err[0] and str(d) in err[0]
     assert main(["proposals", "verify", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_file_keys_round_trip_and_an_older_store_reads_them_as_unknown(tmp_path):
+    keys = np.array([[1200, 10**18], [34, 5], [-1, -1], [-1, -1]])
+    digests = np.zeros((4, 32), np.uint8)
+    digests[0] = np.frombuffer(bytes(range(32)), np.uint8)
+    paths, *_ = make_store(tmp_path / "old")
+    rng = np.random.default_rng(1)
+    per_image = [rng.integers(0, 500, (k, 4)) for k in (3, 0, 5, 0)]
+    args = (paths, np.concatenate(per_image), [0, 3, 3, 8, 8], [[640, 480], [20, 10], [500, 300], [0, 0]])
+    write_store(tmp_path / "new", *args, [0, 0, 0, RULE_FAILED], [1, 1, 1, 0], {}, keys, digests)
+    new = load(tmp_path / "new", verify=True)
+    assert new.has_file_keys and {"file_keys.npy", "file_sha256.npy"} <= set(new.manifest["files"])
+    assert new.file_key(0) == (1200, 10**18) and new.file_key(2) is None
+    assert new.file_sha256(0) == bytes(range(32)).hex() and new.file_sha256(1) is None
+    assert np.array_equal(new.file_keys(), keys) and np.array_equal(new.file_digests(), digests)
+    assert pickle.loads(pickle.dumps(new)).file_key(1) == (34, 5)
+    # A store of an older version: no key files, every key unknown; it loads and verifies as before.
+    old = load(tmp_path / "old", verify=True)
+    assert not old.has_file_keys and old.file_key(0) is None and old.file_sha256(0) is None
+    assert (old.file_keys() == -1).all() and not old.file_digests().any() and "file_keys" not in old.arrays()
+    # A rewrite without keys leaves none of the old ones behind.
+    write_store(tmp_path / "new", *args, [0, 0, 0, RULE_FAILED], [1, 1, 1, 0], {})
+    assert not (tmp_path / "new" / "file_keys.npy").exists() and not load(tmp_path / "new").has_file_keys
+    # The key files are checked like the others.
+    write_store(tmp_path / "new", *args, [0, 0, 0, RULE_FAILED], [1, 1, 1, 0], {}, keys, digests)
+    data = bytearray((tmp_path / "new" / "file_keys.npy").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "new" / "file_keys.npy").write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="file_keys.npy does not match its checksum"):
+        load(tmp_path / "new")

@@ -133,6 +133,14 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path):
         load_weights_file(tmp_path / "notes.pt")
 
 
+def test_an_unreadable_pickle_is_one_line_without_repeated_words(tmp_path):
+    (tmp_path / "broken.pkl").write_bytes(b"\x80\x02\x85.")  # a pickle that pops from an empty stack
+    with pytest.raises(WeightsError) as exc:
+        load_weights_file(tmp_path / "broken.pkl")
+    message = str(exc.value)
+    assert "broken.pkl: not a readable checkpoint (UnpicklingError" in message and "readable readable" not in message
+
+
 def test_unknown_network_is_refused(checkpoints):
     found = read_soco_checkpoint(checkpoints["fpn"][0])
     with pytest.raises(WeightsError, match="online, target"):

@@ -3,7 +3,8 @@ time in a folder, and never two runs mixed in one.
 
 - :func:`locked`: an exclusive lock on ``RUN/.lock`` for the run's life (``flock``, released by
   the kernel if the process dies); a second command on the same folder stops with one line
-  (``soco proposals`` holds the same lock on ``OUT.partial``).
+  (``soco proposals`` holds the same lock on ``OUT.partial``). A command refused before it
+  wrote anything leaves no folder it made (not even one holding only the lock).
 - :func:`start_fresh`: ``--resume none`` on a folder that holds checkpoints refuses unless
   ``overwrite``; then the old run is moved aside to ``RUN.old-N`` (never deleted) and a line says
   where.
@@ -30,34 +31,84 @@ class RunFolderError(UserError):
 @contextlib.contextmanager
 def locked(run_dir, command: str, enabled: bool = True, lock_name: str = LOCK_FILE):
     """Hold ``RUN/.lock`` (``lock_name``) exclusively while the block runs (``enabled=False``:
-    other ranks). Also the proposals' lock on ``OUT.partial``."""
+    other ranks). Also the proposals' lock on ``OUT.partial``. A block that raises (a refused
+    command) and leaves nothing but the lock removes the lock it made and the folders it made."""
     if not enabled:
         yield
         return
     run_dir = Path(run_dir)
+    created = _missing_folders(run_dir)  # outermost first
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / lock_name, "a+")  # noqa: SIM115 - held for the whole run
+    lock = run_dir / lock_name
+    made_lock = not lock.exists()
+    handle = _acquire(lock, run_dir)
     try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"soco {command}, pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        except BaseException:
+            if made_lock:
+                _remove_if_only_the_lock(run_dir, lock, created)
+            raise
+    finally:
+        handle.close()
+
+
+def _remove_if_only_the_lock(run_dir: Path, lock: Path, created: list[Path]) -> None:
+    """After a refusal: a folder holding nothing but our lock file loses it, and the folders we
+    made go (an empty OUT reads as a run that happened; the rerun starts clean either way)."""
+    try:
+        if [entry.name for entry in run_dir.iterdir()] != [lock.name]:
+            return  # the run wrote something: all of it stays
+        lock.unlink()  # while still locked: nobody takes a lock on a file about to go
+    except OSError:  # the folder or the lock already gone or unreadable: nothing to tidy
+        return
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another process wrote there): kept, as are its parents
+            return
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, outermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
+
+
+def _acquire(lock: Path, run_dir: Path):
+    """The open lock file, flock'ed. A lock file removed (by a refused run, see :func:`locked`)
+    between our open and our flock is opened again: a lock on a deleted file would lock nothing."""
+    for _ in range(10):
+        handle = open(lock, "a+")  # noqa: SIM115 - held for the whole run
         try:
             import fcntl
 
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # pragma: no cover - not POSIX: no lock
-            pass
+            return handle
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            handle.close()
             raise RunFolderError(
                 f"{run_dir}: another soco run is using this folder now ({holder}); wait for it to finish "
                 "or give another --out"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"soco {command}, pid {os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
         handle.close()
+    raise RunFolderError(f"{run_dir}: its lock file {lock.name} keeps being replaced; try again")
 
 
 def holds_checkpoints(run_dir) -> bool:

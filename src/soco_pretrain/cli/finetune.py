@@ -175,7 +175,7 @@ def add_finetune(subparsers):
     p.add_argument(
         "--allow-leak",
         action="store_true",
-        help="fine-tune even if val images are in the pretraining data manifest of --weights (checked by content)",
+        help="fine-tune even if val images are in the pretraining data manifest of --weights (byte-identical files)",
     )
     p.set_defaults(func=cmd_finetune)
 

@@ -103,9 +103,9 @@ def add_knn(subparsers):
             "collapsed) and a per-category table. Crowd boxes and boxes under --min-box px are left\n"
             "out and counted. BatchNorm statistics are re-estimated on the train images (--bn\n"
             "precise) so that every init is normalised the same way. Refuses when val images were\n"
-            "in the pretraining run's data manifest (by content) unless --allow-leak. Options: the\n"
-            "defaults, --preset, --config FILE, the flags, then --set (any KnnOptions field, e.g.\n"
-            "precise_images, level_bounds)."
+            "in the pretraining run's data manifest (byte-identical files) unless --allow-leak.\n"
+            "Options: the defaults, --preset, --config FILE, the flags, then --set (any KnnOptions\n"
+            "field, e.g. precise_images, level_bounds)."
         ),
         examples=[
             "soco knn --weights runs/tiny --train-json train.json --train-images imgs --val-json val.json "

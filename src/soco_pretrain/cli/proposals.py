@@ -70,6 +70,8 @@ def add_proposals(subparsers):
             "(keys: scale, sigma, min_size, min_box_side, fallbacks, max_side, ratio, rel_size).\n"
             "Exit status: 0 all images done, 1 some images failed (listed), 2 bad input.\n"
             "Failed images stay failed when rerun; --retry-failed searches them again.\n"
+            "A rerun searches again the images replaced since (another file size or time, then\n"
+            "other bytes); --rehash compares the bytes of every image.\n"
             "Without --workers, the worker count is capped by the available memory.\n\n"
             "See also: soco proposals merge SHARD... -o STORE  (join shard stores)\n"
             "          soco proposals verify STORE           (check every file's sha256)"
@@ -100,6 +102,14 @@ def add_proposals(subparsers):
         "--retry-failed",
         action="store_true",
         help="search again the images a previous run of this store recorded as failed",
+    )
+    p.add_argument(
+        "--rehash",
+        action="store_true",
+        help=(
+            "on a rerun, compare every image's sha256 with the store's, not only those whose file "
+            "size or time changed (a photo replaced by one of the same size and time)"
+        ),
     )
     p.add_argument(
         "--max-pixels",
@@ -151,6 +161,7 @@ def cmd_proposals(args) -> int:
         shard=args.shard,
         progress=not args.no_progress,
         retry_failed=args.retry_failed,
+        rehash=args.rehash,
         max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None),
     )
     print(summary.format())

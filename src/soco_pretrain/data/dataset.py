@@ -15,6 +15,10 @@ index    int: dataset index of the image actually used (differs from the request
          when that image failed to decode and was replaced)
 path     str: that image's path relative to the image root (as in the proposal store)
 skipped  list of (absolute path, reason) of images that failed to decode and were replaced
+rerouted list of (absolute path, reason): the image decoded to another size than the store
+         records (a photo replaced under the same name) and, with
+         ``views.no_proposals="whole_image"``, was served with the whole image as its proposal
+         (with "error" it is skipped and replaced instead, as an undecodable one)
 ======== ==================================================================================
 
 With ``config.decode == "device"`` the workers decode nothing they can leave to the training
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +69,8 @@ log = logging.getLogger("soco_pretrain.data")
 
 # How many paths the one-line "no proposals" error names before "... and N more".
 MAX_NAMED = 5
+# Stores without file keys (an older version's) already warned about in this process.
+_warned_keyless: set[str] = set()
 
 
 class DatasetError(UserError):
@@ -156,6 +163,21 @@ def join_store(images: ImageList, store: ProposalStore) -> Join:
     return Join(rows=rows, missing=missing, reasons={k: v for k, v in reasons.items() if v})
 
 
+def _warn_keyless(store: ProposalStore) -> None:
+    """One line, once per store and process, for a store of an older version (no file keys)."""
+    key = str(store.directory.resolve())
+    if store.has_file_keys or key in _warned_keyless or not _is_rank_zero():
+        return
+    _warned_keyless.add(key)
+    print(
+        f"soco: warning: {store.directory}: made by an older soco-pretrain without file keys: a photo replaced "
+        "since is caught only when its pixel size differs; rerun soco proposals IMAGES -o "
+        f"{store.directory} to check every image and record them",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _is_rank_zero() -> bool:
     """One process says it (every rank builds the same dataset under DDP)."""
     import torch.distributed as dist
@@ -220,6 +242,7 @@ class RawSample:
     generator: torch.Generator
     image: np.ndarray  # the decoded original image (for pictures)
     boxes: np.ndarray  # the image's proposals, continuous original pixels
+    rerouted: list = field(default_factory=list)  # [(path, reason)]: served whole, see the module docstring
 
 
 @contextlib.contextmanager
@@ -267,6 +290,7 @@ class SoCoDataset(torch.utils.data.Dataset):
                     "random or coco"
                 )
             self.store = proposals if isinstance(proposals, ProposalStore) else load_store(proposals)
+            _warn_keyless(self.store)
             join = join_store(self.images, self.store)
             self.rows = join.rows
             missing = join.missing
@@ -301,6 +325,8 @@ class SoCoDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.num_views = 4 if self.config.views.soco_star else 3
         self.worker_decoded = 0  # data.decode=device: files decoded in this process (PNG, CMYK, ...)
+        self.rerouted = 0  # images served whole in this process: another size than the store's
+        self._rerouted_now: list = []  # this sample's, drained into its "rerouted" field
 
     def _read_boxes_json(self):
         views = self.config.views
@@ -355,13 +381,34 @@ class SoCoDataset(torch.utils.data.Dataset):
         row = int(self.rows[j])
         sw, sh = self.store.image_size(row)
         if (sw, sh) != (w, h):
-            # Boxes of another picture would be silently wrong: treat as a bad file.
-            raise ImageError(
-                path,
-                f"decodes to {w}x{h} but the proposal store has {sw}x{sh} "
-                "(file changed after the proposals were made?)",
+            # Boxes of another picture would be silently wrong: never served. Like an image
+            # without proposals: the whole image (no_proposals=whole_image), else skipped.
+            reason = (
+                f"decodes to {w}x{h} but the proposal store has {sw}x{sh} (replaced after the proposals "
+                f"were made? rerun soco proposals IMAGES -o {self.store.directory} to search it again)"
             )
+            if self.config.views.no_proposals != "whole_image":
+                raise ImageError(path, reason)
+            self._note_rerouted(path, reason)
+            return np.array([[0.0, 0.0, w, h]])
         return from_store(self.store.boxes(row))
+
+    def _note_rerouted(self, path, reason: str) -> None:
+        """Record an image served whole for this sample (its "rerouted" field; the training loop
+        counts them and lists them at the end) and say it the first time in this process."""
+        self._rerouted_now.append((str(path), reason))
+        self.rerouted += 1
+        if self.rerouted == 1:
+            log.warning(
+                "%s: %s; it is trained on the whole image (views.no_proposals=whole_image; this process "
+                "says it once, the run counts them all)",
+                path,
+                reason,
+            )
+
+    def _take_rerouted(self) -> list:
+        taken, self._rerouted_now = self._rerouted_now, []
+        return taken
 
     def _start(self, index: int, epoch: int | None):
         """The normalised index, the sample's geometry rng and its photometric generator."""
@@ -403,6 +450,7 @@ class SoCoDataset(torch.utils.data.Dataset):
         from .views import build_views
 
         index, rng, generator = self._start(index, epoch)
+        self._rerouted_now = []
         j, (image, boxes), skipped = self._first_loadable(index, self._load)
         if boxes is None:  # views.proposal_source=random: new boxes every sample (and epoch)
             boxes = random_boxes(rng, image.shape[1], image.shape[0], self.config.views.num_proposals)
@@ -418,6 +466,7 @@ class SoCoDataset(torch.utils.data.Dataset):
             generator=generator,
             image=image,
             boxes=boxes,
+            rerouted=self._take_rerouted(),
         )
 
     def planned(self, index: int, epoch: int | None = None) -> dict:
@@ -430,6 +479,7 @@ class SoCoDataset(torch.utils.data.Dataset):
         from .views import plan_array, plan_views
 
         index, rng, _ = self._start(index, epoch)  # the generator: drawn only to keep the draws
+        self._rerouted_now = []
         j, (data, image, (w, h), boxes), skipped = self._first_loadable(index, self._load_encoded)
         if boxes is None:  # views.proposal_source=random
             boxes = random_boxes(rng, w, h, self.config.views.num_proposals)
@@ -450,6 +500,7 @@ class SoCoDataset(torch.utils.data.Dataset):
             "index": j,
             "path": self.images.paths[j],
             "skipped": skipped,
+            "rerouted": self._take_rerouted(),
         }
 
     def _note_worker_decoded(self, path) -> None:
@@ -489,6 +540,7 @@ class SoCoDataset(torch.utils.data.Dataset):
             "index": raw.index,
             "path": raw.path,
             "skipped": raw.skipped,
+            "rerouted": raw.rerouted,
         }
 
     @staticmethod

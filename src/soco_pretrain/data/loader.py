@@ -25,8 +25,8 @@ def soco_collate(samples: list[dict]) -> dict:
     """Stack samples (SoCoDataset items) into a batch of the same fields.
 
     views: list of (B, 3, H, W); boxes: list of (B, K, 4) float32; levels: list of (B, K) int64;
-    valid and proposal_ids: (B, K); index: (B,) int64; paths: list of B str; skipped: all the
-    samples' (path, reason) pairs, concatenated.
+    valid and proposal_ids: (B, K); index: (B,) int64; paths: list of B str; skipped and
+    rerouted: all the samples' (path, reason) pairs, concatenated.
 
     ``data.decode="device"`` samples (no views): encoded and pixels stay lists of B (a tensor or
     None each: sizes differ), plan (B, V, 8) int32, image_size (B, 2) int64, files list of B str;
@@ -53,6 +53,7 @@ def soco_collate(samples: list[dict]) -> dict:
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
             "paths": [s["path"] for s in samples],
             "skipped": [item for s in samples for item in s["skipped"]],
+            "rerouted": [item for s in samples for item in s.get("rerouted", ())],
         }
     )
     return batch

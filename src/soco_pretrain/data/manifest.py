@@ -1,10 +1,12 @@
-"""Which image files a pretraining run saw, by content, and a guard against evaluating on them.
+"""Which image files a pretraining run saw, by their bytes, and a guard against evaluating on them.
 
 Every ``soco pretrain`` run writes ``RUN/data_manifest.json``: the sha256 of each image file,
 by path relative to the image root, and a ``set_hash`` over the sorted digests (so renaming or
 moving files keeps it; changing one byte of one image changes it). ``check_no_leak`` hashes the
 evaluation images and refuses any whose bytes are in a run's manifest, whatever its file name:
-a renamed copy of a validation image in the pretraining folder is still caught.
+a renamed copy of a validation image in the pretraining folder is still caught. Only
+byte-identical files match: a re-encoded (another JPEG quality, PNG), resized or cropped copy of
+the same photo has other bytes and is not caught.
 
 Manifest layout (version 1)::
 
@@ -232,9 +234,41 @@ def check_no_leak(
     first_eval, _, first_train = pairs[0]
     verb = "image was" if n == 1 else "images were"
     raise LeakError(
-        f"{n} {what} {verb} in the pretraining set of {where} (by content), "
+        f"{n} {what} {verb} in the pretraining set of {where} (a byte-identical file), "
         f"e.g. {first_eval} = {first_train}; pretrain without them or pass --allow-leak",
         pairs,
+    )
+
+
+def stamped_manifest(weights) -> tuple[str, str | None] | None:
+    """(set hash, count) a safetensors export carries in its metadata (``data_manifest_hash`` /
+    ``_count``, soco export), or None: not such a file, or nothing recorded. Only the header is read."""
+    path = Path(weights)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - unreadable here: the weights reader says why, in one line
+        return None
+    digest = meta.get("data_manifest_hash")
+    return None if not digest else (digest, meta.get("data_manifest_count"))
+
+
+def _why_no_manifest(weights) -> str:
+    """The rest of the line for weights without a manifest file: what is known of their data."""
+    stamp = stamped_manifest(weights)
+    if stamp is None:
+        return "has no data manifest: the leak check could not be done for it"
+    digest, count = stamp
+    images = f"{count} images" if count else "image count not recorded"
+    sidecar = sidecar_path(weights).name
+    return (
+        f"has no {sidecar} beside it: its metadata gives the pretraining data's set hash {digest[:12]} ({images}) "
+        f"but not the per-file hashes, so the check for byte-identical val images could not be done "
+        f"(copy {sidecar} beside it)"
     )
 
 
@@ -251,7 +285,7 @@ def check_weights_no_leak(
             continue
         found = manifest_for_weights(weights)
         if found is None:
-            log(f"note: {name} ({weights}) has no data manifest: the leak check could not be done for it")
+            log(f"note: {name} ({weights}) {_why_no_manifest(weights)}")
             continue
         manifests.setdefault(*found)
     if not manifests:
@@ -260,5 +294,6 @@ def check_weights_no_leak(
     check_no_leak(eval_paths, manifests, what=what, progress=progress)
     log(
         f"leak check: none of the {len(eval_paths)} {what} images is in the pretraining data of the "
-        f"{len(manifests)} run(s) with a data manifest (compared by content)"
+        f"{len(manifests)} run(s) with a data manifest (compared as files: byte-identical copies are caught, "
+        "re-encoded, resized or cropped ones are not)"
     )

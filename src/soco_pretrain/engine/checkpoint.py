@@ -5,10 +5,13 @@ and target state dicts), ``optimizer``, ``step``, ``epoch``, ``batch_in_epoch``,
 (:func:`rng_state`), ``scaler``, ``config`` (plain dict), ``world_size``.
 
 Writes go through ``files.atomic_write`` (temporary file, fsync, ``os.replace``), so a crash or
-a full disk mid-write leaves the previous checkpoint intact. Each checkpoint ``X.pt`` gets a
-checksum file ``X.pt.sha256`` (``sha256sum`` format: ``sha256sum -c X.pt.sha256`` checks it by
-hand), written after the checkpoint; :func:`load_checkpoint` verifies it when present (files
-written before checksums existed load unverified). Loading uses
+a full disk mid-write leaves the previous checkpoint intact. Before writing, the free space is
+checked against :func:`state_bytes` (a save that cannot fit is one WriteError line naming the
+folder, the free and the needed bytes; torch.save would fail only after filling the disk).
+Each checkpoint ``X.pt`` gets a checksum file ``X.pt.sha256`` (``sha256sum`` format:
+``sha256sum -c X.pt.sha256`` checks it by hand), written after the checkpoint;
+:func:`load_checkpoint` verifies it when present (files written before checksums existed load
+unverified). Loading uses
 ``torch.load(weights_only=True)`` with the few numpy types that RNG states need allow-listed: a
 checkpoint cannot run code when loaded. Weights holding NaN or inf are never written
 (:class:`Checkpointer` stops the run) nor loaded (:func:`load_checkpoint`).
@@ -20,6 +23,7 @@ import errno
 import hashlib
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..files import WriteError, atomic_write
+from ..files import WriteError, atomic_write, check_free_space
 
 TMP_PREFIX = ".tmp-"  # temporary files start with this; stale ones are removed by CheckpointManager
 LAST = "last.pt"
@@ -118,9 +122,42 @@ def checksum_path(path) -> Path:
     return path.with_name(path.name + CHECKSUM_SUFFIX)
 
 
+# What torch.save writes besides the tensors' bytes, over-estimated: per tensor a zip local
+# header and central-directory entry with the record name and padding to 64 bytes, plus its
+# entry in the pickle (~300 bytes measured); then the pickle of the rest (config, RNG states) and
+# the file system's own rounding.
+_PER_TENSOR_BYTES = 512
+_SAVE_MARGIN_BYTES = 256 << 10
+
+
+def state_bytes(state) -> int:
+    """About how many bytes ``torch.save(state)`` writes, a little more rather than less: every
+    tensor storage once (torch.save shares them too) and numpy array, plus the overheads above."""
+    storages: dict[tuple, int] = {}
+    arrays, tensors = 0, 0
+    stack, seen = [state], set()
+    while stack:
+        value = stack.pop()
+        if torch.is_tensor(value):
+            tensors += 1
+            try:
+                storage = value.untyped_storage()
+                storages[(str(value.device), storage.data_ptr())] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+                storages[("other", id(value), 0)] = value.nelement() * value.element_size()
+        elif isinstance(value, np.ndarray):
+            arrays += value.nbytes + _PER_TENSOR_BYTES
+        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+            seen.add(id(value))
+            stack.extend(value.values() if isinstance(value, dict) else value)
+    return sum(storages.values()) + arrays + tensors * _PER_TENSOR_BYTES + _SAVE_MARGIN_BYTES
+
+
 def save_checkpoint(path, state: dict) -> Path:
-    """Write ``state`` to ``path`` atomically, then its checksum file; returns the path."""
+    """Write ``state`` to ``path`` atomically, then its checksum file; returns the path. A file
+    system without room for it is refused first (WriteError, see :func:`state_bytes`)."""
     path = Path(path)
+    check_free_space(path.parent, state_bytes(state), path.name)
     _write_with_checksum(path, lambda f: torch.save(state, f))
     return path
 
@@ -305,7 +342,11 @@ def load_checkpoint(path, map_location="cpu", refuse_nan: bool = True) -> dict:
             with torch.serialization.safe_globals(_numpy_safe_globals()):
                 state = torch.load(f, map_location=map_location, weights_only=True)
         except Exception as exc:  # any unreadable file becomes one clear line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if isinstance(exc, (IndexError, EOFError, pickle.UnpicklingError, KeyError)):
+                # the unpickler's own words ("list index out of range") say nothing to a user
+                first = "not a torch.save file, or its pickle is truncated or malformed"
+            else:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from exc
     # A resume, an export, kNN, a fine-tune's or the linear probe's weights: none may start from
     # NaN (a file saved before the writer refused them, or written by another tool).
@@ -493,6 +534,9 @@ class CheckpointManager:
             return save_checkpoint(self.last, state)
         step = int(state["step"] if step is None else step)
         target = self.directory / f"step_{step:08d}.pt"
+        # Both files at once: the old last.pt is replaced only once its copy is complete, and a
+        # numbered file without its last.pt would still end the run on the next write.
+        check_free_space(self.directory, 2 * state_bytes(state), f"{target.name} and {LAST}")
         digest = _write_with_checksum(target, lambda f: torch.save(state, f))
         # last.pt: a copy, not a hard link, so truncating or overwriting it cannot touch the
         # numbered file; same bytes, so the same checksum (a bad copy fails it, and latest()

@@ -5,12 +5,18 @@ each finished image is appended by the main process to ``OUT.partial/results.log
 length-prefixed, checksummed record and flushed, so a killed run (even ``kill -9``) loses only
 the images in flight, and a rerun with the same parameters skips everything already logged.
 The store itself is written once at the end (see store.py), then ``OUT.partial`` is removed.
+
+Each record keeps its file's key (size, mtime_ns) and sha256, read before decoding. A rerun
+stats every image: a file whose key differs is hashed, and searched again when its bytes differ
+(a photo replaced under the same name); same bytes (a copied dataset, a ``touch``) only update
+the key. Images of an older store without keys are checked by their pixel size instead.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import struct
 import sys
@@ -25,14 +31,26 @@ import numpy as np
 
 from ..errors import UserError
 from ..images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, list_images, load_rgb_bounded
-from ..runfolder import locked
+from ..runfolder import file_digest, locked
 from .filters import PRESETS, RULE_FAILED, SearchConfig, filter_boxes
 from .selective_search import selective_search
-from .store import ARRAY_FILES, StoreError, atomic_write_json, load, read_manifest, write_store
+from .store import (
+    ARRAY_FILES,
+    KEY_FILES,
+    UNKNOWN_KEY,
+    ProposalStore,
+    StoreError,
+    atomic_write_json,
+    digest_hex,
+    digest_row,
+    load,
+    read_manifest,
+    write_store,
+)
 
 LOG_NAME = "results.log"
 PARAMS_NAME = "params.json"
-STORE_FILES = (*ARRAY_FILES, "paths.json", "manifest.json")
+STORE_FILES = (*ARRAY_FILES, *KEY_FILES, "paths.json", "manifest.json")
 _HEADER = struct.Struct("<II")  # payload length, crc32 of payload
 
 # Peak memory of one search worker at the default max_side (1000 px), measured as VmHWM of a
@@ -64,6 +82,9 @@ class GenerateSummary:
     ignored: int = 0  # non-image files skipped in the folder
     unreadable: list = field(default_factory=list)  # [(folder, reason)]: folders that could not be listed
     retried: int = 0  # failed images searched again (retry_failed=True), part of processed
+    changed: int = 0  # images whose file changed since the store was made, searched again (part of processed)
+    same_bytes: int = 0  # images with a new file size or time but the same bytes: kept, key updated
+    by_size: int = 0  # images the store had no key for (older store): checked by pixel size, key recorded
 
     @property
     def ok(self) -> bool:
@@ -74,6 +95,18 @@ class GenerateSummary:
         n_ok = self.total - len(self.failed)
         folders = f", {len(self.unreadable)} unreadable folder(s)" if self.unreadable else ""
         lines = [f"proposals: {self.total} images ({n_ok} ok, {len(self.failed)} failed{folders}) -> {self.store}"]
+        if self.changed:
+            lines.append(
+                f"  {self.changed} image(s) changed since the store was made (other bytes under the same "
+                "name): searched again"
+            )
+        if self.by_size:
+            lines.append(
+                f"  {self.by_size} image(s) had no file key in the store (an older version's): checked by "
+                "their pixel size, keys recorded now (a rerun with --rehash records their sha256 too)"
+            )
+        if self.same_bytes:
+            lines.append(f"  {self.same_bytes} image(s) have a new file time or size but the same bytes: kept")
         if self.up_to_date:
             lines.append("  store already up to date with these parameters and images: nothing to do")
         else:
@@ -130,6 +163,8 @@ def process_image(task) -> dict:
     rel, abspath, config = task[:3]
     max_pixels = task[3] if len(task) > 3 else DEFAULT_MAX_PIXELS
     record = {"path": rel, "status": RULE_FAILED, "size": [0, 0], "raw": 0, "boxes": [], "reason": None}
+    # Before decoding: a file replaced meanwhile then has a key that differs on the next rerun.
+    record["file"], record["sha256"] = file_identity(abspath)
     try:
         image, (w, h), _ = load_rgb_bounded(abspath, config.max_side, max_pixels)
     except ImageError as exc:
@@ -151,6 +186,112 @@ def process_image(task) -> dict:
     except Exception as exc:  # a search bug must not end a million-image run
         record["reason"] = f"selective search failed: {exc.__class__.__name__}: {exc}"
     return record
+
+
+# ---------------------------------------------------------------- change keys
+
+
+def file_identity(path) -> tuple[list[int] | None, str | None]:
+    """([bytes, mtime_ns], sha256 hex) of a file, None for what cannot be read. The hash reads the
+    file once more (from the page cache, well under 1 % of a search)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    try:
+        digest = file_digest(path)
+    except OSError:
+        digest = None
+    return [int(st.st_size), int(st.st_mtime_ns)], digest
+
+
+def _pixel_size(path) -> list[int] | None:
+    """(width, height) from the file's header (what load_rgb decodes: no EXIF rotation)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return [int(im.width), int(im.height)]
+    except Exception:  # unreadable now: searching it again reports why
+        return None
+
+
+def _compare(path, key, digest, size, failed: bool, rehash: bool):
+    """What a rerun does with a recorded image: ("same" | "changed" | "same_bytes" | "by_size",
+    key to record or None, sha256 to record). ``key``/``digest`` None: not recorded."""
+    try:
+        st = os.stat(path)
+    except OSError:  # gone: a failure to record, unless it was recorded failing without a file
+        return ("same", None, None) if failed and key is None else ("changed", None, None)
+    now = [int(st.st_size), int(st.st_mtime_ns)]
+    if key is not None and list(key) == now and not rehash:
+        return "same", None, None
+    if digest is not None:
+        try:
+            current = file_digest(path)
+        except OSError:
+            return "changed", None, None
+        if current != digest:
+            return "changed", None, None
+        return ("same", None, None) if key is not None and list(key) == now else ("same_bytes", now, digest)
+    if failed:  # no bytes recorded (unreadable then): kept failed until --retry-failed, as before
+        return "same", None, None
+    # An older store: no key, no hash. Its pixel size is what can be checked (a header read).
+    if _pixel_size(path) != [int(v) for v in size]:
+        return "changed", None, None
+    return "by_size", now, file_digest(path) if rehash else None
+
+
+@dataclass
+class _Changes:
+    changed: list = field(default_factory=list)  # paths to search again
+    updates: dict = field(default_factory=dict)  # path -> (key, sha256): same picture, new key
+    same_bytes: int = 0
+    by_size: int = 0
+
+    def apply(self, records: dict) -> None:
+        for path in self.changed:
+            records.pop(path, None)
+        for path, (key, digest) in self.updates.items():
+            if path in records:
+                records[path] = dict(records[path], file=key, sha256=digest)
+
+    def add(self, path: str, verdict) -> None:
+        what, key, digest = verdict
+        if what == "changed":
+            self.changed.append(path)
+        elif what != "same":
+            self.updates[path] = (key, digest)
+            self.same_bytes += what == "same_bytes"
+            self.by_size += what == "by_size"
+
+
+def _store_changes(store: ProposalStore, selected, root: Path, rehash: bool) -> _Changes:
+    """Which of ``selected`` (those in ``store``) changed since the store was made: one stat each,
+    a hash only where the key differs (every file with ``rehash``)."""
+    where = {p: k for k, p in enumerate(store.paths)}
+    keys, digests = store.file_keys(), store.file_digests()
+    sizes, status = store.sizes(), store.statuses()
+    changes = _Changes()
+    for p in selected:
+        k = where.get(p)
+        if k is None:
+            continue
+        key = None if keys[k][0] == UNKNOWN_KEY else keys[k].tolist()
+        verdict = _compare(root / p, key, digest_hex(digests[k]), sizes[k], status[k] == RULE_FAILED, rehash)
+        changes.add(p, verdict)
+    return changes
+
+
+def _record_changes(records: list[dict], root: Path) -> _Changes:
+    """As :func:`_store_changes` for the records of an interrupted run's log."""
+    changes = _Changes()
+    for r in records:
+        verdict = _compare(
+            root / r["path"], r.get("file"), r.get("sha256"), r["size"], r["status"] == RULE_FAILED, False
+        )
+        changes.add(r["path"], verdict)
+    return changes
 
 
 # ---------------------------------------------------------------- resume log
@@ -272,9 +413,9 @@ def _is_store_leftover(out: Path) -> bool:
     return out.is_dir() and all(e.name in allowed or e.name.startswith(".") for e in out.iterdir())
 
 
-def _records_from_store(directory: Path) -> dict:
-    st = load(directory)
+def _records_from_store(st: ProposalStore) -> dict:
     a = st.arrays()
+    keys, digests = st.file_keys(), st.file_digests()
     failures = {f["path"]: f["reason"] for f in st.manifest.get("failures", [])}
     out = {}
     for i, p in enumerate(st.paths):
@@ -286,6 +427,8 @@ def _records_from_store(directory: Path) -> dict:
             "raw": int(a["raw_counts"][i]),
             "boxes": a["boxes"][lo:hi].tolist(),
             "reason": failures.get(p),
+            "file": None if keys[i][0] == UNKNOWN_KEY else keys[i].tolist(),
+            "sha256": digest_hex(digests[i]),
         }
     return out
 
@@ -300,6 +443,13 @@ def _arrays_from_records(records: list[dict]):
     status = np.array([r["status"] for r in records], dtype=np.uint8)
     raw = np.array([r["raw"] for r in records], dtype=np.int32)
     return boxes, offsets, sizes, status, raw
+
+
+def _keys_from_records(records: list[dict]) -> dict:
+    """write_store's file_keys and file_sha256 of ``records`` (unknown where a record has none)."""
+    keys = np.array([r.get("file") or [UNKNOWN_KEY, UNKNOWN_KEY] for r in records], dtype=np.int64).reshape(-1, 2)
+    digests = np.stack([digest_row(r.get("sha256")) for r in records]) if records else np.zeros((0, 32), np.uint8)
+    return {"file_keys": keys, "file_sha256": digests}
 
 
 def _summary_from_manifest(manifest: dict, store: Path, seconds: float, **kw) -> GenerateSummary:
@@ -328,6 +478,7 @@ def generate(
     progress: bool = True,
     retry_failed: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    rehash: bool = False,
 ) -> GenerateSummary:
     """Selective search over every image of ``source`` into the proposals store ``out``.
 
@@ -338,6 +489,8 @@ def generate(
     a rerun keeps them as failed unless ``retry_failed`` (then they are searched again).
     Folders that cannot be listed are warned about (one line each) and reported in the summary.
     ``max_pixels``: images decoding to more pixels fail (decompression bombs; None/0: no bound).
+    A rerun searches again the images whose file changed (module docstring): those whose size or
+    mtime differs are hashed; ``rehash`` hashes every one (a replacement that kept both).
     A source without any image is a GenerateError.
     """
     t0 = time.perf_counter()
@@ -365,7 +518,8 @@ def generate(
     extra = {"ignored": len(images.ignored), "unreadable": list(images.unreadable)}
 
     # Records already known: an existing store made with the same parameters, then the log.
-    known = {}
+    known: dict = {}
+    changes = _Changes()
     if (out / "manifest.json").exists():
         manifest = read_manifest(out)
         diff = _param_diff(manifest, params)
@@ -374,12 +528,22 @@ def generate(
                 f"{out}: already holds a proposals store made with other parameters "
                 f"({diff}); choose another output or delete it"
             )
-        same_images = json.loads((out / "paths.json").read_text()) == selected
-        if same_images and not (retry_failed and manifest["counts"]["failed"]):
+        existing = load(out)
+        if not existing.has_file_keys:  # a header read per image: say why this rerun takes a while
+            print(
+                f"{out}: made by an older soco-pretrain without file keys: checking each image's pixel size "
+                "against the store (once; the keys are recorded)",
+                flush=True,
+            )
+        # Photos replaced under the same names: their boxes are another picture's.
+        changes = _store_changes(existing, selected, images.root, rehash)
+        unchanged = not changes.changed and not changes.updates
+        if existing.paths == selected and unchanged and not (retry_failed and manifest["counts"]["failed"]):
             return _summary_from_manifest(
                 manifest, out, time.perf_counter() - t0, processed=0, resumed=len(selected), up_to_date=True, **extra
             )
-        known = _records_from_store(out)  # same parameters, other images (or retries): reuse what we can
+        known = _records_from_store(existing)  # same parameters, other images (or retries): reuse what we can
+        changes.apply(known)
     elif out.exists() and not _is_store_leftover(out):
         raise GenerateError(f"{out}: exists and is not a proposals store; choose another output")
 
@@ -401,7 +565,11 @@ def generate(
             atomic_write_json(ppath, params)
         log_path = partial / LOG_NAME
         logged, valid_end = read_log(log_path)
+        logged_changes = _record_changes(logged, images.root)  # changed after that run searched them
         known.update((r["path"], r) for r in logged)
+        logged_changes.apply(known)
+        already = set(changes.changed)
+        changes.changed += [p for p in logged_changes.changed if p not in already]
         retried = 0
         if retry_failed:  # failed images (e.g. a folder missing during the run) are searched again
             again = [p for p in selected if p in known and known[p]["status"] == RULE_FAILED]
@@ -435,11 +603,21 @@ def generate(
             merged_from=None,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        write_store(out, selected, *_arrays_from_records(records), manifest=manifest)
+        write_store(out, selected, *_arrays_from_records(records), manifest=manifest, **_keys_from_records(records))
     shutil.rmtree(partial, ignore_errors=True)
     manifest = read_manifest(out)
+    searched_again = sum(1 for p in changes.changed if p in wanted)
     return _summary_from_manifest(
-        manifest, out, time.perf_counter() - t0, processed=len(todo), resumed=resumed, retried=retried, **extra
+        manifest,
+        out,
+        time.perf_counter() - t0,
+        processed=len(todo),
+        resumed=resumed,
+        retried=retried,
+        changed=searched_again,
+        same_bytes=changes.same_bytes + logged_changes.same_bytes,
+        by_size=changes.by_size + logged_changes.by_size,
+        **extra,
     )
 
 
@@ -538,6 +716,8 @@ def merge(shard_dirs, out) -> GenerateSummary:
     paths = [p for st in stores for p in st.paths]
     order = np.array(sorted(range(len(paths)), key=paths.__getitem__), dtype=np.int64)
     cat = {k: np.concatenate([a[k] for a in parts]) for k in ("sizes", "status", "raw_counts")}
+    keys = np.concatenate([st.file_keys() for st in stores])  # unknown for shards of an older version
+    digests = np.concatenate([st.file_digests() for st in stores])
     counts = np.concatenate([np.diff(a["offsets"]) for a in parts])
     starts = np.concatenate(
         [a["offsets"][:-1] + base for a, base in zip(parts, np.cumsum([0] + [len(a["boxes"]) for a in parts[:-1]]))]
@@ -569,6 +749,8 @@ def merge(shard_dirs, out) -> GenerateSummary:
         cat["status"][order],
         cat["raw_counts"][order],
         manifest=manifest,
+        file_keys=keys[order],
+        file_sha256=digests[order],
     )
     manifest = read_manifest(out)
     return _summary_from_manifest(manifest, out, time.perf_counter() - t0, processed=0, resumed=0)

@@ -8,6 +8,9 @@ A store is a directory::
     sizes.npy       (n, 2) int32: width, height of the original image (0, 0 if it failed)
     status.npy      (n,) uint8: the filter rule that produced the boxes (filters.RULE_*)
     raw_counts.npy  (n,) int32: selective-search boxes before the filter
+    file_keys.npy   (n, 2) int64: each image file's size in bytes and mtime in ns when it was
+                    searched (-1, -1: unknown)
+    file_sha256.npy (n, 32) uint8: the sha256 of each image file's bytes (zeros: unknown)
     paths.json      list of n image paths (relative to the image root), sorted
     manifest.json   format, parameters, package versions, counts, failures, shard, checksums
 
@@ -15,6 +18,12 @@ Why: the released pipeline loads one JSON of all boxes in every training process
 and 5.5 GB each for ImageNet); memory-mapped arrays cost microseconds per image and share pages
 between DataLoader workers. Every file is written atomically and the
 manifest last, so a directory with a manifest is a complete store.
+
+File keys: a photo replaced by another under the same name must not keep the old one's boxes.
+``soco proposals`` reruns compare each file's size and mtime (one stat) with ``file_keys.npy``
+and hash only the files whose key differs (a copied dataset has new mtimes but the same bytes:
+not searched again). Stores written before file keys existed lack both files: every image's key
+is then unknown (``has_file_keys`` is False), the format version is unchanged.
 
 Checksums: the manifest records each file's size and sha256. Opening a store checks the sizes
 and a quick checksum: the full sha256 of files up to QUICK_FULL_BYTES, and for bigger files the
@@ -39,6 +48,9 @@ from .filters import RULE_FAILED, RULE_NAMES
 FORMAT = "soco-proposals"
 FORMAT_VERSION = 1
 ARRAY_FILES = ("boxes.npy", "offsets.npy", "sizes.npy", "status.npy", "raw_counts.npy")
+# Written by this version, absent from older stores (read as unknown keys, see the docstring).
+KEY_FILES = ("file_keys.npy", "file_sha256.npy")
+UNKNOWN_KEY = -1
 INT16_MAX = np.iinfo(np.int16).max
 # Quick checksum on open: files up to this size are hashed in full (sha256 runs at several
 # hundred MB/s, so at most a few tens of ms per file); bigger ones (boxes.npy of ImageNet is
@@ -120,12 +132,28 @@ def store_counts(status: np.ndarray, n_boxes: int) -> dict:
     }
 
 
-def write_store(out, paths, boxes, offsets, sizes, status, raw_counts, manifest: dict) -> Path:
+def digest_row(hexdigest: str | None) -> np.ndarray:
+    """A sha256 hex digest as the 32 bytes ``file_sha256.npy`` keeps (zeros for None)."""
+    return np.frombuffer(bytes.fromhex(hexdigest), dtype=np.uint8) if hexdigest else np.zeros(32, np.uint8)
+
+
+def digest_hex(row) -> str | None:
+    """The hex digest of a ``file_sha256.npy`` row, None for an unknown (all-zero) one."""
+    data = bytes(np.asarray(row, dtype=np.uint8))
+    return data.hex() if any(data) else None
+
+
+def write_store(
+    out, paths, boxes, offsets, sizes, status, raw_counts, manifest: dict, file_keys=None, file_sha256=None
+) -> Path:
     """Write a complete store into directory ``out`` (created if needed) and return its path.
 
     ``manifest`` holds the caller's fields (preset, config, failures, shard, ...); counts,
-    format, checksums are added here. An existing store in ``out`` is replaced: its manifest is
-    removed first, so a crash midway leaves a directory that ``load`` rejects, never a mix.
+    format, checksums are added here. ``file_keys`` ((n, 2): file bytes, mtime_ns; -1 unknown)
+    and ``file_sha256`` ((n, 32) uint8, zeros unknown) are each image file's change key; given
+    together or not at all (a store without them reads as one of an older version). An existing
+    store in ``out`` is replaced: its manifest is removed first, so a crash midway leaves a
+    directory that ``load`` rejects, never a mix.
     """
     out = Path(out)
     n = len(paths)
@@ -139,10 +167,18 @@ def write_store(out, paths, boxes, offsets, sizes, status, raw_counts, manifest:
         "status.npy": status,
         "raw_counts.npy": np.asarray(raw_counts, dtype=np.int32),
     }
+    if (file_keys is None) != (file_sha256 is None):
+        raise StoreError(f"{out}: file_keys and file_sha256 go together (internal error)")
+    if file_keys is not None:
+        arrays["file_keys.npy"] = np.asarray(file_keys, dtype=np.int64).reshape(n, 2)
+        arrays["file_sha256.npy"] = np.asarray(file_sha256, dtype=np.uint8).reshape(n, 32)
     if len(offsets) != n + 1 or offsets[0] != 0 or offsets[-1] != len(boxes) or len(status) != n:
         raise StoreError(f"{out}: inconsistent arrays for {n} images (internal error)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
+    for name in KEY_FILES:  # a rewrite without keys must not leave the old store's behind
+        if name not in arrays:
+            (out / name).unlink(missing_ok=True)
     files = {}
     for name, arr in arrays.items():
         data = _npy_bytes(arr)
@@ -218,7 +254,9 @@ class ProposalStore:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         files = self.manifest.get("files", {})
-        for name in (*ARRAY_FILES, "paths.json"):
+        # The key files are checked when the manifest lists them (older stores have none).
+        self._key_files = all(name in files for name in KEY_FILES)
+        for name in (*ARRAY_FILES, *(KEY_FILES if self._key_files else ()), "paths.json"):
             p = self.directory / name
             if not p.is_file():
                 raise StoreError(f"{self.directory}: {name} is missing")
@@ -254,7 +292,10 @@ class ProposalStore:
             problems.append("offsets.npy does not match boxes.npy / paths.json")
         elif n and np.any(np.diff(off) < 0):
             problems.append("offsets.npy is not non-decreasing")
-        for name, shape in (("sizes.npy", (n, 2)), ("status.npy", (n,)), ("raw_counts.npy", (n,))):
+        shapes = [("sizes.npy", (n, 2)), ("status.npy", (n,)), ("raw_counts.npy", (n,))]
+        if self._key_files:
+            shapes += [("file_keys.npy", (n, 2)), ("file_sha256.npy", (n, 32))]
+        for name, shape in shapes:
             if a[name].shape != shape:
                 problems.append(f"{name} has shape {a[name].shape}, expected {shape}")
         if problems:
@@ -263,7 +304,7 @@ class ProposalStore:
     def _maps(self) -> dict:
         if self._arrays is None:
             arrays = {}
-            for name in ARRAY_FILES:
+            for name in (*ARRAY_FILES, *(KEY_FILES if self._key_files else ())):
                 try:
                     arrays[name] = np.load(self.directory / name, mmap_mode="r", allow_pickle=False)
                 except Exception as exc:
@@ -281,6 +322,8 @@ class ProposalStore:
         self.directory = Path(state["directory"])
         self.manifest = state["manifest"]
         self.paths = state["paths"]
+        files = self.manifest.get("files", {})
+        self._key_files = all(name in files for name in KEY_FILES)
         self._arrays = None
         self._index = None
 
@@ -353,6 +396,36 @@ class ProposalStore:
         """(width, height) per image: (n, 2) int32, (0, 0) for failed images."""
         return np.array(self._maps()["sizes.npy"], dtype=np.int32)
 
+    @property
+    def has_file_keys(self) -> bool:
+        """False for a store written before file keys existed (every key unknown)."""
+        return self._key_files
+
+    def file_key(self, i: int) -> tuple[int, int] | None:
+        """(bytes, mtime_ns) of image ``i``'s file when it was searched; None when unknown."""
+        i = self._i(i)
+        if not self._key_files:
+            return None
+        size, mtime = (int(v) for v in self._maps()["file_keys.npy"][i])
+        return None if size == UNKNOWN_KEY else (size, mtime)
+
+    def file_sha256(self, i: int) -> str | None:
+        """The sha256 (hex) of image ``i``'s file when it was searched; None when unknown."""
+        i = self._i(i)
+        return digest_hex(self._maps()["file_sha256.npy"][i]) if self._key_files else None
+
+    def file_keys(self) -> np.ndarray:
+        """(bytes, mtime_ns) per image: (n, 2) int64, -1 where unknown (all of an older store)."""
+        if not self._key_files:
+            return np.full((len(self.paths), 2), UNKNOWN_KEY, dtype=np.int64)
+        return np.array(self._maps()["file_keys.npy"], dtype=np.int64)
+
+    def file_digests(self) -> np.ndarray:
+        """sha256 per image: (n, 32) uint8, zeros where unknown (all of an older store)."""
+        if not self._key_files:
+            return np.zeros((len(self.paths), 32), dtype=np.uint8)
+        return np.array(self._maps()["file_sha256.npy"], dtype=np.uint8)
+
     def box_chunks(self, rows: int):
         """The boxes of all images in store order, ``rows`` at a time: int32 (<= rows, 4) copies.
 
@@ -379,7 +452,8 @@ class ProposalStore:
             ) from None
 
     def arrays(self) -> dict:
-        """All arrays loaded into memory (for merging and tests): name (without .npy) -> array."""
+        """All arrays loaded into memory (for merging and tests): name (without .npy) -> array
+        (``file_keys`` and ``file_sha256`` only when the store has them)."""
         return {name[:-4]: np.array(arr) for name, arr in self._maps().items()}
 
 

@@ -543,7 +543,7 @@ class PretrainStep:
         for micro in range(plan.accum):
             raw, batch, waited = self.feed.take(self.batches, step, micro)
             wait += waited
-            self.skipped.update(batch)  # undecodable files (the dataset warned already)
+            self.skipped.update(batch)  # undecodable files and those served whole (the dataset warned already)
             images += len(raw["index"]) * job.world  # every rank's batch is as long
             last_micro = micro == plan.accum - 1
             sync = job.model.no_sync() if job.world > 1 and not last_micro else contextlib.nullcontext()
@@ -789,6 +789,7 @@ def make_trainer(
             "scaler": job.scaler.state_dict(),
             "config": to_dict(job.cfg),
             "world_size": job.world,
+            "total_steps": job.plan.total_steps,  # so an export can say "stopped at step N of M"
         }
 
     hooks: list[Hook] = []  # built before the metrics file and bar: a bad monitor setting fails first
@@ -842,6 +843,8 @@ def _summarise(
     if job.is_main:
         if len(skipped):
             print(skipped.summary(), flush=True)
+        elif skipped.rerouted:  # images trained on the whole image for their size: one line
+            print(skipped.rerouted_line(), flush=True)
         print(
             f"stopped at step {trainer.step}/{job.plan.total_steps} (epoch {position.epoch}); last "
             f"checkpoint: {trainer.last_checkpoint}",

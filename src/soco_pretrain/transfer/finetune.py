@@ -356,11 +356,6 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
             "(non-crowd, non-empty box" + (", with a mask)" if masks else ")")
         )
     train_set = select_fraction(usable, opts.fraction, opts.seed) if usable else []
-    if is_main and opts.fraction < 1.0:
-        atomic_write_json(
-            out / "train_subset.json",
-            {"fraction": opts.fraction, "seed": opts.seed, "image_ids": [im["id"] for im in train_set]},
-        )
     # Every image the run will read exists and the first few decode, before the model is built
     # (a wrong --val-images would otherwise surface only at the evaluation after training).
     if not opts.eval_only:
@@ -370,6 +365,11 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
         print(note, flush=True)
     # the weights' backbone; a contradicting --backbone is one line, never a half-loaded detector
     backbone = detector_backbone(weights, opts.backbone, opts.soco_weights)
+    if is_main and opts.fraction < 1.0:  # after the input checks: a refused run writes nothing to OUT
+        atomic_write_json(
+            out / "train_subset.json",
+            {"fraction": opts.fraction, "seed": opts.seed, "image_ids": [im["id"] for im in train_set]},
+        )
     torch.manual_seed(opts.seed)  # the same new heads on every rank
     core = build_detector(
         coco_train.num_classes,
@@ -428,6 +428,15 @@ def start_record(weights) -> dict:
     return {"weights": str(path), "sha256": file_digest(path)}
 
 
+def describe_start(record: dict) -> str:
+    """A :func:`start_record` for a message: ``PATH (sha256 0123456789ab)``, or what it lacks
+    (random init has no file, so no digest: never "sha256 None")."""
+    weights, digest = record.get("weights"), record.get("sha256")
+    if weights is None or str(weights).lower() == "none":
+        return "random init (--weights none)"
+    return f"{weights} (sha256 {digest[:12]})" if isinstance(digest, str) else f"{weights} (sha256 not recorded)"
+
+
 def resume_job(job: Job, manager, accept_changes: bool = False) -> tuple[int, Path | None]:
     """Load ``--resume``'s checkpoint (if any) into the job; returns (iteration, its path). A
     checkpoint of a fine-tune from other weights is refused unless ``accept_changes``."""
@@ -442,9 +451,8 @@ def resume_job(job: Job, manager, accept_changes: bool = False) -> tuple[int, Pa
     began, now = state.get("start"), getattr(job, "start", None)
     if began is not None and now is not None and began != now and not accept_changes:
         raise FinetuneError(
-            f"{path}: this fine-tune started from {began['weights']} (sha256 {str(began['sha256'])[:12]}), not "
-            f"{now['weights']} (sha256 {str(now['sha256'])[:12]}); give another --out, --resume none --overwrite, "
-            "or --accept-changes"
+            f"{path}: this fine-tune started from {describe_start(began)}, not {describe_start(now)}; give "
+            "another --out, --resume none --overwrite, or --accept-changes"
         )
     made_with = state.get("backbone", "resnet50")  # checkpoints from before the key: ResNet-50
     if made_with != job.backbone:
@@ -665,54 +673,53 @@ def finetune(
     validation images are in the weights' pretraining set. Raises FinetuneError, CocoError,
     WeightsError, CheckpointError, RunFolderError, LeakError, NonFiniteLossError.
     """
-    import contextlib
-
     from ..engine.checkpoint import CheckpointManager
     from ..engine.distributed import cleanup, init_distributed
     from ..runfolder import locked, start_fresh
 
     opts, out = _options(options, overrides), Path(out)
     info = init_distributed(opts.device)
-    folder = contextlib.ExitStack()
     try:
         if not allow_leak:  # every rank: all stop together, before OUT is made
             _refuse_leaks(weights, val_json, val_images, info.is_main)
-        folder.enter_context(locked(out, "finetune", enabled=info.is_main))
-        if opts.resume == "none" and info.is_main and not opts.eval_only:
-            start_fresh(out, overwrite, "finetune")
-        job = build_job(weights, train_json, train_images, val_json, val_images, out, opts, info)
-        job.start = start_record(weights)  # type: ignore[attr-defined]
-        start, resumed_from = resume_job(job, CheckpointManager(out, keep=1), accept_changes)
-        if opts.eval_only:
-            return _finish(job, out, weights, start, make_evaluator(job)(start), None, 0.0, eval_only=True)
-        if start >= job.plan.max_iters and (out / METRICS_FILE).is_file():
+        # a with block (not ExitStack.close in a finally): the lock sees the exception, so a run
+        # refused inside it removes the OUT folder it made (runfolder.locked)
+        with locked(out, "finetune", enabled=info.is_main):
+            if opts.resume == "none" and info.is_main and not opts.eval_only:
+                start_fresh(out, overwrite, "finetune")
+            job = build_job(weights, train_json, train_images, val_json, val_images, out, opts, info)
+            job.start = start_record(weights)  # type: ignore[attr-defined]
+            start, resumed_from = resume_job(job, CheckpointManager(out, keep=1), accept_changes)
+            if opts.eval_only:
+                return _finish(job, out, weights, start, make_evaluator(job)(start), None, 0.0, eval_only=True)
+            if start >= job.plan.max_iters and (out / METRICS_FILE).is_file():
+                if job.is_main:
+                    stored = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+                    print(
+                        f"already finished ({start} iterations); metrics in {out / METRICS_FILE}\n"
+                        f"{format_metrics(stored)}",
+                        flush=True,
+                    )
+                    return stored
+                return {}
             if job.is_main:
-                stored = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
-                print(
-                    f"already finished ({start} iterations); metrics in {out / METRICS_FILE}\n{format_metrics(stored)}",
-                    flush=True,
-                )
-                return stored
-            return {}
-        if job.is_main:
-            _announce(job)
-        skips = SkipLog(warn=True)
-        trainer = make_trainer(job, out, start, resumed_from, skips)
-        metrics = _evaluate_finished(job, trainer) if start >= job.plan.max_iters else {}  # finished, metrics lost
-        job.model.train()
-        trainer.run()
-        return _finish(
-            job,
-            out,
-            weights,
-            trainer.step,
-            trainer.evaluation.metrics or metrics,
-            skips,
-            trainer.seconds,
-            saved=trainer.last_checkpoint,
-        )
+                _announce(job)
+            skips = SkipLog(warn=True)
+            trainer = make_trainer(job, out, start, resumed_from, skips)
+            metrics = _evaluate_finished(job, trainer) if start >= job.plan.max_iters else {}  # finished, metrics lost
+            job.model.train()
+            trainer.run()
+            return _finish(
+                job,
+                out,
+                weights,
+                trainer.step,
+                trainer.evaluation.metrics or metrics,
+                skips,
+                trainer.seconds,
+                saved=trainer.last_checkpoint,
+            )
     finally:
-        folder.close()
         cleanup()
 
 

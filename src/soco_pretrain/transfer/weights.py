@@ -52,6 +52,7 @@ class SocoWeights:
     step: int | None
     config: dict | None  # the run's resolved config as saved in the checkpoint, if any
     model: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # the whole "model" entry
+    total_steps: int | None = None  # the schedule's length (None: not recorded, nor derivable)
 
     @property
     def backbone(self) -> str:
@@ -150,7 +151,26 @@ def soco_weights_of(content, path) -> SocoWeights | None:
         int(step) if isinstance(step, int) else None,
         config,
         model,
+        _total_steps(content, config),
     )
+
+
+def _total_steps(content: dict, config: dict | None) -> int | None:
+    """The run's schedule length: recorded in the checkpoint (``total_steps``), or, for a checkpoint
+    written before that key, train.epochs x the steps per epoch its position implies (step =
+    epoch x steps_per_epoch + batch_in_epoch), known once an epoch is complete; else None."""
+    total = content.get("total_steps")
+    if isinstance(total, int):
+        return total
+    train = (config or {}).get("train")
+    epochs = train.get("epochs") if isinstance(train, dict) else None
+    step, epoch, in_epoch = content.get("step"), content.get("epoch"), content.get("batch_in_epoch")
+    if not (isinstance(step, int) and isinstance(epoch, int) and isinstance(in_epoch, int) and isinstance(epochs, int)):
+        return None
+    if epoch < 1:  # still in its first epoch: the steps per epoch are not known yet
+        return None
+    per_epoch, rest = divmod(step - in_epoch, epoch)
+    return epochs * per_epoch if rest == 0 and per_epoch >= max(1, in_epoch) else None
 
 
 def read_soco_checkpoint(source) -> SocoWeights:
@@ -204,7 +224,8 @@ def _load_any(path: Path, what: str):
         try:
             content = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # an empty message has no line 0
+            raise WeightsError(f"{path}: not a readable safetensors file ({first})") from None
         return _finite(path, content)
     if path.suffix == ".pkl":  # Detectron2's format: a plain pickle, never a torch checkpoint
         return _pickle_or_error(path, what)
@@ -223,7 +244,7 @@ def _pickle_or_error(path: Path, what: str):
     try:
         content = _load_pickle(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable pickle is one line
-        raise WeightsError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None
+        raise WeightsError(f"{path}: not a {what} ({type(exc).__name__}: {exc})") from None
     return _finite(path, content)
 
 

@@ -43,10 +43,11 @@ lists are written out independently in tests/test_export.py:
   head). A config (``FILE.py``, from ``templates/mmdet_{fpn,c4}.py.tmpl``) is written beside it.
 - safetensors (``to_safetensors.py``): the torchvision export's tensors under the same names (its
   mappers), in a safetensors file whose metadata (str -> str) holds ``format`` ("soco-pretrain"),
-  ``arch``, ``backbone``, ``weights``, ``step``, ``soco_pretrain_version``, ``config`` (the run's
-  config as JSON), ``recipe`` (one line), ``data_manifest_hash`` / ``data_manifest_count`` (runs
-  with a manifest) and ``license`` (``step`` and ``config`` when the checkpoint records them); a
-  model card ``NAME.MODEL_CARD.md`` is written beside it.
+  ``arch``, ``backbone``, ``weights``, ``step``, ``total_steps``, ``soco_pretrain_version``,
+  ``config`` (the run's config as JSON), ``recipe`` (one line), ``data_manifest_hash`` /
+  ``data_manifest_count`` (runs with a manifest) and ``license`` (``step``, ``total_steps`` and
+  ``config`` when the checkpoint records them); a model card ``NAME.MODEL_CARD.md`` is written
+  beside it (it says "stopped at step N of M" for a run stopped before its schedule's end).
 - torchvision-backbone, alias timm (``to_backbone.py``): the ResNet alone, ``torchvision.models.
   <backbone>`` keys (FPN: the body ``backbone.body.X`` -> ``X``; C4: ``backbone.X``, res5
   included), a plain state dict that leaves only ``fc`` missing; timm's ResNet/ResNeXt names are
@@ -153,6 +154,27 @@ def _refuse_clobbering_the_run(path: Path, checkpoint: Path) -> None:
         raise ExportError(f"{path}: is inside the run's checkpoints folder {folder}; write the export elsewhere")
 
 
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def _refuse_a_misleading_suffix(out: Path, to: str) -> None:
+    """ExportError when ``out``'s extension says another format than ``to`` writes: readers (soco's
+    own ``--weights``, the safetensors tools) tell a safetensors file from a torch / pickle file
+    by its ``.safetensors`` extension, so such a file would later fail to load."""
+    if (to == "safetensors") == (out.suffix == SAFETENSORS_SUFFIX):
+        return
+    if to == "safetensors":
+        raise ExportError(
+            f"{out}: --to safetensors writes a safetensors file, which readers know by its "
+            f"{SAFETENSORS_SUFFIX} extension; name it e.g. {out.with_suffix(SAFETENSORS_SUFFIX).name}"
+        )
+    kind, suffix = ("a pickle", ".pkl") if to == "detectron2" else ("a torch.save file", ".pth")
+    raise ExportError(
+        f"{out}: --to {to} writes {kind}, which a {SAFETENSORS_SUFFIX} name would have read as safetensors; "
+        f"name it e.g. {out.with_suffix(suffix).name}, or use --to safetensors"
+    )
+
+
 def export(
     source,
     to: str,
@@ -172,6 +194,7 @@ def export(
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out}: is a directory (give a file name, e.g. {out / 'soco.pth'})")
+    _refuse_a_misleading_suffix(out, to)
     if config_out is not None and exporter.config_suffix is None:
         with_config = [name for name, e in EXPORTERS.items() if e.config_suffix is not None]
         raise ExportError(f"a config file is written for {' and '.join(with_config)} only")

@@ -25,6 +25,7 @@ class EncoderWeights:
     unused: dict[str, int]  # checkpoint "model" keys not in this encoder, per top-level module
     backbone: str = "resnet50"  # the run's model.backbone (model/backbones.py)
     config: dict | None = None  # the run's resolved config as saved in the checkpoint, if any
+    total_steps: int | None = None  # the run's schedule length, when the checkpoint tells it
 
 
 def resolve_checkpoint(source) -> Path:
@@ -56,7 +57,15 @@ def read_encoder(source, weights: str = DEFAULT_WEIGHTS) -> EncoderWeights:
     _check_encoder(encoder, found.arch, found.path, prefix, found.backbone)
     unused = Counter(k.split(".", 1)[0] for k in found.model if not k.startswith(prefix))
     return EncoderWeights(
-        encoder, found.arch, weights, found.path, found.step, dict(unused), found.backbone, found.config
+        encoder,
+        found.arch,
+        weights,
+        found.path,
+        found.step,
+        dict(unused),
+        found.backbone,
+        found.config,
+        found.total_steps,
     )
 
 

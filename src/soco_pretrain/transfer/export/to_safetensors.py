@@ -123,12 +123,14 @@ def shareable(value):
 
 
 def file_metadata(source, stamp: dict) -> dict[str, str]:
-    """The safetensors header metadata (every value a string); ``step``, ``config`` (absolute
-    paths cut to file names) and the ``data_manifest_*`` keys only when the checkpoint / run
-    records them."""
+    """The safetensors header metadata (every value a string); ``step``, ``total_steps``,
+    ``config`` (absolute paths cut to file names) and the ``data_manifest_*`` keys only when the
+    checkpoint / run records them."""
     meta = {"format": FORMAT, "arch": source.arch, "backbone": source.backbone, "weights": source.weights}
     if source.step is not None:
         meta["step"] = str(source.step)
+    if source.total_steps is not None:
+        meta["total_steps"] = str(source.total_steps)
     meta["soco_pretrain_version"] = __version__
     if source.config is not None:
         meta["config"] = json.dumps(shareable(source.config), sort_keys=True, default=str)
@@ -276,9 +278,26 @@ def _load_snippet(source, filename: str) -> list[str]:
     ]
 
 
+def _step_line(source) -> str:
+    """The card's step: where the run stopped against its schedule, when the checkpoint tells it."""
+    step, total = source.step, source.total_steps
+    if step is None:
+        return "Step: not recorded."
+    if total is None:
+        return (
+            f"Step: {step} (optimiser steps of the run when the checkpoint was written; its schedule's "
+            "length is not recorded)."
+        )
+    if step < total:
+        return (
+            f"Step: {step}: stopped at step {step} of {total}, before the end of its schedule (an unfinished run: "
+            "the learning rate and EMA rate had not reached their final values)."
+        )
+    return f"Step: {step} of {total} (the run finished its schedule)."
+
+
 def model_card(source, out: Path, stamp: dict, state: dict) -> str:
     """MODEL_CARD.md for the safetensors file ``out`` (Markdown)."""
-    step = "not recorded" if source.step is None else str(source.step)
     params = sum(
         t.numel() for name, t in state.items() if not name.endswith(("running_mean", "running_var", "tracked"))
     )
@@ -293,7 +312,7 @@ def model_card(source, out: Path, stamp: dict, state: dict) -> str:
         f"- Backbone: torchvision `{source.backbone}` (`model.backbone`).",
         f"- Network: {source.weights} ({_NETWORKS[source.weights]}).",
         "- Not included: the projector and predictor (pretraining only, never exported).",
-        f"- Step: {step} (optimiser steps of the run when the checkpoint was written).",
+        f"- {_step_line(source)}",
         f"- Tensors: {len(state)} ({params:,} parameters), {dtypes}, names of the torchvision export.",
         f"- Written by soco-pretrain {__version__} (`soco export --to safetensors`) from `{source.checkpoint.name}`.",
         "",
@@ -314,7 +333,8 @@ def model_card(source, out: Path, stamp: dict, state: dict) -> str:
         "Inputs as in pretraining: RGB in [0, 1], normalised with the ImageNet mean (0.485, 0.456, 0.406)",
         "and std (0.229, 0.224, 0.225), which torchvision's detectors do themselves. The metadata",
         "(`safetensors.safe_open(path, 'pt').metadata()`) holds `format`, `arch`, `backbone`, `weights`,",
-        "`step`, `soco_pretrain_version`, `config`, `recipe`, `data_manifest_hash`/`_count` and `license`.",
+        "`step`, `total_steps`, `soco_pretrain_version`, `config`, `recipe`, `data_manifest_hash`/`_count`",
+        "and `license`.",
         "",
         "## Intended use and limitations",
         "",
