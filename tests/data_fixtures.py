@@ -92,7 +92,7 @@ SMALL_PRETRAIN = [
     "train.batch_size=2",
     "train.log_every=1",
     "train.checkpoint_every=1000",
-    "train.keep_checkpoints=0",  # last.pt only: no numbered copy of each ~0.5 GB checkpoint
+    "train.keep_checkpoints=0",  # last.pt only: one ~0.5 GB file per run, no numbered names
 ]
 
 

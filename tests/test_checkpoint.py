@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes survive a crash, round trips with RNG states, checksums, last.pt as
-an independent copy, retention (and what it spares), latest() and its fallback."""
+a hard link to the newest numbered file (its bytes on disk once), retention (and what it spares),
+latest() and its fallback."""
 
 from __future__ import annotations
 
@@ -167,22 +168,41 @@ def small_tensor_state(step):
     return {"step": step, "w": torch.zeros(256)}
 
 
-def test_last_is_an_independent_copy(tmp_path):
+def disk_bytes(directory) -> int:
+    """Bytes the checkpoint files take on disk: each file (inode) once, as ``du`` counts them."""
+    files = {(st.st_dev, st.st_ino): st.st_blocks * 512 for p in directory.glob("*.pt") if (st := p.stat())}
+    return sum(files.values())
+
+
+def test_last_is_a_hard_link_and_each_checkpoint_is_on_disk_once(tmp_path):
+    # The demo wrote 2.0 GB when last.pt was a second copy of the newest numbered file.
     manager = CheckpointManager(tmp_path, keep=2)
-    manager.save(small_tensor_state(10))
-    numbered = manager.numbered()[-1]
-    assert not os.path.samestat(os.stat(manager.last), os.stat(numbered))  # not a hard link
-    assert manager.last.read_bytes() == numbered.read_bytes()
-    with open(manager.last, "r+b") as f:  # truncating last.pt in place...
-        f.truncate(100)
-    assert load_checkpoint(numbered)["step"] == 10  # ...leaves the numbered checkpoint intact
+    state = {"step": 10, "w": torch.zeros(1 << 18)}  # 1 MiB of tensor data
+    manager.save(state)
+    manager.save({**state, "step": 20})
+    newest = manager.directory / "step_00000020.pt"
+    assert os.path.samestat(os.stat(manager.last), os.stat(newest))  # the same file, two names
+    one = newest.stat().st_blocks * 512
+    assert disk_bytes(manager.directory) == 2 * one  # keep=2 copies, not keep + 1
+    assert (manager.directory / "last.pt.sha256").read_text().split()[0] == ckpt._recorded_digest(newest)
+    manager.save({**state, "step": 30})
+    assert disk_bytes(manager.directory) == 2 * one and manager.last.stat().st_nlink == 2
+    assert load_checkpoint(manager.latest())["step"] == 30 and temps(tmp_path) == []
+    # keep=0: last.pt is the one file, never a link to a numbered name retention could delete.
+    only = CheckpointManager(tmp_path / "zero", keep=0)
+    only.save(state)
+    assert only.last.stat().st_nlink == 1 and only.numbered() == []
 
 
-def test_copy_without_copy_file_range(tmp_path, monkeypatch):
-    def refused(*args):
-        raise OSError(errno.ENOSYS, "Function not implemented")
+def test_without_hard_links_last_is_a_copy_said_once(tmp_path, monkeypatch, capsys):
+    # FAT, some network mounts: os.link fails; last.pt is an atomic copy (here also without
+    # copy_file_range, the read-write loop), and one note says it costs twice the space.
+    def refused(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
 
+    monkeypatch.setattr(os, "link", refused)
     monkeypatch.setattr(os, "copy_file_range", refused, raising=False)
+    monkeypatch.setattr(ckpt, "_said_no_links", False)
     manager = CheckpointManager(tmp_path, keep=1)
     manager.save(small_tensor_state(1))
     manager.save(small_tensor_state(2))
@@ -191,6 +211,8 @@ def test_copy_without_copy_file_range(tmp_path, monkeypatch):
     assert load_checkpoint(manager.last)["step"] == 2
     assert [p.name for p in manager.numbered()] == ["step_00000002.pt"]
     assert temps(tmp_path) == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no hard links here (Operation not permitted); last.pt is a copy" in err[0]
 
 
 def test_checksum_is_written_and_verified_on_load(tmp_path):
@@ -252,16 +274,21 @@ def test_latest_prefers_a_numbered_file_saved_after_last(tmp_path):
     assert manager.resume_from("auto") == newer
 
 
-def test_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
+def test_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys, monkeypatch):
     manager = CheckpointManager(tmp_path, keep=3)
-    for step in [10, 20]:
+    for step in [10, 20, 30]:
         manager.save(small_tensor_state(step))
     directory = manager.directory
-    flip_a_tensor_byte(manager.last)
-    assert manager.latest() == directory / "step_00000020.pt"  # the copy of last.pt
+    flip_a_tensor_byte(manager.last)  # in place: step_00000030.pt, the same file, is damaged too
+    hashed = []
+    real = ckpt._sha256_of
+    monkeypatch.setattr(ckpt, "_sha256_of", lambda f: hashed.append(1) or real(f))
+    assert manager.latest() == directory / "step_00000020.pt"
+    assert len(hashed) == 2  # last.pt, then step 20: the damaged file is read once, not per name
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "last.pt: damaged" in err[0] and "using " + str(directory / "step_00000020.pt") in err[0]
-    # The same copy truncated: both newest fail; step 10 is used, one line for each skipped file.
+    assert len(err) == 1 and "last.pt: damaged" in err[0] and "as is step_00000030.pt (the same file)" in err[0]
+    assert err[0].endswith("using " + str(directory / "step_00000020.pt") + " instead")
+    # Step 20 truncated too: step 10 is used, one line for each skipped file.
     with open(directory / "step_00000020.pt", "r+b") as f:
         f.truncate(50)
     assert manager.resume_from("auto") == directory / "step_00000010.pt"
@@ -269,6 +296,11 @@ def test_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(str(directory / "step_00000010.pt") in line for line in err)
     assert "step_00000020.pt: damaged" in err[1]
+    # last.pt gone (deleted by hand): the newest intact numbered file, and one line says so.
+    manager.last.unlink()
+    assert manager.latest() == directory / "step_00000010.pt"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"soco: warning: {manager.last}: missing; using {directory / 'step_00000010.pt'} instead"
 
 
 def test_without_checksums_a_truncated_file_is_skipped(tmp_path, capsys):
@@ -278,10 +310,11 @@ def test_without_checksums_a_truncated_file_is_skipped(tmp_path, capsys):
         manager.save(small_tensor_state(step))
     for side in manager.directory.glob("*.sha256"):
         side.unlink()
-    with open(manager.last, "r+b") as f:
+    with open(manager.last, "r+b") as f:  # and step 20, the same file
         f.truncate(200)
-    assert manager.latest() == manager.directory / "step_00000020.pt"
-    assert "last.pt: not a readable checkpoint" in capsys.readouterr().err
+    assert manager.latest() == manager.directory / "step_00000010.pt"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "last.pt: not a readable checkpoint" in err[0] and "as is step_00000020.pt" in err[0]
 
 
 def test_when_nothing_is_intact_latest_names_the_newest_and_loading_it_fails(tmp_path):
@@ -293,8 +326,8 @@ def test_when_nothing_is_intact_latest_names_the_newest_and_loading_it_fails(tmp
         load_checkpoint(manager.latest())
 
 
-def test_an_old_run_with_a_hard_linked_last_still_loads_and_saves(tmp_path):
-    # Before last.pt became a copy it was a hard link to the newest numbered file, with no checksums.
+def test_an_old_run_without_checksums_still_loads_and_saves(tmp_path):
+    # Runs written before checksums existed: last.pt a hard link to the newest numbered file.
     directory = tmp_path / "checkpoints"
     directory.mkdir()
     numbered = directory / "step_00000004.pt"
@@ -306,7 +339,8 @@ def test_an_old_run_with_a_hard_linked_last_still_loads_and_saves(tmp_path):
     manager.save(small_tensor_state(6))
     assert load_checkpoint(numbered)["step"] == 4  # replacing last.pt left the linked file alone
     assert load_checkpoint(manager.last)["step"] == 6
-    assert manager.last.stat().st_nlink == 1 and (directory / "last.pt.sha256").is_file()
+    assert os.path.samestat(manager.last.stat(), (directory / "step_00000006.pt").stat())
+    assert (directory / "last.pt.sha256").is_file() and numbered.stat().st_nlink == 1
 
 
 def test_a_crash_before_the_checksum_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
@@ -396,7 +430,7 @@ def test_a_save_the_disk_cannot_hold_is_refused_in_one_line(small_disk):
     message = one_line(info.value)
     assert message == str(info.value) and info.value.exit_code == 2
     assert message.startswith(f"{manager.directory}: cannot write step_00000002.pt and last.pt: ")
-    assert " MiB free, about 8." in message and " MiB needed (ENOSPC" in message
+    assert " MiB free, about 4." in message and " MiB needed (ENOSPC" in message  # once: last.pt is a link
     assert_step_1_intact(manager)
 
 
@@ -433,7 +467,7 @@ def test_free_space_is_checked_against_the_state_size(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     manager = CheckpointManager(tmp_path / "run", keep=2)
-    free = 2 * ckpt.state_bytes(state) - 1  # the numbered file and last.pt: one byte short
+    free = ckpt.state_bytes(state) - 1  # the numbered file (last.pt is a link to it): one byte short
     with pytest.raises(WriteError) as info:
         manager.save(state)
     assert str(info.value) == (

@@ -1,10 +1,12 @@
 """Distributed helpers: launcher variables, world size 1 without a process group, a real
-2-process gloo all_reduce on CPU."""
+2-process gloo all_reduce on CPU, a process that dies or hangs named in one line."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
 
 import pytest
 import torch
@@ -13,13 +15,16 @@ import torch.multiprocessing as mp
 
 from soco_pretrain.engine import distributed as D
 from soco_pretrain.engine.distributed import (
+    DistInfo,
     DistributedError,
+    RankLostError,
     all_reduce_mean,
     cleanup,
     first_host,
     init_distributed,
     is_main,
     parse_launch_env,
+    stop_on_lost_ranks,
 )
 
 LAUNCH_VARS = [
@@ -237,3 +242,63 @@ def test_cleanup_destroys_the_group_init_distributed_created():
     results = ctx.SimpleQueue()
     mp.start_processes(_owner_worker, args=(2, free_port(), results), nprocs=2, join=True, start_method="spawn")
     assert sorted(results.get() for _ in range(2)) == [(0, True, True, False), (1, True, True, False)]
+
+
+def _lost_worker(rank: int, port: int, how: str, results) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    info = init_distributed(device="cpu", timeout_s=2.0)
+    try:
+        with stop_on_lost_ranks(info, 2.0, then="; rerun"):
+            dist.all_reduce(torch.ones(1))  # both answer once
+            if rank == 1:
+                if how == "dies":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(60)  # hangs: answers nothing (the test kills it)
+            started = time.monotonic()
+            dist.all_reduce(torch.ones(1))
+    except RankLostError as exc:
+        results.put((rank, str(exc), time.monotonic() - started))
+    finally:
+        cleanup()
+
+
+@pytest.mark.parametrize("how", ["dies", "hangs"])
+def test_a_rank_that_dies_or_hangs_is_named_in_one_line(how):
+    # Before: a dead peer was a gloo traceback naming an address ("Connection closed by peer
+    # [127.0.0.1]:8358"), a hung one a 30-minute wait (gloo's default timeout).
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_lost_worker, args=(rank, port, how, results)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        procs[0].join(60)
+        assert procs[0].exitcode == 0 and not results.empty()
+        rank, message, seconds = results.get()
+    finally:
+        procs[1].kill()
+        procs[1].join()
+    reason = "its connection closed" if how == "dies" else "no reply within train.dist_timeout_s=2 s"
+    assert (rank, message) == (0, f"rank 1 of 2 stopped answering ({reason}); rank 0 stops too; rerun")
+    assert seconds < 2.0 + 2.0 + 5.0  # the timeout (a hang), the roll call, slack for a loaded machine
+
+
+def test_other_errors_pass_and_a_lost_store_is_named():
+    two = DistInfo(1, 2, 1, torch.device("cpu"), False, "torchrun", "gloo")
+    with pytest.raises(KeyError):  # not a collective's failure: unchanged
+        with stop_on_lost_ranks(two, 5.0):
+            raise KeyError("x")
+    one = DistInfo(0, 1, 0, torch.device("cpu"), True)
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):  # no process group: unchanged
+        with stop_on_lost_ranks(one, 5.0):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer")
+    # No store to call the roll through (here: no process group at all; in a job: rank 0 died
+    # with the store it held).
+    with pytest.raises(RankLostError) as info:
+        with stop_on_lost_ranks(two, 5.0):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer")
+    assert str(info.value) == (
+        "rank 0 or the launcher holding the rendezvous store stopped answering (its connection closed); "
+        "rank 1 stops too"
+    )

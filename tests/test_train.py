@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from data_fixtures import SMALL_PRETRAIN, make_photos, make_store, random_boxes,
 
 from soco_pretrain.cli import PRETRAIN_PRESETS, main
 from soco_pretrain.config import apply_overrides
-from soco_pretrain.engine.checkpoint import load_checkpoint
+from soco_pretrain.engine.checkpoint import CheckpointManager, load_checkpoint
 from soco_pretrain.engine.metrics import read_metrics
 from soco_pretrain.presets import PRESETS, PresetError, load_preset
 from soco_pretrain.train.loop import NonFiniteLossError, PretrainError, make_plan, pretrain
@@ -148,6 +149,35 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     _state_equal(a["model"], b["model"], "model")  # online and target weights, BN buffers
     _state_equal(a["optimizer"], b["optimizer"], "optimizer")  # LARS momentum buffers
     # The resumed run's metrics continue the same file; the loss history matches step for step.
+    assert _losses(split) == pytest.approx(_losses(straight), rel=0, abs=0)
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_exactly(data, tmp_path, capsys):
+    # last.pt is a hard link to the newest numbered file (one copy on disk): a byte flipped in it
+    # damages both names, so a resume falls back to the previous checkpoint, says so in one line,
+    # and redoes the lost step exactly. A ResNet-18: the fallback does not depend on the network.
+    cfg = small_config("model.backbone=resnet18", "model.head_dim=256", "model.proj_hidden=512",
+                       "train.epochs=3", "train.checkpoint_every=1", "train.keep_checkpoints=2")  # fmt: skip
+    split, straight = tmp_path / "split", tmp_path / "straight"
+    pretrain(cfg, data["four"], data["store"], split, max_steps=2, progress=False)
+    checkpoints = split / "checkpoints"
+    assert os.path.samestat((checkpoints / "last.pt").stat(), (checkpoints / "step_00000002.pt").stat())
+    with open(checkpoints / "last.pt", "r+b") as f:
+        f.seek(f.seek(0, os.SEEK_END) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    capsys.readouterr()
+    resumed = pretrain(cfg, data["four"], data["store"], split, max_steps=3, progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert resumed.start_step == 1 and len(warnings) == 1
+    assert "last.pt: damaged" in warnings[0] and "as is step_00000002.pt (the same file)" in warnings[0]
+    assert warnings[0].endswith(f"using {checkpoints / 'step_00000001.pt'} instead")
+    pretrain(cfg, data["four"], data["store"], straight, max_steps=3, progress=False)
+    a, b = load_checkpoint(checkpoints / "last.pt"), load_checkpoint(straight / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 3
+    _state_equal(a["model"], b["model"], "model")
+    _state_equal(a["optimizer"], b["optimizer"], "optimizer")
     assert _losses(split) == pytest.approx(_losses(straight), rel=0, abs=0)
 
 
@@ -367,6 +397,66 @@ def test_two_process_ddp_resume_equals_an_uninterrupted_two_process_run(data, tm
     _state_equal(a["optimizer"], b["optimizer"], "optimizer")
     assert [r["step"] for r in read_metrics(split)] == [1, 2, 3]
     assert _losses(split) == pytest.approx(_losses(straight), rel=0, abs=0)
+
+
+@pytest.mark.slow  # about 30 s: two R18 processes started, a kill, the survivor's 10 s roll call, a resume
+def test_a_killed_rank_stops_the_other_in_one_line_and_the_run_resumes(data, tmp_path):
+    # Two `soco pretrain` processes with the variables torchrun sets, but no torchrun agent: its
+    # agent would SIGTERM the survivor at once; what the survivor does alone is what an srun or
+    # multi-node job sees. Before: a gloo traceback naming an address (kill -9), or a 30-minute
+    # wait (a hung rank, gloo's default timeout).
+    run = tmp_path / "run"
+    sets = [*SMALL, "model.backbone=resnet18", "model.head_dim=256", "model.proj_hidden=512",
+            "train.per_device_batch=1", "train.checkpoint_every=1", "train.keep_checkpoints=2",
+            "data.views.v3_size=64", "data.views.pad=repeat", "train.dist_timeout_s=20"]  # fmt: skip
+    cmd = [sys.executable, "-m", "soco_pretrain", "pretrain", "--preset", "tiny", "--images", str(data["images"]),
+           "--proposals", str(data["store"]), "--out", str(run), "--max-steps", "100"]  # fmt: skip
+    for item in sets:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+    logs = [tmp_path / f"rank{r}.err" for r in range(2)]
+    streams = [open(log, "w") for log in logs]
+    ranks = [
+        subprocess.Popen(
+            cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL, stderr=streams[r]
+        )  # fmt: skip
+        for r in range(2)
+    ]
+
+    def steps_done() -> int:
+        return read_metrics(run)[-1]["step"] if (run / "metrics.jsonl").is_file() and read_metrics(run) else 0
+
+    try:
+        started = time.monotonic()
+        while steps_done() < 2:  # step 1's checkpoint is written before step 2's record
+            assert time.monotonic() - started < 60 and ranks[0].poll() is None, logs[0].read_text()[-3000:]
+            time.sleep(0.2)
+        ranks[1].kill()  # kill -9
+        killed = time.monotonic()
+        ranks[0].wait(timeout=60)
+        after = time.monotonic() - killed
+    finally:
+        for proc, stream in zip(ranks, streams):
+            proc.kill()
+            proc.wait()
+            stream.close()
+    err = logs[0].read_text()
+    assert ranks[0].returncode == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last == (
+        "soco: error: rank 1 of 2 stopped answering (its connection closed); rank 0 stops too; rerun the same "
+        f"command to resume from the last checkpoint in {run / 'checkpoints'}"
+    )
+    assert after < 30  # seen at once (gloo's connection closes), then the 10 s roll call
+
+    # The run folder resumes, here in one process (another world size is said in one line).
+    saved = load_checkpoint(CheckpointManager(run).latest())["step"]
+    assert saved >= 1
+    cfg = small_config(*sets[len(SMALL) :])
+    summary = pretrain(cfg, data["images"], data["store"], run, max_steps=saved + 1, progress=False, device="cpu")
+    assert (summary.start_step, summary.step) == (saved, saved + 1)
+    assert [r["step"] for r in read_metrics(run)][-1] == saved + 1
 
 
 # ---------------------------------------------------------------- the command

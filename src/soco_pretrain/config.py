@@ -423,7 +423,13 @@ class TrainConfig:
     workers: int = 8  # data-loader processes per device
     log_every: int = 10  # optimiser steps between metrics lines
     checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 3  # numbered checkpoints kept besides last.pt (0: only last.pt)
+    # numbered checkpoints kept; last.pt is a hard link to the newest (0: only last.pt, a file of its own)
+    keep_checkpoints: int = 3
+    # Seconds a collective waits for the other processes before the run stops naming the ones that
+    # did not answer (a dead process is seen at once on gloo; this bounds a hung one). Our choice:
+    # 10 minutes, torch's nccl default and a third of gloo's, generous for rank 0 writing a
+    # checkpoint or running the monitor while the others wait; tests set a few seconds.
+    dist_timeout_s: float = 600.0
     seed: int = 0
     # Parts of the online network kept as they start (our extension for warm starts; the paper
     # trains everything): none | stem (conv1 + bn1) | backbone (the whole ResNet before the
@@ -439,7 +445,7 @@ class TrainConfig:
                 ("epochs", "batch_size", "log_every", "checkpoint_every"): _AT_LEAST_1,
                 ("per_device_batch", "warmup_epochs", "warmup_steps", "workers", "keep_checkpoints"): _AT_LEAST_0,
                 ("weight_decay", "warmup_start_factor", "final_lr"): _AT_LEAST_0,
-                ("base_lr", "lars_eta"): _POSITIVE,
+                ("base_lr", "lars_eta", "dist_timeout_s"): _POSITIVE,
                 "momentum": _MOMENTUM,
                 "ema_tau": _UNIT,
                 "seed": _SEED,

@@ -28,6 +28,7 @@ import random
 import re
 import shutil
 import sys
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..files import WriteError, atomic_write, check_free_space
+from ..files import WriteError, atomic_write, check_free_space, fsync_dir
 
 TMP_PREFIX = ".tmp-"  # temporary files start with this; stale ones are removed by CheckpointManager
 LAST = "last.pt"
@@ -46,6 +47,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
 # copy_file_range refusals that mean "not here" (old kernel, other file system, seccomp): copy by hand.
 _NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
+# os.link refusals that mean "no hard links on this file system" (FAT, some network mounts, a
+# file at its link limit): last.pt becomes a copy. Anything else (EACCES, ENOSPC) is a write error.
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EXDEV}
 
 
 class CheckpointError(UserError):
@@ -405,14 +409,32 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
+def _content_key(path: Path) -> tuple | None:
+    """What decides :func:`verify_checkpoint`'s verdict on ``path``: the file (identity) and the
+    digest its checksum file records; two names with the same key get the same verdict. None
+    when either cannot be read (the check itself then says why)."""
+    st = _stat(path)
+    if st is None:
+        return None
+    try:
+        return (_identity(st), _recorded_digest(path))
+    except CheckpointError:
+        return None
+
+
+_said_no_links = False  # the note that last.pt is a copy (no hard links) is said once per process
+
+
 class CheckpointManager:
     """Checkpoints of one run in ``RUN/checkpoints``: ``last.pt`` plus ``keep`` numbered ones.
 
-    ``save(state)`` writes ``step_{N:08d}.pt`` (N = ``state["step"]``), then ``last.pt`` as an
-    independent copy of it (damage to one leaves the other), each with its ``.sha256`` checksum
-    file, then deletes the oldest numbered files beyond ``keep``. With ``keep=0`` only
-    ``last.pt`` is written. Default ``keep=3`` comes from TrainConfig.keep_checkpoints (our
-    choice). Only rank 0 should save.
+    ``save(state)`` writes ``step_{N:08d}.pt`` (N = ``state["step"]``), then makes ``last.pt`` a
+    hard link to it (a copy where the file system has no hard links), each name with its
+    ``.sha256`` checksum file, then deletes the oldest numbered files beyond ``keep``: the bytes
+    are on disk once per kept checkpoint, not twice. Damage to the newest file (both names) is
+    survived by the previous numbered one, which :meth:`latest` falls back to. With ``keep=0``
+    only ``last.pt`` is written, as a file of its own. Default ``keep=3`` comes from
+    TrainConfig.keep_checkpoints (our choice). Only rank 0 should save.
 
     Retention never deletes a protected checkpoint (:meth:`protect`; :meth:`resume_from`
     protects the file it returns), and counts only numbered files up to the step being saved:
@@ -455,14 +477,25 @@ class CheckpointManager:
         writes of a save), ``last.pt``, the numbered file it copies, then the others by step. Each
         is checked by :func:`verify_checkpoint` (its checksum: one read, not repeated by the load
         that follows); a damaged one is skipped with a one-line warning naming it and the file
-        used instead. When none is intact the newest is returned: loading it raises the error.
+        used instead (``last.pt`` and the numbered file it is a hard link to are one file: one
+        line, one read). A missing ``last.pt`` beside numbered files is said in one line too.
+        When none is intact the newest is returned: loading it raises the error.
         """
         candidates = self._candidates()
         skipped: list[str] = []
+        if candidates and self.last not in candidates:
+            skipped.append(f"{self.last}: missing")
+        failed: dict[tuple, int] = {}  # (file identity, recorded digest) of a damaged file -> its line
         for path in candidates:
+            key = _content_key(path)
+            if key is not None and key in failed:  # a second name of a file found damaged
+                skipped[failed[key]] += f", as is {path.name} (the same file)"
+                continue
             try:
                 verify_checkpoint(path)
             except CheckpointError as exc:
+                if key is not None:
+                    failed[key] = len(skipped)
                 skipped.append(str(exc))
                 continue
             except OSError as exc:  # vanished or unreadable since it was listed
@@ -491,8 +524,8 @@ class CheckpointManager:
         return newer + [self.last] + ([twin] if twin is not None else []) + rest
 
     def _copy_of_last(self, numbered: list[Path], last_stat: os.stat_result) -> Path | None:
-        """The numbered file ``last.pt`` is a copy of (same checksum) or a hard link to (runs
-        written before last.pt became a copy), None if neither."""
+        """The numbered file ``last.pt`` is a hard link to or a copy of (same checksum: file systems
+        without hard links, and runs written when last.pt was always a copy), None if neither."""
         try:
             digest = _recorded_digest(self.last)
         except CheckpointError:
@@ -534,18 +567,46 @@ class CheckpointManager:
             return save_checkpoint(self.last, state)
         step = int(state["step"] if step is None else step)
         target = self.directory / f"step_{step:08d}.pt"
-        # Both files at once: the old last.pt is replaced only once its copy is complete, and a
-        # numbered file without its last.pt would still end the run on the next write.
-        check_free_space(self.directory, 2 * state_bytes(state), f"{target.name} and {LAST}")
+        # One copy of the bytes: last.pt becomes a hard link to the numbered file (a copy where
+        # links fail, which the write then reports if the disk cannot hold it).
+        check_free_space(self.directory, state_bytes(state), f"{target.name} and {LAST}")
         digest = _write_with_checksum(target, lambda f: torch.save(state, f))
-        # last.pt: a copy, not a hard link, so truncating or overwriting it cannot touch the
-        # numbered file; same bytes, so the same checksum (a bad copy fails it, and latest()
-        # then falls back to the numbered file).
         _drop_checksum(self.last)
-        atomic_write(self.last, lambda f: _copy_into(target, f), prefix=f"{TMP_PREFIX}{LAST}.", durable=True)
-        _write_checksum(self.last, digest)
+        self._point_last_at(target)
+        _write_checksum(self.last, digest)  # same bytes, same checksum (a bad copy fails it)
         self._prune(step)
         return self.last
+
+    def _point_last_at(self, target: Path) -> None:
+        """Replace ``last.pt`` by a hard link to ``target`` atomically (link under a temporary
+        name, then ``os.replace``): a reader sees the old or the new file, never none. Where the
+        file system refuses hard links (FAT, some network mounts), an atomic copy, said once."""
+        global _said_no_links
+        tmp = self.directory / f"{TMP_PREFIX}{LAST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            os.link(target, tmp)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise WriteError(self.last, exc.strerror or str(exc)) from exc
+            if not _said_no_links:
+                _said_no_links = True
+                print(
+                    f"soco: note: {self.directory}: no hard links here ({exc.strerror or exc}); last.pt is a copy "
+                    "of the newest checkpoint (twice its disk space)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            atomic_write(self.last, lambda f: _copy_into(target, f), prefix=f"{TMP_PREFIX}{LAST}.", durable=True)
+            return
+        try:
+            os.replace(tmp, self.last)
+            fsync_dir(self.directory)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise WriteError(self.last, exc.strerror or str(exc)) from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _prune(self, step: int) -> None:
         kept = [p for p in self.numbered() if _step_of(p) <= step and os.path.realpath(p) not in _protected]

@@ -12,6 +12,12 @@ released code crashed converting to SyncBN on one GPU). Backends: nccl on CUDA, 
 Ownership: :func:`cleanup` destroys only the process group :func:`init_distributed` created. A
 group that already existed (a caller's own ``init_process_group``, e.g. a notebook or a test
 harness calling ``pretrain``) is joined as it is and left alone: its creator destroys it.
+
+A process that dies or hangs: collectives wait at most ``timeout_s`` (``train.dist_timeout_s``;
+gloo alone would wait 30 minutes), and a death is seen at once on gloo (its connections close).
+:func:`stop_on_lost_ranks` turns that failure into one :class:`RankLostError` line naming the
+ranks that did not answer a roll call through the rendezvous store. With nccl a timeout is
+handled by torch's watchdog, which ends the process itself.
 """
 
 from __future__ import annotations
@@ -20,21 +26,33 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ..errors import RunError
+from ..errors import RunError, SocoError
 
 DEFAULT_PORT = 29500  # torchrun's default rendezvous port
+# How long the survivors of a failed collective wait for each other's answer to the roll call
+# (at most the collective timeout): they see the failure within a few seconds of each other.
+ROLL_CALL_S = 10.0
 
 _created: list = []  # the default process group init_distributed created (at most one), for cleanup
+_groups = [0]  # process groups init_distributed created in this process: roll-call keys of one group
 
 
 class DistributedError(RunError):
     """A launch environment we cannot use; the message says what to set."""
+
+
+class RankLostError(RunError):
+    """Another process of the job died or stopped answering a collective; one line naming its
+    rank(s). The run's checkpoints are intact: rerunning the command resumes."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +170,9 @@ def first_host(nodelist: str) -> str | None:
     return f"{m.group(1)}{first}{m.group(3)}" if first else None
 
 
-def init_distributed(device: str | None = None, env: Mapping[str, str] | None = None) -> DistInfo:
+def init_distributed(
+    device: str | None = None, env: Mapping[str, str] | None = None, timeout_s: float | None = None
+) -> DistInfo:
     """Join the job described by the launcher's environment variables (see module docstring).
 
     ``device``: "cuda" or "cpu" to force one (default: CUDA when available). One process: no
@@ -160,6 +180,8 @@ def init_distributed(device: str | None = None, env: Mapping[str, str] | None = 
     CPU) with this process on ``cuda:LOCAL_RANK``, unless a process group exists already (it is
     used as it is). Calling it again returns the same answer. ``owns_group``: this call or an
     earlier one created the group, which :func:`cleanup` then destroys (and only then).
+    ``timeout_s``: how long a collective (and the rendezvous) waits for the other processes
+    (None: torch's default, 30 minutes for gloo).
     """
     launch = parse_launch_env(env)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
@@ -198,8 +220,10 @@ def init_distributed(device: str | None = None, env: Mapping[str, str] | None = 
             init_method=init_method,
             rank=launch.rank,
             world_size=launch.world_size,
+            timeout=None if timeout_s is None else timedelta(seconds=timeout_s),  # None: torch's default
         )
         _created[:] = [_default_group()]
+        _groups[0] += 1
     owns = bool(_created) and _created[0] is _default_group()
     return DistInfo(
         launch.rank, launch.world_size, launch.local_rank, dev, launch.rank == 0, launch.launcher, backend, owns
@@ -269,3 +293,58 @@ def barrier() -> None:
     """Wait for every process (no-op without a process group)."""
     if get_world_size() > 1:
         dist.barrier()
+
+
+# What a collective raises when a peer is gone: gloo's connection and timeout errors are plain
+# RuntimeErrors naming gloo's sources; torch's own are DistError subclasses.
+_PEER_LOST = re.compile(r"gloo/|Connection (closed|reset) by peer|Timed out waiting|Broken pipe")
+
+
+@contextmanager
+def stop_on_lost_ranks(info: DistInfo, timeout_s: float | None, then: str = "") -> Iterator[None]:
+    """Turn a collective that failed because another process died or hung into one
+    :class:`RankLostError` line naming the ranks that did not answer the roll call (``then``:
+    what to do next, appended). Without a process group, or for any other error, nothing changes.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if info.world_size == 1 or isinstance(exc, SocoError) or not _peer_lost(exc):
+            raise
+        lost = _roll_call(info, min(ROLL_CALL_S, timeout_s or ROLL_CALL_S))
+        if re.search("timed out|timeout", str(exc), re.IGNORECASE):
+            how = f"no reply within train.dist_timeout_s={timeout_s:g} s" if timeout_s else "timed out"
+        else:
+            how = "its connection closed"
+        if lost is None:
+            who = "rank 0 or the launcher holding the rendezvous store stopped answering"
+        elif lost:
+            ranks = ", ".join(map(str, lost))
+            who = f"rank{'s' if len(lost) > 1 else ''} {ranks} of {info.world_size} stopped answering"
+        else:  # everyone answered: the network between two live processes failed
+            who = f"a collective failed although all {info.world_size} processes answer"
+        raise RankLostError(f"{who} ({how}); rank {info.rank} stops too{then}") from exc
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and bool(_PEER_LOST.search(str(exc))))
+
+
+def _roll_call(info: DistInfo, window_s: float) -> list[int] | None:
+    """The ranks that did not check in through the rendezvous store within ``window_s`` (each
+    survivor writes its key, then polls for the others'; ``check`` rather than ``wait``: a
+    store wait that times out prints socket warnings). None when the store is unreachable."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        key = f"soco/roll-call/{_groups[0]}/{{}}".format
+        store.set(key(info.rank), "1")
+        pending = [r for r in range(info.world_size) if r != info.rank]
+        deadline = time.monotonic() + window_s
+        while pending:
+            pending = [r for r in pending if not store.check([key(r)])]
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        return pending
+    except (RuntimeError, ValueError):  # store gone (its host died), or no default group any more
+        return None

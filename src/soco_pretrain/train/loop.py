@@ -609,6 +609,7 @@ class MonitorHook(Hook):
 # Settings a resumed run may change freely: how it runs and reports, not what it trains. Any
 # other difference from the checkpoint's config (model, data, schedule) needs accept_changes.
 RESUME_FREE = ("version", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.workers",
+               "train.dist_timeout_s",
                "train.compile", "train.per_device_batch", "train.channels_last", "train.precision",
                "train.cudnn_benchmark", "train.tf32", "train.prefetch", "data.augment.device", "data.decode",
                "model.roi_pool", "monitor.")  # fmt: skip
@@ -895,16 +896,18 @@ def pretrain(
     resume continue with other settings than the checkpoint's. Raises PretrainError (bad config),
     RunFolderError, NonFiniteLossError.
     """
-    from ..engine.distributed import cleanup, init_distributed
+    from ..engine.distributed import cleanup, init_distributed, stop_on_lost_ranks
     from ..runfolder import locked, start_fresh
 
     run_dir = Path(run_dir)
     if max_steps is not None and max_steps < 0:
         raise PretrainError(f"max_steps must be >= 0, got {max_steps}")
     init = prepare_warm_start(cfg, run_dir, resume)  # a bad --init file fails before anything is written
-    dist_info = init_distributed(device)
+    timeout = cfg.train.dist_timeout_s
+    dist_info = init_distributed(device, timeout_s=timeout)
+    then = f"; rerun the same command to resume from the last checkpoint in {run_dir / 'checkpoints'}"
     try:
-        with locked(run_dir, "pretrain", enabled=dist_info.is_main):
+        with locked(run_dir, "pretrain", enabled=dist_info.is_main), stop_on_lost_ranks(dist_info, timeout, then):
             if resume in (None, "none") and dist_info.is_main:
                 start_fresh(run_dir, overwrite, "pretrain")
             return _pretrain(cfg, images, proposals, run_dir, max_steps, resume, image_root, progress, dist_info,
