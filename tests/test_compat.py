@@ -26,7 +26,9 @@ def _as_previous_format(run) -> None:
     """Rewrite the run's newest checkpoint and config.yaml as the previous code wrote them."""
     path = run / "checkpoints" / "last.pt"
     state = load_checkpoint(path)
-    assert set(state) == PREVIOUS_CHECKPOINT_KEYS  # the layout itself is unchanged
+    # the layout is unchanged but for total_steps (the schedule's length, read by the model card)
+    assert set(state) == PREVIOUS_CHECKPOINT_KEYS | {"total_steps"}
+    state.pop("total_steps")
     state["config"].pop("version")
     for newer in [*(run / "checkpoints").glob("step_*.pt"), *(run / "checkpoints").glob("*.sha256")]:
         newer.unlink()  # the previous code wrote no checksum files
