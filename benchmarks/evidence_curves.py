@@ -1,5 +1,6 @@
 """Learning curves of several pretraining runs in one picture: the object probe the monitor logs
-(``monitor.objects=crop``: balanced accuracy of the logistic readout, online network), the
+(``monitor.objects=crop``: balanced accuracy of the logistic readout, online network; the EMA
+target's dashed), the
 effective rank of the probed features and the loss, one line per run, coloured by the run's box
 source (the part of its folder name before ``-s<seed>``, as benchmarks/evidence.sh names them).
 
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
+        steps, values = series(records, "probe_target_balanced")  # the EMA target, dashed
+        if steps:
+            axes[0].plot(steps, values, color=colour, ls="--", lw=1, label=f"{run.name} target")
         steps, values = series(records, "probe_balanced")
         print(f"{run.name:<24} " + "  ".join(f"{s}:{v:.1f}" for s, v in zip(steps, values)))
     axes[0].legend(fontsize=8)
