@@ -474,8 +474,8 @@ class MonitorConfig:
     min_box: float = 32.0  # px in the original image, both sides
     batch: int = 16
     # The probe, as soco knn's options of the same names (KnnOptions): roi | crop, feature sets
-    # (None: the mode's default), crop context, classes with fewer objects on the neighbour side
-    # left out.
+    # (None: the mode's default; the monitor embeds and logs the first only), crop context, classes
+    # with fewer objects on the neighbour side left out.
     objects: Literal["roi", "crop"] = "roi"
     features: tuple[Literal["c5", "c4", "head"], ...] | None = None
     context: float = 1.2

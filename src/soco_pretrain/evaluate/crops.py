@@ -22,6 +22,8 @@ import math
 import numpy as np
 import torch
 
+from .knn import CheckedImages
+
 # ImageNet mean (data.augment's normalisation) as uint8: the fill is zero once normalised.
 FILL = (124, 116, 104)
 
@@ -56,24 +58,17 @@ def cut_crop(image: np.ndarray, box, size: int, context: float = 1.2) -> tuple[n
     return resize_square(canvas, size), clipped
 
 
-class CropImages(torch.utils.data.Dataset):
+class CropImages(CheckedImages):
     """Per image of an ObjectSet: its objects' crops as a (n, 3, S, S) uint8 tensor (or an error message)."""
 
     def __init__(self, objects, size: int, context: float):
-        self.objects, self.size, self.context = objects, int(size), float(context)
+        super().__init__(objects)
+        self.size, self.context = int(size), float(context)
 
-    def __len__(self) -> int:
-        return len(self.objects)
-
-    def __getitem__(self, i: int) -> dict:
-        from .knn import load_checked
-
-        image, error = load_checked(self.objects, i)
-        if image is None:
-            return {"index": i, "error": error}
+    def encode(self, image: np.ndarray, i: int) -> dict:
         cut = [cut_crop(image, box, self.size, self.context) for box in self.objects.boxes[i]]
         crops = torch.from_numpy(np.stack([c for c, _ in cut])).permute(0, 3, 1, 2).contiguous()
-        return {"index": i, "crops": crops, "clipped": sum(int(c) for _, c in cut)}
+        return {"crops": crops, "clipped": sum(int(c) for _, c in cut)}
 
 
 class CropSet:

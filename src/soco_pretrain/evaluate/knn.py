@@ -34,7 +34,7 @@ only):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -204,23 +204,38 @@ def load_checked(objects: ObjectSet, i: int) -> tuple[np.ndarray | None, str]:
     return image, ""
 
 
-class _Images(torch.utils.data.Dataset):
-    """Decoded, resized uint8 images (3, S, S) of an ObjectSet; failures come back as messages."""
+class CheckedImages(torch.utils.data.Dataset):
+    """Per image of an ObjectSet: ``{"index": i, **self.encode(image, i)}``, or ``{"index": i,
+    "error": reason}`` for an image ``load_checked`` refuses (the caller lists it)."""
 
-    def __init__(self, objects: ObjectSet, size: int):
-        self.objects, self.size = objects, size
+    def __init__(self, objects: ObjectSet):
+        self.objects = objects
 
     def __len__(self) -> int:
         return len(self.objects)
 
     def __getitem__(self, i: int) -> dict:
-        from ..data.views import resize_square
-
         image, error = load_checked(self.objects, i)
         if image is None:
             return {"index": i, "error": error}
+        return {"index": i, **self.encode(image, i)}
+
+    def encode(self, image: np.ndarray, i: int) -> dict:
+        raise NotImplementedError
+
+
+class _Images(CheckedImages):
+    """Decoded, resized uint8 images (3, S, S) of an ObjectSet."""
+
+    def __init__(self, objects: ObjectSet, size: int):
+        super().__init__(objects)
+        self.size = size
+
+    def encode(self, image: np.ndarray, i: int) -> dict:
+        from ..data.views import resize_square
+
         view = resize_square(image, self.size)
-        return {"index": i, "image": torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)}
+        return {"image": torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)}
 
 
 def _batches(objects: ObjectSet, size: int, batch: int, workers: int, limit: int | None = None):
@@ -826,7 +841,10 @@ class ObjectMonitor:
             None,
             {"data": {"views": {"v1_size": cfg.data.views.v1_size, "level_bounds": list(cfg.data.views.level_bounds)}}},
         )
-        self.probe = Probe.of(m, size, bounds)  # bn precise, centred, no floors: the defaults
+        # bn precise, centred, no floors (the defaults); only the primary feature set, the one the
+        # curve logs: embedding and fitting the others every evaluation would be thrown away
+        probe = Probe.of(m, size, bounds)
+        self.probe = replace(probe, features=probe.features[:1])
         self.device, self.progress = device, progress
         self.cache: dict = {}  # decoded images / crops, kept between evaluations
         from ..model.encoder import SoCoEncoder
