@@ -1,7 +1,7 @@
 """GPU benchmark: ``soco pretrain``'s training step and loop against the card's own matmul rate.
 
 One prepared script for a lent GPU machine (one call, ``--budget-s``). Every step row is
-``soco pretrain``'s own step (``PretrainStep`` on ``job_for_batch``: the model, LARS, schedules
+``soco pretrain``'s own step (``PretrainStep`` on ``fixed_batch.job_for_batch``: the model, LARS, schedules
 and EMA, with the speed settings ``train/speed.py`` applies from the config: cuDNN autotuning,
 TF32, torch.compile and its mode, channels_last); the script sets no global flag of its own. The
 ``defaults`` variant overrides nothing but the batch and the view sizes: it is what a user gets.
@@ -58,7 +58,8 @@ from soco_pretrain.config import apply_overrides  # noqa: E402
 from soco_pretrain.data.synthetic import synthetic_batch  # noqa: E402
 from soco_pretrain.engine.skips import SkipLog  # noqa: E402
 from soco_pretrain.presets import load_preset  # noqa: E402
-from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch  # noqa: E402
+from soco_pretrain.train.fixed_batch import job_for_batch
+from soco_pretrain.train.loop import Position, PretrainStep  # noqa: E402
 
 # variant -> (channels_last, compile, extra overrides); None keeps the preset's (soco pretrain's default)
 VARIANTS: dict[str, tuple[bool | None, bool | None, tuple[str, ...]]] = {

@@ -1,7 +1,7 @@
 """Benchmark: one SoCo training step (FPN, C4, SoCo*) on a synthetic batch.
 
 For each model, a step is ``soco pretrain``'s own step (``train.loop.PretrainStep`` on a job
-built by ``train.loop.job_for_batch``: the same model, LARS, precision, lr/tau schedules and
+built by ``train.fixed_batch.job_for_batch``: the same model, LARS, precision, lr/tau schedules and
 EMA update, no accumulation): forward of the online and target networks on every view, the
 loss, backward, the LARS update and the EMA update of the target. The batch is synthetic
 (random normalised views, random boxes of 16 px to the whole view, levels from the paper's
@@ -40,7 +40,8 @@ from soco_pretrain.config import apply_overrides
 from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.engine.skips import SkipLog
 from soco_pretrain.presets import load_preset
-from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch
+from soco_pretrain.train.fixed_batch import job_for_batch
+from soco_pretrain.train.loop import Position, PretrainStep
 
 # row name -> (preset, number of views the model uses)
 MODELS = {"FPN": ("fpn-100ep", 3), "C4": ("c4-100ep", 2), "SoCo*": ("fpn-star-400ep", 4), "R18-FPN": ("cpu-small", 3)}

@@ -42,10 +42,11 @@ from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.engine.skips import SkipLog
 from soco_pretrain.model.backbones import BACKBONES, backbone_of_state
 from soco_pretrain.model.encoder import SoCoEncoder
-from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch
+from soco_pretrain.train.fixed_batch import job_for_batch
+from soco_pretrain.train.loop import Position, PretrainStep
 from soco_pretrain.transfer.detector import build_detector, detector_backbone
 from soco_pretrain.transfer.export import EXPORTERS, EncoderWeights, ExportError, convert
-from soco_pretrain.transfer.weights import WeightsError
+from soco_pretrain.weights import WeightsError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,7 +113,7 @@ def test_backbone_of_state_names_every_backbone_and_refuses_unknown_ones():
     with pytest.raises(ValueError, match="none of the known backbones"):
         backbone_of_state(wide)
     # a config-less soco checkpoint holding such a ResNet: one line naming the file, no silent ResNet-50
-    from soco_pretrain.transfer.weights import SocoWeights, WeightsError
+    from soco_pretrain.weights import SocoWeights, WeightsError
 
     online = {f"backbone.body.{k}": v for k, v in wide.items()}
     with pytest.raises(WeightsError, match=r"old\.pt: a ResNet of 50 layers .* none of the known backbones"):
@@ -337,11 +338,10 @@ def test_the_detector_backbone_comes_from_the_weights(tmp_path):
 
 
 def test_a_fine_tune_resumes_only_with_its_own_backbone(tmp_path):
-    from soco_pretrain.transfer.finetune import FinetuneError, resume_job
+    from soco_pretrain.transfer.finetune import FinetuneError, check_same_detector
 
     path = tmp_path / "last.pt"
-    torch.save({"model": {}, "optimizer": {}, "iteration": 3, "backbone": "resnet18"}, path)
-    job = SimpleNamespace(opts=SimpleNamespace(resume=str(path)), device=torch.device("cpu"), backbone="resnet50")
-    manager = SimpleNamespace(resume_from=lambda resume: Path(resume))
+    checkpoint = {"model": {}, "optimizer": {}, "iteration": 3, "backbone": "resnet18"}
+    job = SimpleNamespace(device=torch.device("cpu"), backbone="resnet50")
     with pytest.raises(FinetuneError, match="a fine-tune of a resnet18 detector, this run builds resnet50"):
-        resume_job(job, manager)
+        check_same_detector(checkpoint, path, job)

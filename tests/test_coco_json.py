@@ -13,15 +13,13 @@ from soco_pretrain.coco_json import (
     IGNORED,
     OPTIONAL,
     REQUIRED,
-    CocoJsonError,
     normalised_file_name,
     read_coco_json,
 )
 from soco_pretrain.data.dataset import read_coco_images
-from soco_pretrain.data.proposal_sources import BoxFileError, read_coco_boxes
-from soco_pretrain.errors import UserError
-from soco_pretrain.images import ImageError
-from soco_pretrain.transfer.coco import CocoError, load_coco
+from soco_pretrain.data.proposal_sources import read_coco_boxes
+from soco_pretrain.errors import PathError, UserError
+from soco_pretrain.transfer.coco import load_coco
 
 
 def valid_coco() -> dict:
@@ -55,12 +53,13 @@ def coco_file(tmp_path):
 
 
 def _callers(path, tmp_path):
-    """Each caller's reading of ``path``, as a zero-argument function, with its error class."""
+    """Each caller's reading of ``path``, as a zero-argument function, with its error class (the
+    reader's own PathError, passed on unchanged)."""
     (tmp_path / "imgs").mkdir(exist_ok=True)
     return {
-        "images": (lambda: read_coco_images(path, tmp_path / "imgs"), ImageError),
-        "boxes": (lambda: read_coco_boxes(path, ["a/one.png", "b/two.png"]), BoxFileError),
-        "load_coco": (lambda: load_coco(path, tmp_path / "imgs"), CocoError),
+        "images": (lambda: read_coco_images(path, tmp_path / "imgs"), PathError),
+        "boxes": (lambda: read_coco_boxes(path, ["a/one.png", "b/two.png"]), PathError),
+        "load_coco": (lambda: load_coco(path, tmp_path / "imgs"), PathError),
     }
 
 
@@ -117,14 +116,14 @@ def test_annotations_are_optional_for_load_coco_and_required_for_boxes(coco_file
     callers = _callers(path, tmp_path)
     assert callers["load_coco"][0]().anns == {}
     assert len(callers["images"][0]()) == 3
-    with pytest.raises(BoxFileError, match="needs 'images' and 'annotations' lists"):
+    with pytest.raises(PathError, match="needs 'images' and 'annotations' lists"):
         callers["boxes"][0]()
 
 
 def test_image_source_ignores_annotations_and_categories(coco_file, tmp_path):
     path = coco_file({"images": [{"file_name": "x.png"}], "annotations": [{"image_id": 1}], "categories": 3})
     assert read_coco_images(path, tmp_path).paths == ["x.png"]
-    with pytest.raises(CocoJsonError, match="'categories' is not a list"):
+    with pytest.raises(PathError, match="'categories' is not a list"):
         read_coco_json(path)
 
 
@@ -155,7 +154,7 @@ def test_image_source_ignores_annotations_and_categories(coco_file, tmp_path):
 )
 def test_bad_files_fail_the_same_way_in_every_caller(coco_file, tmp_path, content, problem):
     path = coco_file(content)
-    with pytest.raises(CocoJsonError) as direct:
+    with pytest.raises(PathError) as direct:
         read_coco_json(path)
     assert problem in str(direct.value)
     for name, (call, error) in _callers(path, tmp_path).items():
@@ -167,12 +166,12 @@ def test_bad_files_fail_the_same_way_in_every_caller(coco_file, tmp_path, conten
 
 
 def test_a_missing_file_is_named(tmp_path):
-    with pytest.raises(CocoJsonError, match=r"absent.json: no such file \(COCO JSON\)") as err:
+    with pytest.raises(PathError, match=r"absent.json: no such file \(COCO JSON\)") as err:
         read_coco_json(tmp_path / "absent.json")
     assert err.value.path == str(tmp_path / "absent.json")
-    with pytest.raises(BoxFileError, match=r"absent.json: no such file \(the proposal JSON\)"):
+    with pytest.raises(PathError, match=r"absent.json: no such file \(the proposal JSON\)"):
         read_coco_boxes(tmp_path / "absent.json", [])
-    with pytest.raises(CocoError, match="absent.json: no such COCO JSON file"):
+    with pytest.raises(PathError, match="absent.json: no such COCO JSON file"):
         load_coco(tmp_path / "absent.json", tmp_path)
 
 
@@ -238,7 +237,7 @@ def test_missing_or_bad_keys(coco_file, change, problem, kwargs):
     data = valid_coco()
     change(data)
     path = coco_file(data)
-    with pytest.raises(CocoJsonError) as err:
+    with pytest.raises(PathError) as err:
         read_coco_json(path, **kwargs)
     assert problem in str(err.value) and str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
 
@@ -253,7 +252,7 @@ def test_checks_left_out_are_not_made(coco_file):
     assert parsed.categories == [] and len(parsed.annotations) == 5
     data["images"][1]["height"] = -1
     path.write_text(json.dumps(data))
-    with pytest.raises(CocoJsonError, match="height -1"):
+    with pytest.raises(PathError, match="height -1"):
         read_coco_json(path, categories=False, sizes=OPTIONAL)
     assert len(read_coco_json(path, categories=False, sizes=IGNORED).images) == 3
 
@@ -267,11 +266,11 @@ def test_unknown_modes_are_refused(coco_file):
 
 
 def test_error_is_a_user_error_and_pickles(tmp_path):
-    exc = CocoJsonError(tmp_path / "x.json", "bad\n  thing")
+    exc = PathError(tmp_path / "x.json", "bad\n  thing")
     assert isinstance(exc, UserError) and exc.exit_code == 2
     assert str(exc) == f"{tmp_path / 'x.json'}: bad thing"
     again = pickle.loads(pickle.dumps(exc))
-    assert type(again) is CocoJsonError and str(again) == str(exc) and again.problem == "bad thing"
+    assert type(again) is PathError and str(again) == str(exc) and again.reason == "bad thing"
 
 
 @pytest.mark.parametrize(

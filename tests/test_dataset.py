@@ -15,8 +15,8 @@ from data_fixtures import PHOTOS, corrupt, make_photos, make_store
 from soco_pretrain.config import AugmentConfig, DataConfig, ViewsConfig
 from soco_pretrain.data.boxes import from_store
 from soco_pretrain.data.dataset import DatasetError, SoCoDataset, read_coco_images
-from soco_pretrain.errors import UserError
-from soco_pretrain.images import ImageError, list_images
+from soco_pretrain.errors import PathError, UserError
+from soco_pretrain.images import list_images
 from soco_pretrain.proposals.store import load
 
 
@@ -154,14 +154,14 @@ def test_coco_json_file_names_default_to_the_json_folder(data):
 def test_bad_coco_json_is_a_one_line_error_naming_the_file(tmp_path, content, problem):
     bad = tmp_path / "bad.json"
     bad.write_text(content)
-    with pytest.raises(ImageError) as exc:
+    with pytest.raises(PathError) as exc:
         read_coco_images(bad)
     assert str(bad) in str(exc.value) and problem in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_image_root_with_a_folder_source_is_an_error(data):
     images, store = data
-    with pytest.raises(DatasetError, match="COCO JSON sources only"):
+    with pytest.raises(UserError, match="COCO JSON sources only"):
         SoCoDataset(images, store, config(), image_root=images)
 
 
@@ -369,7 +369,7 @@ def test_consecutive_failures_chain_and_wrap_around(broken):
 def test_too_many_failures_is_a_clear_error(broken):
     images, store, paths = broken
     cfg = dataclasses.replace(config(), max_decode_retries=0)
-    with pytest.raises(DatasetError, match=r"1 images in a row from index 1 failed to decode"):
+    with pytest.raises(PathError, match=r"1 images in a row from index 1 failed to decode"):
         SoCoDataset(images, store, cfg)[1]
 
 

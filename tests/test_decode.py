@@ -126,7 +126,9 @@ def test_corrupt_jpeg_is_left_out_of_the_loss_and_reported(photos, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="soco_pretrain.data"):
         got = render_batch(batch, cfg.views, "cpu")
     bad = paths.index("chelsea.jpg")
-    assert got["skipped"] == [(str(broken / "chelsea.jpg"), "truncated image file")]
+    # the decoder's reason and PIL's, both kept
+    reason = "decode_jpeg on cpu: Image is incomplete or truncated; truncated image file"
+    assert got["skipped"] == [(str(broken / "chelsea.jpg"), reason)]
     assert any("chelsea.jpg" in r.getMessage() for r in caplog.records)
     assert not got["valid"][bad].any() and batch["valid"][bad].all()  # the loader's batch is untouched
     assert all((view[bad] == 0).all() for view in got["views"])
@@ -146,15 +148,72 @@ def test_device_decode_with_cpu_augmentation_is_a_one_line_error():
     DataConfig(decode="device", augment=AugmentConfig(device="auto"))  # auto is accepted
 
 
-def test_loader_batches_render(photos):
+def test_loader_batches_render_the_workers_views(photos):
+    """Batches of the loader (device decode) render to the views the worker path makes of the
+    same (epoch, index): every pixel, box and slot."""
     images, store, paths = photos
     ds = SoCoDataset(images, store, configs("device", soco_star=True))
+    worker = SoCoDataset(images, store, configs("worker", soco_star=True))
     loader = make_loader(ds, batch_size=2, workers=0, seed=0, drop_last=True)
     batches = list(loader)
-    assert len(batches) == 2
+    assert len(batches) == 2 and sorted(i for b in batches for i in b["index"].tolist()) == [0, 1, 2, 3]
     for batch in batches:
         assert has_encoded(batch) and len(batch["encoded"]) == len(batch["pixels"]) == 2
         got = render_batch(batch, ds.config.views, torch.device("cpu"))
+        expected = soco_collate([worker[(0, i)] for i in batch["index"].tolist()])
         assert [tuple(v.shape) for v in got["views"]] == [(2, 3, s, s) for s in (96, 96, 48, 64)]
-        assert got["valid"].shape == (2, 3) and got["valid"].all()
-        assert np.array_equal(got["index"].numpy(), batch["index"].numpy())
+        assert all(torch.equal(a, b) for a, b in zip(got["views"], expected["views"]))
+        assert all(torch.equal(a, b) for a, b in zip(got["boxes"], expected["boxes"]))
+        assert torch.equal(got["valid"], expected["valid"]) and got["valid"].all()
+
+
+# JPEG (quality 95, no chroma subsampling) of the smooth test image: max |decoded - array|
+# measured 3 (RGB) and 0 (grey) here; a swapped channel order or a transposed image is off by
+# well over 100.
+JPEG_TOLERANCE = 4
+
+
+def test_rendered_views_hold_the_files_pixels(tmp_path):
+    """Known arrays saved as PNG (exact), RGB JPEG and grey JPEG (within JPEG_TOLERANCE), read as
+    the loader workers read them (images.load_encoded: JPEG bytes, PNG pixels), rendered with a
+    plan whose resamplings are all identities: V1 = the whole image at its own size, V2 = a crop
+    of the original at its own size, flipped, V3 = V2's pixels before the flip."""
+    from soco_pretrain.data.views import PLAN_CROP_ORIGINAL, PLAN_FOLLOWS, PLAN_V1, ViewPlan, plan_array
+    from soco_pretrain.images import load_encoded
+
+    side, (x0, y0, x1, y1) = 32, (4, 8, 20, 24)
+    yy, xx = np.mgrid[0:side, 0:side]
+    smooth = np.stack([xx * 8, yy * 6 + 20, 255 - (xx + yy) * 3], axis=-1).astype(np.uint8)
+    noisy = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "noisy.png")
+    Image.fromarray(smooth).save(tmp_path / "smooth.jpg", quality=95, subsampling=0)
+    Image.fromarray(smooth[..., 1]).save(tmp_path / "grey.jpg", quality=95)
+    sources = {"noisy.png": noisy, "smooth.jpg": smooth, "grey.jpg": np.repeat(smooth[..., 1:2], 3, axis=2)}
+    plan = [
+        ViewPlan(PLAN_V1, 0, 0, 0, 0, -1, 0, side),
+        ViewPlan(PLAN_CROP_ORIGINAL, x0, y0, x1, y1, -1, 1, x1 - x0),
+        ViewPlan(PLAN_FOLLOWS, 0, 0, 0, 0, 1, 0, x1 - x0),
+    ]
+    read = [load_encoded(tmp_path / name) for name in sources]
+    assert [data is not None for data, _, _ in read] == [False, True, True]  # PNG pixels, JPEG bytes
+    n = len(sources)
+    batch = {
+        "files": [str(tmp_path / name) for name in sources],
+        "encoded": [None if data is None else torch.from_numpy(data) for data, _, _ in read],
+        "pixels": [None if image is None else torch.from_numpy(image) for _, image, _ in read],
+        "plan": torch.from_numpy(np.stack([plan_array(plan)] * n)),
+        "image_size": torch.tensor([size for _, _, size in read]),
+        "valid": torch.ones(n, 1, dtype=torch.bool),
+        "proposal_ids": torch.zeros(n, 1, dtype=torch.int64),
+        "boxes": [],
+        "levels": [],
+        "skipped": [],
+    }
+    views = render_batch(batch, ViewsConfig(v1_size=side), "cpu")["views"]
+    assert [tuple(v.shape) for v in views] == [(n, 3, side, side), (n, 3, 16, 16), (n, 3, 16, 16)]
+    for i, (name, array) in enumerate(sources.items()):
+        crop = array[y0:y1, x0:x1]
+        for v, expected in enumerate([array, crop[:, ::-1], crop]):
+            got = views[v][i].permute(1, 2, 0).numpy().astype(int)
+            diff = np.abs(got - expected.astype(int)).max()
+            assert diff <= (0 if name.endswith(".png") else JPEG_TOLERANCE), (name, v, diff)

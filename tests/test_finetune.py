@@ -20,11 +20,11 @@ from conftest import small_photo
 from soco_pretrain.cli import main
 from soco_pretrain.config import PretrainConfig, to_dict
 from soco_pretrain.engine.checkpoint import load_checkpoint, save_checkpoint
+from soco_pretrain.errors import PathError
 from soco_pretrain.model import SoCoModel
 from soco_pretrain.train.loop import save_config
 from soco_pretrain.transfer.coco import (
     CocoDetection,
-    CocoError,
     TrainStream,
     load_coco,
     make_target,
@@ -231,12 +231,14 @@ def test_soco_checkpoint_loads_backbone_and_box_head(soco_run, tmp_path):
     for key, value in online.items():
         target_key = key if key.startswith("backbone.") else "roi_heads." + key
         assert torch.equal(own[target_key], value), key
-    assert report.modules["backbone.body"][0] == report.modules["backbone.body"][1] > 300
-    assert report.modules["backbone.fpn"][0] == report.modules["backbone.fpn"][1] == 48
-    assert report.modules["roi_heads.box_head"][0] == report.modules["roi_heads.box_head"][1] == 26
+    assert report.modules["backbone.body"][0] == report.modules["backbone.body"][1] == 265  # R50, counters aside
+    # tensors counted without the BN num_batches_tracked counters (loaded, never required)
+    assert report.modules["backbone.fpn"][0] == report.modules["backbone.fpn"][1] == 40
+    assert report.modules["roi_heads.box_head"][0] == report.modules["roi_heads.box_head"][1] == 22
     for name in ("rpn", "roi_heads.box_predictor", "roi_heads.mask_head", "roi_heads.mask_predictor"):
         assert report.modules[name][0] == 0
-    assert report.loaded == len(online) and not report.unused and "online" in report.format()
+    counted = [k for k in online if not k.endswith("num_batches_tracked")]
+    assert report.loaded == len(counted) and not report.unused and "online" in report.format()
 
     load_weights(model, run / "checkpoints" / "last.pt", soco_weights="target")
     target = _encoder(state, "target_encoder.")
@@ -252,7 +254,7 @@ def test_soco_checkpoint_loads_backbone_and_box_head(soco_run, tmp_path):
     assert report.modules["rpn"] == (0, 8) and "roi_heads.mask_head" not in report.modules
 
     none = load_weights(fresh, None)
-    assert none.loaded == 0 and none.kind == "random init"
+    assert none.loaded == 0 and "random init" in none.format()
 
     torch.save({"head.weight": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(WeightsError, match="no tensor matches"):
@@ -507,7 +509,7 @@ def test_bad_inputs_are_one_line_errors(data, soco_run, tmp_path, capsys):
         bad.write_text(text)
         assert main([*base, "--train-json", str(bad)]) == 2
         assert expected in _error(capsys)
-    with pytest.raises(CocoError):
+    with pytest.raises(PathError):
         load_coco(data["train_json"], tmp_path / "no-such-folder")
     (tmp_path / "junk.pth").write_bytes(b"junk")
     args = [a if a != "none" else str(tmp_path / "junk.pth") for a in base]

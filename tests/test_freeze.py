@@ -2,7 +2,7 @@
 target), their BatchNorm statistics do not move, the optimiser holds nothing of them, and what
 is not frozen trains.
 
-Each case runs ``soco pretrain``'s own step (``PretrainStep`` on ``job_for_batch``) twice on a
+Each case runs ``soco pretrain``'s own step (``PretrainStep`` on ``fixed_batch.job_for_batch``) twice on a
 synthetic batch of 64 px views.
 """
 
@@ -15,7 +15,8 @@ from data_fixtures import small_pretrain_config
 from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.engine.skips import SkipLog
 from soco_pretrain.model.freeze import frozen_parts
-from soco_pretrain.train.loop import Position, PretrainStep, job_for_batch
+from soco_pretrain.train.fixed_batch import job_for_batch
+from soco_pretrain.train.loop import Position, PretrainStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,8 +89,41 @@ def test_no_gradient_reaches_a_frozen_backbone():
     assert all(p.grad is not None for p in fpn.parameters())
 
 
-def test_unfrozen_model_is_unchanged_by_the_option():
-    cfg = small_pretrain_config("model.backbone=resnet18")
-    job = job_for_batch(cfg, _batch(cfg, 3), "cpu")
-    assert job.core.frozen == []
-    assert all(p.requires_grad for p in job.core.online_parameters())
+def test_an_optimiser_step_with_nonzero_gradients_leaves_frozen_parameters_alone():
+    """Every parameter, frozen or not, is handed the same nonzero gradient and the run's optimiser
+    (LARS) steps once: the frozen backbone stays bit-identical, every trainable parameter moves."""
+    cfg = small_pretrain_config("train.freeze=backbone", "model.backbone=resnet18", "train.warmup_epochs=0")
+    job = job_for_batch(cfg, _batch(cfg, 3), "cpu", total_steps=10)
+    encoder = job.core.encoder
+    frozen = dict(encoder.backbone.body.named_parameters())
+    trainable = {n: p for n, p in encoder.named_parameters() if not n.startswith("backbone.body.")}
+    assert frozen and trainable
+    before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    for p in encoder.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    job.optimizer.step()
+    assert all(torch.equal(frozen[n], before[f"backbone.body.{n}"]) for n in frozen)
+    assert [n for n, p in trainable.items() if torch.equal(p, before[n])] == []
+
+
+def test_without_freeze_the_stem_and_its_batch_norm_train():
+    """train.freeze=none (the default): one real step moves the weights of every part another mode
+    would freeze (the stem, the rest of the ResNet, the FPN), and the stem's BatchNorm updates its
+    running statistics."""
+    cfg = small_pretrain_config("model.backbone=resnet18", "train.warmup_epochs=0")
+    assert cfg.train.freeze == "none" and frozen_parts("fpn", cfg.train.freeze) == []
+    job = job_for_batch(cfg, _batch(cfg, 3), "cpu", total_steps=10)
+    encoder = job.core.encoder
+    parts = ["backbone.body.conv1", "backbone.body.bn1", "backbone.body.layer4", "backbone.fpn"]
+    before = {name: _snapshot(encoder.get_submodule(name)) for name in parts}
+    job.model.train()
+    PretrainStep(job, Position(), SkipLog())(0)
+    for name in parts:
+        now = encoder.get_submodule(name).state_dict()
+        moved = [k for k, v in before[name].items() if v.is_floating_point() and not torch.equal(now[k], v)]
+        assert moved, name
+    bn = encoder.get_submodule("backbone.body.bn1")
+    stats = before["backbone.body.bn1"]
+    assert bn.training and not torch.equal(bn.running_mean, stats["running_mean"])
+    assert not torch.equal(bn.running_var, stats["running_var"])
+    assert bn.num_batches_tracked.item() > stats["num_batches_tracked"].item()  # one count per view's forward

@@ -18,10 +18,10 @@ from conftest import BAD_KINDS, small_photo
 from PIL import Image
 from png_bomb import png_bomb
 
+from soco_pretrain.errors import UserError
 from soco_pretrain.images import list_images
 from soco_pretrain.proposals import PRESETS, generate, load, merge
-from soco_pretrain.proposals.generate import GenerateError, encode_record, process_image, read_log, scale_boxes
-from soco_pretrain.proposals.store import StoreError
+from soco_pretrain.proposals.generate import encode_record, process_image, read_log, scale_boxes
 
 ARRAYS = ("boxes", "offsets", "sizes", "status", "raw_counts")
 
@@ -95,7 +95,7 @@ def test_rerun_on_complete_store_does_nothing(photo_dir, one_run):
     assert summary.up_to_date and summary.processed == 0 and summary.total == 5
     assert "nothing to do" in summary.format()
     assert (out / "manifest.json").read_bytes() == before
-    with pytest.raises(GenerateError, match="other parameters .*preset paper -> released.*scale 500 -> 300"):
+    with pytest.raises(UserError, match="other parameters .*preset paper -> released.*scale 500 -> 300"):
         generate(photo_dir, out, preset="released", progress=False)
 
 
@@ -116,15 +116,15 @@ def test_store_with_new_images_reuses_old_results(photo_dir, one_run, tmp_path):
 
 
 def test_bad_args(photo_dir, tmp_path):
-    with pytest.raises(GenerateError, match="unknown preset"):
+    with pytest.raises(UserError, match="unknown preset"):
         generate(photo_dir, tmp_path / "o", preset="nope", progress=False)
-    with pytest.raises(GenerateError, match="unknown search parameter"):
+    with pytest.raises(UserError, match="unknown search parameter"):
         generate(photo_dir, tmp_path / "o", config_overrides={"scael": 1}, progress=False)
-    with pytest.raises(GenerateError, match="invalid shard"):
+    with pytest.raises(UserError, match="invalid shard"):
         generate(photo_dir, tmp_path / "o", shard=(2, 2), progress=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "mine.txt").write_text("x")
-    with pytest.raises(GenerateError, match="not a proposals store"):
+    with pytest.raises(UserError, match="not a proposals store"):
         generate(photo_dir, tmp_path / "busy", progress=False)
 
 
@@ -239,9 +239,9 @@ def test_shards_merge_to_one_run(photo_dir, one_run, tmp_path):
     assert_same_store(one_run[0], tmp_path / "merged")
     assert load(tmp_path / "merged").manifest["shard"] is None
 
-    with pytest.raises(StoreError, match=r"shard\(s\) 1/3 missing"):
+    with pytest.raises(UserError, match=r"shard\(s\) 1/3 missing"):
         merge(shards[::2], tmp_path / "m2")
-    with pytest.raises(StoreError, match="must not be one of the shards"):
+    with pytest.raises(UserError, match="must not be one of the shards"):
         merge(shards, shards[0])
 
 
@@ -255,11 +255,11 @@ def test_merge_rejects_overlap_and_parameter_mismatch(photo_dir, tmp_path):
         generate(b, tmp_path / "b", progress=False, config_overrides={"max_side": 48})
     finally:
         a.unlink(), b.unlink()
-    with pytest.raises(StoreError, match=f"{paths[1]!r} appears in both"):
+    with pytest.raises(UserError, match=f"{paths[1]!r} appears in both"):
         merge([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
     generate(photo_dir, tmp_path / "p0", shard=(0, 2), progress=False, config_overrides={"max_side": 48})
     generate(photo_dir, tmp_path / "p1", shard=(1, 2), progress=False, config_overrides={"max_side": 49})
-    with pytest.raises(StoreError, match="other parameters"):
+    with pytest.raises(UserError, match="other parameters"):
         merge([tmp_path / "p0", tmp_path / "p1"], tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
@@ -294,7 +294,7 @@ def test_resume_refuses_other_parameters(photo_dir, tmp_path):
     (partial / "params.json").write_text(
         json.dumps({"preset": "released", "config": PRESETS["released"].to_dict(), "shard": None})
     )
-    with pytest.raises(GenerateError, match="preset released -> paper.*delete it"):
+    with pytest.raises(UserError, match="preset released -> paper.*delete it"):
         generate(photo_dir, tmp_path / "store", progress=False)
 
 
@@ -414,13 +414,13 @@ def test_empty_folder_or_list_is_a_one_line_error(tmp_path, capsys):
     from soco_pretrain.cli import main
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(GenerateError, match=f"{tmp_path / 'empty'}: no images found"):
+    with pytest.raises(UserError, match=f"{tmp_path / 'empty'}: no images found"):
         generate(tmp_path / "empty", tmp_path / "store", progress=False)
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(GenerateError, match=r"no images found \(1 non-image file\(s\) skipped; image extensions: "):
+    with pytest.raises(UserError, match=r"no images found \(1 non-image file\(s\) skipped; image extensions: "):
         generate(tmp_path / "empty", tmp_path / "store", progress=False)
     (tmp_path / "none.txt").write_text("# nothing listed\n")
-    with pytest.raises(GenerateError, match="none.txt: no images found .the list file names no image path"):
+    with pytest.raises(UserError, match="none.txt: no images found .the list file names no image path"):
         generate(tmp_path / "none.txt", tmp_path / "store", progress=False)
     assert not (tmp_path / "store").exists()
     assert main(["proposals", str(tmp_path / "empty"), "-o", str(tmp_path / "store"), "--workers", "1"]) == 2
@@ -437,7 +437,7 @@ def test_merge_refuses_a_folder_that_is_not_a_store(photo_dir, tmp_path, capsys)
         generate(root, d, shard=(i, 2), config_overrides=TINY, progress=False)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("mine")
-    with pytest.raises(StoreError, match="mine: exists and is not a proposals store"):
+    with pytest.raises(UserError, match="mine: exists and is not a proposals store"):
         merge(shards, tmp_path / "mine")
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["thesis.tex"]
     status = main(["proposals", "merge", *map(str, shards), "-o", str(tmp_path / "mine")])

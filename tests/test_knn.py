@@ -305,7 +305,7 @@ def test_torchvision_resnet_state_dict_is_evaluated_as_c4(coloured, tmp_path):
     options = KnnOptions(**OPTS, baselines=False)
     result = knn_eval(path, train, root / "images", val, root / "images", tmp_path / "o", options)
     assert result["arch"] == "c4" and result["dims"] == 2048
-    assert result["loaded"]["backbone.layer4"].split("/")[0] == result["loaded"]["backbone.layer4"].split("/")[1]
+    assert result["loaded"]["backbone.body"].split("/")[0] == result["loaded"]["backbone.body"].split("/")[1]
 
 
 # ---------------------------------------------------------------- leak guard and the monitor in pretraining

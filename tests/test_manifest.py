@@ -19,12 +19,13 @@ from soco_pretrain.data.manifest import (
     LeakError,
     build_manifest,
     check_no_leak,
-    file_digest,
     manifest_for_weights,
     read_manifest,
     record_run_manifest,
     write_manifest,
 )
+from soco_pretrain.errors import PathError
+from soco_pretrain.runfolder import file_digest
 from soco_pretrain.train.loop import pretrain
 from soco_pretrain.transfer.export import export
 
@@ -114,7 +115,7 @@ def test_write_and_read_from_folder_checkpoint_or_file(train_val, tmp_path):
     (tmp_path / "other_run").mkdir()
     assert read_manifest(tmp_path / "other_run") is None
     path.write_text("{not json")
-    with pytest.raises(LeakError, match="cannot read the data manifest"):
+    with pytest.raises(PathError, match="cannot read the data manifest"):
         read_manifest(run)
 
 

@@ -1,4 +1,5 @@
-"""Auto per-device batch (train/memory.py) and train.compile resolution."""
+"""Auto per-device batch: pretraining's (train/memory.py), fine-tuning's (transfer/detector_memory.py);
+train.compile resolution."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 
 from soco_pretrain.config import apply_overrides
+from soco_pretrain.errors import UserError
 from soco_pretrain.presets import load_preset
 from soco_pretrain.train.loop import make_plan, resolve_per_device_batch
 from soco_pretrain.train.memory import HEADROOM, auto_per_device_batch, estimate_gib
-from soco_pretrain.train.speed import SpeedSettingError, resolve_compile
+from soco_pretrain.train.speed import resolve_compile
 
 CARDS = {24: 23.6, 48: 45.0, 80: 79.6, 141: 139.8}  # nominal GB -> GiB torch reports (4090, L40S, H100, H200)
 KINDS = [("fpn", False), ("c4", False), ("fpn", True)]
@@ -132,7 +134,7 @@ def test_compile_is_auto_on_cuda_only_and_overrides_parse():
     assert apply_overrides(cfg, ["train.compile=true"]).train.compile == "true"
     assert resolve_compile(apply_overrides(cfg, ["train.compile=false"]).train.compile, torch.device("cuda")) is False
     assert resolve_compile(True, torch.device("cpu"))  # an older run's config.yaml holds a bool
-    with pytest.raises(SpeedSettingError, match="train.compile"):
+    with pytest.raises(UserError, match="train.compile"):
         resolve_compile("sometimes", torch.device("cpu"))
 
 
@@ -148,15 +150,15 @@ def test_augment_device_auto_means_gpu_on_cuda_and_workers_elsewhere():
     assert cfg.data.augment.device == "auto"  # the input config is not modified
 
 
-# ---------------------------------------------------------------- soco finetune (Mask R-CNN)
+# ---------------------------------------------------------------- soco finetune: transfer/detector_memory.py
 
-# CPU peaks (VmHWM) measured for memory.py's finetune section: (batch, padded short, padded long, GiB).
+# CPU peaks (VmHWM) measured for transfer/detector_memory.py: (batch, padded short, padded long, GiB).
 FINETUNE_MEASURED = [(1, 320, 544, 2.18), (2, 320, 544, 3.09), (1, 800, 1344, 4.62), (2, 800, 1344, 6.99)]
 FINETUNE_CHECK = (2, 640, 1088, 5.63)  # not fitted on
 
 
 def test_finetune_estimate_bounds_the_measured_peaks_closely():
-    from soco_pretrain.train.memory import finetune_peak_gib
+    from soco_pretrain.transfer.detector_memory import finetune_peak_gib
 
     for batch, short, long, gib in [*FINETUNE_MEASURED, FINETUNE_CHECK]:
         estimate = finetune_peak_gib(batch, short * long / 1e6)
@@ -164,7 +166,7 @@ def test_finetune_estimate_bounds_the_measured_peaks_closely():
 
 
 def test_finetune_auto_batch_divides_the_batch_and_fits():
-    from soco_pretrain.train.memory import FINETUNE_HEADROOM, auto_finetune_batch, finetune_estimate_gib
+    from soco_pretrain.transfer.detector_memory import FINETUNE_HEADROOM, auto_finetune_batch, finetune_estimate_gib
 
     previous = 0
     for gib in [2.0 + 4 * i for i in range(40)]:  # 2 .. 158 GiB
@@ -187,7 +189,7 @@ def test_finetune_auto_batch_divides_the_batch_and_fits():
 
 
 def test_cpu_available_memory_is_capped_by_the_cgroup(tmp_path):
-    from soco_pretrain.train.memory import cpu_available_gib
+    from soco_pretrain.transfer.detector_memory import cpu_available_gib
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20971520 kB\n")  # 20 GiB

@@ -31,7 +31,7 @@ from soco_pretrain.engine.checkpoint import (
 from soco_pretrain.engine.metrics import Metrics
 from soco_pretrain.engine.trainer import StepOutput, Trainer
 from soco_pretrain.errors import NonFiniteLossError, UserError
-from soco_pretrain.transfer.weights import WeightsError, load_weights_file
+from soco_pretrain.weights import WeightsError, load_weights_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,7 +167,7 @@ def test_a_checkpoint_with_nan_weights_is_not_written_and_the_run_stops(tmp_path
         tensorboard=False,
         hint="Try a lower lr.",
     )
-    trainer = Trainer(step_fn, 0, 6, metrics=metrics, checkpointer=checkpointer)
+    trainer = Trainer(step_fn, 0, 6, [metrics, metrics.writer, checkpointer])
     with pytest.raises(NonFiniteLossError) as info:
         trainer.run()
     message = str(info.value)

@@ -22,15 +22,9 @@ from soco_pretrain.engine.skips import SkipLog
 from soco_pretrain.model.freeze import frozen_parts
 from soco_pretrain.runfolder import RunFolderError
 from soco_pretrain.train.lars import LARS
-from soco_pretrain.train.loop import (
-    Position,
-    PretrainStep,
-    job_for_batch,
-    make_optimizer,
-    make_plan,
-    pretrain,
-    resume_job,
-)
+from soco_pretrain.engine.run import resume_stage
+from soco_pretrain.train.fixed_batch import job_for_batch
+from soco_pretrain.train.loop import Position, PretrainStage, PretrainStep, make_optimizer, make_plan, pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -258,8 +252,9 @@ def test_a_checkpoint_from_before_the_options_resumes_as_lars_with_cosine_tau(tm
     path = tmp_path / "old.pt"
     _save_job_checkpoint(job, path, old)
     manager = CheckpointManager(tmp_path / "run")
-    assert resume_job(job, manager, str(path), Position()) == (0, path)  # the defaults are what it trained with
+    stage = PretrainStage(cfg, None, None, tmp_path / "run").attach(job)
+    assert resume_stage(stage, manager, str(path), False) == (0, path)  # the defaults are what it trained with
     sgd_cfg = _config("train.optimizer=sgd")
     sgd_job = job_for_batch(sgd_cfg, _batch(sgd_cfg), "cpu")
     with pytest.raises(RunFolderError, match=r"made with other settings \(train.optimizer\)"):
-        resume_job(sgd_job, manager, str(path), Position())
+        resume_stage(PretrainStage(sgd_cfg, None, None, tmp_path / "run").attach(sgd_job), manager, str(path), False)

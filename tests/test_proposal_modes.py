@@ -12,7 +12,7 @@ from data_fixtures import SMALL_PRETRAIN, make_photos, make_store
 from PIL import Image
 
 from soco_pretrain.cli import main
-from soco_pretrain.config import ConfigError, DataConfig, apply_overrides
+from soco_pretrain.config import DataConfig, apply_overrides
 from soco_pretrain.data import DatasetError, SoCoDataset
 from soco_pretrain.data.proposal_sources import (
     PAPER_RATIO,
@@ -22,6 +22,7 @@ from soco_pretrain.data.proposal_sources import (
     read_coco_boxes,
 )
 from soco_pretrain.engine.metrics import read_metrics
+from soco_pretrain.errors import PathError, UserError
 from soco_pretrain.presets import load_preset
 from soco_pretrain.train.loop import pretrain
 
@@ -220,7 +221,7 @@ def test_coco_mode_images_without_boxes_error_or_use_the_whole_image(photos, tmp
 def test_bad_box_json_is_a_one_line_error(photos, tmp_path, content, problem):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    with pytest.raises(DatasetError) as err:
+    with pytest.raises(PathError) as err:
         SoCoDataset(photos["images"], None, _config("views.proposal_source=coco", f"views.proposal_json={path}"))
     assert problem in str(err.value) and "\n" not in str(err.value) and str(path) in str(err.value)
 
@@ -235,7 +236,7 @@ def test_bad_box_json_is_a_one_line_error(photos, tmp_path, content, problem):
 )
 def test_missing_store_or_json_or_unknown_source_is_one_line(photos, overrides, problem):
     # an unknown source is refused by the config's type check (ConfigError) before the dataset sees it
-    with pytest.raises((DatasetError, ConfigError)) as err:
+    with pytest.raises(UserError) as err:
         SoCoDataset(photos["images"], None, _config(*overrides))
     assert problem in str(err.value) and "\n" not in str(err.value)
 

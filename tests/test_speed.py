@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from soco_pretrain.config import ConfigError, TrainConfig
-from soco_pretrain.train.speed import SpeedSettingError, mark_step_begin, resolve_speed
+from soco_pretrain.errors import UserError
+from soco_pretrain.train.speed import mark_step_begin, resolve_speed
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -48,5 +49,5 @@ def test_bad_values_are_refused_in_one_line():
     # an older config (not type-checked) with a bad value still fails with the key named
     old = dataclasses.replace(TrainConfig(), cudnn_benchmark="auto")
     object.__setattr__(old, "cudnn_benchmark", "maybe")
-    with pytest.raises(SpeedSettingError, match="train.cudnn_benchmark='maybe'"):
+    with pytest.raises(UserError, match="train.cudnn_benchmark='maybe'"):
         resolve_speed(old, CUDA)

@@ -3,7 +3,7 @@
 On a GPU a host read (``.item()``, ``.tolist()``, ``bool(t)``, boolean-mask indexing, ``nonzero``,
 a copy to the CPU) stalls the launch queue until the device catches up; benchmarks/gpu.py checks
 one step under ``torch.cuda.set_sync_debug_mode("error")``. Here, on a CPU, every such call made
-inside ``soco pretrain``'s step (``PretrainStep`` on ``job_for_batch``: batch preparation with the
+inside ``soco pretrain``'s step (``PretrainStep`` on ``fixed_batch.job_for_batch``: batch preparation with the
 on-device augmentation, forward with masked BatchNorm on padded slots, loss, backward, LARS, EMA)
 is counted with a ``TorchFunctionMode``, which sees every tensor method and torch function call.
 """
@@ -20,7 +20,9 @@ from torch.overrides import TorchFunctionMode
 
 from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.engine.skips import SkipLog
-from soco_pretrain.train.loop import BatchFeed, Position, PretrainStep, job_for_batch
+from soco_pretrain.train.feed import BatchFeed
+from soco_pretrain.train.fixed_batch import job_for_batch
+from soco_pretrain.train.loop import Position, PretrainStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

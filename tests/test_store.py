@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from soco_pretrain.cli import main
+from soco_pretrain.errors import PathError
 from soco_pretrain.proposals import store as store_module
 from soco_pretrain.proposals.filters import RULE_FAILED, RULE_PAPER, RULE_WHOLE_IMAGE
-from soco_pretrain.proposals.store import StoreError, load, verify_store, write_store
+from soco_pretrain.proposals.store import load, verify_store, write_store
 
 
 def make_store(directory, max_coord=500, manifest=None):
@@ -102,23 +103,23 @@ def test_pickled_store_works_in_worker_processes(tmp_path):
 
 
 def test_missing_and_corrupt_stores_give_one_line_errors(tmp_path):
-    with pytest.raises(StoreError, match="no such proposals store"):
+    with pytest.raises(PathError, match="no such proposals store"):
         load(tmp_path / "nope")
     d = tmp_path / "s"
     make_store(d)
     manifest = json.loads((d / "manifest.json").read_text())
 
     (d / "manifest.json").unlink()
-    with pytest.raises(StoreError, match="no manifest.json"):
+    with pytest.raises(PathError, match="no manifest.json"):
         load(d)
     (d / "manifest.json").write_text("{not json")
-    with pytest.raises(StoreError, match="unreadable manifest.json"):
+    with pytest.raises(PathError, match="unreadable manifest.json"):
         load(d)
     (d / "manifest.json").write_text(json.dumps(manifest))
 
     data = (d / "boxes.npy").read_bytes()
     (d / "boxes.npy").write_bytes(data[:-8])
-    with pytest.raises(StoreError, match="boxes.npy has .* bytes") as info:
+    with pytest.raises(PathError, match="boxes.npy has .* bytes") as info:
         load(d)
     assert str(d) in str(info.value) and "\n" not in str(info.value)
 
@@ -126,15 +127,15 @@ def test_missing_and_corrupt_stores_give_one_line_errors(tmp_path):
     flipped[-1] ^= 1
     (d / "boxes.npy").write_bytes(bytes(flipped))
     # Same size: only the checksum can tell; a small file is hashed in full on every open.
-    with pytest.raises(StoreError, match="boxes.npy does not match its checksum") as info:
+    with pytest.raises(PathError, match="boxes.npy does not match its checksum") as info:
         load(d)
     assert str(d) in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(StoreError, match="boxes.npy does not match its sha256"):
+    with pytest.raises(PathError, match="boxes.npy does not match its sha256"):
         load(d, verify=True)
     (d / "boxes.npy").write_bytes(data)
 
     (d / "sizes.npy").unlink()
-    with pytest.raises(StoreError, match="sizes.npy is missing"):
+    with pytest.raises(PathError, match="sizes.npy is missing"):
         load(d)
 
 
@@ -167,14 +168,14 @@ def test_big_file_overwritten_at_the_same_size_is_caught_on_open(tmp_path, monke
     other = bytearray(data)
     other[128:] = np.random.default_rng(1).integers(0, 1000, (len(data) - 128) // 2).astype(np.int16).tobytes()
     boxes.write_bytes(bytes(other))
-    with pytest.raises(StoreError, match="boxes.npy does not match its checksum"):
+    with pytest.raises(PathError, match="boxes.npy does not match its checksum"):
         load(tmp_path / "s")
     # One byte between the sampled blocks: only the full check sees it (the documented trade-off).
     between = bytearray(data)
     between[len(data) // 2 + 5000] ^= 1
     boxes.write_bytes(bytes(between))
     load(tmp_path / "s")
-    with pytest.raises(StoreError, match="boxes.npy does not match its sha256"):
+    with pytest.raises(PathError, match="boxes.npy does not match its sha256"):
         verify_store(tmp_path / "s")
 
 
@@ -189,7 +190,7 @@ def test_store_without_sampled_hashes_is_hashed_in_full_on_open(tmp_path, monkey
     data = bytearray(boxes.read_bytes())
     data[len(data) // 2 + 5000] ^= 1
     boxes.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="boxes.npy does not match its checksum"):
+    with pytest.raises(PathError, match="boxes.npy does not match its checksum"):
         load(tmp_path / "s")
 
 
@@ -237,5 +238,5 @@ def test_file_keys_round_trip_and_an_older_store_reads_them_as_unknown(tmp_path)
     data = bytearray((tmp_path / "new" / "file_keys.npy").read_bytes())
     data[-1] ^= 1
     (tmp_path / "new" / "file_keys.npy").write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="file_keys.npy does not match its checksum"):
+    with pytest.raises(PathError, match="file_keys.npy does not match its checksum"):
         load(tmp_path / "new")

@@ -11,9 +11,10 @@ import pytest
 from data_fixtures import make_photos, make_store
 
 from soco_pretrain.data.dataset import join_store
+from soco_pretrain.errors import PathError
 from soco_pretrain.images import list_images
 from soco_pretrain.proposals.filters import RULE_FAILED, RULE_PAPER, RULE_WHOLE_IMAGE
-from soco_pretrain.proposals.store import StoreError, load, write_store
+from soco_pretrain.proposals.store import load, write_store
 from soco_pretrain.viz import proposal_stats
 
 PER_IMAGE = (3, 0, 5, 0, 2)
@@ -99,9 +100,9 @@ def test_viz_statistics_open_the_store_with_its_checks(written, tmp_path):
     copy = tmp_path / "arrays_only"
     shutil.copytree(directory, copy)
     (copy / "manifest.json").unlink()
-    with pytest.raises(StoreError, match="no manifest.json"):
+    with pytest.raises(PathError, match="no manifest.json"):
         proposal_stats(copy)
     # A boxes file that no longer matches the manifest is caught by the store's size check.
     np.save(directory / "boxes.npy", np.zeros((1, 4), np.int16))
-    with pytest.raises(StoreError, match="boxes.npy has"):
+    with pytest.raises(PathError, match="boxes.npy has"):
         proposal_stats(directory)

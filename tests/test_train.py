@@ -23,7 +23,8 @@ from soco_pretrain.cli import PRETRAIN_PRESETS, main
 from soco_pretrain.config import apply_overrides
 from soco_pretrain.engine.checkpoint import CheckpointManager, load_checkpoint
 from soco_pretrain.engine.metrics import read_metrics
-from soco_pretrain.presets import PRESETS, PresetError, load_preset
+from soco_pretrain.errors import UserError
+from soco_pretrain.presets import PRESETS, load_preset
 from soco_pretrain.train.loop import NonFiniteLossError, PretrainError, make_plan, pretrain
 
 SMALL = SMALL_PRETRAIN  # tests/data_fixtures.py
@@ -73,7 +74,7 @@ def test_presets_load_with_the_paper_settings():
     small = load_preset("cpu-small")  # the CPU experiment: ResNet-18 at 64 px, batch 32, constant EMA
     assert small.model.backbone == "resnet18" and small.data.views.v1_size == 64 and small.train.batch_size == 32
     assert small.train.ema_schedule == "constant" and small.train.warmup_steps == 32
-    with pytest.raises(PresetError, match="unknown preset 'nope'"):
+    with pytest.raises(UserError, match="unknown preset 'nope'"):
         load_preset("nope")
 
 

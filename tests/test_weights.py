@@ -1,4 +1,4 @@
-"""The one SoCo checkpoint reader (transfer/weights.py) that export, the fine-tune detector, the
+"""The one SoCo checkpoint reader (weights/read.py) that export, the fine-tune detector, the
 linear probe and kNN read pretraining runs through.
 
 The checkpoints carry every key of a real ``SoCoModel`` (FPN and C4, built on the meta device for
@@ -17,7 +17,7 @@ from soco_pretrain.config import PretrainConfig, to_dict
 from soco_pretrain.engine.checkpoint import save_checkpoint
 from soco_pretrain.errors import UserError
 from soco_pretrain.model import SoCoModel
-from soco_pretrain.transfer.weights import (
+from soco_pretrain.weights import (
     WeightsError,
     load_weights_file,
     read_soco_checkpoint,

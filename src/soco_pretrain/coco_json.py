@@ -4,8 +4,7 @@ Three stages read such files: the pretraining image source (``data.dataset``: it
 only), the ``views.proposal_source=coco`` ablation (``data.proposal_sources``: annotation boxes as
 proposals) and the labelled sets of ``soco finetune`` / ``soco knn`` (``transfer.coco``). Each
 asks :func:`read_coco_json` for the parts it uses; the file is parsed and checked here, once,
-and every problem is a one-line :class:`CocoJsonError` that names the file. Callers turn it into
-their own stage's error class (same message).
+and every problem is a one-line :class:`~soco_pretrain.errors.PathError` that names the file.
 
 Checks (COCO's format, https://cocodataset.org/#format-data):
 
@@ -33,14 +32,6 @@ from .errors import PathError
 # How a reader treats the ``annotations`` list and the images' ``width`` / ``height``.
 REQUIRED, OPTIONAL, IGNORED = "required", "optional", "ignored"
 MODES = (REQUIRED, OPTIONAL, IGNORED)
-
-
-class CocoJsonError(PathError):
-    """A COCO JSON that cannot be used; ``str()`` is one line ``PATH: PROBLEM``."""
-
-    @property
-    def problem(self) -> str:
-        return self.reason
 
 
 @dataclass
@@ -88,7 +79,7 @@ def _and(names) -> str:
 def read_coco_json(
     path, *, annotations: str = OPTIONAL, categories: bool = True, sizes: str = REQUIRED, what: str = "COCO JSON"
 ) -> CocoJson:
-    """Parse and check the COCO JSON at ``path``; :class:`CocoJsonError` (one line) if unusable.
+    """Parse and check the COCO JSON at ``path``; :class:`PathError` (one line) if unusable.
 
     ``annotations``: ``"required"`` (the list must be there), ``"optional"`` (absent = none) or
     ``"ignored"`` (not read nor checked; image ids are then not needed). ``categories``: read and
@@ -97,22 +88,22 @@ def read_coco_json(
     ``height``), ``"optional"`` (numbers >= 0 where given) or ``"ignored"``. ``what`` names the
     file in messages ("cannot read {what}").
     """
-    for name, mode in (("annotations", annotations), ("sizes", sizes)):
+    for option, mode in (("annotations", annotations), ("sizes", sizes)):
         if mode not in MODES:
-            raise ValueError(f"{name}={mode!r}: expected one of {', '.join(MODES)}")
+            raise ValueError(f"{option}={mode!r}: expected one of {', '.join(MODES)}")
     path = Path(path)
     if not path.is_file():
-        raise CocoJsonError(path, f"no such file ({what})")
+        raise PathError(path, f"no such file ({what})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CocoJsonError(path, f"cannot read {what}: {exc.__class__.__name__}: {exc}") from None
+        raise PathError(path, f"cannot read {what}: {exc.__class__.__name__}: {exc}") from exc
 
     required = (
         ["images"] + (["annotations"] if annotations == REQUIRED else []) + (["categories"] if categories else [])
     )
     if not isinstance(data, dict):
-        raise CocoJsonError(
+        raise PathError(
             path,
             f"not a COCO instances JSON (needs {_and(required)} list"
             f"{'s' if len(required) > 1 else ''}; the file holds a {type(data).__name__})",
@@ -123,66 +114,66 @@ def read_coco_json(
         if not isinstance(data.get(name), list)
     ]
     if problems:
-        raise CocoJsonError(
+        raise PathError(
             path,
             f"not a COCO instances JSON (needs {_and(required)} list"
             f"{'s' if len(required) > 1 else ''}): {'; '.join(problems)}",
         )
     ann_list = [] if annotations == IGNORED else data.get("annotations", [])
     if not isinstance(ann_list, list):
-        raise CocoJsonError(path, "'annotations' is not a list")
+        raise PathError(path, "'annotations' is not a list")
 
     need_ids = annotations != IGNORED
     images, image_ids = [], set()
     for k, im in enumerate(data["images"]):
         name = im.get("file_name") if isinstance(im, dict) else None
         if not isinstance(name, str) or not name.strip():
-            raise CocoJsonError(path, f"images[{k}] has no 'file_name'")
+            raise PathError(path, f"images[{k}] has no 'file_name'")
         if need_ids:
             if not _is_key(im.get("id")):
-                raise CocoJsonError(path, f"images[{k}] ({name}) needs an 'id' (a number or string)")
+                raise PathError(path, f"images[{k}] ({name}) needs an 'id' (a number or string)")
             if im["id"] in image_ids:
-                raise CocoJsonError(path, f"image id {im['id']} appears twice")
+                raise PathError(path, f"image id {im['id']} appears twice")
             image_ids.add(im["id"])
         if sizes == REQUIRED:
             if not all(isinstance(im.get(key), int) and im[key] > 0 for key in ("width", "height")):
-                raise CocoJsonError(path, f"images[{k}] ({name}) needs positive integer width and height")
+                raise PathError(path, f"images[{k}] ({name}) needs positive integer width and height")
         elif sizes == OPTIONAL:
             for key in ("width", "height"):
                 v = im.get(key)
                 if v is not None and not (_is_number(v) and math.isfinite(v) and v >= 0):
-                    raise CocoJsonError(path, f"images[{k}] ({name}) has {key} {v!r} (needs a number >= 0)")
+                    raise PathError(path, f"images[{k}] ({name}) has {key} {v!r} (needs a number >= 0)")
         images.append(im)
 
     cats, cat_ids = [], set()
     if categories:
         for k, c in enumerate(data["categories"]):
             if not isinstance(c, dict) or not isinstance(c.get("id"), int):
-                raise CocoJsonError(path, f"categories[{k}] needs an integer 'id'")
+                raise PathError(path, f"categories[{k}] needs an integer 'id'")
             if c["id"] in cat_ids:
-                raise CocoJsonError(path, "duplicate category ids")
+                raise PathError(path, "duplicate category ids")
             cat_ids.add(c["id"])
             cats.append(c)
         if not cats:
-            raise CocoJsonError(path, "no categories")
+            raise PathError(path, "no categories")
 
     anns = []
     for k, a in enumerate(ann_list):
         if not isinstance(a, dict):
-            raise CocoJsonError(path, f"annotations[{k}] is not an object")
+            raise PathError(path, f"annotations[{k}] is not an object")
         if "image_id" not in a:
-            raise CocoJsonError(path, f"annotations[{k}] needs a known 'image_id' (it has none)")
+            raise PathError(path, f"annotations[{k}] needs a known 'image_id' (it has none)")
         if not _is_key(a["image_id"]) or a["image_id"] not in image_ids:
-            raise CocoJsonError(
+            raise PathError(
                 path, f"annotations[{k}] needs a known 'image_id' (refers to unknown image id {a['image_id']})"
             )
         if categories:
             if "category_id" not in a:
-                raise CocoJsonError(path, f"annotations[{k}] needs 'image_id' and 'category_id'")
+                raise PathError(path, f"annotations[{k}] needs 'image_id' and 'category_id'")
             if not _is_key(a["category_id"]) or a["category_id"] not in cat_ids:
-                raise CocoJsonError(path, f"annotations[{k}] has unknown category id {a['category_id']}")
+                raise PathError(path, f"annotations[{k}] has unknown category id {a['category_id']}")
         bbox = a.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise CocoJsonError(path, f"annotations[{k}] needs a 4-number 'bbox' as [x, y, w, h]")
+            raise PathError(path, f"annotations[{k}] needs a 4-number 'bbox' as [x, y, w, h]")
         anns.append(a)
     return CocoJson(path=path, images=images, annotations=anns, categories=cats, data=data)

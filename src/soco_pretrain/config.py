@@ -124,7 +124,8 @@ def _validate(obj, rules: dict, optional: tuple[str, ...] = ()) -> None:
     raises a one-line ConfigError naming the field (its parent's path is added by the caller).
     Fields in ``optional`` may also be None. Every ``Literal`` field is checked against its
     choices too, so a Python caller gets the same one-line error as ``--set``."""
-    for name, tp in field_types(type(obj)).items():
+    cls: type = obj.__class__  # plain ``type``: mypy takes type(obj) for unhashable
+    for name, tp in field_types(cls).items():
         choices = literal_choices(tp)
         value = getattr(obj, name)
         # inf (YAML .inf, or 1e400 read as a float) and nan pass every comparison-based rule below
@@ -605,7 +606,7 @@ class FinetuneOptions:
 
 
 # Named option sets of soco finetune --preset (over the defaults above).
-FINETUNE_PRESETS = {
+FINETUNE_PRESETS: dict[str, dict] = {
     "1x": {},  # paper 4.2: the 1x schedule (the defaults)
     "2x": {"schedule": "2x"},  # paper 4.2 / released R_50_FPN_2x: 180k iterations at batch 16
     # README "Fine-tune and measure": what to shrink on a CPU
@@ -737,7 +738,7 @@ class KnnOptions:
         )
 
 
-KNN_PRESETS = {"default": {}}  # the usual SSL kNN protocol (Wu et al. 2018; evaluate/knn.py)
+KNN_PRESETS: dict[str, dict] = {"default": {}}  # the usual SSL kNN protocol (Wu et al. 2018; evaluate/knn.py)
 
 
 # ---------------------------------------------------------------- soco proposals
@@ -966,7 +967,7 @@ def _build(cls, tree: dict, prefix: str = ""):
         return cls(**kwargs)
     except ConfigError as exc:
         raise exc.located(prefix) from None
-    except TypeError:  # a required field missing (SearchConfig)
+    except TypeError as exc:  # a required field missing (SearchConfig)
         missing = [
             n
             for n, f in ((f.name, f) for f in fields(cls))
@@ -974,12 +975,12 @@ def _build(cls, tree: dict, prefix: str = ""):
         ]
         if not missing:
             raise
-        raise ConfigError(f"missing {cls.__name__} key(s): {', '.join(prefix + n for n in missing)}") from None
+        raise ConfigError(f"missing {cls.__name__} key(s): {', '.join(prefix + n for n in missing)}") from exc
 
 
 def to_dict(cfg) -> dict:
     """Nested plain dict (tuples as lists) for YAML/JSON."""
-    out = {}
+    out: dict[str, Any] = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if is_dataclass(value):
@@ -1112,7 +1113,7 @@ def load_file(path) -> dict:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read YAML ({' '.join(str(exc).split())})") from None
+        raise ConfigError(f"{path}: cannot read YAML ({' '.join(str(exc).split())})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

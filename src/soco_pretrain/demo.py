@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from .errors import UserError
+
 # Photos shipped inside scikit-image's wheel (skimage/data/*): nothing is downloaded.
 # name -> file in skimage's data directory.
 PHOTOS = {
@@ -44,9 +46,7 @@ def bundled_photo_paths() -> dict[str, Path]:
     paths = {name: data_dir / file for name, file in PHOTOS.items()}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"scikit-image's bundled photos are missing ({', '.join(missing)}); reinstall scikit-image"
-        )
+        raise UserError(f"scikit-image's bundled photos are missing ({', '.join(missing)}); reinstall scikit-image")
     return paths
 
 
@@ -64,7 +64,7 @@ def write_photos(images_dir: Path, max_side: int | None = None) -> list[Path]:
             with Image.open(source) as im:
                 im.load()
                 if max_side:
-                    im.thumbnail((max_side, max_side), Image.BILINEAR)
+                    im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
                 im.save(target)
         written.append(target)
     return written

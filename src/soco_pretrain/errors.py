@@ -6,9 +6,11 @@
   set-up that did not come up.
 
 ``soco_pretrain.cli.main`` catches :class:`SocoError` once and prints ``soco: error: MESSAGE``;
-messages are one line and name the file they are about. Anything else is a bug and keeps its
-traceback. The stage-specific classes (``PretrainError``, ``CocoError``, ...) subclass these so
-callers of the Python API can still catch one stage's errors.
+messages are one line and name the file they are about (:class:`PathError`: ``PATH: REASON``).
+Anything else is a bug and keeps its traceback. A subclass exists only where some caller tells
+it apart by type (``ImageError``: an unreadable image is skipped, not fatal) or it carries data
+beyond its message (``DatasetError.paths``, ``LeakError.pairs``); raise the base otherwise.
+A re-raise keeps its cause (``raise ... from exc``): the command prints one line anyway.
 """
 
 from __future__ import annotations

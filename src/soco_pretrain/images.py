@@ -99,7 +99,7 @@ def _read_list_file(list_file: Path) -> ImageList:
     try:
         lines = list_file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ImageError(list_file, f"cannot read image list: {exc.__class__.__name__}: {exc}") from None
+        raise ImageError(list_file, f"cannot read image list: {exc.__class__.__name__}: {exc}") from exc
     paths = set()
     for line in lines:
         entry = line.strip()
@@ -146,12 +146,12 @@ def _open(path: Path) -> Image.Image:
             return Image.open(path)
     except ImageError:
         raise
-    except UnidentifiedImageError:
-        raise ImageError(path, "not a recognised image format") from None
-    except PermissionError:
-        raise ImageError(path, "permission denied") from None
+    except UnidentifiedImageError as exc:
+        raise ImageError(path, "not a recognised image format") from exc
+    except PermissionError as exc:
+        raise ImageError(path, "permission denied") from exc
     except Exception as exc:  # anything PIL or the OS throws at a bad file
-        raise ImageError(path, f"cannot open: {exc.__class__.__name__}: {exc}") from None
+        raise ImageError(path, f"cannot open: {exc.__class__.__name__}: {exc}") from exc
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -206,15 +206,15 @@ def _decode(
                 raise ImageError(path, "zero-size image")
             rgb = _to_rgb(im)
             if size is not None and rgb.size != size:
-                rgb = rgb.resize(size, Image.BILINEAR, reducing_gap=3.0)
+                rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
             arr = np.asarray(rgb, dtype=np.uint8)
     except ImageError:
         raise
     except Exception as exc:
         text = str(exc)
         if "truncated" in text.lower():
-            raise ImageError(path, "truncated image file") from None
-        raise ImageError(path, f"cannot decode: {exc.__class__.__name__}: {text}") from None
+            raise ImageError(path, "truncated image file") from exc
+        raise ImageError(path, f"cannot decode: {exc.__class__.__name__}: {text}") from exc
     finally:
         im.close()
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
@@ -261,13 +261,13 @@ def load_encoded(
         if 0 in header:
             raise ImageError(path, "zero-size image")
         _too_many_pixels(path, im, header, max_pixels)
-        fp = im.fp  # the file PIL opened: read it whole (one open, one read)
+        fp = im.fp  # type: ignore[attr-defined]  # the file PIL opened (not in its stubs): read it whole
         fp.seek(0)
         data = np.frombuffer(bytearray(fp.read()), dtype=np.uint8)  # writable: torch takes it as is
     except ImageError:
         raise
     except Exception as exc:
-        raise ImageError(path, f"cannot read: {exc.__class__.__name__}: {exc}") from None
+        raise ImageError(path, f"cannot read: {exc.__class__.__name__}: {exc}") from exc
     finally:
         im.close()
     if data.size == 0:

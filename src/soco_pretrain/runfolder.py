@@ -10,6 +10,7 @@ time in a folder, and never two runs mixed in one.
   where.
 - :func:`file_digest`: the sha256 of a weights file (or of a run folder's newest checkpoint), so a
   resumed fine-tune can check it starts from the same weights.
+- :func:`default_workers`: how many processes a run starts when not told (the usable cores).
 """
 
 from __future__ import annotations
@@ -93,14 +94,14 @@ def _acquire(lock: Path, run_dir: Path):
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # pragma: no cover - not POSIX: no lock
             return handle
-        except OSError:
+        except OSError as exc:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
             raise RunFolderError(
                 f"{run_dir}: another soco run is using this folder now ({holder}); wait for it to finish "
                 "or give another --out"
-            ) from None
+            ) from exc
         try:
             same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
         except FileNotFoundError:
@@ -145,3 +146,13 @@ def file_digest(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def default_workers(cap: int | None = None) -> int:
+    """Parallel processes when not given: the cores this process may use (a container or
+    taskset can allow fewer than ``cpu_count``), at most ``cap``."""
+    try:
+        cores = len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores if cap is None else min(cap, cores)

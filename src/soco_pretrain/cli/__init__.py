@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import SocoError, one_line
+from ..errors import SocoError
 from .common import PROG, Formatter, Parser, UsageError, parse_shard, parse_sizes
 from .compare import FINETUNE_RECIPE_DEFAULTS, KNN_DEFAULTS, _compare_spec, add_compare, cmd_compare, parse_fractions
 from .demo import add_demo, cmd_demo
@@ -26,6 +26,7 @@ from .export import EXPORT_TARGETS, add_export, cmd_export
 from .finetune import add_finetune, cmd_finetune
 from .knn import add_knn, cmd_knn
 from .linear import add_linear, cmd_linear
+from .notices import show_notices
 from .pretrain import PRETRAIN_PRESETS, add_config, add_pretrain, cmd_config_show, cmd_pretrain
 from .proposals import add_proposals, add_proposals_merge, cmd_proposals, cmd_proposals_merge
 from .show import SHOW_COMMANDS, add_show, cmd_show_curves, cmd_show_proposals, cmd_show_views
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     # A command is looked up here by name, so that replacing ``soco_pretrain.cli.cmd_x`` (as tests
     # do) replaces what runs.
     func = globals().get(getattr(args.func, "__name__", ""), args.func)
+    show_notices()
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:
@@ -133,6 +135,3 @@ def main(argv: list[str] | None = None) -> int:
     except SocoError as exc:  # every error soco reports; anything else is a bug and keeps its traceback
         print(f"{PROG}: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
-    except (FileNotFoundError, NotADirectoryError) as exc:  # a path the user gave
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return 2

@@ -8,7 +8,6 @@ Nothing here imports numpy, torch or the like: ``soco --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..runfolder import default_workers
 
 PROG = "soco"
 
@@ -148,14 +148,6 @@ def show_sizes(sizes) -> str:
     if len(sizes) > 2 and sizes == tuple(range(sizes[0], sizes[-1] + 1, 32)):
         return f"{sizes[0]}-{sizes[-1]}"
     return ",".join(map(str, sizes))
-
-
-def default_workers() -> int:
-    # The cores this process may use (a container or taskset can allow fewer than cpu_count).
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- paths

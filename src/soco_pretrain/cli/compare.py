@@ -202,6 +202,8 @@ def _recipe(args, metric: str) -> dict:
 
     from ..config import load_file
 
+    cls: type
+    presets: dict  # FINETUNE_PRESETS or KNN_PRESETS
     if metric == "finetune":
         cls, flags, presets, names = FinetuneOptions, FINETUNE_RECIPE_FLAGS, FINETUNE_PRESETS, FINETUNE_RECIPE_DEFAULTS
         cli_defaults = None
@@ -379,8 +381,8 @@ def cmd_compare(args) -> int:
         if args.no_progress:
             runtime_args.append("--no-progress")
         statuses = run_devices(out, devices, runtime_args)
-        missing = _write_compare_report(spec, out) if collect(spec, out)[0] else len(arms)
-        return 1 if any(statuses) or missing else 0
+        unfinished = _write_compare_report(spec, out) if collect(spec, out)[0] else len(arms)
+        return 1 if any(statuses) or unfinished else 0
     summary = run_compare(spec, out, shard=args.arm, log=lambda line: print(line, flush=True), weights=weights)
     done, missing = collect(spec, out)
     if args.no_report:

@@ -194,6 +194,11 @@ def cmd_pretrain(args) -> int:
         raise UsageError(f"data.views.proposal_json={config.data.views.proposal_json}: no such file")
     from ..train.loop import pretrain
 
+    hooks = []
+    if config.monitor.json:  # the learning curve (evaluate/monitor.py)
+        from ..evaluate.monitor import monitor_hook
+
+        hooks.append(monitor_hook)
     pretrain(
         config,
         args.images,
@@ -204,6 +209,7 @@ def cmd_pretrain(args) -> int:
         image_root=args.image_root,
         overwrite=args.overwrite,
         accept_changes=args.accept_changes,
+        hooks=hooks,
     )
     return 0
 

@@ -56,14 +56,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..coco_json import IGNORED, CocoJsonError, normalised_file_name, read_coco_json
+from ..coco_json import IGNORED, normalised_file_name, read_coco_json
 from ..config import DataConfig
-from ..errors import UserError
+from ..errors import PathError, UserError, one_line
 from ..images import ImageError, ImageList, list_images, load_encoded, load_rgb
 from ..proposals.filters import RULE_FAILED
 from ..proposals.store import ProposalStore
 from ..proposals.store import load as load_store
-from .proposal_sources import BoxFileError, random_boxes, read_coco_boxes
+from .proposal_sources import random_boxes, read_coco_boxes
 
 log = logging.getLogger("soco_pretrain.data")
 
@@ -74,10 +74,9 @@ _warned_keyless: set[str] = set()
 
 
 class DatasetError(UserError):
-    """A dataset that cannot be built or served (missing proposals, bad source); one line.
-
-    ``paths``: the images concerned, all of them (the message names the first few).
-    """
+    """Images without proposals (one line naming the first few); ``paths`` lists all of them,
+    for a caller of the Python API that wants the whole list. Other dataset errors are plain
+    UserError / PathError."""
 
     def __init__(self, message: str, paths=()):
         super().__init__(message)
@@ -90,12 +89,9 @@ class DatasetError(UserError):
 def read_coco_images(json_path, image_root=None) -> ImageList:
     """The images of a COCO-style JSON (its ``images`` entries' ``file_name``; annotations are
     ignored), relative to ``image_root`` (default: the JSON's folder). The file is read by
-    :func:`soco_pretrain.coco_json.read_coco_json`; a bad one is an ImageError naming it."""
+    :func:`soco_pretrain.coco_json.read_coco_json`; a bad one is a PathError naming it."""
     json_path = Path(json_path)
-    try:
-        parsed = read_coco_json(json_path, annotations=IGNORED, categories=False, sizes=IGNORED)
-    except CocoJsonError as exc:
-        raise ImageError(exc.path, exc.problem) from None
+    parsed = read_coco_json(json_path, annotations=IGNORED, categories=False, sizes=IGNORED)
     root = Path(image_root).resolve() if image_root is not None else json_path.parent.resolve()
     # Normalised: "./a.jpg" and "a.jpg" are the same image, as in list files.
     paths = {normalised_file_name(entry["file_name"]) for entry in parsed.images}
@@ -116,7 +112,7 @@ def image_source(images, image_root=None) -> ImageList:
             return read_coco_images(path, image_root)
         source = list_images(path)  # ImageError for a missing source
     if image_root is not None:
-        raise DatasetError(
+        raise UserError(
             f"{images}: image_root applies to COCO JSON sources only (a folder or list file is its own root)"
         )
     return source
@@ -277,13 +273,13 @@ class SoCoDataset(torch.utils.data.Dataset):
         self.config = config if config is not None else DataConfig()
         self.images = image_source(images, image_root)
         if len(self.images) == 0:
-            raise DatasetError(f"{self.images.root}: no images found")
+            raise PathError(self.images.root, "no images found")
         self.source = self.config.views.proposal_source
         self.store, self.rows, self.boxes_json = None, None, None
         n = len(self.images)
         if self.source == "selective_search":
             if proposals is None:
-                raise DatasetError(
+                raise UserError(
                     "views.proposal_source=selective_search needs a proposal store "
                     "(make one with soco proposals IMAGES -o STORE and pass it, e.g. "
                     "--proposals STORE), or choose views.proposal_source=whole_image, "
@@ -330,10 +326,7 @@ class SoCoDataset(torch.utils.data.Dataset):
 
     def _read_boxes_json(self):
         views = self.config.views
-        try:
-            return read_coco_boxes(views.proposal_json, self.images.paths, views.proposal_json_filter)
-        except BoxFileError as exc:
-            raise DatasetError(str(exc)) from None
+        return read_coco_boxes(views.proposal_json, self.images.paths, views.proposal_json_filter)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -438,10 +431,11 @@ class SoCoDataset(torch.utils.data.Dataset):
                 skipped.append((exc.path, exc.reason))
                 log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
                 j = (j + 1) % n
-        raise DatasetError(
-            f"{self.images.root}: {len(skipped)} images in a row from index {index} "
+        raise PathError(
+            self.images.root,
+            f"{len(skipped)} images in a row from index {index} "
             f"failed to decode (last: {skipped[-1][0]}: {skipped[-1][1]}); "
-            "is the image folder the one the proposals were made from?"
+            "is the image folder the one the proposals were made from?",
         )
 
     def raw(self, index: int, epoch: int | None = None) -> RawSample:
@@ -457,7 +451,7 @@ class SoCoDataset(torch.utils.data.Dataset):
         try:
             viewset = build_views(image, boxes, self.config.views, rng)
         except ValueError as exc:  # e.g. every stored box outside the image: name the file
-            raise DatasetError(f"{self.images.abspath(j)}: {exc}") from None
+            raise PathError(self.images.abspath(j), one_line(exc)) from exc
         return RawSample(
             views=viewset,
             index=j,
@@ -487,7 +481,7 @@ class SoCoDataset(torch.utils.data.Dataset):
         try:
             viewset = plan_views((w, h), boxes, self.config.views, rng)
         except ValueError as exc:
-            raise DatasetError(f"{path}: {exc}") from None
+            raise PathError(path, one_line(exc)) from exc
         if image is not None:
             self._note_worker_decoded(path)
         return {

@@ -23,6 +23,7 @@ the batch's ``skipped``, as a worker does for a file it cannot read.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import torch
@@ -30,6 +31,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..config import ViewsConfig
+from ..errors import one_line
 from ..images import ImageError, load_rgb
 from .views import PixelOps, plan_from_array, render_views
 
@@ -90,19 +92,31 @@ def _decode_call(data: list[torch.Tensor], device: torch.device) -> list[torch.T
         return images
 
 
+# What decode_jpeg raises for a file it cannot decode: libjpeg and nvJPEG failures are
+# RuntimeErrors (torch.cuda.OutOfMemoryError among them), malformed input a ValueError.
+DECODE_ERRORS = (RuntimeError, ValueError)
+
+
+def _decode_reason(exc: BaseException) -> str:
+    """The decoder's message without torchvision's "decode_jpeg, FILE.cpp:LINE, " prefix."""
+    return re.sub(r"^\w+, \S+:\d+, ", "", one_line(exc))
+
+
 def _decode_one(data: torch.Tensor, file: str, device: torch.device) -> torch.Tensor | str:
     """One image after the batched call failed: decode_jpeg on the device, then on the CPU, then
-    load_rgb from the file (PIL). Returns the CxHxW tensor on ``device`` or the last reason."""
+    load_rgb from the file (PIL). Returns the CxHxW tensor on ``device`` or every attempt's
+    reason, so a device-only failure (nvJPEG) is still named when PIL fails too."""
     attempts = [device] if device.type == "cpu" else [device, torch.device("cpu")]
+    reasons = []
     for where in attempts:
         try:
             return _decode_call([data], where)[0].to(device, non_blocking=True)
-        except Exception:  # libjpeg / nvJPEG errors are RuntimeErrors; any failure moves on
-            continue
+        except DECODE_ERRORS as exc:
+            reasons.append(f"decode_jpeg on {where.type}: {_decode_reason(exc)}")
     try:
         image = load_rgb(file)
     except ImageError as exc:
-        return exc.reason
+        return "; ".join([*reasons, exc.reason])
     return torch.from_numpy(image).to(device, non_blocking=True).permute(2, 0, 1)
 
 
@@ -112,7 +126,7 @@ def _decode_jpegs(data: list[torch.Tensor], files: list[str], device: torch.devi
     reason it could not be decoded."""
     try:
         return list(_decode_call(data, device))
-    except Exception:
+    except DECODE_ERRORS:  # each image's own reason comes from _decode_one
         return [_decode_one(d, f, device) for d, f in zip(data, files)]
 
 

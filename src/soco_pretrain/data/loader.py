@@ -10,7 +10,6 @@ with one torch thread, as workers do), and persistent workers never see a stale 
 from __future__ import annotations
 
 import itertools
-import os
 import random
 
 import numpy as np
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..engine.loader import build_loader
 from ..engine.skips import SkipLog  # noqa: F401 - the one skipped-image log, re-exported for data users
+from ..runfolder import default_workers as usable_cores
 
 
 def soco_collate(samples: list[dict]) -> dict:
@@ -94,12 +94,8 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def default_workers() -> int:
-    """Loader workers when not given: the usable cores, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return min(8, cores)
+    """Loader workers when not given: the usable cores (``runfolder.default_workers``), at most 8."""
+    return usable_cores(cap=8)
 
 
 def _distributed() -> bool:
@@ -138,7 +134,7 @@ def make_loader(
         if not _distributed():
             raise RuntimeError("make_loader(distributed=True) needs torch.distributed to be initialised")
         # Pads (by repeating) so every rank gets the same number of samples.
-        base = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        base: DistributedSampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
     else:
         # Same seeded, epoch-aware shuffle as the distributed case, with one replica.
         base = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
@@ -165,7 +161,7 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     loader's EpochSampler.
     """
     if skip_batches:
-        if not isinstance(loader.sampler, EpochSampler):
+        if not isinstance(loader.sampler, EpochSampler) or loader.batch_size is None:
             raise ValueError("set_epoch(skip_batches=...) needs a loader from make_loader")
         loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
     elif hasattr(loader.sampler, "set_epoch"):

@@ -22,20 +22,22 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import PathError, UserError
 from ..files import atomic_write_json
+from ..runfolder import file_digest
 
 MANIFEST_FILE = "data_manifest.json"
 MANIFEST_VERSION = 1
 SIDECAR_SUFFIX = ".manifest.json"  # an exported file X.pth has its manifest in X.pth.manifest.json
-_CHUNK = 1 << 20
 _BAR_MIN = 50  # a progress bar only for more files than this
 
 
 class LeakError(UserError):
-    """Evaluation images found in a pretraining set (or a manifest that cannot be read); one line.
+    """Evaluation images found in a pretraining set; one line naming the first.
 
-    ``pairs``: (evaluation path, manifest label, pretraining relative path) of every match.
+    ``pairs``: (evaluation path, manifest label, pretraining relative path) of every match, for
+    a caller of the Python API (the message shows one). A manifest that cannot be read is a
+    PathError.
     """
 
     def __init__(self, message: str, pairs=()):
@@ -44,15 +46,6 @@ class LeakError(UserError):
 
 
 # ---------------------------------------------------------------- hashing
-
-
-def file_digest(path) -> str:
-    """sha256 hex digest of the file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _digest_or_none(path) -> str | None:
@@ -97,7 +90,7 @@ def build_manifest(paths: list[Path], root: Path | None, workers: int = 8, progr
     paths = [Path(p) for p in paths]
     root = Path(root) if root is not None else None
     digests = _digests(paths, workers, progress, "hashing images")
-    files = sorted(([_relative(p, root), d] for p, d in zip(paths, digests)), key=lambda row: row[0])
+    files = sorted(([_relative(p, root), d] for p, d in zip(paths, digests)), key=lambda row: str(row[0]))
     manifest = {
         "version": MANIFEST_VERSION,
         "hash": "sha256",
@@ -140,15 +133,15 @@ def _load(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise LeakError(f"{path}: cannot read the data manifest ({exc.__class__.__name__}: {exc})") from None
+        raise PathError(path, f"cannot read the data manifest ({exc.__class__.__name__}: {exc})") from exc
     if not (isinstance(data, dict) and data.get("hash") == "sha256" and isinstance(data.get("files"), list)):
-        raise LeakError(f"{path}: not a data manifest (no sha256 'files' list)")
+        raise PathError(path, "not a data manifest (no sha256 'files' list)")
     return data
 
 
 def read_manifest(where) -> dict | None:
     """The manifest of a run folder, of a checkpoint file inside RUN/checkpoints/, or the
-    manifest json itself; None when there is none. LeakError (one line) for a broken file."""
+    manifest json itself; None when there is none. PathError (one line) for a broken file."""
     path = _manifest_path(where)
     return None if path is None else _load(path)
 
@@ -191,7 +184,7 @@ def record_run_manifest(run_dir, image_paths, root, progress: bool = True) -> di
     names = sorted(_relative(Path(p), root) for p in image_paths)
     try:
         existing = read_manifest(run_dir)
-    except LeakError:  # a broken file is rebuilt
+    except PathError:  # a broken file is rebuilt
         existing = None
     if existing is not None and [row[0] for row in existing["files"]] == names:
         return existing

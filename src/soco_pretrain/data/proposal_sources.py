@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..coco_json import OPTIONAL, REQUIRED, CocoJsonError, normalised_file_name, read_coco_json
-from ..errors import UserError
+from ..coco_json import OPTIONAL, REQUIRED, normalised_file_name, read_coco_json
+from ..errors import PathError
 
 PROPOSAL_SOURCES = ("selective_search", "whole_image", "random", "coco")
 
@@ -88,10 +88,6 @@ def passes_paper_filter(boxes: np.ndarray, width: float, height: float) -> np.nd
     )
 
 
-class BoxFileError(UserError):
-    """A COCO JSON of boxes that cannot be read or used; one line naming the file."""
-
-
 @dataclass
 class ImageBoxes:
     """Boxes per dataset image: image ``i`` owns ``boxes[offsets[i]:offsets[i + 1]]``.
@@ -120,16 +116,11 @@ def read_coco_boxes(json_path, paths: list[str], apply_filter: bool = False) -> 
     choice). ``apply_filter``: keep only boxes passing the paper's filter (needs each image's
     ``width`` and ``height`` in the JSON). The file is read and checked by
     :func:`soco_pretrain.coco_json.read_coco_json` (images with ids, annotations with a known
-    ``image_id`` and a 4-number ``bbox``; categories are not needed). Raises BoxFileError (one
-    line) for a bad file.
+    ``image_id`` and a 4-number ``bbox``; categories are not needed). Raises PathError (one
+    line naming the file) for a bad file.
     """
     json_path = Path(json_path)
-    try:
-        parsed = read_coco_json(
-            json_path, annotations=REQUIRED, categories=False, sizes=OPTIONAL, what="the proposal JSON"
-        )
-    except CocoJsonError as exc:
-        raise BoxFileError(str(exc)) from None
+    parsed = read_coco_json(json_path, annotations=REQUIRED, categories=False, sizes=OPTIONAL, what="the proposal JSON")
     by_name = {}
     for entry in parsed.images:
         size = (int(entry.get("width") or 0), int(entry.get("height") or 0))
@@ -158,9 +149,9 @@ def read_coco_boxes(json_path, paths: list[str], apply_filter: bool = False) -> 
             boxes = np.asarray(per_image.get(image_id, []), dtype=np.float64).reshape(-1, 4)
             if apply_filter and len(boxes):
                 if min(size) <= 0:
-                    raise BoxFileError(
-                        f"{json_path}: views.proposal_json_filter needs the image size, "
-                        f"but the entry of {path} has no width/height"
+                    raise PathError(
+                        json_path,
+                        f"views.proposal_json_filter needs the image size, but the entry of {path} has no width/height",
                     )
                 boxes = boxes[passes_paper_filter(boxes, *size)]
             if not len(boxes):

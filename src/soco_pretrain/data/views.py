@@ -59,8 +59,8 @@ MAX_REDRAWS = 10
 
 # RESIZE_NOTE: one resampling filter for every view (contract: choose one): torchvision's
 # resize(bilinear, antialias=True) on uint8 tensors in HWC memory order. It matches PIL's
-# antialiased BILINEAR to within 1 grey level but runs 3-6x faster here (SIMD uint8 path: 0.27 ms
-# vs 1.6 ms for 500x375 -> 224 on one core). Flips are exact (no resampling).
+# antialiased BILINEAR to within 1 grey level but is several times faster on one core (its SIMD
+# uint8 path). Flips are exact (no resampling).
 
 
 @dataclass

@@ -37,6 +37,7 @@ import torch
 
 from ..errors import UserError
 from ..files import WriteError, atomic_write, check_free_space, fsync_dir
+from .hooks import Hook
 
 TMP_PREFIX = ".tmp-"  # temporary files start with this; stale ones are removed by CheckpointManager
 LAST = "last.pt"
@@ -644,7 +645,7 @@ def _copy_into(source: Path, f) -> None:
             raise OSError(errno.EIO, f"{source} shrank while being copied")
 
 
-class Checkpointer:
+class Checkpointer(Hook):
     """Saves a run's checkpoint when due: rank 0 writes through ``manager``, every process then
     waits (nobody races ahead of a checkpoint another process may resume from).
 
@@ -657,8 +658,11 @@ class Checkpointer:
         self.barrier = barrier
 
     def after_step(self, trainer) -> None:
-        if not self.due(trainer):
-            return
+        if self.due(trainer):
+            self.save(trainer)
+
+    def save(self, trainer) -> None:
+        """Save now (every process calls it: the weights check and the barrier are collective)."""
         with trainer.side_work():
             state = self.state()
             # The loss guard reads the loss of the forward pass, before the update: an update that

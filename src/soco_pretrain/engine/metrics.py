@@ -1,10 +1,12 @@
 """Training metrics: the loss window and non-finite guard, RUN/metrics.jsonl, optional
 TensorBoard scalars, and the progress bar.
 
-:class:`Metrics` is what the :class:`~.trainer.Trainer` calls every step: ``observe`` adds the
-step's loss to the window and, when a record, a checkpoint or the guard's period is due, reads
-it on the host (the only host-device sync of a GPU step) and stops on a non-finite value before
-anything can be saved; ``write`` appends the step's record and moves the bar.
+:class:`Metrics` is the first hook of every stage's trainer: after each step (``observe``) it
+adds the step's loss to the window and, when a record, a checkpoint or the guard's period is
+due, reads it on the host (the only host-device sync of a GPU step) and stops on a non-finite
+value before anything can be saved. Its ``writer`` is an ordinary hook placed after the stage's
+own (which add their extras to the record): ``write`` appends the step's record and moves the
+bar.
 
 ``metrics.jsonl`` holds one JSON object per logged step (``step``, ``epoch``, ``loss``, ``lr``,
 ``tau``, ``images_per_s``, ``data_wait`` and any extras), each line flushed as it is written so
@@ -25,6 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
+
+import torch
+
+from .hooks import Hook
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -219,7 +225,7 @@ class Window:
     data_wait: float
 
 
-class Metrics:
+class Metrics(Hook):
     """Loss window, non-finite guard, metrics record and progress bar of one run (rank 0 writes).
 
     ``log_due(trainer)``: whether the step just taken writes a full record; ``record(trainer,
@@ -261,11 +267,15 @@ class Metrics:
         self._window_start = time.perf_counter()
         self._side_at_start = 0.0
         self._reset()
+        self.writer = MetricsWriter(self)
+
+    def after_step(self, trainer) -> None:
+        self.observe(trainer)
 
     def _reset(self) -> None:
         self._device_sum = None  # device tensor: read only when due
         self._host_sum = 0.0
-        self._parts: dict[str, float] = {}
+        self._parts: dict = {}  # name -> window sum (float or device tensor)
         self._steps = self._images = 0
         self._wait = 0.0
 
@@ -278,13 +288,15 @@ class Metrics:
                 self._device_sum = term.clone() if self._device_sum is None else self._device_sum.add_(term)
         elif out.loss is not None:
             self._host_sum += float(out.loss)
-        for key, value in out.parts.items():
-            self._parts[key] = self._parts.get(key, 0.0) + float(value)
+        for key, value in out.parts.items():  # host floats, or device tensors read when written
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float()
+            self._parts[key] = self._parts[key] + value if key in self._parts else value
         self._steps += 1
         self._images += out.images
         self._wait += out.data_wait
         self._read_this_step = False
-        checkpoint = getattr(trainer, "checkpointer", None)
+        checkpoint = trainer.checkpointer
         if (
             trainer.step % self.check_every == 0
             or self.log_due(trainer)
@@ -316,7 +328,7 @@ class Metrics:
                 loss = self._host_sum / self._steps
             window = Window(
                 loss=loss,
-                parts={k: v / self._steps for k, v in self._parts.items()},
+                parts={k: self._host(v) / self._steps for k, v in self._parts.items()},
                 steps=self._steps,
                 images=self._images,
                 images_per_s=self._images / elapsed,
@@ -343,6 +355,12 @@ class Metrics:
         else:
             self.bar.update(trainer.step)
 
+    def _host(self, value) -> float:
+        """A window sum on the host: a device tensor is averaged over the processes first."""
+        if isinstance(value, torch.Tensor):
+            return float((self.reduce(value) if self.reduce is not None else value).item())
+        return float(value)
+
     def images_seen(self) -> int:
         """Images trained on by this invocation, the open window included."""
         return self.images_total + self._images
@@ -350,6 +368,19 @@ class Metrics:
     def close(self) -> None:
         self.bar.close()
         self.logger.close()
+
+
+class MetricsWriter(Hook):
+    """Writes the step's record (and moves the bar) when due; closes the file and bar at the end."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def after_step(self, trainer) -> None:
+        self.metrics.write(trainer)
+
+    def after_train(self, trainer) -> None:
+        self.metrics.close()
 
 
 def stop_non_finite(trainer, what: str) -> NoReturn:

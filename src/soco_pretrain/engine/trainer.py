@@ -1,20 +1,20 @@
 """The one training loop under ``soco pretrain``, ``soco finetune`` and ``soco linear``.
 
 A :class:`Trainer` runs ``run_step(step)`` until ``stop_step`` and calls its hooks around
-each step, in the spirit of Detectron2's ``TrainerBase`` and torchvision's references (a plain
-loop, the stage-specific work in one function):
+each step, in the spirit of Detectron2's ``TrainerBase`` + ``hooks.py`` and torchvision's
+references (a plain loop, the stage-specific work in one function, everything else a hook):
 
     before_train
-    for each step:  before_step -> run_step -> metrics.observe (guard) -> after_step hooks
-                    -> metrics.write -> checkpointer
+    for each step:  before_step -> run_step -> after_step of every hook, in order
     after_train     (also after an exception)
 
 ``run_step`` returns a :class:`StepOutput`; ``trainer.step`` counts *finished* steps, so hooks
-see the number of the step that has just been taken (1-based). The stages supply the step and
-the hooks (checkpointing, evaluation, the object-kNN monitor); the engine supplies the loop,
-the loss window + non-finite guard + metrics file + progress bar (:mod:`.metrics`), the
-checkpointer (:mod:`.checkpoint`), the skipped-image log (:mod:`.skips`), the loader factory
-(:mod:`.loader`) and the lr setter.
+see the number of the step that has just been taken (1-based). The hooks of every stage are,
+in order (``engine.run`` assembles them): the metrics (:class:`~.metrics.Metrics`: the loss
+window and the non-finite guard, first, so a bad loss stops the run before any hook can save),
+the stage's own (evaluation, validation, the object-kNN monitor), the metrics writer (one
+``metrics.jsonl`` record, the progress bar) and the checkpointer
+(:class:`~.checkpoint.Checkpointer`).
 """
 
 from __future__ import annotations
@@ -22,75 +22,34 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
+from .checkpoint import Checkpointer
+from .hooks import Hook, StepOutput
+from .metrics import Metrics
 
-@dataclass
-class StepOutput:
-    """What one optimiser step reports.
-
-    ``loss``: the step's loss, as the device tensors to add up in order (read on the host only
-    when the guard or the metrics writer needs it, so a GPU step never waits for the host) or as
-    a host float; ``parts``: named loss parts (averaged over the log window like the loss);
-    ``images``: images trained on in this step over all processes; ``data_wait``: seconds spent
-    waiting for the loader; ``scalars``: host values of this step (lr, tau, ...).
-    """
-
-    loss: list[torch.Tensor] | float | None = None
-    images: int = 0
-    data_wait: float = 0.0
-    parts: dict = field(default_factory=dict)
-    scalars: dict = field(default_factory=dict)
-
-
-class Hook:
-    """Called around the steps; override what you need. ``trainer.record`` collects extras (an
-    evaluation, the monitor) for this step's metrics record."""
-
-    def before_train(self, trainer: Trainer) -> None:
-        pass
-
-    def before_step(self, trainer: Trainer) -> None:
-        pass
-
-    def after_step(self, trainer: Trainer) -> None:
-        pass
-
-    def after_train(self, trainer: Trainer) -> None:
-        pass
+__all__ = ["Hook", "StepOutput", "Trainer", "autocast", "set_lr"]
 
 
 class Trainer:
-    """Runs ``run_step`` from ``start_step`` to ``stop_step`` (exclusive of steps already done).
+    """Runs ``run_step`` from ``start_step`` to ``stop_step`` (exclusive of steps already done),
+    calling ``hooks`` in order. ``metrics`` and ``checkpointer`` are the hooks of those kinds,
+    if any (the guard's message names the last checkpoint; the metrics read the loss when a
+    checkpoint is due)."""
 
-    ``metrics`` (:class:`~.metrics.Metrics`, optional) sees every step's output first (the loss
-    window and the non-finite guard, before any hook can save a checkpoint) and writes the
-    step's record after the hooks added their extras; ``checkpointer``
-    (:class:`~.checkpoint.Checkpointer`, optional) saves last, so a crash between the two only
-    repeats a record on resume.
-    """
-
-    def __init__(
-        self,
-        run_step: Callable[[int], StepOutput],
-        start_step: int,
-        stop_step: int,
-        hooks: Sequence[Hook] = (),
-        metrics=None,
-        checkpointer=None,
-    ):
+    def __init__(self, run_step: Callable[[int], StepOutput], start_step: int, stop_step: int,
+                 hooks: Sequence[Hook] = ()):  # fmt: skip
         self.run_step = run_step
         self.step = int(start_step)
         self.start_step = int(start_step)
         self.stop_step = int(stop_step)
         self.hooks = list(hooks)
-        self.metrics = metrics
-        self.checkpointer = checkpointer
+        self.metrics: Metrics | None = next((h for h in self.hooks if isinstance(h, Metrics)), None)
+        self.checkpointer: Checkpointer | None = next((h for h in self.hooks if isinstance(h, Checkpointer)), None)
         self.output: StepOutput | None = None
         self.record: dict = {}  # extras for this step's metrics record
-        self.last_checkpoint = None  # set by the checkpoint hook (or the resume)
+        self.last_checkpoint = None  # set by the checkpointer (or the resume)
         self.side_seconds = 0.0  # time in hooks that is not training (evaluation, checkpoints)
         self.started = time.perf_counter()
 
@@ -122,22 +81,14 @@ class Trainer:
                     hook.before_step(self)
                 self.output = self.run_step(self.step)
                 self.step += 1
-                if self.metrics is not None:
-                    self.metrics.observe(self)
                 for hook in self.hooks:
                     hook.after_step(self)
-                if self.metrics is not None:
-                    self.metrics.write(self)
-                if self.checkpointer is not None:
-                    self.checkpointer.after_step(self)
         finally:
             close = getattr(self.run_step, "close", None)  # e.g. stop the loader's workers
             if close is not None:
                 close()
             for hook in self.hooks:
                 hook.after_train(self)
-            if self.metrics is not None:
-                self.metrics.close()
         return self
 
     @property

@@ -45,8 +45,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..errors import NonFiniteLossError, UserError
+from ..errors import NonFiniteLossError, PathError, UserError, one_line
 from ..files import atomic_write_bytes, atomic_write_json
 from ..runfolder import file_digest
 
@@ -57,10 +58,6 @@ METRICS = ("finetune", "knn")
 RESULT_FILES = {"finetune": "metrics.json", "knn": "knn.json"}
 WEIGHTS_KEY = "init_weights"  # an arm's result file: the weights identity it was computed from
 START_FILE = "init_weights.json"  # an arm's folder: the weights identity it started from
-
-
-class CompareError(UserError):
-    """A comparison that cannot run as asked (bad init, other spec in OUT, ...); one line."""
 
 
 # ---------------------------------------------------------------- inits
@@ -92,11 +89,11 @@ def _is_none(text: str) -> bool:
 def parse_init(text: str, must_exist: bool = True) -> Init:
     """``none`` | ``PATH`` | ``NAME=PATH[,PATH,...]`` -> :class:`Init` (paths made absolute).
 
-    A PATH that exists is taken whole even if it contains ``=``. Raises CompareError.
+    A PATH that exists is taken whole even if it contains ``=``. Raises UserError.
     """
     text = text.strip()
     if not text:
-        raise CompareError("--init: empty value (expected none, PATH or NAME=PATH[,PATH,...])")
+        raise UserError("--init: empty value (expected none, PATH or NAME=PATH[,PATH,...])")
     if _is_none(text):
         return Init(RANDOM_INIT, (None,))
     if "=" in text and not Path(text).exists():
@@ -104,7 +101,7 @@ def parse_init(text: str, must_exist: bool = True) -> Init:
         name = name.strip()
         members = [m.strip() for m in rest.split(",")]
         if not name or not rest.strip() or any(not m for m in members):
-            raise CompareError(f"--init {text}: expected NAME=PATH[,PATH,...] with a name and no empty path")
+            raise UserError(f"--init {text}: expected NAME=PATH[,PATH,...] with a name and no empty path")
     else:
         name, members = Path(text.rstrip("/\\")).name or text, [text]
     paths: list[str | None] = []
@@ -113,9 +110,7 @@ def parse_init(text: str, must_exist: bool = True) -> Init:
             paths.append(None)
             continue
         if must_exist and not Path(member).exists():
-            raise CompareError(
-                f"--init {text}: {member}: no such run folder, checkpoint or weights file (or give none)"
-            )
+            raise UserError(f"--init {text}: {member}: no such run folder, checkpoint or weights file (or give none)")
         paths.append(os.path.abspath(member))
     return Init(name, tuple(paths))
 
@@ -170,29 +165,29 @@ class CompareSpec:
     options: dict = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.inits = tuple(self.inits)
         self.fractions = tuple(float(f) for f in self.fractions)
         if self.metric not in METRICS:
-            raise CompareError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+            raise UserError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if not self.inits:
-            raise CompareError("give at least one --init (the first is the baseline)")
+            raise UserError("give at least one --init (the first is the baseline)")
         if self.seeds < 1:
-            raise CompareError(f"--seeds must be at least 1, got {self.seeds}")
+            raise UserError(f"--seeds must be at least 1, got {self.seeds}")
         if not self.fractions:
-            raise CompareError("--fractions: no fraction given")
+            raise UserError("--fractions: no fraction given")
         for f in self.fractions:
             if not 0.0 < f <= 1.0:
-                raise CompareError(f"--fractions: each must be in (0, 1], got {f:g}")
+                raise UserError(f"--fractions: each must be in (0, 1], got {f:g}")
         if len(set(self.fractions)) != len(self.fractions):
             listed = ",".join(f"{f:g}" for f in self.fractions)
-            raise CompareError(f"--fractions: a fraction is listed twice ({listed})")
+            raise UserError(f"--fractions: a fraction is listed twice ({listed})")
         names: dict[str, str] = {}
         for init in self.inits:
             key = safe_name(init.name)
             if key in names:
                 same = "the same name" if names[key] == init.name else f"the same folder name as {names[key]!r}"
-                raise CompareError(f"--init: two inits have {same} ({init.name!r}); name them, e.g. --init NAME=PATH")
+                raise UserError(f"--init: two inits have {same} ({init.name!r}); name them, e.g. --init NAME=PATH")
             names[key] = init.name
 
     @property
@@ -260,32 +255,32 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def read_spec(out, runtime: dict | None = None) -> CompareSpec:
-    """The comparison recorded in OUT/compare.json; CompareError if there is none."""
+    """The comparison recorded in OUT/compare.json; UserError if there is none."""
     path = Path(out) / SPEC_FILE
     if not path.is_file():
-        raise CompareError(f"{path}: no such file (not a soco compare folder; give --init and the data options)")
+        raise PathError(path, "no such file (not a soco compare folder; give --init and the data options)")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
         return CompareSpec.from_json(obj, runtime)
     except (ValueError, KeyError, TypeError) as exc:
-        raise CompareError(f"{path}: not a soco compare specification ({type(exc).__name__}: {exc})") from None
+        raise PathError(path, f"not a soco compare specification ({type(exc).__name__}: {exc})") from exc
 
 
 def check_out(spec: CompareSpec, out) -> bool:
-    """Whether OUT/compare.json exists; CompareError when it records another comparison. Writes
+    """Whether OUT/compare.json exists; UserError when it records another comparison. Writes
     nothing, so a comparison refused before it runs (a leak, changed weights) leaves OUT as it was."""
     path = Path(out) / SPEC_FILE
     if not path.is_file():
         return False
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise CompareError(f"{path}: unreadable (not JSON); remove it or use another --out") from None
+    except ValueError as exc:
+        raise PathError(path, "unreadable (not JSON); remove it or use another --out") from exc
     new = _normalised(spec.to_json())
     if old != new:
         diffs = _differences(old, new)
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
-        raise CompareError(
+        raise UserError(
             f"{out} holds another comparison ({shown}); use another --out, or rerun "
             "with the recorded options (or without --init to reuse them)"
         )
@@ -293,7 +288,7 @@ def check_out(spec: CompareSpec, out) -> bool:
 
 
 def prepare_out(spec: CompareSpec, out) -> Path:
-    """Write OUT/compare.json, or check that the one there is this ``spec``; CompareError if not."""
+    """Write OUT/compare.json, or check that the one there is this ``spec``; UserError if not."""
     path = Path(out) / SPEC_FILE
     if not check_out(spec, out):
         atomic_write_json(path, _normalised(spec.to_json()))
@@ -308,16 +303,23 @@ def result_path(arm: Arm, spec: CompareSpec, out) -> Path:
 
 
 def load_result(arm: Arm, spec: CompareSpec, out) -> dict | None:
-    """The finished arm's result (metrics.json with its final AP, or knn.json), else None."""
+    """The finished arm's result (metrics.json with its final AP, or knn.json), else None (not
+    run yet, or a fine-tune still under way).
+
+    A result file that cannot be read is refused (PathError naming it), not taken as "not run":
+    the arm's folder may hold hours of work, so the user decides, by deleting the file, whether
+    the arm runs again; nothing is moved or deleted here.
+    """
     path = result_path(arm, spec, out)
     if not path.is_file():
         return None
+    hint = "delete it to run this arm again"
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
+    except (OSError, ValueError) as exc:
+        raise PathError(path, f"unreadable result file ({one_line(exc)}); {hint}") from exc
     if not isinstance(result, dict):
-        return None
+        raise PathError(path, f"unreadable result file (a JSON {type(result).__name__}, not an object); {hint}")
     if spec.metric == "finetune":
         if "bbox" not in result:
             return None
@@ -334,7 +336,7 @@ def shard_arms(arms: list[Arm], shard: tuple[int, int] | None) -> list[Arm]:
         return list(arms)
     i, n = shard
     if n < 1 or not 0 <= i < n:
-        raise CompareError(f"bad --arm {i}/{n}: need 0 <= i < N")
+        raise UserError(f"bad --arm {i}/{n}: need 0 <= i < N")
     return [arm for arm in arms if arm.index % n == i]
 
 
@@ -395,7 +397,7 @@ def _soco_step(path: Path) -> int | None:
     import torch
 
     from ..engine.checkpoint import _numpy_safe_globals  # the checkpoint reader's own allowlist
-    from ..transfer.weights import soco_weights_of
+    from ..weights import soco_weights_of
 
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
@@ -410,14 +412,14 @@ def _stat_key(path: Path) -> tuple[int, int, int, int]:
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise CompareError(f"{path}: cannot read the weights ({exc.strerror or exc})") from None
+        raise PathError(path, f"cannot read the weights ({exc.strerror or exc})") from exc
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class InitWeights:
     """What the members of a comparison's inits resolve to, as identities (:func:`describe_weights`).
 
-    :meth:`now` resolves a member as the metrics do (``transfer.weights.resolve_checkpoint``: a
+    :meth:`now` resolves a member as the metrics do (``weights.resolve_checkpoint``: a
     run folder's newest intact checkpoint) and hashes that file (``runfolder.file_digest``) once
     per version (device, inode, size, mtime) in this process; an unchanged file costs a stat.
     ``pinned``: the identity each member had when the comparison started (:meth:`pin`); every arm
@@ -431,7 +433,7 @@ class InitWeights:
     def now(self, weights: str | None, seed: int = 0) -> dict:
         if weights is None:
             return random_identity(seed)
-        from ..transfer.weights import resolve_checkpoint
+        from ..weights import resolve_checkpoint
 
         path = Path(resolve_checkpoint(weights))
         for _ in range(3):
@@ -442,12 +444,12 @@ class InitWeights:
             try:
                 digest = file_digest(path)
             except OSError as exc:
-                raise CompareError(f"{path}: cannot read the weights ({exc.strerror or exc})") from None
+                raise PathError(path, f"cannot read the weights ({exc.strerror or exc})") from exc
             identity = {"weights": str(weights), "file": str(path), "sha256": digest, "step": _soco_step(path)}
             if _stat_key(path) == before:  # not replaced while it was read
                 self._seen[str(path)] = (before, identity)
                 return identity
-        raise CompareError(f"{path}: replaced three times while it was read; try again")
+        raise PathError(path, "replaced three times while it was read; try again")
 
     def pin(self, spec: CompareSpec) -> None:
         """Resolve and hash every member of every init now (one line on a missing checkpoint)."""
@@ -457,14 +459,14 @@ class InitWeights:
                     self.pinned[member] = self.now(member)
 
     def for_arm(self, arm: Arm, total: int | None = None) -> dict:
-        """The identity ``arm`` runs with: the pinned one; CompareError when its file changed since."""
+        """The identity ``arm`` runs with: the pinned one; UserError when its file changed since."""
         now = self.now(arm.weights, arm.seed)
         if arm.weights is None:
             return now
         pinned = self.pinned.setdefault(arm.weights, now)
         if not same_weights(pinned, now):
             name = arm.init.name
-            raise CompareError(
+            raise UserError(
                 f"{name}: its weights changed while this comparison ran ({describe_weights(pinned)} -> "
                 f"{describe_weights(now)}, {now['file']}); arm {arm.index + 1}{f'/{total}' if total else ''} "
                 f"({arm.label}) was not started and the arms of {name} finished so far used the old weights: "
@@ -533,7 +535,7 @@ def _texts(identities) -> str:
 
 
 def refuse_stale(stale: list[StaleArm]) -> None:
-    """CompareError (one line) naming each init whose recorded arms have other weights than now,
+    """UserError (one line) naming each init whose recorded arms have other weights than now,
     the old and new step / sha256, and the way out (``--reevaluate NAME``)."""
     groups = _grouped([s for s in stale if s.recorded is not None])
     if not groups:
@@ -543,7 +545,7 @@ def refuse_stale(stale: list[StaleArm]) -> None:
         for name, items in groups.items()
     ]
     flags = " ".join(f"--reevaluate {shlex.quote(name)}" for name in groups)
-    raise CompareError(
+    raise UserError(
         f"weights changed since arms of this comparison ran: {'; '.join(parts)}; a report would pool "
         f"two sets of weights. Add {flags} to move those arms aside and evaluate them again with the "
         "current weights"
@@ -646,9 +648,9 @@ def run_arm(arm: Arm, spec: CompareSpec, out_dir) -> dict:
     from .knn import KnnOptions, knn_eval
 
     extra = {k: runtime[k] for k in ("workers", "device", "progress") if k in runtime}
-    opts = KnnOptions(**spec.options, **extra, seed=arm.seed, train_fraction=arm.fraction, allow_leak=True)
+    knn_opts = KnnOptions(**spec.options, **extra, seed=arm.seed, train_fraction=arm.fraction, allow_leak=True)
     return knn_eval(
-        arm.weights, spec.train_json, spec.train_images, spec.val_json, spec.val_images, Path(out_dir), opts
+        arm.weights, spec.train_json, spec.train_images, spec.val_json, spec.val_images, Path(out_dir), knn_opts
     )
 
 
@@ -673,7 +675,7 @@ def run_compare(
     OUT/compare.json must already be written (:func:`prepare_out`). ``weights``: the identities
     the comparison started with (:meth:`InitWeights.pin`; pinned at first use when not given):
     each arm writes its identity to START_FILE before it runs and to its result file after; an
-    init whose file changed since stops the run (CompareError) before its next arm.
+    init whose file changed since stops the run (UserError) before its next arm.
     """
     out = Path(out)
     arms = spec.arms()
@@ -736,7 +738,7 @@ def weights_summary(spec: CompareSpec, done: list[tuple[Arm, dict]], out=None) -
             recorded = _arm_record(arm, spec, out, result)
             if arm.weights is None:
                 key: tuple = (None,)
-                entry = {"path": None, "file": None, "step": None, "sha256": None}
+                entry: dict[str, Any] = {"path": None, "file": None, "step": None, "sha256": None}
                 text = "random init, seeded by each arm's seed"
             else:
                 key = (arm.weights, _weights_key(recorded))
@@ -810,13 +812,13 @@ def device_env(device: str, environ: dict | None = None) -> tuple[str, dict]:
         return "cpu", env
     match = re.fullmatch(r"cuda(?::(\d+))?", text)
     if not match:
-        raise CompareError(f"--devices: bad device {device!r} (expected cuda:N or cpu)")
+        raise UserError(f"--devices: bad device {device!r} (expected cuda:N or cpu)")
     index = int(match.group(1) or 0)
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip():
         entries = [v.strip() for v in visible.split(",") if v.strip()]
         if index >= len(entries):
-            raise CompareError(f"--devices: {device} but CUDA_VISIBLE_DEVICES={visible} lists {len(entries)} GPU(s)")
+            raise UserError(f"--devices: {device} but CUDA_VISIBLE_DEVICES={visible} lists {len(entries)} GPU(s)")
         env["CUDA_VISIBLE_DEVICES"] = entries[index]
     else:
         env["CUDA_VISIBLE_DEVICES"] = str(index)
@@ -826,11 +828,11 @@ def device_env(device: str, environ: dict | None = None) -> tuple[str, dict]:
 def parse_devices(text: str) -> list[str]:
     devices = [d.strip() for d in text.split(",") if d.strip()]
     if not devices:
-        raise CompareError("--devices: no device given (expected e.g. cuda:0,cuda:1)")
+        raise UserError("--devices: no device given (expected e.g. cuda:0,cuda:1)")
     gpus = [device_env(d, {})[1].get("CUDA_VISIBLE_DEVICES") for d in devices]  # also validates each
     gpus = [g for g in gpus if g is not None]
     if len(set(gpus)) != len(gpus):
-        raise CompareError(f"--devices: a GPU is listed twice ({text})")
+        raise UserError(f"--devices: a GPU is listed twice ({text})")
     return devices
 
 

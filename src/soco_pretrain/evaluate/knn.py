@@ -34,6 +34,7 @@ only):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -103,14 +104,11 @@ class ObjectSet:
 def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: ObjectSet | None = None) -> ObjectSet:
     """Read a COCO JSON's usable objects (see the module docstring). ``categories``: use another
     set's category list (val against train); a category id it lacks is an error."""
-    from ..transfer.coco import CocoError, clip_box, load_coco
+    from ..transfer.coco import clip_box, load_coco
 
     json_path = Path(json_path)
     root = Path(image_root) if image_root is not None else json_path.parent
-    try:
-        coco = load_coco(json_path, root)
-    except CocoError as exc:
-        raise KnnError(str(exc)) from None
+    coco = load_coco(json_path, root)  # a bad file: PathError naming it
     if not coco.anns:
         raise KnnError(f"{json_path}: has no annotations (kNN needs labelled boxes)")
     names = {c["id"]: str(c.get("name", c["id"])) for c in coco.categories}
@@ -297,7 +295,7 @@ class Embedder:
         self.failed: dict[str, str] = {}  # path -> reason
         # cache: keep the decoded, resized images (the monitor's small set is embedded many times;
         # 343 images at 96 px are 9 MB)
-        self._cache: dict[tuple[str, int], list[dict]] | None = {} if cache else None
+        self._cache: dict[tuple[str, int, int], list[list[dict]]] | None = {} if cache else None
 
     def _iterate(self, objects: ObjectSet, desc: str, limit: int | None = None):
         from tqdm import tqdm
@@ -470,13 +468,13 @@ def _embed_sets(nets, train: ObjectSet, val: ObjectSet, p: Probe, device, progre
             if cache is not None:
                 cache[key] = crop_set
             sets.append(crop_set)
-        embedder = CropEmbedder(p.size, p.level_bounds, max(p.batch, 16), device, progress)
+        crops = CropEmbedder(p.size, p.level_bounds, max(p.batch, 16), device, progress)
         if p.bn == "precise":
             # the crops of the first precise_images images (a CropSet keeps the images' order)
-            embedder.precise_bn(nets, sets[0], p.features, int((sets[0].image_index < p.precise_images).sum()))
+            crops.precise_bn(nets, sets[0], p.features, int((sets[0].image_index < p.precise_images).sum()))
         out = []
         for crop_set, objects in zip(sets, (train, val)):
-            feats = embedder.embed(nets, crop_set, p.features)
+            feats = crops.embed(nets, crop_set, p.features)
             out.append(_Embedded(feats, crop_set.labels, crop_set.image_index, objects, crop_set.crops))
         failed = {**sets[0].failed, **sets[1].failed}
         return out[0], out[1], failed, sets[0].clipped + sets[1].clipped
@@ -503,7 +501,7 @@ def _readouts(train_x, train_y, val_x, val_y, categories, p: Probe, train_keys, 
     return {"knn": knn, "logistic": logistic}
 
 
-def probe_encoders(encoders: dict[str, nn.Module], train: ObjectSet, val: ObjectSet, p: Probe, device="cpu",
+def probe_encoders(encoders: Mapping[str, nn.Module], train: ObjectSet, val: ObjectSet, p: Probe, device="cpu",
                    progress: bool = False, cache: dict | None = None) -> dict:  # fmt: skip
     """The probe (module docstring) for each named encoder (modified in place when bn=precise).
 
@@ -599,15 +597,21 @@ def _run_config(weights: Path) -> dict | None:
     return None
 
 
+# kNN's load policy (weights/load.py): report. The ResNet body must load whole (features of a
+# partly random encoder measure nothing); the FPN and box head load what the file has, the rest
+# is seeded and listed in knn.json's "loaded".
+LOAD_POLICY = "report"
+
+
 def build_encoder(weights, soco_weights: str = "online", seed: int = 0, backbone: str | None = None):
-    """(SoCoEncoder, info) from ``weights``: "none" (random init, seeded), a soco pretrain run
-    folder or checkpoint, or a torchvision state dict (Mask R-CNN v2 keys: FPN; a ResNet-50's keys
-    alone: C4, the res5 head on C4 features). info: arch, description, size / level bounds of the
-    run (if any), loaded tensors per module."""
+    """(SoCoEncoder, info) from ``weights``: "none" (random init, seeded), or any file the weights
+    layer reads (weights/read.py): a soco pretrain run folder or checkpoint, a torchvision state
+    dict (Mask R-CNN v2 keys: FPN; a ResNet's keys alone: C4, the res5 head on C4 features), an
+    export. info: arch, description, size / level bounds of the run (if any), loaded tensors per
+    module and the layer's LoadReport (``report``)."""
     from ..config import from_dict
-    from ..model.backbones import backbone_of_state
     from ..model.encoder import SoCoEncoder
-    from ..transfer.weights import detector_state, detector_to_encoder, load_weights_file, soco_weights_of
+    from ..weights import WeightsError, encoder_target, load, read_weights
 
     if weights is None or str(weights).lower() == "none":
         torch.manual_seed(seed)  # soco pretrain's train.seed: the network its run starts from
@@ -615,17 +619,9 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0, backbone
         description = f"random init (seed {seed}, {cfg.backbone})"
         return SoCoEncoder(cfg), {"arch": "fpn", "description": description, "run": None}
     path = Path(weights)
-    # The one weights reader (transfer/weights.py): WeightsError (one line) for files that are not weights.
-    found, content = load_weights_file(path)
-    soco = soco_weights_of(content, found)
+    # The one weights layer: WeightsError (one line) for files that are not weights.
+    found = read_weights(path, soco_weights)
     run = _run_config(path) if path.exists() else None
-    if soco is not None:  # a soco pretrain run: its encoder's keys are SoCoEncoder's already
-        mapped, fpn = soco.network(soco_weights), soco.arch == "fpn"
-        description = f"SoCo checkpoint {found}, {soco_weights} encoder"
-    else:  # any other format, as detector keys: FPN when it has an FPN or box head, else C4
-        state, description = detector_state(content, found)
-        fpn = any(k.startswith(("backbone.fpn.", "roi_heads.box_head.")) for k in state)
-        mapped = detector_to_encoder(state, "fpn" if fpn else "c4")
     model_cfg = ModelConfig()
     if run and isinstance(run.get("model"), dict):
         try:
@@ -633,36 +629,25 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0, backbone
         except (TypeError, ValueError) as exc:
             print(f"note: the run's model settings do not load ({exc}); kNN builds the default encoder", flush=True)
             model_cfg = ModelConfig()
-    model_cfg.arch = "fpn" if fpn else "c4"
-    if soco is not None:  # the checkpoint's own backbone, even away from its run folder
-        model_cfg.backbone = soco.backbone  # a model.backbone value
-    else:  # the backbone the ResNet's shapes name (model/backbones.py); default ResNet-50
-        try:
-            model_cfg.backbone = backbone_of_state(state, "backbone.body.") or model_cfg.backbone
-        except ValueError as exc:
-            raise KnnError(f"{path}: {exc}") from None
+    # a soco run's own; else FPN when the file has an FPN or box head, else C4 (checked by the reader)
+    model_cfg.arch = found.arch  # type: ignore[assignment]
+    try:  # a soco run's model.backbone, else the one the ResNet's shapes name; default ResNet-50
+        model_cfg.backbone = found.backbone or model_cfg.backbone  # type: ignore[assignment]
+    except WeightsError as exc:
+        raise KnnError(str(exc)) from None
     if backbone is not None and backbone != model_cfg.backbone:
         raise KnnError(f"{path}: holds a {model_cfg.backbone}, not the --set backbone={backbone} asked for")
     torch.manual_seed(seed)  # whatever the file does not hold (e.g. an FPN for a plain ResNet) is seeded
     encoder = SoCoEncoder(model_cfg)
-    own = encoder.state_dict()
-    loaded = {k: v for k, v in mapped.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
-    if not loaded:
-        raise KnnError(
-            f"{path}: no tensor fits the {model_cfg.arch.upper()} encoder (expected a soco run, "
-            "soco export --to torchvision, or a torchvision ResNet-50 / Mask R-CNN v2 state dict)"
-        )
-    encoder.load_state_dict(loaded, strict=False)
-    counts: dict[str, list[int]] = {}
-    for key in own:
-        module = ".".join(key.split(".")[:2]) if key.startswith("backbone.") else key.split(".")[0]
-        counts.setdefault(module, [0, 0])[1] += 1
-        counts[module][0] += key in loaded
+    shapes = {k: v.shape for k, v in encoder.state_dict().items()}
+    report = load(encoder, found, encoder_target(shapes, model_cfg.arch, model_cfg.backbone), LOAD_POLICY,
+                  error=KnnError)  # fmt: skip
     return encoder, {
         "arch": model_cfg.arch,
-        "description": description,
+        "description": found.description,
         "run": run,
-        "loaded": {m: f"{a}/{b}" for m, (a, b) in counts.items()},
+        "loaded": {m: f"{n}/{total}" for m, (n, total) in report.modules.items()},
+        "report": report,
     }
 
 

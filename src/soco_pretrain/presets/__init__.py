@@ -18,14 +18,10 @@ PRESETS = (
 )  # fmt: skip
 
 
-class PresetError(UserError):
-    """An unknown preset name or a preset file that does not fit PretrainConfig; one line."""
-
-
 def preset_text(name: str) -> str:
     """The YAML text of preset ``name``."""
     if name not in PRESETS:
-        raise PresetError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return (resources.files(__package__) / f"{name}.yaml").read_text(encoding="utf-8")
 
 
@@ -39,4 +35,4 @@ def load_preset(name: str):
     try:
         return from_dict(PretrainConfig, data)
     except (TypeError, ValueError) as exc:
-        raise PresetError(f"preset {name!r}: {exc}") from None
+        raise UserError(f"preset {name!r}: {exc}") from exc

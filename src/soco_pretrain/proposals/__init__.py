@@ -6,22 +6,20 @@ stores, ``load`` opens a store (memory-mapped, picklable) for the data loader an
 """
 
 from .filters import PRESETS, RULE_NAMES, SearchConfig, filter_boxes
-from .generate import GenerateError, GenerateSummary, generate, merge
+from .generate import GenerateSummary, generate, merge
 from .selective_search import selective_search
-from .store import ProposalStore, StoreError, load, verify_store
+from .store import ProposalStore, load, verify_store
 
 __all__ = [
     "PRESETS",
     "RULE_NAMES",
     "SearchConfig",
     "filter_boxes",
-    "GenerateError",
     "GenerateSummary",
     "generate",
     "merge",
     "selective_search",
     "ProposalStore",
-    "StoreError",
     "load",
     "verify_store",
 ]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import PathError, UserError
 from ..images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, list_images, load_rgb_bounded
 from ..runfolder import file_digest, locked
 from .filters import PRESETS, RULE_FAILED, SearchConfig, filter_boxes
@@ -39,7 +39,6 @@ from .store import (
     KEY_FILES,
     UNKNOWN_KEY,
     ProposalStore,
-    StoreError,
     atomic_write_json,
     digest_hex,
     digest_row,
@@ -60,10 +59,6 @@ _HEADER = struct.Struct("<II")  # payload length, crc32 of payload
 # into more regions; for other max_side values we assume it scales with the searched pixels.
 WORKER_PEAK_BYTES = 400 << 20
 MEMINFO = "/proc/meminfo"
-
-
-class GenerateError(UserError):
-    """A run that cannot start (bad arguments, conflicting existing output); one-line message."""
 
 
 @dataclass
@@ -491,26 +486,26 @@ def generate(
     ``max_pixels``: images decoding to more pixels fail (decompression bombs; None/0: no bound).
     A rerun searches again the images whose file changed (module docstring): those whose size or
     mtime differs are hashed; ``rehash`` hashes every one (a replacement that kept both).
-    A source without any image is a GenerateError.
+    A source without any image is a UserError.
     """
     t0 = time.perf_counter()
     if preset not in PRESETS:
-        raise GenerateError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     try:
         config = PRESETS[preset].with_overrides(config_overrides)
     except (TypeError, ValueError) as exc:
-        raise GenerateError(str(exc)) from None
+        raise UserError(str(exc)) from exc
     if shard is not None:
         i, n = (int(v) for v in shard)
         if n < 1 or not 0 <= i < n:
-            raise GenerateError(f"invalid shard {shard!r}: need 0 <= i < n")
+            raise UserError(f"invalid shard {shard!r}: need 0 <= i < n")
         shard = (i, n)
     if int(workers) < 1:
-        raise GenerateError(f"workers must be >= 1, got {workers}")
+        raise UserError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     images = list_images(source)  # raises ImageError for a missing source
     if not images.paths:
-        raise GenerateError(_no_images_message(source, images))
+        raise UserError(_no_images_message(source, images))
     for folder, reason in images.unreadable:
         print(f"warning: {images.root / folder}: {reason}; its images are skipped", file=sys.stderr, flush=True)
     selected = images.paths if shard is None else images.paths[shard[0] :: shard[1]]
@@ -524,9 +519,10 @@ def generate(
         manifest = read_manifest(out)
         diff = _param_diff(manifest, params)
         if diff:
-            raise GenerateError(
-                f"{out}: already holds a proposals store made with other parameters "
-                f"({diff}); choose another output or delete it"
+            raise PathError(
+                out,
+                f"already holds a proposals store made with other parameters "
+                f"({diff}); choose another output or delete it",
             )
         existing = load(out)
         if not existing.has_file_keys:  # a header read per image: say why this rerun takes a while
@@ -545,7 +541,7 @@ def generate(
         known = _records_from_store(existing)  # same parameters, other images (or retries): reuse what we can
         changes.apply(known)
     elif out.exists() and not _is_store_leftover(out):
-        raise GenerateError(f"{out}: exists and is not a proposals store; choose another output")
+        raise PathError(out, "exists and is not a proposals store; choose another output")
 
     partial = Path(str(out) + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
@@ -557,9 +553,10 @@ def generate(
             except ValueError:
                 diff = "unreadable params.json"
             if diff:
-                raise GenerateError(
-                    f"{partial}: holds an interrupted run with other parameters "
-                    f"({diff}); delete it to start over, or rerun with its parameters"
+                raise PathError(
+                    partial,
+                    f"holds an interrupted run with other parameters "
+                    f"({diff}); delete it to start over, or rerun with its parameters",
                 )
         else:
             atomic_write_json(ppath, params)
@@ -672,13 +669,13 @@ def merge(shard_dirs, out) -> GenerateSummary:
     t0 = time.perf_counter()
     shard_dirs = [Path(d) for d in shard_dirs]
     if not shard_dirs:
-        raise StoreError("merge: no shard stores given")
+        raise UserError("merge: no shard stores given")
     out = Path(out)
     if any(out.resolve() == d.resolve() for d in shard_dirs):
-        raise StoreError(f"{out}: the merge output must not be one of the shards")
+        raise PathError(out, "the merge output must not be one of the shards")
     # As generate: never write into a folder of other files (an existing store is replaced).
     if out.exists() and not (out / "manifest.json").is_file() and not _is_store_leftover(out):
-        raise StoreError(f"{out}: exists and is not a proposals store; choose another merge output")
+        raise PathError(out, "exists and is not a proposals store; choose another merge output")
     stores = [load(d) for d in shard_dirs]
     first = stores[0].manifest
     for st in stores[1:]:
@@ -687,29 +684,30 @@ def merge(shard_dirs, out) -> GenerateSummary:
             m.get("preset") == first.get("preset")
             and SearchConfig.from_dict(m["config"]) == SearchConfig.from_dict(first["config"])
         ):
-            raise StoreError(
-                f"{st.directory}: made with other parameters than {stores[0].directory} "
+            raise PathError(
+                st.directory,
+                f"made with other parameters than {stores[0].directory} "
                 f"(preset {m.get('preset')!r} {m['config']} vs "
-                f"{first.get('preset')!r} {first['config']})"
+                f"{first.get('preset')!r} {first['config']})",
             )
     shards = [st.manifest.get("shard") for st in stores]
     if all(shards):
         counts = {s["count"] for s in shards}
         lists = {st.manifest.get("source", {}).get("list_sha256") for st in stores}
         if len(counts) > 1:
-            raise StoreError(f"merge: shards of different splits (of {sorted(counts)}) cannot be merged")
+            raise UserError(f"merge: shards of different splits (of {sorted(counts)}) cannot be merged")
         if len(lists) > 1:
-            raise StoreError("merge: shards were made from different image lists")
+            raise UserError("merge: shards were made from different image lists")
         n = counts.pop()
         missing = sorted(set(range(n)) - {s["index"] for s in shards})
         if missing:
-            raise StoreError(f"merge: shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing")
+            raise UserError(f"merge: shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing")
 
     owner = {}
     for st in stores:
         for p in st.paths:
             if p in owner:
-                raise StoreError(f"merge: {p!r} appears in both {owner[p]} and {st.directory}")
+                raise UserError(f"merge: {p!r} appears in both {owner[p]} and {st.directory}")
             owner[p] = st.directory
 
     parts = [st.arrays() for st in stores]

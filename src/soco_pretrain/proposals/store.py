@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import PathError
 from ..files import atomic_write_bytes, atomic_write_json
 from .filters import RULE_FAILED, RULE_NAMES
 
@@ -58,10 +58,6 @@ INT16_MAX = np.iinfo(np.int16).max
 QUICK_FULL_BYTES = 32 << 20
 SAMPLE_BLOCK = 64 << 10
 SAMPLE_BLOCKS = 64
-
-
-class StoreError(UserError):
-    """A missing, incomplete or inconsistent store (or merge); the message is one line."""
 
 
 # ---------------------------------------------------------------- writing
@@ -168,12 +164,12 @@ def write_store(
         "raw_counts.npy": np.asarray(raw_counts, dtype=np.int32),
     }
     if (file_keys is None) != (file_sha256 is None):
-        raise StoreError(f"{out}: file_keys and file_sha256 go together (internal error)")
+        raise PathError(out, "file_keys and file_sha256 go together (internal error)")
     if file_keys is not None:
         arrays["file_keys.npy"] = np.asarray(file_keys, dtype=np.int64).reshape(n, 2)
         arrays["file_sha256.npy"] = np.asarray(file_sha256, dtype=np.uint8).reshape(n, 32)
     if len(offsets) != n + 1 or offsets[0] != 0 or offsets[-1] != len(boxes) or len(status) != n:
-        raise StoreError(f"{out}: inconsistent arrays for {n} images (internal error)")
+        raise PathError(out, f"inconsistent arrays for {n} images (internal error)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
     for name in KEY_FILES:  # a rewrite without keys must not leave the old store's behind
@@ -208,23 +204,24 @@ def _sha256_file(path: Path) -> str:
 
 
 def read_manifest(directory) -> dict:
-    """The manifest of the store in ``directory``; StoreError if it is not a complete store."""
+    """The manifest of the store in ``directory``; PathError if it is not a complete store."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise StoreError(f"{directory}: no such proposals store (not a directory)")
+        raise PathError(directory, "no such proposals store (not a directory)")
     mpath = directory / "manifest.json"
     if not mpath.is_file():
-        raise StoreError(f"{directory}: not a complete proposals store (no manifest.json)")
+        raise PathError(directory, "not a complete proposals store (no manifest.json)")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise StoreError(f"{directory}: unreadable manifest.json ({exc.__class__.__name__}: {exc})") from None
+        raise PathError(directory, f"unreadable manifest.json ({exc.__class__.__name__}: {exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise StoreError(f"{directory}: manifest.json is not a {FORMAT} manifest")
+        raise PathError(directory, f"manifest.json is not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"{directory}: store format version {manifest.get('format_version')} "
-            f"is not supported (this version reads {FORMAT_VERSION})"
+        raise PathError(
+            directory,
+            f"store format version {manifest.get('format_version')} "
+            f"is not supported (this version reads {FORMAT_VERSION})",
         )
     return manifest
 
@@ -248,7 +245,7 @@ class ProposalStore:
     cheap to create and pickles by directory (each DataLoader worker reopens its own maps).
 
     Opening checks each file's size and quick checksum against the manifest (``verify``: the
-    full sha256 of every file); a mismatch is a StoreError naming the file."""
+    full sha256 of every file); a mismatch is a PathError naming the file."""
 
     def __init__(self, directory, verify: bool = False):
         self.directory = Path(directory)
@@ -259,26 +256,27 @@ class ProposalStore:
         for name in (*ARRAY_FILES, *(KEY_FILES if self._key_files else ()), "paths.json"):
             p = self.directory / name
             if not p.is_file():
-                raise StoreError(f"{self.directory}: {name} is missing")
+                raise PathError(self.directory, f"{name} is missing")
             want = files.get(name, {})
             if "bytes" in want and p.stat().st_size != want["bytes"]:
-                raise StoreError(
-                    f"{self.directory}: {name} has {p.stat().st_size} bytes, "
-                    f"manifest says {want['bytes']} (truncated or replaced)"
+                raise PathError(
+                    self.directory,
+                    f"{name} has {p.stat().st_size} bytes, manifest says {want['bytes']} (truncated or replaced)",
                 )
             if verify and want.get("sha256") != _sha256_file(p):
-                raise StoreError(f"{self.directory}: {name} does not match its sha256 in manifest.json")
+                raise PathError(self.directory, f"{name} does not match its sha256 in manifest.json")
             if not verify and not _quick_check(p, want):
-                raise StoreError(
-                    f"{self.directory}: {name} does not match its checksum in manifest.json "
-                    "(changed after the store was written; make the store again)"
+                raise PathError(
+                    self.directory,
+                    f"{name} does not match its checksum in manifest.json "
+                    "(changed after the store was written; make the store again)",
                 )
         try:
             self.paths = json.loads((self.directory / "paths.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise StoreError(f"{self.directory}: unreadable paths.json ({exc})") from None
-        self._arrays = None
-        self._index = None
+            raise PathError(self.directory, f"unreadable paths.json ({exc})") from exc
+        self._arrays: dict | None = None
+        self._index: dict[str, int] | None = None
         self._check()
 
     def _check(self):
@@ -299,7 +297,7 @@ class ProposalStore:
             if a[name].shape != shape:
                 problems.append(f"{name} has shape {a[name].shape}, expected {shape}")
         if problems:
-            raise StoreError(f"{self.directory}: corrupt store: " + "; ".join(problems))
+            raise PathError(self.directory, "corrupt store: " + "; ".join(problems))
 
     def _maps(self) -> dict:
         if self._arrays is None:
@@ -307,10 +305,8 @@ class ProposalStore:
             for name in (*ARRAY_FILES, *(KEY_FILES if self._key_files else ())):
                 try:
                     arrays[name] = np.load(self.directory / name, mmap_mode="r", allow_pickle=False)
-                except Exception as exc:
-                    raise StoreError(
-                        f"{self.directory}: cannot read {name} ({exc.__class__.__name__}: {exc})"
-                    ) from None
+                except (OSError, ValueError, EOFError) as exc:  # what np.load raises for a bad .npy
+                    raise PathError(self.directory, f"cannot read {name} ({exc.__class__.__name__}: {exc})") from exc
             self._arrays = arrays
         return self._arrays
 
@@ -465,6 +461,6 @@ def load(store_dir, verify: bool = False) -> ProposalStore:
 
 def verify_store(store_dir) -> int:
     """Full check of a store: every file's sha256 and the arrays' shapes. Returns the number of
-    files verified; StoreError (one line, naming the file) on the first problem."""
+    files verified; PathError (one line, naming the file) on the first problem."""
     store = ProposalStore(store_dir, verify=True)
     return len(store.manifest.get("files", {}))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +31,12 @@ from typing import Any, Literal
 import torch
 
 from ..config import CONFIG_FILE, PretrainConfig, TrainConfig, to_dict
+from ..engine.run import run
+from ..engine.skips import SkipLog
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
 from ..errors import NonFiniteLossError, UserError  # noqa: F401 - NonFiniteLossError: raised by the engine for pretrain()
+from ..files import atomic_write_json
+from .feed import BatchFeed, model_inputs
 from .speed import Speed, apply_speed, compiled, mark_step_begin, resolve_speed
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -184,125 +188,6 @@ def save_config(cfg: PretrainConfig, run_dir: Path) -> Path:
     return path
 
 
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
-def _prepare_batch(batch: dict, device: torch.device, channels_last: bool, augmenter, view_params, generator,
-                   views_cfg):  # fmt: skip
-    """Move the batch to the device; ``data.decode=device`` decodes and renders its JPEGs there
-    (data/decode.py), the GPU augmentation path makes uint8 views float there."""
-    from ..data.decode import has_encoded, render_batch
-    from ..data.loader import augment_batch
-
-    if has_encoded(batch):  # still on the CPU: the render plans are read there, no device sync
-        batch = render_batch(batch, views_cfg, device)
-    if augmenter is not None:
-        batch = augment_batch(batch, augmenter, view_params, generator, device=device)
-    if device.type != "cpu":
-        batch = dict(batch)
-        batch["views"] = [v.to(device, non_blocking=True) for v in batch["views"]]
-        if channels_last:
-            batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
-    return batch
-
-
-class BatchFeed:
-    """The step's batches, moved to the device and (``data.augment.device=gpu``) augmented there.
-
-    With ``lookahead`` the step asks for the next micro-batch as soon as its backward pass is
-    launched (``prefetch``): the loader is read and the copy and augmentation kernels are queued
-    while the device still runs the step, on a side CUDA stream when ``stream`` is given, so they
-    overlap its compute; the step's stream waits for that stream only when it takes the batch.
-    Without lookahead a batch is read and prepared when the step asks for it (``take``).
-
-    Results do not depend on it: a batch's augmentation is seeded by its (step, micro-batch) slot,
-    which the prefetch knows ahead, and a prefetched batch that no step takes (the run stops) is
-    dropped; a resumed run re-reads it (the loader skips only the batches of steps done).
-    """
-
-    def __init__(self, job: Job, lookahead: bool, stream=None):
-        self.job, self.lookahead, self.stream = job, lookahead, stream
-        self.pending: tuple | None = None  # (slot, raw batch, prepared batch, seconds waited)
-
-    def generator(self, step: int, micro: int):
-        job, t = self.job, self.job.cfg.train
-        if job.augmenter is None:
-            return None
-        seed = ((t.seed * 1_000_003 + step) * job.plan.accum + micro) * job.world + job.rank
-        return torch.Generator(job.device).manual_seed(seed)  # reproducible per (seed, step, micro-batch, rank)
-
-    def _read(self, batches, step: int, micro: int, raw=None) -> tuple:
-        """(slot, raw batch, prepared batch, seconds waited); ``raw`` given: prepare that one."""
-        job = self.job
-        started = time.perf_counter()
-        raw = next(batches) if raw is None else raw
-        waited = time.perf_counter() - started
-        prepared = _prepare_batch(
-            raw,
-            job.device,
-            job.device.type == "cuda" and job.cfg.train.channels_last,
-            job.augmenter,
-            job.cfg.data.augment.view_params,
-            self.generator(step, micro),
-            job.cfg.data.views,
-        )
-        return (step, micro), raw, prepared, waited
-
-    def prefetch(self, batches, step: int, micro: int) -> None:
-        """Read and prepare the batch of slot (step, micro) now (lookahead only)."""
-        if not self.lookahead:
-            return
-        if self.stream is None:
-            self.pending = self._read(batches, step, micro)
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.job.device))  # e.g. the augmenter's constants
-        with torch.cuda.stream(self.stream):
-            self.pending = self._read(batches, step, micro)
-
-    def take(self, batches, step: int, micro: int) -> tuple[dict, dict, float]:
-        """(raw batch, prepared batch, seconds the host waited for the loader) of slot (step, micro)."""
-        pending, self.pending = self.pending, None
-        if pending is None:
-            pending = self._read(batches, step, micro)
-        elif pending[0] != (step, micro):  # asked for another slot than foreseen: the same batch, its seed
-            pending = self._read(batches, step, micro, raw=pending[1])[:3] + (pending[3],)
-        elif self.stream is not None:
-            current = torch.cuda.current_stream(self.job.device)
-            current.wait_stream(self.stream)
-            for value in _tensors(pending[2]):  # made on the side stream, freed after use on this one
-                value.record_stream(current)
-        return pending[1], pending[2], pending[3]
-
-    def drop(self) -> None:
-        self.pending = None
-
-
-# The batch fields the model reads (SoCoModel.forward).
-MODEL_INPUTS = ("views", "boxes", "levels", "valid")
-
-
-def model_inputs(batch: dict) -> dict:
-    """The fields of ``batch`` the model reads, nothing else: a compiled model's guards then see
-    the same dict whatever else the data path carries (paths, render plans, skipped files), so one
-    compiled graph serves every data path and the step benchmarks."""
-    return {key: batch[key] for key in MODEL_INPUTS}
-
-
-def _tensors(batch: dict):
-    for value in batch.values():
-        for item in value if isinstance(value, (list, tuple)) else (value,):
-            if isinstance(item, torch.Tensor) and item.device.type == "cuda":
-                yield item
-
-
 # ---------------------------------------------------------------- the job, the step, the hooks
 
 
@@ -413,58 +298,6 @@ def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) 
         "augmenter": augmenter,
         "speed": speed,
     }
-
-
-class _RepeatedBatch:
-    """An endless loader of one prepared batch (no sampler or dataset epochs to set)."""
-
-    sampler = dataset = None
-
-    def __init__(self, batch: dict):
-        self.batch = batch
-
-    def __iter__(self):
-        while True:
-            yield self.batch
-
-    def __len__(self) -> int:
-        return 1 << 40
-
-
-def job_for_batch(cfg: PretrainConfig, batch: dict, device, total_steps: int = 1 << 30) -> Job:
-    """A one-process job whose data is ``batch`` (a collated SoCo batch) repeated: what the step
-    benchmarks time -- the real step, model, optimiser, precision and compile settings of ``cfg``,
-    without the data pipeline. ``cfg.train.per_device_batch`` must be the batch's size. The lr
-    starts at its peak unless ``train.warmup_steps`` is set (an epoch has no length here)."""
-    dev = torch.device(device)
-    cfg, _ = resolve_per_device_batch(cfg, 1, dev)
-    cfg = resolve_augment_device(cfg, dev)
-    t = cfg.train
-    from ..engine.schedule import scaled_lr
-
-    plan = Plan(
-        world_size=1,
-        accum=1,
-        micro_batches_per_epoch=1 << 40,
-        steps_per_epoch=1 << 40,
-        total_steps=total_steps,
-        warmup_steps=t.warmup_steps or 0,  # no epochs here: only a warm-up set in steps applies
-        peak_lr=scaled_lr(t.base_lr, t.per_device_batch),
-        precision=resolve_precision(t.precision, dev),
-    )
-    return Job(
-        cfg=cfg,
-        plan=plan,
-        dataset=None,
-        loader=_RepeatedBatch(batch),
-        device=dev,
-        world=1,
-        rank=0,
-        is_main=True,
-        batch_note="",
-        drop_last=True,
-        **model_parts(cfg, plan, dev, 1),
-    )
 
 
 @dataclass
@@ -582,30 +415,6 @@ class PretrainStep:
         self.feed.drop()
 
 
-class MonitorHook(Hook):
-    """The object-kNN monitor (rank 0, between steps): at step 0 (the curve's starting point),
-    every ``monitor.every`` steps and at the last; results join the step's metrics record."""
-
-    def __init__(self, monitor, core):
-        self.monitor, self.core = monitor, core
-
-    def _measure(self, trainer) -> dict:
-        from ..evaluate.knn import describe
-
-        with trainer.side_work():  # not training time
-            result = self.monitor(self.core)
-        trainer.metrics.bar.write(f"step {trainer.step}: {describe(result)}")
-        return result
-
-    def before_train(self, trainer) -> None:
-        if trainer.step == 0 and trainer.stop_step > 0:
-            trainer.metrics.logger.log(0, **self._measure(trainer))
-
-    def after_step(self, trainer) -> None:
-        if self.monitor.due(trainer.step) or trainer.is_last:
-            trainer.record.update(self._measure(trainer))
-
-
 # Settings a resumed run may change freely: how it runs and reports, not what it trains. Any
 # other difference from the checkpoint's config (model, data, schedule) needs accept_changes.
 RESUME_FREE = ("version", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.workers",
@@ -664,68 +473,179 @@ def keep_recorded_init(job: Job, saved: dict, run_dir: Path) -> None:
     )
 
 
-def resume_job(job: Job, manager, resume, position: Position, accept_changes: bool = False) -> tuple[int, Path | None]:
-    """Load the checkpoint ``resume`` names (if any) into the job; returns (step, its path).
 
-    A checkpoint made with other training settings (anything outside RESUME_FREE) is refused in
-    one line naming them, unless ``accept_changes``; another world size is allowed (the total
-    batch is kept by accumulation) and said in one line."""
-    from ..engine.checkpoint import load_checkpoint, set_rng_state
-    from ..runfolder import RunFolderError
+# ---------------------------------------------------------------- the stage and the entry point
 
-    path = manager.resume_from(resume)
-    if path is None:
-        return 0, None
-    state = load_checkpoint(path, map_location=job.device)
-    if not isinstance(state, dict) or not {"model", "optimizer", "step", "config"} <= set(state):
-        raise PretrainError(f"{path}: not a soco pretrain checkpoint (a fine-tune checkpoint or an export?)")
-    # A checkpoint written before the config had a version holds version 1's keys without it.
-    saved = _with_added_keys({"version": 1, **state.get("config", {})})
-    run_of_checkpoint = path.parent.parent if path.parent.name == "checkpoints" else manager.directory.parent
-    keep_recorded_init(job, saved, run_of_checkpoint)
-    differs = _config_differences(saved, to_dict(job.cfg))
-    changed = [key for key in differs if not key.startswith(RESUME_FREE)]
-    if changed and not accept_changes:
-        raise RunFolderError(
-            f"{path}: made with other settings ({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
-            "resume with the run's own (RUN/config.yaml), give another --out, or add --accept-changes"
-        )
-    job.core.load_state_dict(state["model"])
-    saved_optimizer = saved.get("train", {}).get("optimizer", "lars")
-    if saved_optimizer == job.cfg.train.optimizer:
-        job.optimizer.load_state_dict(state["optimizer"])
-    # else: an accepted change of train.optimizer; the other optimiser's state does not fit this one
-    job.scaler.load_state_dict(state["scaler"])
-    step, position.epoch, position.in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-    set_rng_state(state["rng"])
-    if job.is_main:
-        print(
-            f"resumed from {path} at step {step} (epoch {position.epoch}, {position.in_epoch}/"
-            f"{job.plan.steps_per_epoch} steps into it)",
-            flush=True,
-        )
-        if differs:
-            print(f"note: the config differs from the checkpoint's in {', '.join(differs)}", flush=True)
-        if saved_optimizer != job.cfg.train.optimizer:
-            print(
-                f"note: train.optimizer was {saved_optimizer}, now {job.cfg.train.optimizer}: its state "
-                "(momentum) starts afresh",
-                flush=True,
+# A hook factory: called with the built job (rank 0 and every other rank), returns a hook or None.
+HookFactory = Callable[[Job], "Hook | None"]
+
+
+class PretrainStage:
+    """Pretraining on the engine (``engine.run``): the job, the step, what a checkpoint holds,
+    the start-up line and the summary. Hooks such as the object-kNN monitor are injected by the
+    caller (``soco pretrain`` adds ``evaluate.monitor.monitor_hook``) as factories of the job."""
+
+    command = "pretrain"
+    distributed = True
+    trains = True
+    run_keys = RESUME_FREE
+
+    def __init__(self, cfg: PretrainConfig, images, proposals, run_dir, image_root=None, progress: bool = True,
+                 hooks: Sequence[HookFactory] = ()):  # fmt: skip
+        self.cfg, self.images, self.proposals, self.image_root = cfg, images, proposals, image_root
+        self.progress = progress
+        self.run_dir = Path(run_dir)
+        self.hook_factories = list(hooks)
+        self.keep_checkpoints = cfg.train.keep_checkpoints
+        self.position, self.skipped = Position(), SkipLog()
+        self.init = None  # the checked --init report of a run that starts at step 0
+        self.own_hooks: list[Hook] = []
+        self.notes: list[str] = []  # said after the resumed line
+
+    # -- before and while building
+    def check(self, info, fresh: bool) -> None:
+        self.init = prepare_warm_start(self.cfg, fresh)  # a bad --init file fails before anything is written
+
+    def build(self, info) -> None:
+        self.attach(build_job(self.cfg, self.images, self.proposals, self.image_root, info))
+
+    def attach(self, job: Job) -> PretrainStage:
+        """Use a built job (``build``; tests resume a ``fixed_batch`` job through it)."""
+        self.job = job
+        self.device, self.is_main = job.device, job.is_main
+        self.total_steps = job.plan.total_steps
+        self.keep_checkpoints = job.cfg.train.keep_checkpoints
+        return self
+
+    # -- checkpoints
+    def recipe(self) -> dict:
+        return to_dict(self.job.cfg)
+
+    def recipe_of(self, checkpoint: dict, path: Path, accept_changes: bool) -> dict:
+        if not isinstance(checkpoint, dict) or not {"model", "optimizer", "step", "config"} <= set(checkpoint):
+            raise PretrainError(f"{path}: not a soco pretrain checkpoint (a fine-tune checkpoint or an export?)")
+        # A checkpoint written before the config had a version holds version 1's keys without it.
+        saved = _with_added_keys({"version": 1, **checkpoint.get("config", {})})
+        run_of_checkpoint = path.parent.parent if path.parent.name == "checkpoints" else self.run_dir
+        keep_recorded_init(self.job, saved, run_of_checkpoint)
+        return saved
+
+    def state_dict(self, step: int) -> dict:
+        job = self.job
+        return {
+            "model": job.core.state_dict(),
+            "optimizer": job.optimizer.state_dict(),
+            "epoch": self.position.epoch,
+            "batch_in_epoch": self.position.in_epoch,
+            "scaler": job.scaler.state_dict(),
+            "config": to_dict(job.cfg),
+            "world_size": job.world,
+            "total_steps": job.plan.total_steps,  # so an export can say "stopped at step N of M"
+        }
+
+    def load_state_dict(self, checkpoint: dict, path: Path) -> None:
+        job = self.job
+        job.core.load_state_dict(checkpoint["model"])
+        saved_optimizer = checkpoint["config"].get("train", {}).get("optimizer", "lars")
+        if saved_optimizer == job.cfg.train.optimizer:
+            job.optimizer.load_state_dict(checkpoint["optimizer"])
+        else:  # an accepted change of train.optimizer: the other optimiser's state does not fit this one
+            self.notes.append(
+                f"note: train.optimizer was {saved_optimizer}, now {job.cfg.train.optimizer}: its state (momentum) "
+                "starts afresh"
             )
-        saved_world = state.get("world_size")
+        job.scaler.load_state_dict(checkpoint["scaler"])
+        self.position.epoch, self.position.in_epoch = int(checkpoint["epoch"]), int(checkpoint["batch_in_epoch"])
+        saved_world = checkpoint.get("world_size")
         if saved_world not in (None, job.world):
+            self.notes.append(
+                f"note: resumed on {job.world} process(es), the checkpoint ran on {saved_world}: the total batch is "
+                "kept; the rest of this epoch's order is dealt anew over the processes"
+            )
+
+    def resumed_line(self, checkpoint: dict, path: Path) -> str:
+        pos = self.position
+        return "\n".join(
+            [
+                f"resumed from {path} at step {int(checkpoint['step'])} (epoch {pos.epoch}, {pos.in_epoch}/"
+                f"{self.job.plan.steps_per_epoch} steps into it)",
+                *self.notes,
+            ]
+        )
+
+    # -- the run
+    def begin(self, start: int, stop: int, resumed_from: Path | None) -> None:
+        job = self.job
+        if self.init is not None and resumed_from is None:
+            warm_start(job, self.init, self.run_dir)
+        # built before the metrics file and bar: a bad hook setting (the monitor's) fails first
+        self.own_hooks = [hook for make in self.hook_factories if (hook := make(job)) is not None]
+        if job.is_main:
+            announce(job, self.run_dir, self.progress, stop)
+        job.model.train()
+
+    def finished_result(self, start: int) -> None:
+        return None
+
+    def make_step(self, start: int) -> PretrainStep:
+        return PretrainStep(self.job, self.position, self.skipped)
+
+    def metrics(self) -> dict:
+        t, position = self.job.cfg.train, self.position
+        return {
+            "desc": "pretrain",
+            "log_due": lambda tr: tr.every(t.log_every) or tr.is_last,
+            "check_every": 1 if self.device.type == "cpu" else t.log_every,
+            "base": lambda tr: {"epoch": position.epoch},
+            "record": lambda tr, w: {
+                "loss": w.loss,
+                "lr": tr.output.scalars["lr"],
+                "tau": tr.output.scalars["tau"],
+                "images_per_s": round(w.images_per_s, 3),
+                "data_wait": round(w.data_wait, 4),
+            },
+            "where": lambda tr: f"by step {tr.step} (epoch {position.epoch})",
+            "hint": "Try a lower train.base_lr or train.precision=fp32.",
+        }
+
+    def checkpoint_due(self, trainer: Trainer) -> bool:
+        return trainer.every(self.job.cfg.train.checkpoint_every) or trainer.is_last
+
+    def hooks(self, writer: Hook, checkpointer: Hook) -> list[Hook]:
+        return [*self.own_hooks, writer, checkpointer]
+
+    def finish(self, trainer: Trainer, start: int, seconds: float) -> Summary:
+        """Rank 0 prints the skipped files and where the run stopped; every rank returns the Summary."""
+        job, position, skipped = self.job, self.position, self.skipped
+        if job.is_main:
+            if len(skipped):
+                print(skipped.summary(), flush=True)
+            elif skipped.rerouted:  # images trained on the whole image for their size: one line
+                print(skipped.rerouted_line(), flush=True)
             print(
-                f"note: resumed on {job.world} process(es), the checkpoint ran on {saved_world}: the total batch "
-                "is kept; the rest of this epoch's order is dealt anew over the processes",
+                f"stopped at step {trainer.step}/{job.plan.total_steps} (epoch {position.epoch}); last "
+                f"checkpoint: {trainer.last_checkpoint}",
                 flush=True,
             )
-    return step, path
+        metrics = trainer.metrics
+        return Summary(
+            run_dir=self.run_dir,
+            step=trainer.step,
+            start_step=start,
+            total_steps=job.plan.total_steps,
+            epoch=position.epoch,
+            loss=metrics.last_logged if metrics is not None else None,
+            images_per_s=(metrics.images_seen() if metrics is not None else 0) / max(seconds, 1e-9),
+            seconds=seconds,
+            checkpoint=trainer.last_checkpoint,
+            finished=trainer.step >= job.plan.total_steps,
+            plan=job.plan,
+        )
 
 
 def warm_start(job: Job, init, run_dir: Path) -> None:
     """Load the checked init weights into both networks (every rank; DDP broadcast its initial
     weights already); rank 0 prints the key report and saves it as RUN/init_report.json."""
-    from ..files import atomic_write_json
     from ..transfer.warm_start import REPORT_FILE, apply_init
 
     apply_init(job.core, init)
@@ -767,106 +687,21 @@ def announce(job: Job, run_dir: Path, progress: bool, stop: int) -> None:
         )
 
 
-def make_trainer(
-    job: Job, run_dir: Path, start: int, stop: int, position: Position, skipped, resumed_from, progress: bool
-) -> Trainer:
-    """The engine set up for pretraining: the step, metrics every ``log_every`` steps (guard
-    every step on a CPU), checkpoints every ``checkpoint_every`` steps and at the end, the monitor."""
-    from ..engine.checkpoint import Checkpointer, CheckpointManager, rng_state
-    from ..engine.distributed import all_reduce_mean, barrier
-    from ..engine.metrics import Metrics
+def prepare_warm_start(cfg: PretrainConfig, fresh: bool):
+    """The checked ``model.init`` file of a run that starts at step 0 (transfer/warm_start.py), or
+    None (no init, or a run that resumes and takes its weights from the checkpoint). A frozen part
+    needs an init that fills it: freezing random weights is refused."""
+    from ..transfer.warm_start import prepare_init
 
-    t, dev = job.cfg.train, job.device
-    step_fn = PretrainStep(job, position, skipped)
-
-    def state() -> dict:
-        return {
-            "model": job.core.state_dict(),
-            "optimizer": job.optimizer.state_dict(),
-            "step": trainer.step,
-            "epoch": position.epoch,
-            "batch_in_epoch": position.in_epoch,
-            "rng": rng_state(),
-            "scaler": job.scaler.state_dict(),
-            "config": to_dict(job.cfg),
-            "world_size": job.world,
-            "total_steps": job.plan.total_steps,  # so an export can say "stopped at step N of M"
-        }
-
-    hooks: list[Hook] = []  # built before the metrics file and bar: a bad monitor setting fails first
-    if job.is_main and job.cfg.monitor.json:
-        from ..evaluate.knn import ObjectMonitor
-
-        monitor = ObjectMonitor(job.cfg, dev)
-        print(
-            f"monitor: object kNN every {monitor.every} steps on {job.cfg.monitor.json} "
-            f"({monitor.train.num_objects} neighbour / {monitor.val.num_objects} query objects)",
-            flush=True,
+    m, t = cfg.model, cfg.train
+    if not fresh or (not m.init and t.freeze == "none"):
+        return None  # a resume: the checkpoint holds the weights; keep_recorded_init compares the init's sha256
+    if not m.init:
+        raise PretrainError(
+            f"train.freeze={t.freeze} would keep random weights fixed: give --init FILE (e.g. a supervised "
+            "torchvision ResNet state dict) or --set train.freeze=none"
         )
-        hooks.append(MonitorHook(monitor, job.core))
-    metrics = Metrics(
-        run_dir,
-        total_steps=stop,  # the bar and its ETA end where this invocation stops
-        initial=start,
-        enabled=job.is_main,
-        progress=progress,
-        desc="pretrain",
-        log_due=lambda tr: tr.every(t.log_every) or tr.is_last,
-        check_every=1 if dev.type == "cpu" else t.log_every,
-        reduce=all_reduce_mean,
-        base=lambda tr: {"epoch": position.epoch},
-        record=lambda tr, w: {
-            "loss": w.loss,
-            "lr": tr.output.scalars["lr"],
-            "tau": tr.output.scalars["tau"],
-            "images_per_s": round(w.images_per_s, 3),
-            "data_wait": round(w.data_wait, 4),
-        },
-        where=lambda tr: f"by step {tr.step} (epoch {position.epoch})",
-        hint="Try a lower train.base_lr or train.precision=fp32.",
-    )
-    checkpointer = Checkpointer(
-        CheckpointManager(run_dir, keep=t.keep_checkpoints),
-        state,
-        due=lambda tr: tr.every(t.checkpoint_every) or tr.is_last,
-        is_main=job.is_main,
-        barrier=barrier,
-    )
-    trainer = Trainer(step_fn, start, stop, hooks, metrics=metrics, checkpointer=checkpointer)
-    trainer.last_checkpoint = resumed_from
-    return trainer
-
-
-def _summarise(
-    job: Job, run_dir: Path, trainer: Trainer, start: int, position: Position, skipped, seconds: float
-) -> Summary:
-    """Rank 0 prints the skipped files and where the run stopped; every rank returns the Summary."""
-    if job.is_main:
-        if len(skipped):
-            print(skipped.summary(), flush=True)
-        elif skipped.rerouted:  # images trained on the whole image for their size: one line
-            print(skipped.rerouted_line(), flush=True)
-        print(
-            f"stopped at step {trainer.step}/{job.plan.total_steps} (epoch {position.epoch}); last "
-            f"checkpoint: {trainer.last_checkpoint}",
-            flush=True,
-        )
-    return Summary(
-        run_dir=run_dir,
-        step=trainer.step,
-        start_step=start,
-        total_steps=job.plan.total_steps,
-        epoch=position.epoch,
-        loss=trainer.metrics.last_logged,
-        images_per_s=trainer.metrics.images_seen() / max(seconds, 1e-9),
-        seconds=seconds,
-        checkpoint=trainer.last_checkpoint,
-        finished=trainer.step >= job.plan.total_steps,
-        plan=job.plan,
-    )
-
-
-# ---------------------------------------------------------------- the entry point
+    return prepare_init(m.init, m, t.freeze)
 
 
 def pretrain(
@@ -881,6 +716,7 @@ def pretrain(
     device: str | None = None,
     overwrite: bool = False,
     accept_changes: bool = False,
+    hooks: Sequence[HookFactory] = (),
 ) -> Summary:
     """Pretrain SoCo on ``images`` with their ``proposals`` store into ``run_dir``.
 
@@ -893,67 +729,25 @@ def pretrain(
     ``device``: "cpu" or "cuda" to force one (default CUDA when available). Launch under torchrun
     or srun for several processes. The run folder is locked for the run (runfolder.locked);
     ``overwrite`` lets ``resume="none"`` move an earlier run aside, ``accept_changes`` lets a
-    resume continue with other settings than the checkpoint's. Raises PretrainError (bad config),
-    RunFolderError, NonFiniteLossError.
+    resume continue with other settings than the checkpoint's. ``hooks``: factories of extra
+    trainer hooks, called with the built :class:`Job` (the ``soco pretrain`` command passes the
+    object-kNN monitor's, ``evaluate.monitor.monitor_hook``, when ``monitor.json`` is set).
+    Raises PretrainError (bad config), RunFolderError, NonFiniteLossError.
     """
-    from ..engine.distributed import cleanup, init_distributed, stop_on_lost_ranks
-    from ..runfolder import locked, start_fresh
-
-    run_dir = Path(run_dir)
     if max_steps is not None and max_steps < 0:
         raise PretrainError(f"max_steps must be >= 0, got {max_steps}")
-    init = prepare_warm_start(cfg, run_dir, resume)  # a bad --init file fails before anything is written
-    timeout = cfg.train.dist_timeout_s
-    dist_info = init_distributed(device, timeout_s=timeout)
-    then = f"; rerun the same command to resume from the last checkpoint in {run_dir / 'checkpoints'}"
-    try:
-        with locked(run_dir, "pretrain", enabled=dist_info.is_main), stop_on_lost_ranks(dist_info, timeout, then):
-            if resume in (None, "none") and dist_info.is_main:
-                start_fresh(run_dir, overwrite, "pretrain")
-            return _pretrain(cfg, images, proposals, run_dir, max_steps, resume, image_root, progress, dist_info,
-                             accept_changes, init)  # fmt: skip
-    finally:
-        cleanup()
-
-
-def prepare_warm_start(cfg: PretrainConfig, run_dir: Path, resume):
-    """The checked ``model.init`` file of a run that starts at step 0 (transfer/warm_start.py), or
-    None (no init, or a run that resumes and takes its weights from the checkpoint). A frozen part
-    needs an init that fills it: freezing random weights is refused."""
-    from ..engine.checkpoint import CheckpointManager
-    from ..transfer.warm_start import prepare_init
-
-    m, t = cfg.model, cfg.train
-    if not m.init and t.freeze == "none":
-        return None
-    fresh = resume in (None, "none") or (resume == "auto" and CheckpointManager(run_dir).latest() is None)
-    if not fresh:  # the checkpoint holds the weights; resume_job compares the init by its sha256
-        return None
-    if not m.init:
-        raise PretrainError(
-            f"train.freeze={t.freeze} would keep random weights fixed: give --init FILE (e.g. a supervised "
-            "torchvision ResNet state dict) or --set train.freeze=none"
-        )
-    return prepare_init(m.init, m, t.freeze)
-
-
-def _pretrain(cfg, images, proposals, run_dir: Path, max_steps, resume, image_root, progress, dist_info,
-              accept_changes: bool, init=None) -> Summary:  # fmt: skip
-    """pretrain() inside its process group and run-folder lock."""
-    from ..engine.checkpoint import CheckpointManager
-    from ..engine.skips import SkipLog
-
-    job = build_job(cfg, images, proposals, image_root, dist_info)
-    position, skipped = Position(), SkipLog()
-    manager = CheckpointManager(run_dir, keep=job.cfg.train.keep_checkpoints)
-    start, resumed_from = resume_job(job, manager, resume, position, accept_changes)
-    if init is not None and resumed_from is None:
-        warm_start(job, init, run_dir)
-    stop = job.plan.total_steps if max_steps is None else min(job.plan.total_steps, max_steps)
-    if job.is_main:
-        announce(job, run_dir, progress, stop)
-    trainer = make_trainer(job, run_dir, start, stop, position, skipped, resumed_from, progress)
-    wall = time.perf_counter()
-    job.model.train()
-    trainer.run()
-    return _summarise(job, run_dir, trainer, start, position, skipped, time.perf_counter() - wall)
+    if cfg.monitor.json and not hooks:
+        print("note: monitor.json is set but no monitor hook was given: pass hooks=[monitor_hook] "
+              "(soco_pretrain.evaluate.monitor) to pretrain(); soco pretrain does", flush=True)  # fmt: skip
+    stage = PretrainStage(cfg, images, proposals, run_dir, image_root, progress, hooks)
+    return run(
+        stage,
+        run_dir,
+        resume=resume,
+        accept_changes=accept_changes,
+        overwrite=overwrite,
+        max_steps=max_steps,
+        device=device,
+        progress=progress,
+        timeout_s=cfg.train.dist_timeout_s,
+    )

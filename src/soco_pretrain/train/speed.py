@@ -21,10 +21,6 @@ from ..errors import UserError
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-class SpeedSettingError(UserError):
-    """A train.* speed value that is not one of its choices (older configs are not type-checked)."""
-
-
 @dataclass(frozen=True)
 class Speed:
     """The resolved settings of one job."""
@@ -59,7 +55,7 @@ class Speed:
 def _tristate(key: str, value, default: bool) -> bool:
     text = str(value).lower()
     if text not in ("auto", "true", "false"):
-        raise SpeedSettingError(f"train.{key}={value!r}: expected auto, true or false")
+        raise UserError(f"train.{key}={value!r}: expected auto, true or false")
     return default if text == "auto" else text == "true"
 
 
@@ -74,7 +70,7 @@ def resolve_speed(train_cfg, device) -> Speed:
     cuda = torch.device(device).type == "cuda"
     mode = train_cfg.compile_mode
     if mode not in COMPILE_MODES:
-        raise SpeedSettingError(f"train.compile_mode={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+        raise UserError(f"train.compile_mode={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     return Speed(
         compile=resolve_compile(train_cfg.compile, device),
         compile_mode=mode,

@@ -34,7 +34,7 @@ _LAZY = {
     # finetune.py and its parts (coco.py data, coco_eval.py AP, detector.py model + weights, shapes.py)
     **{name: ("finetune", name) for name in ("FinetuneError", "FinetuneOptions")},
     "run_finetune": ("finetune", "finetune"),  # the submodule is named finetune
-    **{name: ("coco", name) for name in ("CocoError", "load_coco")},
+    "load_coco": ("coco", "load_coco"),
     "coco_evaluate": ("coco_eval", "coco_evaluate"),
     **{name: ("detector", name) for name in ("WeightsError", "build_detector", "load_weights")},
     "make_shapes_set": ("shapes", "make_shapes_set"),

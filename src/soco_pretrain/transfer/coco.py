@@ -16,7 +16,7 @@ A COCO "instances" JSON (``images``, ``annotations``, ``categories``) is read on
   torchvision) and back for evaluation.
 
 Bad input: a missing or unreadable JSON, or one that is not COCO instances, is a one-line
-:class:`CocoError` (the checks are :mod:`soco_pretrain.coco_json`'s, shared with the other
+:class:`PathError` (the checks are :mod:`soco_pretrain.coco_json`'s, shared with the other
 readers of COCO JSON). :func:`check_images` runs before any training: every image the JSON lists
 must exist under the image folder and the first few must decode (a wrong ``--val-images`` stops
 at once, not after the whole schedule). Past that, an image that fails to decode
@@ -28,17 +28,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from ..coco_json import OPTIONAL, REQUIRED, CocoJsonError, read_coco_json
-from ..errors import UserError
+from ..coco_json import OPTIONAL, REQUIRED, read_coco_json
+from ..errors import PathError
 from ..images import ImageError, load_rgb
 
-
-class CocoError(UserError):
-    """A COCO JSON that cannot be used; the message (one line) names the file."""
+T = TypeVar("T")  # select_fraction: images, or their indices (soco knn)
 
 
 @dataclass
@@ -82,18 +81,15 @@ def load_coco(json_path, image_root) -> CocoSet:
     """Read and check a COCO instances JSON; ``image_root`` is the folder of its ``file_name``s.
 
     Parsing and the format checks are :func:`soco_pretrain.coco_json.read_coco_json`'s (images
-    with ids and sizes, categories, optional annotations); its error comes back as CocoError.
+    with ids and sizes, categories, optional annotations); its error comes back as PathError.
     """
     json_path = Path(json_path)
     if not json_path.is_file():
-        raise CocoError(f"{json_path}: no such COCO JSON file")
+        raise PathError(json_path, "no such COCO JSON file")
     root = Path(image_root)
     if not root.is_dir():
-        raise CocoError(f"{root}: no such image folder (for {json_path.name})")
-    try:
-        parsed = read_coco_json(json_path, annotations=OPTIONAL, categories=True, sizes=REQUIRED)
-    except CocoJsonError as exc:
-        raise CocoError(str(exc)) from None
+        raise PathError(root, f"no such image folder (for {json_path.name})")
+    parsed = read_coco_json(json_path, annotations=OPTIONAL, categories=True, sizes=REQUIRED)
     return CocoSet(
         json_path=json_path,
         image_root=root,
@@ -110,7 +106,7 @@ LISTED_MISSING = 3  # missing file names quoted in the error
 
 def check_images(coco: CocoSet, flag: str = "", images: list[dict] | None = None, decode: int = CHECK_DECODE) -> None:
     """Every image of ``images`` (default: all the JSON lists) exists under ``coco.image_root``
-    and the first ``decode`` of them decode; else one-line CocoError. ``flag`` names the folder's
+    and the first ``decode`` of them decode; else one-line PathError. ``flag`` names the folder's
     command-line option in the message.
 
     Each folder is listed once (``os.scandir``), so a COCO-sized set costs a directory read, not
@@ -135,14 +131,12 @@ def check_images(coco: CocoSet, flag: str = "", images: list[dict] | None = None
             missing.append(image["file_name"])
     if missing:
         shown = ", ".join(missing[:LISTED_MISSING]) + (" ..." if len(missing) > LISTED_MISSING else "")
-        raise CocoError(
-            f"{coco.json_path}: {len(missing)} of {len(images)} images it lists are not in {where}: {shown}"
-        )
+        raise PathError(coco.json_path, f"{len(missing)} of {len(images)} images it lists are not in {where}: {shown}")
     for image in images[:decode]:
         try:
             load_rgb(coco.image_path(image))
         except ImageError as exc:
-            raise CocoError(f"{coco.json_path}: image {image['file_name']} in {where}: {exc.reason}") from None
+            raise PathError(coco.json_path, f"image {image['file_name']} in {where}: {exc.reason}") from exc
 
 
 # ---------------------------------------------------------------- targets
@@ -218,7 +212,7 @@ def trainable_images(coco: CocoSet, masks: bool) -> list[dict]:
     return [im for im in coco.images if usable_annotations(coco, im, masks)]
 
 
-def select_fraction(images: list[dict], fraction: float, seed: int) -> list[dict]:
+def select_fraction(images: list[T], fraction: float, seed: int) -> list[T]:
     """A seeded random ``fraction`` of ``images`` (paper 4.5 Mini COCO), kept in id order.
 
     ``round(fraction * n)`` images (at least 1); the same seed and list give the same subset.
@@ -334,7 +328,8 @@ class TrainStream(torch.utils.data.Sampler):
             raise ValueError("no training images")
         self.n, self.b, self.rank, self.world = num_images, per_rank_batch, rank, world
         self.seed, self.start_iter = seed, start_iter
-        self._epoch, self._perm, self._flips = None, None, None
+        self._epoch: int | None = None
+        self._perm, self._flips = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)  # drawn per epoch
 
     def key(self, position: int) -> tuple[int, bool]:
         epoch, offset = divmod(position, self.n)

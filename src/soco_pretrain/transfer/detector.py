@@ -11,43 +11,30 @@ backbone for a fine-tune: the weights' own, refusing a contradicting request in 
 normalisation is torchvision's ImageNet mean/std on RGB in [0, 1], i.e. the released configs'
 PIXEL_MEAN/STD in RGB.
 
-``load_weights`` accepts every format of the one weights reader (``transfer/weights.py``
-``detector_state``), all mapped to torchvision detector keys:
-- a torchvision-format state dict file (``soco export --to torchvision``: ``backbone.*`` and
-  ``roi_heads.box_head.*``; a whole detector's state dict works too; a plain torchvision
-  ResNet state dict, as exported from a C4 run or ``--to torchvision-backbone``, goes into
-  ``backbone.body``), a safetensors export, a Detectron2 or MMDetection checkpoint,
-- a SoCo run folder or checkpoint ``.pt``: the encoder (online ``encoder.*`` or EMA
-  ``target_encoder.*``) is mapped ``backbone.*`` -> ``backbone.*`` and ``box_head.*`` ->
-  ``roi_heads.box_head.*`` (arch "fpn"), or for arch "c4" the ResNet ``backbone.*`` ->
-  ``backbone.body.*`` (the FPN and box head then start from scratch),
-and prints a key report per module. Weights of which nothing loads are refused.
+``load_weights`` reads every format of the one weights layer (``weights/read.py``: SoCo run or
+checkpoint, its online or target encoder; torchvision detection or ResNet state dicts; safetensors,
+Detectron2 and MMDetection exports), all as torchvision detector keys, and loads them under the
+``partial`` policy (``weights/load.py``): every tensor that fits loads, the report lists per module
+what did not (e.g. the FPN and box head of a C4 run start from scratch), and a file of which no
+tensor fits the ResNet body is refused. Partial, not stricter: fine-tuning trains every tensor, so
+a partly loaded body is a weaker start, not a wrong one; the report says so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from torch import nn
 
-from .weights import NETWORKS, WeightsError, detector_state, load_weights_file
+from ..weights import NETWORKS, LoadReport, WeightsError, detector_target, load, match
+from ..weights import read_weights as read_file
+from ..weights.load import DETECTOR_MODULES
 
-# Module groups of the detector reported by load_weights (in this order).
-MODULES = (
-    "backbone.body",
-    "backbone.fpn",
-    "rpn",
-    "roi_heads.box_head",
-    "roi_heads.box_predictor",
-    "roi_heads.mask_head",
-    "roi_heads.mask_predictor",
-)
+MODULES = DETECTOR_MODULES  # the module groups load_weights reports, in this order
 # Which SoCo encoder feeds the detector. "online": what the released converter exports by default
 # (hologerry/SoCo converter_detectron2/convert_detectron2_Head.py, --ema off) and BYOL keeps.
 SOCO_WEIGHTS = NETWORKS  # ("online", "target")
 DEFAULT_SOCO_WEIGHTS = "online"
-# WeightsError (unreadable weights, nothing matching the detector; one line) lives with the one
-# checkpoint reader, transfer/weights.py, and is importable from here as before.
+POLICY = "partial"  # the weights layer's load policy for fine-tuning (module docstring)
+WeightReport = LoadReport  # the one load report of the weights layer, under its old name here
 
 
 def build_detector(
@@ -117,20 +104,9 @@ def weights_backbone(weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> str |
     """The backbone ``weights`` were made with: a SoCo run's ``model.backbone``; for any other
     format the one whose shapes its ResNet body (``backbone.body.*``) has. None for ``none`` and
     for weights without a ResNet body; :class:`WeightsError` for a ResNet of no known shape."""
-    from ..model.backbones import backbone_of_state
-    from .weights import soco_weights_of
-
     if weights is None or str(weights) == "none":
         return None
-    path, content = load_weights_file(weights)
-    soco = soco_weights_of(content, path)
-    if soco is not None:
-        return soco.backbone
-    state, _ = detector_state(content, path, soco_weights)
-    try:
-        return backbone_of_state(state, "backbone.body.")
-    except ValueError as exc:
-        raise WeightsError(f"{path}: {exc}") from None
+    return read_file(weights, soco_weights).backbone
 
 
 def detector_backbone(weights, requested: str | None = None, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> str:
@@ -167,80 +143,19 @@ class eval_sizes:
 # ---------------------------------------------------------------- weights
 
 
-@dataclass
-class WeightReport:
-    """What ``load_weights`` did: per module (loaded, total) tensors, and the file's leftovers."""
-
-    source: str
-    kind: str  # "none" | "torchvision" | "soco-fpn (online)" ...
-    modules: dict[str, tuple[int, int]] = field(default_factory=dict)
-    unused: list[str] = field(default_factory=list)  # keys in the file the detector has not
-    mismatched: list[str] = field(default_factory=list)  # same key, different shape (not loaded)
-
-    @property
-    def loaded(self) -> int:
-        return sum(n for n, _ in self.modules.values())
-
-    def format(self) -> str:
-        lines = [f"weights: {self.source} ({self.kind})"]
-        for name, (n, total) in self.modules.items():
-            note = "" if n == total else ("  (new: trained from scratch)" if n == 0 else "  (partly loaded)")
-            lines.append(f"  {name:<26} {n:>4}/{total:<4} loaded{note}")
-        if self.mismatched:
-            lines.append(
-                f"  shape mismatch, not loaded: {len(self.mismatched)} ({', '.join(self.mismatched[:3])}"
-                f"{', ...' if len(self.mismatched) > 3 else ''})"
-            )
-        lines.append(
-            f"  unused keys in the file: {len(self.unused)}"
-            + (f" ({', '.join(self.unused[:3])}{', ...' if len(self.unused) > 3 else ''})" if self.unused else "")
-        )
-        return "\n".join(lines)
-
-
-def _module_of(key: str) -> str:
-    for name in MODULES:
-        if key.startswith(name + "."):
-            return name
-    return key.split(".")[0]
-
-
 def read_weights(weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> tuple[dict, str]:
     """(torchvision-keyed state dict, description) from a file or SoCo run folder, in any format
-    the one reader knows (transfer/weights.py: SoCo, torchvision, safetensors, Detectron2, MMDetection)."""
-    path, content = load_weights_file(weights)
-    return detector_state(content, path, soco_weights)
+    the weights layer reads (weights/read.py: SoCo, torchvision, safetensors, Detectron2, MMDetection)."""
+    found = read_file(weights, soco_weights)
+    return found.state, found.description
 
 
-def load_weights(model: nn.Module, weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> WeightReport:
-    """Copy matching tensors of ``weights`` (path, run folder, or None/"none") into ``model``.
+def load_weights(model: nn.Module, weights, soco_weights: str = DEFAULT_SOCO_WEIGHTS) -> LoadReport:
+    """Load ``weights`` (path, run folder, or None/"none") into ``model`` under :data:`POLICY`.
 
-    Returns the report; raises WeightsError when the file matches nothing in the detector.
+    Returns the report; raises WeightsError when no tensor of the file fits the ResNet body.
     """
-    own = model.state_dict()
-    totals: dict[str, int] = {}
-    for key in own:
-        totals[_module_of(key)] = totals.get(_module_of(key), 0) + 1
+    target = detector_target(model)
     if weights is None or str(weights) == "none":
-        return WeightReport("none", "random init", {m: (0, n) for m, n in totals.items()})
-    state, kind = read_weights(weights, soco_weights)
-    loaded, unused, mismatched = {}, [], []
-    for key, value in state.items():
-        if key not in own:
-            unused.append(key)
-        elif tuple(own[key].shape) != tuple(value.shape):
-            mismatched.append(key)
-        else:
-            loaded[key] = value
-    if not loaded:
-        raise WeightsError(
-            f"{weights}: no tensor matches the detector ({len(state)} keys, e.g. "
-            f"{', '.join(list(state)[:2]) or 'none'}); expected torchvision Mask R-CNN v2 keys "
-            "(soco export --to torchvision) or a soco pretrain run"
-        )
-    _, unexpected = model.load_state_dict(loaded, strict=False)  # missing: counted per module below
-    assert not unexpected, unexpected  # we only pass keys the model has
-    counts = {m: 0 for m in totals}
-    for key in loaded:
-        counts[_module_of(key)] += 1
-    return WeightReport(str(weights), kind, {m: (counts[m], totals[m]) for m in totals}, unused, mismatched)
+        return match({}, target, source="none (random init)")
+    return load(model, read_file(weights, soco_weights), target, POLICY)

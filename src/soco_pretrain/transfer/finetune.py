@@ -44,7 +44,7 @@ from __future__ import annotations
 import bisect
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ from torch import nn
 
 from ..config import FinetuneOptions  # the options live with every command's config
 from ..engine.loader import build_loader
+from ..engine.run import run
 from ..engine.skips import SkipLog
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
 from ..errors import UserError
@@ -275,6 +276,7 @@ class Job:
     per_device: int = 0  # images per forward pass (resolve_per_device_batch); 0: batch / world
     accum: int = 1  # forward/backward passes per iteration on each process
     backbone: str = "resnet50"  # the detector's ResNet (detector_backbone: the weights' own)
+    start: dict = field(default_factory=dict)  # the starting weights (start_record)
 
     def __post_init__(self):
         if self.per_device == 0:
@@ -437,50 +439,19 @@ def describe_start(record: dict) -> str:
     return f"{weights} (sha256 {digest[:12]})" if isinstance(digest, str) else f"{weights} (sha256 not recorded)"
 
 
-def resume_job(job: Job, manager, accept_changes: bool = False) -> tuple[int, Path | None]:
-    """Load ``--resume``'s checkpoint (if any) into the job; returns (iteration, its path). A
-    checkpoint of a fine-tune from other weights is refused unless ``accept_changes``."""
-    from ..engine.checkpoint import load_checkpoint, set_rng_state
-
-    path = manager.resume_from(job.opts.resume)
-    if path is None:
-        return 0, None
-    state = load_checkpoint(path, map_location=job.device)
-    if not isinstance(state, dict) or not {"model", "optimizer", "iteration"} <= set(state):
-        raise FinetuneError(f"{path}: not a soco finetune checkpoint (a pretraining checkpoint or an export?)")
-    began, now = state.get("start"), getattr(job, "start", None)
-    if began is not None and now is not None and began != now and not accept_changes:
-        raise FinetuneError(
-            f"{path}: this fine-tune started from {describe_start(began)}, not {describe_start(now)}; give "
-            "another --out, --resume none --overwrite, or --accept-changes"
-        )
-    made_with = state.get("backbone", "resnet50")  # checkpoints from before the key: ResNet-50
-    if made_with != job.backbone:
-        raise FinetuneError(
-            f"{path}: a fine-tune of a {made_with} detector, this run builds {job.backbone} "
-            f"(--backbone {made_with} with --weights none, or another --out)"
-        )
-    if state.get("num_classes") != job.coco_train.num_classes or state.get("masks") != job.masks:
-        raise FinetuneError(
-            f"{path}: made for {state.get('num_classes')} classes "
-            f"({'masks' if state.get('masks') else 'boxes only'}), this data needs "
-            f"{job.coco_train.num_classes} ({'masks' if job.masks else 'boxes only'}); "
-            "use another --out or --resume none"
-        )
-    job.core.load_state_dict(state["model"])
-    job.optimizer.load_state_dict(state["optimizer"])
-    job.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    if job.is_main:
-        print(f"resumed from {path} at iteration {int(state['iteration'])}", flush=True)
-    return int(state["iteration"]), path
+# Options a resumed fine-tune may change: how it runs and what it evaluates, not what it trains.
+# Any other difference from the checkpoint's options needs accept_changes (engine.run).
+RESUME_FREE = ("workers", "per_device_batch", "device", "log_every", "checkpoint_every", "progress",
+               "precision", "eval_every", "eval_only", "resume", "test_size", "test_proposals", "detections",
+               "precise_bn")  # fmt: skip
 
 
 class FinetuneStep:
     """One SGD iteration of the detector: this process's share of the batch in ``job.accum``
     micro-batches of ``job.per_device`` images (gradients of loss / accum summed; DDP synchronises
     only the last backward), Detectron2's WarmupMultiStepLR, the summed losses (averaged over the
-    micro-batches and the processes for the guard and the log).
+    micro-batches here and over the processes by the metrics when they read them). The losses stay
+    on the device: the metrics read them when a record or the guard is due.
 
     With accumulation the update is that of the whole batch up to what is computed per forward
     pass: BatchNorm statistics, padding to the largest image and the RPN / RoI sampling's
@@ -494,11 +465,11 @@ class FinetuneStep:
     def __call__(self, iteration: int) -> StepOutput:
         import contextlib
 
-        from ..engine.distributed import all_reduce_mean
-
         job = self.job
         job.optimizer.zero_grad(set_to_none=True)
-        total, parts, lr = None, {}, None
+        total: torch.Tensor | None = None
+        parts: dict[str, torch.Tensor] = {}
+        lr = None
         for micro in range(job.accum):
             items = next(self.batches)
             self.skips.update(item["error"] for item in items if item["error"] is not None)
@@ -521,52 +492,61 @@ class FinetuneStep:
             part = loss.detach().float() / job.accum
             total = part if total is None else total + part
             for k, v in losses.items():
-                parts[k] = parts.get(k, 0.0) + float(v.detach()) / job.accum
-        value = all_reduce_mean(total).item()
+                value = v.detach().float() / job.accum
+                parts[k] = parts[k] + value if k in parts else value
         job.scaler.step(job.optimizer)
         job.scaler.update()
-        return StepOutput(loss=value, images=job.opts.batch, parts=parts, scalars={"lr": lr})
+        assert total is not None  # accum >= 1
+        return StepOutput(loss=[total], images=job.opts.batch, parts=parts, scalars={"lr": lr})
 
     def close(self) -> None:
         self.batches = None
 
 
+class PreciseBNHook(Hook):
+    """Precise BN before every evaluation (Detectron2's order): BatchNorm statistics re-estimated on
+    training batches, before the checkpointer saves them and the evaluation reads them."""
+
+    def __init__(self, job: Job, due):
+        self.job, self.due = job, due
+
+    def after_step(self, trainer) -> None:
+        if self.due(trainer):
+            with trainer.side_work():
+                self.run(trainer.step)
+
+    def run(self, at: int) -> None:
+        job, opts, dev = self.job, self.job.opts, self.job.device
+        n = min(opts.precise_bn, max(job.plan.max_iters, 1))
+        if n < 1 or not job.train_set or opts.eval_only:
+            return
+        # BN re-estimation must not shift the training RNG stream.
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            precise_bn(job.core, job.batches(opts.seed * 1_000_003 + at + 1, 0), n, dev, opts.precision)
+
+
 class EvalHook(Hook):
-    """Precise BN then COCO evaluation every ``eval_every`` iterations and at the end (Detectron2's
-    order; the checkpointer saves after it, with the re-estimated statistics). At the last
-    iteration the checkpoint is also saved before evaluating, so an evaluation that fails loses no
-    training: the rerun finds the finished checkpoint and evaluates it again (:func:`finetune`)."""
+    """COCO evaluation every ``eval_every`` iterations and at the end, after the precise BN and
+    the checkpoint of the same step (so an evaluation that fails loses no training: the rerun
+    finds the finished checkpoint and evaluates it again)."""
 
-    def __init__(self, evaluate_at, every: int):
-        self.evaluate_at, self.every = evaluate_at, every
+    def __init__(self, job: Job, due):
+        self.job, self.due = job, due
         self.metrics: dict = {}
-
-    def due(self, trainer) -> bool:
-        return trainer.is_last or trainer.every(self.every)
 
     def after_step(self, trainer) -> None:
         if not self.due(trainer):
             return
-        if trainer.is_last and trainer.checkpointer is not None:
-            trainer.checkpointer.after_step(trainer)  # due at the last step (make_trainer)
         with trainer.side_work():
-            self.metrics = self.evaluate_at(trainer.step)
+            self.metrics = self.run()
         trainer.record.update({f"{t}_{k}": v for t in ("bbox", "segm") for k, v in self.metrics.get(t, {}).items()})
         if self.metrics and not trainer.is_last:  # the final block is printed once, with the summary
             trainer.metrics.bar.write(f"iteration {trainer.step}:\n{format_metrics(self.metrics)}")
 
-
-def make_evaluator(job: Job):
-    """``evaluate_at(iteration) -> metrics``: precise BN on training batches, then COCO AP."""
-    opts, dev = job.opts, job.device
-
-    def evaluate_at(at: int) -> dict:
+    def run(self) -> dict:
+        job, opts, dev = self.job, self.job.opts, self.job.device
         start = time.perf_counter()
-        # BN re-estimation and evaluation must not shift the training RNG stream.
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            n = min(opts.precise_bn, max(job.plan.max_iters, 1))
-            if n > 0 and job.train_set and not opts.eval_only:
-                precise_bn(job.core, job.batches(opts.seed * 1_000_003 + at + 1, 0), n, dev, opts.precision)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # the training RNG stays
             metrics = evaluate(
                 job.core,
                 job.coco_val,
@@ -582,69 +562,153 @@ def make_evaluator(job: Job):
             metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
         return metrics
 
-    return evaluate_at
 
+class FinetuneStage:
+    """Fine-tuning on the engine (``engine.run``): the job, the step, precise BN + COCO AP as
+    hooks around the checkpointer, what a checkpoint holds, the summary."""
 
-def make_trainer(job: Job, out: Path, start: int, resumed_from, skips: SkipLog) -> Trainer:
-    from ..engine.checkpoint import Checkpointer, CheckpointManager, rng_state
-    from ..engine.distributed import barrier
-    from ..engine.metrics import Metrics
+    command = "finetune"
+    distributed = True
+    keep_checkpoints = 1
+    run_keys = RESUME_FREE
 
-    opts = job.opts
-    evaluation = EvalHook(make_evaluator(job), opts.eval_every)
+    def __init__(self, weights, train_json, train_images, val_json, val_images, out, opts: FinetuneOptions,
+                 allow_leak: bool = False):  # fmt: skip
+        self.weights, self.out, self.opts, self.allow_leak = weights, Path(out), opts, allow_leak
+        self.paths = (train_json, train_images, val_json, val_images)
+        self.trains = not opts.eval_only  # an evaluation-only run starts nothing fresh
+        self.skips = SkipLog(warn=True)
 
-    def state() -> dict:
+    def check(self, info, fresh: bool) -> None:
+        if not self.allow_leak:  # every rank: all stop together, before OUT is made
+            _refuse_leaks(self.weights, self.paths[2], self.paths[3], info.is_main)
+
+    def build(self, info) -> None:
+        job = build_job(self.weights, *self.paths, self.out, self.opts, info)
+        job.start = start_record(self.weights)
+        self.job, self.device, self.is_main = job, job.device, job.is_main
+        self.total_steps = job.plan.max_iters
+        self.precise = PreciseBNHook(job, self.eval_due)
+        self.evaluation = EvalHook(job, self.eval_due)
+
+    def eval_due(self, trainer) -> bool:
+        return trainer.is_last or trainer.every(self.opts.eval_every)
+
+    # -- checkpoints
+    def recipe(self) -> dict:
+        return asdict(self.opts)
+
+    def recipe_of(self, checkpoint: dict, path: Path, accept_changes: bool) -> dict:
+        job = self.job
+        if not isinstance(checkpoint, dict) or not {"model", "optimizer", "iteration"} <= set(checkpoint):
+            raise FinetuneError(f"{path}: not a soco finetune checkpoint (a pretraining checkpoint or an export?)")
+        began = checkpoint.get("start")
+        if began is not None and began != job.start and not accept_changes:
+            raise FinetuneError(
+                f"{path}: this fine-tune started from {describe_start(began)}, not {describe_start(job.start)}; give "
+                "another --out, --resume none --overwrite, or --accept-changes"
+            )
+        check_same_detector(checkpoint, path, job)
+        return checkpoint.get("options", {})
+
+    def state_dict(self, step: int) -> dict:
+        job = self.job
         return {
             "model": job.core.state_dict(),
             "optimizer": job.optimizer.state_dict(),
             "scaler": job.scaler.state_dict(),
-            "iteration": trainer.step,
-            "step": trainer.step,
-            "rng": rng_state(),
-            "options": asdict(opts),
+            "iteration": step,
+            "options": asdict(self.opts),
             "num_classes": job.coco_train.num_classes,
             "masks": job.masks,
             "categories": job.coco_train.cat_ids,
             "world_size": job.world,
-            "start": getattr(job, "start", None),  # the starting weights (start_record)
-            "backbone": job.backbone,  # checked on resume (resume_job)
+            "start": job.start,  # the starting weights (start_record), checked on resume
+            "backbone": job.backbone,  # checked on resume (check_same_detector)
         }
 
-    metrics = Metrics(
-        out,
-        total_steps=job.plan.max_iters,
-        initial=start,
-        enabled=job.is_main,
-        progress=opts.progress,
-        desc="finetune",
-        tensorboard=False,
-        log_due=lambda tr: tr.every(opts.log_every) or evaluation.due(tr),
-        record=lambda tr, w: {
-            "loss": w.loss,
-            "lr": tr.output.scalars["lr"],
-            "images_per_s": round(w.images_per_s, 3),
-            **w.parts,
-        },
-        where=lambda tr: f"in iteration {tr.step}",
-        hint="Try a lower --lr or --precision fp32.",
-    )
-    checkpointer = Checkpointer(
-        CheckpointManager(out, keep=1),
-        state,
-        is_main=job.is_main,
-        barrier=barrier,
-        due=lambda tr: tr.every(opts.checkpoint_every) or evaluation.due(tr),
-    )
-    trainer = Trainer(
-        FinetuneStep(job, start, skips),
-        start,
-        job.plan.max_iters,
-        [evaluation],
-        metrics=metrics,
-        checkpointer=checkpointer,
-    )
-    trainer.last_checkpoint, trainer.evaluation = resumed_from, evaluation
-    return trainer
+    def load_state_dict(self, checkpoint: dict, path: Path) -> None:
+        self.job.core.load_state_dict(checkpoint["model"])
+        self.job.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.job.scaler.load_state_dict(checkpoint["scaler"])
+
+    def resumed_line(self, checkpoint: dict, path: Path) -> str:
+        return f"resumed from {path} at iteration {int(checkpoint['iteration'])}"
+
+    # -- the run
+    def finished_result(self, start: int):
+        job, out = self.job, self.out
+        if self.opts.eval_only:
+            self.precise.run(start)
+            return _finish(job, out, self.weights, start, self.evaluation.run(), None, 0.0, eval_only=True)
+        if start >= job.plan.max_iters and (out / METRICS_FILE).is_file():
+            if not job.is_main:
+                return {}
+            stored = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+            print(f"already finished ({start} iterations); metrics in {out / METRICS_FILE}\n{format_metrics(stored)}",
+                  flush=True)  # fmt: skip
+            return stored
+        return None
+
+    def begin(self, start: int, stop: int, resumed_from) -> None:
+        if self.is_main:
+            _announce(self.job)
+        self.job.model.train()
+
+    def make_step(self, start: int) -> FinetuneStep:
+        return FinetuneStep(self.job, start, self.skips)
+
+    def metrics(self) -> dict:
+        opts = self.opts
+        return {
+            "desc": "finetune",
+            "tensorboard": False,
+            "log_due": lambda tr: tr.every(opts.log_every) or self.eval_due(tr),
+            "check_every": 1 if self.device.type == "cpu" else opts.log_every,
+            "record": lambda tr, w: {
+                "loss": w.loss,
+                "lr": tr.output.scalars["lr"],
+                "images_per_s": round(w.images_per_s, 3),
+                **w.parts,
+            },
+            "where": lambda tr: f"in iteration {tr.step}",
+            "hint": "Try a lower --lr or --precision fp32.",
+        }
+
+    def checkpoint_due(self, trainer) -> bool:
+        return trainer.every(self.opts.checkpoint_every) or self.eval_due(trainer)
+
+    def hooks(self, writer: Hook, checkpointer: Hook) -> list[Hook]:
+        # precise BN, then the checkpoint (with the re-estimated statistics), then the evaluation
+        return [self.precise, checkpointer, self.evaluation, writer]
+
+    def finish(self, trainer: Trainer, start: int, seconds: float) -> dict:
+        metrics = self.evaluation.metrics
+        if start >= self.job.plan.max_iters:  # finished, but its evaluation did not complete: redo it
+            self.precise.run(trainer.step)
+            if trainer.checkpointer is not None:
+                trainer.checkpointer.save(trainer)
+            metrics = self.evaluation.run()
+        return _finish(self.job, self.out, self.weights, trainer.step, metrics, self.skips, trainer.seconds,
+                       saved=trainer.last_checkpoint)  # fmt: skip
+
+
+def check_same_detector(checkpoint: dict, path: Path, job: Job) -> None:
+    """A fine-tune checkpoint resumes only into the detector it was made for: its backbone, its
+    classes and whether it has masks (one line naming ``path`` otherwise)."""
+    made_with = checkpoint.get("backbone", "resnet50")  # checkpoints from before the key: ResNet-50
+    if made_with != job.backbone:
+        raise FinetuneError(
+            f"{path}: a fine-tune of a {made_with} detector, this run builds {job.backbone} "
+            f"(--backbone {made_with} with --weights none, or another --out)"
+        )
+    if checkpoint.get("num_classes") != job.coco_train.num_classes or checkpoint.get("masks") != job.masks:
+        raise FinetuneError(
+            f"{path}: made for {checkpoint.get('num_classes')} classes "
+            f"({'masks' if checkpoint.get('masks') else 'boxes only'}), this data needs "
+            f"{job.coco_train.num_classes} ({'masks' if job.masks else 'boxes only'}); "
+            "use another --out or --resume none"
+        )
 
 
 # ---------------------------------------------------------------- the entry point
@@ -669,58 +733,15 @@ def finetune(
 
     ``options`` (or keyword ``overrides`` of its fields) set the recipe. The output folder is
     locked for the run; ``overwrite`` lets ``resume="none"`` move an earlier run aside;
-    ``accept_changes`` resumes a run that started from other weights; ``allow_leak`` runs even if
-    validation images are in the weights' pretraining set. Raises FinetuneError, CocoError,
-    WeightsError, CheckpointError, RunFolderError, LeakError, NonFiniteLossError.
+    ``accept_changes`` resumes a run that started from other weights or with other recipe
+    options (those outside RESUME_FREE); ``allow_leak`` runs even if validation images are in the
+    weights' pretraining set. Raises FinetuneError, CocoError, WeightsError, CheckpointError,
+    RunFolderError, LeakError, NonFiniteLossError.
     """
-    from ..engine.checkpoint import CheckpointManager
-    from ..engine.distributed import cleanup, init_distributed
-    from ..runfolder import locked, start_fresh
-
-    opts, out = _options(options, overrides), Path(out)
-    info = init_distributed(opts.device)
-    try:
-        if not allow_leak:  # every rank: all stop together, before OUT is made
-            _refuse_leaks(weights, val_json, val_images, info.is_main)
-        # a with block (not ExitStack.close in a finally): the lock sees the exception, so a run
-        # refused inside it removes the OUT folder it made (runfolder.locked)
-        with locked(out, "finetune", enabled=info.is_main):
-            if opts.resume == "none" and info.is_main and not opts.eval_only:
-                start_fresh(out, overwrite, "finetune")
-            job = build_job(weights, train_json, train_images, val_json, val_images, out, opts, info)
-            job.start = start_record(weights)  # type: ignore[attr-defined]
-            start, resumed_from = resume_job(job, CheckpointManager(out, keep=1), accept_changes)
-            if opts.eval_only:
-                return _finish(job, out, weights, start, make_evaluator(job)(start), None, 0.0, eval_only=True)
-            if start >= job.plan.max_iters and (out / METRICS_FILE).is_file():
-                if job.is_main:
-                    stored = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
-                    print(
-                        f"already finished ({start} iterations); metrics in {out / METRICS_FILE}\n"
-                        f"{format_metrics(stored)}",
-                        flush=True,
-                    )
-                    return stored
-                return {}
-            if job.is_main:
-                _announce(job)
-            skips = SkipLog(warn=True)
-            trainer = make_trainer(job, out, start, resumed_from, skips)
-            metrics = _evaluate_finished(job, trainer) if start >= job.plan.max_iters else {}  # finished, metrics lost
-            job.model.train()
-            trainer.run()
-            return _finish(
-                job,
-                out,
-                weights,
-                trainer.step,
-                trainer.evaluation.metrics or metrics,
-                skips,
-                trainer.seconds,
-                saved=trainer.last_checkpoint,
-            )
-    finally:
-        cleanup()
+    opts = _options(options, overrides)
+    stage = FinetuneStage(weights, train_json, train_images, val_json, val_images, out, opts, allow_leak)
+    return run(stage, out, resume=opts.resume, accept_changes=accept_changes, overwrite=overwrite,
+               device=opts.device, progress=opts.progress)  # fmt: skip
 
 
 def _refuse_leaks(weights, val_json, val_images, is_main: bool) -> None:
@@ -750,16 +771,6 @@ def _options(options: FinetuneOptions | None, overrides: dict) -> FinetuneOption
         opts = FinetuneOptions(**{**asdict(opts), **overrides})
     make_plan(opts)  # schedule and batch errors before any data is read
     return opts
-
-
-def _evaluate_finished(job: Job, trainer: Trainer) -> dict:
-    """A finished run whose evaluation did not complete (its checkpoint is saved before evaluating,
-    EvalHook): evaluate it, then save it again with the precise-BN statistics, as a run that
-    evaluated in one go has."""
-    metrics = make_evaluator(job)(trainer.step)
-    if trainer.checkpointer is not None:
-        trainer.checkpointer.after_step(trainer)  # due: the step is the last
-    return metrics
 
 
 def _announce(job: Job) -> None:

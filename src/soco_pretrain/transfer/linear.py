@@ -46,7 +46,6 @@ Unreadable images are skipped, counted and listed in ``metrics.json``.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -56,6 +55,7 @@ from torch import nn
 
 from ..config import LinearConfig  # the options live with every command's config
 from ..engine.loader import build_loader
+from ..engine.run import run
 from ..engine.skips import SkipLog
 from ..engine.trainer import Hook, StepOutput, Trainer, set_lr
 from ..errors import UserError
@@ -78,24 +78,21 @@ class LinearError(UserError):
 # ---------------------------------------------------------------- weights
 
 
+# The probe's load policy (weights/load.py): strict. Its backbone is frozen, so every tensor of
+# the ResNet must come from the file: a partly random frozen backbone would measure nothing.
+POLICY = "strict"
+
+
 def _resolve_weights(weights) -> Path | None:
     """``none`` -> None; a run folder -> its checkpoints/last.pt (else the newest step_N.pt)."""
-    from .weights import WeightsError, resolve_checkpoint
+    from ..weights import WeightsError, resolve_checkpoint
 
     if weights is None or str(weights).lower() == "none":
         return None
     try:
-        return resolve_checkpoint(weights)  # the one run-folder lookup (transfer/weights.py)
+        return resolve_checkpoint(weights)  # the one run-folder lookup (weights/read.py)
     except WeightsError as exc:
         raise LinearError(str(exc)) from None
-
-
-def _resnet_keys(backbone: str = "resnet50") -> dict[str, torch.Size]:
-    from ..model.backbones import build_resnet
-
-    with torch.device("meta"):
-        model = build_resnet(backbone)
-    return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
 def _title(backbone: str) -> str:
@@ -106,79 +103,32 @@ def _title(backbone: str) -> str:
     return f"ResNet-{b.depth}" if b.groups == 1 else f"ResNeXt-{b.depth} {b.groups}x{b.width_per_group}d"
 
 
-def _found_backbone(model: dict, prefixes: list[str]) -> str:
-    """The backbone a plain state dict holds under the first prefix that has a whole one (by its
-    shapes, model/backbones.py); ResNet-50 when none does (the key check then says what lacks)."""
-    from ..model.backbones import backbone_of_state
-
-    for prefix in prefixes:
-        try:
-            found = backbone_of_state(model, prefix)
-        except ValueError:
-            continue
-        if found is not None:
-            return found
-    return "resnet50"
-
-
-def _backbone_state(path: Path, soco_weights: str) -> tuple[dict, dict]:
-    """The ResNet tensors of a checkpoint file (torchvision names) and what they were (with
-    ``backbone``: the torchvision name of the ResNet)."""
-    from ..engine.checkpoint import CheckpointError, NonFiniteWeightsError, load_checkpoint
+def _backbone_state(path: Path, soco_weights: str):
+    """(the file as the weights layer reads it, what it is: with ``backbone``, the torchvision
+    name of its ResNet; ResNet-50 when it holds none, the load then says what is missing)."""
+    from ..weights import PREFIXES, WeightsError, read_weights
 
     try:
-        state = load_checkpoint(path)
-    except NonFiniteWeightsError as exc:  # one line naming the file and the first NaN tensor
+        found = read_weights(path, soco_weights)  # every format soco reads (weights/read.py)
+        backbone = found.backbone or "resnet50"
+    except WeightsError as exc:
         raise LinearError(str(exc)) from None
-    except CheckpointError as exc:
-        cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "unreadable"
-        raise LinearError(
-            f"{path}: not a readable checkpoint (torch.load(weights_only=True) failed: {cause})"
-        ) from None
-    if not isinstance(state, dict):
-        raise LinearError(f"{path}: not a checkpoint or state dict")
-    model = state.get("model")
-    from .weights import PREFIXES, WeightsError, soco_weights_of
-
-    try:
-        soco = soco_weights_of(state, path)  # the one SoCo checkpoint reader (transfer/weights.py)
-    except WeightsError as exc:  # an unknown model.arch
-        raise LinearError(str(exc)) from None
-    if soco is not None:  # a SoCo checkpoint: the online (encoder.*) or target network's ResNet
-        model = soco.model
-        prefixes = [PREFIXES[soco_weights] + ("backbone.body." if soco.arch == "fpn" else "backbone.")]
-        source = {"kind": "soco", "arch": soco.arch, "soco_weights": soco_weights, "step": soco.step}
-        backbone = soco.backbone
-    else:  # a plain state dict: torchvision detection export (backbone.body.*) or ResNet keys
-        model = state.get("state_dict", state) if isinstance(state.get("state_dict"), dict) else state
-        prefixes = ["backbone.body.", "", "backbone.", "module."]
-        source = {"kind": "state_dict"}
-        backbone = _found_backbone(model, prefixes)
-    reference, title = _resnet_keys(backbone), _title(backbone)
-    for prefix in prefixes:
-        found = {k: model[prefix + k] for k in reference if prefix + k in model}
-        if len(found) == len(reference):
-            break
-    else:
-        absent = [k for k in reference if prefixes[0] + k not in model]
-        raise LinearError(
-            f"{path}: no complete {title} under {prefixes[0] or '(no prefix)'}* "
-            f"({len(absent)} of {len(reference)} tensors missing, e.g. {prefixes[0]}{absent[0]})"
-        )
-    for key, shape in reference.items():
-        if tuple(found[key].shape) != tuple(shape):
-            raise LinearError(f"{path}: {prefix}{key} has shape {tuple(found[key].shape)}, {title}'s is {tuple(shape)}")
-    source["prefix"] = prefix
+    if found.soco is not None:  # a SoCo checkpoint: the online (encoder.*) or target network's ResNet
+        prefix = PREFIXES[soco_weights] + ("backbone.body." if found.soco.arch == "fpn" else "backbone.")
+        source = {"kind": "soco", "arch": found.soco.arch, "soco_weights": soco_weights, "step": found.soco.step}
+        source["prefix"] = prefix
+    else:  # a state dict: a torchvision ResNet or detector, an export of any target
+        source = {"kind": "state_dict", "format": found.description}
     source["backbone"] = backbone
     return found, source
 
 
-def load_backbone(weights, soco_weights: str = "online") -> tuple[nn.Module, dict]:
-    """A torchvision ResNet with ``fc = Identity`` (pooled C5 features: 2048-d for ResNet-50),
-    loaded from ``weights`` (run folder, SoCo checkpoint, ResNet / torchvision-export state dict:
-    its own backbone; or "none" = torchvision's random-init ResNet-50, seeded by the caller).
-    Returns (model, description); ``feature_dim(model)`` is the classifier's input size."""
+def read_backbone(weights, soco_weights: str = "online"):
+    """(model, description, LoadReport or None for ``none``): :func:`load_backbone` with the
+    weights layer's report of what loaded."""
     import torchvision
+
+    from ..weights import load_into, match, refusal, resnet_target
 
     if soco_weights not in SOCO_WEIGHTS:
         raise LinearError(f"unknown --soco-weights {soco_weights!r} (choose online or target)")
@@ -186,13 +136,26 @@ def load_backbone(weights, soco_weights: str = "online") -> tuple[nn.Module, dic
     if path is None:
         model = torchvision.models.resnet50(weights=None)
         model.fc = nn.Identity()
-        return model, {"weights": "none", "kind": "random_init"}
-    state, source = _backbone_state(path, soco_weights)
+        return model, {"weights": "none", "kind": "random_init"}, None
+    found, source = _backbone_state(path, soco_weights)
     model = getattr(torchvision.models, source["backbone"])(weights=None)  # torchvision's init, as for none
     model.fc = nn.Identity()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)  # _backbone_state checked the keys
-    return model, {"weights": str(path), **source}
+    report = match(found.state, resnet_target(model, source["backbone"]), path=path, source=found.description)
+    why = refusal(report, POLICY)
+    if why is not None:
+        raise LinearError(f"{path}: no complete {_title(source['backbone'])} in the file: {why}")
+    load_into(model, report)
+    source["loaded"] = {m: f"{n}/{total}" for m, (n, total) in report.modules.items()}
+    return model, {"weights": str(path), **source}, report
+
+
+def load_backbone(weights, soco_weights: str = "online") -> tuple[nn.Module, dict]:
+    """A torchvision ResNet with ``fc = Identity`` (pooled C5 features: 2048-d for ResNet-50),
+    loaded from ``weights`` (run folder, SoCo checkpoint, any weights file soco reads: its own
+    backbone, which must load whole; or "none" = torchvision's random-init ResNet-50, seeded by
+    the caller). Returns (model, description); ``feature_dim(model)`` is the classifier's input size."""
+    model, source, _ = read_backbone(weights, soco_weights)
+    return model, source
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -430,12 +393,13 @@ def build_job(weights, train_dir, val_dir, cfg: LinearConfig, soco_weights: str,
 
 @dataclass
 class EpochState:
-    """The epoch, its steps done, and the training accuracy of its steps since the last record."""
+    """The epoch, its steps done, and the training loss and accuracy of its steps since the last
+    record (device sums, read when the record is written)."""
 
     epoch: int = 0
     in_epoch: int = 0
-    loss_sum: float = 0.0
-    correct: int = 0
+    loss_sum: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
     seen: int = 0
 
     def epoch_done(self, steps_per_epoch: int) -> bool:
@@ -443,7 +407,8 @@ class EpochState:
 
 
 class LinearStep:
-    """One SGD step of the classifier on frozen features (no activations kept for the backbone)."""
+    """One SGD step of the classifier on frozen features (no activations kept for the backbone);
+    the loss and the correct count stay on the device until a record reads them."""
 
     def __init__(self, job: Job, state: EpochState, skipped: SkipLog):
         self.job, self.state, self.skipped = job, state, skipped
@@ -461,7 +426,7 @@ class LinearStep:
         lr = lr_at(step, job.total_steps, job.steps_per_epoch, cfg)
         set_lr(job.optimizer, lr)
         self.skipped.update(batch["errors"])
-        value, n = None, 0
+        loss_terms, n = None, 0
         if batch["images"] is not None:
             with torch.no_grad():  # frozen backbone: no activations kept
                 features = job.backbone(batch["images"].to(job.device, non_blocking=True))
@@ -471,14 +436,16 @@ class LinearStep:
             job.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             job.optimizer.step()
-            value, n = float(loss.detach()), len(labels)
-            st.loss_sum += value * n
-            st.correct += int((logits.argmax(1) == labels).sum())
+            n = len(labels)
+            value = loss.detach()
+            loss_terms = [value]
+            st.loss_sum = st.loss_sum + value * n
+            st.correct = st.correct + (logits.argmax(1) == labels).sum()
             st.seen += n
         st.in_epoch += 1
         if st.epoch_done(job.steps_per_epoch):
             self.batches = None
-        return StepOutput(loss=value, images=n, scalars={"lr": lr})
+        return StepOutput(loss=loss_terms, images=n, scalars={"lr": lr})
 
     def close(self) -> None:
         self.batches = None
@@ -497,29 +464,133 @@ class ValidationHook(Hook):
         if not (trainer.is_last or (every and epoch_end and (self.state.epoch + 1) % every == 0)):
             return
         with trainer.side_work():
-            self.result = evaluate(
-                job.backbone,
-                job.classifier,
-                job.val_set,
-                job.cfg,
-                job.device,
-                job.workers,
-                self.skipped,
-                progress=self.progress and trainer.is_last,
-            )
+            self.result = self.run(progress=self.progress and trainer.is_last)
         trainer.record.update(val_top1=self.result["top1"], val_top5=self.result["top5"])
+
+    def run(self, progress: bool) -> dict:
+        job = self.job
+        return evaluate(
+            job.backbone, job.classifier, job.val_set, job.cfg, job.device, job.workers, self.skipped, progress=progress
+        )
 
 
 def _epoch_record(state: EpochState, steps_per_epoch: int, trainer, window) -> dict:
+    seen = state.seen
     record = {
         "lr": trainer.output.scalars["lr"],
-        "train_loss": state.loss_sum / state.seen if state.seen else None,
-        "train_top1": 100.0 * state.correct / state.seen if state.seen else None,
+        "train_loss": float(state.loss_sum) / seen if seen else None,
+        "train_top1": 100.0 * float(state.correct) / seen if seen else None,
         "images_per_s": round(window.images_per_s, 2),
         "epoch_done": state.epoch_done(steps_per_epoch),
     }
     state.loss_sum, state.correct, state.seen = 0.0, 0, 0  # the next record's window starts here
     return record
+
+
+# Settings a resumed probe may change: how it runs, not what it trains (engine.run).
+RESUME_FREE = ("workers", "eval_every")
+
+
+class LinearStage:
+    """The linear probe on the engine (``engine.run``; one process): the job, the step, the
+    validation hook, what a checkpoint holds, the summary."""
+
+    command = "linear probe"
+    distributed = False
+    trains = True
+    keep_checkpoints = 0
+    run_keys = RESUME_FREE
+
+    def __init__(self, weights, train_dir, val_dir, out, cfg: LinearConfig, soco_weights: str, progress: bool):
+        self.weights, self.train_dir, self.val_dir = weights, train_dir, val_dir
+        self.out, self.cfg, self.soco_weights, self.progress = Path(out), cfg, soco_weights, progress
+        self.state, self.skipped = EpochState(), SkipLog(warn=True)
+        self.is_main = True
+
+    def check(self, info, fresh: bool) -> None:
+        pass  # the inputs are checked while building (before anything is written but the lock)
+
+    def build(self, info) -> None:
+        self.job = build_job(self.weights, self.train_dir, self.val_dir, self.cfg, self.soco_weights, info.device)
+        self.device, self.total_steps = self.job.device, self.job.total_steps
+        self.validation = ValidationHook(self.job, self.state, self.skipped, self.progress)
+
+    # -- checkpoints
+    def recipe(self) -> dict:
+        return asdict(self.job.cfg)
+
+    def recipe_of(self, checkpoint: dict, path: Path, accept_changes: bool) -> dict:
+        job = self.job
+        if not isinstance(checkpoint, dict) or not {"classifier", "optimizer", "step"} <= set(checkpoint):
+            raise LinearError(f"{path}: not a soco linear-probe checkpoint; use another --out or --resume none")
+        source = checkpoint.get("source", {})
+        if (
+            checkpoint.get("classes") != job.classes
+            or source.get("weights") != job.source["weights"]
+            or source.get("soco_weights") != job.source.get("soco_weights")
+        ):
+            raise LinearError(f"{path}: made with other weights or classes; use another --out or --resume none")
+        return checkpoint.get("config", {})
+
+    def state_dict(self, step: int) -> dict:
+        job, state = self.job, self.state
+        return {
+            "classifier": job.classifier.state_dict(),
+            "optimizer": job.optimizer.state_dict(),
+            "epoch": state.epoch,
+            "batch_in_epoch": state.in_epoch,
+            "classes": job.classes,
+            "source": job.source,
+            "config": asdict(job.cfg),
+            "skipped": dict(self.skipped.reasons),
+        }
+
+    def load_state_dict(self, checkpoint: dict, path: Path) -> None:
+        self.job.classifier.load_state_dict(checkpoint["classifier"])
+        self.job.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.state.epoch, self.state.in_epoch = int(checkpoint["epoch"]), int(checkpoint["batch_in_epoch"])
+        self.skipped.update(checkpoint.get("skipped", {}).items())
+
+    def resumed_line(self, checkpoint: dict, path: Path) -> str:
+        return f"resumed from {path} at step {int(checkpoint['step'])} (epoch {self.state.epoch})"
+
+    # -- the run
+    def finished_result(self, start: int) -> None:
+        return None
+
+    def begin(self, start: int, stop: int, resumed_from) -> None:
+        pass
+
+    def make_step(self, start: int) -> LinearStep:
+        return LinearStep(self.job, self.state, self.skipped)
+
+    def record_due(self, trainer) -> bool:
+        """Records, validation and checkpoints at every epoch's end and at the last step."""
+        return trainer.is_last or self.state.epoch_done(self.job.steps_per_epoch)
+
+    def metrics(self) -> dict:
+        state, steps = self.state, self.job.steps_per_epoch
+        return {
+            "desc": "linear probe",
+            "tensorboard": False,
+            "log_due": self.record_due,
+            "check_every": 1 if self.device.type == "cpu" else steps,
+            "base": lambda tr: {"epoch": state.epoch},
+            "record": lambda tr, w: _epoch_record(state, steps, tr, w),
+            "hint": "Try a lower --lr.",
+        }
+
+    def checkpoint_due(self, trainer) -> bool:
+        return self.record_due(trainer)
+
+    def hooks(self, writer: Hook, checkpointer: Hook) -> list[Hook]:
+        return [self.validation, writer, checkpointer]
+
+    def finish(self, trainer: Trainer, start: int, seconds: float) -> dict:
+        result = self.validation.result
+        if result is None:  # resumed a finished run: evaluate its classifier again
+            result = self.validation.run(progress=self.progress)
+        return _write_summary(self.job, self.out, trainer.step, result, self.skipped, seconds)
 
 
 def linear_probe(
@@ -534,6 +605,7 @@ def linear_probe(
     device: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    accept_changes: bool = False,
     **overrides,
 ) -> dict:
     """Train and evaluate the linear probe; returns what ``OUT/metrics.json`` holds.
@@ -543,116 +615,20 @@ def linear_probe(
     ``config``: LinearConfig (paper B defaults); ``overrides``: its fields by name (e.g.
     ``epochs=2``). ``resume``: "auto" continues from OUT/checkpoints/last.pt when present,
     "none" starts over (a folder holding another run's checkpoint needs ``overwrite``, which
-    moves that run aside). ``max_steps``: stop after this many optimiser steps in total (the
-    schedule keeps its length), then evaluate. ``device``: "cpu" / "cuda" (default: CUDA if
-    available). The output folder is locked for the run. Raises LinearError (one line) for bad
-    input, RunFolderError.
+    moves that run aside); a checkpoint made with other settings (outside RESUME_FREE) is
+    refused naming them unless ``accept_changes``. ``max_steps``: stop after this many optimiser
+    steps in total (the schedule keeps its length), then evaluate. ``device``: "cpu" / "cuda"
+    (default: CUDA if available). The output folder is locked for the run. Raises LinearError
+    (one line) for bad input, RunFolderError.
     """
     cfg = replace(config or LinearConfig(), **overrides)  # checked by LinearConfig itself
     if resume not in ("auto", "none"):
         raise LinearError(f"resume={resume!r}: expected auto or none")
     if max_steps is not None and max_steps < 0:
         raise LinearError(f"max_steps must be >= 0, got {max_steps}")
-    from ..runfolder import locked, start_fresh
-
-    out = Path(out_dir)
-    with locked(out, "linear"):
-        if resume == "none":
-            start_fresh(out, overwrite, "linear probe")
-        return _linear_probe(weights, train_dir, val_dir, out, cfg, soco_weights, resume, max_steps, device, progress)
-
-
-def _linear_probe(weights, train_dir, val_dir, out: Path, cfg, soco_weights, resume, max_steps, device, progress):
-    """linear_probe() inside its run-folder lock."""
-    job = build_job(weights, train_dir, val_dir, cfg, soco_weights, device)
-    state, skipped = EpochState(), SkipLog(warn=True)
-    start, resumed_from = _resume(job, out, resume, state, skipped)
-    stop = job.total_steps if max_steps is None else min(job.total_steps, max_steps)
-    trainer = _make_trainer(job, out, start, stop, state, skipped, progress)
-    trainer.last_checkpoint = resumed_from
-    wall = time.perf_counter()
-    trainer.run()
-    result = trainer.validation.result
-    if result is None:  # resumed a finished run: evaluate its classifier again
-        result = evaluate(
-            job.backbone, job.classifier, job.val_set, cfg, job.device, job.workers, skipped, progress=progress
-        )
-    return _write_summary(job, out, trainer.step, result, skipped, time.perf_counter() - wall)
-
-
-def _resume(job: Job, out: Path, resume: str, state: EpochState, skipped: SkipLog) -> tuple[int, Path | None]:
-    from ..engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-
-    if resume == "none":  # a fresh start (start_fresh moved an earlier run aside): no stale epochs in the log
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        return 0, None
-    path = CheckpointManager(out, keep=0).resume_from("auto")
-    if path is None:
-        return 0, None
-    try:
-        saved = load_checkpoint(path, map_location=job.device)
-    except CheckpointError as exc:
-        raise LinearError(f"{exc}; delete it or use --resume none") from None
-    if (
-        saved.get("classes") != job.classes
-        or saved.get("source", {}).get("weights") != job.source["weights"]
-        or saved.get("source", {}).get("soco_weights") != job.source.get("soco_weights")
-    ):
-        raise LinearError(f"{path}: made with other weights or classes; use another --out or --resume none")
-    job.classifier.load_state_dict(saved["classifier"])
-    job.optimizer.load_state_dict(saved["optimizer"])
-    state.epoch, state.in_epoch = int(saved["epoch"]), int(saved["batch_in_epoch"])
-    skipped.update(saved.get("skipped", {}).items())
-    print(f"resumed from {path} at step {int(saved['step'])} (epoch {state.epoch})", flush=True)
-    return int(saved["step"]), path
-
-
-def _make_trainer(
-    job: Job, out: Path, start: int, stop: int, state: EpochState, skipped: SkipLog, progress: bool
-) -> Trainer:
-    """Records, validation and checkpoints at every epoch's end and at the last step."""
-    from ..engine.checkpoint import Checkpointer, CheckpointManager
-    from ..engine.metrics import Metrics
-
-    def record_due(trainer) -> bool:
-        return trainer.is_last or state.epoch_done(job.steps_per_epoch)
-
-    def checkpoint() -> dict:
-        return {
-            "classifier": job.classifier.state_dict(),
-            "optimizer": job.optimizer.state_dict(),
-            "step": trainer.step,
-            "epoch": state.epoch,
-            "batch_in_epoch": state.in_epoch,
-            "classes": job.classes,
-            "source": job.source,
-            "config": asdict(job.cfg),
-            "skipped": dict(skipped.reasons),
-        }
-
-    metrics = Metrics(
-        out,
-        total_steps=stop,
-        initial=start,
-        desc="linear probe",
-        tensorboard=False,
-        progress=progress,
-        log_due=record_due,
-        base=lambda tr: {"epoch": state.epoch},
-        record=lambda tr, w: _epoch_record(state, job.steps_per_epoch, tr, w),
-        hint="Try a lower --lr.",
-    )
-    validation = ValidationHook(job, state, skipped, progress)
-    trainer = Trainer(
-        LinearStep(job, state, skipped),
-        start,
-        stop,
-        [validation],
-        metrics=metrics,
-        checkpointer=Checkpointer(CheckpointManager(out, keep=0), checkpoint, due=record_due),
-    )
-    trainer.validation = validation
-    return trainer
+    stage = LinearStage(weights, train_dir, val_dir, out_dir, cfg, soco_weights, progress)
+    return run(stage, out_dir, resume=resume, accept_changes=accept_changes, overwrite=overwrite,
+               max_steps=max_steps, device=device, progress=progress)  # fmt: skip
 
 
 def _write_summary(job: Job, out: Path, step: int, result: dict, skipped: SkipLog, seconds: float) -> dict:

@@ -15,9 +15,10 @@ follows, keeps the online encoder at the end of training, and the released SoCo 
 is ``encoder_k``/``neck_k``/``head_k`` there and is never exported (their ``--ema`` flag reads a
 separate ``model_ema`` entry, not the target). ``--weights target`` exports the EMA network.
 
-The checkpoint is read by the one SoCo checkpoint reader (``transfer/weights.py``). One exporter
-object per target (``EXPORTERS``) holds its key mappers per arch and writes its files; the key
-lists are written out independently in tests/test_export.py:
+The checkpoint is read by the one SoCo checkpoint reader (``weights/read.py``). One exporter
+object per target (``EXPORTERS``) holds its key mappers per arch (``weights/keymaps.py``, where the
+weights reader inverts them) and writes its files; the key lists are written out independently in
+tests/test_export.py:
 
 - torchvision (``to_torchvision.py``), arch fpn: a plain state dict with ``torchvision.models.
   detection.maskrcnn_resnet50_fpn_v2`` names, whatever the backbone (``backbone.body.*``, ``backbone.fpn.*``,
@@ -69,7 +70,7 @@ import torch
 
 from ...data.manifest import manifest_for_weights, sidecar_path
 from ...files import atomic_write_json
-from ..weights import ARCHS
+from ...weights.keymaps import ARCHS
 from .common import (
     DEFAULT_WEIGHTS,
     DETECTRON2_VERSION,

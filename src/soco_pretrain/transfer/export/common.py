@@ -4,7 +4,6 @@ exporter interface (key mappers per arch + ``write``) and the config templates."
 from __future__ import annotations
 
 import string
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -12,14 +11,12 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
-from ..weights import ARCHS, NETWORKS
+from ...weights.keymaps import ARCHS, BN, BN_ALL, NETWORKS, Mapper
 
 WEIGHTS = NETWORKS  # "online", "target"
 DEFAULT_WEIGHTS = "online"  # BYOL + released SoCo converters; see the package docstring
 DETECTRON2_VERSION = "v0.6"
 MMDET_VERSION = "v3.3.0"
-BN = "(weight|bias|running_mean|running_var)"  # BatchNorm keys without num_batches_tracked
-BN_ALL = "(weight|bias|running_mean|running_var|num_batches_tracked)"
 
 # Paper 4.2 / released Detectron2 configs (hologerry/SoCo detectron2_configs): RGB input
 # normalised with the ImageNet mean/std in 0-255 (torchvision's normalisation, which SoCo
@@ -28,9 +25,7 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 FINETUNE_WEIGHT_DECAY = 2.5e-5
 
-# A mapper takes an encoder key (SoCoEncoder = torchvision names) and returns (exported name,
-# detector module) or None for a key the target does not take.
-Mapper = Callable[[str], "tuple[str, str] | None"]
+__all__ = ["BN", "BN_ALL", "Mapper"]  # the key maps live in weights/keymaps.py, re-exported here
 
 
 class ExportError(UserError):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..weights import PREFIXES, WeightsError, read_soco_checkpoint
-from ..weights import resolve_checkpoint as _resolve
+from ...weights import PREFIXES, WeightsError, read_soco_checkpoint
+from ...weights import resolve_checkpoint as _resolve
 from .common import DEFAULT_WEIGHTS, WEIGHTS, ExportError
 
 
@@ -30,7 +30,7 @@ class EncoderWeights:
 
 def resolve_checkpoint(source) -> Path:
     """A run folder (its ``checkpoints/last.pt``, else the latest ``step_N.pt``) or a file;
-    :class:`ExportError` otherwise (the lookup is ``transfer.weights.resolve_checkpoint``)."""
+    :class:`ExportError` otherwise (the lookup is ``weights.resolve_checkpoint``)."""
     try:
         return _resolve(source)
     except WeightsError as exc:

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..weights import PREFIXES
+from ...weights.keymaps import PREFIXES
 
 
 @dataclass

@@ -28,21 +28,10 @@ from pathlib import Path
 import torch
 
 from ...files import atomic_write
+from ...weights.keymaps import RESNET_GROUP, resnet_c4, resnet_fpn
 from .common import Exporter, Written
 
-GROUP = "resnet"  # the report's module name for the exported ResNet
-
-
-def _fpn(key: str):
-    if key.startswith("backbone.body."):
-        return key[len("backbone.body.") :], GROUP
-    return None  # the FPN and the box head have no place in a ResNet
-
-
-def _c4(key: str):
-    if key.startswith("backbone."):
-        return key[len("backbone.") :], GROUP
-    return None
+GROUP = RESNET_GROUP  # the report's module name for the exported ResNet
 
 
 def resnet_missing(backbone: str, exported: set[str]) -> dict[str, int]:
@@ -60,7 +49,7 @@ def resnet_missing(backbone: str, exported: set[str]) -> dict[str, int]:
 
 class BackboneExporter(Exporter):
     name = "torchvision-backbone"
-    mappers = {"fpn": _fpn, "c4": _c4}
+    mappers = {"fpn": resnet_fpn, "c4": resnet_c4}  # weights/keymaps.py
     config_suffix = None
 
     def write(self, state: dict, source, out: Path, config_out: Path | None, stamp: dict) -> Written:

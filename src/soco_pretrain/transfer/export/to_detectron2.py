@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 from pathlib import Path
 
 from ...files import atomic_write, atomic_write_text
 from ...model.backbones import backbone_info
+from ...weights.keymaps import detectron2_c4, detectron2_fpn
 from .common import (
-    BN,
     DETECTRON2_VERSION,
     FINETUNE_WEIGHT_DECAY,
     Exporter,
@@ -36,58 +35,6 @@ from .common import (
 )
 
 _NORM = ("weight", "bias", "running_mean", "running_var")
-
-
-def _resnet(key: str) -> str | None:
-    """torchvision ResNet key -> Detectron2 ResNet key (stem, resN.i.convK(.norm), shortcut)."""
-    if key.endswith("num_batches_tracked"):
-        return None
-    if key == "conv1.weight":
-        return "stem.conv1.weight"
-    if m := re.fullmatch(rf"bn1\.{BN}", key):
-        return f"stem.conv1.norm.{m[1]}"
-    m = re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", key)
-    if m is None:
-        return None
-    block, rest = f"res{int(m[1]) + 1}.{m[2]}", m[3]
-    if c := re.fullmatch(r"conv([1-3])\.weight", rest):
-        return f"{block}.conv{c[1]}.weight"
-    if c := re.fullmatch(rf"bn([1-3])\.{BN}", rest):
-        return f"{block}.conv{c[1]}.norm.{c[2]}"
-    if rest == "downsample.0.weight":
-        return f"{block}.shortcut.weight"
-    if c := re.fullmatch(rf"downsample\.1\.{BN}", rest):
-        return f"{block}.shortcut.norm.{c[1]}"
-    return None
-
-
-def _fpn(key: str):
-    if key.startswith("backbone.body."):
-        name = _resnet(key[len("backbone.body.") :])
-        return None if name is None else (f"backbone.bottom_up.{name}", "backbone.bottom_up")
-    # torchvision FPN: inner_blocks[i] (1x1 lateral) and layer_blocks[i] (3x3 output) act on
-    # C(i+2) -> P(i+2); Detectron2 names them by that stage: fpn_lateral{i+2}, fpn_output{i+2}.
-    if m := re.fullmatch(rf"backbone\.fpn\.(inner|layer)_blocks\.([0-3])\.(?:0\.weight|1\.{BN})", key):
-        kind = "lateral" if m[1] == "inner" else "output"
-        name = f"backbone.fpn_{kind}{int(m[2]) + 2}"
-        return (f"{name}.weight" if m[3] is None else f"{name}.norm.{m[3]}"), "backbone.fpn_lateral/output"
-    if m := re.fullmatch(rf"box_head\.([0-3])\.(?:0\.weight|1\.{BN})", key):
-        name = f"roi_heads.box_head.conv{int(m[1]) + 1}"
-        return (f"{name}.weight" if m[2] is None else f"{name}.norm.{m[2]}"), "roi_heads.box_head"
-    if m := re.fullmatch(r"box_head\.5\.(weight|bias)", key):  # the fc after Flatten (index 4)
-        return f"roi_heads.box_head.fc1.{m[1]}", "roi_heads.box_head"
-    return None
-
-
-def _c4(key: str):
-    if not key.startswith("backbone."):
-        return None
-    name = _resnet(key[len("backbone.") :])
-    if name is None:
-        return None
-    if name.startswith("res5."):  # Res5ROIHeads owns res5
-        return f"roi_heads.{name}", "roi_heads.res5"
-    return f"backbone.{name}", "backbone"
 
 
 def _layer(name: str) -> list[str]:  # a Conv2d / Linear with bias
@@ -141,7 +88,7 @@ def resnet_values(backbone: str) -> dict:
 
 class Detectron2Exporter(Exporter):
     name = "detectron2"
-    mappers = {"fpn": _fpn, "c4": _c4}
+    mappers = {"fpn": detectron2_fpn, "c4": detectron2_c4}  # weights/keymaps.py
     config_suffix = ".yaml"
 
     def write(self, state: dict, source, out: Path, config_out: Path | None, stamp: dict) -> Written:

@@ -17,15 +17,14 @@ bottlenecks without groups; such a pair is refused in one line.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from ...files import atomic_write, atomic_write_text
 from ...model.backbones import backbone_info
+from ...weights.keymaps import mmdet_c4, mmdet_fpn
 from .common import (
-    BN_ALL,
     FINETUNE_WEIGHT_DECAY,
     MMDET_VERSION,
     Exporter,
@@ -37,29 +36,6 @@ from .common import (
 )
 
 _NORM = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def _fpn(key: str):
-    if key.startswith("backbone.body."):  # mmdet ResNet: conv1, bn1, layerN.i.convK/bnK/downsample.{0,1}
-        return f"backbone.{key[len('backbone.body.') :]}", "backbone"
-    if m := re.fullmatch(rf"backbone\.fpn\.(inner|layer)_blocks\.([0-3])\.(?:0\.weight|1\.{BN_ALL})", key):
-        kind = "lateral_convs" if m[1] == "inner" else "fpn_convs"
-        name = f"neck.{kind}.{m[2]}"  # ConvModule: .conv, .bn
-        return (f"{name}.conv.weight" if m[3] is None else f"{name}.bn.{m[3]}"), "neck"
-    if m := re.fullmatch(rf"box_head\.([0-3])\.(?:0\.weight|1\.{BN_ALL})", key):
-        name = f"roi_head.bbox_head.shared_convs.{m[1]}"
-        return (f"{name}.conv.weight" if m[2] is None else f"{name}.bn.{m[2]}"), "roi_head.bbox_head"
-    if m := re.fullmatch(r"box_head\.5\.(weight|bias)", key):
-        return f"roi_head.bbox_head.shared_fcs.0.{m[1]}", "roi_head.bbox_head"
-    return None
-
-
-def _c4(key: str):
-    if key.startswith("backbone.layer4."):  # mmdet ResLayer(stage=3) registers it as layer4
-        return f"roi_head.shared_head.{key[len('backbone.') :]}", "roi_head.shared_head"
-    if key.startswith("backbone."):
-        return key, "backbone"
-    return None
 
 
 def _layer(name: str) -> list[str]:  # a Conv2d / Linear with bias
@@ -111,7 +87,7 @@ def backbone_values(backbone: str) -> dict:
 
 class MmdetExporter(Exporter):
     name = "mmdet"
-    mappers = {"fpn": _fpn, "c4": _c4}
+    mappers = {"fpn": mmdet_fpn, "c4": mmdet_c4}  # weights/keymaps.py
     config_suffix = ".py"
 
     def write(self, state: dict, source, out: Path, config_out: Path | None, stamp: dict) -> Written:

@@ -16,23 +16,8 @@ from pathlib import Path
 import torch
 
 from ...files import atomic_write
+from ...weights.keymaps import torchvision_c4, torchvision_fpn
 from .common import Exporter, Written
-
-
-def _fpn(key: str):
-    if key.startswith("backbone.body."):
-        return key, "backbone.body"
-    if key.startswith("backbone.fpn."):
-        return key, "backbone.fpn"
-    if key.startswith("box_head."):
-        return f"roi_heads.{key}", "roi_heads.box_head"
-    return None
-
-
-def _c4(key: str):
-    if key.startswith("backbone."):
-        return key[len("backbone.") :], "resnet"
-    return None
 
 
 def missing_keys(arch: str, exported: set[str], backbone: str = "resnet50") -> dict[str, int]:
@@ -57,7 +42,7 @@ def missing_keys(arch: str, exported: set[str], backbone: str = "resnet50") -> d
 
 class TorchvisionExporter(Exporter):
     name = "torchvision"
-    mappers = {"fpn": _fpn, "c4": _c4}
+    mappers = {"fpn": torchvision_fpn, "c4": torchvision_c4}  # weights/keymaps.py
     config_suffix = None  # torchvision has no config files
 
     def write(self, state: dict, source, out: Path, config_out: Path | None, stamp: dict) -> Written:
