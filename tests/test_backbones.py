@@ -40,12 +40,13 @@ from data_fixtures import small_pretrain_config
 from soco_pretrain.config import ModelConfig
 from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.engine.skips import SkipLog
+from soco_pretrain.errors import UserError
 from soco_pretrain.model.backbones import BACKBONES, backbone_of_state
 from soco_pretrain.model.encoder import SoCoEncoder
 from soco_pretrain.train.fixed_batch import job_for_batch
 from soco_pretrain.train.loop import Position, PretrainStep
 from soco_pretrain.transfer.detector import build_detector, detector_backbone
-from soco_pretrain.transfer.export import EXPORTERS, EncoderWeights, ExportError, convert
+from soco_pretrain.transfer.export import EXPORTERS, EncoderWeights, convert
 from soco_pretrain.weights import WeightsError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -273,7 +274,7 @@ def test_a_pair_without_a_model_is_a_one_line_export_error(tmp_path):
     state, _, _, _ = convert(_meta_encoder("resnext50_32x4d", "c4").state_dict(), "c4", "mmdet")
     out = tmp_path / "x.pth"
     refused = r"no mmdet export of X50-32x4d-C4 \(resnext50_32x4d, model.arch=c4\)"
-    with pytest.raises(ExportError, match=refused) as info:
+    with pytest.raises(UserError, match=refused) as info:
         EXPORTERS["mmdet"].write(state, _source("resnext50_32x4d", "c4"), out, tmp_path / "x.py", {})
     assert "\n" not in str(info.value) and not out.exists() and not (tmp_path / "x.py").exists()
     # Detectron2's Res5ROIHeads takes groups: the same pair exports there
@@ -338,10 +339,10 @@ def test_the_detector_backbone_comes_from_the_weights(tmp_path):
 
 
 def test_a_fine_tune_resumes_only_with_its_own_backbone(tmp_path):
-    from soco_pretrain.transfer.finetune import FinetuneError, check_same_detector
+    from soco_pretrain.transfer.finetune import check_same_detector
 
     path = tmp_path / "last.pt"
     checkpoint = {"model": {}, "optimizer": {}, "iteration": 3, "backbone": "resnet18"}
     job = SimpleNamespace(device=torch.device("cpu"), backbone="resnet50")
-    with pytest.raises(FinetuneError, match="a fine-tune of a resnet18 detector, this run builds resnet50"):
+    with pytest.raises(UserError, match="a fine-tune of a resnet18 detector, this run builds resnet50"):
         check_same_detector(checkpoint, path, job)

@@ -18,14 +18,14 @@ STAGE_ERRORS = [
     ("soco_pretrain.config", "ConfigError", UserError),
     ("soco_pretrain.data.dataset", "DatasetError", UserError),
     ("soco_pretrain.data.manifest", "LeakError", UserError),
-    ("soco_pretrain.train.loop", "PretrainError", UserError),
+    ("soco_pretrain.train.loop", "UserError", UserError),
     ("soco_pretrain.engine.checkpoint", "CheckpointError", UserError),
     ("soco_pretrain.engine.distributed", "DistributedError", RunError),
     ("soco_pretrain.transfer.detector", "WeightsError", UserError),
-    ("soco_pretrain.transfer.export", "ExportError", UserError),
-    ("soco_pretrain.transfer.finetune", "FinetuneError", UserError),
-    ("soco_pretrain.transfer.linear", "LinearError", UserError),
-    ("soco_pretrain.evaluate.knn", "KnnError", UserError),
+    ("soco_pretrain.transfer.export", "UserError", UserError),
+    ("soco_pretrain.transfer.finetune", "UserError", UserError),
+    ("soco_pretrain.transfer.linear", "UserError", UserError),
+    ("soco_pretrain.evaluate.knn", "UserError", UserError),
 ]
 
 FOLDED = [

@@ -554,7 +554,7 @@ def test_an_output_that_would_overwrite_training_state_is_refused(tmp_path, caps
 
 
 def test_python_api_raises_export_error_for_what_the_reader_refuses(tmp_path):
-    from soco_pretrain.transfer.export import ExportError
+    from soco_pretrain.errors import UserError
 
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
@@ -564,7 +564,7 @@ def test_python_api_raises_export_error_for_what_the_reader_refuses(tmp_path):
         (tmp_path, "no checkpoint in"),
         (tmp_path / "nowhere", "no such run folder"),
     ):
-        with pytest.raises(ExportError) as err:  # the export's own class, from the shared reader's message
+        with pytest.raises(UserError) as err:  # the export's own class, from the shared reader's message
             export(source, "torchvision", out=tmp_path / "x.pth")
         assert words in str(err.value) and str(source) in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "x.pth").exists()

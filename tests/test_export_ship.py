@@ -24,9 +24,10 @@ import soco_pretrain
 from soco_pretrain.config import PretrainConfig, to_dict
 from soco_pretrain.data.manifest import build_manifest, read_manifest, write_manifest
 from soco_pretrain.engine.checkpoint import save_checkpoint
+from soco_pretrain.errors import UserError
 from soco_pretrain.model.encoder import SoCoEncoder
 from soco_pretrain.train.loop import save_config
-from soco_pretrain.transfer.export import ExportError, KeyReport, export
+from soco_pretrain.transfer.export import KeyReport, export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -397,6 +398,6 @@ def test_bad_inputs_are_one_line_errors(fpn_run, tmp_path, capsys):
         assert status == 2 and err.startswith("soco: error:") and err.strip().count("\n") == 0, (case, err)
         assert words in err, (case, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir"]  # nothing written, not even a config
-    with pytest.raises(ExportError, match="unknown target 'onnx'") as exc:  # the Python API
+    with pytest.raises(UserError, match="unknown target 'onnx'") as exc:  # the Python API
         export(run, "onnx", out=tmp_path / "x")
     assert "\n" not in str(exc.value) and "safetensors" in str(exc.value)

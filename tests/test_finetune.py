@@ -737,10 +737,11 @@ def test_accumulation_equals_the_whole_batch_and_resumes_exactly(data, tmp_path,
 
 def test_per_device_batch_must_divide_and_auto_follows_the_memory(data, tmp_path, monkeypatch, capsys):
     import soco_pretrain.transfer.finetune as ft
+    from soco_pretrain.errors import UserError
     from soco_pretrain.train import memory
-    from soco_pretrain.transfer.finetune import FinetuneError, resolve_per_device_batch
+    from soco_pretrain.transfer.finetune import resolve_per_device_batch
 
-    with pytest.raises(FinetuneError, match="does not divide"):
+    with pytest.raises(UserError, match="does not divide"):
         finetune(None, *_run_args(data), tmp_path / "x", **{**TINY, "batch": 4, "per_device_batch": 3})
     cpu = torch.device("cpu")
     defaults = FinetuneOptions()  # batch 16 at 640-800 px, long side <= 1333

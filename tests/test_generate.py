@@ -498,12 +498,12 @@ def test_cli_max_pixels_default_is_the_library_default(capsys):
 
 
 def test_a_second_run_on_the_same_output_stops_in_one_line(photo_dir, tmp_path):
-    from soco_pretrain.runfolder import RunFolderError, locked
+    from soco_pretrain.runfolder import locked
 
     out = tmp_path / "store"
     partial = tmp_path / "store.partial"
     with locked(partial, "proposals", lock_name="lock"):  # a run in progress holds the log
-        with pytest.raises(RunFolderError, match="another soco run is using this folder now .soco proposals"):
+        with pytest.raises(UserError, match="another soco run is using this folder now .soco proposals"):
             generate(photo_dir, out, progress=False)
     assert not out.exists()
 

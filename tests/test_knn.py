@@ -335,6 +335,7 @@ def monitored_run(coloured, tmp_path_factory):
     """2 pretraining steps on the coloured images with the kNN monitor every step, stopped after
     the first and resumed."""
     from soco_pretrain.config import apply_overrides
+    from soco_pretrain.evaluate.monitor import monitor_hook
     from soco_pretrain.presets import load_preset
     from soco_pretrain.train.loop import pretrain
 
@@ -347,8 +348,8 @@ def monitored_run(coloured, tmp_path_factory):
         load_preset("tiny"),
         SMALL + [f"monitor.json={train}", f"monitor.images={root / 'images'}", "monitor.every=1", "monitor.min_box=8"],
     )
-    pretrain(cfg, pool, None, run, max_steps=1, progress=False)
-    pretrain(cfg, pool, None, run, progress=False)  # resumes at step 1
+    pretrain(cfg, pool, None, run, max_steps=1, progress=False, hooks=[monitor_hook])
+    pretrain(cfg, pool, None, run, progress=False, hooks=[monitor_hook])  # resumes at step 1
     return run, pool, cfg
 
 

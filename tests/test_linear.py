@@ -14,10 +14,11 @@ from soco_pretrain.cli import main
 from soco_pretrain.config import PretrainConfig, to_dict
 from soco_pretrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from soco_pretrain.engine.metrics import read_metrics
+from soco_pretrain.errors import UserError
 from soco_pretrain.model import SoCoModel
 from soco_pretrain.train.loop import save_config
 from soco_pretrain.transfer import linear
-from soco_pretrain.transfer.linear import LinearConfig, LinearError, linear_probe, load_backbone, lr_at
+from soco_pretrain.transfer.linear import LinearConfig, linear_probe, load_backbone, lr_at
 
 COLOURS = {"blue": (30, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
 TINY = dict(epochs=2, batch_size=8, image_size=64, workers=0)
@@ -128,7 +129,7 @@ def test_bad_weights_are_one_line_errors(tmp_path):
         (tmp_path, "no checkpoint in"),
         (tmp_path / "nowhere", "no such run folder"),
     ]:
-        with pytest.raises(LinearError) as err:
+        with pytest.raises(UserError) as err:
             load_backbone(weights)
         assert problem in str(err.value) and "\n" not in str(err.value)
 

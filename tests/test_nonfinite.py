@@ -255,12 +255,12 @@ def test_an_init_with_nan_stops_before_the_run_folder_is_written(images, tmp_pat
 
 def test_the_fine_tune_detector_and_the_linear_probe_refuse_nan_weights(tmp_path):
     from soco_pretrain.transfer.detector import read_weights
-    from soco_pretrain.transfer.linear import LinearError, _backbone_state
+    from soco_pretrain.transfer.linear import _backbone_state
 
     ckpt = _nan_soco_checkpoint(tmp_path / "last.pt")
     with pytest.raises(WeightsError, match=f"^{ckpt}: 2 of 3 weight tensors hold NaN or inf"):
         read_weights(ckpt)  # soco finetune --weights
-    with pytest.raises(LinearError, match=f"^{ckpt}: 2 of 3 weight tensors hold NaN or inf"):
+    with pytest.raises(UserError, match=f"^{ckpt}: 2 of 3 weight tensors hold NaN or inf"):
         _backbone_state(ckpt, "online")  # soco linear --weights
 
 

@@ -17,13 +17,13 @@ from soco_pretrain.cli import main
 from soco_pretrain.config import ConfigError, PretrainConfig, TrainConfig, apply_overrides, to_dict
 from soco_pretrain.data.synthetic import synthetic_batch
 from soco_pretrain.engine.checkpoint import CheckpointManager, load_checkpoint, rng_state, save_checkpoint
+from soco_pretrain.engine.run import resume_stage
 from soco_pretrain.engine.schedule import lr_at, tau_at
 from soco_pretrain.engine.skips import SkipLog
+from soco_pretrain.errors import UserError
 from soco_pretrain.model.freeze import frozen_parts
-from soco_pretrain.runfolder import RunFolderError
-from soco_pretrain.train.lars import LARS
-from soco_pretrain.engine.run import resume_stage
 from soco_pretrain.train.fixed_batch import job_for_batch
+from soco_pretrain.train.lars import LARS
 from soco_pretrain.train.loop import Position, PretrainStage, PretrainStep, make_optimizer, make_plan, pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,7 +214,7 @@ def test_sgd_resume_equals_an_uninterrupted_run_and_another_optimizer_is_refused
     assert pretrain(cfg, listed, store, split, max_steps=1, progress=False).step == 1
     assert "sgd lr 0.03125 after 0 warm-up steps, tau 0.99 constant" in capsys.readouterr().out
     # another optimiser is another training: refused in one line naming the key, nothing run
-    with pytest.raises(RunFolderError, match=r"made with other settings \(train.optimizer\).*--accept-changes"):
+    with pytest.raises(UserError, match=r"made with other settings \(train.optimizer\).*--accept-changes"):
         pretrain(_config(*sgd[1:]), listed, store, split, max_steps=2, progress=False)
     resumed = pretrain(cfg, listed, store, split, max_steps=2, progress=False)
     assert (resumed.start_step, resumed.step, resumed.finished) == (1, 2, True)
@@ -256,5 +256,5 @@ def test_a_checkpoint_from_before_the_options_resumes_as_lars_with_cosine_tau(tm
     assert resume_stage(stage, manager, str(path), False) == (0, path)  # the defaults are what it trained with
     sgd_cfg = _config("train.optimizer=sgd")
     sgd_job = job_for_batch(sgd_cfg, _batch(sgd_cfg), "cpu")
-    with pytest.raises(RunFolderError, match=r"made with other settings \(train.optimizer\)"):
+    with pytest.raises(UserError, match=r"made with other settings \(train.optimizer\)"):
         resume_stage(PretrainStage(sgd_cfg, None, None, tmp_path / "run").attach(sgd_job), manager, str(path), False)

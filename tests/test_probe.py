@@ -17,8 +17,9 @@ from test_cli import call
 from test_knn import OPTS, SMALL, _data_args, make_coloured_set
 
 from soco_pretrain.config import ModelConfig
+from soco_pretrain.errors import UserError
 from soco_pretrain.evaluate.crops import FILL, CropSet, crop_square, cut_crop
-from soco_pretrain.evaluate.knn import KnnError, KnnOptions, knn_eval, load_objects
+from soco_pretrain.evaluate.knn import KnnOptions, knn_eval, load_objects
 from soco_pretrain.evaluate.readout import (
     auroc,
     centre_normalise,
@@ -217,7 +218,7 @@ def test_keep_frequent_by_hand():
 def test_too_few_classes_is_one_line(coloured, tmp_path, capsys):
     root, train, val = coloured
     images = root / "images"
-    with pytest.raises(KnnError) as info:
+    with pytest.raises(UserError) as info:
         knn_eval(
             "none",
             train,

@@ -10,7 +10,8 @@ from data_fixtures import make_photos, make_store, small_pretrain_config
 
 from soco_pretrain.cli import main
 from soco_pretrain.engine.metrics import read_metrics
-from soco_pretrain.runfolder import RunFolderError, file_digest, locked, start_fresh
+from soco_pretrain.errors import UserError
+from soco_pretrain.runfolder import file_digest, locked, start_fresh
 from soco_pretrain.train.loop import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,7 +37,7 @@ def test_a_second_run_on_a_busy_folder_stops_in_one_line(tmp_path, two_photos, c
     listed, store = two_photos
     run = tmp_path / "run"
     with locked(run, "pretrain"):  # another run holds the folder
-        with pytest.raises(RunFolderError, match="another soco run is using this folder now .soco pretrain, pid"):
+        with pytest.raises(UserError, match="another soco run is using this folder now .soco pretrain, pid"):
             pretrain(_config(), listed, store, run, max_steps=1, progress=False)
         status = main(["pretrain", "--preset", "tiny", "--images", str(listed), "--proposals", str(store),
                        "--out", str(run), "--max-steps", "1"])  # fmt: skip
@@ -50,7 +51,7 @@ def test_resume_none_refuses_then_overwrite_moves_the_old_run_aside(tmp_path, tw
     run = tmp_path / "run"
     pretrain(_config(), listed, store, run, max_steps=1, progress=False)
     old_weights = file_digest(run / "checkpoints" / "last.pt")
-    with pytest.raises(RunFolderError, match="--resume none would mix two runs"):
+    with pytest.raises(UserError, match="--resume none would mix two runs"):
         pretrain(_config(), listed, store, run, max_steps=1, resume="none", progress=False)
     assert file_digest(run / "checkpoints" / "last.pt") == old_weights  # untouched
     summary = pretrain(_config(), listed, store, run, max_steps=1, resume="none", progress=False, overwrite=True)
@@ -73,7 +74,7 @@ def test_resume_with_other_training_settings_is_refused_unless_accepted(tmp_path
     listed, store = two_photos
     run = tmp_path / "run"
     pretrain(_config("train.epochs=3"), listed, store, run, max_steps=1, progress=False)
-    with pytest.raises(RunFolderError, match=r"made with other settings \(train.epochs\).*--accept-changes"):
+    with pytest.raises(UserError, match=r"made with other settings \(train.epochs\).*--accept-changes"):
         pretrain(_config("train.epochs=5"), listed, store, run, max_steps=2, progress=False)
     # how a run reports is free to change; what it trains is not, unless accepted
     free = pretrain(_config("train.epochs=3", "train.log_every=2"), listed, store, run, max_steps=2,
@@ -88,9 +89,8 @@ def test_resume_from_a_non_pretraining_checkpoint_is_one_line(tmp_path, two_phot
     listed, store = two_photos
     export = tmp_path / "export.pth"
     torch.save({"backbone.body.conv1.weight": torch.zeros(1)}, export)
-    from soco_pretrain.train.loop import PretrainError
 
-    with pytest.raises(PretrainError, match="not a soco pretrain checkpoint"):
+    with pytest.raises(UserError, match="not a soco pretrain checkpoint"):
         pretrain(_config(), listed, store, tmp_path / "run", resume=str(export), progress=False)
 
 
@@ -98,7 +98,7 @@ def test_finetune_resume_from_other_weights_is_refused(tmp_path, capsys):
     from conftest import small_photo
     from torchvision.models import resnet50
 
-    from soco_pretrain.transfer.finetune import FinetuneError, finetune
+    from soco_pretrain.transfer.finetune import finetune
     from soco_pretrain.transfer.shapes import make_shapes_set
 
     photos = {n: small_photo(n, 96) for n in ("astronaut", "coffee")}
@@ -111,7 +111,7 @@ def test_finetune_resume_from_other_weights_is_refused(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "r50.pth"
     torch.save(resnet50(weights=None).state_dict(), weights)
-    with pytest.raises(FinetuneError, match=r"started from random init \(--weights none\), not .*r50.pth "
+    with pytest.raises(UserError, match=r"started from random init \(--weights none\), not .*r50.pth "
                        r"\(sha256 [0-9a-f]{12}\).*--accept-changes") as refused:  # fmt: skip
         finetune(weights, *data, out, max_iters=2, **tiny)
     assert "None" not in str(refused.value)  # random init has no file, so no digest: said, not "sha256 None"
@@ -124,17 +124,17 @@ def test_finetune_resume_from_other_weights_is_refused(tmp_path, capsys):
 
 def test_a_refused_command_leaves_no_folder_it_created(tmp_path):
     out = tmp_path / "new" / "out"
-    with pytest.raises(RunFolderError, match="bad input"), locked(out, "finetune"):
-        raise RunFolderError("bad input")  # refused after the lock was taken
+    with pytest.raises(UserError, match="bad input"), locked(out, "finetune"):
+        raise UserError("bad input")  # refused after the lock was taken
     assert not (tmp_path / "new").exists()  # neither OUT nor the parent it made
     kept = tmp_path / "kept"  # a folder that was there: kept, without the lock it got
     kept.mkdir()
-    with pytest.raises(RunFolderError), locked(kept, "finetune"):
-        raise RunFolderError("bad input")
+    with pytest.raises(UserError), locked(kept, "finetune"):
+        raise UserError("bad input")
     assert kept.is_dir() and list(kept.iterdir()) == []
-    with pytest.raises(RunFolderError), locked(out, "finetune"):  # a run that wrote something keeps it all
+    with pytest.raises(UserError), locked(out, "finetune"):  # a run that wrote something keeps it all
         (out / "metrics.jsonl").write_text("{}\n")
-        raise RunFolderError("stopped")
+        raise UserError("stopped")
     assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.jsonl"]
     with locked(tmp_path / "done", "finetune"):  # a run that ends normally keeps its lock file
         pass

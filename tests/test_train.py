@@ -25,7 +25,7 @@ from soco_pretrain.engine.checkpoint import CheckpointManager, load_checkpoint
 from soco_pretrain.engine.metrics import read_metrics
 from soco_pretrain.errors import UserError
 from soco_pretrain.presets import PRESETS, load_preset
-from soco_pretrain.train.loop import NonFiniteLossError, PretrainError, make_plan, pretrain
+from soco_pretrain.train.loop import NonFiniteLossError, make_plan, pretrain
 
 SMALL = SMALL_PRETRAIN  # tests/data_fixtures.py
 
@@ -86,11 +86,11 @@ def test_plan_derives_accumulation_and_schedule_lengths():
     assert plan.peak_lr == pytest.approx(8.0)  # 1.0 x 2048 / 256
     assert plan.precision == "fp32"  # auto on the CPU
     assert make_plan(cfg, 32, 10, "cpu").accum == 1
-    with pytest.raises(PretrainError, match="multiple of train.per_device_batch"):
+    with pytest.raises(UserError, match="multiple of train.per_device_batch"):
         make_plan(cfg, 3, 100, "cpu")
-    with pytest.raises(PretrainError, match="needs 4 batches"):
+    with pytest.raises(UserError, match="needs 4 batches"):
         make_plan(cfg, 8, 3, "cpu")
-    with pytest.raises(PretrainError, match="fp16 needs a CUDA device"):
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
         make_plan(apply_overrides(cfg, ["train.precision=fp16"]), 32, 10, "cpu")
 
 

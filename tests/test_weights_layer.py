@@ -78,9 +78,10 @@ def test_one_file_gives_the_same_report_in_every_command(resnet18):
 
 
 def test_a_wrong_shaped_tensor_under_each_commands_policy(resnet18, tmp_path):
-    from soco_pretrain.evaluate.knn import KnnError, build_encoder
+    from soco_pretrain.errors import UserError
+    from soco_pretrain.evaluate.knn import build_encoder
     from soco_pretrain.transfer.detector import build_detector, load_weights
-    from soco_pretrain.transfer.linear import LinearError, load_backbone
+    from soco_pretrain.transfer.linear import load_backbone
     from soco_pretrain.transfer.warm_start import InitError, prepare_init
 
     _, source = resnet18
@@ -90,7 +91,7 @@ def test_a_wrong_shaped_tensor_under_each_commands_policy(resnet18, tmp_path):
     torch.save(state, path)
     key = f"backbone.body.{BODY_KEY}"
     # knn and linear evaluate a frozen encoder: refused, naming the tensor
-    for error, call in ((KnnError, lambda: build_encoder(path)), (LinearError, lambda: load_backbone(path))):
+    for error, call in ((UserError, lambda: build_encoder(path)), (UserError, lambda: load_backbone(path))):
         with pytest.raises(error) as err:
             call()
         assert str(path) in str(err.value) and key in str(err.value) and "\n" not in str(err.value)

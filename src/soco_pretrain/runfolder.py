@@ -25,10 +25,6 @@ from .errors import UserError
 LOCK_FILE = ".lock"
 
 
-class RunFolderError(UserError):
-    """A run folder that cannot be used as asked (busy, or holding another run); one line."""
-
-
 @contextlib.contextmanager
 def locked(run_dir, command: str, enabled: bool = True, lock_name: str = LOCK_FILE):
     """Hold ``RUN/.lock`` (``lock_name``) exclusively while the block runs (``enabled=False``:
@@ -98,7 +94,7 @@ def _acquire(lock: Path, run_dir: Path):
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise RunFolderError(
+            raise UserError(
                 f"{run_dir}: another soco run is using this folder now ({holder}); wait for it to finish "
                 "or give another --out"
             ) from exc
@@ -109,7 +105,7 @@ def _acquire(lock: Path, run_dir: Path):
         if same:
             return handle
         handle.close()
-    raise RunFolderError(f"{run_dir}: its lock file {lock.name} keeps being replaced; try again")
+    raise UserError(f"{run_dir}: its lock file {lock.name} keeps being replaced; try again")
 
 
 def holds_checkpoints(run_dir) -> bool:
@@ -124,7 +120,7 @@ def start_fresh(run_dir, overwrite: bool, command: str) -> Path | None:
     if not holds_checkpoints(run_dir):
         return None
     if not overwrite:
-        raise RunFolderError(
+        raise UserError(
             f"{run_dir}: holds a {command} run's checkpoints; --resume none would mix two runs. Resume it "
             "(--resume auto), give another --out, or add --overwrite to move the old run aside"
         )

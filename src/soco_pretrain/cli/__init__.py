@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import SocoError
-from .common import PROG, Formatter, Parser, UsageError, parse_shard, parse_sizes
+from ..errors import SocoError, UserError
+from .common import PROG, Formatter, Parser, parse_shard, parse_sizes
 from .compare import FINETUNE_RECIPE_DEFAULTS, KNN_DEFAULTS, _compare_spec, add_compare, cmd_compare, parse_fractions
 from .demo import add_demo, cmd_demo
 from .export import EXPORT_TARGETS, add_export, cmd_export
@@ -43,7 +43,7 @@ __all__ = [
     "FINETUNE_RECIPE_DEFAULTS",
     "KNN_DEFAULTS",
     "SHOW_COMMANDS",
-    "UsageError",
+    "UserError",
     "_compare_spec",
     "cmd_compare",
     "cmd_config_show",

@@ -20,10 +20,6 @@ from ..runfolder import default_workers
 PROG = "soco"
 
 
-class UsageError(UserError):
-    """A problem with the command line's arguments; printed as one line, exit status 2."""
-
-
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line ``soco: error: ...`` (exit 2)."""
 
@@ -157,14 +153,14 @@ def require_source(path: str, what: str = "images") -> Path:
     """A folder or list file that must exist (checked before any heavy import)."""
     p = Path(path)
     if not p.exists():
-        raise UsageError(f"{path}: no such {what} folder or list file")
+        raise UserError(f"{path}: no such {what} folder or list file")
     return p
 
 
 def require_dir(path: str, what: str) -> Path:
     p = Path(path)
     if not p.is_dir():
-        raise UsageError(f"{path}: no such {what} (expected a directory)")
+        raise UserError(f"{path}: no such {what} (expected a directory)")
     return p
 
 
@@ -234,7 +230,7 @@ def add_weights_data_out(p, metavar: str, help: str, out_help: str, coco: bool =
 def check_weights(args) -> None:
     """--weights: none or an existing run folder, checkpoint or weights file."""
     if args.weights.lower() != "none" and not Path(args.weights).exists():
-        raise UsageError(
+        raise UserError(
             f"--weights {args.weights}: no such run folder, checkpoint or weights file (or give --weights none)"
         )
 
@@ -264,7 +260,7 @@ def add_run_folder_flags(p, accept_changes: bool = True) -> None:
 def check_resume(value: str) -> None:
     """--resume: auto, none or an existing checkpoint file."""
     if value not in ("auto", "none") and not Path(value).is_file():
-        raise UsageError(f"--resume {value}: expected auto, none or a checkpoint file")
+        raise UserError(f"--resume {value}: expected auto, none or a checkpoint file")
 
 
 class Renamed(argparse.Action):
@@ -293,7 +289,7 @@ def add_coco_data(p, required: bool = True) -> None:
 def check_coco_data(args) -> None:
     for flag, path in (("--train-json", args.train_json), ("--val-json", args.val_json)):
         if not Path(path).is_file():
-            raise UsageError(f"{flag} {path}: no such file")
+            raise UserError(f"{flag} {path}: no such file")
     require_dir(args.train_images, "training image folder")
     require_dir(args.val_images, "validation image folder")
 
@@ -424,7 +420,7 @@ def resolve_options(
     preset = getattr(args, "preset", None)
     if presets is not None and preset is not None:
         if preset not in presets:
-            raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(presets)})")
+            raise UserError(f"unknown preset {preset!r} (choose from {', '.join(presets)})")
         layers.append((f"preset {preset}", presets[preset]))
     if getattr(args, "config", None):
         layers.append((f"file {args.config}", load_file(args.config)))

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..config import FINETUNE_PRESETS, KNN_PRESETS, FinetuneOptions, KnnOptions
 from .common import (
     PROG,
-    UsageError,
+    UserError,
     add_coco_data,
     add_command,
     add_config_sources,
@@ -214,12 +214,12 @@ def _recipe(args, metric: str) -> dict:
         cli_defaults = {flag.field: FINETUNE_RECIPE_DEFAULTS[flag.dest] for flag in shared}
     allowed = {f.name for f in fields(cls)} - _NOT_RECIPE
     if args.preset is not None and args.preset not in presets:
-        raise UsageError(f"--preset {args.preset}: not a {metric} preset (choose from {', '.join(presets)})")
+        raise UserError(f"--preset {args.preset}: not a {metric} preset (choose from {', '.join(presets)})")
     named = list(presets.get(args.preset, {})) + list(load_file(args.config) if args.config else [])
     named += [item.split("=", 1)[0].strip() for item in args.overrides or []]
     for key in named:
         if key not in allowed:
-            raise UsageError(
+            raise UserError(
                 f"{key} is not a {metric} recipe option of soco compare (a run setting, set by the arm, or "
                 f"unknown; recipe options: {', '.join(sorted(allowed))})"
             )
@@ -234,7 +234,7 @@ def _compare_spec(args, runtime: dict):
     given = _given_spec_flags(args)
     if not args.init:
         if given:
-            raise UsageError(
+            raise UserError(
                 f"{', '.join(given)} given without --init: give every --init too, or none of the "
                 f"comparison options to reuse {Path(args.out) / 'compare.json'}"
             )
@@ -250,12 +250,12 @@ def _compare_spec(args, runtime: dict):
         if v is None
     ]
     if missing:
-        raise UsageError(f"the following arguments are required with --init: {', '.join(missing)}")
+        raise UserError(f"the following arguments are required with --init: {', '.join(missing)}")
     check_coco_data(args)
     metric = args.metric or "finetune"
     wrong = [flag for flag in given if _METRIC_ONLY.get(flag, metric) != metric]
     if wrong:
-        raise UsageError(f"{', '.join(wrong)}: not an option of --metric {metric}")
+        raise UserError(f"{', '.join(wrong)}: not an option of --metric {metric}")
     inits = [parse_init(text, must_exist=not args.report_only) for text in args.init]
 
     options = _recipe(args, metric)
@@ -292,7 +292,7 @@ def _reevaluate_names(values: list[str], spec) -> list[str]:
         found = [i.name for i in spec.inits if value in (i.name, safe_name(i.name))]
         if not found:
             known = ", ".join(repr(i.name) for i in spec.inits)
-            raise UsageError(f"--reevaluate {value}: no init of this comparison has that name ({known}, or all)")
+            raise UserError(f"--reevaluate {value}: no init of this comparison has that name ({known}, or all)")
         names += [n for n in found if n not in names]
     return names
 
@@ -303,7 +303,7 @@ def _write_compare_report(spec, out) -> int:
 
     done, missing = collect(spec, out)
     if not done:
-        raise UsageError(f"{out}: no finished arm yet ({len(missing)} to run)")
+        raise UserError(f"{out}: no finished arm yet ({len(missing)} to run)")
     paths, warnings = write_compare_report(spec, out, done, missing)
     print(f"report of {len(done)}/{len(done) + len(missing)} arms: {', '.join(str(p) for p in paths)}")
     for warning in warnings:
@@ -316,9 +316,9 @@ def _write_compare_report(spec, out) -> int:
 
 def cmd_compare(args) -> int:
     if args.devices and args.arm:
-        raise UsageError("--devices and --arm exclude each other (--devices gives each device its own --arm)")
+        raise UserError("--devices and --arm exclude each other (--devices gives each device its own --arm)")
     if args.report_only and (args.devices or args.arm or args.reevaluate):
-        raise UsageError("--report-only runs nothing: leave out --devices, --arm and --reevaluate")
+        raise UserError("--report-only runs nothing: leave out --devices, --arm and --reevaluate")
     out = Path(args.out)
     runtime = _runtime(args)
     from ..evaluate.compare import (
@@ -338,7 +338,7 @@ def cmd_compare(args) -> int:
     spec = _compare_spec(args, runtime)
     if args.report_only:
         if not (out / "compare.json").is_file():
-            raise UsageError(f"{out}: no compare.json (nothing run there yet)")
+            raise UserError(f"{out}: no compare.json (nothing run there yet)")
         prepare_out(spec, out)  # the same comparison as the one recorded
         _write_compare_report(spec, out)
         return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import UsageError, add_command, add_out, add_renamed
+from ..errors import UserError
+from .common import add_command, add_out, add_renamed
 
 # = transfer.export.TARGETS (no torch import here); timm is an alias of torchvision-backbone
 EXPORT_TARGETS = ("torchvision", "detectron2", "mmdet", "safetensors", "torchvision-backbone", "timm")
@@ -71,9 +72,9 @@ def add_export(subparsers):
 
 def cmd_export(args) -> int:
     if not Path(args.run).exists():
-        raise UsageError(f"{args.run}: no such run folder or checkpoint file")
+        raise UserError(f"{args.run}: no such run folder or checkpoint file")
     if args.config_out is not None and args.to not in CONFIG_TARGETS:
-        raise UsageError(f"--config-out is for --to detectron2 or mmdet ({args.to} needs no config)")
+        raise UserError(f"--config-out is for --to detectron2 or mmdet ({args.to} needs no config)")
     from ..transfer.export import export
 
     report = export(

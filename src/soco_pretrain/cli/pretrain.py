@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .common import (
     Parser,
-    UsageError,
+    UserError,
     add_command,
     add_config_sources,
     add_image_root,
@@ -150,7 +150,7 @@ WARM_PRESETS = ("fpn-warm", "fpn-head-warm")
 
 def cmd_pretrain(args) -> int:
     if args.preset is None and args.config is None:
-        raise UsageError("give --preset NAME or --config FILE (or both: the file is read over the preset)")
+        raise UserError("give --preset NAME or --config FILE (or both: the file is read over the preset)")
     flags = []
     if args.workers is not None:
         flags.append(("--workers", {"train": {"workers": args.workers}}))
@@ -163,7 +163,7 @@ def cmd_pretrain(args) -> int:
             # a rerun of the command that started the run, after its init file moved
             resumes = args.out is not None and args.resume != "none" and holds_checkpoints(args.out)
             hint = f" (resuming {args.out} needs no --init: the checkpoint holds the weights)" if resumes else ""
-            raise UsageError(f"--init {args.init}: no such file or run folder{hint}")
+            raise UserError(f"--init {args.init}: no such file or run folder{hint}")
         flags.append(("--init", {"model": {"init": str(Path(args.init).resolve())}}))
     if args.init_partial:
         flags.append(("--init-partial", {"model": {"init_partial": True}}))
@@ -174,24 +174,24 @@ def cmd_pretrain(args) -> int:
         return 0
     missing = [flag for flag, value in (("--images", args.images), ("--out", args.out)) if value is None]
     if missing:
-        raise UsageError(f"the following arguments are required: {', '.join(missing)}")
+        raise UserError(f"the following arguments are required: {', '.join(missing)}")
     check_view_inputs(args)
     check_resume(args.resume)
     config, _ = pretrain_config(args, flags)
     if args.preset in WARM_PRESETS and not config.model.init:
-        raise UsageError(
+        raise UserError(
             f"--preset {args.preset} is a warm start (its lr and schedule assume trained weights): give --init FILE "
             "(e.g. a supervised torchvision ResNet state dict), or --preset fpn-100ep to train from scratch"
         )
     source = config.data.views.proposal_source
     if source == "selective_search" and args.proposals is None:
-        raise UsageError(
+        raise UserError(
             "--proposals STORE is required with data.views.proposal_source=selective_search "
             "(the default; make one with soco proposals), or set data.views.proposal_source="
             "whole_image, random or coco"
         )
     if source == "coco" and config.data.views.proposal_json and not Path(config.data.views.proposal_json).is_file():
-        raise UsageError(f"data.views.proposal_json={config.data.views.proposal_json}: no such file")
+        raise UserError(f"data.views.proposal_json={config.data.views.proposal_json}: no such file")
     from ..train.loop import pretrain
 
     hooks = []

@@ -9,7 +9,7 @@ from .common import (
     Flag,
     Formatter,
     Parser,
-    UsageError,
+    UserError,
     add_command,
     add_config_arguments,
     add_option_flags,
@@ -131,7 +131,7 @@ def search_config(args):
     from ..config import SEARCH_PRESETS, SearchConfig
 
     if args.preset not in SEARCH_PRESETS:
-        raise UsageError(f"unknown preset {args.preset!r} (choose from {', '.join(sorted(SEARCH_PRESETS))})")
+        raise UserError(f"unknown preset {args.preset!r} (choose from {', '.join(sorted(SEARCH_PRESETS))})")
     return resolve_options(
         SearchConfig, args, PROPOSALS_FLAGS, None, base=SEARCH_PRESETS[args.preset], base_label=f"preset {args.preset}"
     )

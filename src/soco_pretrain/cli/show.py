@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .common import (
     Parser,
-    UsageError,
+    UserError,
     add_command,
     add_config_sources,
     add_image_root,
@@ -123,7 +123,7 @@ def cmd_show_views(args) -> int:
 
     config = apply_overrides(DataConfig(seed=args.seed), args.overrides)  # ConfigError: one line, exit 2
     if config.views.proposal_source == "selective_search" and args.proposals is None:
-        raise UsageError(
+        raise UserError(
             "--proposals STORE is required with views.proposal_source=selective_search (the "
             "default), or --set views.proposal_source=whole_image|random|coco"
         )
@@ -159,13 +159,13 @@ def add_show_curves(subparsers):
 def cmd_show_curves(args) -> int:
     run = require_dir(args.run, "run folder")
     if not (run / "metrics.jsonl").is_file():
-        raise UsageError(f"{args.run}: no metrics.jsonl (not a soco pretrain run folder, or no step logged yet)")
+        raise UserError(f"{args.run}: no metrics.jsonl (not a soco pretrain run folder, or no step logged yet)")
     from ..engine.metrics import read_metrics
     from ..viz import plot_curves
 
     records = read_metrics(run)
     if not records:
-        raise UsageError(f"{run / 'metrics.jsonl'}: no step logged yet")
+        raise UserError(f"{run / 'metrics.jsonl'}: no step logged yet")
     written = plot_curves(run, Path(args.out) if args.out else None, records=records)
     print_written(args.out or args.run, written)
     return 0

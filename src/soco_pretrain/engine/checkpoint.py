@@ -298,7 +298,7 @@ def verify_checkpoint(path) -> None:
 # What numpy arrays, scalars and dtypes pickle as (numpy 1.x: numpy.core, 2.x: numpy._core;
 # arrays of pickle protocol 5 through _frombuffer; dtypes by their class on numpy >= 1.25): the one
 # allowlist of both restricted readers, torch.load of our checkpoints (np.random.get_state() in the
-# RNG state) and the plain-pickle weights reader (Detectron2 .pkl, transfer/weights.py).
+# RNG state) and the plain-pickle weights reader (Detectron2 .pkl, weights/read.py).
 NUMPY_PICKLE_GLOBALS = frozenset(
     [(f"{core}.multiarray", name) for core in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")]
     + [("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")]

@@ -32,7 +32,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..runfolder import RunFolderError, holds_checkpoints, locked, start_fresh
+from ..errors import UserError
+from ..runfolder import holds_checkpoints, locked, start_fresh
 from .checkpoint import Checkpointer, CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from .distributed import DistInfo, barrier, cleanup, init_distributed, stop_on_lost_ranks
 from .metrics import METRICS_FILE, Metrics
@@ -128,7 +129,7 @@ def resume_stage(stage: Stage, manager: CheckpointManager, resume, accept_change
     differs = differences(saved, stage.recipe())
     changed = [key for key in differs if not key.startswith(stage.run_keys)]
     if changed and not accept_changes:
-        raise RunFolderError(
+        raise UserError(
             f"{path}: made with other settings ({_listed(changed)}); resume with the run's own, give another "
             "--out, or add --accept-changes"
         )
@@ -160,7 +161,7 @@ def run(
     "cpu" / "cuda" to force one; ``timeout_s``: how long a collective waits for the others."""
     out = Path(out)
     if max_steps is not None and max_steps < 0:
-        raise RunFolderError(f"max_steps must be >= 0, got {max_steps}")
+        raise UserError(f"max_steps must be >= 0, got {max_steps}")
     info = init_distributed(device, timeout_s=timeout_s) if stage.distributed else single_process(device)
     then = f"; rerun the same command to resume from the last checkpoint in {out / 'checkpoints'}"
     try:
@@ -180,7 +181,7 @@ def single_process(device: str | None) -> DistInfo:
     """The :class:`DistInfo` of a stage that runs in one process whatever the launcher."""
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RunFolderError("device 'cuda' requested but CUDA is not available")
+        raise UserError("device 'cuda' requested but CUDA is not available")
     dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     return DistInfo(0, 1, 0, dev, True, "none", None)
 

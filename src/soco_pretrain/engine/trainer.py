@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -49,7 +50,7 @@ class Trainer:
         self.checkpointer: Checkpointer | None = next((h for h in self.hooks if isinstance(h, Checkpointer)), None)
         self.output: StepOutput | None = None
         self.record: dict = {}  # extras for this step's metrics record
-        self.last_checkpoint = None  # set by the checkpointer (or the resume)
+        self.last_checkpoint: Path | None = None  # set by the checkpointer (or the resume)
         self.side_seconds = 0.0  # time in hooks that is not training (evaluation, checkpoints)
         self.started = time.perf_counter()
 

@@ -98,9 +98,9 @@ class CropSet:
                     image_index.append(torch.full((len(it["crops"]),), it["index"], dtype=torch.int64))
                     self.clipped += it["clipped"]
         if not crops:
-            from .knn import KnnError
+            from ..errors import UserError
 
-            raise KnnError(
+            raise UserError(
                 f"{objects.source}: no image could be read (first failure: {next(iter(self.failed.values()), 'none')})"
             )
         self.crops = torch.cat(crops)

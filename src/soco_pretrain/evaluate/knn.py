@@ -60,10 +60,6 @@ PAPER_SIZE = 224  # paper 3.2: V1 is 224x224
 BN_MODES = ("precise", "running")
 
 
-class KnnError(UserError):
-    """A kNN input that cannot be used (one line, names the file)."""
-
-
 # ---------------------------------------------------------------- labelled objects
 
 
@@ -110,7 +106,7 @@ def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: 
     root = Path(image_root) if image_root is not None else json_path.parent
     coco = load_coco(json_path, root)  # a bad file: PathError naming it
     if not coco.anns:
-        raise KnnError(f"{json_path}: has no annotations (kNN needs labelled boxes)")
+        raise UserError(f"{json_path}: has no annotations (kNN needs labelled boxes)")
     names = {c["id"]: str(c.get("name", c["id"])) for c in coco.categories}
     if categories is None:
         cat_ids = [c["id"] for c in coco.categories]
@@ -122,7 +118,7 @@ def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: 
         train_names = dict(zip(cat_ids, cat_names))
         for cid, name in names.items():
             if cid in train_names and train_names[cid] != name:
-                raise KnnError(
+                raise UserError(
                     f"{json_path}: category id {cid} is {name!r} here but {train_names[cid]!r} in "
                     f"{categories.source}: both JSONs must give each id the same class"
                 )
@@ -138,7 +134,7 @@ def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: 
                 continue
             box = clip_box(a["bbox"], w, h)
             if box is None:
-                raise KnnError(
+                raise UserError(
                     f"{json_path}: annotation {a.get('id', '?')} box {a['bbox']} lies outside its image "
                     f"{image['file_name']} ({w}x{h})"
                 )
@@ -146,7 +142,7 @@ def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: 
                 skipped["small"] += 1
                 continue
             if a["category_id"] not in label_of:
-                raise KnnError(
+                raise UserError(
                     f"{json_path}: annotation {a.get('id', '?')} has category id {a['category_id']}, "
                     f"unknown to {categories.source if categories else json_path}"
                 )
@@ -160,14 +156,14 @@ def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: 
         boxes.append(np.asarray(kept_boxes, dtype=np.float32))
         labels.append(np.asarray(kept_labels, dtype=np.int64))
     if not paths:
-        raise KnnError(f"{json_path}: no usable object (non-crowd boxes of at least {min_box:g}x{min_box:g} px)")
+        raise UserError(f"{json_path}: no usable object (non-crowd boxes of at least {min_box:g}x{min_box:g} px)")
     return ObjectSet(str(json_path), paths, sizes, boxes, labels, cat_names, cat_ids, skipped)
 
 
 def split_by_image(objects: ObjectSet, val_fraction: float, seed: int) -> tuple[ObjectSet, ObjectSet]:
     """(train, val) with a seeded ``val_fraction`` of the images in val (at least one in each)."""
     if len(objects) < 2:
-        raise KnnError(f"{objects.source}: needs at least 2 images with objects to split into kNN train and val")
+        raise UserError(f"{objects.source}: needs at least 2 images with objects to split into kNN train and val")
     order = np.random.default_rng(seed).permutation(len(objects))
     n_val = min(len(objects) - 1, max(1, round(val_fraction * len(objects))))
     return objects.subset(sorted(order[n_val:].tolist())), objects.subset(sorted(order[:n_val].tolist()))
@@ -357,7 +353,7 @@ class Embedder:
                 labels.append(torch.from_numpy(objects.labels[it["index"]]))
                 image_index.append(torch.full((len(objects.labels[it["index"]]),), it["index"], dtype=torch.int64))
         if not labels:
-            raise KnnError(
+            raise UserError(
                 f"{objects.source}: no image could be read (first failure: {next(iter(self.failed.values()), 'none')})"
             )
         return [torch.cat(f) for f in feats], torch.cat(labels), torch.cat(image_index)
@@ -428,17 +424,17 @@ class Probe:
         from .crops import FEATURES
 
         if objects not in OBJECT_MODES:
-            raise KnnError(f"objects must be one of {', '.join(OBJECT_MODES)}, got {objects!r}")
+            raise UserError(f"objects must be one of {', '.join(OBJECT_MODES)}, got {objects!r}")
         if not features:
             return ("c5", "head") if objects == "crop" else ("head",)
         features = tuple(features)
         unknown = [f for f in features if f not in FEATURES]
         if unknown:
-            raise KnnError(
+            raise UserError(
                 f"features: unknown {', '.join(map(repr, unknown))} (expected some of {', '.join(FEATURES)})"
             )
         if objects == "roi" and features != ("head",):
-            raise KnnError(
+            raise UserError(
                 "features: --objects roi embeds each box through the detector path only (head); "
                 "c4 / c5 pooling needs --objects crop"
             )
@@ -511,10 +507,10 @@ def probe_encoders(encoders: Mapping[str, nn.Module], train: ObjectSet, val: Obj
     (crop mode) and "shuffled" (the first encoder's primary feature with permuted train labels)}``.
     ``cache``: a dict kept between calls (the monitor) so images are decoded once."""
     if p.bn not in BN_MODES:
-        raise KnnError(f"bn must be one of {', '.join(BN_MODES)}, got {p.bn!r}")
+        raise UserError(f"bn must be one of {', '.join(BN_MODES)}, got {p.bn!r}")
     counts = np.bincount(np.concatenate(train.labels), minlength=len(train.categories))
     if (counts >= max(1, p.min_instances)).sum() < 2:  # before any image is decoded
-        raise KnnError(
+        raise UserError(
             f"{train.source}: only {int((counts >= max(1, p.min_instances)).sum())} class(es) have at least "
             f"{p.min_instances} train objects; a probe needs two: lower --min-instances"
         )
@@ -522,7 +518,7 @@ def probe_encoders(encoders: Mapping[str, nn.Module], train: ObjectSet, val: Obj
     tr, va, failed, clipped = _embed_sets(nets, train, val, p, torch.device(device), progress, cache)
     train_keep, val_keep, kept, dropped = keep_frequent(tr.labels, va.labels, train.categories, p.min_instances)
     if len(kept) < 2:
-        raise KnnError(
+        raise UserError(
             f"{train.source}: only {len(kept)} class(es) have at least {p.min_instances} train objects; "
             "a probe needs two: lower --min-instances"
         )
@@ -531,7 +527,7 @@ def probe_encoders(encoders: Mapping[str, nn.Module], train: ObjectSet, val: Obj
     remap[[train.categories.index(n) for n in kept]] = torch.arange(len(kept))
     train_y, val_y = remap[tr.labels[train_keep]], remap[va.labels[val_keep]]
     if len(val_y) == 0:
-        raise KnnError(f"{val.source}: no val object of a kept class ({', '.join(kept)})")
+        raise UserError(f"{val.source}: no val object of a kept class ({', '.join(kept)})")
     keys: dict[str, int] = {}  # same-file exclusion: image keys shared between the sets (resolved path)
 
     def file_keys(emb: _Embedded, keep) -> torch.Tensor:
@@ -634,14 +630,14 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0, backbone
     try:  # a soco run's model.backbone, else the one the ResNet's shapes name; default ResNet-50
         model_cfg.backbone = found.backbone or model_cfg.backbone  # type: ignore[assignment]
     except WeightsError as exc:
-        raise KnnError(str(exc)) from None
+        raise UserError(str(exc)) from None
     if backbone is not None and backbone != model_cfg.backbone:
-        raise KnnError(f"{path}: holds a {model_cfg.backbone}, not the --set backbone={backbone} asked for")
+        raise UserError(f"{path}: holds a {model_cfg.backbone}, not the --set backbone={backbone} asked for")
     torch.manual_seed(seed)  # whatever the file does not hold (e.g. an FPN for a plain ResNet) is seeded
     encoder = SoCoEncoder(model_cfg)
     shapes = {k: v.shape for k, v in encoder.state_dict().items()}
     report = load(encoder, found, encoder_target(shapes, model_cfg.arch, model_cfg.backbone), LOAD_POLICY,
-                  error=KnnError)  # fmt: skip
+                  error=UserError)  # fmt: skip
     return encoder, {
         "arch": model_cfg.arch,
         "description": found.description,
@@ -664,7 +660,7 @@ def resolve_geometry(size: int | None, level_bounds, run: dict | None) -> tuple[
         else:
             level_bounds = tuple(round(b * size / PAPER_SIZE, 2) for b in PAPER_LEVEL_BOUNDS)
     if size < 32:
-        raise KnnError(f"kNN input size must be at least 32 px, got {size}")
+        raise UserError(f"kNN input size must be at least 32 px, got {size}")
     return int(size), tuple(float(b) for b in level_bounds)
 
 
@@ -813,7 +809,7 @@ class ObjectMonitor:
             and m.batch >= 1
             and m.size >= 0
         ):
-            raise KnnError(
+            raise UserError(
                 f"monitor settings: need every >= 1, 0 < val_fraction < 1, k >= 1, temperature > 0, "
                 f"batch >= 1, size >= 0; got every={m.every}, val_fraction={m.val_fraction}, k={m.k}, "
                 f"temperature={m.temperature}, batch={m.batch}, size={m.size}"

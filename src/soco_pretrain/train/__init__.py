@@ -13,7 +13,7 @@ import importlib
 
 _EXPORTS = {
     "lars": ["LARS", "lars_param_groups"],
-    "loop": ["pretrain", "PretrainError", "Summary"],
+    "loop": ["pretrain", "Summary"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)  # noqa: PLE0605 - computed from _EXPORTS

@@ -42,11 +42,6 @@ from .speed import Speed, apply_speed, compiled, mark_step_begin, resolve_speed
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-class PretrainError(UserError):
-    """A configuration or input the loop cannot train with (batch that does not divide, dataset
-    smaller than one batch, unknown precision, unusable checkpoint); one line."""
-
-
 @dataclass
 class Plan:
     """How the config maps onto this job: derived numbers, logged at the start."""
@@ -85,11 +80,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """auto -> bf16 on CUDA (Ampere+ throughput, no grad scaler needed), fp32 elsewhere (our choice;
     the released code used apex O1 fp16). fp16 needs CUDA (CPU autocast is bf16 only)."""
     if precision not in PRECISIONS:
-        raise PretrainError(f"train.precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+        raise UserError(f"train.precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise PretrainError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        raise UserError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return precision
 
 
@@ -148,7 +143,7 @@ def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int
     t = cfg.train
     per_step = t.per_device_batch * world_size
     if t.per_device_batch < 1 or t.batch_size < 1 or t.batch_size % per_step:
-        raise PretrainError(
+        raise UserError(
             f"train.batch_size={t.batch_size} must be a multiple of train.per_device_batch "
             f"({t.per_device_batch}) x world size ({world_size}) = {per_step}; change one of them "
             f"(e.g. --set train.per_device_batch=...)"
@@ -156,12 +151,12 @@ def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int
     accum = t.batch_size // per_step
     steps_per_epoch = micro_batches_per_epoch // accum  # a trailing partial step is dropped
     if steps_per_epoch < 1:
-        raise PretrainError(
+        raise UserError(
             f"one optimiser step needs {accum} batches of {t.per_device_batch} images per process but "
             f"an epoch has only {micro_batches_per_epoch}: lower train.batch_size or add images"
         )
     if t.epochs < 1 or t.warmup_epochs < 0 or (t.warmup_steps is not None and t.warmup_steps < 0):
-        raise PretrainError(
+        raise UserError(
             f"train.epochs={t.epochs} / warmup_epochs={t.warmup_epochs} / warmup_steps={t.warmup_steps}: "
             "need >= 1 / >= 0 / >= 0"
         )
@@ -255,7 +250,7 @@ def make_optimizer(core: torch.nn.Module, t: TrainConfig, lr: float) -> torch.op
             decay_param_groups(core, t.weight_decay), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay
         )
     if t.optimizer != "lars":
-        raise PretrainError(f"train.optimizer={t.optimizer!r}: expected one of lars, sgd")
+        raise UserError(f"train.optimizer={t.optimizer!r}: expected one of lars, sgd")
     return LARS(
         lars_param_groups(core, t.weight_decay), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, eta=t.lars_eta
     )
@@ -272,7 +267,7 @@ def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) 
     try:
         core: Any = SoCoModel(cfg).to(dev)
     except ValueError as exc:  # e.g. an unknown model.arch / model.loss, SoCo* with C4
-        raise PretrainError(str(exc)) from None
+        raise UserError(str(exc)) from None
     if dev.type == "cuda" and t.channels_last:
         core = core.to(memory_format=torch.channels_last)
     core = convert_sync_bn(core)  # SyncBN only when world size > 1
@@ -473,7 +468,6 @@ def keep_recorded_init(job: Job, saved: dict, run_dir: Path) -> None:
     )
 
 
-
 # ---------------------------------------------------------------- the stage and the entry point
 
 # A hook factory: called with the built job (rank 0 and every other rank), returns a hook or None.
@@ -488,7 +482,7 @@ class PretrainStage:
     command = "pretrain"
     distributed = True
     trains = True
-    run_keys = RESUME_FREE
+    run_keys: tuple[str, ...] = RESUME_FREE
 
     def __init__(self, cfg: PretrainConfig, images, proposals, run_dir, image_root=None, progress: bool = True,
                  hooks: Sequence[HookFactory] = ()):  # fmt: skip
@@ -523,7 +517,7 @@ class PretrainStage:
 
     def recipe_of(self, checkpoint: dict, path: Path, accept_changes: bool) -> dict:
         if not isinstance(checkpoint, dict) or not {"model", "optimizer", "step", "config"} <= set(checkpoint):
-            raise PretrainError(f"{path}: not a soco pretrain checkpoint (a fine-tune checkpoint or an export?)")
+            raise UserError(f"{path}: not a soco pretrain checkpoint (a fine-tune checkpoint or an export?)")
         # A checkpoint written before the config had a version holds version 1's keys without it.
         saved = _with_added_keys({"version": 1, **checkpoint.get("config", {})})
         run_of_checkpoint = path.parent.parent if path.parent.name == "checkpoints" else self.run_dir
@@ -697,7 +691,7 @@ def prepare_warm_start(cfg: PretrainConfig, fresh: bool):
     if not fresh or (not m.init and t.freeze == "none"):
         return None  # a resume: the checkpoint holds the weights; keep_recorded_init compares the init's sha256
     if not m.init:
-        raise PretrainError(
+        raise UserError(
             f"train.freeze={t.freeze} would keep random weights fixed: give --init FILE (e.g. a supervised "
             "torchvision ResNet state dict) or --set train.freeze=none"
         )
@@ -732,10 +726,10 @@ def pretrain(
     resume continue with other settings than the checkpoint's. ``hooks``: factories of extra
     trainer hooks, called with the built :class:`Job` (the ``soco pretrain`` command passes the
     object-kNN monitor's, ``evaluate.monitor.monitor_hook``, when ``monitor.json`` is set).
-    Raises PretrainError (bad config), RunFolderError, NonFiniteLossError.
+    Raises UserError (bad config), UserError, NonFiniteLossError.
     """
     if max_steps is not None and max_steps < 0:
-        raise PretrainError(f"max_steps must be >= 0, got {max_steps}")
+        raise UserError(f"max_steps must be >= 0, got {max_steps}")
     if cfg.monitor.json and not hooks:
         print("note: monitor.json is set but no monitor hook was given: pass hooks=[monitor_hook] "
               "(soco_pretrain.evaluate.monitor) to pretrain(); soco pretrain does", flush=True)  # fmt: skip

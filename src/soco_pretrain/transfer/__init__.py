@@ -1,6 +1,7 @@
-"""Stage 5: transfer. ``weights.py`` (the one reader of SoCo checkpoints and run folders),
-``export/`` (torchvision / Detectron2 / MMDetection weights + key report, one module per
-target), ``finetune.py`` (Mask R-CNN fine-tune with COCO AP), ``linear.py`` (linear probe).
+"""Stage 5: transfer. ``export/`` (torchvision / Detectron2 / MMDetection weights + key
+report, one module per target), ``finetune.py`` (Mask R-CNN fine-tune with COCO AP),
+``linear.py`` (linear probe), ``warm_start.py`` (``--init``). The weights they read go through
+the one weights layer below them, ``soco_pretrain.weights``.
 
 Names are imported lazily (``soco_pretrain.transfer.export`` pulls in torch) so that importing
 the package stays cheap. Add a module's public names to ``_LAZY`` as name -> (module, attribute).
@@ -19,7 +20,6 @@ _LAZY = {
             "DEFAULT_WEIGHTS",
             "TARGETS",
             "WEIGHTS",
-            "ExportError",
             "KeyReport",
             "ModuleCount",
             "EncoderWeights",
@@ -29,17 +29,15 @@ _LAZY = {
         )
     },
     "export_weights": ("export", "export"),
-    # weights.py (the one checkpoint reader)
-    **{name: ("weights", name) for name in ("SocoWeights", "read_soco_checkpoint")},
     # finetune.py and its parts (coco.py data, coco_eval.py AP, detector.py model + weights, shapes.py)
-    **{name: ("finetune", name) for name in ("FinetuneError", "FinetuneOptions")},
+    "FinetuneOptions": ("finetune", "FinetuneOptions"),
     "run_finetune": ("finetune", "finetune"),  # the submodule is named finetune
     "load_coco": ("coco", "load_coco"),
     "coco_evaluate": ("coco_eval", "coco_evaluate"),
     **{name: ("detector", name) for name in ("WeightsError", "build_detector", "load_weights")},
     "make_shapes_set": ("shapes", "make_shapes_set"),
     # linear.py (linear probe)
-    **{name: ("linear", name) for name in ("linear_probe", "LinearConfig", "LinearError", "load_backbone")},
+    **{name: ("linear", name) for name in ("linear_probe", "LinearConfig", "load_backbone")},
 }
 
 

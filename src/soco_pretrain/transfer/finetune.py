@@ -57,8 +57,10 @@ from ..engine.skips import SkipLog
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
 from ..errors import UserError
 from ..files import atomic_write_json
+from ..weights import LoadReport
 from .coco import (
     CocoDetection,
+    CocoSet,
     TrainStream,
     check_images,
     collate,
@@ -72,10 +74,6 @@ from .detector import build_detector, detector_backbone, eval_sizes, load_weight
 SCHEDULES = {"1x": 90_000, "2x": 180_000}  # iterations at batch 16 (Detectron2)
 REFERENCE_BATCH = 16  # paper 4.2: batch 16, lr 0.02
 METRICS_FILE = "metrics.json"
-
-
-class FinetuneError(UserError):
-    """Options or inputs the fine-tune cannot run with; one line."""
 
 
 @dataclass
@@ -93,15 +91,15 @@ class Plan:
 def make_plan(opts: FinetuneOptions) -> Plan:
     """1x/2x (or max_iters), lr drops, warm-up and lr for ``opts.batch`` (see module docstring)."""
     if opts.batch < 1:
-        raise FinetuneError(f"batch must be >= 1, got {opts.batch}")
+        raise UserError(f"batch must be >= 1, got {opts.batch}")
     scale = REFERENCE_BATCH / opts.batch
     if opts.max_iters is not None:
         if opts.max_iters < 1:
-            raise FinetuneError(f"max_iters must be >= 1, got {opts.max_iters}")
+            raise UserError(f"max_iters must be >= 1, got {opts.max_iters}")
         total = int(opts.max_iters)
     else:
         if opts.schedule not in SCHEDULES:
-            raise FinetuneError(f"schedule must be one of {', '.join(SCHEDULES)}, got {opts.schedule!r}")
+            raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}, got {opts.schedule!r}")
         total = max(1, round(SCHEDULES[opts.schedule] * scale))
     steps = (round(total * 2 / 3), round(total * 8 / 9))  # paper 4.2; 1x: 60000, 80000
     warmup = min(round(opts.warmup_iters * scale), steps[0])
@@ -120,7 +118,9 @@ def lr_at(iteration: int, plan: Plan) -> float:
 
 def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float) -> list[dict]:
     """Normalisation-layer parameters get ``weight_decay_norm``, every other one ``weight_decay``."""
-    norm, other, seen = [], [], set()
+    norm: list[nn.Parameter] = []
+    other: list[nn.Parameter] = []
+    seen: set[int] = set()
     for module in model.modules():
         is_norm = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
         for p in module.parameters(recurse=False):
@@ -211,7 +211,7 @@ def evaluate(
     if world > 1:
         import torch.distributed as dist
 
-        gathered = [None] * world
+        gathered: list = [None] * world
         dist.all_gather_object(gathered, (results, evaluated, skips.reasons))
         results = [r for part in gathered for r in part[0]]
         evaluated = [i for part in gathered for i in part[1]]
@@ -220,7 +220,7 @@ def evaluate(
     if rank != 0:
         return {}
     if not evaluated:
-        raise FinetuneError(f"{coco_val.json_path}: no validation image could be read")
+        raise UserError(f"{coco_val.json_path}: no validation image could be read")
     iou_types = ("bbox", "segm") if masks else ("bbox",)
     metrics = coco_evaluate(coco_val.data, results, iou_types, image_ids=evaluated)
     metrics["val_images"] = len(evaluated)
@@ -259,8 +259,8 @@ class Job:
 
     opts: FinetuneOptions
     plan: Plan
-    coco_train: object
-    coco_val: object
+    coco_train: CocoSet
+    coco_val: CocoSet
     masks: bool
     usable: list
     train_set: list
@@ -268,7 +268,7 @@ class Job:
     model: nn.Module  # core, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    report: object  # which weights loaded into which module
+    report: LoadReport  # which weights loaded into which module
     device: torch.device
     rank: int
     world: int
@@ -303,7 +303,7 @@ def resolve_per_device_batch(opts: FinetuneOptions, world: int, device: torch.de
     per_process = opts.batch // world
     if opts.per_device_batch:
         if per_process % opts.per_device_batch:
-            raise FinetuneError(
+            raise UserError(
                 f"per_device_batch {opts.per_device_batch} does not divide the batch per process "
                 f"({opts.batch} / {world} = {per_process})"
             )
@@ -339,9 +339,9 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
 
     dev, world, is_main = info.device, info.world_size, info.is_main
     if opts.precision == "fp16" and dev.type != "cuda":
-        raise FinetuneError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        raise UserError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if opts.batch % world:
-        raise FinetuneError(f"batch {opts.batch} is not divisible by the {world} processes")
+        raise UserError(f"batch {opts.batch} is not divisible by the {world} processes")
     per_device, note = resolve_per_device_batch(opts, world, dev)
     coco_train, coco_val = load_coco(train_json, train_images), load_coco(val_json, val_images)
     masks = coco_train.has_masks and not opts.boxes_only
@@ -353,7 +353,7 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
         )
     usable = trainable_images(coco_train, masks)
     if not usable and not opts.eval_only:
-        raise FinetuneError(
+        raise UserError(
             f"{coco_train.json_path}: no image has a usable annotation "
             "(non-crowd, non-empty box" + (", with a mask)" if masks else ")")
         )
@@ -422,7 +422,7 @@ def start_record(weights) -> dict:
     """What a fine-tune starts from: the weights' absolute path (a run folder: its checkpoint file)
     and their sha256, recorded in every checkpoint and checked when the run resumes."""
     from ..runfolder import file_digest
-    from .weights import resolve_checkpoint
+    from ..weights import resolve_checkpoint
 
     if weights is None or str(weights).lower() == "none":
         return {"weights": "none", "sha256": None}
@@ -460,7 +460,7 @@ class FinetuneStep:
     def __init__(self, job: Job, start: int, skips: SkipLog):
         self.job, self.skips = job, skips
         self.batches = job.batches(job.opts.seed, start)
-        self.last_good = None
+        self.last_good: tuple | None = None
 
     def __call__(self, iteration: int) -> StepOutput:
         import contextlib
@@ -477,17 +477,18 @@ class FinetuneStep:
             if images:
                 self.last_good = (images, targets)
             elif self.last_good is None:
-                raise FinetuneError("every image of the first batch failed to decode (see the warnings)")
+                raise UserError("every image of the first batch failed to decode (see the warnings)")
             else:
                 images, targets = self.last_good  # keeps every rank stepping together
             if lr is None:
                 lr = lr_at(iteration, job.plan)
                 set_lr(job.optimizer, lr)
             last = micro == job.accum - 1
-            with job.model.no_sync() if job.world > 1 and not last else contextlib.nullcontext():
+            unsynced = job.world > 1 and not last  # DDP synchronises only the last backward
+            with job.model.no_sync() if unsynced else contextlib.nullcontext():  # type: ignore[operator]
                 with autocast(job.device, job.opts.precision):
                     losses = job.model(images, targets)
-                loss = sum(losses.values())
+                loss: torch.Tensor = sum(losses.values())  # type: ignore[assignment]
                 job.scaler.scale(loss / job.accum).backward()
             part = loss.detach().float() / job.accum
             total = part if total is None else total + part
@@ -570,7 +571,7 @@ class FinetuneStage:
     command = "finetune"
     distributed = True
     keep_checkpoints = 1
-    run_keys = RESUME_FREE
+    run_keys: tuple[str, ...] = RESUME_FREE
 
     def __init__(self, weights, train_json, train_images, val_json, val_images, out, opts: FinetuneOptions,
                  allow_leak: bool = False):  # fmt: skip
@@ -601,10 +602,10 @@ class FinetuneStage:
     def recipe_of(self, checkpoint: dict, path: Path, accept_changes: bool) -> dict:
         job = self.job
         if not isinstance(checkpoint, dict) or not {"model", "optimizer", "iteration"} <= set(checkpoint):
-            raise FinetuneError(f"{path}: not a soco finetune checkpoint (a pretraining checkpoint or an export?)")
+            raise UserError(f"{path}: not a soco finetune checkpoint (a pretraining checkpoint or an export?)")
         began = checkpoint.get("start")
         if began is not None and began != job.start and not accept_changes:
-            raise FinetuneError(
+            raise UserError(
                 f"{path}: this fine-tune started from {describe_start(began)}, not {describe_start(job.start)}; give "
                 "another --out, --resume none --overwrite, or --accept-changes"
             )
@@ -698,12 +699,12 @@ def check_same_detector(checkpoint: dict, path: Path, job: Job) -> None:
     classes and whether it has masks (one line naming ``path`` otherwise)."""
     made_with = checkpoint.get("backbone", "resnet50")  # checkpoints from before the key: ResNet-50
     if made_with != job.backbone:
-        raise FinetuneError(
+        raise UserError(
             f"{path}: a fine-tune of a {made_with} detector, this run builds {job.backbone} "
             f"(--backbone {made_with} with --weights none, or another --out)"
         )
     if checkpoint.get("num_classes") != job.coco_train.num_classes or checkpoint.get("masks") != job.masks:
-        raise FinetuneError(
+        raise UserError(
             f"{path}: made for {checkpoint.get('num_classes')} classes "
             f"({'masks' if checkpoint.get('masks') else 'boxes only'}), this data needs "
             f"{job.coco_train.num_classes} ({'masks' if job.masks else 'boxes only'}); "
@@ -735,8 +736,8 @@ def finetune(
     locked for the run; ``overwrite`` lets ``resume="none"`` move an earlier run aside;
     ``accept_changes`` resumes a run that started from other weights or with other recipe
     options (those outside RESUME_FREE); ``allow_leak`` runs even if validation images are in the
-    weights' pretraining set. Raises FinetuneError, CocoError, WeightsError, CheckpointError,
-    RunFolderError, LeakError, NonFiniteLossError.
+    weights' pretraining set. Raises UserError, CocoError, WeightsError, CheckpointError,
+    UserError, LeakError, NonFiniteLossError.
     """
     opts = _options(options, overrides)
     stage = FinetuneStage(weights, train_json, train_images, val_json, val_images, out, opts, allow_leak)
@@ -823,7 +824,7 @@ def _finish(
             batch=opts.batch,
             per_device_batch=job.per_device,
             seconds=round(seconds, 2),
-            skipped_train_images=sorted(skips.reasons),
+            skipped_train_images=sorted(skips.reasons) if skips is not None else [],
             weights_loaded={m: list(c) for m, c in job.report.modules.items()},
         )
     atomic_write_json(out / METRICS_FILE, metrics)

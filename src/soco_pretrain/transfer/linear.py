@@ -46,6 +46,7 @@ Unreadable images are skipped, counted and listed in ``metrics.json``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -71,10 +72,6 @@ STEP_MILESTONES = (0.6, 0.8)
 MAX_LISTED = 100  # skipped files listed in metrics.json (all are counted)
 
 
-class LinearError(UserError):
-    """Bad input for the linear probe (weights, folders, classes, options); one line."""
-
-
 # ---------------------------------------------------------------- weights
 
 
@@ -92,7 +89,7 @@ def _resolve_weights(weights) -> Path | None:
     try:
         return resolve_checkpoint(weights)  # the one run-folder lookup (weights/read.py)
     except WeightsError as exc:
-        raise LinearError(str(exc)) from None
+        raise UserError(str(exc)) from None
 
 
 def _title(backbone: str) -> str:
@@ -112,7 +109,7 @@ def _backbone_state(path: Path, soco_weights: str):
         found = read_weights(path, soco_weights)  # every format soco reads (weights/read.py)
         backbone = found.backbone or "resnet50"
     except WeightsError as exc:
-        raise LinearError(str(exc)) from None
+        raise UserError(str(exc)) from None
     if found.soco is not None:  # a SoCo checkpoint: the online (encoder.*) or target network's ResNet
         prefix = PREFIXES[soco_weights] + ("backbone.body." if found.soco.arch == "fpn" else "backbone.")
         source = {"kind": "soco", "arch": found.soco.arch, "soco_weights": soco_weights, "step": found.soco.step}
@@ -131,7 +128,7 @@ def read_backbone(weights, soco_weights: str = "online"):
     from ..weights import load_into, match, refusal, resnet_target
 
     if soco_weights not in SOCO_WEIGHTS:
-        raise LinearError(f"unknown --soco-weights {soco_weights!r} (choose online or target)")
+        raise UserError(f"unknown --soco-weights {soco_weights!r} (choose online or target)")
     path = _resolve_weights(weights)
     if path is None:
         model = torchvision.models.resnet50(weights=None)
@@ -143,7 +140,7 @@ def read_backbone(weights, soco_weights: str = "online"):
     report = match(found.state, resnet_target(model, source["backbone"]), path=path, source=found.description)
     why = refusal(report, POLICY)
     if why is not None:
-        raise LinearError(f"{path}: no complete {_title(source['backbone'])} in the file: {why}")
+        raise UserError(f"{path}: no complete {_title(source['backbone'])} in the file: {why}")
     load_into(model, report)
     source["loaded"] = {m: f"{n}/{total}" for m, (n, total) in report.modules.items()}
     return model, {"weights": str(path), **source}, report
@@ -209,13 +206,13 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: LinearConfig) 
 
 def scan_class_folder(root, what: str = "train") -> tuple[list[str], list[tuple[str, int]]]:
     """Classes (sorted sub-folder names, hidden ones skipped) and ``(relative path, label)`` per
-    image found (recursively) in each, ImageFolder's layout. One-line LinearError if none."""
+    image found (recursively) in each, ImageFolder's layout. One-line UserError if none."""
     root = Path(root)
     if not root.is_dir():
-        raise LinearError(f"{root}: no such {what} folder (expected one sub-folder of images per class)")
+        raise UserError(f"{root}: no such {what} folder (expected one sub-folder of images per class)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise LinearError(f"{root}: no class folders in the {what} folder (expected ROOT/CLASS/IMAGE files)")
+        raise UserError(f"{root}: no class folders in the {what} folder (expected ROOT/CLASS/IMAGE files)")
     samples, empty = [], []
     for label, name in enumerate(classes):
         found = list_images(root / name)
@@ -223,12 +220,12 @@ def scan_class_folder(root, what: str = "train") -> tuple[list[str], list[tuple[
             empty.append(name)
         samples += [(f"{name}/{p}", label) for p in found.paths]
     if empty and what == "train":  # a class without training images cannot be learned
-        raise LinearError(
+        raise UserError(
             f"{root}: {len(empty)} class folders have no images: {', '.join(empty[:5])}"
             f"{' ...' if len(empty) > 5 else ''}"
         )
     if not samples:
-        raise LinearError(f"{root}: no images in the {what} class folders")
+        raise UserError(f"{root}: no images in the {what} class folders")
     return classes, samples
 
 
@@ -324,7 +321,7 @@ def evaluate(
         bar.update(len(batch["labels"]) + len(batch["errors"]))
     bar.close()
     if seen == 0:
-        raise LinearError(f"{dataset.root}: no validation image could be decoded")
+        raise UserError(f"{dataset.root}: no validation image could be decoded")
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correctk / seen, "top5_k": k, "evaluated_images": seen}
 
 
@@ -361,7 +358,7 @@ def build_job(weights, train_dir, val_dir, cfg: LinearConfig, soco_weights: str,
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
-        raise LinearError(
+        raise UserError(
             f"{val_dir}: the val class folders differ from the train ones "
             f"(missing in val: {', '.join(only_train[:5]) or '-'}; "
             f"not in train: {', '.join(only_val[:5]) or '-'})"
@@ -412,7 +409,7 @@ class LinearStep:
 
     def __init__(self, job: Job, state: EpochState, skipped: SkipLog):
         self.job, self.state, self.skipped = job, state, skipped
-        self.batches = None
+        self.batches: Iterator | None = None
 
     def __call__(self, step: int) -> StepOutput:
         job, st, cfg = self.job, self.state, self.job.cfg
@@ -456,7 +453,7 @@ class ValidationHook(Hook):
 
     def __init__(self, job: Job, state: EpochState, skipped: SkipLog, progress: bool):
         self.job, self.state, self.skipped, self.progress = job, state, skipped, progress
-        self.result = None
+        self.result: dict | None = None
 
     def after_step(self, trainer) -> None:
         job, every = self.job, self.job.cfg.eval_every
@@ -499,7 +496,7 @@ class LinearStage:
     distributed = False
     trains = True
     keep_checkpoints = 0
-    run_keys = RESUME_FREE
+    run_keys: tuple[str, ...] = RESUME_FREE
 
     def __init__(self, weights, train_dir, val_dir, out, cfg: LinearConfig, soco_weights: str, progress: bool):
         self.weights, self.train_dir, self.val_dir = weights, train_dir, val_dir
@@ -522,14 +519,14 @@ class LinearStage:
     def recipe_of(self, checkpoint: dict, path: Path, accept_changes: bool) -> dict:
         job = self.job
         if not isinstance(checkpoint, dict) or not {"classifier", "optimizer", "step"} <= set(checkpoint):
-            raise LinearError(f"{path}: not a soco linear-probe checkpoint; use another --out or --resume none")
+            raise UserError(f"{path}: not a soco linear-probe checkpoint; use another --out or --resume none")
         source = checkpoint.get("source", {})
         if (
             checkpoint.get("classes") != job.classes
             or source.get("weights") != job.source["weights"]
             or source.get("soco_weights") != job.source.get("soco_weights")
         ):
-            raise LinearError(f"{path}: made with other weights or classes; use another --out or --resume none")
+            raise UserError(f"{path}: made with other weights or classes; use another --out or --resume none")
         return checkpoint.get("config", {})
 
     def state_dict(self, step: int) -> dict:
@@ -618,14 +615,14 @@ def linear_probe(
     moves that run aside); a checkpoint made with other settings (outside RESUME_FREE) is
     refused naming them unless ``accept_changes``. ``max_steps``: stop after this many optimiser
     steps in total (the schedule keeps its length), then evaluate. ``device``: "cpu" / "cuda"
-    (default: CUDA if available). The output folder is locked for the run. Raises LinearError
-    (one line) for bad input, RunFolderError.
+    (default: CUDA if available). The output folder is locked for the run. Raises UserError
+    (one line) for bad input, UserError.
     """
     cfg = replace(config or LinearConfig(), **overrides)  # checked by LinearConfig itself
     if resume not in ("auto", "none"):
-        raise LinearError(f"resume={resume!r}: expected auto or none")
+        raise UserError(f"resume={resume!r}: expected auto or none")
     if max_steps is not None and max_steps < 0:
-        raise LinearError(f"max_steps must be >= 0, got {max_steps}")
+        raise UserError(f"max_steps must be >= 0, got {max_steps}")
     stage = LinearStage(weights, train_dir, val_dir, out_dir, cfg, soco_weights, progress)
     return run(stage, out_dir, resume=resume, accept_changes=accept_changes, overwrite=overwrite,
                max_steps=max_steps, device=device, progress=progress)  # fmt: skip

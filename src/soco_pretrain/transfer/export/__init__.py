@@ -80,7 +80,7 @@ from .common import (
     PIXEL_STD,
     WEIGHTS,
     Exporter,
-    ExportError,
+    UserError,
     Written,
     render_template,
 )
@@ -111,7 +111,7 @@ __all__ = [
     "TARGETS",
     "WEIGHTS",
     "EncoderWeights",
-    "ExportError",
+    "UserError",
     "Exporter",
     "KeyReport",
     "ModuleCount",
@@ -127,7 +127,7 @@ __all__ = [
 
 def _exporter(to: str) -> Exporter:
     if to not in EXPORTERS:
-        raise ExportError(f"unknown target {to!r} (choose {', '.join(TARGETS)})")
+        raise UserError(f"unknown target {to!r} (choose {', '.join(TARGETS)})")
     return EXPORTERS[to]
 
 
@@ -141,7 +141,7 @@ def convert(encoder: dict[str, torch.Tensor], arch: str, to: str):
 
 
 def _refuse_clobbering_the_run(path: Path, checkpoint: Path) -> None:
-    """ExportError when writing ``path`` would destroy training state: the checkpoint being
+    """UserError when writing ``path`` would destroy training state: the checkpoint being
     exported (by any name: a symlink or hard link is the same file) or any file in a run's
     checkpoints folder (a resume could take an export for a checkpoint, retention could delete it)."""
     import os
@@ -149,28 +149,28 @@ def _refuse_clobbering_the_run(path: Path, checkpoint: Path) -> None:
     from ...runfolder import holds_checkpoints
 
     if path.exists() and os.path.samefile(path, checkpoint):
-        raise ExportError(f"{path}: is the checkpoint being exported ({checkpoint}); write the export elsewhere")
+        raise UserError(f"{path}: is the checkpoint being exported ({checkpoint}); write the export elsewhere")
     folder = path.resolve().parent
     if folder.name == "checkpoints" and holds_checkpoints(folder.parent):
-        raise ExportError(f"{path}: is inside the run's checkpoints folder {folder}; write the export elsewhere")
+        raise UserError(f"{path}: is inside the run's checkpoints folder {folder}; write the export elsewhere")
 
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def _refuse_a_misleading_suffix(out: Path, to: str) -> None:
-    """ExportError when ``out``'s extension says another format than ``to`` writes: readers (soco's
+    """UserError when ``out``'s extension says another format than ``to`` writes: readers (soco's
     own ``--weights``, the safetensors tools) tell a safetensors file from a torch / pickle file
     by its ``.safetensors`` extension, so such a file would later fail to load."""
     if (to == "safetensors") == (out.suffix == SAFETENSORS_SUFFIX):
         return
     if to == "safetensors":
-        raise ExportError(
+        raise UserError(
             f"{out}: --to safetensors writes a safetensors file, which readers know by its "
             f"{SAFETENSORS_SUFFIX} extension; name it e.g. {out.with_suffix(SAFETENSORS_SUFFIX).name}"
         )
     kind, suffix = ("a pickle", ".pkl") if to == "detectron2" else ("a torch.save file", ".pth")
-    raise ExportError(
+    raise UserError(
         f"{out}: --to {to} writes {kind}, which a {SAFETENSORS_SUFFIX} name would have read as safetensors; "
         f"name it e.g. {out.with_suffix(suffix).name}, or use --to safetensors"
     )
@@ -191,16 +191,16 @@ def export(
     """
     exporter = _exporter(to)
     if out is None:
-        raise ExportError("no output file given")
+        raise UserError("no output file given")
     out = Path(out)
     if out.is_dir():
-        raise ExportError(f"{out}: is a directory (give a file name, e.g. {out / 'soco.pth'})")
+        raise UserError(f"{out}: is a directory (give a file name, e.g. {out / 'soco.pth'})")
     _refuse_a_misleading_suffix(out, to)
     if config_out is not None and exporter.config_suffix is None:
         with_config = [name for name, e in EXPORTERS.items() if e.config_suffix is not None]
-        raise ExportError(f"a config file is written for {' and '.join(with_config)} only")
+        raise UserError(f"a config file is written for {' and '.join(with_config)} only")
     if config_out is not None and Path(config_out).resolve() == out.resolve():
-        raise ExportError(f"{out}: the config file cannot be the weights file")
+        raise UserError(f"{out}: the config file cannot be the weights file")
     source_weights = read_encoder(source, weights)
     for path in (out, exporter.config_path(out, config_out)):
         if path is not None:

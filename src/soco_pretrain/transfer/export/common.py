@@ -28,10 +28,6 @@ FINETUNE_WEIGHT_DECAY = 2.5e-5
 __all__ = ["BN", "BN_ALL", "Mapper"]  # the key maps live in weights/keymaps.py, re-exported here
 
 
-class ExportError(UserError):
-    """Bad input to export (no checkpoint, not a SoCo checkpoint, unknown arch); one line."""
-
-
 @dataclass(frozen=True)
 class Written:
     """What an exporter wrote: the weights file's one-line layout, the detector keys it leaves to
@@ -56,7 +52,7 @@ class Exporter:
         tensors (same objects), exported name -> encoder key, exported name -> detector module,
         and the encoder keys left out."""
         if arch not in self.mappers:
-            raise ExportError(f"unknown model.arch {arch!r} (export knows {', '.join(ARCHS)})")
+            raise UserError(f"unknown model.arch {arch!r} (export knows {', '.join(ARCHS)})")
         mapper = self.mappers[arch]
         state, mapping, groups, dropped = {}, {}, {}, []
         for key, tensor in encoder.items():
@@ -105,12 +101,12 @@ def config_values(source) -> dict:
     }
 
 
-def unsupported(target: str, backbone: str, arch: str, why: str) -> ExportError:
+def unsupported(target: str, backbone: str, arch: str, why: str) -> UserError:
     """The one-line error for a backbone/arch pair ``target`` has no model for (README "Backbones")."""
     from ...model.backbones import backbone_info
 
     label = backbone_info(backbone).label
-    return ExportError(f"no {target} export of {label}-{arch.upper()} ({backbone}, model.arch={arch}): {why}")
+    return UserError(f"no {target} export of {label}-{arch.upper()} ({backbone}, model.arch={arch}): {why}")
 
 
 def resnet_channels(backbone: str) -> tuple[int, int, int, int]:

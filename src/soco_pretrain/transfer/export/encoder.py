@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ...errors import UserError
 from ...weights import PREFIXES, WeightsError, read_soco_checkpoint
 from ...weights import resolve_checkpoint as _resolve
-from .common import DEFAULT_WEIGHTS, WEIGHTS, ExportError
+from .common import DEFAULT_WEIGHTS, WEIGHTS
 
 
 @dataclass
@@ -30,30 +31,30 @@ class EncoderWeights:
 
 def resolve_checkpoint(source) -> Path:
     """A run folder (its ``checkpoints/last.pt``, else the latest ``step_N.pt``) or a file;
-    :class:`ExportError` otherwise (the lookup is ``weights.resolve_checkpoint``)."""
+    :class:`UserError` otherwise (the lookup is ``weights.resolve_checkpoint``)."""
     try:
         return _resolve(source)
     except WeightsError as exc:
-        raise ExportError(str(exc)) from None
+        raise UserError(str(exc)) from None
 
 
 def read_encoder(source, weights: str = DEFAULT_WEIGHTS) -> EncoderWeights:
     """Load a checkpoint and take the online (``encoder.*``) or target (``target_encoder.*``) encoder.
 
-    Raises :class:`ExportError` (one line) for a missing or unreadable file, a file that is not a
+    Raises :class:`UserError` (one line) for a missing or unreadable file, a file that is not a
     SoCo checkpoint, an unknown ``model.arch`` or encoder keys/shapes that differ from the
     detector's (e.g. a changed ``model.head_dim``).
     """
     if weights not in WEIGHTS:
-        raise ExportError(f"unknown weights {weights!r} (choose online or target)")
+        raise UserError(f"unknown weights {weights!r} (choose online or target)")
     try:
         found = read_soco_checkpoint(source)
     except WeightsError as exc:
-        raise ExportError(str(exc)) from None
+        raise UserError(str(exc)) from None
     prefix = PREFIXES[weights]
     encoder = found.network(weights)
     if not encoder:
-        raise ExportError(f"{found.path}: has no {weights} network ({prefix}* keys)")
+        raise UserError(f"{found.path}: has no {weights} network ({prefix}* keys)")
     _check_encoder(encoder, found.arch, found.path, prefix, found.backbone)
     unused = Counter(k.split(".", 1)[0] for k in found.model if not k.startswith(prefix))
     return EncoderWeights(
@@ -86,13 +87,13 @@ def _check_encoder(encoder: dict, arch: str, path: Path, prefix: str, backbone: 
     extra = [k for k in encoder if k not in reference]
     if absent or extra:
         what = f"lacks {prefix}{absent[0]}" if absent else f"has unexpected {prefix}{extra[0]}"
-        raise ExportError(
+        raise UserError(
             f"{path}: not a SoCo {arch} checkpoint this version can export ({what}; "
             f"{len(absent)} missing, {len(extra)} unexpected keys)"
         )
     for key, shape in reference.items():
         if encoder[key].shape != shape:
-            raise ExportError(
+            raise UserError(
                 f"{path}: {prefix}{key} has shape {tuple(encoder[key].shape)}, the detector's is {tuple(shape)} "
                 "(only the Mask R-CNN sizes export: model.head_dim=1024, model.roi_size=7)"
             )

@@ -69,7 +69,7 @@ def not_pretrained(arch: str) -> dict[str, list[str]]:
 
 
 def check_pair(backbone: str, arch: str) -> None:
-    """:class:`ExportError` (one line) for a pair Detectron2 has no model for."""
+    """:class:`UserError` (one line) for a pair Detectron2 has no model for."""
     if arch == "c4" and not backbone_info(backbone).bottleneck:
         raise unsupported("detectron2", backbone, arch, "Res5ROIHeads builds res5 from bottleneck blocks only")
 

@@ -63,7 +63,7 @@ def not_pretrained(arch: str) -> dict[str, list[str]]:
 
 
 def check_pair(backbone: str, arch: str) -> None:
-    """:class:`ExportError` (one line) for a pair MMDetection has no model for (module docstring)."""
+    """:class:`UserError` (one line) for a pair MMDetection has no model for (module docstring)."""
     info = backbone_info(backbone)
     if arch == "c4" and (info.groups > 1 or not info.bottleneck):
         raise unsupported(

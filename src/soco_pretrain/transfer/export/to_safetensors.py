@@ -19,9 +19,10 @@ import torch
 
 from ... import __version__
 from ...data.manifest import sidecar_path
+from ...errors import UserError
 from ...files import atomic_write_bytes, atomic_write_text
 from ...model.backbones import BACKBONES
-from .common import ExportError, Written
+from .common import Written
 from .to_torchvision import TorchvisionExporter, missing_keys
 
 FORMAT = "soco-pretrain"  # metadata "format": what wrote the file
@@ -157,7 +158,7 @@ def _encode(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     try:
         from safetensors.torch import save
     except ImportError:
-        raise ExportError("--to safetensors needs the safetensors package (pip install safetensors)") from None
+        raise UserError("--to safetensors needs the safetensors package (pip install safetensors)") from None
     return save(standalone(state), metadata=metadata)
 
 
