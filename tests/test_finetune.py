@@ -20,7 +20,7 @@ from conftest import small_photo
 from soco_pretrain.cli import main
 from soco_pretrain.config import PretrainConfig, to_dict
 from soco_pretrain.engine.checkpoint import load_checkpoint, save_checkpoint
-from soco_pretrain.errors import PathError
+from soco_pretrain.errors import PathError, UserError
 from soco_pretrain.model import SoCoModel
 from soco_pretrain.train.loop import save_config
 from soco_pretrain.transfer.coco import (
@@ -383,6 +383,21 @@ def test_boxes_only_data_trains_faster_rcnn_via_the_cli(data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Faster R-CNN" in printed and "at batch 2 (1 x 1 process(es) x 2 accumulation)" in printed
     assert metrics["per_device_batch"] == 1 and metrics["batch"] == 2
+
+
+def test_a_resume_with_another_recipe_is_refused_unless_accepted(data, tmp_path, capsys):
+    opts = dict({**TINY, "batch": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
+                max_iters=1, precise_bn=0)  # fmt: skip
+    out = tmp_path / "out"
+    finetune(None, *_run_args(data), out, **opts)
+    with pytest.raises(UserError, match=r"made with other settings \(weight_decay\)"):
+        finetune(None, *_run_args(data), out, **{**opts, "weight_decay": 1e-4})
+    # evaluation settings are free: a finished run with its metrics answers at once
+    capsys.readouterr()
+    finetune(None, *_run_args(data), out, **{**opts, "detections": 7})
+    assert "already finished (1 iterations)" in capsys.readouterr().out
+    finetune(None, *_run_args(data), out, accept_changes=True, **{**opts, "weight_decay": 1e-4})
+    assert "note: the settings differ from the checkpoint's in weight_decay" in capsys.readouterr().out
 
 
 def test_resume_continues_exactly(data, tmp_path, monkeypatch):

@@ -242,6 +242,20 @@ def test_resume_equals_an_uninterrupted_run(folders, tmp_path):
     assert second["skipped"]["count"] == 1  # remembered across the resume
 
 
+def test_a_resume_with_another_recipe_is_refused_unless_accepted(folders, tmp_path, capsys):
+    kwargs = dict(device="cpu", progress=False, **{**TINY, "image_size": 32})
+    out = tmp_path / "out"
+    linear_probe("none", folders / "train", folders / "val", out, max_steps=1, **kwargs)
+    with pytest.raises(UserError, match=r"made with other settings \(base_lr, momentum\)"):
+        linear_probe("none", folders / "train", folders / "val", out, **{**kwargs, "base_lr": 1.0, "momentum": 0.5})
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 1  # nothing trained on
+    summary = linear_probe(
+        "none", folders / "train", folders / "val", out, accept_changes=True, **{**kwargs, "base_lr": 1.0}
+    )
+    assert summary["step"] == summary["total_steps"] and summary["config"]["base_lr"] == 1.0
+    assert "note: the settings differ from the checkpoint's in base_lr" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- the command
 
 

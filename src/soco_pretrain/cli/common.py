@@ -242,19 +242,18 @@ def checked_coco_paths(args) -> tuple:
     return args.train_json, args.train_images, args.val_json, args.val_images, Path(args.out)
 
 
-def add_run_folder_flags(p, accept_changes: bool = True) -> None:
-    """--overwrite (and --accept-changes): what a training command may do to an existing run folder."""
+def add_run_folder_flags(p) -> None:
+    """--overwrite and --accept-changes: what a training command may do to an existing run folder."""
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="with --resume none: move a previous run in OUT aside to OUT.old-N (never deleted) and start over",
     )
-    if accept_changes:
-        p.add_argument(
-            "--accept-changes",
-            action="store_true",
-            help="resume although the settings or starting weights differ from the checkpoint's (named in a line)",
-        )
+    p.add_argument(
+        "--accept-changes",
+        action="store_true",
+        help="resume although the settings or starting weights differ from the checkpoint's (named in a line)",
+    )
 
 
 def check_resume(value: str) -> None:

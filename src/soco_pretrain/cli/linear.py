@@ -105,7 +105,7 @@ def add_linear(subparsers):
         help="auto: continue from OUT/checkpoints/last.pt if any (default); none: start over",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_run_folder_flags(p, accept_changes=False)  # a changed start is refused: use another --out
+    add_run_folder_flags(p)  # other weights or classes are refused whatever the flag: use another --out
     p.set_defaults(func=cmd_linear)
 
 
@@ -128,6 +128,7 @@ def cmd_linear(args) -> int:
         resume=args.resume,
         max_steps=args.max_steps,
         overwrite=args.overwrite,
+        accept_changes=args.accept_changes,
         device=args.device,
         progress=not args.no_progress,
     )

@@ -1,4 +1,7 @@
-"""Learning-rate and EMA-momentum schedules, evaluated per optimiser step.
+"""Every schedule of the project, evaluated per optimiser step: the learning rates of
+pretraining and the linear probe (warm-up + cosine, :func:`lr_at`), of the fine-tune and the
+linear probe's "steps" option (warm-up + drops, :func:`warmup_multistep`), the linear scaling
+rule (:func:`scaled_lr`) and the EMA momentum (:func:`tau_at`).
 
 ``step`` counts optimiser steps already taken (0 for the first update); the training loop sets
 the learning rate from :func:`lr_at` before each update and the EMA momentum from
@@ -15,9 +18,10 @@ import math
 REFERENCE_BATCH = 256
 
 
-def scaled_lr(base_lr: float, batch: int) -> float:
-    """``base_lr * batch / 256`` (paper 4.1: base lr 1.0, total batch 2048 -> lr 8.0)."""
-    return base_lr * batch / REFERENCE_BATCH
+def scaled_lr(base_lr: float, batch: int, reference: int = REFERENCE_BATCH) -> float:
+    """``base_lr * batch / reference`` (paper 4.1: base lr 1.0, total batch 2048 -> lr 8.0 with the
+    reference 256; the fine-tune's reference is Detectron2's batch 16, paper 4.2)."""
+    return base_lr * batch / reference
 
 
 def lr_at(
@@ -49,6 +53,19 @@ def lr_at(
         return peak_lr
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_multistep(
+    step: int, milestones: tuple[int, ...], gamma: float, warmup_steps: int, warmup_factor: float, peak_lr: float
+) -> float:
+    """Detectron2's WarmupMultiStepLR at 0-based ``step``: ``peak_lr`` times ``gamma`` per
+    milestone passed (``step >= milestone``), times a linear warm-up factor from ``warmup_factor``
+    at step 0 to 1 at ``warmup_steps``."""
+    factor = gamma ** sum(step >= m for m in milestones)
+    if step < warmup_steps:
+        alpha = step / warmup_steps
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return peak_lr * factor
 
 
 EMA_SCHEDULES = ("cosine", "constant")

@@ -22,6 +22,7 @@ import math
 import numpy as np
 import torch
 
+from ..engine.precise_bn import averaged_statistics, batch_norms
 from .knn import CheckedImages
 
 # ImageNet mean (data.augment's normalisation) as uint8: the fill is zero once normalised.
@@ -171,24 +172,16 @@ class CropEmbedder:
     @torch.no_grad()
     def precise_bn(self, encoders, crops: CropSet, features: tuple[str, ...], limit: int) -> None:
         """Every BatchNorm's running statistics = the average of its batch statistics over the crops."""
-        from torch import nn
-
-        bns = [m for enc in encoders for m in enc.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        momenta = [m.momentum for m in bns]
         try:
-            for m in bns:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average
-            for enc in encoders:
-                enc.train()
-            for x in self._chunks(crops, limit):
-                if len(x) < 2:  # a BatchNorm cannot take statistics of one sample
-                    continue
+            with averaged_statistics(batch_norms(encoders)):
                 for enc in encoders:
-                    _forward_crops(enc, x, features, self.bounds)
+                    enc.train()
+                for x in self._chunks(crops, limit):
+                    if len(x) < 2:  # a BatchNorm cannot take statistics of one sample
+                        continue
+                    for enc in encoders:
+                        _forward_crops(enc, x, features, self.bounds)
         finally:
-            for m, momentum in zip(bns, momenta):
-                m.momentum = momentum
             for enc in encoders:
                 enc.eval()
 

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..config import AugmentConfig, KnnOptions, ModelConfig
+from ..engine.precise_bn import averaged_statistics, batch_norms
 from ..errors import UserError
 from .readout import (
     centre_normalise,
@@ -322,21 +323,17 @@ class Embedder:
     @torch.no_grad()
     def precise_bn(self, encoders: list[nn.Module], objects: ObjectSet, limit: int) -> None:
         """Running statistics of every BatchNorm = the average of batch statistics over ``objects``."""
-        bns = [m for enc in encoders for m in enc.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        momenta = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-        for enc in encoders:
-            enc.train()
-        for items in self._iterate(objects, "kNN: BatchNorm statistics", limit):
-            inputs = _view_inputs(items, objects, self.size, self.bounds, self.device)
+        try:
+            with averaged_statistics(batch_norms(encoders)):
+                for enc in encoders:
+                    enc.train()
+                for items in self._iterate(objects, "kNN: BatchNorm statistics", limit):
+                    inputs = _view_inputs(items, objects, self.size, self.bounds, self.device)
+                    for enc in encoders:
+                        _objects_forward(enc, *inputs)
+        finally:
             for enc in encoders:
-                _objects_forward(enc, *inputs)
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-        for enc in encoders:
-            enc.eval()
+                enc.eval()
 
     @torch.no_grad()
     def embed(self, encoders: list[nn.Module], objects: ObjectSet, desc: str):

@@ -41,7 +41,6 @@ grad scaler, RNG; the data stream is a function of the seed and the iteration), 
 
 from __future__ import annotations
 
-import bisect
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,7 +51,9 @@ from torch import nn
 
 from ..config import FinetuneOptions  # the options live with every command's config
 from ..engine.loader import build_loader
+from ..engine.precise_bn import averaged_statistics, batch_norms
 from ..engine.run import run
+from ..engine.schedule import scaled_lr, warmup_multistep
 from ..engine.skips import SkipLog
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
 from ..errors import UserError
@@ -72,7 +73,7 @@ from .coco_eval import coco_evaluate, format_metrics, to_coco_results
 from .detector import build_detector, detector_backbone, eval_sizes, load_weights
 
 SCHEDULES = {"1x": 90_000, "2x": 180_000}  # iterations at batch 16 (Detectron2)
-REFERENCE_BATCH = 16  # paper 4.2: batch 16, lr 0.02
+DETECTRON2_BATCH = 16  # the fine-tune's reference batch (paper 4.2: batch 16, lr 0.02)
 METRICS_FILE = "metrics.json"
 
 
@@ -92,7 +93,7 @@ def make_plan(opts: FinetuneOptions) -> Plan:
     """1x/2x (or max_iters), lr drops, warm-up and lr for ``opts.batch`` (see module docstring)."""
     if opts.batch < 1:
         raise UserError(f"batch must be >= 1, got {opts.batch}")
-    scale = REFERENCE_BATCH / opts.batch
+    scale = DETECTRON2_BATCH / opts.batch
     if opts.max_iters is not None:
         if opts.max_iters < 1:
             raise UserError(f"max_iters must be >= 1, got {opts.max_iters}")
@@ -103,17 +104,13 @@ def make_plan(opts: FinetuneOptions) -> Plan:
         total = max(1, round(SCHEDULES[opts.schedule] * scale))
     steps = (round(total * 2 / 3), round(total * 8 / 9))  # paper 4.2; 1x: 60000, 80000
     warmup = min(round(opts.warmup_iters * scale), steps[0])
-    lr = opts.lr if opts.lr is not None else 0.02 * opts.batch / REFERENCE_BATCH
+    lr = opts.lr if opts.lr is not None else scaled_lr(0.02, opts.batch, reference=DETECTRON2_BATCH)
     return Plan(total, steps, max(0, warmup), lr, opts.warmup_factor, opts.gamma)
 
 
 def lr_at(iteration: int, plan: Plan) -> float:
     """Detectron2's WarmupMultiStepLR at 0-based ``iteration`` (the lr of that update)."""
-    factor = plan.gamma ** bisect.bisect_right(plan.steps, iteration)
-    if iteration < plan.warmup_iters:
-        alpha = iteration / plan.warmup_iters
-        factor *= plan.warmup_factor * (1 - alpha) + alpha
-    return plan.lr * factor
+    return warmup_multistep(iteration, plan.steps, plan.gamma, plan.warmup_iters, plan.warmup_factor, plan.lr)
 
 
 def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float) -> list[dict]:
@@ -232,22 +229,15 @@ def evaluate(
 def precise_bn(model: nn.Module, batches, num_iters: int, device: torch.device, precision: str) -> None:
     """Re-estimate BatchNorm running statistics as the mean over ``num_iters`` training batches
     (Detectron2's PreciseBN / fvcore update_bn_stats), model in training mode, no gradients."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    bns = batch_norms([model], training_only=True)
     if not bns or num_iters < 1:
         return
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average of the batches' statistics
-    try:
+    with averaged_statistics(bns):
         for _ in range(num_iters):
             images, targets = _to_device([i for i in next(batches) if i["image"] is not None], device, True)
             if images:
                 with autocast(device, precision):
                     model(images, targets)
-    finally:
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
 
 
 # ---------------------------------------------------------------- the job, the step, the hooks

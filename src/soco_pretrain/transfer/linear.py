@@ -57,6 +57,8 @@ from torch import nn
 from ..config import LinearConfig  # the options live with every command's config
 from ..engine.loader import build_loader
 from ..engine.run import run
+from ..engine.schedule import lr_at as warmup_cosine
+from ..engine.schedule import scaled_lr, warmup_multistep
 from ..engine.skips import SkipLog
 from ..engine.trainer import Hook, StepOutput, Trainer, set_lr
 from ..errors import UserError
@@ -187,18 +189,12 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: LinearConfig) 
     "cosine": half a cosine to ``final_lr`` at ``total_steps`` (released code); "steps": the peak,
     x0.1 from 60 % and again from 80 % of ``total_steps`` (MoCo). peak = base_lr x batch / 256.
     """
-    from ..engine.schedule import lr_at as warmup_cosine
-    from ..engine.schedule import scaled_lr
-
     peak = scaled_lr(cfg.base_lr, cfg.batch_size)
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total_steps)
     if cfg.schedule == "cosine":
         return warmup_cosine(step, total_steps, warmup, peak, cfg.warmup_start_factor, cfg.final_lr)
-    if step < warmup:
-        start = cfg.warmup_start_factor * peak
-        return start + (peak - start) * step / warmup
-    drops = sum(step >= round(m * total_steps) for m in STEP_MILESTONES)
-    return peak * 0.1**drops
+    milestones = tuple(round(m * total_steps) for m in STEP_MILESTONES)
+    return warmup_multistep(step, milestones, 0.1, warmup, cfg.warmup_start_factor, peak)
 
 
 # ---------------------------------------------------------------- data
