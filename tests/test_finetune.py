@@ -753,7 +753,7 @@ def test_accumulation_equals_the_whole_batch_and_resumes_exactly(data, tmp_path,
 def test_per_device_batch_must_divide_and_auto_follows_the_memory(data, tmp_path, monkeypatch, capsys):
     import soco_pretrain.transfer.finetune as ft
     from soco_pretrain.errors import UserError
-    from soco_pretrain.train import memory
+    from soco_pretrain.transfer import detector_memory as memory
     from soco_pretrain.transfer.finetune import resolve_per_device_batch
 
     with pytest.raises(UserError, match="does not divide"):

@@ -113,16 +113,3 @@ def auto_per_device_batch(
             return b
     return 1
 
-
-# Temporary re-export: fine-tune's memory model moved to transfer/detector_memory.py. Kept until
-# transfer/finetune.py imports it from there (``from . import detector_memory as memory``); then
-# delete these lines, which make train/ import transfer/ for nothing of its own.
-from ..transfer.detector_memory import (  # noqa: E402, F401
-    FINETUNE_CUDA_EXTRA_GIB,
-    FINETUNE_HEADROOM,
-    FINETUNE_MEMORY,
-    auto_finetune_batch,
-    cpu_available_gib,
-    finetune_estimate_gib,
-    finetune_peak_gib,
-)

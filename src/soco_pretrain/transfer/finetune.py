@@ -288,7 +288,7 @@ def resolve_per_device_batch(opts: FinetuneOptions, world: int, device: torch.de
     memory fits the device: train/memory.py) and, for auto, a line saying what was chosen."""
     import os
 
-    from ..train import memory
+    from . import detector_memory as memory
 
     per_process = opts.batch // world
     if opts.per_device_batch:
