@@ -47,7 +47,7 @@ smoke)
     MONITOR=(--set monitor.json="$TRAIN_JSON" --set monitor.images="$LABELLED_IMAGES" --set monitor.every=1
              --set monitor.objects=crop)
     SUPERVISED=(--arch resnet18 --size 64 --steps 2 --batch 2)
-    FT_SET=(--batch 1 --train-sizes 128 --max-size 160 --roi-batch 32 --test-proposals 50 --detections 10
+    FT_SET=(--batch-size 1 --train-sizes 128 --max-size 160 --roi-batch 32 --test-proposals 50 --detections 10
             --precise-bn 0 --workers 0)
     KNN_SET=(--objects crop --size 64 --workers 0 --set backbone=resnet18)
     ;;
@@ -61,7 +61,7 @@ cpu)
              --set monitor.objects=crop --set monitor.min_instances=15)
     # The positive control: the pretraining's budget (1,024 steps of 32) with labels.
     SUPERVISED=(--arch resnet18 --size 64 --steps "${SUPERVISED_STEPS:-1024}" --batch 32 --min-instances 30)
-    FT_SET=(--batch 2 --train-sizes 288 --max-size 480 --roi-batch 128 --workers 1)
+    FT_SET=(--batch-size 2 --train-sizes 288 --max-size 480 --roi-batch 128 --workers 1)
     # 64 px crops (the views' size), the classes with >= 30 train objects (11 on coco_pool).
     KNN_SET=(--objects crop --size 64 --min-instances 30 --workers 1 --set backbone=resnet18)
     ;;
@@ -76,7 +76,7 @@ gpu)
                   --set train.base_lr="${BASE_LR:-8.0}" --set train.checkpoint_every=1000000
                   --set train.workers="${WORKERS:-14}" --set data.views.no_proposals=whole_image)
     # Short fine-tunes at reduced sizes (bf16): the same budget for every init.
-    FT_SET=(--batch 8 --train-sizes 512-640 --max-size 1066 --test-size 640 --precision bf16 --precise-bn 50
+    FT_SET=(--batch-size 8 --train-sizes 512-640 --max-size 1066 --test-size 640 --precision bf16 --precise-bn 50
             --workers "${WORKERS:-14}")
     KNN_SET=(--workers "${WORKERS:-14}")
     ;;

@@ -51,7 +51,7 @@ from soco_pretrain.weights import WeightsError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PAIRS = [(n, a) for n in BACKBONES for a in ("fpn", "c4") if a == "fpn" or n not in ("resnet18", "resnet34")]
+PAIRS = [(n, a) for n in BACKBONES for a in ("fpn", "c4") if a == "fpn" or BACKBONES[n].bottleneck]
 QUICK_TRAIN = {("resnet18", "fpn"), ("resnext50_32x4d", "c4")}  # basic blocks; grouped bottlenecks
 # torchvision Mask R-CNN v2 modules SoCo does not pretrain (the detector initialises them)
 DETECTOR_ONLY = ("rpn.", "roi_heads.box_predictor.", "roi_heads.mask_head.", "roi_heads.mask_predictor.")
@@ -346,3 +346,23 @@ def test_a_fine_tune_resumes_only_with_its_own_backbone(tmp_path):
     job = SimpleNamespace(device=torch.device("cpu"), backbone="resnet50")
     with pytest.raises(UserError, match="a fine-tune of a resnet18 detector, this run builds resnet50"):
         check_same_detector(checkpoint, path, job)
+
+
+def test_the_config_lists_of_backbones_are_the_table():
+    """config.py imports no torch, so it writes the names out; they must be BACKBONES' (the one
+    table), in its order, and every option naming a backbone must offer exactly them."""
+    from typing import get_args
+
+    from soco_pretrain.config import (
+        BASIC_BLOCK_BACKBONES,
+        BackboneName,
+        FinetuneOptions,
+        KnnOptions,
+        field_types,
+        literal_choices,
+    )
+
+    assert get_args(BackboneName) == tuple(BACKBONES)
+    assert set(BASIC_BLOCK_BACKBONES) == {name for name, b in BACKBONES.items() if not b.bottleneck}
+    for cls in (ModelConfig, FinetuneOptions, KnnOptions):
+        assert literal_choices(field_types(cls)["backbone"]) == tuple(BACKBONES), cls.__name__

@@ -403,8 +403,9 @@ BAD_SETS = [
     ("pretrain", "train.optimizer=sdg", "--set train.optimizer=sdg: expected one of lars, sgd"),
     ("pretrain", "train.optimiser=sgd", "unknown key 'train.optimiser'; did you mean 'train.optimizer'?"),
     ("pretrain", "train.warmup_steps=-1", "--set train.warmup_steps=-1: must be at least 0"),
-    ("finetune", "batch=two", "--set batch=two: expected int, got a string"),
-    ("finetune", "bach=2", "unknown key 'bach'; did you mean 'batch'?"),
+    ("finetune", "batch_size=two", "--set batch_size=two: expected int, got a string"),
+    ("finetune", "bach_size=2", "unknown key 'bach_size'; did you mean 'batch_size'?"),
+    ("finetune", "batch=2", "unknown key 'batch': renamed 'batch_size'"),
     ("finetune", "schedule=3x", "--set schedule=3x: expected one of 1x, 2x"),
     ("finetune", "fraction=1.5", "--set fraction=1.5: must be in (0, 1]"),
     ("linear", "epochs=[1]", "--set epochs=[1]: expected int, got a list of 1"),
@@ -451,7 +452,7 @@ def test_bad_config_file_is_a_one_line_error_naming_the_file(command, text, word
 @pytest.mark.parametrize(
     "command, argv, words",
     [
-        ("finetune", ["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+        ("finetune", ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
         ("finetune", ["--fraction", "2"], "argument --fraction: must be in (0, 1], got 2"),
         ("knn", ["--size", "16"], "argument --size: must be at least 32, got 16"),
         ("linear", ["--lr", "x"], "argument --lr: not a number: 'x'"),
@@ -542,6 +543,10 @@ def test_every_writing_command_takes_o_and_out(command, spelling, option_inputs)
         (["finetune", "--min-size", "320"], "--min-size", "--train-sizes"),
         (["compare", "--min-size=320"], "--min-size", "--train-sizes"),
         (["linear", "--max-iters", "5"], "--max-iters", "--max-steps"),
+        (["finetune", "--batch", "4"], "--batch", "--batch-size"),
+        (["compare", "--batch", "4"], "--batch", "--batch-size"),
+        (["linear", "--batch", "32"], "--batch", "--batch-size"),
+        (["knn", "--batch=8"], "--batch", "--batch-size"),
         (["export", "run", "--weights", "target"], "--weights", "--soco-weights"),
     ],
 )
@@ -564,7 +569,7 @@ def test_renamed_flags_set_what_the_old_ones_did(option_inputs):
 
 def test_layers_preset_file_flag_set(option_inputs, tmp_path):
     path = tmp_path / "ft.yaml"
-    path.write_text("batch: 4\nmax_size: 600\nweight_decay: 1e-5\n")
+    path.write_text("batch_size: 4\nmax_size: 600\nweight_decay: 1e-5\n")
     argv = [
         *option_inputs["finetune"],
         "--preset",
@@ -578,9 +583,9 @@ def test_layers_preset_file_flag_set(option_inputs, tmp_path):
         "--no-progress",
     ]
     options, sources = _resolved("finetune", argv)
-    assert (options.batch, options.max_size, options.weight_decay, options.progress) == (4, 800, 1e-5, False)
+    assert (options.batch_size, options.max_size, options.weight_decay, options.progress) == (4, 800, 1e-5, False)
     assert options.train_sizes == (320,) and options.roi_batch == 128  # from the cpu preset
-    assert (sources["batch"], sources["max_size"], sources["train_sizes"], sources["progress"]) == (
+    assert (sources["batch_size"], sources["max_size"], sources["train_sizes"], sources["progress"]) == (
         f"file {path}",
         "--set",
         "preset cpu",
@@ -636,3 +641,42 @@ def yaml_dump(data) -> str:
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False)
+
+
+# ---------------------------------------------------------------- one meaning of --lr, --base-lr, --batch-size
+
+
+@pytest.mark.parametrize(
+    "command, flags, peak",
+    [
+        # --lr: the peak rate the optimiser gets, whatever the batch
+        ("finetune", ["--lr", "0.05"], 0.05),
+        ("finetune", ["--lr", "0.05", "--batch-size", "4"], 0.05),
+        ("linear", ["--lr", "3.75", "--batch-size", "32"], 3.75),
+        ("linear", ["--preset", "cpu", "--lr", "1"], 1.0),  # the preset's batch 32
+        # --base-lr: the rate at the reference batch (16 fine-tuning, 256 the probe), scaled
+        ("finetune", ["--base-lr", "0.04", "--batch-size", "8"], 0.02),
+        ("finetune", ["--batch-size", "32"], 0.04),  # the default: 0.02 at batch 16
+        ("linear", ["--base-lr", "30", "--batch-size", "32"], 3.75),
+        ("linear", [], 30.0),  # the default: 30 at batch 256
+    ],
+)
+def test_lr_is_the_peak_and_base_lr_the_rate_at_the_reference_batch(command, flags, peak, option_inputs):
+    from soco_pretrain.engine.schedule import scaled_lr
+
+    options, _ = _resolved(command, [*option_inputs[command], *flags])
+    if command == "finetune":
+        from soco_pretrain.transfer.finetune import make_plan
+
+        got = make_plan(options).lr
+    else:
+        got = scaled_lr(options.base_lr, options.batch_size)  # what transfer/linear.py trains with
+    assert got == pytest.approx(peak)
+
+
+@pytest.mark.parametrize("command", ["finetune", "linear"])
+def test_lr_and_base_lr_together_are_refused(command, option_inputs):
+    from soco_pretrain.errors import UserError
+
+    with pytest.raises(UserError, match="give --(base-)?lr or --(base-)?lr, not both"):
+        _resolved(command, [*option_inputs[command], "--lr", "0.1", "--base-lr", "0.1"])

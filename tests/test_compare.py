@@ -28,6 +28,7 @@ from soco_pretrain.evaluate.compare import (
     load_result,
     parse_init,
     prepare_out,
+    read_spec,
     run_compare,
     run_devices,
     shard_arms,
@@ -351,13 +352,14 @@ def test_a_different_spec_in_the_same_out_is_refused(data, fake_runner, capsys):
 # soco finetune's options that change a fine-tune's result (each with a value other than the
 # comparison's), and the settings that only change how an arm runs
 RESULT_OPTIONS = {
-    "--soco-weights": ["target"], "--schedule": ["2x"], "--max-iters": ["5"], "--batch": ["8"], "--lr": ["0.01"],
+    "--soco-weights": ["target"], "--schedule": ["2x"], "--max-iters": ["5"], "--batch-size": ["8"], "--lr": ["0.01"],
     "--train-sizes": ["64"], "--max-size": ["200"], "--test-size": ["64"], "--roi-batch": ["32"],
     "--test-proposals": ["10"], "--detections": ["5"], "--boxes-only": [], "--precise-bn": ["3"],
-    "--precision": ["bf16"], "--set": ["weight_decay=1e-4"], "--preset": ["cpu"],
+    "--precision": ["bf16"], "--set": ["weight_decay=1e-4"], "--preset": ["cpu"], "--base-lr": ["0.04"],
 }  # fmt: skip
 RUN_SETTINGS = {
     "--workers": ["1"], "--log-every": ["2"], "--checkpoint-every": ["3"], "--no-progress": [], "--device": ["cpu"],
+    "--per-device-batch": ["1"],
 }  # fmt: skip
 
 
@@ -385,6 +387,8 @@ def test_a_changed_recipe_option_is_refused_and_a_changed_run_setting_reaches_th
         key = values[0].split("=")[0] if flag == "--set" else flag[2:].replace("-", "_")
         if flag == "--preset":
             key = "options."  # a preset changes several options
+        if flag == "--base-lr":
+            key = "options.lr"  # the peak rate it sets
         assert status == 2 and "another --out" in err and key in err, (flag, err)
         assert len(seen) == 1 and (out / "compare.json").read_text() == recorded, flag  # nothing ran
     arm = out / "arms" / "random_init" / "f1" / "s0" / "metrics.json"
@@ -393,7 +397,8 @@ def test_a_changed_recipe_option_is_refused_and_a_changed_run_setting_reaches_th
         status, _, err = call([*base, flag, *values], capsys)
         assert status == 0, (flag, err)
         field = {"--no-progress": "progress"}.get(flag, flag[2:].replace("-", "_"))
-        expected = False if flag == "--no-progress" else type(getattr(seen[0], field) or "")(values[0])
+        before = getattr(seen[0], field)
+        expected = False if flag == "--no-progress" else (str if before is None else type(before))(values[0])
         assert getattr(seen[-1], field) == expected and getattr(seen[0], field) != expected, flag
     assert len(seen) == 1 + len(RUN_SETTINGS) and (out / "compare.json").read_text() == recorded
 
@@ -474,6 +479,20 @@ def test_prepare_out_writes_once_then_compares(tmp_path):
     prepare_out(spec_of([parse_init("none")]), tmp_path)  # the same: fine
     with pytest.raises(UserError, match=r"seeds 3 -> 4"):
         prepare_out(spec_of([parse_init("none")], seeds=4), tmp_path)
+
+
+def test_a_spec_recorded_with_a_renamed_option_is_read_and_rewritten(tmp_path, capsys):
+    spec = spec_of([parse_init("none")], options={"max_iters": 4, "batch_size": 2})
+    path = prepare_out(spec, tmp_path)
+    old = json.loads(path.read_text())
+    old["options"] = {"max_iters": 4, "batch": 2}  # what an older version wrote
+    path.write_text(json.dumps(old))
+    assert read_spec(tmp_path).options == {"max_iters": 4, "batch_size": 2}
+    prepare_out(spec, tmp_path)  # the same comparison: accepted, and the file says batch_size now
+    assert json.loads(path.read_text())["options"] == {"max_iters": 4, "batch_size": 2}
+    assert "rewritten (batch -> batch_size)" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"options.batch_size 2 -> 4"):
+        prepare_out(spec_of([parse_init("none")], options={"max_iters": 4, "batch_size": 4}), tmp_path)
 
 
 def test_a_diverged_arm_is_reported_and_the_others_still_run(data, tmp_path):
@@ -932,26 +951,19 @@ SAME_AS_THE_COMMAND = [
     ("finetune", []),
     (
         "finetune",
-        ["--preset", "cpu", "--max-iters", "7", "--lr", "0.05", "--batch", "4", "--train-sizes", "64,96",
+        ["--preset", "cpu", "--max-iters", "7", "--lr", "0.05", "--batch-size", "4", "--train-sizes", "64,96",
          "--max-size", "160", "--test-size", "96", "--roi-batch", "64", "--test-proposals", "50",
          "--detections", "20", "--precise-bn", "0", "--precision", "bf16", "--soco-weights", "target",
          "--boxes-only", "--workers", "1", "--log-every", "3", "--checkpoint-every", "9", "--no-progress",
          "--device", "cpu", "--set", "momentum=0.8", "--set", "warmup_iters=2"],
     ),
-    pytest.param(
-        "finetune",
-        ["--batch", "4", "--per-device-batch", "2"],
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="soco compare parses --per-device-batch but never passes it to the arms (cli/compare.py "
-            "_runtime); drop this mark once it does",
-        ),
-    ),
+    ("finetune", ["--batch-size", "4", "--per-device-batch", "2"]),
+    ("finetune", ["--base-lr", "0.04", "--batch-size", "8"]),
     ("knn", []),
     (
         "knn",
         ["--k", "7", "--temperature", "0.2", "--size", "96", "--objects", "crop", "--context", "1.5",
-         "--bn", "running", "--batch", "3", "--soco-weights", "target", "--workers", "1", "--no-progress",
+         "--bn", "running", "--batch-size", "3", "--soco-weights", "target", "--workers", "1", "--no-progress",
          "--device", "cpu", "--set", "centre=false"],
     ),
 ]  # fmt: skip
@@ -1007,3 +1019,22 @@ def test_preset_config_and_set_feed_the_recorded_recipe(data, tmp_path):
     args = cli.build_parser().parse_args([*base, "--metric", "knn", "--k", "7", "--set", "temperature=0.2"])
     options = cli._compare_spec(args, {}).options
     assert options["k"] == 7 and options["temperature"] == 0.2
+
+
+def test_the_recorded_recipe_and_the_run_settings_are_the_options_kinds():
+    """What a comparison records (the recipe) and what it only passes to every arm (run settings),
+    as generated from the options' field metadata, written out here."""
+    from soco_pretrain.cli import build_parser
+    from soco_pretrain.cli.compare import FINETUNE_RECIPE_DEFAULTS, KNN_DEFAULTS, _runtime
+
+    assert set(FINETUNE_RECIPE_DEFAULTS) == {
+        "soco_weights", "schedule", "max_iters", "batch_size", "lr", "train_sizes", "max_size", "test_size",
+        "roi_batch", "test_proposals", "detections", "boxes_only", "precise_bn", "precision",
+    }  # fmt: skip
+    assert set(KNN_DEFAULTS) == {
+        "k", "temperature", "size", "min_box", "objects", "features", "context", "min_instances", "bn", "batch",
+        "soco_weights",
+    }  # fmt: skip
+    runtime = _runtime(build_parser().parse_args(["compare", "--out", "x", "--no-progress", "--per-device-batch", "2"]))
+    assert set(runtime) == {"workers", "per_device_batch", "device", "log_every", "checkpoint_every", "progress"}
+    assert (runtime["progress"], runtime["per_device_batch"], runtime["log_every"]) == (False, 2, 20)

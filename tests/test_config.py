@@ -118,14 +118,24 @@ def test_invalid_choice_lists_the_choices():
     message = _one_line_error(lambda: apply_overrides(PretrainConfig(), ["model.arch=dc5"]))
     assert message == "--set model.arch=dc5: expected one of fpn, c4"
     for item, choices in [
-        ("train.compile=maybe", "auto, true, false"),
+        ("train.compile=maybe", "true, false or null (auto)"),
         ("train.precision=fp8", "auto, bf16"),
         ("data.views.pad=zeros", "mask, repeat"),
         ("data.augment.device=tpu", "auto, cpu, gpu"),
         ("data.views.proposal_source=gt", "selective_search, whole_image, random, coco"),
     ]:
         assert choices in _one_line_error(lambda item=item: apply_overrides(PretrainConfig(), [item]))
-    assert apply_overrides(PretrainConfig(), ["train.compile=false"]).train.compile == "false"  # YAML bool -> choice
+
+
+def test_compile_and_cudnn_benchmark_are_true_false_or_auto():
+    # YAML true/false/null, and "auto" (and the strings older config files hold) read as null/bools
+    for text, value in [("false", False), ("true", True), ("null", None), ("auto", None), ("AUTO", None)]:
+        cfg = apply_overrides(PretrainConfig(), [f"train.compile={text}", f"train.cudnn_benchmark={text}"])
+        assert cfg.train.compile is value and cfg.train.cudnn_benchmark is value
+    old = from_dict(PretrainConfig, {"train": {"compile": "true", "cudnn_benchmark": "auto"}})
+    assert old.train.compile is True and old.train.cudnn_benchmark is None
+    assert TrainConfig(compile="false").compile is False  # the Python API too
+    assert to_dict(PretrainConfig())["train"]["compile"] is None  # written as YAML null
 
 
 def test_unknown_key_suggests_the_close_one():
@@ -239,3 +249,78 @@ def test_search_config_round_trip_and_overrides():
     assert SearchConfig.from_dict(paper.to_dict()) == paper
     assert apply_overrides(paper, ["min_box_side=16", "ratio=[0.5, 2]"]).ratio == (0.5, 2.0)
     assert "min_size" in _one_line_error(lambda: SearchConfig.from_dict({"scale": 1, "sigma": 0.9}))
+
+
+# ---------------------------------------------------------------- field metadata: one option vocabulary
+
+# What a resumed run may change, as each command's resume policy has always had it (written out
+# here, independently of the field metadata the code generates it from).
+FINETUNE_RESUME_FREE = ("workers", "per_device_batch", "device", "log_every", "checkpoint_every", "progress",
+                        "precision", "eval_every", "eval_only", "resume", "test_size", "test_proposals", "detections",
+                        "precise_bn")  # fmt: skip
+LINEAR_RESUME_FREE = ("workers", "eval_every")
+PRETRAIN_RESUME_FREE = ("version", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                        "train.workers", "train.dist_timeout_s", "train.compile", "train.per_device_batch",
+                        "train.channels_last", "train.precision", "train.cudnn_benchmark", "train.tf32",
+                        "train.prefetch", "data.augment.device", "data.decode", "model.roi_pool",
+                        "monitor.")  # fmt: skip
+
+
+def test_the_resume_policies_are_generated_from_the_field_metadata():
+    from soco_pretrain.train import loop
+    from soco_pretrain.transfer import finetune, linear
+
+    for generated, expected in [
+        (finetune.RESUME_FREE, FINETUNE_RESUME_FREE),
+        (linear.RESUME_FREE, LINEAR_RESUME_FREE),
+        (loop.RESUME_FREE, PRETRAIN_RESUME_FREE),
+    ]:
+        assert isinstance(generated, tuple) and len(set(generated)) == len(generated)
+        assert set(generated) == set(expected)
+
+
+def test_every_option_with_a_flag_has_help_and_one_flag_name():
+    from dataclasses import fields
+
+    from soco_pretrain.config import flag_name, option_meta
+
+    for cls in (FinetuneOptions, LinearConfig, KnnOptions, SearchConfig):
+        flags = []
+        for f in fields(cls):
+            meta = option_meta(f)
+            assert meta["help"], f"{cls.__name__}.{f.name} has no help text"
+            assert meta["kind"] in ("recipe", "run"), f"{cls.__name__}.{f.name}"
+            if flag_name(f):
+                flags.append(flag_name(f))
+        assert len(flags) == len(set(flags)), cls.__name__
+    # a flag is --field-name unless the metadata names another spelling
+    names = {f.name: flag_name(f) for f in fields(KnnOptions)}
+    assert (names["min_box"], names["train_fraction"], names["batch"]) == ("--min-box", "--fraction", "--batch-size")
+    assert names["progress"] == "--no-progress" and names["precise_images"] is None
+
+
+def test_recipe_and_run_options_split_by_kind():
+    from soco_pretrain.config import option_names
+
+    assert set(option_names(FinetuneOptions, "run")) == {
+        "workers", "log_every", "checkpoint_every", "eval_every", "eval_only", "resume", "device", "progress",
+        "per_device_batch",
+    }  # fmt: skip
+    assert set(option_names(KnnOptions, "run")) == {"allow_leak", "workers", "device", "progress"}
+    assert {"batch_size", "lr", "schedule", "train_sizes", "weight_decay"} <= set(
+        option_names(FinetuneOptions, "recipe")
+    )
+
+
+def test_the_monitor_probe_has_soco_knns_defaults():
+    # the monitor's kNN settings of the same name as soco knn's default to the same values
+    monitor, knn = MonitorConfig(), KnnOptions()
+    assert (monitor.k, monitor.temperature, monitor.min_box, monitor.batch) == (20, 0.07, 32.0, 16)
+    for name in ("k", "temperature", "min_box", "batch", "objects", "features", "context", "min_instances"):
+        assert getattr(monitor, name) == getattr(knn, name), name
+
+
+def test_one_name_for_the_batch_and_a_renamed_key_says_the_new_one():
+    assert FinetuneOptions().batch_size == LinearConfig().batch_size // 16 == 16
+    message = _one_line_error(lambda: from_dict(FinetuneOptions, {"batch": 4}, where="old.yaml: "))
+    assert message == "old.yaml: unknown key 'batch': renamed 'batch_size'"

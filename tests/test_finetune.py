@@ -39,7 +39,7 @@ from soco_pretrain.transfer.shapes import make_shapes_set
 
 # Tiny detector settings shared by the runs (see module docstring).
 TINY = {
-    "batch": 2,
+    "batch_size": 2,
     "train_sizes": (128,),
     "max_size": 160,
     "roi_batch": 32,
@@ -208,9 +208,9 @@ def test_lr_schedule_follows_the_paper_recipe():
     assert lr_at(1000, plan) == pytest.approx(0.02) and lr_at(59_999, plan) == pytest.approx(0.02)
     assert lr_at(60_000, plan) == pytest.approx(0.002) and lr_at(79_999, plan) == pytest.approx(0.002)
     assert lr_at(80_000, plan) == pytest.approx(0.0002) and lr_at(89_999, plan) == pytest.approx(0.0002)
-    plan = make_plan(FinetuneOptions(schedule="2x", batch=8))  # iterations scale by 16 / batch
+    plan = make_plan(FinetuneOptions(schedule="2x", batch_size=8))  # iterations scale by 16 / batch
     assert (plan.max_iters, plan.steps, plan.warmup_iters, plan.lr) == (360_000, (240_000, 320_000), 2000, 0.01)
-    plan = make_plan(FinetuneOptions(max_iters=90, batch=2))  # short run: warm-up ends at the first drop
+    plan = make_plan(FinetuneOptions(max_iters=90, batch_size=2))  # short run: warm-up ends at the first drop
     assert (plan.max_iters, plan.steps, plan.warmup_iters, plan.lr) == (90, (60, 80), 60, 0.0025)
     assert lr_at(60, plan) == pytest.approx(0.00025)
 
@@ -353,7 +353,7 @@ def test_boxes_only_data_trains_faster_rcnn_via_the_cli(data, tmp_path, capsys):
             str(out),
             "--max-iters",
             "1",
-            "--batch",
+            "--batch-size",
             "2",
             "--per-device-batch",  # two passes of one image (gradient accumulation) in the real detector
             "1",
@@ -386,7 +386,7 @@ def test_boxes_only_data_trains_faster_rcnn_via_the_cli(data, tmp_path, capsys):
 
 
 def test_a_resume_with_another_recipe_is_refused_unless_accepted(data, tmp_path, capsys):
-    opts = dict({**TINY, "batch": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
+    opts = dict({**TINY, "batch_size": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
                 max_iters=1, precise_bn=0)  # fmt: skip
     out = tmp_path / "out"
     finetune(None, *_run_args(data), out, **opts)
@@ -407,7 +407,7 @@ def test_resume_continues_exactly(data, tmp_path, monkeypatch):
     import soco_pretrain.transfer.finetune as ft
 
     opts = dict(
-        {**TINY, "batch": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
+        {**TINY, "batch_size": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
         max_iters=2,
         precise_bn=0,
         checkpoint_every=1,
@@ -468,7 +468,7 @@ def test_non_finite_loss_stops_with_one_line(data, tmp_path, monkeypatch, capsys
             str(tmp_path / "nan"),
             "--max-iters",
             "2",
-            "--batch",
+            "--batch-size",
             "1",
             "--train-sizes",
             "64",
@@ -559,7 +559,7 @@ def _cli(data, out, **paths) -> list[str]:
         str(out),
         "--max-iters",
         "1",
-        "--batch",
+        "--batch-size",
         "1",
         "--train-sizes",
         "64",
@@ -648,7 +648,7 @@ def test_final_checkpoint_survives_a_failing_evaluation(data, tmp_path, monkeypa
     import soco_pretrain.transfer.finetune as ft
 
     opts = dict(
-        {**TINY, "batch": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
+        {**TINY, "batch_size": 1, "train_sizes": (64,), "max_size": 80, "test_proposals": 10, "detections": 5},
         max_iters=1,
         precise_bn=1,
         seed=2,
@@ -714,7 +714,7 @@ def test_accumulation_equals_the_whole_batch_and_resumes_exactly(data, tmp_path,
     import soco_pretrain.transfer.finetune as ft
 
     monkeypatch.setattr(ft, "build_detector", TinyDetector)
-    opts = dict(TINY, batch=4, max_iters=3, precise_bn=0, seed=3, lr=0.5, warmup_iters=0)
+    opts = dict(TINY, batch_size=4, max_iters=3, precise_bn=0, seed=3, lr=0.5, warmup_iters=0)
     whole = finetune(None, *_run_args(data), tmp_path / "whole", per_device_batch=4, **opts)
     assert "(4 x 1 process(es) x 1 accumulation)" in capsys.readouterr().out
     finetune(None, *_run_args(data), tmp_path / "accum", per_device_batch=1, **opts)
@@ -757,7 +757,7 @@ def test_per_device_batch_must_divide_and_auto_follows_the_memory(data, tmp_path
     from soco_pretrain.transfer.finetune import resolve_per_device_batch
 
     with pytest.raises(UserError, match="does not divide"):
-        finetune(None, *_run_args(data), tmp_path / "x", **{**TINY, "batch": 4, "per_device_batch": 3})
+        finetune(None, *_run_args(data), tmp_path / "x", **{**TINY, "batch_size": 4, "per_device_batch": 3})
     cpu = torch.device("cpu")
     defaults = FinetuneOptions()  # batch 16 at 640-800 px, long side <= 1333
     monkeypatch.setattr(memory, "cpu_available_gib", lambda: 22.0)  # a 24 GB machine

@@ -287,7 +287,7 @@ def test_cli_linear_smoke(folders, tmp_path, capsys):
         str(out),
         "--epochs",
         "1",
-        "--batch",
+        "--batch-size",
         "8",
         "--image-size",
         "64",

@@ -129,9 +129,9 @@ def test_resolved_batch_feeds_the_plan_and_explicit_batches_stay():
 
 def test_compile_is_auto_on_cuda_only_and_overrides_parse():
     cfg = load_preset("fpn-100ep")
-    assert cfg.train.compile == "auto"
+    assert cfg.train.compile is None  # auto
     assert resolve_compile("auto", torch.device("cuda")) and not resolve_compile("auto", torch.device("cpu"))
-    assert apply_overrides(cfg, ["train.compile=true"]).train.compile == "true"
+    assert apply_overrides(cfg, ["train.compile=true"]).train.compile is True
     assert resolve_compile(apply_overrides(cfg, ["train.compile=false"]).train.compile, torch.device("cuda")) is False
     assert resolve_compile(True, torch.device("cpu"))  # an older run's config.yaml holds a bool
     with pytest.raises(UserError, match="train.compile"):

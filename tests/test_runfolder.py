@@ -104,7 +104,7 @@ def test_finetune_resume_from_other_weights_is_refused(tmp_path, capsys):
     photos = {n: small_photo(n, 96) for n in ("astronaut", "coffee")}
     train = make_shapes_set(photos, tmp_path / "set", seed=0)
     data = (train, tmp_path / "set" / "images", train, tmp_path / "set" / "images")
-    tiny = {"batch": 1, "train_sizes": (96,), "max_size": 128, "roi_batch": 16, "test_proposals": 10,
+    tiny = {"batch_size": 1, "train_sizes": (96,), "max_size": 128, "roi_batch": 16, "test_proposals": 10,
             "detections": 5, "workers": 0, "progress": False, "precise_bn": 0}  # fmt: skip
     out = tmp_path / "ft"
     finetune(None, *data, out, max_iters=1, **tiny)

@@ -7,7 +7,9 @@ README "Faithfulness"), or "our choice" with the reason.
   checkpoint) and the options of the other commands: ``FinetuneOptions`` (``soco finetune``),
   ``LinearConfig`` (``soco linear``), ``KnnOptions`` (``soco knn``), ``SearchConfig``
   (``soco proposals``). Each command's flags are generated from these fields (cli/), so a default
-  lives only here.
+  lives only here. A field's metadata (:func:`opt`) holds its help, its flag (if any) and whether
+  it is part of the recipe or only says how a run runs; soco compare's recipe and the resume
+  policies (``RESUME_FREE``) are generated from the same metadata.
 - Values are type-checked against the annotations wherever they come from (a YAML file, a preset,
   ``--set key=value``, a flag): int, float, bool, str, Literal choices, Optional, tuples and lists
   of them. Errors are one line naming the key, the value and what is expected. A float field also
@@ -81,8 +83,9 @@ _INCREASING = (
 _SEED = (lambda v: 0 <= v < 2**32, f"in [0, {2**32 - 1}] (below 2**32)")
 
 
-# model.backbone values: the torchvision ResNets / ResNeXts of model/backbones.py (BACKBONES;
-# a test checks the two lists agree).
+# model.backbone values: the torchvision ResNets / ResNeXts of model/backbones.py. Its table
+# (BACKBONES) is the source; these are written out here only because config.py imports no torch
+# (``soco --help`` stays fast), and a test checks that they agree with it.
 BackboneName = Literal[
     "resnet18",
     "resnet34",
@@ -93,10 +96,91 @@ BackboneName = Literal[
     "resnext101_32x8d",
     "resnext101_64x4d",
 ]
+BASIC_BLOCK_BACKBONES = ("resnet18", "resnet34")  # BACKBONES' entries without bottleneck blocks
 
 
 def _at_least(lo):
     return (lambda v: v >= lo, f"at least {lo}")
+
+
+# ---------------------------------------------------------------- field metadata: one option vocabulary
+
+# An option either changes the results ("recipe") or only how a run runs: processes, devices,
+# logging, checkpoints, progress ("run"). The CLI's flags, soco compare's recipe and the resume
+# policies (what a resumed run may change) are all generated from this one declaration.
+OptionKind = Literal["recipe", "run"]
+
+
+def opt(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    kind: OptionKind = "recipe",
+    flag: str | bool = True,
+    metavar: str | None = None,
+    resume_free: bool | None = None,
+    parse: Literal["sizes", "list"] | None = None,
+    lr: tuple[Literal["peak", "base"], int] | None = None,
+) -> Any:
+    """A dataclass field with its option metadata.
+
+    ``help``: the flag's help (``{default}`` is replaced by the default). ``flag``: True for
+    ``--field-name``, a string for another spelling (``--no-progress`` on a bool field sets it
+    False), False for no flag (still a ``--set`` key). ``resume_free``: whether a resumed run may
+    change it (default: run options only; a recipe option that only changes the evaluation may
+    too). ``parse``: the text form of a tuple flag ("sizes": PX, PX,PX or LO-HI; "list": a,b,c).
+    ``lr``: this field is the learning rate, stored as the absolute "peak" or the "base" rate at
+    the given reference batch (the CLI adds the other spelling, ``--base-lr`` or ``--lr``).
+    """
+    meta = {"help": help, "kind": kind, "flag": flag, "metavar": metavar, "resume_free": resume_free,
+            "parse": parse, "lr": lr}  # fmt: skip
+    return field(default=default, metadata=meta)
+
+
+def option_meta(f: dataclasses.Field) -> dict:
+    """A field's option metadata, with the defaults of :func:`opt` for a field declared without it."""
+    meta = dict(f.metadata)
+    meta.setdefault("kind", "recipe")
+    meta.setdefault("flag", False)  # a field without opt() has no flag (PretrainConfig: --set only)
+    for key in ("help", "metavar", "resume_free", "parse", "lr"):
+        meta.setdefault(key, None)
+    return meta
+
+
+def flag_name(f: dataclasses.Field) -> str | None:
+    """The flag of field ``f``: ``--field-name`` unless its metadata names another; None: no flag."""
+    flag = option_meta(f)["flag"]
+    if flag is True:
+        return "--" + f.name.replace("_", "-")
+    return flag or None
+
+
+def is_resume_free(f: dataclasses.Field) -> bool:
+    meta = option_meta(f)
+    return meta["kind"] == "run" if meta["resume_free"] is None else bool(meta["resume_free"])
+
+
+def option_names(cls, kind: OptionKind) -> tuple[str, ...]:
+    """The fields of options dataclass ``cls`` of one kind, in field order."""
+    return tuple(f.name for f in fields(cls) if f.init and option_meta(f)["kind"] == kind)
+
+
+def resume_free_keys(cls, prefix: str = "") -> tuple[str, ...]:
+    """The keys a resumed run may change (engine.run matches them as prefixes of dotted keys): each
+    resume-free field, a resume-free section as ``section.``, and those inside other sections."""
+    keys: list[str] = []
+    for f in fields(cls):
+        tp = field_types(cls).get(f.name)
+        if is_resume_free(f):
+            keys.append(f"{prefix}{f.name}." if _is_config(tp) else prefix + f.name)
+        elif _is_config(tp):
+            keys += resume_free_keys(tp, f"{prefix}{f.name}.")
+    return tuple(keys)
+
+
+def _default_of(cls, name: str) -> Any:
+    """``cls``'s default for field ``name`` (so another class can reuse it, written once)."""
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 @functools.cache
@@ -134,9 +218,6 @@ def _validate(obj, rules: dict, optional: tuple[str, ...] = ()) -> None:
             raise ConfigError.bad(name, value, "must be a finite number (not inf or nan)")
         if choices is None or value is None or value in choices:
             continue
-        if isinstance(value, bool) and str(value).lower() in choices:  # compile=True -> "true"
-            object.__setattr__(obj, name, str(value).lower())
-            continue
         raise ConfigError.bad(name, value, f"must be one of {', '.join(map(str, choices))}")
     for names, (test, text) in rules.items():
         for name in (names,) if isinstance(names, str) else names:
@@ -158,6 +239,108 @@ def _finite(value) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_finite(v) for v in value)
     return True
+
+
+# ---------------------------------------------------------------- soco knn (also the monitor's defaults)
+
+
+@dataclass
+class KnnOptions:
+    """kNN protocol settings (evaluate/knn.py docstring); defaults are the usual SSL kNN protocol."""
+
+    k: int = opt(20, help="neighbours (default {default})", metavar="K")
+    temperature: float = opt(0.07, help="vote weight exp(cos/T) (default {default})", metavar="T")
+    # at least 32 (FPN's coarsest stride)
+    size: int | None = opt(
+        None,
+        help="square input size (default: the run's data.views.v1_size, else 224; soco compare: the first run's, "
+        "for every init)",
+        metavar="PX",
+    )
+    level_bounds: tuple[float, float, float] | None = opt(
+        None, help="FPN level bounds (default: the run's if its size is used, else scaled)", flag=False
+    )
+    min_box: float = opt(
+        32.0,
+        help="leave out boxes narrower or lower than this in the original image (default {default:g})",
+        metavar="PX",
+    )
+    batch: int = opt(16, help="images per forward pass (default {default})", flag="--batch-size", metavar="N")
+    bn: Literal["precise", "running"] = opt(
+        "precise",
+        help="precise: BatchNorm statistics re-estimated on the kNN train images; running: the weights' own "
+        "(default {default})",
+    )
+    precise_images: int = opt(1000, help="at most this many train images for the BN statistics", flag=False)
+    seed: int = opt(0, help="seed of random init and of --fraction (default {default})")
+    train_fraction: float = opt(
+        1.0,
+        help="seeded random fraction of the train images used as neighbours (default {default:g})",
+        flag="--fraction",
+        metavar="F",
+    )
+    soco_weights: Literal["online", "target"] = opt(
+        "online", help="for a run/checkpoint: the online or target (EMA) encoder (default {default})"
+    )
+    allow_leak: bool = opt(False, help="evaluate even if val images were in the pretraining set", kind="run")
+    workers: int = opt(2, help="image-decoding processes (default {default})", kind="run", metavar="N")
+    device: Literal["cpu", "cuda"] | None = opt(None, help="default: cuda when available", kind="run")
+    progress: bool = opt(True, help="no progress bars", kind="run", flag="--no-progress")
+    # For --weights none: the ResNet of the random-init encoder (None: resnet50, the paper's); a
+    # value that contradicts the weights' own backbone is refused.
+    backbone: BackboneName | None = opt(
+        None, help="for --weights none: the random-init ResNet (default resnet50)", flag=False
+    )
+    # roi: every box RoIAligned from the whole image resized to `size` (how the detector sees it);
+    # crop: every box cut from the original photo with `context`, padded to a square and resized to
+    # `size` (every object gets the same pixels: the probe for small inputs). evaluate/knn.py.
+    objects: Literal["roi", "crop"] = opt(
+        "roi",
+        help="roi: each box RoIAligned from the whole resized image (the detector's view); crop: each box cut "
+        "from its photo with --context, squared, resized to --size (default {default})",
+    )
+    # Feature sets, the first one primary (its figures are knn.json's flat ones): c5 / c4 = the
+    # ResNet's globally pooled C5 / C4 (crop only), head = the detector path.
+    features: tuple[Literal["c5", "c4", "head"], ...] | None = opt(
+        None,
+        help="comma list, the first primary: c5 / c4 (pooled ResNet stage, crop only), head (detector path) "
+        "(default: crop c5,head; roi head)",
+        metavar="LIST",
+        parse="list",
+    )
+    # our choice: SimpleShot-style probes
+    context: float = opt(1.2, help="crop side = box's longer side x this (default {default:g})", metavar="F")
+    min_instances: int = opt(
+        0,
+        help="leave out classes with fewer train objects, counted and listed (default {default}: keep all)",
+        metavar="N",
+    )
+    centre: bool = opt(
+        True, help="subtract the train objects' mean feature before the cosine kNN (SimpleShot's CL2N)", flag=False
+    )
+    # The probe's floors in the same report: a colour-histogram + HOG descriptor (crop only) and
+    # shuffled train labels (must land at the majority class's share).
+    baselines: bool = opt(True, help="also report the colour/HOG and shuffled-label floors", flag=False)
+
+    def __post_init__(self):
+        _validate(
+            self,
+            {
+                ("k", "batch", "precise_images"): _AT_LEAST_1,
+                "min_instances": _AT_LEAST_0,
+                "context": _at_least(1.0),
+                "size": _at_least(32),
+                "level_bounds": _INCREASING,
+                ("min_box", "workers"): _AT_LEAST_0,
+                "temperature": _POSITIVE,
+                "train_fraction": _FRACTION,
+                "seed": _SEED,
+            },
+            optional=("size", "level_bounds"),
+        )
+
+
+KNN_PRESETS: dict[str, dict] = {"default": {}}  # the usual SSL kNN protocol (Wu et al. 2018; evaluate/knn.py)
 
 
 # ---------------------------------------------------------------- soco pretrain
@@ -253,7 +436,7 @@ class AugmentConfig:
     # crop and resize: about half their work, benchmarks/data.py); "auto": gpu when training on
     # CUDA (a compiled H200 step needs ~1100 images/s, more than 16 cores deliver with the
     # photometric part in the workers; README "Training step on a GPU"), cpu otherwise.
-    device: Literal["auto", "cpu", "gpu"] = "auto"
+    device: Literal["auto", "cpu", "gpu"] = opt("auto", kind="run")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet normalisation
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -289,7 +472,7 @@ class DataConfig:
     # other files, e.g. PNG or CMYK JPEG, are still decoded in the workers). Needs the photometric
     # augmentation on the device too (augment.device gpu or auto). Default "worker": the device
     # path has not been measured on a GPU yet.
-    decode: Literal["worker", "device"] = "worker"
+    decode: Literal["worker", "device"] = opt("worker", kind="run")
 
     def __post_init__(self):
         _validate(self, {"max_decode_retries": _AT_LEAST_0, "seed": _SEED})
@@ -342,7 +525,7 @@ class ModelConfig:
     # "per_level": one RoIAlign per level over every slot, each slot keeps its level's (4x the
     # work, static shapes); "packed": the levels packed into one canvas, ONE RoIAlign (boxes
     # clamped to their level's map). Default per_level until packed is timed on a GPU.
-    roi_pool: Literal["per_level", "packed"] = "per_level"
+    roi_pool: Literal["per_level", "packed"] = opt("per_level", kind="run")
     head_dim: int = 1024  # paper 4.1: 4 conv + 1 fc (1024), Mask R-CNN's box head
     proj_hidden: int = 4096  # paper 4.1: Linear(4096)-BN-ReLU-Linear(256), as BYOL
     proj_out: int = 256  # paper 4.1
@@ -362,7 +545,7 @@ class ModelConfig:
                 "bn_momentum": _UNIT,
             },
         )
-        if self.arch == "c4" and self.backbone in ("resnet18", "resnet34"):
+        if self.arch == "c4" and self.backbone in BASIC_BLOCK_BACKBONES:
             raise ConfigError.bad(
                 "backbone",
                 self.backbone,
@@ -378,7 +561,7 @@ class TrainConfig:
     batch_size: int = 2048  # paper 4.1: total batch 2048 = per_gpu_batch x world size x accumulation
     # 0 = auto: the largest power of two that fits the device (train/memory.py: measured memory
     # per image; 64 on a CPU) and divides the batch per process; accumulation makes up the rest.
-    per_device_batch: int = 0
+    per_device_batch: int = opt(0, kind="run")
     base_lr: float = 1.0  # paper 4.1: lr = 1.0 x batch / 256 (linear scaling)
     warmup_epochs: int = 10  # paper 4.1
     # Warm-up length in optimiser steps; set (>= 0), it replaces warmup_epochs, so a short run
@@ -400,37 +583,37 @@ class TrainConfig:
     # (our small-budget option, not the paper's; lightly's BYOL example keeps 0.99).
     ema_schedule: Literal["cosine", "constant"] = "cosine"
     # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    channels_last: bool = True  # on GPU
-    # auto: torch.compile on CUDA (benchmarks/gpu.py: 1.5x images/s for FPN on an H200), not on
-    # CPUs; true | false force it.
-    compile: Literal["auto", "true", "false"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", kind="run")
+    channels_last: bool = opt(True, kind="run")  # on GPU
+    # null (YAML; "auto" is read as null too): torch.compile on CUDA (benchmarks/gpu.py: 1.5x
+    # images/s for FPN on an H200), not on CPUs; true | false force it.
+    compile: bool | None = opt(None, kind="run")
     # torch.compile mode: "default" (measured above); "reduce-overhead" also captures the compiled
     # step's kernels as CUDA graphs (one launch per graph instead of thousands: the eager step's
     # host time exceeded its device time); "max-autotune" tunes the matmuls/convs too (long compile).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # cuDNN autotuning (cudnn.benchmark): every step has the same shapes, so tuning once pays.
-    # auto: on for CUDA; true | false force it.
-    cudnn_benchmark: Literal["auto", "true", "false"] = "auto"
+    # null ("auto"): on for CUDA; true | false force it.
+    cudnn_benchmark: bool | None = opt(None, kind="run")
     # TF32 tensor cores for the fp32 matmuls and convolutions on CUDA (the fp32 parts under autocast,
     # and train.precision=fp32): 10-bit mantissa products, fp32 accumulation. false: full fp32.
     # Our choice: the default step already multiplies in bf16 (7-bit mantissa), so TF32 costs the
     # fp32 parts no precision that matters, and its matmuls run several times faster.
-    tf32: bool = True
+    tf32: bool = opt(True, kind="run")
     # On CUDA, the next batch is copied and (data.augment.device=gpu) augmented on a side stream
     # while the current step runs; false: on the default stream when the step asks for it. Our
     # choice: results are the same either way (tests/test_step_sync.py), only the overlap differs.
-    prefetch: bool = True
-    workers: int = 8  # data-loader processes per device
-    log_every: int = 10  # optimiser steps between metrics lines
-    checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
+    prefetch: bool = opt(True, kind="run")
+    workers: int = opt(8, kind="run")  # data-loader processes per device
+    log_every: int = opt(10, kind="run")  # optimiser steps between metrics lines
+    checkpoint_every: int = opt(1000, kind="run")  # optimiser steps between checkpoints (and one at the end)
     # numbered checkpoints kept; last.pt is a hard link to the newest (0: only last.pt, a file of its own)
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = opt(3, kind="run")
     # Seconds a collective waits for the other processes before the run stops naming the ones that
     # did not answer (a dead process is seen at once on gloo; this bounds a hung one). Our choice:
     # 10 minutes, torch's nccl default and a third of gloo's, generous for rank 0 writing a
     # checkpoint or running the monitor while the others wait; tests set a few seconds.
-    dist_timeout_s: float = 600.0
+    dist_timeout_s: float = opt(600.0, kind="run")
     seed: int = 0
     # Parts of the online network kept as they start (our extension for warm starts; the paper
     # trains everything): none | stem (conv1 + bn1) | backbone (the whole ResNet before the
@@ -453,6 +636,19 @@ class TrainConfig:
             },
             optional=("warmup_steps",),
         )
+        for name in ("compile", "cudnn_benchmark"):
+            object.__setattr__(self, name, auto_bool(name, getattr(self, name)))
+
+
+def auto_bool(key: str, value) -> bool | None:
+    """A true/false/auto setting: None (auto), True or False. The strings "auto", "true" and
+    "false" (how the setting was written before it was a bool) are read as those."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text not in ("auto", "true", "false"):
+        raise ConfigError.bad(key, value, "expected true, false or null (auto)")
+    return None if text == "auto" else text == "true"
 
 
 @dataclass
@@ -470,17 +666,18 @@ class MonitorConfig:
     val_fraction: float = 0.5  # share of the images used as kNN queries, the rest as neighbours
     seed: int = 0  # of the split
     size: int = 0  # input size; 0 = data.views.v1_size (the size the network trains at)
-    k: int = 20  # usual SSL kNN protocol (Wu et al. 2018)
-    temperature: float = 0.07
-    min_box: float = 32.0  # px in the original image, both sides
-    batch: int = 16
-    # The probe, as soco knn's options of the same names (KnnOptions): roi | crop, feature sets
-    # (None: the mode's default; the monitor embeds and logs the first only), crop context, classes
-    # with fewer objects on the neighbour side left out.
-    objects: Literal["roi", "crop"] = "roi"
-    features: tuple[Literal["c5", "c4", "head"], ...] | None = None
-    context: float = 1.2
-    min_instances: int = 0
+    # The probe, as soco knn's options of the same names, with their defaults (KnnOptions: the
+    # usual SSL kNN protocol): k, temperature, min_box (px in the original image, both sides), batch,
+    # roi | crop, feature sets (None: the mode's default; the monitor embeds and logs the first
+    # only), crop context, classes with fewer objects on the neighbour side left out.
+    k: int = _default_of(KnnOptions, "k")
+    temperature: float = _default_of(KnnOptions, "temperature")
+    min_box: float = _default_of(KnnOptions, "min_box")
+    batch: int = _default_of(KnnOptions, "batch")
+    objects: Literal["roi", "crop"] = _default_of(KnnOptions, "objects")
+    features: tuple[Literal["c5", "c4", "head"], ...] | None = _default_of(KnnOptions, "features")
+    context: float = _default_of(KnnOptions, "context")
+    min_instances: int = _default_of(KnnOptions, "min_instances")
 
     def __post_init__(self):
         _validate(
@@ -503,11 +700,12 @@ class PretrainConfig:
 
     # Format version of this config (RUN/config.yaml, checkpoints). A file without it is version 1;
     # a newer one is refused rather than half-read.
-    version: int = CONFIG_VERSION
+    version: int = opt(CONFIG_VERSION, kind="run")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    # the monitor only watches: a resumed run may add, change or drop it
+    monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"kind": "run"})
 
     def __post_init__(self):
         _validate(self, {"version": _AT_LEAST_1})
@@ -529,46 +727,123 @@ class PretrainConfig:
 class FinetuneOptions:
     """Everything besides the data paths; defaults are the paper's / released configs' recipe."""
 
-    schedule: Literal["1x", "2x"] = "1x"  # ignored when max_iters is set
-    max_iters: int | None = None  # train exactly this many iterations instead (schedule scaled to it)
-    fraction: float = 1.0  # seeded random subset of the training images (paper 4.5: 0.05, 0.10)
-    seed: int = 0
-    batch: int = 16  # total over all processes (paper 4.2)
-    lr: float | None = None  # None: 0.02 x batch / 16 (paper 4.2, linear scaling)
-    momentum: float = 0.9  # paper 4.2 / Detectron2
-    weight_decay: float = 2.5e-5  # paper 4.2, released SoCo_FPN_*.yaml
-    weight_decay_norm: float = 0.0  # Detectron2 SOLVER.WEIGHT_DECAY_NORM default
-    warmup_iters: int = 1000  # at batch 16 (paper 4.2)
-    warmup_factor: float = 0.001  # Detectron2 SOLVER.WARMUP_FACTOR
-    gamma: float = 0.1  # paper 4.2: "drops twice by a factor of 10"
-    train_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)  # Detectron2 Base-RCNN-FPN MIN_SIZE_TRAIN
-    test_size: int | None = None  # None: the largest train size (800 = Detectron2 MIN_SIZE_TEST)
-    max_size: int = 1333  # Detectron2 MAX_SIZE_TRAIN / _TEST
-    roi_batch: int = 512  # RoIs sampled per image for the box head (Detectron2 ROI_HEADS.BATCH_SIZE_PER_IMAGE)
-    rpn_train_proposals: int = 1000  # RPN proposals kept per image in training (Detectron2 FPN POST_NMS_TOPK_TRAIN)
-    test_proposals: int = 1000  # ... at test time (Detectron2 POST_NMS_TOPK_TEST)
-    detections: int = 100  # detections per image (Detectron2 TEST.DETECTIONS_PER_IMAGE)
-    boxes_only: bool = False  # Faster R-CNN even when the data has masks
-    # The detector's ResNet (model/backbones.py). None: the weights' own (a SoCo run's
-    # model.backbone, else read from the weights' shapes), resnet50 for --weights none; a value
-    # that contradicts the weights is refused (transfer/detector.py detector_backbone).
-    backbone: BackboneName | None = None
-    # which SoCo encoder a run/checkpoint provides (= transfer.detector.DEFAULT_SOCO_WEIGHTS, as
-    # soco export; a test checks)
-    soco_weights: Literal["online", "target"] = "online"
-    precise_bn: int = 200  # BN re-estimation batches before evaluation (0: off); capped at the iterations
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32: Detectron2 default, AMP off; fp16: CUDA
-    workers: int = 4  # data-loader processes per device (Detectron2 NUM_WORKERS)
-    log_every: int = 20  # Detectron2's writer period
-    checkpoint_every: int = 5000  # Detectron2 CHECKPOINT_PERIOD (and one at the end)
-    eval_every: int = 0  # evaluate every N iterations too (0: only at the end)
-    eval_only: bool = False
-    resume: str = "auto"  # auto | none | checkpoint path
-    device: Literal["cpu", "cuda"] | None = None  # default: CUDA when available
-    progress: bool = True
-    # images per forward pass on each process; 0 = auto: the largest divisor of batch / processes
-    # that fits the device's memory (train/memory.py), gradient accumulation makes up the batch
-    per_device_batch: int = 0
+    schedule: Literal["1x", "2x"] = opt(
+        "1x", help="1x: 90k iterations at batch 16, 2x: 180k (default {default}); ignored with --max-iters"
+    )
+    max_iters: int | None = opt(
+        None,
+        help="schedule length: train N iterations in all, in place of --schedule (warm-up and lr drops at 2/3 "
+        "and 8/9 of N follow it; not an early stop)",
+        metavar="N",
+    )
+    fraction: float = opt(
+        1.0,
+        help="seeded random fraction of the training images, e.g. 0.05 or 0.10 (default {default:g}; paper 4.5)",
+        metavar="F",
+    )
+    seed: int = opt(0, help="seed of the subset, data order, flips and new heads (default {default})")
+    batch_size: int = opt(16, help="total batch over all processes (default {default}, paper 4.2)", metavar="N")
+    # None: 0.02 x batch_size / 16 (paper 4.2, linear scaling); soco finetune --base-lr sets it too
+    lr: float | None = opt(
+        None,
+        help="absolute peak learning rate, whatever the batch (default: --base-lr 0.02 scaled by "
+        "batch-size / 16, paper 4.2)",
+        metavar="LR",
+        lr=("peak", 16),
+    )
+    momentum: float = opt(0.9, help="SGD momentum (paper 4.2 / Detectron2)", flag=False)
+    weight_decay: float = opt(2.5e-5, help="weight decay (paper 4.2, released SoCo_FPN_*.yaml)", flag=False)
+    weight_decay_norm: float = opt(
+        0.0, help="weight decay of norm layers (Detectron2 SOLVER.WEIGHT_DECAY_NORM)", flag=False
+    )
+    warmup_iters: int = opt(1000, help="linear warm-up iterations at batch 16 (paper 4.2)", flag=False)
+    warmup_factor: float = opt(0.001, help="warm-up starts at lr x this (Detectron2 SOLVER.WARMUP_FACTOR)", flag=False)
+    gamma: float = opt(0.1, help="lr factor at each drop (paper 4.2: drops twice by 10)", flag=False)
+    train_sizes: tuple[int, ...] = opt(
+        (640, 672, 704, 736, 768, 800),
+        help="training short side(s), one drawn per image: PX, PX,PX,... or LO-HI in steps of 32 "
+        "(default {default}, Detectron2)",
+        metavar="SIZES",
+        parse="sizes",
+    )
+    test_size: int | None = opt(
+        None,
+        help="evaluation short side (default: the largest --train-sizes, 800)",
+        metavar="PX",
+        resume_free=True,
+    )
+    max_size: int = opt(1333, help="long-side cap (default {default}; Detectron2 MAX_SIZE_TRAIN / _TEST)", metavar="PX")
+    roi_batch: int = opt(
+        512, help="RoIs sampled per training image for the box head (default {default}, Detectron2)", metavar="N"
+    )
+    rpn_train_proposals: int = opt(
+        1000, help="RPN proposals kept per image in training (Detectron2 FPN POST_NMS_TOPK_TRAIN)", flag=False
+    )
+    test_proposals: int = opt(
+        1000,
+        help="RPN proposals per image at test time (default {default}, Detectron2)",
+        metavar="N",
+        resume_free=True,
+    )
+    detections: int = opt(
+        100, help="detections kept per image (default {default}, COCO)", metavar="N", resume_free=True
+    )
+    boxes_only: bool = opt(False, help="Faster R-CNN and bbox AP even if the data has masks")
+    # None: the weights' own (a SoCo run's model.backbone, else read from the weights' shapes),
+    # resnet50 for --weights none (transfer/detector.py detector_backbone)
+    backbone: BackboneName | None = opt(
+        None,
+        help="the detector's ResNet (default: the weights' own; resnet50 for --weights none); refused when it "
+        "contradicts the weights",
+    )
+    # = transfer.detector.DEFAULT_SOCO_WEIGHTS, as soco export (a test checks)
+    soco_weights: Literal["online", "target"] = opt(
+        "online",
+        help="for a run/checkpoint: the online (as soco export) or target (EMA) encoder (default {default})",
+    )
+    precise_bn: int = opt(
+        200,
+        help="re-estimate BN statistics over N training batches before evaluating (default {default}, released "
+        "config; at most the iterations; 0 = off)",
+        metavar="N",
+        resume_free=True,
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32",
+        help="fp32 (as Detectron2) or bf16/fp16 autocast (fp16: CUDA only; default {default})",
+        resume_free=True,
+    )
+    workers: int = opt(4, help="data-loader processes per device (default {default})", kind="run", metavar="N")
+    log_every: int = opt(20, help="metrics.jsonl period (default {default})", kind="run", metavar="N")
+    checkpoint_every: int = opt(
+        5000,
+        help="checkpoint period in iterations (default {default}; always one at the end)",
+        kind="run",
+        metavar="N",
+    )
+    eval_every: int = opt(
+        0, help="also evaluate every N iterations (default {default}: only at the end)", kind="run", metavar="N"
+    )
+    eval_only: bool = opt(
+        False, help="only evaluate: OUT's last checkpoint if any (with --resume auto), else --weights", kind="run"
+    )
+    resume: str = opt(
+        "auto",
+        help="auto: continue from OUT/checkpoints/last.pt if any (default); none: start over; or a checkpoint file",
+        kind="run",
+        metavar="auto|none|PATH",
+    )
+    device: Literal["cpu", "cuda"] | None = opt(None, help="default: cuda when available", kind="run")
+    progress: bool = opt(True, help="no progress bars", kind="run", flag="--no-progress")
+    # 0 = auto: the largest divisor of batch_size / processes that fits the device's memory
+    # (train/memory.py); gradient accumulation makes up the batch
+    per_device_batch: int = opt(
+        0,
+        help="images per forward pass on each process, gradient accumulation makes up --batch-size "
+        "(default {default}: auto, the largest that fits the memory)",
+        kind="run",
+        metavar="N",
+    )
 
     def __post_init__(self):
         _validate(
@@ -576,7 +851,7 @@ class FinetuneOptions:
             {
                 ("max_iters", "test_size"): _AT_LEAST_1,
                 (
-                    "batch",
+                    "batch_size",
                     "max_size",
                     "roi_batch",
                     "rpn_train_proposals",
@@ -611,7 +886,7 @@ FINETUNE_PRESETS: dict[str, dict] = {
     "2x": {"schedule": "2x"},  # paper 4.2 / released R_50_FPN_2x: 180k iterations at batch 16
     # README "Fine-tune and measure": what to shrink on a CPU
     "cpu": {
-        "batch": 2,
+        "batch_size": 2,
         "train_sizes": [320],
         "max_size": 512,
         "roi_batch": 128,
@@ -629,26 +904,50 @@ FINETUNE_PRESETS: dict[str, dict] = {
 class LinearConfig:
     """Hyper-parameters of the linear probe (transfer/linear.py docstring: sources)."""
 
-    epochs: int = 100  # paper B
-    batch_size: int = 256  # paper B
-    base_lr: float = 30.0  # paper B: lr 30 at batch 256; lr = base_lr x batch / 256 (our choice)
-    momentum: float = 0.9  # paper B
-    weight_decay: float = 0.0  # paper B
-    # released main_linear.py (paper silent); "steps": MoCo's x0.1 at 60 %, 80 %
-    schedule: Literal["cosine", "steps"] = "cosine"
-    warmup_epochs: int = 5  # released option.py warmup_epoch 5 (paper silent); 0 = none
-    warmup_start_factor: float = 0.01  # released: warm-up starts at lr / 100 (warmup_multiplier 100)
-    final_lr: float = 1e-6  # released: CosineAnnealingLR eta_min
-    image_size: int = 224  # paper B: train and test crops 224
-    resize_size: int | None = None  # test resize of the shorter side; None: image_size x 256/224 (paper B: 256)
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # released --crop 0.08 = RandomResizedCrop's default
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop's default
-    hflip_p: float = 0.5  # paper B: random flips
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet normalisation
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    workers: int | None = None  # loader processes; None: usable cores, at most 8
-    eval_every: int = 0  # epochs between validations logged to metrics.jsonl; 0: only at the end
-    seed: int = 0
+    epochs: int = opt(100, help="epochs (default {default}, paper B)", metavar="N")
+    batch_size: int = opt(256, help="batch size (default {default}, paper B)", metavar="N")
+    # paper B: lr 30 at batch 256; lr = base_lr x batch_size / 256 (our choice)
+    base_lr: float = opt(
+        30.0,
+        help="learning rate at batch 256, scaled by batch-size / 256 (default {default:g}, paper B)",
+        metavar="LR",
+        lr=("base", 256),
+    )
+    momentum: float = opt(0.9, help="SGD momentum (paper B)", flag=False)
+    weight_decay: float = opt(0.0, help="weight decay (paper B)", flag=False)
+    schedule: Literal["cosine", "steps"] = opt(
+        "cosine", help="cosine (released code) or steps (MoCo: x0.1 at 60%% and 80%%) (default {default})"
+    )
+    warmup_epochs: int = opt(
+        5, help="linear warm-up from lr/100 (default {default}, released code; 0 = none)", metavar="N"
+    )
+    warmup_start_factor: float = opt(
+        0.01, help="warm-up starts at lr x this (released: warmup_multiplier 100)", flag=False
+    )
+    final_lr: float = opt(1e-6, help="the cosine's last lr (released: CosineAnnealingLR eta_min)", flag=False)
+    image_size: int = opt(
+        224, help="crop size (default {default}, paper B); the test resize is PX x 256/224", metavar="PX"
+    )
+    resize_size: int | None = opt(
+        None, help="test resize of the shorter side (default: image_size x 256/224; paper B: 256)", flag=False
+    )
+    crop_scale: tuple[float, float] = opt(
+        (0.08, 1.0), help="RandomResizedCrop area range (released --crop 0.08)", flag=False
+    )
+    crop_ratio: tuple[float, float] = opt((3 / 4, 4 / 3), help="RandomResizedCrop aspect range", flag=False)
+    hflip_p: float = opt(0.5, help="random horizontal flip probability (paper B)", flag=False)
+    mean: tuple[float, float, float] = opt((0.485, 0.456, 0.406), help="ImageNet normalisation mean", flag=False)
+    std: tuple[float, float, float] = opt((0.229, 0.224, 0.225), help="ImageNet normalisation std", flag=False)
+    workers: int | None = opt(
+        None, help="data-loader processes (default: usable cores, at most 8)", kind="run", metavar="N"
+    )
+    eval_every: int = opt(
+        0,
+        help="also evaluate every N epochs into metrics.jsonl (default {default}: only at the end)",
+        kind="run",
+        metavar="N",
+    )
+    seed: int = opt(0, help="random seed (default {default})")
 
     def __post_init__(self):
         _validate(
@@ -679,68 +978,6 @@ LINEAR_PRESETS = {
 }
 
 
-# ---------------------------------------------------------------- soco knn
-
-
-@dataclass
-class KnnOptions:
-    """kNN protocol settings (evaluate/knn.py docstring); defaults are the usual SSL kNN protocol."""
-
-    k: int = 20
-    temperature: float = 0.07
-    # None: the run's data.views.v1_size, else 224 (paper V1); at least 32 (FPN's coarsest stride)
-    size: int | None = None
-    level_bounds: tuple[float, float, float] | None = None  # None: the run's if its size is used, else scaled
-    min_box: float = 32.0  # px in the original image, both sides
-    batch: int = 16  # images per forward pass
-    bn: Literal["precise", "running"] = "precise"
-    precise_images: int = 1000  # at most this many train images for the BN statistics
-    seed: int = 0  # random init (weights none) and the train_fraction subset
-    train_fraction: float = 1.0  # seeded subset of the train images (label budget)
-    soco_weights: Literal["online", "target"] = "online"  # online | target network of a SoCo run
-    allow_leak: bool = False  # skip the check that val images were not pretrained on
-    workers: int = 2  # image-decoding processes
-    device: Literal["cpu", "cuda"] | None = None  # default: CUDA when available
-    progress: bool = True
-    # roi: every box RoIAligned from the whole image resized to `size` (how the detector sees it);
-    # crop: every box cut from the original photo with `context`, padded to a square and resized to
-    # `size` (every object gets the same pixels: the probe for small inputs). evaluate/knn.py.
-    # For --weights none: the ResNet of the random-init encoder (None: resnet50, the paper's); a
-    # value that contradicts the weights' own backbone is refused.
-    backbone: BackboneName | None = None
-    objects: Literal["roi", "crop"] = "roi"
-    # Feature sets, the first one primary (its figures are knn.json's flat ones): c5 / c4 = the
-    # ResNet's globally pooled C5 / C4 (crop only), head = the detector path. None: crop -> c5,head;
-    # roi -> head.
-    features: tuple[Literal["c5", "c4", "head"], ...] | None = None
-    context: float = 1.2  # crop side = the box's longer side x context (our choice: SimpleShot-style probes)
-    min_instances: int = 0  # leave out classes with fewer train objects (counted and listed); 0: keep all
-    centre: bool = True  # subtract the train objects' mean feature before the cosine kNN (SimpleShot's CL2N)
-    # The probe's floors in the same report: a colour-histogram + HOG descriptor (crop only) and
-    # shuffled train labels (must land at the majority class's share).
-    baselines: bool = True
-
-    def __post_init__(self):
-        _validate(
-            self,
-            {
-                ("k", "batch", "precise_images"): _AT_LEAST_1,
-                "min_instances": _AT_LEAST_0,
-                "context": _at_least(1.0),
-                "size": _at_least(32),
-                "level_bounds": _INCREASING,
-                ("min_box", "workers"): _AT_LEAST_0,
-                "temperature": _POSITIVE,
-                "train_fraction": _FRACTION,
-                "seed": _SEED,
-            },
-            optional=("size", "level_bounds"),
-        )
-
-
-KNN_PRESETS: dict[str, dict] = {"default": {}}  # the usual SSL kNN protocol (Wu et al. 2018; evaluate/knn.py)
-
-
 # ---------------------------------------------------------------- soco proposals
 
 
@@ -749,19 +986,26 @@ class SearchConfig:
     """Selective-search parameters plus the filter applied to its boxes (no defaults: the
     presets below are complete)."""
 
-    scale: float  # Felzenszwalb scale
-    sigma: float  # Felzenszwalb Gaussian smoothing
-    min_size: int  # Felzenszwalb minimum component size (pixels)
-    min_box_side: int  # keep only boxes with w, h >= this (0 = off)
-    fallbacks: bool  # released code: if nothing survives, try looser rules (see filter_boxes)
+    scale: float = opt(help="override the preset's scale (Felzenszwalb)", metavar="S")
+    sigma: float = opt(help="override the preset's sigma (Felzenszwalb smoothing)", metavar="S")
+    min_size: int = opt(help="override the preset's min_size (Felzenszwalb, pixels)", metavar="N")
+    min_box_side: int = opt(help="keep only boxes with w, h >= this (0 = off)", flag=False)
+    # released code: if nothing survives, try looser rules (see filter_boxes)
+    fallbacks: bool = opt(help="if no box survives the filter, try looser rules (released code)", flag=False)
     # Our choice: images with a long side > 1000 px are searched on a copy resized to 1000 px and
     # the boxes scaled back. The search costs 7-8x per doubling beyond 1000 px (minutes and GBs
     # for a 4000x3000 photo), while capping *all* images (say at 500 px) changes the proposals
     # (a box recall of about 0.55 against the full-size search): so only genuinely large images
     # are capped. None/0 = never.
-    max_side: int | None = 1000
-    ratio: tuple[float, float] = (1 / 3, 3.0)  # paper section 3.2: 1/3 <= w/h <= 3
-    rel_size: tuple[float, float] = (0.3, 0.8)  # paper section 3.2: 0.3 <= sqrt(wh/WH) <= 0.8
+    max_side: int | None = opt(
+        1000,
+        help="search larger images on a copy resized to this long side (0 = never; preset default {default})",
+        metavar="PX",
+    )
+    ratio: tuple[float, float] = opt((1 / 3, 3.0), help="keep boxes with w/h in this range (paper 3.2)", flag=False)
+    rel_size: tuple[float, float] = opt(
+        (0.3, 0.8), help="keep boxes with sqrt(wh/WH) in this range (paper 3.2)", flag=False
+    )
 
     def __post_init__(self):
         # Tuples survive a JSON round trip as lists; normalise so equality still holds.
@@ -839,6 +1083,8 @@ def _kind(value) -> str:
 def describe(tp) -> str:
     """What a value of annotation ``tp`` looks like, for messages: "int", "one of fpn, c4", ..."""
     args = _union_args(tp)
+    if args is not None and set(args) == {bool, type(None)}:
+        return "true, false or null (auto)"
     if args is not None:
         text = " or ".join(describe(a) for a in args if a is not type(None))
         return text + (" or null" if type(None) in args else "")
@@ -867,6 +1113,8 @@ def _convert(value, tp) -> tuple[bool, Any]:
     if args is not None:
         if value is None and type(None) in args:
             return True, None
+        if set(args) == {bool, type(None)} and str(value).lower() in ("auto", "true", "false"):
+            return True, auto_bool("", value)  # train.compile: auto (its spelling before it was a bool)
         for arg in args:
             if arg is not type(None):
                 ok, out = _convert(value, arg)
@@ -876,8 +1124,6 @@ def _convert(value, tp) -> tuple[bool, Any]:
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
-        if isinstance(value, bool) and {"true", "false"} <= set(choices):  # train.compile: true (YAML bool)
-            value = "true" if value else "false"
         return next(((True, c) for c in choices if type(c) is type(value) and c == value), (False, None))
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
@@ -922,8 +1168,16 @@ def _coerce(value, tp, key: str, where: str = "", shown: str | None = None):
     raise ConfigError.bad(key, value, f"expected {expected}", where, shown)
 
 
+# Option keys that were renamed (options class -> {old: new}): a file or --set with the old key
+# is told the new one.
+RENAMED_KEYS: dict[str, dict[str, str]] = {"FinetuneOptions": {"batch": "batch_size"}}
+
+
 def _unknown(cls, key: str, name: str, where: str) -> ConfigError:
     names = list(field_types(cls))
+    renamed = RENAMED_KEYS.get(cls.__name__, {}).get(name)
+    if renamed:
+        return ConfigError(f"{where}unknown key {key!r}: renamed {key[: -len(name)] + renamed!r}", key=None)
     close = difflib.get_close_matches(name, names, n=1)
     parent = key[: -len(name)]
     hint = f"; did you mean {parent + close[0]!r}?" if close else f"; {cls.__name__} keys: {', '.join(names)}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from .config import DataConfig, apply_overrides
 from .errors import UserError
 
 # Photos shipped inside scikit-image's wheel (skimage/data/*): nothing is downloaded.
@@ -40,6 +41,7 @@ def _step(number: int, text: str) -> None:
 
 def bundled_photo_paths() -> dict[str, Path]:
     """The bundled photo files, checked to exist (a trimmed skimage install may lack them)."""
+    # here, not at the top: soco --help imports this module (cli/demo.py reads its defaults)
     import skimage.data
 
     data_dir = Path(skimage.data.__file__).parent
@@ -52,7 +54,7 @@ def bundled_photo_paths() -> dict[str, Path]:
 
 def write_photos(images_dir: Path, max_side: int | None = None) -> list[Path]:
     """Write the 7 bundled photos as PNG into ``images_dir`` (optionally shrunk to ``max_side``)."""
-    from PIL import Image
+    from PIL import Image  # here, not at the top: soco --help imports this module
 
     images_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -84,6 +86,8 @@ def run_demo(
     pretraining steps (0 skips pretraining, its curves, export and fine-tune). ``finetune_iters``:
     fine-tune iterations (0 skips the fine-tune). Returns the paths.
     """
+    # here, not at the top: soco --help imports this module (cli/demo.py reads its defaults):
+    # each step imports what it runs
     from .proposals import generate
     from .proposals.store import load
     from .viz import show_proposals
@@ -105,7 +109,6 @@ def run_demo(
 
     views = out_dir / "views"
     _step(4, f"drawing the training views V1-V3 with their boxes and FPN levels into {views}")
-    from .config import DataConfig
     from .data import SoCoDataset
     from .viz import show_views
 
@@ -117,7 +120,6 @@ def run_demo(
     curves = []
     if pretrain_steps > 0:
         _step(5, f"tiny SoCo pretraining ({pretrain_steps} steps, R50-FPN, tiny preset) into {run}")
-        from .config import apply_overrides
         from .presets import load_preset
         from .train.loop import pretrain
 
@@ -168,7 +170,7 @@ def run_demo(
             labelled / "images",
             finetune_dir,
             max_iters=finetune_iters,
-            batch=2,
+            batch_size=2,
             train_sizes=(size,),
             max_size=2 * size,
             test_size=size,

@@ -85,7 +85,7 @@ def _acquire(lock: Path, run_dir: Path):
     for _ in range(10):
         handle = open(lock, "a+")  # noqa: SIM115 - held for the whole run
         try:
-            import fcntl
+            import fcntl  # here, not at the top: POSIX only (elsewhere: no lock, below)
 
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # pragma: no cover - not POSIX: no lock

@@ -14,10 +14,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .files import atomic_write_json
+from .images import ImageError, load_rgb_bounded
 from .proposals.filters import RULE_FAILED, RULE_NAMES
+from .proposals.store import load
 
 # Long side of the drawn pictures: big photos are shown on a resized copy.
 DISPLAY_MAX_SIDE = 800
@@ -63,8 +65,6 @@ def draw_proposals(
 def _open_store(store):
     """A ProposalStore, opened (with its format checks) when given as a directory."""
     if isinstance(store, (str, Path)):
-        from .proposals.store import load
-
         return load(store)
     return store
 
@@ -155,6 +155,7 @@ def _hist_quantiles(hist: np.ndarray) -> dict:
 
 
 def _plot_stats(stats: dict, path: Path) -> None:
+    # here, not at the top: pyplot must come after use("Agg"), which importing this module must not do
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -224,8 +225,6 @@ def show_proposals(store, images_source, out_dir, num: int = 8, per_image: int =
     unreadable or changed size since the store was made are reported and skipped.
     Returns the written paths.
     """
-    from .images import ImageError, load_rgb_bounded
-
     store = _open_store(store)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,8 +285,6 @@ LEVEL_NAMES = ("P2", "P3", "P4", "P5")
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font
@@ -456,6 +453,7 @@ def show_views(dataset, out_dir, num: int = 4, seed: int = 0, augment: bool = Fa
 
 def _augmented(image: np.ndarray, cfg, param_set: int, generator) -> np.ndarray:
     """CPU photometric augmentation of one uint8 HxWx3 view, back to uint8 for display."""
+    # here, not at the top: soco show proposals must not import torch
     import torch
 
     from .data.augment import augment_cpu
@@ -495,7 +493,7 @@ def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> lis
     ``out_dir`` (default: the run folder). Returns the written paths. Raises ValueError when
     there is nothing to plot.
     """
-    from .engine.metrics import read_metrics
+    from .engine.metrics import read_metrics  # here, not at the top: it imports torch
 
     if records is None:
         records = read_metrics(run_dir)
@@ -504,6 +502,7 @@ def plot_curves(run_dir, out_dir=None, records: list[dict] | None = None) -> lis
     out_dir = Path(run_dir if out_dir is None else out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    # here, not at the top: pyplot must come after use("Agg"), which importing this module must not do
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import __version__
 from ..errors import SocoError, UserError
 from .common import PROG, Formatter, Parser, parse_shard, parse_sizes
 from .compare import FINETUNE_RECIPE_DEFAULTS, KNN_DEFAULTS, _compare_spec, add_compare, cmd_compare, parse_fractions
@@ -96,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=Formatter,
     )
-    from .. import __version__
-
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
     for add in COMMANDS:

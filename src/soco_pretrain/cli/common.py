@@ -298,7 +298,8 @@ def check_coco_data(args) -> None:
 
 @dataclass(frozen=True)
 class Flag:
-    """A command-line flag for one field of an options dataclass.
+    """A command-line flag for one field of an options dataclass, made by :func:`option_flags`
+    from the field's metadata (``config.opt``).
 
     The flag's type, choices and range come from the field (annotation and ``__post_init__``), its
     default from the dataclass: ``help`` may say ``{default}``. Every generated flag defaults to
@@ -311,12 +312,101 @@ class Flag:
     help: str
     metavar: str | None = None
     parse: Callable[[str], Any] | None = None  # text -> value (else from the annotation)
-    show: Callable[[Any], str] = str  # the default as the help prints it
+    show: Callable[[Any], Any] = str  # the default as the help formats it (float: so {default:g} works)
     invert: bool = False  # --no-progress: a bool field set to False
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """``"c5, head"`` -> ("c5", "head")."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def show_list(values) -> str:
+    return "none" if values is None else ",".join(map(str, values))
+
+
+# The text forms a field's metadata may name (``opt(parse=...)``): (parse, show).
+_TEXT_FORMS: dict[str, tuple[Callable[[str], Any], Callable[[Any], str]]] = {
+    "sizes": (parse_sizes, show_sizes),
+    "list": (parse_list, show_list),
+}
+
+
+def option_flags(cls, kind: str | None = None, exclude: tuple[str, ...] = ()) -> list[Flag]:
+    """The flags of options dataclass ``cls`` (of one ``kind``, "recipe" or "run", if given),
+    generated from its fields' metadata; fields in ``exclude`` left out."""
+    from dataclasses import fields
+
+    from ..config import field_types, flag_name, option_meta
+
+    types_ = field_types(cls)
+    out = []
+    for f in fields(cls):
+        meta, flag = option_meta(f), flag_name(f)
+        if flag is None or f.name in exclude or (kind is not None and meta["kind"] != kind):
+            continue
+        parse, show = _TEXT_FORMS[meta["parse"]] if meta["parse"] else (None, str)
+        show_: Callable[[Any], Any] = show
+        if types_[f.name] is float:
+            show_ = float  # so a help text may say {default:g}
+        invert = types_[f.name] is bool and flag.startswith("--no-")
+        out.append(Flag(f.name, flag, meta["help"] or "", meta["metavar"], parse, show_, invert))
+    return out
+
+
+@dataclass(frozen=True)
+class LrAlias:
+    """The second spelling of a command's learning rate, so ``--lr`` and ``--base-lr`` mean the
+    same in every command: ``--lr`` the absolute peak rate, ``--base-lr`` the rate at the
+    command's reference batch, scaled linearly by ``--batch-size / reference``. The options
+    field stores one of them (``stored``); this flag is converted into it with the resolved
+    batch size."""
+
+    field: str  # the options field that holds the rate
+    stored: str  # "peak" (the field is --lr) or "base" (the field is --base-lr)
+    reference: int  # the reference batch of the base rate
+
+    @property
+    def flag(self) -> str:
+        return "--base-lr" if self.stored == "peak" else "--lr"
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def field_flag(self) -> str:
+        return "--lr" if self.stored == "peak" else "--base-lr"
+
+    def help(self) -> str:
+        if self.stored == "peak":
+            return f"learning rate at batch {self.reference}, scaled by --batch-size / {self.reference} (sets --lr)"
+        return (
+            f"absolute peak learning rate, whatever the batch (sets --base-lr to LR x {self.reference} / --batch-size)"
+        )
+
+    def value(self, given: float, batch_size: int) -> float:
+        """The field's value for ``given`` (this flag's rate) at ``batch_size``."""
+        if self.stored == "peak":
+            return given * batch_size / self.reference
+        return given * self.reference / batch_size
+
+
+def lr_alias(cls, flags: list[Flag]) -> LrAlias | None:
+    """The LrAlias of ``cls`` when ``flags`` hold its learning-rate field's flag, else None."""
+    from dataclasses import fields
+
+    from ..config import option_meta
+
+    for f in fields(cls):
+        lr = option_meta(f)["lr"]
+        if lr is not None and any(flag.field == f.name for flag in flags):
+            return LrAlias(f.name, lr[0], lr[1])
+    return None
 
 
 def _from_text(text: str, tp):
@@ -360,6 +450,7 @@ def add_option_flags(p, cls, flags: list[Flag], base=None, cli_defaults: dict | 
 
     base = cls() if base is None else base
     types_ = field_types(cls)
+    alias = lr_alias(cls, flags)
     for flag in flags:
         tp = types_[flag.field]
         default = (cli_defaults or {}).get(flag.field, getattr(base, flag.field))
@@ -377,6 +468,10 @@ def add_option_flags(p, cls, flags: list[Flag], base=None, cli_defaults: dict | 
             type=_flag_type(cls, base, flag, tp),
             help=text,
         )
+        if alias is not None and flag.field == alias.field:  # the rate's other spelling, listed next to it
+            p.add_argument(
+                alias.flag, dest=alias.dest, default=None, type=positive_float, metavar="LR", help=alias.help()
+            )
 
 
 def add_config_sources(p, preset_help, config_help, set_help, *, choices=None, default=None) -> None:
@@ -427,5 +522,14 @@ def resolve_options(
         value = getattr(args, flag.dest, None)
         if value is not None:
             layers.append((flag.flag, {flag.field: (not value) if flag.invert else value}))
-    layers.append(("--set", list(getattr(args, "overrides", []) or [])))
-    return resolve(cls, layers, base=base, base_label=base_label)
+    overrides = ("--set", list(getattr(args, "overrides", []) or []))
+    alias = lr_alias(cls, flags)
+    given = None if alias is None else getattr(args, alias.dest, None)
+    if alias is None or given is None:
+        return resolve(cls, [*layers, overrides], base=base, base_label=base_label)
+    if any(getattr(args, flag.dest, None) is not None for flag in flags if flag.field == alias.field):
+        raise UserError(f"give {alias.field_flag} or {alias.flag}, not both")
+    # The other spelling of the rate: converted at the batch size everything else resolves to.
+    resolved, _ = resolve(cls, [*layers, overrides], base=base, base_label=base_label)
+    layers.append((alias.flag, {alias.field: alias.value(given, resolved.batch_size)}))
+    return resolve(cls, [*layers, overrides], base=base, base_label=base_label)

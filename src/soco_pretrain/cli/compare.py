@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import FINETUNE_PRESETS, KNN_PRESETS, FinetuneOptions, KnnOptions
+from ..config import FINETUNE_PRESETS, KNN_PRESETS, FinetuneOptions, KnnOptions, option_names
 from .common import (
     PROG,
     UserError,
@@ -25,12 +25,13 @@ from .common import (
     add_renamed,
     check_coco_data,
     fraction,
+    lr_alias,
+    option_flags,
     parse_shard,
     positive_int,
     resolve_options,
 )
-from .finetune import FINETUNE_RECIPE_FLAGS, FINETUNE_RENAMED, FINETUNE_RUN_FLAGS, finetune_cli_defaults
-from .knn import KNN_PROTOCOL_FLAGS
+from .finetune import FINETUNE_RENAMED, finetune_cli_defaults
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:
@@ -47,27 +48,58 @@ def parse_fractions(text: str) -> tuple[float, ...]:
     return values
 
 
-# The fine-tune recipe (flag dest -> FinetuneOptions' default) and the kNN protocol options of
-# soco compare --metric knn (-> KnnOptions' default): what a comparison's specification records.
-FINETUNE_RECIPE_DEFAULTS = {flag.dest: getattr(FinetuneOptions(), flag.field) for flag in FINETUNE_RECIPE_FLAGS}
-KNN_DEFAULTS = {flag.dest: getattr(KnnOptions(), flag.field) for flag in KNN_PROTOCOL_FLAGS}
+# The split comes from the options' field metadata (config.py). A metric's recipe options are
+# what a comparison's specification records, but for those every arm sets itself (its label
+# fraction and seed) and the fine-tune's backbone (each init's own; --set backbone=... records one).
+_ARM_SET = ("fraction", "seed", "train_fraction")
+FINETUNE_RECIPE_FLAGS = option_flags(FinetuneOptions, "recipe", exclude=(*_ARM_SET, "backbone"))
+# How every arm runs (never recorded); resuming and evaluating are the arm's own.
+FINETUNE_RUN_FLAGS = option_flags(FinetuneOptions, "run", exclude=("resume", "eval_only", "eval_every"))
+_FINETUNE_FLAGS = {flag.flag: flag for flag in FINETUNE_RECIPE_FLAGS + FINETUNE_RUN_FLAGS}
+KNN_RECIPE_FLAGS = option_flags(KnnOptions, "recipe", exclude=_ARM_SET)
+# kNN recipe flags spelt as a fine-tune flag (--batch-size, --soco-weights) are that one flag here.
+KNN_PROTOCOL_FLAGS = [flag for flag in KNN_RECIPE_FLAGS if flag.flag not in _FINETUNE_FLAGS]
+KNN_SHARED_FLAGS = [flag for flag in KNN_RECIPE_FLAGS if flag.flag in _FINETUNE_FLAGS]
+_FINETUNE_LR = lr_alias(FinetuneOptions, FINETUNE_RECIPE_FLAGS)
+# The options each specification records: field -> its default.
+FINETUNE_RECIPE_DEFAULTS = {flag.field: getattr(FinetuneOptions(), flag.field) for flag in FINETUNE_RECIPE_FLAGS}
+KNN_DEFAULTS = {flag.field: getattr(KnnOptions(), flag.field) for flag in KNN_RECIPE_FLAGS}
 # options that only one metric uses (flag -> metric)
+_SHARED = {flag.flag for flag in KNN_SHARED_FLAGS}
 _METRIC_ONLY = {
-    **{flag.flag: "finetune" for flag in FINETUNE_RECIPE_FLAGS if flag.dest not in ("soco_weights", "batch")},
+    **{flag.flag: "finetune" for flag in FINETUNE_RECIPE_FLAGS if flag.flag not in _SHARED},
+    **({_FINETUNE_LR.flag: "finetune"} if _FINETUNE_LR else {}),
     **{flag.flag: "knn" for flag in KNN_PROTOCOL_FLAGS},
 }
 
 
 def _runtime(args) -> dict:
     """Settings that do not change the results (never recorded): soco finetune's defaults."""
-    defaults, cli = FinetuneOptions(), finetune_cli_defaults()
-    return {
-        "workers": cli["workers"] if args.workers is None else args.workers,
-        "device": args.device,
-        "log_every": defaults.log_every if args.log_every is None else args.log_every,
-        "checkpoint_every": defaults.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every,
-        "progress": not args.no_progress,
-    }
+    defaults = {name: getattr(FinetuneOptions(), name) for name in option_names(FinetuneOptions, "run")}
+    defaults.update(finetune_cli_defaults())
+    runtime = {}
+    for flag in FINETUNE_RUN_FLAGS:
+        value = getattr(args, flag.dest, None)
+        if value is None:
+            value = defaults[flag.field]
+        elif flag.invert:  # --no-progress given: progress False
+            value = not value
+        runtime[flag.field] = value
+    return runtime
+
+
+def _runtime_args(runtime: dict) -> list[str]:
+    """The run flags of ``runtime`` for a --devices child (each child gets its own --device)."""
+    out = []
+    for flag in FINETUNE_RUN_FLAGS:
+        value = runtime.get(flag.field)
+        if flag.field == "device" or value is None:
+            continue
+        if flag.invert:
+            out += [flag.flag] if not value else []
+        else:
+            out += [flag.flag, str(value)]
+    return out
 
 
 def add_compare(subparsers):
@@ -95,7 +127,7 @@ def add_compare(subparsers):
             "soco compare --metric knn --init none --init soco=runs/ss0,runs/ss1,runs/ss2 --train-json train.json "
             "--train-images imgs --val-json val.json --val-images imgs --seeds 3 --out cmp/",
             "soco compare --init none --init runs/fpn100 --fractions 0.05,0.1,1 --seeds 3 --train-json t.json "
-            "--train-images imgs --val-json v.json --val-images imgs --max-iters 2000 --batch 8 --out cmp/ "
+            "--train-images imgs --val-json v.json --val-images imgs --max-iters 2000 --batch-size 8 --out cmp/ "
             "--devices cuda:0,cuda:1",
             "soco compare --out cmp/ --arm 2/8   # cluster job 2 of 8 (arms 2, 10, 18, ...) of the comparison in cmp/",
             "soco compare --out cmp/ --report-only   # the report from the arms finished so far",
@@ -151,10 +183,10 @@ def add_compare(subparsers):
         "trained on) and evaluate them again (repeat, or all; with --arm: that shard's arms)",
     )
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # --devices children
-    g = p.add_argument_group(
-        "fine-tune options (as soco finetune; --soco-weights, --batch, --device and "
-        "--no-progress also apply to --metric knn)"
-    )
+    also = [flag.flag for flag in KNN_SHARED_FLAGS] + [
+        flag.flag for flag in FINETUNE_RUN_FLAGS if flag.field in option_names(KnnOptions, "run")
+    ]
+    g = p.add_argument_group(f"fine-tune options (as soco finetune; {', '.join(also)} also apply to --metric knn)")
     add_option_flags(
         g, FinetuneOptions, FINETUNE_RECIPE_FLAGS + FINETUNE_RUN_FLAGS, cli_defaults=finetune_cli_defaults()
     )
@@ -171,35 +203,21 @@ def add_compare(subparsers):
 
 def _given_spec_flags(args) -> list[str]:
     """The comparison options given on the command line (they default to None in soco compare)."""
-    names = [
-        "train_json",
-        "train_images",
-        "val_json",
-        "val_images",
-        "metric",
-        "fractions",
-        "seeds",
-        *FINETUNE_RECIPE_DEFAULTS,
-        *KNN_DEFAULTS,
-    ]
+    names = ["train_json", "train_images", "val_json", "val_images", "metric", "fractions", "seeds"]
     given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
+    lr = [(_FINETUNE_LR.flag, _FINETUNE_LR.dest)] if _FINETUNE_LR else []
+    flags = dict.fromkeys((f.flag, f.dest) for f in FINETUNE_RECIPE_FLAGS + KNN_PROTOCOL_FLAGS)
+    given += [flag for flag, dest in [*flags, *lr] if getattr(args, dest, None) not in (None, False)]
     return given + [flag for flag, dest in _SOURCES if getattr(args, dest, None)]
 
 
 _SOURCES = (("--preset", "preset"), ("--config", "config"), ("--set", "overrides"))
 
 
-# Options that set how an arm runs, or that the arm itself sets: never part of a recipe.
-_NOT_RECIPE = {"fraction", "seed", "train_fraction", "resume", "eval_only", "eval_every", "allow_leak", "workers",
-               "device", "progress", "log_every", "checkpoint_every"}  # fmt: skip
-
-
 def _recipe(args, metric: str) -> dict:
     """The metric's resolved recipe, as soco finetune / soco knn resolve it. It records the flag
     options plus what --preset, --config and --set name (so a comparison made without them keeps
     the specification it always had)."""
-    from dataclasses import fields
-
     from ..config import load_file
 
     cls: type
@@ -207,12 +225,12 @@ def _recipe(args, metric: str) -> dict:
     if metric == "finetune":
         cls, flags, presets, names = FinetuneOptions, FINETUNE_RECIPE_FLAGS, FINETUNE_PRESETS, FINETUNE_RECIPE_DEFAULTS
         cli_defaults = None
-    else:  # --batch and --soco-weights are the shared flags; the recorded batch defaults to fine-tuning's
-        shared = [flag for flag in FINETUNE_RECIPE_FLAGS if flag.dest in ("batch", "soco_weights")]
-        cls, flags, presets = KnnOptions, KNN_PROTOCOL_FLAGS + shared, KNN_PRESETS
-        names = {**KNN_DEFAULTS, "batch": None, "soco_weights": None}
-        cli_defaults = {flag.field: FINETUNE_RECIPE_DEFAULTS[flag.dest] for flag in shared}
-    allowed = {f.name for f in fields(cls)} - _NOT_RECIPE
+    else:  # a shared flag (--batch-size, --soco-weights) defaults to fine-tuning's default
+        cls, flags, presets, names = KnnOptions, KNN_RECIPE_FLAGS, KNN_PRESETS, KNN_DEFAULTS
+        cli_defaults = {
+            flag.field: getattr(FinetuneOptions(), _FINETUNE_FLAGS[flag.flag].field) for flag in KNN_SHARED_FLAGS
+        }
+    allowed = set(option_names(cls, "recipe")) - set(_ARM_SET)
     if args.preset is not None and args.preset not in presets:
         raise UserError(f"--preset {args.preset}: not a {metric} preset (choose from {', '.join(presets)})")
     named = list(presets.get(args.preset, {})) + list(load_file(args.config) if args.config else [])
@@ -370,17 +388,7 @@ def cmd_compare(args) -> int:
         flush=True,
     )
     if devices:
-        runtime_args = [
-            "--workers",
-            str(runtime["workers"]),
-            "--log-every",
-            str(runtime["log_every"]),
-            "--checkpoint-every",
-            str(runtime["checkpoint_every"]),
-        ]
-        if args.no_progress:
-            runtime_args.append("--no-progress")
-        statuses = run_devices(out, devices, runtime_args)
+        statuses = run_devices(out, devices, _runtime_args(runtime))
         unfinished = _write_compare_report(spec, out) if collect(spec, out)[0] else len(arms)
         return 1 if any(statuses) or unfinished else 0
     summary = run_compare(spec, out, shard=args.arm, log=lambda line: print(line, flush=True), weights=weights)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..demo import DEMO_FINETUNE_ITERS, DEMO_PRETRAIN_STEPS, run_demo  # a light module (no torch)
 from .common import add_command, add_out, add_workers, default_workers, non_negative_int
 
 
@@ -24,8 +25,6 @@ def add_demo(subparsers):
     )
     add_out(p, "DIR", "output directory (default ./soco-demo)", required=False, default="soco-demo")
     add_workers(p)
-    from ..demo import DEMO_FINETUNE_ITERS, DEMO_PRETRAIN_STEPS  # a light module (no torch)
-
     p.add_argument(
         "--pretrain-steps",
         type=non_negative_int,
@@ -44,8 +43,6 @@ def add_demo(subparsers):
 
 
 def cmd_demo(args) -> int:
-    from ..demo import run_demo
-
     run_demo(
         Path(args.out),
         workers=args.workers or default_workers(),

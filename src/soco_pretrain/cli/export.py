@@ -75,7 +75,7 @@ def cmd_export(args) -> int:
         raise UserError(f"{args.run}: no such run folder or checkpoint file")
     if args.config_out is not None and args.to not in CONFIG_TARGETS:
         raise UserError(f"--config-out is for --to detectron2 or mmdet ({args.to} needs no config)")
-    from ..transfer.export import export
+    from ..transfer.export import export  # here, not at the top: soco --help must not import torch
 
     report = export(
         args.run,

@@ -3,83 +3,23 @@
 
 from __future__ import annotations
 
+from ..config import KNN_PRESETS, KnnOptions
 from .common import (
-    Flag,
     add_command,
     add_config_arguments,
     add_option_flags,
+    add_renamed,
     add_weights_data_out,
     checked_coco_paths,
     default_workers,
+    option_flags,
     resolve_options,
 )
 
-# The kNN protocol (also soco compare --metric knn's options) ...
-KNN_PROTOCOL_FLAGS = [
-    Flag("k", "--k", "neighbours (default {default})", "K"),
-    Flag("temperature", "--temperature", "vote weight exp(cos/T) (default {default})", "T"),
-    Flag(
-        "size",
-        "--size",
-        "square input size (default: the run's data.views.v1_size, else 224; soco compare: "
-        "the first run's, for every init)",
-        "PX",
-    ),
-    Flag(
-        "min_box",
-        "--min-box",
-        "leave out boxes narrower or lower than this in the original image (default {default:g})",
-        "PX",
-        show=float,
-    ),
-    Flag(
-        "objects",
-        "--objects",
-        "roi: each box RoIAligned from the whole resized image (the detector's view); crop: each box cut "
-        "from its photo with --context, squared, resized to --size (default {default})",
-    ),
-    Flag(
-        "features",
-        "--features",
-        "comma list, the first primary: c5 / c4 (pooled ResNet stage, crop only), head (detector path) "
-        "(default: crop c5,head; roi head)",
-        "LIST",
-        parse=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
-    ),
-    Flag("context", "--context", "crop side = box's longer side x this (default {default:g})", "F", show=float),
-    Flag(
-        "min_instances",
-        "--min-instances",
-        "leave out classes with fewer train objects, counted and listed (default {default}: keep all)",
-        "N",
-    ),
-    Flag(
-        "bn",
-        "--bn",
-        "precise: BatchNorm statistics re-estimated on the kNN train images; running: the "
-        "weights' own (default {default})",
-    ),
-]
-# ... and the rest of soco knn's options.
-KNN_RUN_FLAGS = [
-    Flag(
-        "soco_weights", "--soco-weights", "for a run/checkpoint: the online or target (EMA) encoder (default {default})"
-    ),
-    Flag(
-        "train_fraction",
-        "--fraction",
-        "seeded random fraction of the train images used as neighbours (default {default:g})",
-        "F",
-        show=float,
-    ),
-    Flag("seed", "--seed", "seed of random init and of --fraction (default {default})"),
-    Flag("batch", "--batch", "images per forward pass (default {default})", "N"),
-    Flag("workers", "--workers", "image-decoding processes (default {default})", "N"),
-    Flag("device", "--device", "default: cuda when available"),
-    Flag("allow_leak", "--allow-leak", "evaluate even if val images were in the pretraining set"),
-    Flag("progress", "--no-progress", "no progress bars", invert=True),
-]
-KNN_FLAGS = KNN_PROTOCOL_FLAGS + KNN_RUN_FLAGS
+# Generated from KnnOptions' field metadata (config.py): the protocol ("recipe", also soco compare
+# --metric knn's options) and how it runs.
+KNN_FLAGS = option_flags(KnnOptions)
+KNN_RENAMED = {"--batch": "--batch-size"}  # old spelling: a one-line error naming the new one
 
 
 def knn_cli_defaults() -> dict:
@@ -88,8 +28,6 @@ def knn_cli_defaults() -> dict:
 
 
 def add_knn(subparsers):
-    from ..config import KNN_PRESETS, KnnOptions
-
     p = add_command(
         subparsers,
         "knn",
@@ -125,15 +63,14 @@ def add_knn(subparsers):
     )
     add_config_arguments(p, KNN_PRESETS, "kNN", "precise_images=500")
     add_option_flags(p, KnnOptions, KNN_FLAGS, cli_defaults=knn_cli_defaults())
+    add_renamed(p, KNN_RENAMED)
     p.set_defaults(func=cmd_knn)
 
 
 def cmd_knn(args) -> int:
     paths = checked_coco_paths(args)
-    from ..config import KNN_PRESETS, KnnOptions
-
     options, _ = resolve_options(KnnOptions, args, KNN_FLAGS, KNN_PRESETS, cli_defaults=knn_cli_defaults())
-    from ..evaluate.knn import knn_eval
+    from ..evaluate.knn import knn_eval  # here, not at the top: soco --help must not import torch
 
     knn_eval(args.weights, *paths, options)
     return 0

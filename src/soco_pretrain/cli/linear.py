@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import LINEAR_PRESETS, LinearConfig
 from .common import (
-    Flag,
     add_command,
     add_config_arguments,
     add_max_steps,
@@ -15,50 +15,25 @@ from .common import (
     add_run_folder_flags,
     add_weights_data_out,
     check_weights,
+    option_flags,
     require_dir,
     resolve_options,
 )
 
-LINEAR_FLAGS = [
-    Flag("epochs", "--epochs", "epochs (default {default}, paper B)", "N"),
-    Flag("batch_size", "--batch", "batch size (default {default}, paper B)", "N"),
-    Flag(
-        "base_lr",
-        "--lr",
-        "learning rate at batch 256, scaled by batch/256 (default {default:g}, paper B)",
-        "LR",
-        show=float,
-    ),
-    Flag("schedule", "--schedule", "cosine (released code) or steps (MoCo: x0.1 at 60%% and 80%%) (default {default})"),
-    Flag(
-        "warmup_epochs",
-        "--warmup-epochs",
-        "linear warm-up from lr/100 (default {default}, released code; 0 = none)",
-        "N",
-    ),
-    Flag("image_size", "--image-size", "crop size (default {default}); the test resize is PX x 256/224", "PX"),
-    Flag("workers", "--workers", "data-loader processes (default: usable cores, at most 8)", "N"),
-    Flag(
-        "eval_every",
-        "--eval-every",
-        "also evaluate every N epochs into metrics.jsonl (default {default}: only at the end)",
-        "N",
-    ),
-    Flag("seed", "--seed", "random seed (default {default})"),
-]
-LINEAR_RENAMED = {"--max-iters": "--max-steps"}  # old spelling: a one-line error naming the new one
+LINEAR_FLAGS = option_flags(LinearConfig)  # generated from LinearConfig's field metadata (config.py)
+# old spellings: a one-line error naming the new one
+LINEAR_RENAMED = {"--max-iters": "--max-steps", "--batch": "--batch-size"}
 
 
 def add_linear(subparsers):
-    from ..config import LINEAR_PRESETS, LinearConfig
-
     p = add_command(
         subparsers,
         "linear",
         help="linear probe: a linear classifier on the frozen pretrained ResNet (top-1/top-5)",
         description=(
             "Train a linear classifier on the frozen ResNet of WEIGHTS (its own backbone; ResNet-50\n"
-            "for none) as paper appendix B: backbone and BN statistics fixed; SGD lr 30 x batch/256,\n"
+            "for none) as paper appendix B: backbone and BN statistics fixed; SGD lr 30 x batch/256\n"
+            "(--base-lr 30 at batch 256; --lr gives the peak rate itself, whatever --batch-size),\n"
             "momentum 0.9, weight decay 0, batch 256, 100 epochs, cosine after a 5-epoch warm-up as\n"
             "the released code; train: random resized crop 224 + flip; test: shorter side 256,\n"
             "centre crop 224. TRAIN and VAL are class folders (ROOT/CLASS/IMAGE, as torchvision\n"
@@ -73,7 +48,7 @@ def add_linear(subparsers):
             "soco linear --weights runs/fpn100 --soco-weights target --train imagenet/train --val imagenet/val "
             "--out runs/fpn100-linear-ema",
             "soco linear --weights none --train shapes/train --val shapes/val --out runs/random-linear "
-            "--epochs 5 --batch 32 --image-size 96   # random-init baseline, CPU-sized",
+            "--epochs 5 --batch-size 32 --image-size 96   # random-init baseline, CPU-sized",
             "soco linear --preset moco --weights runs/c4-100ep --train imagenet/train --val imagenet/val --out lin/",
         ],
     )
@@ -113,10 +88,8 @@ def cmd_linear(args) -> int:
     require_dir(args.train, "training class folder")
     require_dir(args.val, "validation class folder")
     check_weights(args)
-    from ..config import LINEAR_PRESETS, LinearConfig
-
     config, _ = resolve_options(LinearConfig, args, LINEAR_FLAGS, LINEAR_PRESETS)
-    from ..transfer.linear import linear_probe
+    from ..transfer.linear import linear_probe  # here, not at the top: soco --help must not import torch
 
     linear_probe(
         args.weights,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import PretrainConfig, format_sources, load_file, resolve
+from ..runfolder import holds_checkpoints
 from .common import (
     Parser,
     UserError,
@@ -43,10 +45,9 @@ def _add_config_sources(p, preset_required: bool) -> None:
 def pretrain_config(args, flags: list[tuple[str, dict]] = ()):
     """(PretrainConfig, sources): the defaults < --preset < --config FILE < ``flags`` < --set.
     ``flags``: (label, nested mapping) of options with their own flag (--workers, --compile)."""
-    from ..config import PretrainConfig, load_file, resolve
-
     layers = []
     if args.preset is not None:
+        # here, not at the top: soco --help must not import yaml (presets imports it too)
         import yaml
 
         from ..presets import preset_text
@@ -155,11 +156,9 @@ def cmd_pretrain(args) -> int:
     if args.workers is not None:
         flags.append(("--workers", {"train": {"workers": args.workers}}))
     if args.compile:
-        flags.append(("--compile", {"train": {"compile": "true"}}))
+        flags.append(("--compile", {"train": {"compile": True}}))
     if args.init is not None:
         if not Path(args.init).exists():
-            from ..runfolder import holds_checkpoints
-
             # a rerun of the command that started the run, after its init file moved
             resumes = args.out is not None and args.resume != "none" and holds_checkpoints(args.out)
             hint = f" (resuming {args.out} needs no --init: the checkpoint holds the weights)" if resumes else ""
@@ -168,8 +167,6 @@ def cmd_pretrain(args) -> int:
     if args.init_partial:
         flags.append(("--init-partial", {"model": {"init_partial": True}}))
     if args.print_config:
-        from ..config import format_sources
-
         print(format_sources(*pretrain_config(args, flags)))
         return 0
     missing = [flag for flag, value in (("--images", args.images), ("--out", args.out)) if value is None]
@@ -192,7 +189,7 @@ def cmd_pretrain(args) -> int:
         )
     if source == "coco" and config.data.views.proposal_json and not Path(config.data.views.proposal_json).is_file():
         raise UserError(f"data.views.proposal_json={config.data.views.proposal_json}: no such file")
-    from ..train.loop import pretrain
+    from ..train.loop import pretrain  # here, not at the top: soco --help must not import torch
 
     hooks = []
     if config.monitor.json:  # the learning curve (evaluate/monitor.py)
@@ -251,7 +248,5 @@ def add_config(subparsers):
 
 
 def cmd_config_show(args) -> int:
-    from ..config import format_sources
-
     print(format_sources(*pretrain_config(args)))
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import SEARCH_PRESETS, SearchConfig
 from .common import (
     PROG,
-    Flag,
     Formatter,
     Parser,
     UserError,
@@ -17,24 +17,16 @@ from .common import (
     add_workers,
     default_workers,
     non_negative_int,
+    option_flags,
     parse_shard,
     require_dir,
     require_source,
     resolve_options,
 )
 
-# Fields of SearchConfig with their own flag (any field: --set KEY=VALUE); defaults from the preset.
-PROPOSALS_FLAGS = [
-    Flag(
-        "max_side",
-        "--max-side",
-        "search larger images on a copy resized to this long side (0 = never; preset default {default})",
-        "PX",
-    ),
-    Flag("scale", "--scale", "override the preset's scale (Felzenszwalb)", "S"),
-    Flag("sigma", "--sigma", "override the preset's sigma (Felzenszwalb smoothing)", "S"),
-    Flag("min_size", "--min-size", "override the preset's min_size (Felzenszwalb, pixels)", "N"),
-]
+# Fields of SearchConfig with their own flag (any field: --set KEY=VALUE), generated from its
+# field metadata (config.py); defaults from the preset.
+PROPOSALS_FLAGS = option_flags(SearchConfig)
 
 
 # images.DEFAULT_MAX_PIXELS, written out so that --help imports neither numpy nor PIL (a test
@@ -56,8 +48,6 @@ class _ProposalsParser(Parser):
 
 
 def add_proposals(subparsers):
-    from ..config import SEARCH_PRESETS, SearchConfig
-
     p = add_command(
         subparsers,
         "proposals",
@@ -128,8 +118,6 @@ def add_proposals(subparsers):
 
 def search_config(args):
     """(SearchConfig, sources) of the command line: the preset < --config < flags < --set."""
-    from ..config import SEARCH_PRESETS, SearchConfig
-
     if args.preset not in SEARCH_PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from {', '.join(sorted(SEARCH_PRESETS))})")
     return resolve_options(
@@ -140,7 +128,7 @@ def search_config(args):
 def cmd_proposals(args) -> int:
     source = require_source(args.images)
     config, _ = search_config(args)
-    from ..config import SEARCH_PRESETS
+    # here, not at the top: soco --help must not import numpy, PIL or numba
     from ..images import DEFAULT_MAX_PIXELS
     from ..proposals import generate
     from ..proposals.generate import memory_capped_workers
@@ -190,7 +178,7 @@ def add_proposals_merge(subparsers):
 
 def cmd_proposals_merge(args) -> int:
     shards = [require_dir(s, "shard store") for s in args.shards]
-    from ..proposals import load, merge
+    from ..proposals import load, merge  # here, not at the top: soco --help must not import numba
 
     result = merge(shards, Path(args.out))
     if hasattr(result, "format"):
@@ -220,7 +208,7 @@ def _verify_parser():
 
 def cmd_proposals_verify(args) -> int:
     store = require_dir(args.store, "proposals store")
-    from ..proposals import verify_store
+    from ..proposals import verify_store  # here, not at the top: soco --help must not import numba
 
     n = verify_store(store)
     print(f"ok: {n} files verified ({store}: every sha256 matches manifest.json)")

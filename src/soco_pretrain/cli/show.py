@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import DataConfig, apply_overrides
 from .common import (
     Parser,
     UserError,
@@ -66,6 +67,7 @@ def add_show_proposals(subparsers):
 def cmd_show_proposals(args) -> int:
     require_dir(args.store, "proposal store")
     require_source(args.images)
+    # here, not at the top: soco --help must not import numba
     from ..proposals import load
     from ..viz import show_proposals
 
@@ -119,14 +121,13 @@ def add_show_views(subparsers):
 
 def cmd_show_views(args) -> int:
     check_view_inputs(args)
-    from ..config import DataConfig, apply_overrides
-
     config = apply_overrides(DataConfig(seed=args.seed), args.overrides)  # ConfigError: one line, exit 2
     if config.views.proposal_source == "selective_search" and args.proposals is None:
         raise UserError(
             "--proposals STORE is required with views.proposal_source=selective_search (the "
             "default), or --set views.proposal_source=whole_image|random|coco"
         )
+    # here, not at the top: soco --help must not import torch
     from ..data.dataset import SoCoDataset
     from ..viz import show_views
 
@@ -160,6 +161,7 @@ def cmd_show_curves(args) -> int:
     run = require_dir(args.run, "run folder")
     if not (run / "metrics.jsonl").is_file():
         raise UserError(f"{args.run}: no metrics.jsonl (not a soco pretrain run folder, or no step logged yet)")
+    # here, not at the top: soco --help must not import torch or matplotlib
     from ..engine.metrics import read_metrics
     from ..viz import plot_curves
 

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..coco_json import IGNORED, normalised_file_name, read_coco_json
 from ..config import DataConfig
@@ -63,7 +64,10 @@ from ..images import ImageError, ImageList, list_images, load_encoded, load_rgb
 from ..proposals.filters import RULE_FAILED
 from ..proposals.store import ProposalStore
 from ..proposals.store import load as load_store
+from .augment import augment_cpu
+from .boxes import from_store
 from .proposal_sources import random_boxes, read_coco_boxes
+from .views import build_views, plan_array, plan_views
 
 log = logging.getLogger("soco_pretrain.data")
 
@@ -176,8 +180,6 @@ def _warn_keyless(store: ProposalStore) -> None:
 
 def _is_rank_zero() -> bool:
     """One process says it (every rank builds the same dataset under DDP)."""
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -356,8 +358,6 @@ class SoCoDataset(torch.utils.data.Dataset):
 
     def _boxes_of(self, j: int, path, w: int, h: int) -> np.ndarray | None:
         """Image ``j``'s proposals for its ``w`` x ``h`` pixels (see ``_load``)."""
-        from .boxes import from_store
-
         if self.whole_image[j]:
             return np.array([[0.0, 0.0, w, h]])
         if self.source == "random":
@@ -441,8 +441,6 @@ class SoCoDataset(torch.utils.data.Dataset):
     def raw(self, index: int, epoch: int | None = None) -> RawSample:
         """Sample ``index`` before conversion to tensors (views as uint8 HxWx3 arrays). Always
         decodes in this process, whatever ``config.decode`` (pictures use it)."""
-        from .views import build_views
-
         index, rng, generator = self._start(index, epoch)
         self._rerouted_now = []
         j, (image, boxes), skipped = self._first_loadable(index, self._load)
@@ -470,8 +468,6 @@ class SoCoDataset(torch.utils.data.Dataset):
         The rng draws are raw()'s (the photometric generator first, then the geometry from the
         header's size), so the boxes, levels and the views rendered from the plan are the ones
         "worker" mode gives for the same seed, epoch and index."""
-        from .views import plan_array, plan_views
-
         index, rng, _ = self._start(index, epoch)  # the generator: drawn only to keep the draws
         self._rerouted_now = []
         j, (data, image, (w, h), boxes), skipped = self._first_loadable(index, self._load_encoded)
@@ -524,8 +520,6 @@ class SoCoDataset(torch.utils.data.Dataset):
         for v, img in enumerate(vs.images):
             t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # uint8 3xHxW
             if aug.device != "gpu":
-                from .augment import augment_cpu
-
                 t = augment_cpu(t, aug.view_params[v], aug, raw.generator)
             views.append(t)
         return {

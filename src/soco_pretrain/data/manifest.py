@@ -22,6 +22,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from safetensors import safe_open
+from tqdm import tqdm
+
 from ..errors import PathError, UserError
 from ..files import atomic_write_json
 from ..runfolder import file_digest
@@ -62,8 +65,6 @@ def _digests(paths: list[Path], workers: int, progress: bool, desc: str) -> list
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
         results = pool.map(_digest_or_none, paths)
         if progress and len(paths) > _BAR_MIN:
-            from tqdm import tqdm
-
             results = tqdm(results, total=len(paths), desc=desc, unit="img", dynamic_ncols=True)
         return list(results)
 
@@ -240,8 +241,6 @@ def stamped_manifest(weights) -> tuple[str, str | None] | None:
     if path.suffix != ".safetensors" or not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception:  # noqa: BLE001 - unreadable here: the weights reader says why, in one line

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import math
 import os
 import pickle
@@ -38,6 +39,7 @@ import torch
 from ..errors import UserError
 from ..files import WriteError, atomic_write, check_free_space, fsync_dir
 from .hooks import Hook
+from .metrics import stop_non_finite
 
 TMP_PREFIX = ".tmp-"  # temporary files start with this; stale ones are removed by CheckpointManager
 LAST = "last.pt"
@@ -314,8 +316,6 @@ def numpy_pickle_allowed(module: str, name: str) -> bool:
 def _numpy_safe_globals() -> list:
     """NUMPY_PICKLE_GLOBALS as the objects torch.serialization.safe_globals takes (this numpy's path only:
     importing numpy.core warns on numpy 2), with numpy's DType classes."""
-    import importlib
-
     core = "numpy._core" if hasattr(np, "_core") else "numpy.core"
     found = [
         getattr(importlib.import_module(module), name)
@@ -670,8 +670,6 @@ class Checkpointer(Hook):
             # equal, so all stop together and none waits at the barrier for rank 0).
             bad = non_finite(weight_tensors(state))
             if bad is not None:
-                from .metrics import stop_non_finite
-
                 name, count, total = bad
                 stop_non_finite(trainer, f"non-finite weights ({count} of {total} tensors, first {name})")
             if self.is_main:

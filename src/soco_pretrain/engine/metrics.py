@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from tqdm import tqdm
 
+from ..errors import NonFiniteLossError
 from .hooks import Hook
 
 METRICS_FILE = "metrics.jsonl"
@@ -50,7 +52,7 @@ def _summary_writer(log_dir: Path):
     """A TensorBoard SummaryWriter, or None (with a one-time note) when tensorboard is missing."""
     global _tensorboard_note_shown
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # here, not at the top: tensorboard is optional
     except ImportError:
         if not _tensorboard_note_shown:
             _tensorboard_note_shown = True
@@ -161,8 +163,6 @@ class Progress:
         self.enabled = enabled
         self._bar = None
         if enabled:
-            from tqdm import tqdm
-
             self._bar = tqdm(
                 total=total,
                 initial=initial,
@@ -387,8 +387,6 @@ def stop_non_finite(trainer, what: str) -> NoReturn:
     """Stop the run: ``what`` went non-finite (the loss: :class:`Metrics`; the weights: the
     checkpointer) and nothing was saved after it. One line naming the last good checkpoint, with
     the stage's ``where`` and ``hint`` when the trainer has metrics."""
-    from ..errors import NonFiniteLossError
-
     metrics = trainer.metrics
     where = metrics.where(trainer) if metrics is not None else f"at step {trainer.step}"
     hint = metrics.hint if metrics is not None else ""

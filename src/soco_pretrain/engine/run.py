@@ -35,7 +35,7 @@ import torch
 from ..errors import UserError
 from ..runfolder import holds_checkpoints, locked, start_fresh
 from .checkpoint import Checkpointer, CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from .distributed import DistInfo, barrier, cleanup, init_distributed, stop_on_lost_ranks
+from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, stop_on_lost_ranks
 from .metrics import METRICS_FILE, Metrics
 from .trainer import Hook, StepOutput, Trainer
 
@@ -45,7 +45,7 @@ class Stage(Protocol):
 
     command: str  # "pretrain" | "finetune" | "linear probe": the lock's and the messages' name
     distributed: bool  # under torchrun / srun: one process per device, a process group
-    trains: bool  # False: a run that only evaluates (``--resume none`` then moves nothing aside)
+    trains: bool  # False: a run that only evaluates (its checkpoint is read whatever the recipe; nothing moved aside)
     keep_checkpoints: int  # numbered checkpoints kept besides last.pt (0: only last.pt)
     run_keys: tuple[str, ...]  # dotted prefixes of settings a resume may change (how it runs)
     device: torch.device  # set by build: where a checkpoint is loaded to
@@ -128,7 +128,7 @@ def resume_stage(stage: Stage, manager: CheckpointManager, resume, accept_change
     saved = stage.recipe_of(checkpoint, path, accept_changes)
     differs = differences(saved, stage.recipe())
     changed = [key for key in differs if not key.startswith(stage.run_keys)]
-    if changed and not accept_changes:
+    if changed and not accept_changes and stage.trains:  # an evaluation-only run trains nothing on
         raise UserError(
             f"{path}: made with other settings ({_listed(changed)}); resume with the run's own, give another "
             "--out, or add --accept-changes"
@@ -221,8 +221,6 @@ def make_trainer(
     """The trainer of one stage: the metrics (first: the loss guard sees a step before any hook
     can save), the stage's hooks, the metrics writer and the checkpointer where the stage puts
     them."""
-    from .distributed import all_reduce_mean
-
     options: dict[str, Any] = {"reduce": all_reduce_mean, **stage.metrics()}
     metrics = Metrics(out, total_steps=stop, initial=start, enabled=info.is_main, progress=progress, **options)
 

@@ -242,6 +242,25 @@ def _normalised(obj):
     return json.loads(json.dumps(obj))
 
 
+# Recorded option names a later version renamed, per metric: an older OUT/compare.json is read
+# with the new names (one line says so when it is rewritten), so its arms keep running.
+RENAMED_OPTIONS = {"finetune": {"batch": "batch_size"}}
+
+
+def _upgraded(obj: dict) -> tuple[dict, list[str]]:
+    """``obj`` (a recorded spec) with renamed option keys under their new names, and the renames."""
+    renames = RENAMED_OPTIONS.get(obj.get("metric", ""), {})
+    options = obj.get("options", {})
+    done = [f"{old} -> {new}" for old, new in renames.items() if old in options and new not in options]
+    if not done:
+        return obj, []
+    upgraded = {k: v for k, v in options.items() if k not in renames}
+    for old, new in renames.items():
+        if old in options:
+            upgraded[new] = options[old]
+    return {**obj, "options": upgraded}, done
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = list(dict.fromkeys([*old, *new]))
     diffs = []
@@ -260,7 +279,7 @@ def read_spec(out, runtime: dict | None = None) -> CompareSpec:
     if not path.is_file():
         raise PathError(path, "no such file (not a soco compare folder; give --init and the data options)")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj, _ = _upgraded(json.loads(path.read_text(encoding="utf-8")))
         return CompareSpec.from_json(obj, runtime)
     except (ValueError, KeyError, TypeError) as exc:
         raise PathError(path, f"not a soco compare specification ({type(exc).__name__}: {exc})") from exc
@@ -273,7 +292,7 @@ def check_out(spec: CompareSpec, out) -> bool:
     if not path.is_file():
         return False
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old, _ = _upgraded(json.loads(path.read_text(encoding="utf-8")))
     except ValueError as exc:
         raise PathError(path, "unreadable (not JSON); remove it or use another --out") from exc
     new = _normalised(spec.to_json())
@@ -292,6 +311,11 @@ def prepare_out(spec: CompareSpec, out) -> Path:
     path = Path(out) / SPEC_FILE
     if not check_out(spec, out):
         atomic_write_json(path, _normalised(spec.to_json()))
+        return path
+    renamed = _upgraded(json.loads(path.read_text(encoding="utf-8")))[1]
+    if renamed:  # the same comparison under older option names: recorded anew
+        atomic_write_json(path, _normalised(spec.to_json()))
+        print(f"note: {path} recorded options under their old names; rewritten ({', '.join(renamed)})", flush=True)
     return path
 
 
@@ -624,6 +648,8 @@ def run_arm(arm: Arm, spec: CompareSpec, out_dir) -> dict:
     ``train_fraction``/``seed`` (both with their leak check off: :func:`check_leaks` ran once for
     all arms).
     """
+    from .. import config
+
     runtime = spec.runtime
     if spec.metric == "finetune":
         from ..transfer.finetune import FinetuneOptions, finetune
@@ -631,9 +657,8 @@ def run_arm(arm: Arm, spec: CompareSpec, out_dir) -> dict:
         options = dict(spec.options)
         if "train_sizes" in options:
             options["train_sizes"] = tuple(options["train_sizes"])
-        extra = {
-            k: runtime[k] for k in ("workers", "device", "log_every", "checkpoint_every", "progress") if k in runtime
-        }
+        # the run options of the metric (config.py's field metadata) that the runtime holds
+        extra = {k: runtime[k] for k in config.option_names(config.FinetuneOptions, "run") if k in runtime}
         opts = FinetuneOptions(**options, **extra, fraction=arm.fraction, seed=arm.seed, resume="auto")
         return finetune(
             arm.weights,
@@ -647,7 +672,7 @@ def run_arm(arm: Arm, spec: CompareSpec, out_dir) -> dict:
         )
     from .knn import KnnOptions, knn_eval
 
-    extra = {k: runtime[k] for k in ("workers", "device", "progress") if k in runtime}
+    extra = {k: runtime[k] for k in config.option_names(config.KnnOptions, "run") if k in runtime}
     knn_opts = KnnOptions(**spec.options, **extra, seed=arm.seed, train_fraction=arm.fraction, allow_leak=True)
     return knn_eval(
         arm.weights, spec.train_json, spec.train_images, spec.val_json, spec.val_images, Path(out_dir), knn_opts

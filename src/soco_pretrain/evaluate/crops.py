@@ -21,8 +21,14 @@ import math
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from ..config import AugmentConfig
+from ..data.augment import normalise, to_float01
+from ..data.boxes import assign_levels
+from ..data.views import resize_square
 from ..engine.precise_bn import averaged_statistics, batch_norms
+from ..errors import UserError
 from .knn import CheckedImages
 
 # ImageNet mean (data.augment's normalisation) as uint8: the fill is zero once normalised.
@@ -46,8 +52,6 @@ def crop_square(box, width: int, height: int, context: float = 1.2) -> tuple[tup
 
 def cut_crop(image: np.ndarray, box, size: int, context: float = 1.2) -> tuple[np.ndarray, bool]:
     """(size, size, 3) uint8 crop of ``box`` from an (H, W, 3) uint8 ``image``, and whether it was clipped."""
-    from ..data.views import resize_square
-
     h, w = image.shape[:2]
     (x0, y0, x1, y1), clipped = crop_square(box, w, h, context)
     n = x1 - x0
@@ -77,8 +81,6 @@ class CropSet:
     96 px are 28 MB), with their labels and image index; unreadable images are listed in ``failed``."""
 
     def __init__(self, objects, size: int, context: float, workers: int = 0, progress: bool = False, desc: str = ""):
-        from tqdm import tqdm
-
         self.objects, self.size, self.context = objects, int(size), float(context)
         self.failed: dict[str, str] = {}
         self.clipped = 0
@@ -99,8 +101,6 @@ class CropSet:
                     image_index.append(torch.full((len(it["crops"]),), it["index"], dtype=torch.int64))
                     self.clipped += it["clipped"]
         if not crops:
-            from ..errors import UserError
-
             raise UserError(
                 f"{objects.source}: no image could be read (first failure: {next(iter(self.failed.values()), 'none')})"
             )
@@ -123,8 +123,6 @@ def _forward_crops(encoder, x: torch.Tensor, features: tuple[str, ...], bounds) 
     """Features of a batch of normalised crops: globally pooled C4 / C5 of the ResNet, and the
     detector path (FPN + RoIAlign of the whole crop on its assigned level + box head; C4: RoIAlign
     on C4 + res5 + pooling), computing the backbone once."""
-    from ..data.boxes import assign_levels
-
     out: dict[str, torch.Tensor] = {}
     size = x.shape[-1]
     if encoder.arch == "fpn":
@@ -161,9 +159,6 @@ class CropEmbedder:
         self.device, self.progress = torch.device(device), progress
 
     def _chunks(self, crops: CropSet, limit: int | None = None):
-        from ..config import AugmentConfig
-        from ..data.augment import normalise, to_float01
-
         n = len(crops) if limit is None else min(limit, len(crops))
         for start in range(0, n, self.batch):
             chunk = crops.crops[start : min(n, start + self.batch)]

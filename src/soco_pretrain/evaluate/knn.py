@@ -34,17 +34,29 @@ only):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
+from tqdm import tqdm
 
-from ..config import AugmentConfig, KnnOptions, ModelConfig
+from ..config import CONFIG_FILE, AugmentConfig, KnnOptions, ModelConfig, from_dict
+from ..data.augment import normalise, to_float01
+from ..data.boxes import assign_levels, resize_boxes
+from ..data.manifest import check_weights_no_leak
+from ..data.views import resize_square
 from ..engine.precise_bn import averaged_statistics, batch_norms
 from ..errors import UserError
+from ..files import atomic_write_json
+from ..images import ImageError, load_rgb
+from ..model.encoder import SoCoEncoder
+from ..transfer.coco import clip_box, load_coco, select_fraction
+from ..weights import WeightsError, encoder_target, load, read_weights
 from .readout import (
     centre_normalise,
     class_metrics,
@@ -101,8 +113,6 @@ class ObjectSet:
 def load_objects(json_path, image_root=None, min_box: float = 32.0, categories: ObjectSet | None = None) -> ObjectSet:
     """Read a COCO JSON's usable objects (see the module docstring). ``categories``: use another
     set's category list (val against train); a category id it lacks is an error."""
-    from ..transfer.coco import clip_box, load_coco
-
     json_path = Path(json_path)
     root = Path(image_root) if image_root is not None else json_path.parent
     coco = load_coco(json_path, root)  # a bad file: PathError naming it
@@ -172,8 +182,6 @@ def split_by_image(objects: ObjectSet, val_fraction: float, seed: int) -> tuple[
 
 def fraction_of(objects: ObjectSet, fraction: float, seed: int) -> ObjectSet:
     """A seeded ``fraction`` of the images (the same subset rule as ``soco finetune --fraction``)."""
-    from ..transfer.coco import select_fraction
-
     if fraction >= 1.0:
         return objects
     chosen = select_fraction(list(range(len(objects))), fraction, seed)
@@ -186,8 +194,6 @@ def fraction_of(objects: ObjectSet, fraction: float, seed: int) -> ObjectSet:
 def load_checked(objects: ObjectSet, i: int) -> tuple[np.ndarray | None, str]:
     """(RGB uint8 image, "") of image ``i``, or (None, a one-line reason): unreadable, or another
     size than its JSON says (its boxes would be wrong)."""
-    from ..images import ImageError, load_rgb
-
     path = objects.paths[i]
     try:
         image = load_rgb(path)
@@ -227,8 +233,6 @@ class _Images(CheckedImages):
         self.size = size
 
     def encode(self, image: np.ndarray, i: int) -> dict:
-        from ..data.views import resize_square
-
         view = resize_square(image, self.size)
         return {"image": torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)}
 
@@ -244,9 +248,6 @@ def _batches(objects: ObjectSet, size: int, batch: int, workers: int, limit: int
 
 def _view_inputs(items: list[dict], objects: ObjectSet, size: int, bounds, device):
     """Stack the images and their boxes (in view pixels, padded to the batch's most objects)."""
-    from ..data.augment import normalise, to_float01
-    from ..data.boxes import assign_levels, resize_boxes
-
     images = torch.stack([it["image"] for it in items])
     x = normalise(to_float01(images), AugmentConfig()).to(device)
     counts = [len(objects.boxes[it["index"]]) for it in items]
@@ -295,8 +296,6 @@ class Embedder:
         self._cache: dict[tuple[str, int, int], list[list[dict]]] | None = {} if cache else None
 
     def _iterate(self, objects: ObjectSet, desc: str, limit: int | None = None):
-        from tqdm import tqdm
-
         total = len(objects) if limit is None else min(limit, len(objects))
         key = (objects.source, id(objects), total)
         if self._cache is not None and key in self._cache:
@@ -408,8 +407,6 @@ class Probe:
     def of(cls, options, size: int, level_bounds) -> Probe:
         """The probe of a KnnOptions or MonitorConfig: the fields they share by name (the monitor has
         no bn / precise_images / centre / baselines / workers fields and gets these defaults)."""
-        from dataclasses import fields
-
         given = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
         given.update(size=size, level_bounds=tuple(level_bounds))
         given["features"] = cls.features_for(options.objects, options.features)
@@ -418,7 +415,7 @@ class Probe:
     @staticmethod
     def features_for(objects: str, features) -> tuple[str, ...]:
         """The feature sets of a mode (None: its default), refusing what the mode cannot embed."""
-        from .crops import FEATURES
+        from .crops import FEATURES  # here, not at the top: crops imports this module
 
         if objects not in OBJECT_MODES:
             raise UserError(f"objects must be one of {', '.join(OBJECT_MODES)}, got {objects!r}")
@@ -452,7 +449,7 @@ class _Embedded:
 def _embed_sets(nets, train: ObjectSet, val: ObjectSet, p: Probe, device, progress: bool, cache: dict | None):
     """(_Embedded train, _Embedded val, {failed path: reason}, clipped crops) for either mode."""
     if p.objects == "crop":
-        from .crops import CropEmbedder, CropSet
+        from .crops import CropEmbedder, CropSet  # here, not at the top: crops imports this module
 
         sets = []
         for objects, desc in ((train, "crops: train objects"), (val, "crops: val objects")):
@@ -570,10 +567,6 @@ def probe_encoders(encoders: Mapping[str, nn.Module], train: ObjectSet, val: Obj
 
 def _run_config(weights: Path) -> dict | None:
     """The resolved config of the soco pretrain run that ``weights`` (folder or checkpoint) belongs to."""
-    import yaml
-
-    from ..config import CONFIG_FILE
-
     for folder in (weights, weights.parent.parent):
         path = folder / CONFIG_FILE
         if path.is_file():
@@ -602,10 +595,6 @@ def build_encoder(weights, soco_weights: str = "online", seed: int = 0, backbone
     dict (Mask R-CNN v2 keys: FPN; a ResNet's keys alone: C4, the res5 head on C4 features), an
     export. info: arch, description, size / level bounds of the run (if any), loaded tensors per
     module and the layer's LoadReport (``report``)."""
-    from ..config import from_dict
-    from ..model.encoder import SoCoEncoder
-    from ..weights import WeightsError, encoder_target, load, read_weights
-
     if weights is None or str(weights).lower() == "none":
         torch.manual_seed(seed)  # soco pretrain's train.seed: the network its run starts from
         cfg = ModelConfig(backbone=backbone or ModelConfig.backbone)  # type: ignore[arg-type]
@@ -678,18 +667,12 @@ def common_size(weights_paths) -> int:
 def knn_eval(weights, train_json, train_images, val_json, val_images, out, options: KnnOptions | None = None) -> dict:
     """Object kNN of ``val_json``'s objects against ``train_json``'s with the encoder of ``weights``;
     writes ``out/knn.json`` and returns it (metrics in percent, see the module docstring)."""
-    import time
-
-    from ..files import atomic_write_json
-
     o = options or KnnOptions()  # checked by KnnOptions itself
     start = time.perf_counter()
     device = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train = fraction_of(load_objects(train_json, train_images, o.min_box), o.train_fraction, o.seed)
     val = load_objects(val_json, val_images, o.min_box, categories=train)
     if not o.allow_leak:
-        from ..data.manifest import check_weights_no_leak
-
         check_weights_no_leak([("--weights", weights)], val.paths, "val", lambda line: print(line, flush=True))
     encoder, info = build_encoder(weights, o.soco_weights, o.seed, o.backbone)
     size, bounds = resolve_geometry(o.size, o.level_bounds, info.get("run"))
@@ -825,7 +808,6 @@ class ObjectMonitor:
         self.probe = replace(probe, features=probe.features[:1])
         self.device, self.progress = device, progress
         self.cache: dict = {}  # decoded images / crops, kept between evaluations
-        from ..model.encoder import SoCoEncoder
 
         with torch.random.fork_rng(devices=[]):  # building them must not move the training RNG
             self.copies = {name: SoCoEncoder(cfg.model).to(device) for name in ("online", "target")}

@@ -22,8 +22,15 @@ Our choices for the probe (the paper evaluates by fine-tuning only), each a comm
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+from scipy.stats import rankdata
+from skimage.feature import hog
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 # Logistic regression strengths tried by the cross-validation (inverse L2 weight, scikit-learn's C).
@@ -74,12 +81,6 @@ def logistic_scores(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.T
                     seed: int = 0) -> torch.Tensor:  # fmt: skip
     """(N_val, C) class probabilities of a logistic regression fitted on standardised train features
     (classes absent from train get 0)."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-
     x = train_x.double().numpy()
     mean, sd = x.mean(0), x.std(0)
     sd[sd == 0] = 1.0  # a constant feature carries nothing; keep it finite
@@ -116,8 +117,6 @@ def logistic_scores(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.T
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Area under the ROC curve of ``scores`` for the boolean ``positive`` (ties count one half);
     None when one side is empty. The Mann-Whitney form: P(score of a positive > score of a negative)."""
-    from scipy.stats import rankdata
-
     positive = np.asarray(positive, dtype=bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
@@ -177,8 +176,6 @@ def handmade_features(crops: torch.Tensor) -> torch.Tensor:
     """A descriptor made by hand, the probe's "pixels" floor: an 8x8x8 RGB colour histogram
     (normalised) + HOG of the grey crop (scikit-image: 9 orientations, cells of 1/6 of the side,
     2x2 blocks), for (N, 3, S, S) uint8 crops."""
-    from skimage.feature import hog
-
     out = []
     for crop in crops.numpy():
         rgb = crop.transpose(1, 2, 0)

@@ -69,7 +69,7 @@ def mean_sd(values) -> dict:
 
 
 def t_quantile(p: float, df: int) -> float:
-    from scipy.stats import t
+    from scipy.stats import t  # local: `t` is too short a name for module level
 
     return float(t.ppf(p, df))
 
@@ -301,6 +301,7 @@ def format_markdown(report: dict) -> str:
 def plot_report(report: dict) -> bytes:
     """PNG bytes: the main metric against the label fraction, one line per init with sd error
     bars (log x when the fractions span more than 10x); a bar chart for a single fraction."""
+    # here, not at the top: pyplot must come after use("Agg"), which importing this module must not do
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed

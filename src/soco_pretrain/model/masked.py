@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
+from torchvision.models.resnet import Bottleneck
 
 
 def _synced_group(bn: nn.Module):
@@ -108,8 +109,6 @@ def run_masked(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) ->
 
 
 def _is_bottleneck(module: nn.Module) -> bool:
-    from torchvision.models.resnet import Bottleneck
-
     return isinstance(module, Bottleneck)
 
 

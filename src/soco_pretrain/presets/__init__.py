@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from importlib import resources
 
+import yaml
+
+from ..config import PretrainConfig, from_dict
 from ..errors import UserError
 
 # The paper's schedules (section 4.1), a CPU-sized one for trying the pipeline, the CPU-budget
@@ -27,10 +30,6 @@ def preset_text(name: str) -> str:
 
 def load_preset(name: str):
     """PretrainConfig for preset ``name``: the YAML values over PretrainConfig's defaults."""
-    import yaml
-
-    from ..config import PretrainConfig, from_dict
-
     data = yaml.safe_load(preset_text(name)) or {}
     try:
         return from_dict(PretrainConfig, data)

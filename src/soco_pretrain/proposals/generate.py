@@ -25,9 +25,12 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from hashlib import sha256
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from ..errors import PathError, UserError
 from ..images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, list_images, load_rgb_bounded
@@ -202,8 +205,6 @@ def file_identity(path) -> tuple[list[int] | None, str | None]:
 
 def _pixel_size(path) -> list[int] | None:
     """(width, height) from the file's header (what load_rgb decodes: no EXIF rotation)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return [int(im.width), int(im.height)]
@@ -324,8 +325,6 @@ def read_log(path: Path) -> tuple[list[dict], int]:
 
 
 def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in ("soco-pretrain", "numpy", "scikit-image", "numba", "pillow"):
         try:
@@ -620,8 +619,6 @@ def generate(
 
 def _run_tasks(tasks, workers, progress, log, known, total, done):
     """Process tasks (in this process or a pool), appending each result to the log."""
-    from tqdm import tqdm
-
     bar = tqdm(
         total=total,
         initial=done,
@@ -638,6 +635,7 @@ def _run_tasks(tasks, workers, progress, log, known, total, done):
         known[r["path"]] = r
         bar.update(1)
 
+    # here, not at the top: looked up per call, so tests can patch selective_search.kernels_cached
     from .selective_search import kernels_cached
 
     if tasks and not kernels_cached():

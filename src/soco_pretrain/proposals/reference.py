@@ -25,7 +25,7 @@ def _patched_texture_hist(img):
 def reference_regions(image: np.ndarray, scale: float = 500, sigma: float = 0.9, min_size: int = 10):
     """Run the patched reference; returns its list of region dicts (``rect`` = x, y, w, h)."""
     try:
-        import selectivesearch.selectivesearch as ss
+        import selectivesearch.selectivesearch as ss  # here, not at the top: a dev extra only
     except ImportError as exc:  # pragma: no cover - dev extra missing
         raise RuntimeError(
             "the reference needs the 'selectivesearch' package: pip install 'soco-pretrain[dev]'"

@@ -25,6 +25,7 @@ and Python pixel loops. This module computes the same thing with numba-compiled 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numba
@@ -89,8 +90,6 @@ def _edge_costs_numpy(image: np.ndarray) -> np.ndarray:
 def kernels_cached() -> bool:
     """Whether numba's on-disk cache already holds compiled kernels of this module (the first run
     on a machine compiles them: 15-45 s before the first image, then they load in a moment)."""
-    import os
-
     stem = Path(__file__).stem
     folders = [Path(__file__).parent / "__pycache__"]
     if os.environ.get("NUMBA_CACHE_DIR"):

@@ -36,6 +36,7 @@ hashes existed gets the full sha256 on open.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -99,8 +100,6 @@ def _checksums(data: bytes) -> dict:
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()

@@ -22,21 +22,33 @@ step N gives the same weights as an uninterrupted one (tests/test_train.py).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 
-from ..config import CONFIG_FILE, PretrainConfig, TrainConfig, to_dict
+from ..config import CONFIG_FILE, PretrainConfig, TrainConfig, resume_free_keys, to_dict
+from ..data import BatchAugment, SoCoDataset, make_loader, set_epoch
+from ..data.manifest import record_run_manifest
+from ..engine.distributed import all_reduce_sum
 from ..engine.run import run
+from ..engine.schedule import lr_at, scaled_lr, tau_at
 from ..engine.skips import SkipLog
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
 from ..errors import NonFiniteLossError, UserError  # noqa: F401 - NonFiniteLossError: raised by the engine for pretrain()
 from ..files import atomic_write_json
+from ..model import SoCoModel, convert_sync_bn
+from ..model.loss import full_count
+from ..transfer.warm_start import REPORT_FILE, InitError, apply_init, init_sha256, prepare_init, recorded_init_sha256
 from .feed import BatchFeed, model_inputs
+from .lars import LARS, decay_param_groups, lars_param_groups
+from .memory import auto_per_device_batch
 from .speed import Speed, apply_speed, compiled, mark_step_begin, resolve_speed
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -91,9 +103,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def resolve_per_device_batch(cfg: PretrainConfig, world_size: int, device) -> tuple[PretrainConfig, str]:
     """``train.per_device_batch: 0`` (auto) -> the largest batch that fits the device (memory.py);
     returns the config with the number filled in and a note for the start-up line."""
-    import dataclasses
-
-    from .memory import auto_per_device_batch
 
     t = cfg.train
     if t.per_device_batch != 0:
@@ -122,8 +131,6 @@ def resolve_augment_device(cfg: PretrainConfig, device) -> PretrainConfig:
     """``data.augment.device: auto`` -> "gpu" (batched photometric augmentation on the training
     device) when training on CUDA or decoding there (``data.decode=device``: the workers hold no
     pixels), "cpu" (in the loader workers) otherwise."""
-    import dataclasses
-
     aug = cfg.data.augment
     if aug.device != "auto":
         return cfg
@@ -136,8 +143,6 @@ def resolve_augment_device(cfg: PretrainConfig, device) -> PretrainConfig:
 
 def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int, device) -> Plan:
     """Accumulation, steps per epoch, schedule lengths and the peak lr for this job."""
-    from ..engine.schedule import scaled_lr
-
     if cfg.train.per_device_batch == 0:  # auto (the loop resolves it first; callers may not)
         cfg, _ = resolve_per_device_batch(cfg, world_size, device)
     t = cfg.train
@@ -175,8 +180,6 @@ def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int
 
 def save_config(cfg: PretrainConfig, run_dir: Path) -> Path:
     """RUN/config.yaml: the resolved config (preset + overrides), loadable with config.from_dict."""
-    import yaml
-
     path = Path(run_dir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
@@ -211,8 +214,6 @@ class Job:
 
 def build_job(cfg: PretrainConfig, images, proposals, image_root, dist_info) -> Job:
     """Resolve the config for this device and world, then build data, model and optimiser."""
-    from ..data import SoCoDataset, make_loader
-
     dev, world = dist_info.device, dist_info.world_size
     cfg, batch_note = resolve_per_device_batch(cfg, world, dev)
     cfg = resolve_augment_device(cfg, dev)
@@ -243,8 +244,6 @@ def make_optimizer(core: torch.nn.Module, t: TrainConfig, lr: float) -> torch.op
     """``train.optimizer`` over the trainable parameters of ``core`` (frozen ones are in no group):
     LARS (the paper's) or SGD (our small-budget option: momentum ``train.momentum``, no Nesterov).
     Both give biases and normalisation parameters no weight decay (lars.decay_param_groups)."""
-    from .lars import LARS, decay_param_groups, lars_param_groups
-
     if t.optimizer == "sgd":
         return torch.optim.SGD(
             decay_param_groups(core, t.weight_decay), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay
@@ -260,8 +259,6 @@ def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) 
     """The model (SyncBN, DDP, channels_last, compile as configured), the optimiser (LARS or SGD),
     the grad scaler and the on-device augmenter of a job: the same for training and for the step
     benchmarks."""
-    from ..model import SoCoModel, convert_sync_bn
-
     t = cfg.train
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     try:
@@ -281,8 +278,6 @@ def model_parts(cfg: PretrainConfig, plan: Plan, dev: torch.device, world: int) 
     apply_speed(speed)
     augmenter = None
     if cfg.data.augment.device == "gpu":
-        from ..data import BatchAugment
-
         augmenter = BatchAugment(cfg.data.augment)
     return {
         "core": core,
@@ -353,10 +348,6 @@ class PretrainStep:
         self.stepped = True
 
     def __call__(self, step: int) -> StepOutput:
-        from ..data import set_epoch
-        from ..engine.distributed import all_reduce_sum
-        from ..engine.schedule import lr_at, tau_at
-        from ..model.loss import full_count
 
         job, pos, plan, t = self.job, self.position, self.job.plan, self.job.cfg.train
         if pos.in_epoch >= plan.steps_per_epoch:  # the epoch is complete: next one
@@ -412,11 +403,7 @@ class PretrainStep:
 
 # Settings a resumed run may change freely: how it runs and reports, not what it trains. Any
 # other difference from the checkpoint's config (model, data, schedule) needs accept_changes.
-RESUME_FREE = ("version", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.workers",
-               "train.dist_timeout_s",
-               "train.compile", "train.per_device_batch", "train.channels_last", "train.precision",
-               "train.cudnn_benchmark", "train.tf32", "train.prefetch", "data.augment.device", "data.decode",
-               "model.roi_pool", "monitor.")  # fmt: skip
+RESUME_FREE = resume_free_keys(PretrainConfig)  # the fields config.py declares kind="run"
 
 # Keys added after checkpoints were first written, with the value a checkpoint without the key
 # trained with: such a checkpoint is compared as if it held it (an older run resumes as before).
@@ -425,8 +412,6 @@ ADDED_KEYS: dict[str, Any] = {"train.optimizer": "lars", "train.ema_schedule": "
 
 def _with_added_keys(config: dict) -> dict:
     """``config`` (a checkpoint's) with the ADDED_KEYS it lacks set to the value it trained with."""
-    import copy
-
     config = copy.deepcopy(config)
     for dotted, value in ADDED_KEYS.items():
         section, name = dotted.split(".")
@@ -442,9 +427,6 @@ def keep_recorded_init(job: Job, saved: dict, run_dir: Path) -> None:
     ``init_partial``) is kept in the config. An ``--init`` whose sha256 differs from the recorded
     one (RUN/init_report.json) is refused naming both, even at the recorded path and even with
     --accept-changes: the config would name weights the run did not start from."""
-    from dataclasses import replace
-
-    from ..transfer.warm_start import InitError, init_sha256, recorded_init_sha256
 
     model = saved.get("model", {})
     recorded, given = model.get("init"), job.cfg.model.init
@@ -640,8 +622,6 @@ class PretrainStage:
 def warm_start(job: Job, init, run_dir: Path) -> None:
     """Load the checked init weights into both networks (every rank; DDP broadcast its initial
     weights already); rank 0 prints the key report and saves it as RUN/init_report.json."""
-    from ..transfer.warm_start import REPORT_FILE, apply_init
-
     apply_init(job.core, init)
     if job.is_main:
         print(init.format(), flush=True)
@@ -651,8 +631,6 @@ def warm_start(job: Job, init, run_dir: Path) -> None:
 def announce(job: Job, run_dir: Path, progress: bool, stop: int) -> None:
     """Rank 0: RUN/config.yaml, the data manifest (the leak guard's input; reused on resume) and
     the start-up line with the derived numbers."""
-    from ..data.manifest import record_run_manifest
-
     cfg, plan, t = job.cfg, job.plan, job.cfg.train
     speed = f", {job.speed.describe()}" if job.speed.describe() else ""
     save_config(cfg, run_dir)
@@ -685,8 +663,6 @@ def prepare_warm_start(cfg: PretrainConfig, fresh: bool):
     """The checked ``model.init`` file of a run that starts at step 0 (transfer/warm_start.py), or
     None (no init, or a run that resumes and takes its weights from the checkpoint). A frozen part
     needs an init that fills it: freezing random weights is refused."""
-    from ..transfer.warm_start import prepare_init
-
     m, t = cfg.model, cfg.train
     if not fresh or (not m.init and t.freeze == "none"):
         return None  # a resume: the checkpoint holds the weights; keep_recorded_init compares the init's sha256

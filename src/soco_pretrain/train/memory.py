@@ -112,4 +112,3 @@ def auto_per_device_batch(
         if b <= per_process and per_process % b == 0:
             return b
     return 1
-

@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 
+from ..config import ConfigError, auto_bool
 from ..errors import UserError
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -53,15 +55,18 @@ class Speed:
 
 
 def _tristate(key: str, value, default: bool) -> bool:
-    text = str(value).lower()
-    if text not in ("auto", "true", "false"):
-        raise UserError(f"train.{key}={value!r}: expected auto, true or false")
-    return default if text == "auto" else text == "true"
+    """A true/false/auto setting (None = auto; the strings an older config.yaml holds read as
+    such) resolved for this device: ``default`` when auto."""
+    try:
+        chosen = auto_bool(key, value)
+    except ConfigError:
+        raise UserError(f"train.{key}={value!r}: expected true, false or null (auto)") from None
+    return default if chosen is None else chosen
 
 
 def resolve_compile(value, device) -> bool:
-    """``train.compile``: auto (on for CUDA, where benchmarks/gpu.py measured 1.5x images/s for
-    the FPN step; off on CPUs, where compiling costs minutes for little) | true | false."""
+    """``train.compile``: null = auto (on for CUDA, where benchmarks/gpu.py measured 1.5x images/s
+    for the FPN step; off on CPUs, where compiling costs minutes for little) | true | false."""
     return _tristate("compile", value, torch.device(device).type == "cuda")
 
 
@@ -99,8 +104,6 @@ def compiled(model, mode: str = "default"):
         try:
             return state["fn"](*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - only compiler failures fall back; the rest re-raise
-            from torch._dynamo.exc import BackendCompilerFailed
-
             if state["fn"] is model or not isinstance(exc, BackendCompilerFailed):
                 raise
             print(

@@ -26,12 +26,14 @@ met, and reported by path.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_util
 
 from ..coco_json import OPTIONAL, REQUIRED, read_coco_json
 from ..errors import PathError
@@ -112,8 +114,6 @@ def check_images(coco: CocoSet, flag: str = "", images: list[dict] | None = None
     Each folder is listed once (``os.scandir``), so a COCO-sized set costs a directory read, not
     one ``stat`` per image.
     """
-    import os
-
     images = coco.images if images is None else images
     where = f"{coco.image_root}" + (f" ({flag})" if flag else "")
     listed: dict[Path, set[str]] = {}
@@ -144,8 +144,6 @@ def check_images(coco: CocoSet, flag: str = "", images: list[dict] | None = None
 
 def segmentation_to_mask(segm, height: int, width: int) -> np.ndarray | None:
     """Polygons, uncompressed RLE or compressed RLE -> (H, W) uint8 mask; None if unusable."""
-    from pycocotools import mask as mask_util
-
     if isinstance(segm, list):  # polygons: [[x1, y1, x2, y2, ...], ...]
         polys = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
         if not polys:

@@ -17,6 +17,9 @@ import io
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 MASK_THRESHOLD = 0.5
@@ -24,8 +27,6 @@ MASK_THRESHOLD = 0.5
 
 def to_coco_results(output: dict, image_id: int, label_to_cat: dict[int, int], masks: bool) -> list[dict]:
     """One image's torchvision detections (boxes xyxy in image pixels) as COCO result dicts."""
-    from pycocotools import mask as mask_util
-
     boxes = output["boxes"].detach().float().cpu()
     scores = output["scores"].detach().float().cpu().tolist()
     labels = output["labels"].detach().cpu().tolist()
@@ -52,8 +53,6 @@ def to_coco_results(output: dict, image_id: int, label_to_cat: dict[int, int], m
 def ground_truth(data: dict):
     """A pycocotools COCO object from a JSON dict, filling fields COCOeval needs but users omit
     (annotation ``id``, ``iscrowd``, ``area``); quiet."""
-    from pycocotools.coco import COCO
-
     data = copy.copy(data)
     annotations = []
     for k, a in enumerate(data.get("annotations", [])):
@@ -73,8 +72,6 @@ def ground_truth(data: dict):
 
 def _detections(gt, results: list[dict]):
     """COCO object of the results; an empty one (AP 0) when there are none (loadRes fails on [])."""
-    from pycocotools.coco import COCO
-
     with contextlib.redirect_stdout(io.StringIO()):
         if results:
             return gt.loadRes(copy.deepcopy(results))
@@ -94,8 +91,6 @@ def coco_evaluate(gt_data, results: list[dict], iou_types=("bbox", "segm"), imag
     ``image_ids``: evaluate only these images (default: every image of the ground truth).
     Returns ``{iou_type: {"AP": ..., "AP50": ..., ...}}`` in percent (-1 where pycocotools gives -1).
     """
-    from pycocotools.cocoeval import COCOeval
-
     gt = gt_data if hasattr(gt_data, "getAnnIds") else ground_truth(gt_data)
     dt = _detections(gt, results)
     out = {}

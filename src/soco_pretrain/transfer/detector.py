@@ -23,7 +23,11 @@ a partly loaded body is a weaker start, not a wrong one; the report says so.
 from __future__ import annotations
 
 from torch import nn
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, RPNHead, _default_anchorgen
+from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads
 
+from ..model.backbones import DEFAULT_BACKBONE, backbone_info, build_resnet
 from ..weights import NETWORKS, LoadReport, WeightsError, detector_target, load, match
 from ..weights import read_weights as read_file
 from ..weights.load import DETECTOR_MODULES
@@ -56,9 +60,6 @@ def build_detector(
     :func:`eval_sizes`. ``kwargs`` go to torchvision's MaskRCNN/FasterRCNN (e.g.
     ``box_batch_size_per_image``, ``rpn_post_nms_top_n_test``, ``box_detections_per_img``).
     """
-    from torchvision.models.detection.faster_rcnn import FasterRCNN, RPNHead, _default_anchorgen
-    from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads
-
     # The modules and the order of maskrcnn_resnet50_fpn_v2 / fasterrcnn_resnet50_fpn_v2
     # (torchvision models/detection/mask_rcnn.py, faster_rcnn.py), so that R50 draws the same
     # initial values under one seed.
@@ -86,17 +87,12 @@ def fpn_backbone(backbone: str) -> nn.Module:
     ``weights_backbone=None``: all 5 stages trainable, plain BatchNorm2d everywhere (never
     FrozenBatchNorm: BN is fine-tuned, paper 4.2), torchvision's init (zero_init_residual off),
     FPN in-channels from the ResNet."""
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-
-    from ..model.backbones import build_resnet
 
     return _resnet_fpn_extractor(build_resnet(backbone, zero_init_residual=False), 5, norm_layer=nn.BatchNorm2d)
 
 
 def v2_box_head(channels: int) -> nn.Module:
     """The v2 box head: 4 x (conv3x3-BN-ReLU) + fc(1024), torchvision's FastRCNNConvFCHead."""
-    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-
     return FastRCNNConvFCHead((channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d)
 
 
@@ -114,8 +110,6 @@ def detector_backbone(weights, requested: str | None = None, soco_weights: str =
     (:func:`weights_backbone`), else ``requested``, else ResNet-50. :class:`WeightsError` (one
     line) when ``requested`` contradicts the weights: a detector half loaded from weights of
     another backbone would train mostly from scratch without saying so."""
-    from ..model.backbones import DEFAULT_BACKBONE, backbone_info
-
     found = weights_backbone(weights, soco_weights)
     if found is not None and requested is not None and found != requested:
         raise WeightsError(

@@ -41,15 +41,21 @@ grad scaler, RNG; the data stream is a function of the seed and the iteration), 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
-from ..config import FinetuneOptions  # the options live with every command's config
+from ..config import FinetuneOptions, resume_free_keys  # the options live with every command's config
+from ..data.manifest import check_weights_no_leak
+from ..engine.distributed import get_rank, get_world_size
 from ..engine.loader import build_loader
 from ..engine.precise_bn import averaged_statistics, batch_norms
 from ..engine.run import run
@@ -58,7 +64,11 @@ from ..engine.skips import SkipLog
 from ..engine.trainer import Hook, StepOutput, Trainer, autocast, set_lr
 from ..errors import UserError
 from ..files import atomic_write_json
-from ..weights import LoadReport
+from ..model.backbones import backbone_info
+from ..model.soco import convert_sync_bn
+from ..runfolder import file_digest
+from ..weights import LoadReport, resolve_checkpoint
+from . import detector_memory as memory
 from .coco import (
     CocoDetection,
     CocoSet,
@@ -90,10 +100,10 @@ class Plan:
 
 
 def make_plan(opts: FinetuneOptions) -> Plan:
-    """1x/2x (or max_iters), lr drops, warm-up and lr for ``opts.batch`` (see module docstring)."""
-    if opts.batch < 1:
-        raise UserError(f"batch must be >= 1, got {opts.batch}")
-    scale = DETECTRON2_BATCH / opts.batch
+    """1x/2x (or max_iters), lr drops, warm-up and lr for ``opts.batch_size`` (see module docstring)."""
+    if opts.batch_size < 1:
+        raise UserError(f"batch must be >= 1, got {opts.batch_size}")
+    scale = DETECTRON2_BATCH / opts.batch_size
     if opts.max_iters is not None:
         if opts.max_iters < 1:
             raise UserError(f"max_iters must be >= 1, got {opts.max_iters}")
@@ -104,7 +114,7 @@ def make_plan(opts: FinetuneOptions) -> Plan:
         total = max(1, round(SCHEDULES[opts.schedule] * scale))
     steps = (round(total * 2 / 3), round(total * 8 / 9))  # paper 4.2; 1x: 60000, 80000
     warmup = min(round(opts.warmup_iters * scale), steps[0])
-    lr = opts.lr if opts.lr is not None else scaled_lr(0.02, opts.batch, reference=DETECTRON2_BATCH)
+    lr = opts.lr if opts.lr is not None else scaled_lr(0.02, opts.batch_size, reference=DETECTRON2_BATCH)
     return Plan(total, steps, max(0, warmup), lr, opts.warmup_factor, opts.gamma)
 
 
@@ -174,8 +184,6 @@ def evaluate(
 
     Returns ``{"bbox": {...}, "segm": {...}, "val_images": n, "skipped": [...]}`` on rank 0, {} elsewhere.
     """
-    from ..engine.distributed import get_rank, get_world_size
-
     rank, world = get_rank(), get_world_size()
     dataset = CocoDetection(coco_val, coco_val.images[rank::world], masks, targets=False)
     loader = _loader(dataset, batch, workers, device)
@@ -184,8 +192,6 @@ def evaluate(
     model.eval()
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(dataset), desc="evaluate", unit="img", dynamic_ncols=True, mininterval=1.0)
     try:
         with eval_sizes(model):
@@ -206,8 +212,6 @@ def evaluate(
             bar.close()
         model.train(was_training)
     if world > 1:
-        import torch.distributed as dist
-
         gathered: list = [None] * world
         dist.all_gather_object(gathered, (results, evaluated, skips.reasons))
         results = [r for part in gathered for r in part[0]]
@@ -270,14 +274,14 @@ class Job:
 
     def __post_init__(self):
         if self.per_device == 0:
-            self.per_device = self.opts.batch // self.world
-        self.accum = self.opts.batch // (self.world * self.per_device)
+            self.per_device = self.opts.batch_size // self.world
+        self.accum = self.opts.batch_size // (self.world * self.per_device)
 
     def batches(self, seed: int, start: int):
         """This process's micro-batches (``per_device`` images each, ``accum`` per iteration) from
         iteration ``start`` of the stream seeded ``seed``: an iteration's images do not depend on
         the split, so accumulation and a resume see exactly the images of an unsplit run."""
-        per_rank = self.opts.batch // self.world
+        per_rank = self.opts.batch_size // self.world
         stream = TrainStream(len(self.train_set), per_rank, self.rank, self.world, seed, start)
         dataset = CocoDetection(self.coco_train, self.train_set, self.masks)
         return iter(_loader(dataset, self.per_device, self.opts.workers, self.device, sampler=stream, seed=seed))
@@ -286,16 +290,13 @@ class Job:
 def resolve_per_device_batch(opts: FinetuneOptions, world: int, device: torch.device) -> tuple[int, str]:
     """``per_device_batch`` (0: auto, the largest divisor of batch / world whose estimated peak
     memory fits the device: train/memory.py) and, for auto, a line saying what was chosen."""
-    import os
 
-    from . import detector_memory as memory
-
-    per_process = opts.batch // world
+    per_process = opts.batch_size // world
     if opts.per_device_batch:
         if per_process % opts.per_device_batch:
             raise UserError(
                 f"per_device_batch {opts.per_device_batch} does not divide the batch per process "
-                f"({opts.batch} / {world} = {per_process})"
+                f"({opts.batch_size} / {world} = {per_process})"
             )
         return opts.per_device_batch, ""
     short, cuda = max(opts.train_sizes), device.type == "cuda"
@@ -311,27 +312,24 @@ def resolve_per_device_batch(opts: FinetuneOptions, world: int, device: torch.de
         where = f"{available:.1f} GiB available" + (f" to each of {shared} processes" if shared > 1 else "")
     chosen = memory.auto_finetune_batch(per_process, available, short, opts.max_size, cuda)
     if world > 1:  # every process must take the same number of micro-batches: the smallest choice
-        import torch.distributed as dist
-
         smallest = torch.tensor([chosen], device=device if cuda else "cpu")  # NCCL reduces CUDA tensors
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
         chosen = int(smallest.item())
     estimate = memory.finetune_estimate_gib(chosen, short, opts.max_size, cuda)
     note = (
         f"per-device batch {chosen} (auto: {where}, about {estimate:.1f} GiB estimated at {short} px; "
-        f"{per_process // chosen} accumulation step(s) keep the batch at {opts.batch}; --per-device-batch sets it)"
+        f"{per_process // chosen} accumulation step(s) keep the batch at {opts.batch_size}; --per-device-batch sets it)"
     )
     return chosen, note
 
 
 def build_job(weights, train_json, train_images, val_json, val_images, out: Path, opts: FinetuneOptions, info) -> Job:
-    from ..model.soco import convert_sync_bn
 
     dev, world, is_main = info.device, info.world_size, info.is_main
     if opts.precision == "fp16" and dev.type != "cuda":
         raise UserError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    if opts.batch % world:
-        raise UserError(f"batch {opts.batch} is not divisible by the {world} processes")
+    if opts.batch_size % world:
+        raise UserError(f"batch {opts.batch_size} is not divisible by the {world} processes")
     per_device, note = resolve_per_device_batch(opts, world, dev)
     coco_train, coco_val = load_coco(train_json, train_images), load_coco(val_json, val_images)
     masks = coco_train.has_masks and not opts.boxes_only
@@ -411,9 +409,6 @@ def build_job(weights, train_json, train_images, val_json, val_images, out: Path
 def start_record(weights) -> dict:
     """What a fine-tune starts from: the weights' absolute path (a run folder: its checkpoint file)
     and their sha256, recorded in every checkpoint and checked when the run resumes."""
-    from ..runfolder import file_digest
-    from ..weights import resolve_checkpoint
-
     if weights is None or str(weights).lower() == "none":
         return {"weights": "none", "sha256": None}
     path = resolve_checkpoint(weights).resolve()
@@ -431,9 +426,7 @@ def describe_start(record: dict) -> str:
 
 # Options a resumed fine-tune may change: how it runs and what it evaluates, not what it trains.
 # Any other difference from the checkpoint's options needs accept_changes (engine.run).
-RESUME_FREE = ("workers", "per_device_batch", "device", "log_every", "checkpoint_every", "progress",
-               "precision", "eval_every", "eval_only", "resume", "test_size", "test_proposals", "detections",
-               "precise_bn")  # fmt: skip
+RESUME_FREE = resume_free_keys(FinetuneOptions)  # config.py: run options and resume_free=True
 
 
 class FinetuneStep:
@@ -453,7 +446,6 @@ class FinetuneStep:
         self.last_good: tuple | None = None
 
     def __call__(self, iteration: int) -> StepOutput:
-        import contextlib
 
         job = self.job
         job.optimizer.zero_grad(set_to_none=True)
@@ -488,7 +480,7 @@ class FinetuneStep:
         job.scaler.step(job.optimizer)
         job.scaler.update()
         assert total is not None  # accum >= 1
-        return StepOutput(loss=[total], images=job.opts.batch, parts=parts, scalars={"lr": lr})
+        return StepOutput(loss=[total], images=job.opts.batch_size, parts=parts, scalars={"lr": lr})
 
     def close(self) -> None:
         self.batches = None
@@ -739,8 +731,6 @@ def _refuse_leaks(weights, val_json, val_images, is_main: bool) -> None:
     """The leak guard of soco knn and soco compare (data/manifest.py): LeakError (one line naming
     both files) when a validation image's bytes are in the pretraining data manifest of
     ``weights``; a note when the weights have none."""
-    from ..data.manifest import check_weights_no_leak
-
     if weights is None:
         return
     coco_val = load_coco(val_json, val_images)
@@ -770,7 +760,7 @@ def _announce(job: Job) -> None:
         f"fine-tuning {'Mask' if job.masks else 'Faster'} R-CNN ({_label(job.backbone)}-FPN) on "
         f"{len(job.train_set)} images "
         f"({len(job.usable)} usable, fraction {opts.fraction:g}), {job.coco_train.num_classes - 1} classes: "
-        f"{plan.max_iters} iterations at batch {opts.batch} ({job.per_device} x {job.world} process(es) x "
+        f"{plan.max_iters} iterations at batch {opts.batch_size} ({job.per_device} x {job.world} process(es) x "
         f"{job.accum} accumulation), lr "
         f"{plan.lr:g}, drops at {plan.steps[0]} and {plan.steps[1]}, warm-up {plan.warmup_iters}, "
         f"{opts.precision} on {job.device}",
@@ -779,7 +769,6 @@ def _announce(job: Job) -> None:
 
 
 def _label(backbone: str) -> str:
-    from ..model.backbones import backbone_info
 
     return backbone_info(backbone).label
 
@@ -811,7 +800,7 @@ def _finish(
             train_images=len(job.train_set),
             fraction=opts.fraction,
             seed=opts.seed,
-            batch=opts.batch,
+            batch=opts.batch_size,
             per_device_batch=job.per_device,
             seconds=round(seconds, 2),
             skipped_train_images=sorted(skips.reasons) if skips is not None else [],

@@ -52,9 +52,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
+import torchvision.transforms.v2.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from ..config import LinearConfig  # the options live with every command's config
+from ..config import LinearConfig, resume_free_keys  # the options live with every command's config
+from ..data.boxes import sample_crop
+from ..data.loader import default_workers
 from ..engine.loader import build_loader
 from ..engine.run import run
 from ..engine.schedule import lr_at as warmup_cosine
@@ -64,6 +69,8 @@ from ..engine.trainer import Hook, StepOutput, Trainer, set_lr
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..images import ImageError, list_images, load_rgb
+from ..model.backbones import backbone_info, stage_channels
+from ..weights import PREFIXES, WeightsError, load_into, match, read_weights, refusal, resnet_target, resolve_checkpoint
 
 SOCO_WEIGHTS = ("online", "target")
 FEATURE_DIM = 2048  # ResNet-50 pooled features (other backbones: feature_dim)
@@ -84,8 +91,6 @@ POLICY = "strict"
 
 def _resolve_weights(weights) -> Path | None:
     """``none`` -> None; a run folder -> its checkpoints/last.pt (else the newest step_N.pt)."""
-    from ..weights import WeightsError, resolve_checkpoint
-
     if weights is None or str(weights).lower() == "none":
         return None
     try:
@@ -96,8 +101,6 @@ def _resolve_weights(weights) -> Path | None:
 
 def _title(backbone: str) -> str:
     """ResNet-50, ResNeXt-101 32x8d: the backbone's name in messages."""
-    from ..model.backbones import backbone_info
-
     b = backbone_info(backbone)
     return f"ResNet-{b.depth}" if b.groups == 1 else f"ResNeXt-{b.depth} {b.groups}x{b.width_per_group}d"
 
@@ -105,8 +108,6 @@ def _title(backbone: str) -> str:
 def _backbone_state(path: Path, soco_weights: str):
     """(the file as the weights layer reads it, what it is: with ``backbone``, the torchvision
     name of its ResNet; ResNet-50 when it holds none, the load then says what is missing)."""
-    from ..weights import PREFIXES, WeightsError, read_weights
-
     try:
         found = read_weights(path, soco_weights)  # every format soco reads (weights/read.py)
         backbone = found.backbone or "resnet50"
@@ -125,9 +126,6 @@ def _backbone_state(path: Path, soco_weights: str):
 def read_backbone(weights, soco_weights: str = "online"):
     """(model, description, LoadReport or None for ``none``): :func:`load_backbone` with the
     weights layer's report of what loaded."""
-    import torchvision
-
-    from ..weights import load_into, match, refusal, resnet_target
 
     if soco_weights not in SOCO_WEIGHTS:
         raise UserError(f"unknown --soco-weights {soco_weights!r} (choose online or target)")
@@ -166,8 +164,6 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def feature_dim(model: nn.Module) -> int:
     """The pooled features' size of a torchvision ResNet: its C5 channels (2048 for ResNet-50)."""
-    from ..model.backbones import stage_channels
-
     return stage_channels(model)[3]
 
 
@@ -240,10 +236,6 @@ class ClassFolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
-        import torchvision.transforms.v2.functional as F
-
-        from ..data.boxes import sample_crop
-
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rel, label = self.samples[index]
         path = self.root / rel
@@ -298,8 +290,6 @@ def evaluate(
     backbone, classifier, dataset, cfg: LinearConfig, device, workers: int, skipped: SkipLog, progress: bool = False
 ) -> dict:
     """Top-1 and top-k (k = min(5, classes)) accuracy in percent over the decodable images."""
-    from tqdm import tqdm
-
     k = min(5, classifier.out_features)
     correct1 = correctk = seen = 0
     keys = [(0, i) for i in range(len(dataset))]
@@ -325,7 +315,6 @@ def evaluate(
 
 
 def _default_workers() -> int:
-    from ..data.loader import default_workers
 
     return default_workers()
 
@@ -481,7 +470,7 @@ def _epoch_record(state: EpochState, steps_per_epoch: int, trainer, window) -> d
 
 
 # Settings a resumed probe may change: how it runs, not what it trains (engine.run).
-RESUME_FREE = ("workers", "eval_every")
+RESUME_FREE = resume_free_keys(LinearConfig)  # config.py: the fields declared kind="run"
 
 
 class LinearStage:
@@ -626,8 +615,6 @@ def linear_probe(
 
 def _write_summary(job: Job, out: Path, step: int, result: dict, skipped: SkipLog, seconds: float) -> dict:
     """OUT/metrics.json (atomic) and the one-line result."""
-    from ..engine.schedule import scaled_lr
-
     cfg, listed = job.cfg, skipped.files
     summary = {
         "top1": result["top1"],

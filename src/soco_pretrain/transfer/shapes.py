@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_util
 
 CATEGORIES = [{"id": 3, "name": "box", "supercategory": "shape"}, {"id": 7, "name": "disc", "supercategory": "shape"}]
 
@@ -43,8 +44,6 @@ def make_shapes_set(
     ``photos``: name -> PIL image or (H, W[, 3]) array (grey photos become RGB when painted).
     ``objects``: (min, max) shapes per image; ``crowd``: add one crowd RLE region to the first image.
     """
-    from pycocotools import mask as mask_util
-
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -29,13 +29,20 @@ The check runs before anything is written (``prepare_init``, on the meta device)
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from ..weights import LoadReport
+from ..model.backbones import backbone_of_state
+from ..model.encoder import SoCoEncoder
+from ..model.freeze import FREEZE_MODES, frozen_parts
+from ..runfolder import file_digest
+from ..weights import LoadReport, WeightsError, encoder_target, match, read_weights, refusal, resolve_checkpoint
+from ..weights.load import is_counter
 
 REPORT_FILE = "init_report.json"
 BODY = LoadReport.body
@@ -78,7 +85,6 @@ def _first(keys: list[str], n: int = 3) -> str:
 
 
 def _encoder_shapes(model_cfg) -> dict[str, torch.Size]:
-    from ..model.encoder import SoCoEncoder
 
     with torch.device("meta"):  # names and shapes only
         return {k: v.shape for k, v in SoCoEncoder(model_cfg).state_dict().items()}
@@ -88,9 +94,6 @@ def prepare_init(path, model_cfg, freeze: str = "none") -> InitReport:
     """Read ``path`` and match it against the encoder of ``model_cfg`` (nothing is built for real,
     nothing written). Raises :class:`InitError` for a file that cannot start the run, or that
     does not fill every tensor ``freeze`` (``train.freeze``) keeps fixed."""
-    from ..runfolder import file_digest
-    from ..weights import WeightsError, encoder_target, match, read_weights
-
     try:
         found = read_weights(path, "online")
     except WeightsError as exc:
@@ -110,9 +113,6 @@ def _refuse_unless_complete(report: InitReport, state: dict, model_cfg) -> None:
     """InitError unless the layer's ``report`` policy (``partial`` with ``init_partial``) loads
     the file and it has no ResNet tensors the run has no place for (``state``: the file in
     detector keys)."""
-    from ..model.backbones import backbone_of_state
-    from ..weights import refusal
-
     policy = "partial" if model_cfg.init_partial else "report"
     # ResNet tensors the run has no place for: a deeper ResNet of the same block kind (R34 into
     # R18) fills every slot of the smaller one with the wrong blocks
@@ -141,9 +141,6 @@ def _refuse_unless_complete(report: InitReport, state: dict, model_cfg) -> None:
 
 def _frozen_not_loaded(report: InitReport, shapes: dict, mode: str) -> list[str]:
     """Encoder tensors ``mode`` freezes that the file does not fill (BN counters not counted)."""
-    from ..model.freeze import frozen_parts
-    from ..weights.load import is_counter
-
     parts = tuple(f"{name}." for name in frozen_parts(report.arch, mode))
     return [k for k in shapes if k.startswith(parts) and not is_counter(k) and k not in report.state]
 
@@ -152,8 +149,6 @@ def _refuse_frozen_not_loaded(report: InitReport, shapes: dict, mode: str) -> No
     """InitError when ``train.freeze=mode`` would keep tensors fixed that the file did not fill:
     they would stay at their random init for the whole run. Names how many and the first few,
     and the largest mode whose tensors all come from the file."""
-    from ..model.freeze import FREEZE_MODES
-
     missing = _frozen_not_loaded(report, shapes, mode)
     if not missing:
         return
@@ -173,16 +168,12 @@ def _refuse_frozen_not_loaded(report: InitReport, shapes: dict, mode: str) -> No
 
 def _unloaded_parts(report: InitReport) -> str:
     """The body's stages (conv1, layer1 ...) with tensors that did not load, and how many."""
-    from collections import Counter
-
     missing = Counter(k[len(BODY) + 1 :].split(".")[0] for k in report.missing if k.startswith(BODY + "."))
     return ", ".join(f"{BODY}.{part} ({n} tensors)" for part, n in missing.items())
 
 
 def recorded_init_sha256(run_dir) -> str | None:
     """The sha256 of the init file a run started from (``RUN/init_report.json``), or None."""
-    import json
-
     try:
         sha = json.loads((Path(run_dir) / REPORT_FILE).read_text(encoding="utf-8")).get("sha256")
     except (OSError, ValueError, AttributeError):  # no report (a run from scratch), or not readable
@@ -193,9 +184,6 @@ def recorded_init_sha256(run_dir) -> str | None:
 def init_sha256(source) -> str:
     """sha256 of the file an ``--init`` value names (a run folder: its newest checkpoint), as
     :func:`prepare_init` records it; InitError (one line) when there is none."""
-    from ..runfolder import file_digest
-    from ..weights import WeightsError, resolve_checkpoint
-
     try:
         return file_digest(resolve_checkpoint(source))
     except WeightsError as exc:

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..config import ModelConfig
+
 ARCHS = ("fpn", "c4")  # SoCoEncoder's model.arch values (model/encoder.py)
 NETWORKS = ("online", "target")
 PREFIXES = {"online": "encoder.", "target": "target_encoder."}  # SoCoModel attribute names
@@ -219,7 +221,7 @@ _INVERSES: dict = {}
 def inverse(target: str, arch: str) -> dict[str, str]:
     """Exported name -> encoder key of ``soco export --to target`` for ``arch`` (any backbone)."""
     if (target, arch) not in _INVERSES:
-        from ..config import ModelConfig
+        # here, not at the top: model/ imports torchvision (~1 s); reading weights needs no model
         from ..model.encoder import SoCoEncoder
 
         body = _resnet_keys()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
+from .keymaps import encoder_key_to_detector
 
 POLICIES = ("strict", "report", "partial")
 BODY = "backbone.body"
@@ -225,8 +226,6 @@ def detector_target(model: nn.Module) -> Target:
 
 def encoder_target(shapes: dict[str, torch.Size], arch: str, backbone: str) -> Target:
     """A SoCo encoder of ``arch`` (``SoCoEncoder.state_dict()`` names and shapes; the meta device will do)."""
-    from .keymaps import encoder_key_to_detector
-
     return Target(f"the {backbone} {arch.upper()} encoder", shapes, lambda key: encoder_key_to_detector(key, arch))
 
 

@@ -27,11 +27,22 @@ Every problem is a :class:`WeightsError` of one line naming the file; weights ho
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from ..engine.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+    numpy_pickle_allowed,
+    refuse_non_finite,
+)
 from .errors import WeightsError
 from .keymaps import ARCHS, NETWORKS, PREFIXES, encoder_to_detector, from_exported
 
@@ -55,6 +66,7 @@ class SocoWeights:
         """The run's ``model.backbone``; without a config, the one the encoder's shapes name
         (``resnet50``, the paper's, when the file holds no ResNet tensors at all: loading then
         names what is missing). A ResNet of no known shape is a WeightsError naming the file."""
+        # here, not at the top: model/ imports torchvision (~1 s); reading weights needs no model
         from ..model.backbones import backbone_of_state
 
         model = (self.config or {}).get("model")
@@ -78,8 +90,6 @@ class SocoWeights:
 
 def resolve_checkpoint(source) -> Path:
     """A run folder (its ``checkpoints/last.pt``, else the newest ``step_N.pt``) or a file."""
-    from ..engine.checkpoint import CheckpointManager
-
     path = Path(source)
     if path.is_dir():
         found = CheckpointManager(path).latest()  # the one run-folder lookup (pretraining's resume too)
@@ -100,7 +110,6 @@ def _load(path: Path, what: str):
 
 
 def _read(path: Path, what: str):
-    from ..engine.checkpoint import CheckpointError, load_checkpoint
 
     try:
         return load_checkpoint(path, refuse_nan=False)  # _finite checks them, as for the other formats
@@ -185,9 +194,6 @@ def read_soco_checkpoint(source) -> SocoWeights:
 def _load_pickle(path: Path):
     """A plain pickle (Detectron2's .pkl) read with only numpy arrays and dicts allowed: a weights
     file cannot run code (torch.load(weights_only=True) does not read plain pickles)."""
-    import pickle
-
-    from ..engine.checkpoint import numpy_pickle_allowed
 
     class Restricted(pickle.Unpickler):
         def find_class(self, module, name):
@@ -204,9 +210,6 @@ def _load_pickle(path: Path):
 def _load_any(path: Path, what: str):
     """torch checkpoints (zip or legacy), safetensors files and plain pickles of arrays."""
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             content = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -237,16 +240,12 @@ def _pickle_or_error(path: Path, what: str):
 def _finite(path: Path, content):
     """``content`` if its weights are all finite, else a WeightsError naming the file and the first
     bad tensor (every format: torch files, safetensors, pickles)."""
-    from ..engine.checkpoint import refuse_non_finite
-
     refuse_non_finite(path, content, WeightsError)
     return content
 
 
 def _tensor_dict(obj) -> dict | None:
     """``obj`` as {str: tensor} (numpy arrays become tensors), or None if it is not one."""
-    import numpy as np
-
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj):
         return None
     if not all(torch.is_tensor(v) or isinstance(v, np.ndarray) for v in obj.values()):
@@ -322,6 +321,7 @@ class FileWeights:
     def backbone(self) -> str | None:
         """A SoCo run's model.backbone; else the one whose shapes the file's ResNet body has
         (model/backbones.py); None without a ResNet body. WeightsError for a ResNet of no known shape."""
+        # here, not at the top: model/ imports torchvision (~1 s); reading weights needs no model
         from ..model.backbones import backbone_of_state
 
         if self.soco is not None:

@@ -64,12 +64,14 @@ Every file is written atomically (``soco_pretrain.files``: temporary file + ``os
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from ...data.manifest import manifest_for_weights, sidecar_path
 from ...files import atomic_write_json
+from ...runfolder import holds_checkpoints
 from ...weights.keymaps import ARCHS
 from .common import (
     DEFAULT_WEIGHTS,
@@ -144,9 +146,6 @@ def _refuse_clobbering_the_run(path: Path, checkpoint: Path) -> None:
     """UserError when writing ``path`` would destroy training state: the checkpoint being
     exported (by any name: a symlink or hard link is the same file) or any file in a run's
     checkpoints folder (a resume could take an export for a checkpoint, retention could delete it)."""
-    import os
-
-    from ...runfolder import holds_checkpoints
 
     if path.exists() and os.path.samefile(path, checkpoint):
         raise UserError(f"{path}: is the checkpoint being exported ({checkpoint}); write the export elsewhere")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
+from ...model.backbones import backbone_info, build_resnet, stage_channels
 from ...weights.keymaps import ARCHS, BN, BN_ALL, NETWORKS, Mapper
 
 WEIGHTS = NETWORKS  # "online", "target"
@@ -103,15 +104,11 @@ def config_values(source) -> dict:
 
 def unsupported(target: str, backbone: str, arch: str, why: str) -> UserError:
     """The one-line error for a backbone/arch pair ``target`` has no model for (README "Backbones")."""
-    from ...model.backbones import backbone_info
-
     label = backbone_info(backbone).label
     return UserError(f"no {target} export of {label}-{arch.upper()} ({backbone}, model.arch={arch}): {why}")
 
 
 def resnet_channels(backbone: str) -> tuple[int, int, int, int]:
     """C2..C5 channels of ``backbone``, read from the module (built on 'meta': no memory)."""
-    from ...model.backbones import build_resnet, stage_channels
-
     with torch.device("meta"):
         return stage_channels(build_resnet(backbone))

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
+from ...config import ModelConfig
 from ...errors import UserError
+from ...model.encoder import SoCoEncoder
 from ...weights import PREFIXES, WeightsError, read_soco_checkpoint
 from ...weights import resolve_checkpoint as _resolve
 from .common import DEFAULT_WEIGHTS, WEIGHTS
@@ -73,9 +75,6 @@ def read_encoder(source, weights: str = DEFAULT_WEIGHTS) -> EncoderWeights:
 def _reference_shapes(arch: str, backbone: str = "resnet50") -> dict[str, torch.Size]:
     """Key -> shape of the encoder the detectors expect (ModelConfig defaults but ``arch`` and
     ``backbone``), built on 'meta'."""
-    from ...config import ModelConfig
-    from ...model.encoder import SoCoEncoder
-
     with torch.device("meta"):
         encoder = SoCoEncoder(ModelConfig(arch=arch, backbone=backbone))
     return {k: v.shape for k, v in encoder.state_dict().items()}

@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torchvision
 
 from ...files import atomic_write
 from ...weights.keymaps import RESNET_GROUP, resnet_c4, resnet_fpn
@@ -36,8 +37,6 @@ GROUP = RESNET_GROUP  # the report's module name for the exported ResNet
 
 def resnet_missing(backbone: str, exported: set[str]) -> dict[str, int]:
     """Keys of ``torchvision.models.<backbone>()`` the export does not hold, per top-level module."""
-    import torchvision
-
     with torch.device("meta"):  # names only: no memory, no init cost
         model = getattr(torchvision.models, backbone)(weights=None)
     keys = model.state_dict()

@@ -156,7 +156,7 @@ def standalone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _encode(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     try:
-        from safetensors.torch import save
+        from safetensors.torch import save  # here, not at the top: a missing package is a one-line UserError
     except ImportError:
         raise UserError("--to safetensors needs the safetensors package (pip install safetensors)") from None
     return save(standalone(state), metadata=metadata)

@@ -16,16 +16,15 @@ from pathlib import Path
 import torch
 
 from ...files import atomic_write
+from ...model.backbones import backbone_info, build_resnet
 from ...weights.keymaps import torchvision_c4, torchvision_fpn
+from ..detector import build_detector
 from .common import Exporter, Written
 
 
 def missing_keys(arch: str, exported: set[str], backbone: str = "resnet50") -> dict[str, int]:
     """Keys of the real torchvision model (Mask R-CNN v2 around ``backbone``, or the bare
     ``backbone`` for c4) that the export does not hold, per module."""
-    from ...model.backbones import build_resnet
-    from ..detector import build_detector
-
     with torch.device("meta"):  # names and shapes only: no memory, no init cost
         model = build_detector(91, backbone=backbone) if arch == "fpn" else build_resnet(backbone)
     keys = model.state_dict()
@@ -53,8 +52,6 @@ class TorchvisionExporter(Exporter):
 
 def layout(arch: str, backbone: str) -> str:
     """The report's one-line description of a torchvision export of ``backbone`` in ``arch``."""
-    from ...model.backbones import backbone_info
-
     if arch == "c4":
         return (
             f"state dict of torchvision {backbone} keys (conv1, bn1, layer1-4; no fc): the C4 "
