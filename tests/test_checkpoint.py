@@ -26,7 +26,7 @@ from soco_pretrain.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from soco_pretrain.errors import one_line
+from soco_pretrain.errors import PathError, one_line
 from soco_pretrain.files import WriteError, human_bytes
 from soco_pretrain.train.lars import LARS, lars_param_groups
 
@@ -104,7 +104,7 @@ def test_unreadable_and_missing_checkpoints_are_one_line_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.pt"):
         load_checkpoint(bad)
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(PathError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import PathError, UserError
 from ..files import WriteError, atomic_write, check_free_space, fsync_dir
 from .hooks import Hook
 from .metrics import stop_non_finite
@@ -337,7 +337,7 @@ def load_checkpoint(path, map_location="cpu", refuse_nan: bool = True) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise PathError(path, "no such checkpoint")
     try:
         f = _open_verified(path)
     except OSError as exc:

@@ -31,7 +31,7 @@ from typing import NoReturn
 import torch
 from tqdm import tqdm
 
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, PathError
 from .hooks import Hook
 
 METRICS_FILE = "metrics.jsonl"
@@ -136,7 +136,7 @@ def read_metrics(run_dir) -> list[dict]:
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such metrics file")
+        raise PathError(path, "no such metrics file")
     records: list[dict] = []
     with open(path, encoding="utf-8") as f:
         for line in f:

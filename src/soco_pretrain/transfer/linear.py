@@ -314,11 +314,6 @@ def evaluate(
 # ---------------------------------------------------------------- the probe
 
 
-def _default_workers() -> int:
-
-    return default_workers()
-
-
 @dataclass
 class Job:
     """One linear-probe invocation: data, frozen backbone, classifier, optimiser."""
@@ -367,7 +362,7 @@ def build_job(weights, train_dir, val_dir, cfg: LinearConfig, soco_weights: str,
         optimizer=optimizer,
         source=source,
         device=dev,
-        workers=_default_workers() if cfg.workers is None else int(cfg.workers),
+        workers=default_workers() if cfg.workers is None else int(cfg.workers),
         steps_per_epoch=steps_per_epoch,
         total_steps=cfg.epochs * steps_per_epoch,
     )

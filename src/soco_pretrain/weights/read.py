@@ -78,7 +78,7 @@ class SocoWeights:
                 self.online or self.target, "backbone.body." if self.arch == "fpn" else "backbone."
             )
         except ValueError as exc:
-            raise WeightsError(f"{self.path}: {exc}") from None
+            raise WeightsError(f"{self.path}: {exc}") from exc
         return found or "resnet50"
 
     def network(self, which: str) -> dict[str, torch.Tensor]:
@@ -115,7 +115,7 @@ def _read(path: Path, what: str):
         return load_checkpoint(path, refuse_nan=False)  # _finite checks them, as for the other formats
     except CheckpointError as exc:  # torch's own first line is long and often misleading here
         cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "unreadable"
-        raise WeightsError(f"{path}: not a {what} (torch.load(weights_only=True) failed: {cause})") from None
+        raise WeightsError(f"{path}: not a {what} (torch.load(weights_only=True) failed: {cause})") from exc
 
 
 def load_weights_file(source) -> tuple[Path, object]:
@@ -214,7 +214,7 @@ def _load_any(path: Path, what: str):
             content = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # an empty message has no line 0
-            raise WeightsError(f"{path}: not a readable safetensors file ({first})") from None
+            raise WeightsError(f"{path}: not a readable safetensors file ({first})") from exc
         return _finite(path, content)
     if path.suffix == ".pkl":  # Detectron2's format: a plain pickle, never a torch checkpoint
         return _pickle_or_error(path, what)
@@ -233,7 +233,7 @@ def _pickle_or_error(path: Path, what: str):
     try:
         content = _load_pickle(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable pickle is one line
-        raise WeightsError(f"{path}: not a {what} ({type(exc).__name__}: {exc})") from None
+        raise WeightsError(f"{path}: not a {what} ({type(exc).__name__}: {exc})") from exc
     return _finite(path, content)
 
 
@@ -329,7 +329,7 @@ class FileWeights:
         try:
             return backbone_of_state(self.state, "backbone.body.")
         except ValueError as exc:
-            raise WeightsError(f"{self.path}: {exc}") from None
+            raise WeightsError(f"{self.path}: {exc}") from exc
 
 
 def read_weights(source, soco_weights: str = "online") -> FileWeights:

@@ -11,8 +11,11 @@ import torch
 from ...config import ModelConfig
 from ...errors import UserError
 from ...model.encoder import SoCoEncoder
-from ...weights import PREFIXES, WeightsError, read_soco_checkpoint
-from ...weights import resolve_checkpoint as _resolve
+from ...weights import (
+    PREFIXES,
+    read_soco_checkpoint,
+    resolve_checkpoint,  # noqa: F401 - the export package's name for it
+)
 from .common import DEFAULT_WEIGHTS, WEIGHTS
 
 
@@ -31,15 +34,6 @@ class EncoderWeights:
     total_steps: int | None = None  # the run's schedule length, when the checkpoint tells it
 
 
-def resolve_checkpoint(source) -> Path:
-    """A run folder (its ``checkpoints/last.pt``, else the latest ``step_N.pt``) or a file;
-    :class:`UserError` otherwise (the lookup is ``weights.resolve_checkpoint``)."""
-    try:
-        return _resolve(source)
-    except WeightsError as exc:
-        raise UserError(str(exc)) from None
-
-
 def read_encoder(source, weights: str = DEFAULT_WEIGHTS) -> EncoderWeights:
     """Load a checkpoint and take the online (``encoder.*``) or target (``target_encoder.*``) encoder.
 
@@ -49,10 +43,7 @@ def read_encoder(source, weights: str = DEFAULT_WEIGHTS) -> EncoderWeights:
     """
     if weights not in WEIGHTS:
         raise UserError(f"unknown weights {weights!r} (choose online or target)")
-    try:
-        found = read_soco_checkpoint(source)
-    except WeightsError as exc:
-        raise UserError(str(exc)) from None
+    found = read_soco_checkpoint(source)  # a WeightsError is already one line naming the file
     prefix = PREFIXES[weights]
     encoder = found.network(weights)
     if not encoder:
