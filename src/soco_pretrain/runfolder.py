@@ -144,11 +144,16 @@ def file_digest(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def default_workers(cap: int | None = None) -> int:
-    """Parallel processes when not given: the cores this process may use (a container or
-    taskset can allow fewer than ``cpu_count``), at most ``cap``."""
+def usable_cores() -> int:
+    """The cores this process may run on (a container or taskset can allow fewer than
+    ``cpu_count``)."""
     try:
-        cores = len(os.sched_getaffinity(0)) or 1
+        return len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def default_workers(cap: int | None = None) -> int:
+    """Parallel processes when not given: the usable cores, at most ``cap``."""
+    cores = usable_cores()
     return cores if cap is None else min(cap, cores)

@@ -23,6 +23,7 @@ from ..errors import SocoError, UserError
 from .common import PROG, Formatter, Parser, parse_shard, parse_sizes
 from .compare import FINETUNE_RECIPE_DEFAULTS, KNN_DEFAULTS, _compare_spec, add_compare, cmd_compare, parse_fractions
 from .demo import add_demo, cmd_demo
+from .doctor import add_doctor, cmd_doctor
 from .export import EXPORT_TARGETS, add_export, cmd_export
 from .finetune import add_finetune, cmd_finetune
 from .knn import add_knn, cmd_knn
@@ -49,6 +50,7 @@ __all__ = [
     "cmd_compare",
     "cmd_config_show",
     "cmd_demo",
+    "cmd_doctor",
     "cmd_export",
     "cmd_finetune",
     "cmd_knn",
@@ -65,6 +67,7 @@ COMMANDS = [
     add_proposals,
     add_proposals_merge,
     add_pretrain,
+    add_doctor,
     add_config,
     add_show,
     add_export,
@@ -85,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  soco demo                                   # try everything on bundled photos\n"
             "  soco proposals photos/ -o proposals/\n"
             "  soco show proposals proposals/ --images photos/ -o pictures/\n"
+            "  soco doctor --preset fpn-100ep --images photos/ --proposals proposals/ --out run/  # check, price\n"
             "  soco pretrain --preset fpn-100ep --images photos/ --proposals proposals/ --out run/\n"
             "  soco config show --preset tiny --set train.epochs=3   # every key, value and source\n"
             "  soco export run/ --to torchvision -o soco_r50fpn.pth\n"

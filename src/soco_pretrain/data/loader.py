@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..engine.loader import build_loader
 from ..engine.skips import SkipLog  # noqa: F401 - the one skipped-image log, re-exported for data users
-from ..runfolder import default_workers as usable_cores
+from ..runfolder import default_workers as _default_workers
 
 
 def soco_collate(samples: list[dict]) -> dict:
@@ -95,7 +95,7 @@ def _seed_worker(worker_id: int) -> None:
 
 def default_workers() -> int:
     """Loader workers when not given: the usable cores (``runfolder.default_workers``), at most 8."""
-    return usable_cores(cap=8)
+    return _default_workers(cap=8)
 
 
 def _distributed() -> bool:
