@@ -162,7 +162,8 @@ def run(
     out = Path(out)
     if max_steps is not None and max_steps < 0:
         raise UserError(f"max_steps must be >= 0, got {max_steps}")
-    info = init_distributed(device, timeout_s=timeout_s) if stage.distributed else single_process(device)
+    # a one-process stage ignores the launcher's variables: an empty environment is one process
+    info = init_distributed(device, timeout_s=timeout_s) if stage.distributed else init_distributed(device, env={})
     then = f"; rerun the same command to resume from the last checkpoint in {out / 'checkpoints'}"
     try:
         with stop_on_lost_ranks(info, timeout_s, then):
@@ -175,15 +176,6 @@ def run(
     finally:
         if stage.distributed:
             cleanup()
-
-
-def single_process(device: str | None) -> DistInfo:
-    """The :class:`DistInfo` of a stage that runs in one process whatever the launcher."""
-    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but CUDA is not available")
-    dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    return DistInfo(0, 1, 0, dev, True, "none", None)
 
 
 def _run_locked(stage: Stage, out: Path, info: DistInfo, resume, accept_changes, overwrite, max_steps, progress):
@@ -229,5 +221,5 @@ def make_trainer(
 
     checkpointer = Checkpointer(manager, state, due=stage.checkpoint_due, is_main=info.is_main, barrier=barrier)
     hooks: Sequence[Hook] = stage.hooks(metrics.writer, checkpointer)
-    trainer = Trainer(stage.make_step(start), start, stop, [metrics, *hooks])
+    trainer = Trainer(stage.make_step(start), start, stop, [metrics, *hooks])  # state() reads trainer.step
     return trainer

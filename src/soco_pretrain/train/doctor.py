@@ -34,7 +34,7 @@ from ..model import SoCoModel
 from ..proposals.store import load as load_store
 from ..runfolder import usable_cores
 from ..transfer.detector_memory import cpu_available_gib
-from .loop import make_plan, resolve_per_device_batch
+from .loop import full_batches_only, make_plan, resolve_per_device_batch
 from .throughput import describe, lookup
 
 SAMPLE = 32  # images decoded per run (spread over the list): seconds, even for large photos
@@ -101,7 +101,7 @@ def micro_batches_per_epoch(n: int, per_device_batch: int, world: int) -> int:
     ceil(n / world) samples, full batches only unless the images are fewer than one batch per
     process (loop.build_job)."""
     per_rank = math.ceil(n / world)
-    if n >= per_device_batch * world:
+    if full_batches_only(n, per_device_batch, world):
         return per_rank // per_device_batch
     return math.ceil(per_rank / per_device_batch)
 

@@ -141,6 +141,13 @@ def resolve_augment_device(cfg: PretrainConfig, device) -> PretrainConfig:
     )
 
 
+def full_batches_only(images: int, per_device_batch: int, world: int) -> bool:
+    """Whether the loader drops a trailing partial batch: full batches only (the paper's fixed
+    batch), unless the images are fewer than one batch per process (the demo's 7 photos): then one
+    short batch per epoch."""
+    return images >= per_device_batch * world
+
+
 def make_plan(cfg: PretrainConfig, world_size: int, micro_batches_per_epoch: int, device) -> Plan:
     """Accumulation, steps per epoch, schedule lengths and the peak lr for this job."""
     if cfg.train.per_device_batch == 0:  # auto (the loop resolves it first; callers may not)
@@ -220,9 +227,7 @@ def build_job(cfg: PretrainConfig, images, proposals, image_root, dist_info) -> 
     t = cfg.train
     # data: per-sample randomness from (data.seed, epoch, index)
     dataset = SoCoDataset(images, proposals, cfg.data, image_root=image_root)
-    # Full batches only (the paper's fixed batch), unless the dataset is smaller than one batch
-    # per process (the demo's 7 photos): then one short batch per epoch.
-    drop_last = len(dataset) >= t.per_device_batch * world
+    drop_last = full_batches_only(len(dataset), t.per_device_batch, world)
     loader = make_loader(dataset, t.per_device_batch, workers=t.workers, drop_last=drop_last)
     plan = make_plan(cfg, world, len(loader), dev)
     return Job(
